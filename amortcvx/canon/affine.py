@@ -1,0 +1,99 @@
+"""Batched, differentiable affine maps ``theta -> T [theta; 1]`` with a sparse, fixed ``T``.
+
+CVXPY's DPP compilation gives every entry of the canonical data as an affine function of the flattened
+parameter vector. :class:`AffineMap` stores that function for a subset of entries and applies it to a whole
+batch of parameter vectors at once, touching only the entries that depend on parameters (the others are a
+shared constant).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+class _SparseRowsProduct(torch.autograd.Function):
+    """``Y = Theta @ T'`` for a sparse ``T`` (k, p), differentiable with respect to ``Theta`` (B, p).
+
+    On the CPU the product runs in scipy (faster than torch's sparse kernels there); on other devices it
+    uses a torch sparse CSR copy of ``T`` cached on that device.
+    """
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, amap: AffineMap) -> torch.Tensor:  # type: ignore[override]
+        ctx.amap = amap
+        return amap._product(theta, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return ctx.amap._product(grad.contiguous(), transpose=True), None
+
+
+class AffineMap:
+    """``y = const + T theta`` restricted to the rows of ``T`` that depend on parameters.
+
+    Args:
+        tensor: scipy sparse matrix of shape ``(k, p + 1)``; the last column is the constant term.
+        scale: optional per-row factor (length ``k``) applied to the whole row (used for sign flips).
+
+    Attributes:
+        size: number of outputs ``k``.
+        dependent: indices of the rows that depend on at least one parameter.
+    """
+
+    def __init__(self, tensor: sp.spmatrix | sp.sparray, scale: np.ndarray | None = None):
+        t = sp.csr_array(tensor, dtype=np.float64)
+        if scale is not None:
+            t = sp.csr_array(sp.diags_array(np.asarray(scale, dtype=np.float64)) @ t)
+        t.sum_duplicates()
+        t.eliminate_zeros()
+        self.size, p1 = t.shape
+        self.num_params = p1 - 1
+        self.const = t[:, [p1 - 1]].toarray().ravel()
+        params = sp.csr_array(t[:, : p1 - 1])
+        row_nnz = np.diff(params.indptr)
+        self.dependent = np.flatnonzero(row_nnz > 0)
+        self._dep = sp.csr_array(params[self.dependent])
+        self._dep_t = sp.csr_array(self._dep.T)
+        self._cache: dict = {}
+
+    @property
+    def shared(self) -> bool:
+        """True when no output depends on parameters."""
+        return self.dependent.size == 0
+
+    def _device_data(self, device: torch.device, dtype: torch.dtype):
+        key = (str(device), dtype)
+        if key not in self._cache:
+            const = torch.as_tensor(self.const, dtype=dtype, device=device)
+            dep = torch.as_tensor(self.dependent, dtype=torch.long, device=device)
+            mats = None
+            if device.type != "cpu":
+                mats = tuple(
+                    torch.sparse_csr_tensor(
+                        torch.as_tensor(m.indptr, dtype=torch.int64), torch.as_tensor(m.indices, dtype=torch.int64),
+                        torch.as_tensor(m.data, dtype=dtype), size=m.shape).to(device)
+                    for m in (self._dep, self._dep_t))
+            self._cache[key] = (const, dep, mats)
+        return self._cache[key]
+
+    def _product(self, theta: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``theta @ T_dep'`` (or ``theta @ T_dep`` when ``transpose``) for a dense (B, .) ``theta``."""
+        if theta.device.type == "cpu":
+            mat = self._dep_t if transpose else self._dep
+            out = mat @ theta.detach().to(torch.float64).numpy().T
+            return torch.from_numpy(np.ascontiguousarray(out.T)).to(theta.dtype)
+        _, _, mats = self._device_data(theta.device, theta.dtype)
+        mat = mats[1] if transpose else mats[0]
+        return (mat @ theta.T).T
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        """Apply to a batch of flattened parameter vectors ``theta`` (B, p); returns (B, k)."""
+        const, dep, _ = self._device_data(theta.device, theta.dtype)
+        batch = theta.shape[0]
+        out = const.expand(batch, self.size)
+        if self.shared:
+            return out
+        values = _SparseRowsProduct.apply(theta, self)
+        return out.index_add(1, dep, values)

@@ -1,0 +1,389 @@
+"""Compile a parametric CVXPY problem once; map parameter batches to canonical solver data in torch.
+
+CVXPY's DPP compilation (``problem.get_problem_data``) yields a ``ParamConeProg`` whose sparse tensors give
+every entry of the canonical data as an affine function of the flattened parameter vector ``theta``:
+
+    c = T_q [theta; 1],   vec([A_cvx | b_cvx]) = T_A [theta; 1],   vec(P) = T_P [theta; 1]
+
+with the convention ``A_cvx x + b_cvx in K``. :class:`ParametricProblem` keeps those tensors and evaluates them
+for a whole batch of parameters with one sparse product, restricted to the entries that depend on parameters;
+entries that do not are stored once and shared by the batch. The result equals, entry for entry, what
+``get_problem_data`` returns for each instance:
+
+* cone form (SCS):  ``A = -A_cvx``, ``b = b_cvx``, ``s = b - A x in K``;
+* QP form (OSQP):   equality rows ``A_cvx x + b_cvx = 0`` become ``l = u = -b_cvx`` with ``A = A_cvx``, inequality
+  rows ``A_cvx x + b_cvx >= 0`` become ``-A_cvx x <= b_cvx`` with ``l = -inf``.
+
+The inverse direction maps canonical solutions back to CVXPY variable values and constraint duals, and
+CVXPY-space guesses forward to canonical coordinates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from amortcvx.canon.affine import AffineMap
+from amortcvx.canon.data import ConeData, ConeDims, QPData, SparseBatch
+
+FORMS = {"cone": cp.SCS, "qp": cp.OSQP}
+
+ParamValue = np.ndarray | torch.Tensor | float
+
+
+class CvxpySolution(NamedTuple):
+    """One instance's solution in CVXPY space.
+
+    Attributes:
+        status: CVXPY status string.
+        value: optimal objective value (CVXPY's, offset included), nan if unavailable.
+        variables: variable name -> value (shaped like the variable).
+        duals: one entry per ``problem.constraints`` (same order): its dual value, or None.
+    """
+
+    status: str
+    value: float
+    variables: dict[str, np.ndarray]
+    duals: list[Any]
+
+    def fill(self, problem: cp.Problem) -> None:
+        """Write the values into ``problem``'s variables and constraints (as ``problem.solve`` would)."""
+        for var in problem.variables():
+            var.value = self.variables.get(var.name())
+        for con, dual in zip(problem.constraints, self.duals):
+            if dual is not None:
+                con.dual_value = dual
+
+
+def _fortran_flat(value: torch.Tensor, batch: int) -> torch.Tensor:
+    """Flatten each instance of a (B, *shape) tensor in column-major order (CVXPY's vec)."""
+    if value.ndim <= 2:
+        return value.reshape(batch, -1)
+    perm = (0, *range(value.ndim - 1, 0, -1))
+    return value.permute(perm).reshape(batch, -1)
+
+
+class ParametricProblem:
+    """A DPP CVXPY problem compiled once to a cone (SCS) or QP (OSQP) canonical form.
+
+    Args:
+        problem: a DPP ``cp.Problem`` with at least one ``cp.Parameter``. Every parameter needs a unique name
+            (``cp.Parameter(..., name=...)``); values passed later are addressed by those names.
+        form: ``"cone"`` (``min 1/2x'Px + c'x  s.t.  Ax + s = b, s in K``) or ``"qp"``
+            (``min 1/2x'Px + q'x  s.t.  l <= Ax <= u``); asking for ``"qp"`` on a problem that needs other
+            cones than zero / nonnegative is a ValueError.
+
+    Raises:
+        TypeError: ``problem`` is not a ``cp.Problem``.
+        ValueError: the problem is not DPP, has no parameters, has duplicate parameter names, or cannot be put in
+            the requested form.
+    """
+
+    def __init__(self, problem: cp.Problem, form: str = "cone"):
+        if not isinstance(problem, cp.Problem):
+            raise TypeError(f"expected a cvxpy.Problem, got {type(problem).__name__}")
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; expected one of {sorted(FORMS)}")
+        params = problem.parameters()
+        if not params:
+            raise ValueError("the problem has no cp.Parameter; there is nothing to amortize over")
+        if not problem.is_dpp():
+            raise ValueError(
+                "the problem is not DPP (disciplined parametrized programming), so its canonical data is not "
+                "affine in the parameters; see https://www.cvxpy.org/tutorial/dpp/ (problem.is_dpp() is False)")
+        names = [p.name() for p in params]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"parameter names must be unique; duplicated: {dup}")
+        self.problem = problem
+        self.form = form
+        self._params = {p.name(): p for p in params}
+
+        saved = {p.id: p.value for p in params}
+        try:
+            for p in params:  # compilation needs values; they do not change the compiled tensors
+                if p.value is None:
+                    p.value = _placeholder(p)
+            try:
+                data, self._chain, self._inverse = problem.get_problem_data(FORMS[form])
+            except cp.error.SolverError as exc:
+                if form == "qp":
+                    raise ValueError(
+                        "this problem is not a QP (its canonical form needs cones beyond zero/nonnegative, e.g. "
+                        f"SOC, PSD or exp); use form='cone'. CVXPY said: {exc}") from exc
+                raise
+        finally:
+            for p in params:
+                p.value = saved[p.id]
+
+        prog = data["param_prob"]
+        self._prog = prog
+        by_id = {p.id: p for p in params}
+        for p in prog.parameters:
+            if p.id not in by_id:
+                raise ValueError(
+                    "a parameter with attributes (symmetric=, PSD=, diag=, sparsity=, ...) was replaced by CVXPY "
+                    "during compilation; amortcvx supports plain cp.Parameter only: declare it without attributes "
+                    "and add the property as a constraint or let the sampler enforce it")
+        # (name, shape, size, column) in parameter-vector order
+        self._layout = sorted(
+            ((by_id[pid].name(), by_id[pid].shape, prog.param_id_to_size[pid], col)
+             for pid, col in prog.param_id_to_col.items() if pid in by_id),
+            key=lambda t: t[3])
+        self.num_params = int(prog.total_param_size)
+        dims = prog.cone_dims
+        self.cones = ConeDims(zero=int(dims.zero), nonneg=int(dims.nonneg), soc=tuple(int(k) for k in dims.soc),
+                              psd=tuple(int(k) for k in dims.psd), exp=int(dims.exp))
+        if getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
+            raise ValueError("power cones are not supported by amortcvx's backends; reformulate without them")
+        n = int(prog.x.size)
+        self.n = n
+        self.m = self.cones.size
+        self._build_maps(prog, n, self.m)
+
+    # ------------------------------------------------------------------ compilation
+    def _build_maps(self, prog, n: int, m: int) -> None:
+        p1 = self.num_params + 1
+        q = sp.csr_array(prog.q) if prog.q is not None else sp.csr_array((n + 1, p1))
+        self._c_map = AffineMap(q[:n])
+        self._offset_map = AffineMap(q[[n]])
+
+        a = sp.coo_array(prog.A) if prog.A is not None else sp.coo_array((m * (n + 1), p1))
+        a = sp.csr_array(a)
+        a.sum_duplicates()
+        rows_with_data = np.unique(sp.coo_array(a).row)
+        flat = np.arange(m * (n + 1))
+        entry_rows, entry_cols = flat % m, flat // m  # column-major layout of [A | b]
+        in_a = rows_with_data[entry_cols[rows_with_data] < n]
+        # Sparsity pattern of A (CSC order: column-major == tensor row order).
+        a_rows, a_cols = entry_rows[in_a], entry_cols[in_a]
+        b_idx = n * m + np.arange(m)
+        eq = np.arange(m) < self.cones.zero
+        if self.form == "cone":
+            a_sign, b_sign = -np.ones(in_a.size), np.ones(m)
+        else:
+            a_sign = np.where(eq[a_rows], 1.0, -1.0)
+            b_sign = np.where(eq, -1.0, 1.0)
+        self._a_map = AffineMap(a[in_a], scale=a_sign)
+        self._b_map = AffineMap(a[b_idx], scale=b_sign)
+        self._a_pattern = _csc_pattern(a_rows, a_cols, (m, n))
+        self._eq = eq
+
+        self._p_map = None
+        if prog.P is not None and sp.csr_array(prog.P).nnz:
+            pt = sp.csr_array(prog.P)
+            pt.sum_duplicates()
+            prow = np.unique(sp.coo_array(pt).row)
+            self._p_map = AffineMap(pt[prow])
+            self._p_pattern = _csc_pattern(prow % n, prow // n, (n, n))
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape, in the order of the flattened parameter vector."""
+        return {name: tuple(shape) for name, shape, _, _ in self._layout}
+
+    @property
+    def parameters(self) -> dict[str, cp.Parameter]:
+        return dict(self._params)
+
+    @property
+    def dependent(self) -> dict[str, bool]:
+        """Which canonical pieces depend on parameters (the others are shared by every instance)."""
+        out = {"c": not self._c_map.shared, "A": not self._a_map.shared, "b": not self._b_map.shared,
+               "P": self._p_map is not None and not self._p_map.shared}
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable hash of the compiled problem: form, sizes, cones, parameter layout and the affine maps.
+
+        Two compilations of the same problem (same constants) agree, in any process; any change in structure,
+        shapes or constant data changes it. Use it to key saved models and caches.
+        """
+        h = hashlib.sha256()
+        h.update(repr((self.form, self.n, self.m, self.cones, self._layout_key())).encode())
+        maps = [self._c_map, self._offset_map, self._a_map, self._b_map] + (
+            [self._p_map] if self._p_map is not None else [])
+        for amap in maps:
+            for arr in (amap.const, amap.dependent, amap._dep.indptr, amap._dep.indices, amap._dep.data):
+                h.update(np.ascontiguousarray(arr).tobytes())
+        for pat in [self._a_pattern] + ([self._p_pattern] if self._p_map is not None else []):
+            h.update(pat[0].tobytes())
+            h.update(pat[1].tobytes())
+        return h.hexdigest()[:16]
+
+    def _layout_key(self):
+        return tuple((name, tuple(shape)) for name, shape, _, _ in self._layout)
+
+    def parameter_vector(self, params: Mapping[str | cp.Parameter, ParamValue], *,
+                         dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """Validate a parameter batch and flatten it to ``theta`` of shape (B, num_params).
+
+        Args:
+            params: name (or ``cp.Parameter``) -> value with shape ``param.shape`` (one instance) or
+                ``(B, *param.shape)``. Every parameter is required. Torch tensors keep their device and
+                dtype (and autograd graph); numpy values become float64 tensors unless ``dtype`` is given.
+
+        Raises:
+            ValueError: naming the missing / unknown parameter, a wrong shape or batch size, or non-finite values.
+        """
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a mapping name -> value, got {type(params).__name__}")
+        given: dict[str, Any] = {}
+        for key, value in params.items():
+            name = key.name() if isinstance(key, cp.Parameter) else key
+            if name not in self._params:
+                raise ValueError(f"unknown parameter {name!r}; the problem's parameters are {sorted(self._params)}")
+            given[name] = value
+        missing = sorted(set(self._params) - set(given))
+        if missing:
+            raise ValueError(f"missing values for parameter(s) {missing}")
+        ref = next((v for v in given.values() if isinstance(v, torch.Tensor)), None)
+        if dtype is None:
+            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float64
+        if device is None:
+            device = ref.device if ref is not None else torch.device("cpu")
+        tensors: dict[str, torch.Tensor] = {}
+        batch = None
+        for name, shape, _, _ in self._layout:
+            val = given[name]
+            t = val.to(device=device, dtype=dtype) if isinstance(val, torch.Tensor) else torch.as_tensor(
+                np.asarray(val, dtype=np.float64), dtype=dtype, device=device)
+            shape = tuple(shape)
+            if tuple(t.shape) == shape:
+                t = t.unsqueeze(0)
+            elif t.ndim == len(shape) + 1 and tuple(t.shape[1:]) == shape:
+                if batch is not None and t.shape[0] != batch:
+                    raise ValueError(f"parameter {name!r} has batch size {t.shape[0]}, but another parameter has "
+                                     f"batch size {batch}")
+                batch = int(t.shape[0])
+            else:
+                raise ValueError(f"parameter {name!r} expects shape {shape} or (B, *{shape}); got {tuple(t.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"parameter {name!r} contains NaN or inf values")
+            tensors[name] = t
+        batch = 1 if batch is None else batch
+        if batch == 0:
+            raise ValueError("empty batch (batch size 0)")
+        cols = [_fortran_flat(tensors[name].expand(batch, *tensors[name].shape[1:]), batch)
+                for name, _, _, _ in self._layout]
+        return torch.cat(cols, dim=1)
+
+    def canonicalize(self, params: Mapping[str | cp.Parameter, ParamValue], *,
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ConeData | QPData:
+        """Map a parameter batch to canonical data (differentiable with respect to the parameter tensors).
+
+        See :meth:`parameter_vector` for the accepted input. Unbatched input gives a batch of one.
+        """
+        return self.canonicalize_vector(self.parameter_vector(params, dtype=dtype, device=device))
+
+    def canonicalize_vector(self, theta: torch.Tensor) -> ConeData | QPData:
+        """Canonical data for flattened parameter vectors ``theta`` of shape (B, num_params)."""
+        if theta.ndim != 2 or theta.shape[1] != self.num_params:
+            raise ValueError(f"theta must have shape (B, {self.num_params}); got {tuple(theta.shape)}")
+        vec = self._c_map(theta)
+        offset = self._offset_map(theta)[:, 0]
+        a = self._sparse(self._a_map, self._a_pattern, (self.m, self.n), theta)
+        bvec = self._b_map(theta)
+        p = None if self._p_map is None else self._sparse(self._p_map, self._p_pattern, (self.n, self.n), theta)
+        if self.form == "cone":
+            return ConeData(P=p, A=a, b=bvec, c=vec, cones=self.cones, offset=offset)
+        eq = torch.as_tensor(self._eq, device=theta.device)
+        inf = torch.full_like(bvec, float("inf"))
+        lower = torch.where(eq, bvec, -inf)
+        upper = bvec
+        return QPData(P=p, q=vec, A=a, l=lower, u=upper, offset=offset)
+
+    @staticmethod
+    def _sparse(amap: AffineMap, pattern, shape, theta) -> SparseBatch:
+        return SparseBatch(indices=pattern[0], indptr=pattern[1], shape=shape, values=amap(theta),
+                           shared=amap.shared)
+
+    # ------------------------------------------------------------------ inverse maps
+    def recover(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, *,
+                status: str = cp.OPTIMAL, value: float = float("nan")) -> CvxpySolution:
+        """Map one canonical primal-dual pair back to CVXPY variables and constraint duals.
+
+        Args:
+            x: canonical primal solution (length n).
+            y: canonical dual solution (length m), rows ordered as the cones.
+            status: the CVXPY status to attach (see ``amortcvx.backends`` for the mapping from solver statuses).
+            value: the optimal value to attach.
+        """
+        from cvxpy.reductions.solution import Solution
+        from cvxpy.reductions.solvers.conic_solvers.conic_solver import ConicSolver
+        from cvxpy.reductions.solvers import utilities
+
+        x = _as_numpy(x, self.n, "x")
+        y = _as_numpy(y, self.m, "y")
+        solver_inv = self._inverse[-1]
+        zero = self.cones.zero
+        eq_key, neq_key = ConicSolver.EQ_CONSTR, ConicSolver.NEQ_CONSTR  # QpSolver uses the same keys
+        duals = utilities.get_dual_values(y[:zero], utilities.extract_dual_value, solver_inv[eq_key])
+        duals |= utilities.get_dual_values(y[zero:], utilities.extract_dual_value, solver_inv[neq_key])
+        sol = Solution(status, value, {self._prog.x.id: x}, duals, {})
+        for reduction, inv in reversed(list(zip(self._chain.reductions[:-1], self._inverse[:-1]))):
+            sol = reduction.invert(sol, inv)
+        variables = {}
+        for var in self.problem.variables():
+            val = sol.primal_vars.get(var.id)
+            variables[var.name()] = None if val is None else np.asarray(val).reshape(var.shape)
+        dual_list = [sol.dual_vars.get(con.id) for con in self.problem.constraints]
+        return CvxpySolution(status=sol.status, value=float(value), variables=variables, duals=dual_list)
+
+    def canonical_primal(self, values: Mapping[str | cp.Variable, np.ndarray]) -> np.ndarray:
+        """Canonical ``x`` from a guess of (some of) the CVXPY variables.
+
+        Variables that survive compilation unchanged are copied to their canonical columns (column-major);
+        auxiliary variables introduced by CVXPY's reductions, and variables not given, are set to zero.
+        Combine with the conversions of ``amortcvx.iterations`` to build a full warm start.
+        """
+        x = np.zeros(self.n)
+        by_name = {v.name(): v for v in self.problem.variables()}
+        for key, val in values.items():
+            name = key.name() if isinstance(key, cp.Variable) else key
+            if name not in by_name:
+                raise ValueError(f"unknown variable {name!r}; the problem's variables are {sorted(by_name)}")
+            var = by_name[name]
+            arr = np.asarray(val, dtype=np.float64)
+            if arr.shape != tuple(var.shape):
+                raise ValueError(f"variable {name!r} has shape {var.shape}; got {arr.shape}")
+            col = self._prog.var_id_to_col.get(var.id)
+            if col is None:
+                continue  # replaced during compilation (e.g. symmetric variables): left at zero
+            x[col:col + var.size] = arr.flatten(order="F")
+        return x
+
+
+def _placeholder(p: cp.Parameter) -> np.ndarray:
+    val = np.ones(p.shape)
+    if p.is_nonneg() or p.is_pos():
+        return val
+    if p.is_nonpos() or p.is_neg():
+        return -val
+    return val
+
+
+def _csc_pattern(rows: np.ndarray, cols: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, indptr) of a CSC pattern whose entries are listed in column-major order."""
+    order = np.lexsort((rows, cols))
+    if not np.array_equal(order, np.arange(rows.size)):
+        raise AssertionError("entries must be in column-major order")
+    indptr = np.zeros(shape[1] + 1, dtype=np.int64)
+    np.add.at(indptr, cols + 1, 1)
+    return rows.astype(np.int64), np.cumsum(indptr)
+
+
+def _as_numpy(v, size: int, what: str) -> np.ndarray:
+    arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    arr = arr.astype(np.float64).ravel()
+    if arr.size != size:
+        raise ValueError(f"{what} must have length {size}; got {arr.size}")
+    return arr

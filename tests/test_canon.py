@@ -1,0 +1,176 @@
+"""Canonicalization: batched torch data equal CVXPY's get_problem_data, inverse maps, validation."""
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import problems
+from amortcvx.canon import ConeData, ParametricProblem, QPData
+
+FORMS_BY_KIND = {"qp": ("cone", "qp"), "lp": ("cone", "qp"), "socp": ("cone",), "sdp": ("cone",)}
+CASES = [(name, form) for name in problems.names() for form in FORMS_BY_KIND[problems.make(name).kind]]
+
+
+def reference_data(prob: cp.Problem, form: str) -> dict:
+    """CVXPY's own canonical data for the current parameter values, in our container's convention."""
+    if form == "cone":
+        data, _, _ = prob.get_problem_data(cp.SCS)
+        return {"A": data["A"].toarray(), "b": data["b"], "c": data["c"],
+                "P": data["P"].toarray() if "P" in data else None}
+    data, _, _ = prob.get_problem_data(cp.OSQP)
+    a = sp.vstack([data["A"], data["F"]]).toarray()
+    lower = np.concatenate([data["b"], -np.inf * np.ones(data["G"].shape)])
+    upper = np.concatenate([data["b"], data["G"]])
+    return {"A": a, "l": lower, "u": upper, "q": data["q"], "P": data["P"].toarray()}
+
+
+def assert_same(ours: np.ndarray, ref: np.ndarray, what: str):
+    ours, ref = np.asarray(ours, dtype=float), np.asarray(ref, dtype=float)
+    assert ours.shape == ref.shape, what
+    assert np.array_equal(np.isinf(ours), np.isinf(ref)), what
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(ours[fin], ref[fin], atol=1e-9, rtol=1e-9, err_msg=what)
+
+
+@pytest.mark.parametrize("name,form", CASES)
+def test_batched_data_equal_cvxpy(name, form):
+    fam = problems.make(name)
+    pp = ParametricProblem(fam.problem, form)
+    batch = fam.sample(3, seed=1)
+    data = pp.canonicalize(batch)
+    assert isinstance(data, ConeData if form == "cone" else QPData)
+    assert data.batch_size == 3
+    for i in range(3):
+        for pname, par in fam.parameters.items():
+            par.value = batch[pname][i]
+        ref = reference_data(fam.problem, form)
+        assert_same(data.A.matrix(i).toarray(), ref["A"], f"{name}/{form} A[{i}]")
+        if form == "cone":
+            assert_same(data.b[i], ref["b"], "b")
+            assert_same(data.c[i], ref["c"], "c")
+        else:
+            assert_same(data.q[i], ref["q"], "q")
+            assert_same(data.l[i], ref["l"], "l")
+            assert_same(data.u[i], ref["u"], "u")
+        if ref["P"] is not None and np.abs(ref["P"]).sum() > 0:
+            assert data.P is not None
+            assert_same(data.P.matrix(i).toarray(), ref["P"], "P")
+        else:
+            assert data.P is None or np.abs(data.P.matrix(i).toarray()).sum() == 0
+
+
+def test_some_family_has_parameter_in_matrix():
+    dependent = [ParametricProblem(problems.make(n).problem, "cone").dependent for n in problems.names()]
+    assert any(d["A"] or d["P"] for d in dependent)
+
+
+def _toy():
+    a = cp.Parameter((2, 3), name="a")
+    b = cp.Parameter(2, name="b")
+    x = cp.Variable(3, name="x")
+    cons = [x >= -1, cp.sum(x) == 1]
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(a @ x - b) + cp.norm1(x)), cons)
+    return prob, a, b, x
+
+
+def test_fast_path_shares_matrices():
+    b = cp.Parameter(2, name="b")
+    x = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(np.ones((2, 3)) @ x - b)), [x >= 0])
+    pp = ParametricProblem(prob, "qp")
+    assert pp.dependent == {"c": False, "A": False, "b": True, "P": False}
+    data = pp.canonicalize({"b": np.random.default_rng(0).normal(size=(5, 2))})
+    assert data.A.shared and data.A.values.stride(0) == 0  # one copy, expanded over the batch
+
+
+def test_gradients_flow_to_parameters():
+    prob, *_ = _toy()
+    pp = ParametricProblem(prob, "cone")
+    a = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(a, b):
+        d = pp.canonicalize({"a": a, "b": b})
+        return d.A.values.sum(1) + (d.b ** 2).sum(1)
+
+    assert torch.autograd.gradcheck(f, (a, b))
+
+
+def test_unbatched_and_dtype_device():
+    prob, *_ = _toy()
+    pp = ParametricProblem(prob, "cone")
+    d = pp.canonicalize({"a": torch.ones(2, 3, dtype=torch.float32), "b": np.zeros(2)})
+    assert d.batch_size == 1 and d.b.dtype == torch.float32 and d.A.values.dtype == torch.float32
+
+
+def test_recover_matches_solve():
+    prob, a, b, x = _toy()
+    rng = np.random.default_rng(3)
+    a.value, b.value = rng.normal(size=(2, 3)), rng.normal(size=2)
+    for form, solver in (("cone", cp.SCS), ("qp", cp.OSQP)):
+        pp = ParametricProblem(prob, form)
+        prob.solve(solver=solver, eps_abs=1e-9, eps_rel=1e-9)
+        raw = prob.solution.attr["solver_specific_stats"]
+        xs, ys = (raw["x"], raw["y"]) if form == "cone" else (raw.x, raw.y)
+        sol = pp.recover(xs, ys, value=prob.value)
+        np.testing.assert_allclose(sol.variables["x"], x.value, atol=1e-12)
+        for dual, con in zip(sol.duals, prob.constraints):
+            np.testing.assert_allclose(dual, con.dual_value, atol=1e-12)
+        # forward map of the CVXPY-space values gives back the canonical x on the original columns
+        xc = pp.canonical_primal({"x": x.value})
+        col = pp._prog.var_id_to_col[x.id]
+        np.testing.assert_allclose(xc[col:col + 3], xs[col:col + 3], atol=1e-12)
+
+
+def test_fingerprint_stable_and_sensitive():
+    p1, *_ = _toy()
+    p2, *_ = _toy()
+    assert ParametricProblem(p1).fingerprint == ParametricProblem(p2).fingerprint
+    assert ParametricProblem(p1, "cone").fingerprint != ParametricProblem(p1, "qp").fingerprint
+    a = cp.Parameter((2, 3), name="a")
+    b = cp.Parameter(2, name="b")
+    x = cp.Variable(3, name="x")
+    p3 = cp.Problem(cp.Minimize(cp.sum_squares(a @ x - b) + 2 * cp.norm1(x)), [x >= -1, cp.sum(x) == 1])
+    assert ParametricProblem(p3).fingerprint != ParametricProblem(p1).fingerprint
+
+
+def test_errors_are_clear():
+    prob, a, b, x = _toy()
+    pp = ParametricProblem(prob)
+    with pytest.raises(ValueError, match="missing.*'b'"):
+        pp.canonicalize({"a": np.ones((2, 3))})
+    with pytest.raises(ValueError, match="unknown parameter 'c'"):
+        pp.canonicalize({"a": np.ones((2, 3)), "b": np.ones(2), "c": 1.0})
+    with pytest.raises(ValueError, match="'a' expects shape \\(2, 3\\)"):
+        pp.canonicalize({"a": np.ones((3, 2)), "b": np.ones(2)})
+    with pytest.raises(ValueError, match="batch size"):
+        pp.canonicalize({"a": np.ones((4, 2, 3)), "b": np.ones((5, 2))})
+    with pytest.raises(ValueError, match="'b' contains NaN"):
+        pp.canonicalize({"a": np.ones((2, 3)), "b": np.array([1.0, np.nan])})
+    with pytest.raises(ValueError, match="not DPP"):
+        p = cp.Parameter(name="p")
+        ParametricProblem(cp.Problem(cp.Minimize(p * p * cp.sum_squares(x))))
+    with pytest.raises(ValueError, match="not a QP"):
+        ParametricProblem(cp.Problem(cp.Minimize(cp.norm(a @ x - b))), "qp")
+    with pytest.raises(ValueError, match="no cp.Parameter"):
+        ParametricProblem(cp.Problem(cp.Minimize(cp.sum_squares(x))))
+    with pytest.raises(ValueError, match="unique"):
+        q1, q2 = cp.Parameter(name="q"), cp.Parameter(name="q")
+        ParametricProblem(cp.Problem(cp.Minimize(q1 * cp.sum(x) + q2 * x[0]), [x >= 0, x <= 1]))
+    with pytest.raises(ValueError, match="plain cp.Parameter"):
+        s = cp.Parameter((2, 2), symmetric=True, name="s")
+        y = cp.Variable(2)
+        ParametricProblem(cp.Problem(cp.Minimize(cp.sum(s @ y)), [y >= 0, y <= 1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    prob, *_ = _toy()
+    pp = ParametricProblem(prob)
+    vals = {"a": torch.randn(4, 2, 3, dtype=torch.float64), "b": torch.randn(4, 2, dtype=torch.float64)}
+    cpu = pp.canonicalize(vals)
+    gpu = pp.canonicalize({k: v.cuda() for k, v in vals.items()})
+    torch.testing.assert_close(gpu.A.values.cpu(), cpu.A.values)
+    torch.testing.assert_close(gpu.b.cpu(), cpu.b)
