@@ -1,0 +1,74 @@
+"""Parameter batch -> canonical data: amortcvx's batched map against CVXPY's get_problem_data per instance.
+
+Prints, per family and form, the time to canonicalize N instances in one batched call and the time per instance
+of ``problem.get_problem_data`` (set parameter values, call, repeated over ``--ref`` instances), and their ratio.
+
+    python benchmarks/bench_canon.py                      # all families, 10,000 instances, small size
+    python benchmarks/bench_canon.py --families lasso --batch 1000 --ref 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import cvxpy as cp
+import torch
+
+import problems
+from amortcvx.canon import ParametricProblem
+
+SOLVER = {"cone": cp.SCS, "qp": cp.OSQP}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", nargs="*", default=None)
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--ref", type=int, default=1_000, help="instances timed with get_problem_data")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of the batched map (median reported)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"cvxpy {cp.__version__}; device {args.device}, dtype {args.dtype}, batch {args.batch}, "
+          f"get_problem_data reference over {args.ref} instances (time per instance scaled to the batch)")
+    print(f"{'family':<14}{'form':<6}{'batched [s]':>12}{'per inst [us]':>15}{'cvxpy/inst [us]':>17}{'ratio':>9}"
+          f"  dependent")
+    for name in args.families or problems.names():
+        fam = problems.make(name, args.size)
+        forms = ("cone", "qp") if fam.kind in ("qp", "lp") else ("cone",)
+        params = fam.sample(args.batch, seed=0)
+        for form in forms:
+            pp = ParametricProblem(fam.problem, form)
+            tparams = {k: torch.as_tensor(v, dtype=dtype, device=args.device) for k, v in params.items()}
+            pp.canonicalize({k: v[:2] for k, v in tparams.items()})  # warm-up (device caches)
+            times = []
+            for _ in range(args.repeats):
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                pp.canonicalize(tparams)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            batched = statistics.median(times)
+            nref = min(args.ref, args.batch)
+            t0 = time.perf_counter()
+            for i in range(nref):
+                for pname, par in fam.parameters.items():
+                    par.value = params[pname][i]
+                fam.problem.get_problem_data(SOLVER[form])
+            ref = (time.perf_counter() - t0) / nref
+            per = batched / args.batch
+            dep = ",".join(k for k, v in pp.dependent.items() if v)
+            print(f"{name:<14}{form:<6}{batched:>12.4f}{per * 1e6:>15.2f}{ref * 1e6:>17.1f}{ref / per:>9.0f}  {dep}")
+
+
+if __name__ == "__main__":
+    main()
