@@ -13,8 +13,8 @@ import scipy.sparse as sp
 import torch
 
 
-class _SparseRowsProduct(torch.autograd.Function):
-    """``Y = Theta @ T'`` for a sparse ``T`` (k, p), differentiable with respect to ``Theta`` (B, p).
+class _SparseAffineProduct(torch.autograd.Function):
+    """``Y = const + Theta @ T'`` for a sparse ``T`` (k, p), differentiable with respect to ``Theta`` (B, p).
 
     On the CPU the product runs in scipy (faster than torch's sparse kernels there); on other devices it
     uses a torch sparse CSR copy of ``T`` cached on that device.
@@ -23,7 +23,7 @@ class _SparseRowsProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta: torch.Tensor, amap: AffineMap) -> torch.Tensor:  # type: ignore[override]
         ctx.amap = amap
-        return amap._product(theta, transpose=False)
+        return amap._product(theta, transpose=False, add_const=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -36,14 +36,19 @@ class AffineMap:
     Args:
         tensor: scipy sparse matrix of shape ``(k, p + 1)``; the last column is the constant term.
         scale: optional per-row factor (length ``k``) applied to the whole row (used for sign flips).
+        mask: optional boolean per row; rows where it is False ignore ``tensor`` and are the constant ``fill``.
+        fill: the constant of the masked-out rows (e.g. ``-inf`` for one-sided bounds).
 
     Attributes:
         size: number of outputs ``k``.
         dependent: indices of the rows that depend on at least one parameter.
     """
 
-    def __init__(self, tensor: sp.spmatrix | sp.sparray, scale: np.ndarray | None = None):
+    def __init__(self, tensor: sp.spmatrix | sp.sparray, scale: np.ndarray | None = None,
+                 mask: np.ndarray | None = None, fill: float = 0.0):
         t = sp.csr_array(tensor, dtype=np.float64)
+        if mask is not None:
+            scale = (np.ones(t.shape[0]) if scale is None else np.asarray(scale, dtype=np.float64)) * mask
         if scale is not None:
             t = sp.csr_array(sp.diags_array(np.asarray(scale, dtype=np.float64)) @ t)
         t.sum_duplicates()
@@ -51,11 +56,13 @@ class AffineMap:
         self.size, p1 = t.shape
         self.num_params = p1 - 1
         self.const = t[:, [p1 - 1]].toarray().ravel()
+        if mask is not None:
+            self.const[~np.asarray(mask, dtype=bool)] = fill
         params = sp.csr_array(t[:, : p1 - 1])
         row_nnz = np.diff(params.indptr)
         self.dependent = np.flatnonzero(row_nnz > 0)
-        self._dep = sp.csr_array(params[self.dependent])
-        self._dep_t = sp.csr_array(self._dep.T)
+        self._dep = params  # (k, p); rows that do not depend on parameters are empty
+        self._dep_t = sp.csr_array(params.T)
         self._cache: dict = {}
 
     @property
@@ -67,7 +74,6 @@ class AffineMap:
         key = (str(device), dtype)
         if key not in self._cache:
             const = torch.as_tensor(self.const, dtype=dtype, device=device)
-            dep = torch.as_tensor(self.dependent, dtype=torch.long, device=device)
             mats = None
             if device.type != "cpu":
                 mats = tuple(
@@ -75,25 +81,29 @@ class AffineMap:
                         torch.as_tensor(m.indptr, dtype=torch.int64), torch.as_tensor(m.indices, dtype=torch.int64),
                         torch.as_tensor(m.data, dtype=dtype), size=m.shape).to(device)
                     for m in (self._dep, self._dep_t))
-            self._cache[key] = (const, dep, mats)
+            self._cache[key] = (const, mats)
         return self._cache[key]
 
-    def _product(self, theta: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """``theta @ T_dep'`` (or ``theta @ T_dep`` when ``transpose``) for a dense (B, .) ``theta``."""
+    def _product(self, theta: torch.Tensor, transpose: bool, add_const: bool = False) -> torch.Tensor:
+        """``[const +] theta @ T'`` (or ``theta @ T`` when ``transpose``) for a dense (B, .) ``theta``.
+
+        The result is computed as its transpose (one sparse-times-dense product) and returned as a
+        transposed view, which avoids a scatter into a (B, k) array.
+        """
         if theta.device.type == "cpu":
             mat = self._dep_t if transpose else self._dep
             out = mat @ theta.detach().to(torch.float64).numpy().T
-            return torch.from_numpy(np.ascontiguousarray(out.T)).to(theta.dtype)
-        _, _, mats = self._device_data(theta.device, theta.dtype)
+            if add_const:
+                out += self.const[:, None]
+            return torch.from_numpy(out).T.to(theta.dtype)
+        const, mats = self._device_data(theta.device, theta.dtype)
         mat = mats[1] if transpose else mats[0]
-        return (mat @ theta.T).T
+        out = (mat @ theta.T).T
+        return out + const if add_const else out
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         """Apply to a batch of flattened parameter vectors ``theta`` (B, p); returns (B, k)."""
-        const, dep, _ = self._device_data(theta.device, theta.dtype)
-        batch = theta.shape[0]
-        out = const.expand(batch, self.size)
         if self.shared:
-            return out
-        values = _SparseRowsProduct.apply(theta, self)
-        return out.index_add(1, dep, values)
+            const, _ = self._device_data(theta.device, theta.dtype)
+            return const.expand(theta.shape[0], self.size)
+        return _SparseAffineProduct.apply(theta, self)

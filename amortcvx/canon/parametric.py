@@ -171,9 +171,9 @@ class ParametricProblem:
             a_sign = np.where(eq[a_rows], 1.0, -1.0)
             b_sign = np.where(eq, -1.0, 1.0)
         self._a_map = AffineMap(a[in_a], scale=a_sign)
-        self._b_map = AffineMap(a[b_idx], scale=b_sign)
+        self._b_map = AffineMap(a[b_idx], scale=b_sign)  # cone form: b; QP form: u
+        self._l_map = AffineMap(a[b_idx], scale=b_sign, mask=eq, fill=-np.inf)  # QP form only
         self._a_pattern = _csc_pattern(a_rows, a_cols, (m, n))
-        self._eq = eq
 
         self._p_map = None
         if prog.P is not None and sp.csr_array(prog.P).nnz:
@@ -266,7 +266,7 @@ class ParametricProblem:
                 batch = int(t.shape[0])
             else:
                 raise ValueError(f"parameter {name!r} expects shape {shape} or (B, *{shape}); got {tuple(t.shape)}")
-            if not bool(torch.isfinite(t).all()):
+            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"parameter {name!r} contains NaN or inf values")
             tensors[name] = t
         batch = 1 if batch is None else batch
@@ -295,11 +295,7 @@ class ParametricProblem:
         p = None if self._p_map is None else self._sparse(self._p_map, self._p_pattern, (self.n, self.n), theta)
         if self.form == "cone":
             return ConeData(P=p, A=a, b=bvec, c=vec, cones=self.cones, offset=offset)
-        eq = torch.as_tensor(self._eq, device=theta.device)
-        inf = torch.full_like(bvec, float("inf"))
-        lower = torch.where(eq, bvec, -inf)
-        upper = bvec
-        return QPData(P=p, q=vec, A=a, l=lower, u=upper, offset=offset)
+        return QPData(P=p, q=vec, A=a, l=self._l_map(theta), u=bvec, offset=offset)
 
     @staticmethod
     def _sparse(amap: AffineMap, pattern, shape, theta) -> SparseBatch:
