@@ -36,7 +36,7 @@ class AffineMap:
     Args:
         tensor: scipy sparse matrix of shape ``(k, p + 1)``; the last column is the constant term.
         scale: optional per-row factor (length ``k``) applied to the whole row (used for sign flips).
-        mask: optional boolean per row; rows where it is False ignore ``tensor`` and are the constant ``fill``.
+        mask: optional boolean per row; rows where it is False ignore ``tensor`` and equal ``fill``.
         fill: the constant of the masked-out rows (e.g. ``-inf`` for one-sided bounds).
 
     Attributes:
@@ -78,7 +78,8 @@ class AffineMap:
             if device.type != "cpu":
                 mats = tuple(
                     torch.sparse_csr_tensor(
-                        torch.as_tensor(m.indptr, dtype=torch.int64), torch.as_tensor(m.indices, dtype=torch.int64),
+                        torch.as_tensor(m.indptr, dtype=torch.int64),
+                        torch.as_tensor(m.indices, dtype=torch.int64),
                         torch.as_tensor(m.data, dtype=dtype), size=m.shape).to(device)
                     for m in (self._dep, self._dep_t))
             self._cache[key] = (const, mats)

@@ -57,7 +57,7 @@ class ConeDims:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """Names of the cone kinds that are present (``'zero'``, ``'nonneg'``, ``'soc'``, ``'psd'``, ``'exp'``)."""
+        """Names of the cone kinds present, among ``'zero'``, ``'nonneg'``, ``'soc'``, ``'psd'``, ``'exp'``."""
         present = []
         for name in ("zero", "nonneg", "soc", "psd", "exp"):
             if getattr(self, name):

@@ -314,8 +314,8 @@ class ParametricProblem:
             value: the optimal value to attach.
         """
         from cvxpy.reductions.solution import Solution
-        from cvxpy.reductions.solvers.conic_solvers.conic_solver import ConicSolver
         from cvxpy.reductions.solvers import utilities
+        from cvxpy.reductions.solvers.conic_solvers.conic_solver import ConicSolver
 
         x = _as_numpy(x, self.n, "x")
         y = _as_numpy(y, self.m, "y")

@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from amortcvx.iterations.osqp import OsqpSettings
+from amortcvx.iterations.scs import ScsSettings
+
 
 @dataclass(frozen=True)
 class PredictorMeta:
@@ -43,6 +46,14 @@ class PredictorMeta:
     settings: dict
     num_params: int
     out_dim: int
+
+    def algorithm_settings(self):
+        """The settings as the algorithm's frozen dataclass (``ScsSettings`` / ``OsqpSettings``)."""
+        return SETTINGS[self.algorithm](**self.settings)
+
+
+SETTINGS: dict[str, type] = {"scs": ScsSettings, "osqp": OsqpSettings}
+"""Algorithm name -> its settings dataclass."""
 
 
 def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256), activation: Callable[[], nn.Module] = nn.ReLU,

@@ -1,0 +1,178 @@
+"""Deployment: predict warm starts, refine them in torch, finish with the real C solver, safely.
+
+:class:`AmortizedSolver` runs, for a batch of parameters::
+
+    theta --predictor--> z0 --k torch steps (batched)--> z_k --> (x, y[, s]) --> C solver (fresh state, user
+    tolerance) --> answer
+
+Safeguards (a learned warm start changes speed, never answers, and never makes a solve fail):
+
+1. Before the C solve, each instance's fixed-point residual ``||T(z) - z||`` at the refined prediction is
+   compared with the residual at the cold start; when ``residual(z_k) > safeguard_ratio * residual(cold)`` the
+   instance falls back to the cold start.
+2. After the C solve, any warm-started instance whose status is not ``optimal`` is solved again from a cold
+   start; its reported iterations and times are the sum of both attempts (``retried`` marks it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from amortcvx.backends import SolveResult, Status, WarmStart, solve_batch
+from amortcvx.canon.parametric import ParametricProblem
+from amortcvx.iterations.loop import run
+from amortcvx.iterations.registry import DATA_FORMS, make_algorithm
+from amortcvx.predictors.fixed_point import output_space
+from amortcvx.predictors.model import WarmStartPredictor
+
+BACKEND_OF = {"scs": "scs", "osqp": "osqp"}
+"""Algorithm -> the C backend that finishes its solves."""
+
+
+class WarmStartBatch(NamedTuple):
+    """Predicted warm starts for a batch.
+
+    Attributes:
+        warm_starts: one :class:`WarmStart` per instance, or None where the safeguard chose the cold start.
+        fallback: bool (B,), True where the cold start was chosen.
+        residual: (B,) fixed-point residual at the refined prediction.
+        cold_residual: (B,) fixed-point residual at the cold start.
+        seconds: wall time of prediction + refinement + conversion for the whole batch.
+    """
+
+    warm_starts: list[WarmStart | None]
+    fallback: np.ndarray
+    residual: np.ndarray
+    cold_residual: np.ndarray
+    seconds: float
+
+
+class AmortizedResult(NamedTuple):
+    """Answers for a batch.
+
+    Attributes:
+        results: one :class:`SolveResult` per instance (from the C solver, at the requested tolerance).
+        fallback: bool (B,), the safeguard used the cold start before solving.
+        retried: bool (B,), the warm-started solve did not reach ``optimal`` and was redone cold.
+        predict_seconds: time of prediction and refinement for the batch.
+        solve_seconds: wall time of the C solves for the batch.
+    """
+
+    results: list[SolveResult]
+    fallback: np.ndarray
+    retried: np.ndarray
+    predict_seconds: float
+    solve_seconds: float
+
+
+class AmortizedSolver:
+    """Warm-started solves of a parametric problem with a trained predictor.
+
+    Args:
+        pp: the compiled problem (form "cone" for SCS, "qp" for OSQP).
+        model: a trained :class:`WarmStartPredictor` for ``pp`` (its meta is checked), or None for cold starts
+            only (then ``k`` steps from the cold start are still possible).
+        algorithm: "scs" or "osqp"; taken from ``model`` when given.
+        settings: the torch iteration settings (``ScsSettings`` / ``OsqpSettings``); default: the model's.
+        k: torch refinement steps after the prediction.
+        solver_settings: settings of the C solver (tolerances, ...), passed to the backend.
+        safeguard: enable the residual check and the cold retry (see the module docstring).
+        safeguard_ratio: allowed ratio of predicted to cold residual.
+        device, dtype: where prediction and refinement run.
+        workers: processes for the C solves (``backends.solve_batch``).
+    """
+
+    def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
+                 algorithm: str | None = None, settings=None, k: int = 0, solver_settings: Mapping | None = None,
+                 safeguard: bool = True, safeguard_ratio: float = 1.0, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float64, workers: int | None = 1):
+        if model is not None:
+            if model.meta.fingerprint != pp.fingerprint:
+                raise ValueError(f"the predictor was trained for problem {model.meta.fingerprint}, not for this "
+                                 f"problem ({pp.fingerprint})")
+            if algorithm is not None and algorithm != model.meta.algorithm:
+                raise ValueError(f"the predictor is for {model.meta.algorithm!r}, not {algorithm!r}")
+            algorithm = model.meta.algorithm
+            if settings is None:
+                settings = model.meta.algorithm_settings()
+        if algorithm not in DATA_FORMS:
+            raise ValueError(f"algorithm must be one of {sorted(DATA_FORMS)}; got {algorithm!r}")
+        if DATA_FORMS[algorithm] != pp.form:
+            raise ValueError(f"algorithm {algorithm!r} needs a problem of form {DATA_FORMS[algorithm]!r}; "
+                             f"got {pp.form!r}")
+        if k < 0:
+            raise ValueError(f"k must be nonnegative; got {k}")
+        self.pp, self.algorithm, self.settings, self.k = pp, algorithm, settings, k
+        self.backend = BACKEND_OF[algorithm]
+        self.solver_settings = dict(solver_settings or {})
+        self.safeguard, self.safeguard_ratio = safeguard, safeguard_ratio
+        self.device, self.dtype, self.workers = torch.device(device), dtype, workers
+        self.model = None if model is None else model.to(device=self.device, dtype=dtype).eval()
+        self.space = output_space(algorithm)
+
+    @torch.no_grad()
+    def predict_warm_start(self, params: Mapping) -> WarmStartBatch:
+        """Warm starts for the C solver: prediction, ``k`` refinement steps, safeguard, conversion.
+
+        Args:
+            params: parameter values (see :meth:`ParametricProblem.parameter_vector`).
+        """
+        t0 = time.perf_counter()
+        theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
+        data = self.pp.canonicalize_vector(theta)
+        alg = make_algorithm(self.algorithm, data, self.settings)
+        cold = alg.init()
+        cold_res = alg.residual(cold, alg.step(cold))
+        z0 = None if self.model is None else self.model(theta)
+        state = run(alg, cold if z0 is None else self.space.to_state(alg, z0), self.k).state
+        res = alg.residual(state, alg.step(state))
+        if self.k > 0:
+            ws = self.space.warm_start(alg, state)
+        else:
+            ws = None if z0 is None else self.space.prediction_warm_start(alg, z0)
+        bad = ~torch.isfinite(res)
+        if self.safeguard:
+            bad |= res > self.safeguard_ratio * cold_res
+        host = None if ws is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in ws.items()}
+        fallback = bad.cpu().numpy() if ws is not None else np.ones(theta.shape[0], dtype=bool)
+        warm: list[WarmStart | None] = []
+        for i in range(theta.shape[0]):
+            if fallback[i]:
+                warm.append(None)
+            else:
+                warm.append(WarmStart(x=host["x"][i], y=host["y"][i], s=host["s"][i] if "s" in host else None))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return WarmStartBatch(warm, fallback, res.cpu().numpy(), cold_res.cpu().numpy(), time.perf_counter() - t0)
+
+    def solve(self, params: Mapping, *, exact_iterations: bool = True) -> AmortizedResult:
+        """Predict, refine and solve a batch with the C solver at ``solver_settings``.
+
+        Every result comes from the C solver; warm-started instances that do not end ``optimal`` are solved
+        again cold when the safeguard is on.
+        """
+        pred = self.predict_warm_start(params)
+        instances = self.pp.canonicalize(params, dtype=torch.float64, device="cpu").instances()
+        t0 = time.perf_counter()
+        results = solve_batch(instances, self.backend, warm_starts=pred.warm_starts,
+                              settings=self.solver_settings, exact_iterations=exact_iterations,
+                              workers=self.workers)
+        retried = np.zeros(len(results), dtype=bool)
+        if self.safeguard:
+            redo = [i for i, (r, w) in enumerate(zip(results, pred.warm_starts))
+                    if w is not None and r.status != Status.OPTIMAL]
+            if redo:
+                again = solve_batch([instances[i] for i in redo], self.backend, settings=self.solver_settings,
+                                    exact_iterations=exact_iterations, workers=self.workers)
+                for i, r in zip(redo, again):
+                    first = results[i]
+                    results[i] = r._replace(iterations=first.iterations + r.iterations,
+                                            setup_time=first.setup_time + r.setup_time,
+                                            solve_time=first.solve_time + r.solve_time)
+                    retried[i] = True
+        return AmortizedResult(results, pred.fallback, retried, pred.seconds, time.perf_counter() - t0)

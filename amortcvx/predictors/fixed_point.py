@@ -1,0 +1,127 @@
+"""The space predictors work in: each algorithm's fixed-point variable, and the maps around it.
+
+A predictor outputs ``z`` (B, d); this module says, per algorithm, how ``z`` becomes an iteration state, how
+an optimal primal-dual solution becomes the target ``z*``, how a state becomes a warm start for the C solver,
+and how to compare two fixed-point variables.
+
+SCS (``d = n + m``): ``z`` is ``v`` without its last entry, which is 1 (``v = [x; y + s / r_y; 1]``). The
+iteration is homogeneous (it rescales ``v`` to norm ``sqrt(n + m + 1)`` every step), so fixed-point variables
+are compared after the same rescaling.
+
+OSQP (``d = n + m``): ``z = [x; w]`` with ``w = z_osqp + y / rho``; the state is ``x``, ``z_osqp = clip(w, l,
+u)``, ``y = rho (w - z_osqp)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from amortcvx.iterations.cones import project_dual_cone
+from amortcvx.iterations.convert import osqp_state_from_fixed_point, scs_v_from_xys
+from amortcvx.iterations.loop import FixedPointAlgorithm
+from amortcvx.iterations.scs import ScsState
+
+
+class OutputSpace(NamedTuple):
+    """How one algorithm's fixed-point variable relates to predictions, targets and warm starts.
+
+    Attributes:
+        dim: ``dim(n, m)``, the length of a prediction.
+        to_state: ``to_state(alg, z) -> state`` for a prediction ``z`` (a state whose next step is a general step).
+        target: ``target(alg, x, y, s) -> z*`` from optimal primal-dual solutions (batched tensors).
+        comparable: ``comparable(alg, zfull) -> tensor`` puts a full fixed-point variable in the units in
+            which distances are measured.
+        full: ``full(alg, z) -> zfull``, the full fixed-point variable of a prediction (``alg.fixed_point``'s
+            space).
+        warm_start: ``warm_start(alg, state) -> dict`` of batched tensors ``x``, ``y`` (and ``s`` for SCS),
+            the primal-dual estimates of a state reached by at least one step, handed to the C solver.
+        prediction_warm_start: ``prediction_warm_start(alg, z) -> dict``, the same for a bare prediction.
+    """
+
+    dim: Callable[[int, int], int]
+    to_state: Callable[[FixedPointAlgorithm, torch.Tensor], Any]
+    target: Callable[..., torch.Tensor]
+    comparable: Callable[[FixedPointAlgorithm, torch.Tensor], torch.Tensor]
+    full: Callable[[FixedPointAlgorithm, torch.Tensor], torch.Tensor]
+    warm_start: Callable[[FixedPointAlgorithm, Any], dict[str, torch.Tensor]]
+    prediction_warm_start: Callable[[FixedPointAlgorithm, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def _scs_full(alg: FixedPointAlgorithm, z: torch.Tensor) -> torch.Tensor:
+    return torch.cat([z, z.new_ones((z.shape[0], 1))], dim=1)
+
+
+def _scs_to_state(alg: FixedPointAlgorithm, z: torch.Tensor) -> ScsState:
+    v = _scs_full(alg, z)
+    return ScsState(v=v, u=v, rsk=torch.zeros_like(v), k=1)
+
+
+def _scs_target(alg: FixedPointAlgorithm, x, y, s) -> torch.Tensor:
+    work = alg.work
+    v = scs_v_from_xys(x, y, s, work.cones, work.settings)
+    return v[:, :-1]
+
+
+def _scs_comparable(alg: FixedPointAlgorithm, v: torch.Tensor) -> torch.Tensor:
+    return v * (math.sqrt(v.shape[1]) / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-30))
+
+
+def _scs_warm_start(alg: FixedPointAlgorithm, state) -> dict[str, torch.Tensor]:
+    sol = alg.solution(state)
+    return {"x": sol.x, "y": sol.y, "s": sol.s}
+
+
+def _scs_prediction_warm_start(alg: FixedPointAlgorithm, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split ``w = y + s / r_y`` by Moreau's decomposition: ``y = Pi_{K*}(w)``, ``s = r_y (y - w)``.
+
+    ``r_y`` is constant on each cone, and ``-s / r_y`` lies in the polar cone ``-K`` of ``K*`` orthogonally to
+    ``y``, so this recovers ``(y, s)`` exactly from a fixed point and gives a cone-feasible pair otherwise.
+    """
+    work = alg.work
+    n = work.n
+    w = z[:, n:]
+    y = project_dual_cone(w, work.cones)
+    return {"x": z[:, :n], "y": y, "s": work.r[n: n + work.m] * (y - w)}
+
+
+def _osqp_to_state(alg: FixedPointAlgorithm, z: torch.Tensor):
+    return osqp_state_from_fixed_point(alg.work, z, k=1)
+
+
+def _osqp_target(alg: FixedPointAlgorithm, x, y, s=None) -> torch.Tensor:
+    return alg.fixed_point(alg.init(x=x, y=y))
+
+
+def _osqp_warm_start(alg: FixedPointAlgorithm, state) -> dict[str, torch.Tensor]:
+    sol = alg.solution(state)
+    return {"x": sol.x, "y": sol.y}
+
+
+def _osqp_prediction_warm_start(alg: FixedPointAlgorithm, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    return _osqp_warm_start(alg, _osqp_to_state(alg, z))
+
+
+def _same_units(alg: FixedPointAlgorithm, z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
+OUTPUT_SPACES: dict[str, OutputSpace] = {
+    "scs": OutputSpace(dim=lambda n, m: n + m, to_state=_scs_to_state, target=_scs_target,
+                       comparable=_scs_comparable, full=_scs_full, warm_start=_scs_warm_start,
+                       prediction_warm_start=_scs_prediction_warm_start),
+    "osqp": OutputSpace(dim=lambda n, m: n + m, to_state=_osqp_to_state, target=_osqp_target,
+                        comparable=_same_units, full=_same_units, warm_start=_osqp_warm_start,
+                        prediction_warm_start=_osqp_prediction_warm_start),
+}
+"""Algorithm name -> :class:`OutputSpace`."""
+
+
+def output_space(algorithm: str) -> OutputSpace:
+    """``OUTPUT_SPACES[algorithm]`` with a clear error for an unknown name."""
+    if algorithm not in OUTPUT_SPACES:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {sorted(OUTPUT_SPACES)}")
+    return OUTPUT_SPACES[algorithm]
