@@ -57,7 +57,7 @@ def _scs_full(alg: FixedPointAlgorithm, z: torch.Tensor) -> torch.Tensor:
 
 def _scs_to_state(alg: FixedPointAlgorithm, z: torch.Tensor) -> ScsState:
     v = _scs_full(alg, z)
-    return ScsState(v=v, u=v, rsk=torch.zeros_like(v), k=1)
+    return ScsState(v=v, u=v, ut=v, k=1)
 
 
 def _scs_target(alg: FixedPointAlgorithm, x, y, s) -> torch.Tensor:

@@ -134,6 +134,7 @@ class WarmStartPredictor(nn.Module):
             raise ValueError(f"{path} was trained with other {meta.algorithm} settings (differing: {diff})")
         core = state["core"]
         model = cls(meta, core=core, hidden=state["hidden"] or (256, 256))
+        model = model.to(dtype=state["state_dict"]["in_mean"].dtype)  # keep the saved precision
         model.load_state_dict(state["state_dict"])
         return model
 

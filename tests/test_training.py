@@ -1,0 +1,141 @@
+"""Predictors, training through the solver layers, and safeguarded deployment."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import problems
+from amortcvx.backends import Status, solve_batch
+from amortcvx.canon import ParametricProblem
+from amortcvx.deploy import AmortizedSolver
+from amortcvx.iterations import make_algorithm, run
+from amortcvx.predictors import SETTINGS, PredictorMeta, WarmStartPredictor
+from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
+
+HIGH = {"eps_abs": 1e-9, "eps_rel": 1e-9}
+
+
+def solved(pp: ParametricProblem, params: dict, backend: str) -> SolvedSet:
+    data = pp.canonicalize(params)
+    res = solve_batch(data.instances(), backend, settings=HIGH, exact_iterations=False, workers=1)
+    assert all(r.status == Status.OPTIMAL for r in res)
+    stack = lambda f: torch.tensor(np.stack([getattr(r, f) for r in res]))  # noqa: E731
+    return SolvedSet(pp.parameter_vector(params), stack("x"), stack("y"), stack("s") if backend == "scs" else None)
+
+
+@pytest.fixture(scope="module")
+def lasso():
+    fam = problems.make("lasso")
+    pp = ParametricProblem(fam.problem, "cone")
+    return fam, pp, solved(pp, fam.sample(120, seed=0), "scs"), solved(pp, fam.sample(30, seed=1), "scs")
+
+
+def test_predictor_save_load_checks_problem_and_settings(tmp_path, lasso):
+    fam, pp, _, _ = lasso
+    meta = PredictorMeta(pp.fingerprint, "scs", {"alpha": 1.5}, pp.num_params, pp.n + pp.m)
+    model = WarmStartPredictor(meta, hidden=(8,))
+    path = tmp_path / "m.pt"
+    model.save(path)
+    back = WarmStartPredictor.load(path, fingerprint=pp.fingerprint, algorithm="scs", settings={"alpha": 1.5})
+    theta = torch.randn(3, pp.num_params, dtype=torch.float32)
+    torch.testing.assert_close(back(theta), model(theta))
+    other = ParametricProblem(problems.make("portfolio").problem, "cone")
+    with pytest.raises(ValueError, match="not for this problem"):
+        WarmStartPredictor.load(path, fingerprint=other.fingerprint)
+    with pytest.raises(ValueError, match="other scs settings.*alpha"):
+        WarmStartPredictor.load(path, settings={"alpha": 1.0})
+    with pytest.raises(ValueError, match="algorithm 'scs', not 'osqp'"):
+        WarmStartPredictor.load(path, algorithm="osqp")
+
+
+def test_same_seed_same_numbers(lasso):
+    _, pp, tr, va = lasso
+    cfg = TrainConfig(k=2, weights=LossWeights(1.0, 0.1, 0.1), epochs=3, batch_size=32, hidden=(16,),
+                      progress=False, seed=7)
+    a, b = train(pp, "scs", tr, va, cfg), train(pp, "scs", tr, va, cfg)
+    assert a.history == b.history
+    for (ka, va_), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va_, vb)
+    c = train(pp, "scs", tr, va, TrainConfig(**{**cfg.__dict__, "seed": 8}))
+    assert c.history != a.history
+
+
+def test_unrolled_residual_loss_decreases(lasso):
+    _, pp, tr, va = lasso
+    cfg = TrainConfig(k=3, weights=LossWeights(regression=0.0, residual=1.0), epochs=15, batch_size=32,
+                      hidden=(32,), progress=False, patience=15)
+    out = train(pp, "scs", tr, va, cfg)
+    best = out.history[out.best_epoch]["val_residual"]
+    assert best < out.history[0]["val_residual"]
+    # ||T(z_k) - z_k|| after k steps from the prediction vs from the cold start, on held-out instances
+    alg = make_algorithm("scs", pp.canonicalize_vector(va.theta))
+    cold = run(alg, alg.init(), cfg.k).state
+    cold_res = alg.residual(cold, alg.step(cold)).mean()
+    assert best < 0.5 * float(cold_res)
+
+
+def test_checkpoint_is_written_and_loadable(tmp_path, lasso):
+    _, pp, tr, va = lasso
+    path = tmp_path / "ckpt" / "best.pt"
+    out = train(pp, "scs", tr, va, TrainConfig(epochs=2, hidden=(8,), progress=False, checkpoint=str(path)))
+    back = WarmStartPredictor.load(path, fingerprint=pp.fingerprint, algorithm="scs",
+                                   settings=out.model.meta.settings)
+    theta = tr.theta[:4]
+    torch.testing.assert_close(back(theta), out.model(theta))
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+class _Garbage(torch.nn.Module):
+    def __init__(self, out_dim, value):
+        super().__init__()
+        self.out_dim, self.value = out_dim, value
+
+    def forward(self, theta):
+        return torch.full((theta.shape[0], self.out_dim), self.value, dtype=theta.dtype)
+
+
+def _garbage_model(pp, value, algorithm="scs"):
+    settings = dataclasses.asdict(SETTINGS[algorithm]())
+    meta = PredictorMeta(pp.fingerprint, algorithm, settings, pp.num_params, pp.n + pp.m)
+    return WarmStartPredictor(meta, core=_Garbage(pp.n + pp.m, value))
+
+
+def test_safeguard_falls_back_to_cold_for_bad_predictions(lasso):
+    fam, pp, _, _ = lasso
+    params = fam.sample(6, seed=5)
+    cold = solve_batch(pp.canonicalize(params).instances(), "scs", workers=1)
+    for value in (1e6, float("nan")):
+        solver = AmortizedSolver(pp, _garbage_model(pp, value), workers=1)
+        out = solver.solve(params)
+        assert out.fallback.all()
+        assert [r.iterations for r in out.results] == [r.iterations for r in cold]
+        assert all(r.status == Status.OPTIMAL for r in out.results)
+
+
+def test_failed_warm_solve_is_redone_cold(lasso):
+    # SCS rescales warm starts and shrugs off garbage; OSQP does not, which makes the failure easy to provoke.
+    fam, _, _, _ = lasso
+    pp = ParametricProblem(fam.problem, "qp")
+    params = fam.sample(4, seed=6)
+    cold = solve_batch(pp.canonicalize(params).instances(), "osqp", workers=1)
+    limit = {"max_iter": max(r.iterations for r in cold) + 20}  # enough for the cold start only
+    garbage = _garbage_model(pp, 1e7, "osqp")
+    out = AmortizedSolver(pp, garbage, safeguard_ratio=float("inf"), solver_settings=limit, workers=1).solve(params)
+    assert not out.fallback.any() and out.retried.all()  # the garbage start hit the iteration limit ...
+    assert all(r.status == Status.OPTIMAL for r in out.results)  # ... and the cold retry solved every instance
+    assert all(r.iterations > c.iterations for r, c in zip(out.results, cold))  # both attempts are counted
+    unsafe = AmortizedSolver(pp, garbage, safeguard=False, solver_settings=limit, workers=1).solve(params)
+    assert all(r.status != Status.OPTIMAL for r in unsafe.results)
+    guarded = AmortizedSolver(pp, garbage, solver_settings=limit, workers=1).solve(params)
+    assert guarded.fallback.all() and not guarded.retried.any()  # the residual check alone catches it
+
+
+def test_model_for_other_problem_is_refused(lasso):
+    _, pp, _, _ = lasso
+    other = ParametricProblem(problems.make("portfolio").problem, "cone")
+    with pytest.raises(ValueError, match="trained for problem"):
+        AmortizedSolver(other, _garbage_model(pp, 0.0))
+    with pytest.raises(ValueError, match="form 'qp'"):
+        AmortizedSolver(pp, algorithm="osqp")
