@@ -388,7 +388,7 @@ def test_missing_ray_is_a_clear_import_error(pp_by_backend, tmp_path, monkeypatc
 
 
 def test_ray_gives_the_same_dataset_as_processes(pp_by_backend, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
     pp, params = pp_by_backend["scs"], tiny_params()
     with_processes = gen(pp, params, "scs", tmp_path / "processes", workers=2)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

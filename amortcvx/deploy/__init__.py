@@ -1,5 +1,7 @@
 """Deployment layer: predicted, refined and safeguarded warm starts finished by the C solvers."""
 
+from amortcvx.deploy.cvxpy_native import inject_warm_start
+from amortcvx.deploy.cvxpy_native import solve as solve_cvxpy
 from amortcvx.deploy.solver import AmortizedResult, AmortizedSolver, WarmStartBatch
 
-__all__ = ["AmortizedResult", "AmortizedSolver", "WarmStartBatch"]
+__all__ = ["AmortizedResult", "AmortizedSolver", "WarmStartBatch", "inject_warm_start", "solve_cvxpy"]
