@@ -254,8 +254,8 @@ class ParametricProblem:
         batch = None
         for name, shape, _, _ in self._layout:
             val = given[name]
-            t = val.to(device=device, dtype=dtype) if isinstance(val, torch.Tensor) else torch.as_tensor(
-                np.asarray(val, dtype=np.float64), dtype=dtype, device=device)
+            t = val.to(device=device, dtype=dtype) if isinstance(val, torch.Tensor) else torch.tensor(
+                np.asarray(val, dtype=np.float64), dtype=dtype, device=device)  # a copy: inputs may be read-only
             shape = tuple(shape)
             if tuple(t.shape) == shape:
                 t = t.unsqueeze(0)

@@ -43,6 +43,16 @@ class SolvedSet(NamedTuple):
     def __len__(self) -> int:
         return int(self.theta.shape[0])
 
+    @classmethod
+    def from_dataset(cls, pp: ParametricProblem, dataset) -> SolvedSet:
+        """The optimally solved instances of an ``amortcvx.datasets.Dataset`` (others are left out)."""
+        if dataset.fingerprint != pp.fingerprint:
+            raise ValueError(f"the dataset is for problem {dataset.fingerprint}, not this one ({pp.fingerprint})")
+        ok = np.flatnonzero(dataset.ok)
+        sub = dataset.subset(ok)
+        x, y, s = sub.torch_solution()
+        return cls(pp.parameter_vector(sub.params), x, y, s)
+
     def subset(self, idx) -> SolvedSet:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return SolvedSet(*(None if t is None else t[idx] for t in self))

@@ -1,0 +1,45 @@
+"""Differentiable solver layers: SCS 3 and OSQP 1 fixed-point iterations in torch.
+
+Each algorithm is a pair of pure functions ``init`` / ``step`` over a NamedTuple state, batched over
+instances, on any device, differentiable by unrolling. :func:`make_algorithm` binds one to a batch of
+canonical data (:class:`~amortcvx.canon.ConeData` for ``"scs"``, :class:`~amortcvx.canon.QPData` for
+``"osqp"``); the loops of :mod:`.loop` run it for ``k`` steps, to a tolerance, or unrolled for
+backpropagation. See ``docs/iterations.md``.
+"""
+
+from amortcvx.iterations.linalg import KKTSolver
+from amortcvx.iterations.loop import FixedPointAlgorithm, LoopResult, run, run_to_tolerance, unroll
+from amortcvx.iterations.osqp import (
+    OsqpSettings,
+    OsqpSolution,
+    OsqpState,
+    OsqpWork,
+    osqp_init,
+    osqp_residual,
+    osqp_setup,
+    osqp_solution,
+    osqp_step,
+)
+from amortcvx.iterations.registry import ALGORITHMS, DATA_FORMS, make_algorithm, make_osqp, make_scs
+from amortcvx.iterations.scs import (
+    ScsCOutput,
+    ScsSettings,
+    ScsSolution,
+    ScsState,
+    ScsWork,
+    scs_c_output,
+    scs_init,
+    scs_residual,
+    scs_rsk,
+    scs_setup,
+    scs_solution,
+    scs_step,
+)
+
+__all__ = [
+    "ALGORITHMS", "DATA_FORMS", "FixedPointAlgorithm", "KKTSolver", "LoopResult", "OsqpSettings",
+    "OsqpSolution", "OsqpState", "OsqpWork", "ScsCOutput", "ScsSettings", "ScsSolution", "ScsState",
+    "ScsWork", "make_algorithm", "make_osqp", "make_scs", "osqp_init", "osqp_residual", "osqp_setup",
+    "osqp_solution", "osqp_step", "run", "run_to_tolerance", "scs_c_output", "scs_init", "scs_residual",
+    "scs_rsk", "scs_setup", "scs_solution", "scs_step", "unroll",
+]

@@ -1,0 +1,322 @@
+"""Linear algebra of the torch fixed-point iterations: batched quasi-definite KKT systems.
+
+Both SCS and OSQP solve, at every step, a linear system with the same quasi-definite matrix
+
+    K = [[P + D_x,   A'  ],
+         [A,       -D_y ]],        D_x = diag(d_x) > 0,  D_y = diag(d_y) > 0,
+
+(SCS: ``d_x = rho_x``, ``d_y = r_y``; OSQP: ``d_x = sigma``, ``d_y = 1 / rho``). Eliminating the second block
+gives the symmetric positive definite Schur complement ``S = P + D_x + A' D_y^-1 A`` of size ``n``:
+
+    K [u; w] = [r_x; r_y]   <=>   S u = r_x + A' D_y^-1 r_y,    w = D_y^-1 (A u - r_y),
+
+    K^-1 = [[S^-1,   E                     ],       E = S^-1 A' D_y^-1.
+            [E',     D_y^-1 A E - D_y^-1  ]],
+
+:class:`KKTSolver` factors ``K`` once (the Cholesky factor of ``S``, always computed in float64 and then cast
+to the working dtype) and applies ``K^-1`` to a batch of right-hand sides at every step. Methods:
+
+* ``"kkt"``: the explicit ``K^-1`` (``N x N``, ``N = n + m``); a solve is one matrix product. The default when
+  ``A``, ``P`` and the diagonals are shared by the batch and ``N <= KKT_LIMIT``: one GEMM over the batch.
+* ``"inverse"``: the explicit ``S^-1`` (``n x n``) plus two products with ``A``. The default when the data
+  differ per instance (parameters in ``A`` or ``P``): ``S^-1`` is stored per instance, and an ``A`` that is
+  less than 25% full (and, when shared, has more than ``2^22`` entries) is applied sparsely (gather / scatter
+  over its ``nnz`` stored entries) instead of as a dense ``(B or 1, m, n)`` tensor.
+* ``"cholesky"``: keeps the Cholesky factor and does two triangular solves per step (no explicit inverse).
+* ``"sparse"`` (CPU; shared, constant ``A``/``P`` only): a SuperLU factorization of the sparse ``K`` on the
+  host (scipy), each step solving for the whole batch at once. The default for shared data with ``n`` beyond
+  ``DENSE_LIMIT``; it carries gradients to the right-hand side (hence to ``b``, ``c`` and the iterate), not to
+  ``A`` or ``P``.
+
+All dense paths are differentiable with respect to ``A``, ``P`` (through ``SparseBatch.values``), the
+diagonals and the right-hand side, on any device; no step moves data between host and device. Dense storage
+is ``N^2`` (``"kkt"``) or ``n^2`` per factorization (one for shared data, ``B`` otherwise): that is the limit
+of the dense paths (``n = 4000`` is 128 MB per factorization in float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+from amortcvx.canon.data import SparseBatch
+
+METHODS = ("auto", "kkt", "inverse", "cholesky", "sparse")
+KKT_LIMIT = 3000
+"""Largest ``N = n + m`` for which ``method="auto"`` stores the explicit ``K^-1`` (shared data only)."""
+DENSE_LIMIT = 4000
+"""Largest ``n`` that ``method="auto"`` factors densely; larger shared, constant problems on the CPU go to the
+sparse path, anything else larger is refused (pass ``method`` explicitly to override)."""
+_SETUP_CHUNK = 256  # instances per chunk when forming per-instance Schur complements
+_DENSE_SHARED_A = 1 << 22  # a shared A with at most this many entries (32 MB in float64) is stored densely
+
+
+def dense_batch(mat: SparseBatch, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense copy of a :class:`SparseBatch`: shape ``(1, r, c)`` when it is shared, else ``(B, r, c)``.
+
+    Differentiable with respect to ``mat.values``.
+    """
+    values = mat.values[:1] if mat.shared else mat.values
+    if dtype is not None:
+        values = values.to(dtype)
+    return SparseBatch(mat.indices, mat.indptr, mat.shape, values, mat.shared).to_dense()
+
+
+def matvec(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y_i = M_i x_i`` for ``mat`` of shape ``(1 or B, r, c)`` and ``x`` (B, c); returns (B, r)."""
+    if mat.shape[0] == 1:
+        return x @ mat[0].mT
+    return torch.bmm(mat, x.unsqueeze(-1)).squeeze(-1)
+
+
+def rmatvec(mat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x_i = M_i' y_i`` for ``mat`` of shape ``(1 or B, r, c)`` and ``y`` (B, r); returns (B, c)."""
+    if mat.shape[0] == 1:
+        return y @ mat[0]
+    return torch.bmm(y.unsqueeze(1), mat).squeeze(1)
+
+
+def _ones_coo(rows: torch.Tensor, cols: torch.Tensor, ones: torch.Tensor, shape) -> torch.Tensor:
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), ones, shape, check_invariants=True).coalesce()
+
+
+class SparseOperator:
+    """A batch of sparse matrices with one pattern, applied in ``O(B nnz)`` per product.
+
+    ``y_i = M_i x_i`` is computed as a gather, a product with the stored values and a sum into the rows; the
+    sum is a product with the constant 0/1 sparse matrix ``E[row_k, k] = 1`` (a COO ``torch.sparse.mm``, much
+    faster on the CPU than ``index_add`` along the batch's inner dimension). Work is done in the transposed
+    ``(nnz, B)`` layout so that gathers and sums run over contiguous rows.
+
+    Args:
+        mat: the batch; its ``values`` are kept (with their autograd graph) in dtype ``dtype``.
+        dtype: working dtype.
+    """
+
+    def __init__(self, mat: SparseBatch, dtype: torch.dtype):
+        rows, cols = mat.coo()
+        device = mat.values.device
+        nnz = rows.shape[0]
+        self.shape = tuple(mat.shape)
+        self.rows = torch.as_tensor(rows, device=device)
+        self.cols = torch.as_tensor(cols, device=device)
+        self.values_t = (mat.values[:1] if mat.shared else mat.values).to(dtype).mT.contiguous()  # (nnz, B)
+        ones = torch.ones(nnz, dtype=dtype, device=device)
+        k = torch.arange(nnz, device=device)
+        self.sum_rows = _ones_coo(self.rows, k, ones, (self.shape[0], nnz))
+        self.sum_cols = _ones_coo(self.cols, k, ones, (self.shape[1], nnz))
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """``M_i x_i`` for ``x`` (B, c) -> (B, r)."""
+        prod = x.mT.contiguous().index_select(0, self.cols) * self.values_t
+        return torch.sparse.mm(self.sum_rows, prod).mT
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        """``M_i' y_i`` for ``y`` (B, r) -> (B, c)."""
+        prod = y.mT.contiguous().index_select(0, self.rows) * self.values_t
+        return torch.sparse.mm(self.sum_cols, prod).mT
+
+
+def spmv(mat: SparseBatch, x: torch.Tensor) -> torch.Tensor:
+    """``y_i = M_i x_i`` for a :class:`SparseBatch` and ``x`` of shape ``(B, c)`` without densifying ``M``."""
+    return SparseOperator(mat, x.dtype).matvec(x)
+
+
+def _as_rows(d: torch.Tensor | float, size: int, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A positive diagonal as a tensor of shape ``(1 or B, size)``."""
+    t = torch.as_tensor(d, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        t = t.expand(1, size)
+    elif t.ndim == 1:
+        t = t.unsqueeze(0)
+    if t.ndim != 2 or t.shape[1] != size:
+        raise ValueError(f"{name} must be a scalar, shape ({size},) or (B, {size}); got {tuple(t.shape)}")
+    return t
+
+
+class _SparseLUSolve(torch.autograd.Function):
+    """``X = K^-1 R`` for right-hand sides ``R`` (B, N) with a host SuperLU factor of a symmetric ``K``."""
+
+    @staticmethod
+    def forward(ctx, rhs: torch.Tensor, lu) -> torch.Tensor:  # type: ignore[override]
+        ctx.lu = lu
+        return _SparseLUSolve.apply_lu(lu, rhs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        # K is symmetric: the adjoint of R -> K^-1 R is G -> K^-1 G.
+        return _SparseLUSolve.apply_lu(ctx.lu, grad), None
+
+    @staticmethod
+    def apply_lu(lu, rhs: torch.Tensor) -> torch.Tensor:
+        arr = rhs.detach().to(torch.float64).numpy()
+        out = lu.solve(np.ascontiguousarray(arr.T))
+        return torch.from_numpy(np.ascontiguousarray(out.T)).to(rhs.dtype)
+
+
+class KKTSolver:
+    """Factor ``K = [[P + D_x, A'], [A, -D_y]]`` for a batch and solve ``K [u; w] = [r_x; r_y]``.
+
+    Args:
+        A: constraint matrices ``(m, n)`` as a :class:`SparseBatch`.
+        P: quadratic terms ``(n, n)`` (full symmetric), or None.
+        d_x: positive diagonal of the primal block: scalar, ``(n,)`` or ``(B, n)``.
+        d_y: positive diagonal of the dual block: scalar, ``(m,)`` or ``(B, m)``.
+        dtype: working dtype of the solves.
+        method: ``"auto"``, ``"kkt"``, ``"inverse"``, ``"cholesky"`` or ``"sparse"`` (see the module doc).
+        factor_dtype: dtype of the factorization (float64 by default: with ``d_x = 1e-6`` the Schur
+            complement is often too ill-conditioned for a float32 Cholesky); the result is cast to ``dtype``.
+
+    Attributes:
+        method: the method in use (``"auto"`` resolved).
+        n, m: block sizes.
+        batch_size: number of factorizations held (1 when shared by the batch).
+
+    Raises:
+        ValueError: bad shapes, an unknown method, ``"sparse"`` where it does not apply, a problem beyond the
+            dense limit under ``"auto"``, or a Schur complement that is not positive definite.
+    """
+
+    def __init__(self, A: SparseBatch, P: SparseBatch | None, d_x, d_y, *, dtype: torch.dtype,
+                 method: str = "auto", factor_dtype: torch.dtype = torch.float64):
+        if method not in METHODS:
+            raise ValueError(f"unknown linear-system method {method!r}; expected one of {METHODS}")
+        m, n = A.shape
+        if P is not None and tuple(P.shape) != (n, n):
+            raise ValueError(f"P has shape {tuple(P.shape)}, but A has shape {(m, n)}: P must be ({n}, {n})")
+        device = A.values.device
+        self.n, self.m, self.dtype, self.device = n, m, dtype, device
+        ref = torch.empty((), dtype=dtype, device=device)
+        d_x = _as_rows(d_x, n, "d_x", ref)
+        d_y = _as_rows(d_y, m, "d_y", ref)
+        shared = A.shared and (P is None or P.shared) and d_x.shape[0] == 1 and d_y.shape[0] == 1
+        constant = not (A.values.requires_grad or (P is not None and P.values.requires_grad)
+                        or d_x.requires_grad or d_y.requires_grad)
+        sparse_ok = shared and device.type == "cpu" and constant
+        if method == "auto":
+            if shared and n + m <= KKT_LIMIT:
+                method = "kkt"
+            elif n <= DENSE_LIMIT:
+                method = "inverse"
+            elif sparse_ok:
+                method = "sparse"
+            else:
+                raise ValueError(
+                    f"n = {n} variables exceeds the dense limit ({DENSE_LIMIT}), and the sparse path needs "
+                    "shared, constant A and P on the CPU; pass method='inverse' or 'cholesky' to factor "
+                    "densely")
+        self.method = method
+        self.kinv = self.S_inv = self.L = None
+        if method == "sparse":
+            if not shared:
+                raise ValueError("method='sparse' needs A, P and the diagonals shared by the whole batch")
+            if device.type != "cpu":
+                raise ValueError(f"method='sparse' runs on the CPU only; the data are on {device}")
+            if not constant:
+                raise ValueError("method='sparse' cannot differentiate with respect to A, P or the "
+                                 "diagonals; use method='kkt', 'inverse' or 'cholesky'")
+            self.batch_size = 1
+            self._setup_sparse(A, P, d_x, d_y)
+            return
+        fdt = factor_dtype if device.type != "mps" else torch.float32
+        chol = self._schur_cholesky(A, P, d_x.to(fdt), d_y.to(fdt), fdt)
+        self.batch_size = int(chol.shape[0])
+        self.inv_dy = (1.0 / d_y).to(dtype)
+        # Products with A (not needed by "kkt"): dense when A is at least 25% full or shared and small
+        # (GEMMs), else gather / scatter over the stored entries.
+        self.A_dense = self.A_op = None
+        if method != "kkt":
+            if 4 * A.nnz >= m * n or (A.shared and m * n <= _DENSE_SHARED_A):
+                self.A_dense = dense_batch(A, dtype=dtype)
+            else:
+                self.A_op = SparseOperator(A, dtype)
+        if method == "cholesky":
+            self.L = chol.to(dtype).contiguous()
+        elif method == "inverse":
+            # contiguous: LAPACK returns batched results column-major, which halves bmm's speed
+            self.S_inv = torch.cholesky_inverse(chol).to(dtype).contiguous()
+        else:  # "kkt"
+            s_inv = torch.cholesky_inverse(chol)
+            a = dense_batch(A, dtype=fdt)
+            inv_dy = 1.0 / d_y.to(fdt)
+            e = torch.matmul(s_inv, a.mT) * inv_dy.unsqueeze(1)  # S^-1 A' D^-1, (b, n, m)
+            bottom = torch.matmul(a * inv_dy.unsqueeze(-1), e) - torch.diag_embed(inv_dy)
+            nb = bottom.shape[0]
+            kinv = torch.cat([torch.cat([s_inv.expand(nb, n, n), e.expand(nb, n, m)], 2),
+                              torch.cat([e.mT.expand(nb, m, n), bottom], 2)], 1)
+            self.kinv = (0.5 * (kinv + kinv.mT)).to(dtype).contiguous()
+            self.batch_size = int(self.kinv.shape[0])
+
+    def _schur_cholesky(self, A: SparseBatch, P: SparseBatch | None, d_x: torch.Tensor, d_y: torch.Tensor,
+                        fdt: torch.dtype) -> torch.Tensor:
+        """Cholesky factor of ``S = P + D_x + A' D_y^-1 A``, ``(1 or B, n, n)``, formed in chunks."""
+        n = self.n
+        batch = max(1 if A.shared else A.batch_size, 1 if P is None or P.shared else P.batch_size,
+                    d_x.shape[0], d_y.shape[0])
+        chunks = []
+        for start in range(0, batch, _SETUP_CHUNK):
+            stop = min(batch, start + _SETUP_CHUNK)
+
+            def part(t: torch.Tensor, start=start, stop=stop) -> torch.Tensor:
+                return t if t.shape[0] == 1 else t[start:stop]
+
+            a = dense_batch(A if A.shared else _rows(A, start, stop), dtype=fdt)
+            s = torch.matmul(a.mT, a / part(d_y).unsqueeze(-1))
+            if P is not None:
+                s = s + dense_batch(P if P.shared else _rows(P, start, stop), dtype=fdt)
+            s = s + torch.diag_embed(part(d_x)).expand(s.shape[0], n, n)
+            chunks.append(0.5 * (s + s.mT))  # exact symmetry: the Cholesky reads one triangle
+        s = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        chol, info = torch.linalg.cholesky_ex(s)
+        if bool((info != 0).any()):
+            bad = int(torch.nonzero(info)[0, 0])
+            raise ValueError(
+                f"the Schur complement P + D_x + A' D_y^-1 A of instance {bad} is not positive definite; "
+                "P must be positive semidefinite (and symmetric, stored in full)")
+        return chol
+
+    def _setup_sparse(self, A: SparseBatch, P: SparseBatch | None, d_x: torch.Tensor,
+                      d_y: torch.Tensor) -> None:
+        a = A.matrix(0)
+        top = sp.diags_array(d_x[0].detach().to("cpu", torch.float64).numpy())
+        if P is not None:
+            top = top + P.matrix(0)
+        bottom = sp.diags_array(-d_y[0].detach().to("cpu", torch.float64).numpy())
+        kkt = sp.block_array([[top, a.T], [a, bottom]], format="csc")
+        self._lu = spla.splu(kkt)
+
+    def _a(self, x: torch.Tensor) -> torch.Tensor:
+        return matvec(self.A_dense, x) if self.A_op is None else self.A_op.matvec(x)
+
+    def _at(self, y: torch.Tensor) -> torch.Tensor:
+        return rmatvec(self.A_dense, y) if self.A_op is None else self.A_op.rmatvec(y)
+
+    def solve_packed(self, r: torch.Tensor) -> torch.Tensor:
+        """``K_i^-1 r_i`` for ``r`` of shape (B, n + m); returns (B, n + m)."""
+        if self.method == "sparse":
+            return _SparseLUSolve.apply(r, self._lu)
+        if self.method == "kkt":
+            return rmatvec(self.kinv, r)  # K^-1 is symmetric
+        u, w = self.solve(r[:, : self.n], r[:, self.n:])
+        return torch.cat([u, w], dim=1)
+
+    def solve(self, r_x: torch.Tensor, r_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solve ``K [u; w] = [r_x; r_y]`` for a batch: ``r_x`` (B, n), ``r_y`` (B, m) -> (B, n), (B, m)."""
+        if self.method in ("sparse", "kkt"):
+            out = self.solve_packed(torch.cat([r_x, r_y], dim=1))
+            return out[:, : self.n], out[:, self.n:]
+        t = r_x + self._at(r_y * self.inv_dy)
+        if self.method == "inverse":
+            u = rmatvec(self.S_inv, t)  # S^-1 is symmetric; the row-vector form is the faster bmm
+        elif self.L.shape[0] > 1:
+            u = torch.cholesky_solve(t.unsqueeze(-1), self.L).squeeze(-1)
+        else:
+            u = torch.cholesky_solve(t.mT, self.L[0]).mT
+        w = (self._a(u) - r_y) * self.inv_dy
+        return u, w
+
+
+def _rows(mat: SparseBatch, start: int, stop: int) -> SparseBatch:
+    return SparseBatch(mat.indices, mat.indptr, mat.shape, mat.values[start:stop], mat.shared)

@@ -1,0 +1,51 @@
+"""The two fixed-point algorithms as :class:`~amortcvx.iterations.loop.FixedPointAlgorithm`, by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from amortcvx.canon.data import ConeData, QPData
+from amortcvx.iterations import osqp as _osqp
+from amortcvx.iterations import scs as _scs
+from amortcvx.iterations.loop import FixedPointAlgorithm
+
+
+def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None) -> FixedPointAlgorithm:
+    """SCS 3's iteration bound to a batch of cone programs (factors ``M`` once; see :mod:`.scs`).
+
+    ``init(x=None, y=None, s=None, *, v=None)``; the fixed-point variable is ``v`` (``(B, n + m + 1)``);
+    ``solution`` gives :class:`~amortcvx.iterations.scs.ScsSolution` ``(x, y, s, tau, kappa)``.
+    """
+    work = _scs.scs_setup(data, settings)
+    return FixedPointAlgorithm(
+        name="scs", work=work, init=partial(_scs.scs_init, work), step=partial(_scs.scs_step, work),
+        fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
+        solution=partial(_scs.scs_solution, work))
+
+
+def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None) -> FixedPointAlgorithm:
+    """OSQP 1's ADMM iteration bound to a batch of QPs (factors ``K`` once; see :mod:`.osqp`).
+
+    ``init(x=None, y=None, *, z=None)`` (``z = A x`` by default); the fixed-point variable is
+    ``[x; z + y / rho]`` (``(B, n + m)``); ``solution`` gives :class:`~amortcvx.iterations.osqp.OsqpSolution`.
+    """
+    work = _osqp.osqp_setup(data, settings)
+    return FixedPointAlgorithm(
+        name="osqp", work=work, init=partial(_osqp.osqp_init, work), step=partial(_osqp.osqp_step, work),
+        fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
+        solution=partial(_osqp.osqp_solution, work))
+
+
+ALGORITHMS: dict[str, Callable[..., FixedPointAlgorithm]] = {"scs": make_scs, "osqp": make_osqp}
+"""Algorithm name -> ``factory(data, settings=None) -> FixedPointAlgorithm``."""
+
+DATA_FORMS: dict[str, str] = {"scs": "cone", "osqp": "qp"}
+"""Algorithm name -> the ``ParametricProblem`` form its data come in."""
+
+
+def make_algorithm(name: str, data: ConeData | QPData, settings=None) -> FixedPointAlgorithm:
+    """``ALGORITHMS[name](data, settings)`` with a clear error for an unknown name."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; expected one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name](data, settings)
