@@ -53,6 +53,23 @@ _SETUP_CHUNK = 256  # instances per chunk when forming per-instance Schur comple
 _DENSE_SHARED_A = 1 << 22  # a shared A with at most this many entries (32 MB in float64) is stored densely
 
 
+def batch_rows(t: torch.Tensor | None, size: int, batch: int, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A warm-start part as a ``(batch, size)`` tensor like ``like``: zeros for None, a row broadcast to the batch.
+
+    Raises:
+        ValueError: naming ``name`` when the shape is neither ``(size,)`` nor ``(batch, size)``.
+    """
+    if t is None:
+        return like.new_zeros((batch, size))
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.ndim == 1 and t.shape[0] == size:
+        return t.expand(batch, size)
+    if t.ndim != 2 or t.shape != (batch, size):
+        raise ValueError(f"warm start {name} must have shape ({size},) or ({batch}, {size}); "
+                         f"got {tuple(t.shape)}")
+    return t
+
+
 def dense_batch(mat: SparseBatch, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense copy of a :class:`SparseBatch`: shape ``(1, r, c)`` when it is shared, else ``(B, r, c)``.
 

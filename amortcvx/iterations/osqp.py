@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from amortcvx.canon.data import QPData, SparseBatch
-from amortcvx.iterations.linalg import METHODS, KKTSolver, spmv
+from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows, spmv
 
 RHO_MAX = 1e6
 
@@ -194,26 +194,14 @@ def osqp_setup(data: QPData, settings: OsqpSettings | None = None) -> OsqpWork:
                     solver=solver, Wx=wx, Wz=wz, c0=c0, batch_size=batch)
 
 
-def _batched(t, size: int, batch: int, name: str, like: torch.Tensor) -> torch.Tensor:
-    if t is None:
-        return like.new_zeros((batch, size))
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.ndim == 1 and t.shape[0] == size:
-        return t.expand(batch, size)
-    if t.ndim != 2 or t.shape != (batch, size):
-        raise ValueError(f"warm start {name} must have shape ({size},) or ({batch}, {size}); "
-                         f"got {tuple(t.shape)}")
-    return t
-
-
 def osqp_init(work: OsqpWork, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
               z: torch.Tensor | None = None) -> OsqpState:
     """Initial state: cold (zeros) or warm from ``(x, y)`` with ``z = A x`` (or ``z`` when given)."""
     n, m, batch = work.n, work.m, work.batch_size
     like = work.q
-    x = _batched(x, n, batch, "x", like)
-    y = _batched(y, m, batch, "y", like)
-    z = spmv(work.A, x) if z is None else _batched(z, m, batch, "z", like)
+    x = batch_rows(x, n, batch, "x", like)
+    y = batch_rows(y, m, batch, "y", like)
+    z = spmv(work.A, x) if z is None else batch_rows(z, m, batch, "z", like)
     return OsqpState(x=x, z=z, y=y, k=0)
 
 

@@ -40,7 +40,7 @@ import torch
 
 from amortcvx.canon.data import ConeData, ConeDims
 from amortcvx.iterations.cones import project_dual_cone
-from amortcvx.iterations.linalg import METHODS, KKTSolver
+from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows
 
 
 @dataclass(frozen=True)
@@ -213,18 +213,6 @@ def scs_setup(data: ConeData, settings: ScsSettings | None = None) -> ScsWork:
                    g=g_full, qb=qb, a=a, b=b, c=c, batch_size=batch)
 
 
-def _batched(t: torch.Tensor | None, size: int, batch: int, name: str, like: torch.Tensor) -> torch.Tensor:
-    if t is None:
-        return like.new_zeros((batch, size))
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.ndim == 1 and t.shape[0] == size:
-        return t.expand(batch, size)
-    if t.ndim != 2 or t.shape != (batch, size):
-        raise ValueError(f"warm start {name} must have shape ({size},) or ({batch}, {size}); "
-                         f"got {tuple(t.shape)}")
-    return t
-
-
 def scs_init(work: ScsWork, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
              s: torch.Tensor | None = None, *, v: torch.Tensor | None = None) -> ScsState:
     """Initial state, cold (all None) or warm from ``(x, y, s)`` or from a fixed-point variable ``v``.
@@ -239,11 +227,11 @@ def scs_init(work: ScsWork, x: torch.Tensor | None = None, y: torch.Tensor | Non
     if v is not None:
         if x is not None or y is not None or s is not None:
             raise ValueError("pass either v or (x, y, s), not both")
-        v = _batched(v, n + m + 1, batch, "v", like)
+        v = batch_rows(v, n + m + 1, batch, "v", like)
         return ScsState(v=v, u=v, ut=v, k=0)
-    x = _batched(x, n, batch, "x", like)
-    y = _batched(y, m, batch, "y", like)
-    s = _batched(s, m, batch, "s", like)
+    x = batch_rows(x, n, batch, "x", like)
+    y = batch_rows(y, m, batch, "y", like)
+    s = batch_rows(s, m, batch, "s", like)
     one = like.new_ones((batch, 1))
     u = torch.cat([x, y, one], dim=1)
     return ScsState(v=torch.cat([x, y + s / r_y, one], dim=1), u=u, ut=u, k=0)
