@@ -139,3 +139,15 @@ def test_model_for_other_problem_is_refused(lasso):
         AmortizedSolver(other, _garbage_model(pp, 0.0))
     with pytest.raises(ValueError, match="form 'qp'"):
         AmortizedSolver(pp, algorithm="osqp")
+
+
+def test_safeguard_with_refinement_keeps_the_refined_cold_start(lasso):
+    fam, pp, _, _ = lasso
+    params = fam.sample(5, seed=7)
+    bad = AmortizedSolver(pp, _garbage_model(pp, 1e6), k=5, workers=1).predict_warm_start(params)
+    ref = AmortizedSolver(pp, algorithm="scs", k=5, workers=1).predict_warm_start(params)  # k steps from cold
+    assert bad.fallback.all() and not ref.fallback.any()
+    np.testing.assert_array_equal(bad.cold_residual, ref.residual)
+    for a, b in zip(bad.warm_starts, ref.warm_starts):
+        for part in ("x", "y", "s"):
+            np.testing.assert_array_equal(getattr(a, part), getattr(b, part))

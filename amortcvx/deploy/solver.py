@@ -7,9 +7,11 @@
 
 Safeguards (a learned warm start changes speed, never answers, and never makes a solve fail):
 
-1. Before the C solve, each instance's fixed-point residual ``||T(z) - z||`` at the refined prediction is
-   compared with the residual at the cold start; when ``residual(z_k) > safeguard_ratio * residual(cold)`` the
-   instance falls back to the cold start.
+1. Before the C solve, each instance's fixed-point residual ``||T(z) - z||`` after ``k`` steps from the
+   prediction is compared with the residual after the same ``k`` steps from the cold start; when
+   ``residual(pred_k) > safeguard_ratio * residual(cold_k)`` (or it is not finite) the instance falls back to
+   the cold start refined by the same ``k`` steps (for ``k = 0``: the plain cold start). Both refinements run
+   as one batch.
 2. After the C solve, any warm-started instance whose status is not ``optimal`` is solved again from a cold
    start; its reported iterations and times are the sum of both attempts (``retried`` marks it).
 """
@@ -38,10 +40,11 @@ class WarmStartBatch(NamedTuple):
     """Predicted warm starts for a batch.
 
     Attributes:
-        warm_starts: one :class:`WarmStart` per instance, or None where the safeguard chose the cold start.
-        fallback: bool (B,), True where the cold start was chosen.
-        residual: (B,) fixed-point residual at the refined prediction.
-        cold_residual: (B,) fixed-point residual at the cold start.
+        warm_starts: one :class:`WarmStart` per instance; None means the plain cold start.
+        fallback: bool (B,), True where the safeguard chose the (refined) cold start over the prediction.
+        residual: (B,) fixed-point residual after ``k`` steps from the prediction (from the cold start when
+            there is no predictor).
+        cold_residual: (B,) fixed-point residual after ``k`` steps from the cold start.
         seconds: wall time of prediction + refinement + conversion for the whole batch.
     """
 
@@ -57,7 +60,7 @@ class AmortizedResult(NamedTuple):
 
     Attributes:
         results: one :class:`SolveResult` per instance (from the C solver, at the requested tolerance).
-        fallback: bool (B,), the safeguard used the cold start before solving.
+        fallback: bool (B,), the safeguard used the (refined) cold start before solving.
         retried: bool (B,), the warm-started solve did not reach ``optimal`` and was redone cold.
         predict_seconds: time of prediction and refinement for the batch.
         solve_seconds: wall time of the C solves for the batch.
@@ -124,25 +127,32 @@ class AmortizedSolver:
         """
         t0 = time.perf_counter()
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
-        data = self.pp.canonicalize_vector(theta)
-        alg = make_algorithm(self.algorithm, data, self.settings)
-        cold = alg.init()
+        alg = make_algorithm(self.algorithm, self.pp.canonicalize_vector(theta), self.settings)
+        cold = run(alg, alg.init(), self.k).state  # the same k steps from the cold start (one factorization)
         cold_res = alg.residual(cold, alg.step(cold))
-        z0 = None if self.model is None else self.model(theta)
-        state = run(alg, cold if z0 is None else self.space.to_state(alg, z0), self.k).state
+        cold_ws = self.space.warm_start(alg, cold) if self.k > 0 else None
+        if self.model is None:  # nothing to choose between
+            return self._package(cold_ws, torch.zeros_like(cold_res, dtype=torch.bool), cold_res, cold_res, t0)
+        z0 = self.model(theta)
+        state = run(alg, self.space.to_state(alg, z0), self.k).state
         res = alg.residual(state, alg.step(state))
-        if self.k > 0:
-            ws = self.space.warm_start(alg, state)
-        else:
-            ws = None if z0 is None else self.space.prediction_warm_start(alg, z0)
         bad = ~torch.isfinite(res)
         if self.safeguard:
             bad |= res > self.safeguard_ratio * cold_res
+        ws = self.space.warm_start(alg, state) if self.k > 0 else self.space.prediction_warm_start(alg, z0)
+        if cold_ws is not None:
+            ws = {key: torch.where(bad.unsqueeze(1), cold_ws[key], v) for key, v in ws.items()}
+            return self._package(ws, bad, res, cold_res, t0)
+        return self._package(ws, bad, res, cold_res, t0, plain_cold=bad)
+
+    def _package(self, ws, fallback, res, cold_res, t0, plain_cold=None) -> WarmStartBatch:
+        """Host-side warm starts; ``plain_cold`` marks instances that get no warm start at all."""
+        fallback = fallback.cpu().numpy()
+        plain = np.zeros_like(fallback) if plain_cold is None else plain_cold.cpu().numpy()
         host = None if ws is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in ws.items()}
-        fallback = bad.cpu().numpy() if ws is not None else np.ones(theta.shape[0], dtype=bool)
         warm: list[WarmStart | None] = []
-        for i in range(theta.shape[0]):
-            if fallback[i]:
+        for i in range(fallback.shape[0]):
+            if host is None or plain[i]:
                 warm.append(None)
             else:
                 warm.append(WarmStart(x=host["x"][i], y=host["y"][i], s=host["s"][i] if "s" in host else None))

@@ -9,5 +9,5 @@ from amortcvx.predictors.model import (
     mlp,
 )
 
-__all__ = ["OUTPUT_SPACES", "SETTINGS", "OutputSpace", "PredictorMeta", "WarmStartPredictor", "atomic_torch_save", "mlp",
-           "output_space"]
+__all__ = ["OUTPUT_SPACES", "SETTINGS", "OutputSpace", "PredictorMeta", "WarmStartPredictor", "atomic_torch_save",
+           "mlp", "output_space"]

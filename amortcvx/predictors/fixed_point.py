@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from amortcvx.iterations.cones import project_dual_cone
 from amortcvx.iterations.convert import osqp_state_from_fixed_point, scs_v_from_xys
 from amortcvx.iterations.loop import FixedPointAlgorithm
 from amortcvx.iterations.scs import ScsState
@@ -56,8 +55,8 @@ def _scs_full(alg: FixedPointAlgorithm, z: torch.Tensor) -> torch.Tensor:
 
 
 def _scs_to_state(alg: FixedPointAlgorithm, z: torch.Tensor) -> ScsState:
-    v = _scs_full(alg, z)
-    return ScsState(v=v, u=v, ut=v, k=1)
+    # k = 1: the next step is a general one (normalizes v, solves for tau), as in the middle of a run.
+    return alg.init(v=_scs_full(alg, z))._replace(k=1)
 
 
 def _scs_target(alg: FixedPointAlgorithm, x, y, s) -> torch.Tensor:
@@ -76,16 +75,13 @@ def _scs_warm_start(alg: FixedPointAlgorithm, state) -> dict[str, torch.Tensor]:
 
 
 def _scs_prediction_warm_start(alg: FixedPointAlgorithm, z: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Split ``w = y + s / r_y`` by Moreau's decomposition: ``y = Pi_{K*}(w)``, ``s = r_y (y - w)``.
+    """The estimates one step after the prediction.
 
-    ``r_y`` is constant on each cone, and ``-s / r_y`` lies in the polar cone ``-K`` of ``K*`` orthogonally to
-    ``y``, so this recovers ``(y, s)`` exactly from a fixed point and gives a cone-feasible pair otherwise.
+    A bare ``v`` does not determine ``(y, s)``: ``v_y = y + s / r_y`` with ``y`` in ``K*`` and ``s`` in ``K``
+    orthogonal is ambiguous (on the nonnegative orthant, ``y + s`` hides which part is which), so the split is
+    the one SCS's own next step makes (``u_y = Pi_K*(2 u~ - v)``, ``s = rsk_s / tau``); exact at a fixed point.
     """
-    work = alg.work
-    n = work.n
-    w = z[:, n:]
-    y = project_dual_cone(w, work.cones)
-    return {"x": z[:, :n], "y": y, "s": work.r[n: n + work.m] * (y - w)}
+    return _scs_warm_start(alg, alg.step(_scs_to_state(alg, z)))
 
 
 def _osqp_to_state(alg: FixedPointAlgorithm, z: torch.Tensor):

@@ -1,0 +1,178 @@
+"""Reports of a :class:`~amortcvx.evaluation.compare.Comparison`: a text table, CSV files and PNG plots.
+
+* :func:`format_table`: aligned plain-text table, one row per strategy (median / p90 / mean exact iterations,
+  ratio of medians to the baseline, non-optimal count, warm-started count, median solver time);
+* :func:`write_summary_csv` / :func:`write_instances_csv`: the same summary, and one row per (strategy,
+  instance);
+* :func:`plot_iterations_cdf`: empirical CDF of the iteration counts per strategy, ``F(k) = #{i : k_i <= k} / N``,
+  on a log x axis;
+* :func:`plot_medians`: bar chart of the median iterations with whiskers up to the 90th percentile.
+
+Plots need matplotlib (``pip install 'amortcvx[bench]'``); it is imported when a plot is made, and only its
+object-oriented API is used (no pyplot, so the caller's backend and global state are left alone).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from amortcvx.evaluation.compare import Comparison, Summary
+
+_COLUMNS = ("strategy", "median", "p90", "mean", "ratio", "non-optimal", "warm", "time ms", "obj gap")
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if float(value).is_integer() and digits <= 1:
+        return f"{int(value)}"
+    return f"{value:.{digits}f}"
+
+
+def _row(s: Summary) -> list[str]:
+    return [s.name, _fmt(s.median), _fmt(s.p90), _fmt(s.mean), _fmt(s.ratio, 3), f"{s.non_optimal}",
+            f"{s.warm}/{s.count}", _fmt(s.median_time_ms, 3), "-" if math.isnan(s.objective_gap)
+            else f"{s.objective_gap:.1e}"]
+
+
+def format_rows(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None, *,
+                left: Sequence[int] = (0,)) -> str:
+    """Align ``rows`` of strings under ``header``: columns in ``left`` left-aligned, the others right-aligned."""
+    widths = [max(len(str(h)), *(len(str(r[j])) for r in rows)) if rows else len(str(h))
+              for j, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) if j in left else str(c).rjust(w)
+                         for j, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    out = [] if title is None else [title]
+    out += [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def format_table(comparison: Comparison, title: str | None = None) -> str:
+    """The comparison as an aligned text table (one row per strategy).
+
+    Columns: median / p90 / mean of the exact iteration counts, ``ratio`` = median / baseline median,
+    ``non-optimal`` = solves not ending ``optimal``, ``warm`` = warm-started instances out of all, ``time ms`` =
+    median solver setup + solve time (timed pass), ``obj gap`` = largest relative objective difference to the
+    baseline.
+    """
+    return format_rows(_COLUMNS, [_row(s) for s in comparison.summaries], title=title)
+
+
+def write_summary_csv(comparison: Comparison, path: str | os.PathLike) -> Path:
+    """Write one row per strategy (the :class:`Summary` fields) to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["backend", *Summary._fields])
+        for s in comparison.summaries:
+            writer.writerow([comparison.backend, *(_csv_value(v) for v in s)])
+    return path
+
+
+def write_instances_csv(comparison: Comparison, path: str | os.PathLike) -> Path:
+    """Write one row per (strategy, instance): iterations, status, objective, times, warm; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["strategy", "instance", "iterations", "status", "objective", "setup_time",
+                         "solve_time", "warm"])
+        for name, r in comparison.strategies.items():
+            for i in range(r.iterations.shape[0]):
+                writer.writerow([name, i, int(r.iterations[i]), r.status[i], _csv_value(r.objective[i]),
+                                 _csv_value(r.setup_time[i]), _csv_value(r.solve_time[i]), int(r.warm[i])])
+    return path
+
+
+def _csv_value(v):
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def _figure(figsize: tuple[float, float]):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("plots need matplotlib, which is not installed; install it with "
+                          "`pip install matplotlib` (or `pip install 'amortcvx[bench]'`)") from None
+    fig = Figure(figsize=figsize, dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def plot_iterations_cdf(comparison: Comparison, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Empirical CDF of the exact iteration counts, one step curve per strategy, log x axis; saved as PNG.
+
+    ``F_s(k) = #{i : k_s,i <= k} / N``. Counts below 1 (failed solves report 0) are drawn at 1.
+    """
+    fig = _figure((6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    top = 1
+    for j, (name, r) in enumerate(comparison.strategies.items()):
+        it = np.sort(np.maximum(np.asarray(r.iterations, dtype=np.float64), 1.0))
+        top = max(top, float(it[-1]))
+        frac = np.arange(1, it.size + 1) / it.size
+        ax.step(np.concatenate([[it[0]], it]), np.concatenate([[0.0], frac]), where="post", label=name,
+                linewidth=1.8, color=f"C{j % 10}")
+    ax.set_xscale("log")
+    ax.set_xlim(0.8, top * 1.25)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel(f"exact {comparison.backend.upper()} iterations to tolerance")
+    ax.set_ylabel("fraction of instances solved")
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    ax.set_title(title or f"{comparison.backend.upper()} iterations, {_count(comparison)} instances", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_medians(comparison: Comparison, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Bar chart of the median exact iterations per strategy, whiskers from the median to the p90; PNG."""
+    sums = comparison.summaries
+    fig = _figure((max(4.8, 1.1 * len(sums) + 2.0), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    pos = np.arange(len(sums))
+    med = np.array([s.median for s in sums])
+    p90 = np.array([s.p90 for s in sums])
+    colors = [f"C{j % 10}" for j in range(len(sums))]
+    ax.bar(pos, med, color=colors, width=0.65, alpha=0.85)
+    ax.errorbar(pos, med, yerr=[np.zeros_like(med), np.maximum(p90 - med, 0.0)], fmt="none", ecolor="black",
+                capsize=5, linewidth=1.2)
+    for j, s in enumerate(sums):
+        ax.annotate(_fmt(s.median), (pos[j], s.median), textcoords="offset points", xytext=(8, 2), fontsize=8,
+                    ha="left")
+    ax.set_xticks(pos)
+    ax.set_xticklabels([s.name for s in sums], rotation=20, ha="right", fontsize=9)
+    ax.set_ylabel(f"exact {comparison.backend.upper()} iterations (median, whisker: p90)")
+    ax.set_ylim(0.0, max(1.0, float(p90.max())) * 1.12)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title or f"{comparison.backend.upper()}: median iterations, {_count(comparison)} instances",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def _count(comparison: Comparison) -> int:
+    first = next(iter(comparison.strategies.values()))
+    return int(first.iterations.shape[0])
