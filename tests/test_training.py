@@ -144,7 +144,7 @@ def test_model_for_other_problem_is_refused(lasso):
 def test_safeguard_with_refinement_keeps_the_refined_cold_start(lasso):
     fam, pp, _, _ = lasso
     params = fam.sample(5, seed=7)
-    bad = AmortizedSolver(pp, _garbage_model(pp, 1e6), k=5, workers=1).predict_warm_start(params)
+    bad = AmortizedSolver(pp, _garbage_model(pp, float("nan")), k=5, workers=1).predict_warm_start(params)
     ref = AmortizedSolver(pp, algorithm="scs", k=5, workers=1).predict_warm_start(params)  # k steps from cold
     assert bad.fallback.all() and not ref.fallback.any()
     np.testing.assert_array_equal(bad.cold_residual, ref.residual)
