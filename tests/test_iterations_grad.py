@@ -14,15 +14,6 @@ from amortcvx.iterations import OsqpSettings, ScsSettings, make_osqp, make_scs, 
 K = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's 2 cores are shared; multithreaded BLAS on these tiny matrices only adds contention.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def tiny_problem(with_soc: bool) -> cp.Problem:
     """A 3-variable QP (plus an SOC when ``with_soc``) with parameters in A (F), b (g) and c (q)."""
     x = cp.Variable(3, name="x")

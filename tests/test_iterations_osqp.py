@@ -25,15 +25,6 @@ KS = (1, 2, 5, 17, 50)
 QP_FAMILIES = [name for name in problems.names() if problems.make(name, "small", seed=0).kind in ("qp", "lp")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's 2 cores are shared; multithreaded BLAS on these tiny matrices only adds contention.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @functools.cache
 def family_data(name: str, batch: int = 2) -> QPData:
     fam = problems.make(name, "small", seed=0)
