@@ -18,6 +18,7 @@ Safeguards (a learned warm start changes speed, never answers, and never makes a
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -115,7 +116,8 @@ class AmortizedSolver:
         self.solver_settings = dict(solver_settings or {})
         self.safeguard, self.safeguard_ratio = safeguard, safeguard_ratio
         self.device, self.dtype, self.workers = torch.device(device), dtype, workers
-        self.model = None if model is None else model.to(device=self.device, dtype=dtype).eval()
+        # a copy: the caller's module keeps its device, dtype and train/eval mode
+        self.model = None if model is None else copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         self.space = output_space(algorithm)
 
     @torch.no_grad()
