@@ -63,7 +63,9 @@ def test_learned_beats_cold_and_nearest_neighbour(family, algorithm):
     near = NearestNeighbor(tr.theta.numpy(), tr.x.numpy(), tr.y.numpy(), None if tr.s is None else tr.s.numpy())
     nn = solve_batch(inst, algorithm, warm_starts=near.warm_starts(pp.parameter_vector(test).numpy()),
                      settings=TOL, workers=1)
-    learned = AmortizedSolver(pp, model, k=k, solver_settings=TOL, workers=1).solve(test)
+    solver = AmortizedSolver(pp, model, k=k, solver_settings=TOL, workers=1)
+    assert solver.calibrate(fam.sample(30, 3)).enabled  # a useful predictor survives calibration
+    learned = solver.solve(test)
 
     med = {name: float(np.median([r.iterations for r in rs]))
            for name, rs in (("cold", cold), ("nn", nn), ("learned", learned.results))}

@@ -132,6 +132,18 @@ def test_failed_warm_solve_is_redone_cold(lasso):
     assert guarded.fallback.all() and not guarded.retried.any()  # the residual check alone catches it
 
 
+def test_calibration_switches_off_a_predictor_that_loses(lasso):
+    fam, _, _, _ = lasso
+    pp = ParametricProblem(fam.problem, "qp")
+    solver = AmortizedSolver(pp, _garbage_model(pp, 1e3, "osqp"), safeguard_ratio=float("inf"), workers=1)
+    cal = solver.calibrate(fam.sample(6, seed=8))
+    assert not cal.enabled and cal.learned_median > cal.cold_median and not solver.enabled
+    params = fam.sample(3, seed=9)
+    out = solver.solve(params)
+    cold = solve_batch(pp.canonicalize(params).instances(), "osqp", workers=1)
+    assert out.fallback.all() and [r.iterations for r in out.results] == [r.iterations for r in cold]
+
+
 def test_model_for_other_problem_is_refused(lasso):
     _, pp, _, _ = lasso
     other = ParametricProblem(problems.make("portfolio").problem, "cone")

@@ -14,6 +14,12 @@ Safeguards (a learned warm start changes speed, never answers, and never makes a
    as one batch.
 2. After the C solve, any warm-started instance whose status is not ``optimal`` is solved again from a cold
    start; its reported iterations and times are the sum of both attempts (``retried`` marks it).
+3. :meth:`AmortizedSolver.calibrate` (optional, on held-out instances that are not the test set): solve a
+   validation batch with the learned warm starts and with the (refined) cold start on the C solver; if the
+   learned median exact iteration count is higher, the predictor is switched off (every instance takes the
+   refined cold start) until calibrated again. A lower torch fixed-point residual does not always mean fewer C
+   iterations (the C solvers rescale the data and adapt their step), so (1) alone cannot rule out a predictor
+   that is worse on average.
 """
 
 from __future__ import annotations
@@ -74,6 +80,14 @@ class AmortizedResult(NamedTuple):
     solve_seconds: float
 
 
+class Calibration(NamedTuple):
+    """Outcome of :meth:`AmortizedSolver.calibrate`: medians of exact C iterations and the decision."""
+
+    learned_median: float
+    cold_median: float
+    enabled: bool
+
+
 class AmortizedSolver:
     """Warm-started solves of a parametric problem with a trained predictor.
 
@@ -119,6 +133,7 @@ class AmortizedSolver:
         # a copy: the caller's module keeps its device, dtype and train/eval mode
         self.model = None if model is None else copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         self.space = output_space(algorithm)
+        self.enabled = True  # see calibrate()
 
     @torch.no_grad()
     def predict_warm_start(self, params: Mapping) -> WarmStartBatch:
@@ -133,8 +148,9 @@ class AmortizedSolver:
         cold = run(alg, alg.init(), self.k).state  # the same k steps from the cold start (one factorization)
         cold_res = alg.residual(cold, alg.step(cold))
         cold_ws = self.space.warm_start(alg, cold) if self.k > 0 else None
-        if self.model is None:  # nothing to choose between
-            return self._package(cold_ws, torch.zeros_like(cold_res, dtype=torch.bool), cold_res, cold_res, t0)
+        if self.model is None or not self.enabled:  # nothing to choose between
+            fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
+            return self._package(cold_ws, fallback, cold_res, cold_res, t0)
         z0 = self.model(theta)
         state = run(alg, self.space.to_state(alg, z0), self.k).state
         res = alg.residual(state, alg.step(state))
@@ -161,6 +177,21 @@ class AmortizedSolver:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return WarmStartBatch(warm, fallback, res.cpu().numpy(), cold_res.cpu().numpy(), time.perf_counter() - t0)
+
+    def calibrate(self, params: Mapping, *, margin: float = 1.0) -> Calibration:
+        """Keep the predictor only if it does not need more C iterations than the (refined) cold start.
+
+        Solves ``params`` (held-out validation instances, not the test set) both ways with exact counts and sets
+        ``self.enabled = median(learned) <= margin * median(cold)``.
+        """
+        if self.model is None:
+            raise ValueError("calibrate needs a predictor")
+        self.enabled = True
+        learned = np.median([r.iterations for r in self.solve(params).results])
+        self.enabled = False
+        cold = np.median([r.iterations for r in self.solve(params).results])
+        self.enabled = bool(learned <= margin * cold)
+        return Calibration(float(learned), float(cold), self.enabled)
 
     def solve(self, params: Mapping, *, exact_iterations: bool = True) -> AmortizedResult:
         """Predict, refine and solve a batch with the C solver at ``solver_settings``.

@@ -39,7 +39,7 @@ import torch
 from amortcvx.backends import solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import BACKEND_FORMS, Dataset, generate_dataset
-from amortcvx.deploy import AmortizedSolver
+from amortcvx.deploy import AmortizedSolver, Calibration
 from amortcvx.evaluation.baselines import (
     NearestNeighbor,
     cold_warm_starts,
@@ -89,6 +89,9 @@ class ExperimentConfig:
         device, dtype: where and in which precision training, prediction and refinement run.
         safeguard: deployment safeguard of ``AmortizedSolver`` (cold start where the refined prediction's
             fixed-point residual exceeds the cold start's).
+        calibrate: with the safeguard on, also calibrate each learned strategy on the validation instances
+            (``AmortizedSolver.calibrate``): the predictor is switched off if its median C iteration count there
+            is above the (refined) cold start's. The test instances are never used for this.
         refine_cold: add, for each ``k > 0`` of ``eval_k``, the control strategy "cold + k torch steps" (the same
             refinement from the cold start, without the predictor): it separates the effect of the learned
             prediction from that of the torch steps.
@@ -122,6 +125,7 @@ class ExperimentConfig:
     device: str = "cpu"
     dtype: str = "float64"
     safeguard: bool = True
+    calibrate: bool = True
     refine_cold: bool = True
     timing_batch: int = 1024
     timing_single: int = 50
@@ -209,6 +213,7 @@ class ExperimentResult:
         history: training history (one dict of mean losses per epoch).
         best_epoch: the epoch of the kept model.
         fallback: learned strategy -> instances the safeguard sent to a cold start.
+        calibration: learned strategy -> :class:`~amortcvx.deploy.Calibration` on the validation instances.
         counts: instances used: ``train``, ``val``, ``test`` and ``dropped_train`` / ``dropped_test`` (not solved
             to optimal at high accuracy).
         seconds: wall seconds per stage.
@@ -225,6 +230,7 @@ class ExperimentResult:
     fallback: Mapping[str, int]
     counts: Mapping[str, int]
     seconds: Mapping[str, float]
+    calibration: Mapping[str, Calibration] = field(default_factory=dict)
     files: Mapping[str, Path] = field(default_factory=dict)
     environment: Mapping[str, Any] = field(default_factory=dict)
     table: str = ""
@@ -498,13 +504,20 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
         strategies["previous solution"] = previous_solution_warm_starts(test_ds.x, test_ds.y, test_ds.s,
                                                                         episodes=episodes)
     fallback: dict[str, int] = {}
+    calibration: dict[str, Calibration] = {}
     solvers: dict[str, AmortizedSolver] = {}
+    val_params = _params_rows(ok_train.params, va_idx)
     for k in config.refine_steps:
         name = learned_name(k)
         emit(f"building warm starts: {name} (prediction + {k} torch {backend} steps, safeguard "
              f"{'on' if config.safeguard else 'off'})")
         solver = AmortizedSolver(pp, model, k=k, solver_settings=config.solver_settings, safeguard=config.safeguard,
                                  device=config.device, dtype=dtype, workers=workers)
+        if config.safeguard and config.calibrate:
+            cal = calibration[name] = solver.calibrate(val_params)
+            emit(f"calibration of {name} on {len(va_idx)} validation instances: median {cal.learned_median:g} "
+                 f"vs {cal.cold_median:g} from the (refined) cold start -> predictor "
+                 f"{'kept' if cal.enabled else 'switched off'}")
         pred = solver.predict_warm_start(test_params)
         strategies[name] = pred.warm_starts
         fallback[name] = int(np.sum(pred.fallback))
@@ -558,6 +571,10 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     text = format_table(comparison, title=title)
     if fallback:
         text += "\nsafeguard fallbacks to cold start: " + ", ".join(f"{k}: {v}/{num_test}" for k, v in fallback.items())
+    if calibration:
+        text += "\ncalibration on the validation set (median C iterations, learned vs refined cold): " + ", ".join(
+            f"{k}: {c.learned_median:g} vs {c.cold_median:g} ({'kept' if c.enabled else 'switched off'})"
+            for k, c in calibration.items())
     if timings:
         text += "\n\n" + format_timings(timings, title=f"end-to-end time per instance (device {config.device}, "
                                                        f"{config.dtype}, timed-mode C solves)")
@@ -577,6 +594,7 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     files["config"].write_text(json.dumps({"config": config.to_dict(), "environment": env, "counts": counts,
                                            "seconds": seconds, "best_epoch": trained.best_epoch,
                                            "fallback": fallback, "n": pp.n, "m": pp.m,
+                                           "calibration": {k: c._asdict() for k, c in calibration.items()},
                                            "fingerprint": pp.fingerprint}, indent=2, default=str) + "\n")
     _write_history(trained.history, files["history"])
     try:
@@ -589,7 +607,8 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     emit(f"wrote {', '.join(str(p) for p in files.values())}")
     return ExperimentResult(config=config, comparison=comparison, timings=tuple(timings),
                             history=trained.history, best_epoch=trained.best_epoch, fallback=fallback,
-                            counts=counts, seconds=seconds, files=files, environment=env, table=text)
+                            counts=counts, seconds=seconds, calibration=calibration, files=files, environment=env,
+                            table=text)
 
 
 def _write_history(history: list[dict[str, float]], path: Path) -> None:
