@@ -236,7 +236,6 @@ def test_table_and_csv(synthetic_comparison, tmp_path):
 
 
 def test_plots_are_png(synthetic_comparison, tmp_path):
-    pytest.importorskip("matplotlib")
     for fn, name in ((plot_iterations_cdf, "cdf.png"), (plot_medians, "medians.png")):
         path = fn(synthetic_comparison, tmp_path / name, title="demo")
         data = path.read_bytes()
