@@ -121,8 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         k=args.k, eval_k=eval_k, weights=LossWeights(args.regression, args.residual, args.distance),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
         eps=args.eps, data_root=args.data_root, out_dir=out, workers=args.workers, device=args.device,
-        dtype=args.dtype, safeguard=not args.no_safeguard, calibrate=not args.no_calibrate, timing_batch=args.timing_batch,
-        timing_single=args.timing_single, progress=not args.quiet)
+        dtype=args.dtype, safeguard=not args.no_safeguard, calibrate=not args.no_calibrate,
+        timing_batch=args.timing_batch, timing_single=args.timing_single, progress=not args.quiet)
     with torch_threads(args.torch_threads):
         result = run_experiment(config)
     print(result.table)
