@@ -135,22 +135,27 @@ class AmortizedSolver:
         self.space = output_space(algorithm)
         self.enabled = True  # see calibrate()
 
-    @torch.no_grad()
     def predict_warm_start(self, params: Mapping) -> WarmStartBatch:
         """Warm starts for the C solver: prediction, ``k`` refinement steps, safeguard, conversion.
 
         Args:
             params: parameter values (see :meth:`ParametricProblem.parameter_vector`).
         """
+        return self._predict(params)[0]
+
+    @torch.no_grad()
+    def _predict(self, params: Mapping):
+        """:meth:`predict_warm_start` and the canonical data it was computed from."""
         t0 = time.perf_counter()
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
-        alg = make_algorithm(self.algorithm, self.pp.canonicalize_vector(theta), self.settings)
+        data = self.pp.canonicalize_vector(theta)
+        alg = make_algorithm(self.algorithm, data, self.settings)
         cold = run(alg, alg.init(), self.k).state  # the same k steps from the cold start (one factorization)
         cold_res = alg.residual(cold, alg.step(cold))
         cold_ws = self.space.warm_start(alg, cold) if self.k > 0 else None
         if self.model is None or not self.enabled:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
-            return self._package(cold_ws, fallback, cold_res, cold_res, t0)
+            return self._package(cold_ws, fallback, cold_res, cold_res, t0), data
         z0 = self.model(theta)
         state = run(alg, self.space.to_state(alg, z0), self.k).state
         res = alg.residual(state, alg.step(state))
@@ -160,8 +165,8 @@ class AmortizedSolver:
         ws = self.space.warm_start(alg, state) if self.k > 0 else self.space.prediction_warm_start(alg, z0)
         if cold_ws is not None:
             ws = {key: torch.where(bad.unsqueeze(1), cold_ws[key], v) for key, v in ws.items()}
-            return self._package(ws, bad, res, cold_res, t0)
-        return self._package(ws, bad, res, cold_res, t0, plain_cold=bad)
+            return self._package(ws, bad, res, cold_res, t0), data
+        return self._package(ws, bad, res, cold_res, t0, plain_cold=bad), data
 
     def _package(self, ws, fallback, res, cold_res, t0, plain_cold=None) -> WarmStartBatch:
         """Host-side warm starts; ``plain_cold`` marks instances that get no warm start at all."""
@@ -199,8 +204,10 @@ class AmortizedSolver:
         Every result comes from the C solver; warm-started instances that do not end ``optimal`` are solved
         again cold when the safeguard is on.
         """
-        pred = self.predict_warm_start(params)
-        instances = self.pp.canonicalize(params, dtype=torch.float64, device="cpu").instances()
+        pred, data = self._predict(params)
+        if self.dtype != torch.float64 or self.device.type != "cpu":  # the C solvers get exact float64 data
+            data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
+        instances = data.instances()
         t0 = time.perf_counter()
         results = solve_batch(instances, self.backend, warm_starts=pred.warm_starts,
                               settings=self.solver_settings, exact_iterations=exact_iterations,
