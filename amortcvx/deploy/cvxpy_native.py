@@ -18,6 +18,7 @@ from typing import Any
 import cvxpy as cp
 import numpy as np
 
+from amortcvx.backends.base import csc_parts
 from amortcvx.deploy.solver import AmortizedSolver
 
 SOLVER_OF = {"scs": cp.SCS, "osqp": cp.OSQP}
@@ -68,7 +69,8 @@ def inject_warm_start(problem: cp.Problem, amortized: AmortizedSolver, **solver_
     data["l"] = np.concatenate([data["b"], -np.inf * np.ones(data["G"].shape)])
     solver = osqp.OSQP()
     opts = {"eps_abs": 1e-5, "eps_rel": 1e-5, "max_iter": 10000, **solver_opts}
-    solver.setup(_csc32(data["P"]), data["q"], _csc32(data["Ax"]), data["l"], data["u"], verbose=False, **opts)
+    P, A = csc_parts(data["P"], np.int32, upper=True), csc_parts(data["Ax"], np.int32)  # as the OSQP backend
+    solver.setup(P, data["q"], A, data["l"], data["u"], verbose=False, **opts)
     results = SimpleNamespace(x=ws.x, y=ws.y, info=SimpleNamespace(status_val=int(osqp.SolverStatus.OSQP_SOLVED)))
     cache[name] = (solver, data, results)
     return True
@@ -86,10 +88,3 @@ def solve(problem: cp.Problem, amortized: AmortizedSolver, **solve_kwargs: Any) 
     opts = {k: v for k, v in solve_kwargs.items() if k not in ("verbose", "ignore_dpp", "canon_backend")}
     inject_warm_start(problem, amortized, **(opts if name == cp.OSQP else {}))
     return problem.solve(solver=name, warm_start=True, **solve_kwargs)
-
-
-def _csc32(M):
-    import scipy.sparse as sp
-
-    M = sp.csc_matrix(M)
-    return sp.csc_matrix((M.data, M.indices.astype(np.int32), M.indptr.astype(np.int32)), shape=M.shape)
