@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--k", type=int, default=d["k"], help="torch refinement steps (and unrolled training steps)")
     run.add_argument("--eval-k", type=_k_list, default=None,
                      help="comma-separated refinement steps to evaluate, e.g. 0,5 (default: 0 and --k)")
+    run.add_argument("--anderson", type=int, default=0, metavar="M",
+                     help="accelerate the refinement steps with Anderson acceleration of memory M (0: plain steps)")
     run.add_argument("--epochs", type=int, default=d["epochs"], help="maximum training epochs")
     run.add_argument("--batch-size", type=int, default=64, help="training mini-batch size")
     run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -118,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
     eval_k = args.eval_k if args.eval_k is not None else tuple(sorted({0, args.k}))
     config = ExperimentConfig(
         family=args.family, size=args.size, algorithm=args.algorithm, n_train=args.n_train, n_test=args.n_test,
-        k=args.k, eval_k=eval_k, weights=LossWeights(args.regression, args.residual, args.distance),
+        k=args.k, eval_k=eval_k, anderson_memory=args.anderson,
+        weights=LossWeights(args.regression, args.residual, args.distance),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
         eps=args.eps, data_root=args.data_root, out_dir=out, workers=args.workers, device=args.device,
         dtype=args.dtype, safeguard=not args.no_safeguard, calibrate=not args.no_calibrate,

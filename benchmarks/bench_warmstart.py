@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--k", type=int, default=10, help="refinement steps of the second learned strategy")
+    ap.add_argument("--anderson", type=int, default=0, metavar="M",
+                    help="Anderson acceleration (memory M) of the refinement steps; 0: plain steps")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -93,7 +95,9 @@ def main() -> None:
           f"unrolled k {args.k if weights.needs_unroll else '- (regression only)'}, epochs {args.epochs}, "
           f"batch {args.batch_size}, Adam lr {args.lr}, patience {args.patience}, seed {args.seed}, "
           f"device {args.device}, dtype {args.dtype}")
-    print(f"evaluation: {args.n_test} held-out instances; learned k = 0 and k = {args.k}; timing batch 1 "
+    print(f"evaluation: {args.n_test} held-out instances; learned k = 0 and k = {args.k} ("
+          f"{'Anderson-accelerated, memory ' + str(args.anderson) if args.anderson else 'plain'} refinement steps, "
+          f"cold + k control the same); timing batch 1 "
           f"({args.timing_single} instances) and batch {args.timing_batch}")
 
     summary = []
@@ -108,7 +112,8 @@ def main() -> None:
             print(f"\n== {fam_name} ({args.size}, {fam.kind}) / {algo}", flush=True)
             cfg = ExperimentConfig(
                 family=fam_name, size=args.size, algorithm=algo, n_train=args.n_train, n_test=args.n_test,
-                k=args.k, eval_k=(0, args.k), weights=weights, epochs=args.epochs, batch_size=args.batch_size,
+                k=args.k, eval_k=(0, args.k), anderson_memory=args.anderson, weights=weights, epochs=args.epochs,
+                batch_size=args.batch_size,
                 lr=args.lr, patience=args.patience, seed=args.seed, eps=args.eps, data_root=args.data_root,
                 out_dir=os.path.join(args.out, f"{fam_name}-{args.size}-{algo}"), workers=args.workers,
                 device=args.device, dtype=args.dtype, timing_batch=args.timing_batch,

@@ -30,6 +30,7 @@ from amortcvx.evaluation import (
     write_instances_csv,
     write_summary_csv,
 )
+from amortcvx.iterations import AndersonSettings
 
 TIGHT = {"scs": {"eps_abs": 1e-9, "eps_rel": 1e-9}, "osqp": {"eps_abs": 1e-9, "eps_rel": 1e-9, "polishing": True}}
 LOOSE = {"eps_abs": 1e-4, "eps_rel": 1e-4}
@@ -252,6 +253,10 @@ def test_config_validation():
         ExperimentConfig(eval_k=(-1,))
     assert ExperimentConfig(k=3).refine_steps == (3,)
     assert ExperimentConfig(eval_k=[0, 4]).refine_steps == (0, 4)
+    with pytest.raises(ValueError, match="anderson_memory"):
+        ExperimentConfig(anderson_memory=-1)
+    assert ExperimentConfig().anderson is None
+    assert ExperimentConfig(anderson_memory=5).anderson == AndersonSettings(memory=5)
 
 
 def test_osqp_on_socp_family_is_refused_early(tmp_path):

@@ -34,7 +34,7 @@ import torch
 
 from amortcvx.backends import SolveResult, Status, WarmStart, solve_batch
 from amortcvx.canon.parametric import ParametricProblem
-from amortcvx.iterations.loop import run
+from amortcvx.iterations.loop import AndersonSettings, run
 from amortcvx.iterations.registry import DATA_FORMS, make_algorithm
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import WarmStartPredictor
@@ -98,6 +98,9 @@ class AmortizedSolver:
         algorithm: "scs" or "osqp"; taken from ``model`` when given.
         settings: the torch iteration settings (``ScsSettings`` / ``OsqpSettings``); default: the model's.
         k: torch refinement steps after the prediction.
+        anderson: None for plain refinement steps; :class:`~amortcvx.iterations.AndersonSettings` to accelerate
+            them (safeguarded Anderson acceleration, same number of steps; the cold-start refinement of the
+            safeguard is accelerated the same way).
         solver_settings: settings of the C solver (tolerances, ...), passed to the backend.
         safeguard: enable the residual check and the cold retry (see the module docstring).
         safeguard_ratio: allowed ratio of predicted to cold residual.
@@ -106,7 +109,8 @@ class AmortizedSolver:
     """
 
     def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
-                 algorithm: str | None = None, settings=None, k: int = 0, solver_settings: Mapping | None = None,
+                 algorithm: str | None = None, settings=None, k: int = 0, anderson: AndersonSettings | None = None,
+                 solver_settings: Mapping | None = None,
                  safeguard: bool = True, safeguard_ratio: float = 1.0, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float64, workers: int | None = 1):
         if model is not None:
@@ -125,7 +129,9 @@ class AmortizedSolver:
                              f"got {pp.form!r}")
         if k < 0:
             raise ValueError(f"k must be nonnegative; got {k}")
-        self.pp, self.algorithm, self.settings, self.k = pp, algorithm, settings, k
+        if anderson is not None and not isinstance(anderson, AndersonSettings):
+            raise TypeError(f"anderson must be None or an AndersonSettings; got {type(anderson).__name__}")
+        self.pp, self.algorithm, self.settings, self.k, self.anderson = pp, algorithm, settings, k, anderson
         self.backend = BACKEND_OF[algorithm]
         self.solver_settings = dict(solver_settings or {})
         self.safeguard, self.safeguard_ratio = safeguard, safeguard_ratio
@@ -150,14 +156,15 @@ class AmortizedSolver:
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
         data = self.pp.canonicalize_vector(theta)
         alg = make_algorithm(self.algorithm, data, self.settings)
-        cold = run(alg, alg.init(), self.k).state  # the same k steps from the cold start (one factorization)
+        # the same k steps from the cold start (one factorization)
+        cold = run(alg, alg.init(), self.k, anderson=self.anderson).state
         cold_res = alg.residual(cold, alg.step(cold))
         cold_ws = self.space.warm_start(alg, cold) if self.k > 0 else None
         if self.model is None or not self.enabled:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
             return self._package(cold_ws, fallback, cold_res, cold_res, t0), data
         z0 = self.model(theta)
-        state = run(alg, self.space.to_state(alg, z0), self.k).state
+        state = run(alg, self.space.to_state(alg, z0), self.k, anderson=self.anderson).state
         res = alg.residual(state, alg.step(state))
         bad = ~torch.isfinite(res)
         if self.safeguard:

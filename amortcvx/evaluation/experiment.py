@@ -56,6 +56,7 @@ from amortcvx.evaluation.reports import (
     write_instances_csv,
     write_summary_csv,
 )
+from amortcvx.iterations import AndersonSettings
 from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
 
 ALGORITHMS = ("scs", "osqp")
@@ -78,6 +79,9 @@ class ExperimentConfig:
         val_fraction: fraction of the training instances used for validation.
         k: unrolled torch steps in training (residual / distance losses) and refinement steps at deployment.
         eval_k: refinement steps to evaluate the trained model with (one learned strategy each); None: ``(k,)``.
+        anderson_memory: 0 for plain refinement steps; ``M > 0`` accelerates the refinement (learned and control
+            strategies alike) with safeguarded Anderson acceleration of memory ``M``
+            (:class:`~amortcvx.iterations.AndersonSettings`). Training always unrolls plain steps.
         weights: training loss weights.
         epochs, batch_size, lr, weight_decay, patience, hidden: training settings (``TrainConfig``).
         seed: seeds the sampling (train ``2 seed``, test ``2 seed + 1``), the split and the training.
@@ -109,6 +113,7 @@ class ExperimentConfig:
     val_fraction: float = 0.1
     k: int = 0
     eval_k: tuple[int, ...] | None = None
+    anderson_memory: int = 0
     weights: LossWeights = LossWeights()
     epochs: int = 100
     batch_size: int = 64
@@ -150,6 +155,9 @@ class ExperimentConfig:
             object.__setattr__(self, "eval_k", tuple(self.eval_k))
             if not self.eval_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.eval_k):
                 raise ValueError(f"eval_k must be a non-empty tuple of nonnegative ints; got {self.eval_k!r}")
+        if isinstance(self.anderson_memory, bool) or not isinstance(self.anderson_memory, int) \
+                or self.anderson_memory < 0:
+            raise ValueError(f"anderson_memory must be a nonnegative int; got {self.anderson_memory!r}")
         if not isinstance(self.weights, LossWeights):
             raise TypeError(f"weights must be a LossWeights; got {type(self.weights).__name__}")
         if self.dtype not in ("float32", "float64"):
@@ -165,6 +173,11 @@ class ExperimentConfig:
     def refine_steps(self) -> tuple[int, ...]:
         """The refinement steps evaluated: ``eval_k`` or ``(k,)``."""
         return self.eval_k if self.eval_k is not None else (self.k,)
+
+    @property
+    def anderson(self) -> AndersonSettings | None:
+        """The refinement's acceleration: None, or ``AndersonSettings(memory=anderson_memory)``."""
+        return AndersonSettings(memory=self.anderson_memory) if self.anderson_memory else None
 
     @property
     def solver_settings(self) -> dict[str, float]:
@@ -507,12 +520,17 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     calibration: dict[str, Calibration] = {}
     solvers: dict[str, AmortizedSolver] = {}
     val_params = _params_rows(ok_train.params, va_idx)
+
+    def make_solver(model_or_none, k: int, procs: int | None) -> AmortizedSolver:
+        return AmortizedSolver(pp, model_or_none, algorithm=backend, k=k, anderson=config.anderson,
+                               solver_settings=config.solver_settings, safeguard=config.safeguard,
+                               device=config.device, dtype=dtype, workers=procs)
+
     for k in config.refine_steps:
         name = learned_name(k)
         emit(f"building warm starts: {name} (prediction + {k} torch {backend} steps, safeguard "
              f"{'on' if config.safeguard else 'off'})")
-        solver = AmortizedSolver(pp, model, k=k, solver_settings=config.solver_settings, safeguard=config.safeguard,
-                                 device=config.device, dtype=dtype, workers=workers)
+        solver = make_solver(model, k, workers)
         if config.safeguard and config.calibrate:
             cal = calibration[name] = solver.calibrate(val_params)
             emit(f"calibration of {name} on {len(va_idx)} validation instances: median {cal.learned_median:g} "
@@ -526,8 +544,7 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
         for k in (k for k in config.refine_steps if k > 0):
             name = cold_refined_name(k)
             emit(f"building warm starts: {name} (control: {k} torch {backend} steps from the cold start, no model)")
-            control = AmortizedSolver(pp, None, algorithm=backend, k=k, solver_settings=config.solver_settings,
-                                      safeguard=config.safeguard, device=config.device, dtype=dtype, workers=workers)
+            control = make_solver(None, k, workers)
             pred = control.predict_warm_start(test_params)
             strategies[name] = pred.warm_starts
             fallback[name] = int(np.sum(pred.fallback))
@@ -558,9 +575,7 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
         if batch < 1 or count < 1:
             continue
         emit(f"timing end to end at batch {batch} ({count} instances, {procs} solver process(es))")
-        timed = {name: AmortizedSolver(pp, model, k=s.k, solver_settings=config.solver_settings,
-                                       safeguard=config.safeguard, device=config.device, dtype=dtype, workers=procs)
-                 for name, s in solvers.items()}
+        timed = {name: make_solver(model, s.k, procs) for name, s in solvers.items()}
         timings += measure_end_to_end(pp, timing_params, timed, backend, settings=config.solver_settings,
                                       batch_size=batch, instances=count, workers=procs)
     seconds["timing"] = time.perf_counter() - t0

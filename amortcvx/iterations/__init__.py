@@ -8,7 +8,14 @@ backpropagation. See ``docs/iterations.md``.
 """
 
 from amortcvx.iterations.linalg import KKTSolver
-from amortcvx.iterations.loop import FixedPointAlgorithm, LoopResult, run, run_to_tolerance, unroll
+from amortcvx.iterations.loop import (
+    AndersonSettings,
+    FixedPointAlgorithm,
+    LoopResult,
+    run,
+    run_to_tolerance,
+    unroll,
+)
 from amortcvx.iterations.osqp import (
     OsqpSettings,
     OsqpSolution,
@@ -37,7 +44,7 @@ from amortcvx.iterations.scs import (
 )
 
 __all__ = [
-    "ALGORITHMS", "DATA_FORMS", "FixedPointAlgorithm", "KKTSolver", "LoopResult", "OsqpSettings",
+    "ALGORITHMS", "AndersonSettings", "DATA_FORMS", "FixedPointAlgorithm", "KKTSolver", "LoopResult", "OsqpSettings",
     "OsqpSolution", "OsqpState", "OsqpWork", "ScsCOutput", "ScsSettings", "ScsSolution", "ScsState",
     "ScsWork", "make_algorithm", "make_osqp", "make_scs", "osqp_init", "osqp_residual", "osqp_setup",
     "osqp_solution", "osqp_step", "run", "run_to_tolerance", "scs_c_output", "scs_init", "scs_residual",

@@ -3,7 +3,8 @@
 An algorithm is a :class:`FixedPointAlgorithm`: pure functions over a NamedTuple state whose tensor fields
 carry the batch in their first dimension. The loops below know nothing else about it:
 
-* :func:`run` takes ``k`` steps without building a graph (inference, warm-start refinement);
+* :func:`run` takes ``k`` steps without building a graph (inference, warm-start refinement), optionally with
+  safeguarded Anderson acceleration (:class:`AndersonSettings`);
 * :func:`unroll` takes ``k`` steps with autograd on, optionally checkpointing blocks of steps so that memory
   grows with ``k / block`` instead of ``k`` (the steps of a block are recomputed in the backward pass);
 * :func:`run_to_tolerance` steps until each instance's fixed-point residual ``||T(z) - z||_2`` is at most
@@ -15,6 +16,7 @@ All three report the residual of every instance at every step.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -34,6 +36,9 @@ class FixedPointAlgorithm(NamedTuple):
         fixed_point: ``fixed_point(state) -> z``, the fixed-point variable, ``(B, d)``.
         residual: ``residual(old, new) -> (B,)``, the fixed-point residual ``||T(z) - z||_2`` of a step.
         solution: ``solution(state) -> NamedTuple`` of primal-dual estimates (the warm start for C).
+        embed: ``embed(z) -> state``, a state whose next step applies ``T`` to ``z`` and whose
+            ``fixed_point`` is ``z`` (up to the algorithm's own normalization); needed only by accelerated
+            loops, which continue from extrapolated points that no step produced.
     """
 
     name: str
@@ -43,6 +48,38 @@ class FixedPointAlgorithm(NamedTuple):
     fixed_point: Callable[[State], torch.Tensor]
     residual: Callable[[State, State], torch.Tensor]
     solution: Callable[[State], Any]
+    embed: Callable[[torch.Tensor], State] | None = None
+
+
+@dataclass(frozen=True)
+class AndersonSettings:
+    """Safeguarded type-II Anderson acceleration of a fixed-point iteration (used by :func:`run`).
+
+    With the last ``memory + 1`` points ``z_i`` and their images ``f_i = T(z_i)``, residuals ``g_i = f_i - z_i``,
+    the next point is ``f_t - dF gamma`` where ``dF``, ``dG`` hold the differences of consecutive ``f_i``,
+    ``g_i`` and ``gamma = argmin ||g_t - dG gamma||^2 + regularization ||dG||_F^2 ||gamma||^2``. Safeguard:
+    an extrapolated point whose residual exceeds ``safeguard`` times the residual of the point it came from is
+    discarded (the iteration continues from the plain step of that point, with the memory cleared), so each
+    instance's residual cannot grow through acceleration by more than that factor. The last step of a run is
+    always a plain step from an accepted point.
+
+    Attributes:
+        memory: number of differences kept (SCS's ``acceleration_lookback`` plays the same role).
+        regularization: relative Tikhonov regularization of the least-squares problem.
+        safeguard: allowed growth of the residual at an extrapolated point.
+    """
+
+    memory: int = 10
+    regularization: float = 1e-10
+    safeguard: float = 3.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
+            raise ValueError(f"AndersonSettings.memory must be a positive int; got {self.memory!r}")
+        if not self.regularization >= 0.0:
+            raise ValueError(f"AndersonSettings.regularization must be nonnegative; got {self.regularization}")
+        if not self.safeguard > 0.0:
+            raise ValueError(f"AndersonSettings.safeguard must be positive; got {self.safeguard}")
 
 
 class LoopResult(NamedTuple):
@@ -122,14 +159,90 @@ def _iterate(alg: FixedPointAlgorithm, state: State, num_steps: int, checkpoint:
     return LoopResult(state, torch.cat(chunks, dim=1), iterations, None)
 
 
-def run(alg: FixedPointAlgorithm, state: State, num_steps: int) -> LoopResult:
+def _anderson_steps(alg: FixedPointAlgorithm, state: State, num: int, settings: AndersonSettings
+                    ) -> tuple[State, torch.Tensor]:
+    """``num`` evaluations of ``T`` with safeguarded Anderson acceleration; returns the last stepped state.
+
+    The differences ``dF``, ``dG`` of consecutive images and residuals live in ring buffers of ``memory``
+    columns (their order does not matter to the least-squares problem); a column is zero where it does not
+    belong to the instance's current memory, which gives it ``gamma = 0``.
+    """
+    if alg.embed is None:
+        raise ValueError(f"algorithm {alg.name!r} has no embed function, so it cannot be accelerated")
+    new = alg.step(state)  # the first step is plain (it may be special, e.g. SCS's tau = 1 at a cold start)
+    res = [alg.residual(state, new)]
+    point = alg.fixed_point(new)
+    batch, dim = point.shape
+    dF = point.new_zeros((batch, settings.memory, dim))
+    dG = point.new_zeros((batch, settings.memory, dim))
+    eye = torch.eye(settings.memory, dtype=point.dtype, device=point.device)
+    tiny = torch.finfo(point.dtype).tiny
+    extrapolated = torch.zeros(batch, dtype=torch.bool, device=point.device)  # the current point is extrapolated
+    columns = torch.zeros(batch, dtype=torch.int64, device=point.device)  # columns in each instance's memory
+    base_f = base_r = f_prev = g_prev = None  # base: the plain image and residual of the last accepted point
+    for t in range(1, num):
+        state = alg.embed(point)
+        z = alg.fixed_point(state)
+        new = alg.step(state)
+        res.append(alg.residual(state, new))
+        if t == num - 1:
+            break
+        f = alg.fixed_point(new)
+        g = f - z
+        r = torch.linalg.vector_norm(g, dim=1)
+        if base_r is None:
+            keep = torch.ones_like(extrapolated)
+            base_f, base_r = f, r
+        else:
+            # a rejected point leaves no trace: its instance forgets its memory and goes on from the plain image
+            # of the last accepted point
+            keep = ~extrapolated | (r <= settings.safeguard * base_r)
+            base_f = torch.where(keep[:, None], f, base_f)
+            base_r = torch.where(keep, r, base_r)
+            col = (t - 2) % settings.memory
+            dF[:, col] = f - f_prev
+            dG[:, col] = g - g_prev
+            dF.mul_(keep[:, None, None])
+            dG.mul_(keep[:, None, None])
+            columns = torch.where(keep, torch.clamp(columns + 1, max=settings.memory), torch.zeros_like(columns))
+        # the difference between a rejected point and the next one is not kept either
+        f_prev = torch.where(keep[:, None], f, f_prev) if f_prev is not None else f
+        g_prev = torch.where(keep[:, None], g, g_prev) if g_prev is not None else g
+        if t >= 2 and t < num - 2:
+            gram = dG @ dG.transpose(1, 2)
+            reg = settings.regularization * gram.diagonal(dim1=1, dim2=2).sum(-1) + tiny
+            # solve_ex: a (numerically) singular system gives non-finite entries, never an exception
+            gamma = torch.linalg.solve_ex(gram + reg[:, None, None] * eye, dG @ g.unsqueeze(2))[0]
+            acc = f - (dF.transpose(1, 2) @ gamma).squeeze(2)
+            extrapolated = keep & (columns > 0) & torch.isfinite(acc).all(dim=1)
+            point = torch.where(extrapolated[:, None], acc, base_f)
+        else:
+            extrapolated = torch.zeros_like(keep)
+            point = base_f
+    return new, torch.stack(res, dim=1)
+
+
+def run(alg: FixedPointAlgorithm, state: State, num_steps: int, *,
+        anderson: AndersonSettings | None = None) -> LoopResult:
     """Take ``num_steps`` steps without autograd (no graph is kept).
 
+    Args:
+        alg, state, num_steps: the algorithm, the initial state and ``k``.
+        anderson: None for plain steps ``z <- T(z)``; :class:`AndersonSettings` for safeguarded Anderson
+            acceleration: still ``num_steps`` evaluations of ``T`` (same cost per step plus a small
+            ``memory x memory`` solve per instance), each taken from an extrapolated point when that helps.
+
     Returns:
-        :class:`LoopResult` with residuals of shape ``(B, num_steps)``.
+        :class:`LoopResult` with residuals of shape ``(B, num_steps)`` (the residual of each evaluation at the
+        point it was taken from); its ``state`` is the result of a plain step, as without acceleration.
     """
     with torch.no_grad():
-        return _iterate(alg, state, num_steps, None)
+        if anderson is None or num_steps <= 2:
+            return _iterate(alg, state, num_steps, None)
+        _check_steps(num_steps)
+        state, res = _anderson_steps(alg, state, num_steps, anderson)
+        iterations = torch.full((res.shape[0],), num_steps, dtype=torch.int64, device=res.device)
+        return LoopResult(state, res, iterations, None)
 
 
 def unroll(alg: FixedPointAlgorithm, state: State, num_steps: int, *,

@@ -8,6 +8,7 @@ from functools import partial
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.iterations import osqp as _osqp
 from amortcvx.iterations import scs as _scs
+from amortcvx.iterations.convert import osqp_state_from_fixed_point
 from amortcvx.iterations.loop import FixedPointAlgorithm
 
 
@@ -21,7 +22,7 @@ def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None) -> FixedP
     return FixedPointAlgorithm(
         name="scs", work=work, init=partial(_scs.scs_init, work), step=partial(_scs.scs_step, work),
         fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
-        solution=partial(_scs.scs_solution, work))
+        solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work))
 
 
 def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None) -> FixedPointAlgorithm:
@@ -34,7 +35,7 @@ def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None) -> Fixed
     return FixedPointAlgorithm(
         name="osqp", work=work, init=partial(_osqp.osqp_init, work), step=partial(_osqp.osqp_step, work),
         fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
-        solution=partial(_osqp.osqp_solution, work))
+        solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work))
 
 
 ALGORITHMS: dict[str, Callable[..., FixedPointAlgorithm]] = {"scs": make_scs, "osqp": make_osqp}

@@ -349,3 +349,15 @@ def scs_c_output(work: ScsWork, state: ScsState) -> ScsCOutput:
 def scs_fixed_point(work: ScsWork, state: ScsState) -> torch.Tensor:
     """The fixed-point variable ``v`` of a state."""
     return state.v
+
+
+def scs_embed(work: ScsWork, v: torch.Tensor) -> ScsState:
+    """A state whose next step is a general step (``k >= 1``) from ``v`` rescaled to norm ``sqrt(l)``.
+
+    Its fixed-point variable is that rescaled ``v``, the point the step acts on (the iteration is
+    homogeneous), so ``scs_fixed_point(step(s)) - scs_fixed_point(s)`` is the step's residual vector. Used by
+    extrapolating loops (Anderson acceleration) to continue from a point that no step produced.
+    """
+    v = batch_rows(v, work.n + work.m + 1, work.batch_size, "v", work.g)
+    v = v * (math.sqrt(v.shape[1]) / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-300))
+    return ScsState(v=v, u=v, ut=v, k=1)
