@@ -164,21 +164,23 @@ def _anderson_steps(alg: FixedPointAlgorithm, state: State, num: int, settings: 
     """``num`` evaluations of ``T`` with safeguarded Anderson acceleration; returns the last stepped state.
 
     The differences ``dF``, ``dG`` of consecutive images and residuals live in ring buffers of ``memory``
-    columns (their order does not matter to the least-squares problem); a column is zero where it does not
-    belong to the instance's current memory, which gives it ``gamma = 0``.
+    columns (their order does not matter to the least-squares problem). ``valid`` marks, per instance, the
+    columns of its current memory; the others are masked out of the small ``memory x memory`` system (they get
+    ``gamma = 0``), so forgetting costs nothing on the buffers.
     """
     if alg.embed is None:
         raise ValueError(f"algorithm {alg.name!r} has no embed function, so it cannot be accelerated")
     new = alg.step(state)  # the first step is plain (it may be special, e.g. SCS's tau = 1 at a cold start)
     res = [alg.residual(state, new)]
     point = alg.fixed_point(new)
-    batch, dim = point.shape
-    dF = point.new_zeros((batch, settings.memory, dim))
-    dG = point.new_zeros((batch, settings.memory, dim))
-    eye = torch.eye(settings.memory, dtype=point.dtype, device=point.device)
+    batch, dim, mem = point.shape[0], point.shape[1], settings.memory
+    dF = point.new_zeros((batch, mem, dim))
+    dG = point.new_zeros((batch, mem, dim))
+    gram = point.new_zeros((batch, mem, mem))  # dG dG', updated one row and column per step
+    valid = torch.zeros((batch, mem), dtype=torch.bool, device=point.device)
+    eye = torch.eye(mem, dtype=point.dtype, device=point.device)
     tiny = torch.finfo(point.dtype).tiny
     extrapolated = torch.zeros(batch, dtype=torch.bool, device=point.device)  # the current point is extrapolated
-    columns = torch.zeros(batch, dtype=torch.int64, device=point.device)  # columns in each instance's memory
     base_f = base_r = f_prev = g_prev = None  # base: the plain image and residual of the last accepted point
     for t in range(1, num):
         state = alg.embed(point)
@@ -192,29 +194,32 @@ def _anderson_steps(alg: FixedPointAlgorithm, state: State, num: int, settings: 
         r = torch.linalg.vector_norm(g, dim=1)
         if base_r is None:
             keep = torch.ones_like(extrapolated)
-            base_f, base_r = f, r
+            base_f, base_r, f_prev, g_prev = f, r, f, g
         else:
             # a rejected point leaves no trace: its instance forgets its memory and goes on from the plain image
-            # of the last accepted point
+            # of the last accepted point (f_prev, g_prev stay that point's, so the next difference is sound)
             keep = ~extrapolated | (r <= settings.safeguard * base_r)
-            base_f = torch.where(keep[:, None], f, base_f)
-            base_r = torch.where(keep, r, base_r)
-            col = (t - 2) % settings.memory
+            col = (t - 2) % mem
             dF[:, col] = f - f_prev
             dG[:, col] = g - g_prev
-            dF.mul_(keep[:, None, None])
-            dG.mul_(keep[:, None, None])
-            columns = torch.where(keep, torch.clamp(columns + 1, max=settings.memory), torch.zeros_like(columns))
-        # the difference between a rejected point and the next one is not kept either
-        f_prev = torch.where(keep[:, None], f, f_prev) if f_prev is not None else f
-        g_prev = torch.where(keep[:, None], g, g_prev) if g_prev is not None else g
+            row = (dG * dG[:, col].unsqueeze(1)).sum(dim=2)  # (B, mem); small batched matmuls are slow on CPU
+            gram[:, col, :] = row
+            gram[:, :, col] = row
+            valid &= keep[:, None]
+            valid[:, col] = keep
+            keep2 = keep[:, None]
+            base_f, base_r = torch.where(keep2, f, base_f), torch.where(keep, r, base_r)
+            f_prev, g_prev = torch.where(keep2, f, f_prev), torch.where(keep2, g, g_prev)
         if t >= 2 and t < num - 2:
-            gram = dG @ dG.transpose(1, 2)
-            reg = settings.regularization * gram.diagonal(dim1=1, dim2=2).sum(-1) + tiny
+            w = valid.to(point.dtype)
+            system = gram * (w.unsqueeze(2) * w.unsqueeze(1))
+            reg = settings.regularization * system.diagonal(dim1=1, dim2=2).sum(-1) + tiny
+            system = system + reg[:, None, None] * eye + torch.diag_embed(1.0 - w)  # masked columns: gamma = 0
+            rhs = (dG * g.unsqueeze(1)).sum(dim=2) * w
             # solve_ex: a (numerically) singular system gives non-finite entries, never an exception
-            gamma = torch.linalg.solve_ex(gram + reg[:, None, None] * eye, dG @ g.unsqueeze(2))[0]
-            acc = f - (dF.transpose(1, 2) @ gamma).squeeze(2)
-            extrapolated = keep & (columns > 0) & torch.isfinite(acc).all(dim=1)
+            gamma = torch.linalg.solve_ex(system, rhs.unsqueeze(2))[0]
+            acc = f - (dF * gamma).sum(dim=1)
+            extrapolated = keep & valid.any(dim=1) & torch.isfinite(acc).all(dim=1)
             point = torch.where(extrapolated[:, None], acc, base_f)
         else:
             extrapolated = torch.zeros_like(keep)
