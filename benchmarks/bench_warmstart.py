@@ -5,12 +5,14 @@ families), one :func:`amortcvx.evaluation.run_experiment`:
 
 * training set: ``--n-train`` instances (seed 0; 10% validation), solved at eps 1e-8 by the same C solver;
 * test set: ``--n-test`` (>= 200) held-out instances (seed 1);
-* predictor: MLP (256, 256) on the flattened parameters, regression loss to the optimal fixed-point variable
-  (``--residual`` / ``--distance`` add the losses after ``--k`` unrolled steps), Adam, ``--epochs``;
+* predictor: MLP (``--hidden``, default 256 256) on the flattened parameters, regression loss to the optimal
+  fixed-point variable (``--residual`` / ``--distance`` add the losses after ``--k`` unrolled steps), Adam,
+  ``--epochs``;
 * strategies, each solved by the C solver from a fresh solver object at eps_abs = eps_rel = ``--eps``
   (default settings otherwise), exact iteration counts: cold, nearest neighbour (training set, standardized
   parameters), previous solution (sequential families), learned with k = 0 and k = ``--k`` torch refinement
-  steps, the control "cold + k torch steps" (same refinement without the predictor), and the optimum;
+  steps (``--anderson M``: Anderson-accelerated), the control "cold + k torch steps" (same refinement without
+  the predictor), and the optimum;
 * end-to-end time per instance (canonicalization + prediction + refinement + C solve in timed mode) of the
   learned strategies against cold starts, at batch 1 and at batch ``--timing-batch``.
 
@@ -18,6 +20,7 @@ The last table checks the targets (learned median <= 1/5 of cold and <= 1/2 of n
 
     python benchmarks/bench_warmstart.py                                    # every family, SCS and OSQP
     python benchmarks/bench_warmstart.py --families portfolio kalman --algorithms scs --epochs 50
+    python benchmarks/bench_warmstart.py --k 30 --anderson 10                # the configuration of our notes
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--anderson", type=int, default=0, metavar="M",
                     help="Anderson acceleration (memory M) of the refinement steps; 0: plain steps")
     ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="hidden widths of the MLP")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--patience", type=int, default=20)
@@ -91,7 +95,7 @@ def main() -> None:
               "mode, no exact counting)")
         print(f"{algo} settings of the training / optimum solutions: "
               f"{ {**get_backend(algo).default_settings, **DATASET_SETTINGS[algo]} }")
-    print(f"training: n_train {args.n_train} (10% validation), MLP (256, 256), loss weights {weights}, "
+    print(f"training: n_train {args.n_train} (10% validation), MLP {tuple(args.hidden)}, loss weights {weights}, "
           f"unrolled k {args.k if weights.needs_unroll else '- (regression only)'}, epochs {args.epochs}, "
           f"batch {args.batch_size}, Adam lr {args.lr}, patience {args.patience}, seed {args.seed}, "
           f"device {args.device}, dtype {args.dtype}")
@@ -113,7 +117,7 @@ def main() -> None:
             cfg = ExperimentConfig(
                 family=fam_name, size=args.size, algorithm=algo, n_train=args.n_train, n_test=args.n_test,
                 k=args.k, eval_k=(0, args.k), anderson_memory=args.anderson, weights=weights, epochs=args.epochs,
-                batch_size=args.batch_size,
+                batch_size=args.batch_size, hidden=tuple(args.hidden),
                 lr=args.lr, patience=args.patience, seed=args.seed, eps=args.eps, data_root=args.data_root,
                 out_dir=os.path.join(args.out, f"{fam_name}-{args.size}-{algo}"), workers=args.workers,
                 device=args.device, dtype=args.dtype, timing_batch=args.timing_batch,

@@ -131,3 +131,20 @@ def test_float32_and_degenerate_memory_stay_finite():
     z0 = torch.ones(2, 3, dtype=torch.float64)
     still = run(toy, toy.init(z0), 10, anderson=AndersonSettings())
     assert torch.equal(still.state.z, z0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("algo, name", [("scs", "kalman"), ("osqp", "lasso")])
+def test_cuda_matches_cpu(algo, name):
+    fam = problems.make(name, "small", seed=0)
+    pp = ParametricProblem(fam.problem, "cone" if algo == "scs" else "qp")
+    theta = fam.sample(4, seed=1)
+    cpu = pp.canonicalize(theta)
+    gpu = pp.canonicalize({k: torch.tensor(v, device="cuda") for k, v in theta.items()})
+    outs = []
+    for data in (cpu, gpu):
+        alg = make_algorithm(algo, data)
+        outs.append(alg.fixed_point(run(alg, alg.init(), 30, anderson=AndersonSettings()).state))
+    assert outs[1].is_cuda
+    assert float((outs[1].cpu() - outs[0]).abs().max()) < 1e-7
