@@ -528,7 +528,8 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
 
     for k in config.refine_steps:
         name = learned_name(k)
-        emit(f"building warm starts: {name} (prediction + {k} torch {backend} steps, safeguard "
+        emit(f"building warm starts: {name} (prediction + {k} torch {backend} steps"
+             f"{', Anderson-accelerated' if config.anderson else ''}, safeguard "
              f"{'on' if config.safeguard else 'off'})")
         solver = make_solver(model, k, workers)
         if config.safeguard and config.calibrate:

@@ -57,11 +57,11 @@ class AndersonSettings:
 
     With the last ``memory + 1`` points ``z_i`` and their images ``f_i = T(z_i)``, residuals ``g_i = f_i - z_i``,
     the next point is ``f_t - dF gamma`` where ``dF``, ``dG`` hold the differences of consecutive ``f_i``,
-    ``g_i`` and ``gamma = argmin ||g_t - dG gamma||^2 + regularization ||dG||_F^2 ||gamma||^2``. Safeguard:
-    an extrapolated point whose residual exceeds ``safeguard`` times the residual of the point it came from is
-    discarded (the iteration continues from the plain step of that point, with the memory cleared), so each
-    instance's residual cannot grow through acceleration by more than that factor. The last step of a run is
-    always a plain step from an accepted point.
+    ``g_i`` and ``gamma = argmin ||g_t - dG gamma||^2 + regularization ||dG||_F^2 ||gamma||^2``. Safeguard,
+    per instance: an extrapolated point whose residual exceeds ``safeguard`` times the residual of the last
+    accepted point is discarded, the memory is cleared, and the iteration continues from the plain image
+    ``T(z)`` of that accepted point ``z``. The last step of a run is always a plain step from an accepted
+    point.
 
     Attributes:
         memory: number of differences kept (SCS's ``acceleration_lookback`` plays the same role).
@@ -234,8 +234,9 @@ def run(alg: FixedPointAlgorithm, state: State, num_steps: int, *,
     Args:
         alg, state, num_steps: the algorithm, the initial state and ``k``.
         anderson: None for plain steps ``z <- T(z)``; :class:`AndersonSettings` for safeguarded Anderson
-            acceleration: still ``num_steps`` evaluations of ``T`` (same cost per step plus a small
-            ``memory x memory`` solve per instance), each taken from an extrapolated point when that helps.
+            acceleration: still ``num_steps`` evaluations of ``T``, each taken from an extrapolated point when
+            that helps (each step also makes a few passes over the ``(B, memory, d)`` memory and solves a
+            ``memory x memory`` system per instance).
 
     Returns:
         :class:`LoopResult` with residuals of shape ``(B, num_steps)`` (the residual of each evaluation at the
