@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timing-batch", type=int, default=1024, help="large batch of the end-to-end timing")
     run.add_argument("--timing-single", type=int, default=50, help="instances timed at batch 1")
     run.add_argument("--no-safeguard", action="store_true", help="turn off the residual safeguard")
+    run.add_argument("--safeguard-reference", default="refined_cold", choices=("refined_cold", "cold"),
+                     help="compare refined predictions with the refined cold start (default) or with the cold "
+                          "start's first step (half the torch work)")
     run.add_argument("--no-calibrate", action="store_true",
                      help="do not switch the predictor off when it loses to the cold start on the validation set")
     run.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")
@@ -124,7 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         weights=LossWeights(args.regression, args.residual, args.distance),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
         eps=args.eps, data_root=args.data_root, out_dir=out, workers=args.workers, device=args.device,
-        dtype=args.dtype, safeguard=not args.no_safeguard, calibrate=not args.no_calibrate,
+        dtype=args.dtype, safeguard=not args.no_safeguard, safeguard_reference=args.safeguard_reference,
+        calibrate=not args.no_calibrate,
         timing_batch=args.timing_batch, timing_single=args.timing_single, progress=not args.quiet)
     with torch_threads(args.torch_threads):
         result = run_experiment(config)

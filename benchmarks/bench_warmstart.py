@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10, help="refinement steps of the second learned strategy")
     ap.add_argument("--anderson", type=int, default=0, metavar="M",
                     help="Anderson acceleration (memory M) of the refinement steps; 0: plain steps")
+    ap.add_argument("--safeguard-reference", default="refined_cold", choices=("refined_cold", "cold"),
+                    help="safeguard reference of the learned strategies (amortcvx.deploy)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="hidden widths of the MLP")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -101,7 +103,7 @@ def main() -> None:
           f"device {args.device}, dtype {args.dtype}")
     print(f"evaluation: {args.n_test} held-out instances; learned k = 0 and k = {args.k} ("
           f"{'Anderson-accelerated, memory ' + str(args.anderson) if args.anderson else 'plain'} refinement steps, "
-          f"cold + k control the same); timing batch 1 "
+          f"cold + k control the same); safeguard reference {args.safeguard_reference}; timing batch 1 "
           f"({args.timing_single} instances) and batch {args.timing_batch}")
 
     summary = []
@@ -117,7 +119,7 @@ def main() -> None:
             cfg = ExperimentConfig(
                 family=fam_name, size=args.size, algorithm=algo, n_train=args.n_train, n_test=args.n_test,
                 k=args.k, eval_k=(0, args.k), anderson_memory=args.anderson, weights=weights, epochs=args.epochs,
-                batch_size=args.batch_size, hidden=tuple(args.hidden),
+                batch_size=args.batch_size, hidden=tuple(args.hidden), safeguard_reference=args.safeguard_reference,
                 lr=args.lr, patience=args.patience, seed=args.seed, eps=args.eps, data_root=args.data_root,
                 out_dir=os.path.join(args.out, f"{fam_name}-{args.size}-{algo}"), workers=args.workers,
                 device=args.device, dtype=args.dtype, timing_batch=args.timing_batch,

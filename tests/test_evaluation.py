@@ -256,6 +256,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="anderson_memory"):
         ExperimentConfig(anderson_memory=-1)
     assert ExperimentConfig().anderson is None
+    with pytest.raises(ValueError, match="safeguard_reference"):
+        ExperimentConfig(safeguard_reference="none")
     assert ExperimentConfig(anderson_memory=5).anderson == AndersonSettings(memory=5)
 
 

@@ -163,3 +163,25 @@ def test_safeguard_with_refinement_keeps_the_refined_cold_start(lasso):
     for a, b in zip(bad.warm_starts, ref.warm_starts):
         for part in ("x", "y", "s"):
             np.testing.assert_array_equal(getattr(a, part), getattr(b, part))
+
+
+def test_cold_reference_safeguard_halves_the_torch_steps(lasso, monkeypatch):
+    import amortcvx.deploy.solver as deploy
+
+    fam, pp, _, _ = lasso
+    params = fam.sample(5, seed=7)
+    steps = []
+    real_run = deploy.run
+    monkeypatch.setattr(deploy, "run", lambda alg, state, k, **kw: steps.append(k) or real_run(alg, state, k, **kw))
+    good = _garbage_model(pp, 0.0)  # a finite prediction (the zero vector)
+    for reference, expected in (("refined_cold", [5, 5]), ("cold", [0, 5])):
+        steps.clear()
+        AmortizedSolver(pp, good, k=5, safeguard_reference=reference, workers=1).predict_warm_start(params)
+        assert steps == expected, reference
+    # a NaN prediction falls back to the plain cold start: no warm start, the C solver's own cold iterations
+    out = AmortizedSolver(pp, _garbage_model(pp, float("nan")), k=5, safeguard_reference="cold", workers=1)
+    res = out.solve(params)
+    cold = solve_batch(pp.canonicalize(params).instances(), "scs", workers=1)
+    assert res.fallback.all() and [r.iterations for r in res.results] == [r.iterations for r in cold]
+    with pytest.raises(ValueError, match="safeguard_reference"):
+        AmortizedSolver(pp, good, safeguard_reference="warm")

@@ -8,10 +8,12 @@
 Safeguards (a learned warm start changes speed, never answers, and never makes a solve fail):
 
 1. Before the C solve, each instance's fixed-point residual ``||T(z) - z||`` after ``k`` steps from the
-   prediction is compared with the residual after the same ``k`` steps from the cold start; when
-   ``residual(pred_k) > safeguard_ratio * residual(cold_k)`` (or it is not finite) the instance falls back to
-   the cold start refined by the same ``k`` steps (for ``k = 0``: the plain cold start). Both refinements run
-   as one batch.
+   prediction is compared with a reference from the cold start; when ``residual(pred_k) > safeguard_ratio *
+   reference`` (or it is not finite) the instance falls back to a cold start. With
+   ``safeguard_reference="refined_cold"`` (default) the reference is the residual after the same ``k`` steps
+   from the cold start and the fallback is that refined cold start (``2k`` torch steps per batch in all). With
+   ``"cold"`` the reference is the residual of the cold start's first step and the fallback is the plain cold
+   start (``k + 1`` steps: half the torch work, a weaker check). For ``k = 0`` the two are the same.
 2. After the C solve, any warm-started instance whose status is not ``optimal`` is solved again from a cold
    start; its reported iterations and times are the sum of both attempts (``retried`` marks it).
 3. :meth:`AmortizedSolver.calibrate` (optional, on held-out instances that are not the test set): solve a
@@ -42,16 +44,21 @@ from amortcvx.predictors.model import WarmStartPredictor
 BACKEND_OF = {"scs": "scs", "osqp": "osqp"}
 """Algorithm -> the C backend that finishes its solves."""
 
+SAFEGUARD_REFERENCES = ("refined_cold", "cold")
+"""What a refined prediction's residual is compared with (see the module docstring, safeguard 1)."""
+
 
 class WarmStartBatch(NamedTuple):
     """Predicted warm starts for a batch.
 
     Attributes:
         warm_starts: one :class:`WarmStart` per instance; None means the plain cold start.
-        fallback: bool (B,), True where the safeguard chose the (refined) cold start over the prediction.
+        fallback: bool (B,), True where the safeguard chose the (refined or plain) cold start over the
+            prediction.
         residual: (B,) fixed-point residual after ``k`` steps from the prediction (from the cold start when
             there is no predictor).
-        cold_residual: (B,) fixed-point residual after ``k`` steps from the cold start.
+        cold_residual: (B,) fixed-point residual of the cold-start reference: after ``k`` steps from the cold
+            start, or of its first step (``safeguard_reference="cold"``, or the safeguard off).
         seconds: wall time of prediction + refinement + conversion for the whole batch.
     """
 
@@ -104,6 +111,7 @@ class AmortizedSolver:
         solver_settings: settings of the C solver (tolerances, ...), passed to the backend.
         safeguard: enable the residual check and the cold retry (see the module docstring).
         safeguard_ratio: allowed ratio of predicted to cold residual.
+        safeguard_reference: ``"refined_cold"`` or ``"cold"`` (see the module docstring).
         device, dtype: where prediction and refinement run.
         workers: processes for the C solves (``backends.solve_batch``).
     """
@@ -111,8 +119,8 @@ class AmortizedSolver:
     def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
                  algorithm: str | None = None, settings=None, k: int = 0, anderson: AndersonSettings | None = None,
                  solver_settings: Mapping | None = None,
-                 safeguard: bool = True, safeguard_ratio: float = 1.0, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float64, workers: int | None = 1):
+                 safeguard: bool = True, safeguard_ratio: float = 1.0, safeguard_reference: str = "refined_cold",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, workers: int | None = 1):
         if model is not None:
             if model.meta.fingerprint != pp.fingerprint:
                 raise ValueError(f"the predictor was trained for problem {model.meta.fingerprint}, not for this "
@@ -134,7 +142,10 @@ class AmortizedSolver:
         self.pp, self.algorithm, self.settings, self.k, self.anderson = pp, algorithm, settings, k, anderson
         self.backend = BACKEND_OF[algorithm]
         self.solver_settings = dict(solver_settings or {})
+        if safeguard_reference not in SAFEGUARD_REFERENCES:
+            raise ValueError(f"safeguard_reference must be one of {SAFEGUARD_REFERENCES}; got {safeguard_reference!r}")
         self.safeguard, self.safeguard_ratio = safeguard, safeguard_ratio
+        self.safeguard_reference = safeguard_reference
         self.device, self.dtype, self.workers = torch.device(device), dtype, workers
         # a copy: the caller's module keeps its device, dtype and train/eval mode
         self.model = None if model is None else copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
@@ -155,12 +166,16 @@ class AmortizedSolver:
         t0 = time.perf_counter()
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
         data = self.pp.canonicalize_vector(theta)
-        alg = make_algorithm(self.algorithm, data, self.settings)
-        # the same k steps from the cold start (one factorization)
-        cold = run(alg, alg.init(), self.k, anderson=self.anderson).state
+        alg = make_algorithm(self.algorithm, data, self.settings)  # one factorization for every refinement
+        use_model = self.model is not None and self.enabled
+        # the cold start refined by k steps: what every instance gets without a predictor, and the reference of
+        # the default safeguard; the "cold" reference (and no safeguard) needs only the cold start's first step
+        refined_reference = self.safeguard and self.safeguard_reference == "refined_cold"
+        cold_steps = self.k if (not use_model or refined_reference) else 0
+        cold = run(alg, alg.init(), cold_steps, anderson=self.anderson).state
         cold_res = alg.residual(cold, alg.step(cold))
-        cold_ws = self.space.warm_start(alg, cold) if self.k > 0 else None
-        if self.model is None or not self.enabled:  # nothing to choose between
+        cold_ws = self.space.warm_start(alg, cold) if cold_steps > 0 else None
+        if not use_model:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
             return self._package(cold_ws, fallback, cold_res, cold_res, t0), data
         z0 = self.model(theta)

@@ -40,6 +40,7 @@ from amortcvx.backends import solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import BACKEND_FORMS, Dataset, generate_dataset
 from amortcvx.deploy import AmortizedSolver, Calibration
+from amortcvx.deploy.solver import SAFEGUARD_REFERENCES
 from amortcvx.evaluation.baselines import (
     NearestNeighbor,
     cold_warm_starts,
@@ -93,6 +94,8 @@ class ExperimentConfig:
         device, dtype: where and in which precision training, prediction and refinement run.
         safeguard: deployment safeguard of ``AmortizedSolver`` (cold start where the refined prediction's
             fixed-point residual exceeds the cold start's).
+        safeguard_reference: ``"refined_cold"`` (compare with the cold start refined by the same ``k`` steps) or
+            ``"cold"`` (compare with the cold start's first step: half the torch work); see ``amortcvx.deploy``.
         calibrate: with the safeguard on, also calibrate each learned strategy on the validation instances
             (``AmortizedSolver.calibrate``): the predictor is switched off if its median C iteration count there
             is above the (refined) cold start's. The test instances are never used for this.
@@ -130,6 +133,7 @@ class ExperimentConfig:
     device: str = "cpu"
     dtype: str = "float64"
     safeguard: bool = True
+    safeguard_reference: str = "refined_cold"
     calibrate: bool = True
     refine_cold: bool = True
     timing_batch: int = 1024
@@ -158,6 +162,9 @@ class ExperimentConfig:
         if isinstance(self.anderson_memory, bool) or not isinstance(self.anderson_memory, int) \
                 or self.anderson_memory < 0:
             raise ValueError(f"anderson_memory must be a nonnegative int; got {self.anderson_memory!r}")
+        if self.safeguard_reference not in SAFEGUARD_REFERENCES:
+            raise ValueError(f"safeguard_reference must be one of {SAFEGUARD_REFERENCES}; "
+                             f"got {self.safeguard_reference!r}")
         if not isinstance(self.weights, LossWeights):
             raise TypeError(f"weights must be a LossWeights; got {type(self.weights).__name__}")
         if self.dtype not in ("float32", "float64"):
@@ -524,7 +531,8 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     def make_solver(model_or_none, k: int, procs: int | None) -> AmortizedSolver:
         return AmortizedSolver(pp, model_or_none, algorithm=backend, k=k, anderson=config.anderson,
                                solver_settings=config.solver_settings, safeguard=config.safeguard,
-                               device=config.device, dtype=dtype, workers=procs)
+                               safeguard_reference=config.safeguard_reference, device=config.device, dtype=dtype,
+                               workers=procs)
 
     for k in config.refine_steps:
         name = learned_name(k)
