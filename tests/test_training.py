@@ -10,7 +10,8 @@ import problems
 from amortcvx.backends import Status, solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.deploy import AmortizedSolver
-from amortcvx.iterations import make_algorithm, run
+from amortcvx.deploy.solver import refinement_label
+from amortcvx.iterations import AndersonSettings, make_algorithm, run
 from amortcvx.predictors import SETTINGS, PredictorMeta, WarmStartPredictor
 from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
 
@@ -185,3 +186,22 @@ def test_cold_reference_safeguard_halves_the_torch_steps(lasso, monkeypatch):
     assert res.fallback.all() and [r.iterations for r in res.results] == [r.iterations for r in cold]
     with pytest.raises(ValueError, match="safeguard_reference"):
         AmortizedSolver(pp, good, safeguard_reference="warm")
+
+
+@pytest.mark.parametrize("name, k, expected",
+                         [("mpc_param_dyn", 30, "anderson(memory=10)"), ("robust_ls", 60, "plain")])
+def test_calibration_chooses_the_refinement_that_needs_fewer_c_iterations(name, k, expected):
+    # whether Anderson acceleration of the refinement helps depends on the problem: on mpc_param_dyn it takes
+    # the C solver from ~56 iterations to 1, on robust_ls it costs iterations (docs/iterations.md)
+    fam = problems.make(name)
+    pp = ParametricProblem(fam.problem, "cone")
+    solver = AmortizedSolver(pp, _garbage_model(pp, 0.0), k=k, solver_settings={"eps_abs": 1e-4, "eps_rel": 1e-4},
+                             workers=1)
+    cal = solver.calibrate(fam.sample(8, seed=11), refinements=(None, AndersonSettings()))
+    medians = dict(cal.candidates)
+    assert set(medians) == {"plain", "anderson(memory=10)"}
+    assert refinement_label(solver.anderson) == refinement_label(cal.anderson) == expected
+    assert medians[expected] < min(medians.values()) + 1e-9 and medians[expected] < max(medians.values())
+    assert cal.learned_median == medians[expected]
+    with pytest.raises(ValueError, match="at least one"):
+        solver.calibrate(fam.sample(2, seed=12), refinements=())

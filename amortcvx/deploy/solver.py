@@ -19,7 +19,8 @@ Safeguards (a learned warm start changes speed, never answers, and never makes a
 3. :meth:`AmortizedSolver.calibrate` (optional, on held-out instances that are not the test set): solve a
    validation batch with the learned warm starts and with the (refined) cold start on the C solver; if the
    learned median exact iteration count is higher, the predictor is switched off (every instance takes the
-   refined cold start) until calibrated again. A lower torch fixed-point residual does not always mean fewer C
+   refined cold start) until calibrated again. It can also choose the refinement (plain or Anderson-accelerated
+   steps) by the same medians. A lower torch fixed-point residual does not always mean fewer C
    iterations (the C solvers rescale the data and adapt their step), so (1) alone cannot rule out a predictor
    that is worse on average.
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -88,11 +89,26 @@ class AmortizedResult(NamedTuple):
 
 
 class Calibration(NamedTuple):
-    """Outcome of :meth:`AmortizedSolver.calibrate`: medians of exact C iterations and the decision."""
+    """Outcome of :meth:`AmortizedSolver.calibrate`: medians of exact C iterations and the decisions.
+
+    Attributes:
+        learned_median, cold_median: medians with the learned warm starts (chosen refinement) and with the
+            (refined) cold start.
+        enabled: whether the predictor is used.
+        anderson: the refinement kept (None: plain steps).
+        candidates: ``(refinement label, learned median)`` of every refinement tried, in order.
+    """
 
     learned_median: float
     cold_median: float
     enabled: bool
+    anderson: AndersonSettings | None = None
+    candidates: tuple[tuple[str, float], ...] = ()
+
+
+def refinement_label(anderson: AndersonSettings | None) -> str:
+    """``"plain"`` or ``"anderson(memory=M)"``, for reports."""
+    return "plain" if anderson is None else f"anderson(memory={anderson.memory})"
 
 
 class AmortizedSolver:
@@ -205,20 +221,35 @@ class AmortizedSolver:
             torch.cuda.synchronize(self.device)
         return WarmStartBatch(warm, fallback, res.cpu().numpy(), cold_res.cpu().numpy(), time.perf_counter() - t0)
 
-    def calibrate(self, params: Mapping, *, margin: float = 1.0) -> Calibration:
+    def calibrate(self, params: Mapping, *, margin: float = 1.0,
+                  refinements: Sequence[AndersonSettings | None] | None = None) -> Calibration:
         """Keep the predictor only if it does not need more C iterations than the (refined) cold start.
 
-        Solves ``params`` (held-out validation instances, not the test set) both ways with exact counts and sets
-        ``self.enabled = median(learned) <= margin * median(cold)``.
+        Solves ``params`` (held-out validation instances, not the test set) with exact counts. With
+        ``refinements`` (e.g. ``(None, AndersonSettings())``), first solves them with the learned warm starts
+        under each refinement and keeps the one with the lowest median (the first on ties) as ``self.anderson``:
+        whether acceleration helps depends on the problem (it can cost iterations, see docs/iterations.md).
+        Then sets ``self.enabled = median(learned) <= margin * median(cold)``, the cold start refined the same way.
         """
         if self.model is None:
             raise ValueError("calibrate needs a predictor")
+        options = [self.anderson] if refinements is None else list(refinements)
+        if not options:
+            raise ValueError("refinements must name at least one refinement (None: plain steps)")
+        for opt in options:
+            if opt is not None and not isinstance(opt, AndersonSettings):
+                raise TypeError(f"refinements must hold None or AndersonSettings; got {type(opt).__name__}")
         self.enabled = True
-        learned = np.median([r.iterations for r in self.solve(params).results])
+        candidates = []
+        for opt in options:
+            self.anderson = opt
+            candidates.append((opt, float(np.median([r.iterations for r in self.solve(params).results]))))
+        self.anderson, learned = min(candidates, key=lambda c: c[1])  # min keeps the first of equal medians
         self.enabled = False
-        cold = np.median([r.iterations for r in self.solve(params).results])
+        cold = float(np.median([r.iterations for r in self.solve(params).results]))
         self.enabled = bool(learned <= margin * cold)
-        return Calibration(float(learned), float(cold), self.enabled)
+        return Calibration(learned, cold, self.enabled, self.anderson,
+                           tuple((refinement_label(a), m) for a, m in candidates))
 
     def solve(self, params: Mapping, *, exact_iterations: bool = True) -> AmortizedResult:
         """Predict, refine and solve a batch with the C solver at ``solver_settings``.

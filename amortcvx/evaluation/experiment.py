@@ -40,7 +40,7 @@ from amortcvx.backends import solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import BACKEND_FORMS, Dataset, generate_dataset
 from amortcvx.deploy import AmortizedSolver, Calibration
-from amortcvx.deploy.solver import SAFEGUARD_REFERENCES
+from amortcvx.deploy.solver import SAFEGUARD_REFERENCES, refinement_label
 from amortcvx.evaluation.baselines import (
     NearestNeighbor,
     cold_warm_starts,
@@ -80,9 +80,11 @@ class ExperimentConfig:
         val_fraction: fraction of the training instances used for validation.
         k: unrolled torch steps in training (residual / distance losses) and refinement steps at deployment.
         eval_k: refinement steps to evaluate the trained model with (one learned strategy each); None: ``(k,)``.
-        anderson_memory: 0 for plain refinement steps; ``M > 0`` accelerates the refinement (learned and control
-            strategies alike) with safeguarded Anderson acceleration of memory ``M``
-            (:class:`~amortcvx.iterations.AndersonSettings`). Training always unrolls plain steps.
+        anderson_memory: 0 for plain refinement steps; ``M > 0`` allows safeguarded Anderson acceleration of
+            memory ``M`` (:class:`~amortcvx.iterations.AndersonSettings`): with calibration on, each learned
+            strategy with ``k > 2`` keeps plain or accelerated refinement, whichever needs fewer C iterations on
+            the validation split; without calibration it is accelerated. The control "cold + k torch steps"
+            uses the learned strategy's refinement. Training always unrolls plain steps.
         weights: training loss weights.
         epochs, batch_size, lr, weight_decay, patience, hidden: training settings (``TrainConfig``).
         seed: seeds the sampling (train ``2 seed``, test ``2 seed + 1``), the split and the training.
@@ -528,8 +530,8 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     solvers: dict[str, AmortizedSolver] = {}
     val_params = _params_rows(ok_train.params, va_idx)
 
-    def make_solver(model_or_none, k: int, procs: int | None) -> AmortizedSolver:
-        return AmortizedSolver(pp, model_or_none, algorithm=backend, k=k, anderson=config.anderson,
+    def make_solver(model_or_none, k: int, procs: int | None, anderson) -> AmortizedSolver:
+        return AmortizedSolver(pp, model_or_none, algorithm=backend, k=k, anderson=anderson,
                                solver_settings=config.solver_settings, safeguard=config.safeguard,
                                safeguard_reference=config.safeguard_reference, device=config.device, dtype=dtype,
                                workers=procs)
@@ -539,12 +541,15 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
         emit(f"building warm starts: {name} (prediction + {k} torch {backend} steps"
              f"{', Anderson-accelerated' if config.anderson else ''}, safeguard "
              f"{'on' if config.safeguard else 'off'})")
-        solver = make_solver(model, k, workers)
+        solver = make_solver(model, k, workers, config.anderson)
         if config.safeguard and config.calibrate:
-            cal = calibration[name] = solver.calibrate(val_params)
+            # with acceleration asked for, the validation medians also choose plain or accelerated refinement
+            choices = (None, config.anderson) if config.anderson is not None and k > 2 else None
+            cal = calibration[name] = solver.calibrate(val_params, refinements=choices)
             emit(f"calibration of {name} on {len(va_idx)} validation instances: median {cal.learned_median:g} "
                  f"vs {cal.cold_median:g} from the (refined) cold start -> predictor "
-                 f"{'kept' if cal.enabled else 'switched off'}")
+                 f"{'kept' if cal.enabled else 'switched off'}; refinement {refinement_label(solver.anderson)}"
+                 + (f" (medians {dict(cal.candidates)})" if len(cal.candidates) > 1 else ""))
         pred = solver.predict_warm_start(test_params)
         strategies[name] = pred.warm_starts
         fallback[name] = int(np.sum(pred.fallback))
@@ -553,7 +558,8 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
         for k in (k for k in config.refine_steps if k > 0):
             name = cold_refined_name(k)
             emit(f"building warm starts: {name} (control: {k} torch {backend} steps from the cold start, no model)")
-            control = make_solver(None, k, workers)
+            # the same refinement as the learned strategy with this k
+            control = make_solver(None, k, workers, solvers[learned_name(k)].anderson)
             pred = control.predict_warm_start(test_params)
             strategies[name] = pred.warm_starts
             fallback[name] = int(np.sum(pred.fallback))
@@ -584,7 +590,7 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
         if batch < 1 or count < 1:
             continue
         emit(f"timing end to end at batch {batch} ({count} instances, {procs} solver process(es))")
-        timed = {name: make_solver(model, s.k, procs) for name, s in solvers.items()}
+        timed = {name: make_solver(model, s.k, procs, s.anderson) for name, s in solvers.items()}
         timings += measure_end_to_end(pp, timing_params, timed, backend, settings=config.solver_settings,
                                       batch_size=batch, instances=count, workers=procs)
     seconds["timing"] = time.perf_counter() - t0
@@ -597,7 +603,9 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
         text += "\nsafeguard fallbacks to cold start: " + ", ".join(f"{k}: {v}/{num_test}" for k, v in fallback.items())
     if calibration:
         text += "\ncalibration on the validation set (median C iterations, learned vs refined cold): " + ", ".join(
-            f"{k}: {c.learned_median:g} vs {c.cold_median:g} ({'kept' if c.enabled else 'switched off'})"
+            f"{k}: {c.learned_median:g} vs {c.cold_median:g} ({'kept' if c.enabled else 'switched off'}"
+            + (f"; refinement {refinement_label(c.anderson)} of {dict(c.candidates)}" if len(c.candidates) > 1
+               else "") + ")"
             for k, c in calibration.items())
     if timings:
         text += "\n\n" + format_timings(timings, title=f"end-to-end time per instance (device {config.device}, "
