@@ -227,7 +227,8 @@ class AmortizedSolver:
 
         Solves ``params`` (held-out validation instances, not the test set) with exact counts. With
         ``refinements`` (e.g. ``(None, AndersonSettings())``), first solves them with the learned warm starts
-        under each refinement and keeps the one with the lowest median (the first on ties) as ``self.anderson``:
+        under each refinement and keeps the one with the lowest median (ties: the lowest mean, then the first) as
+        ``self.anderson``:
         whether acceleration helps depends on the problem (it can cost iterations, see docs/iterations.md).
         Then sets ``self.enabled = median(learned) <= margin * median(cold)``, the cold start refined the same way.
         """
@@ -243,13 +244,14 @@ class AmortizedSolver:
         candidates = []
         for opt in options:
             self.anderson = opt
-            candidates.append((opt, float(np.median([r.iterations for r in self.solve(params).results]))))
-        self.anderson, learned = min(candidates, key=lambda c: c[1])  # min keeps the first of equal medians
+            its = [r.iterations for r in self.solve(params).results]
+            candidates.append((opt, float(np.median(its)), float(np.mean(its))))
+        self.anderson, learned, _ = min(candidates, key=lambda c: (c[1], c[2]))  # min keeps the first of ties
         self.enabled = False
         cold = float(np.median([r.iterations for r in self.solve(params).results]))
         self.enabled = bool(learned <= margin * cold)
         return Calibration(learned, cold, self.enabled, self.anderson,
-                           tuple((refinement_label(a), m) for a, m in candidates))
+                           tuple((refinement_label(a), med) for a, med, _ in candidates))
 
     def solve(self, params: Mapping, *, exact_iterations: bool = True) -> AmortizedResult:
         """Predict, refine and solve a batch with the C solver at ``solver_settings``.
