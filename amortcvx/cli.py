@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-k", type=_k_list, default=None,
                      help="comma-separated refinement steps to evaluate, e.g. 0,5 (default: 0 and --k)")
     run.add_argument("--anderson", type=int, default=0, metavar="M",
-                     help="accelerate the refinement steps with Anderson acceleration of memory M (0: plain steps)")
+                     help="allow Anderson acceleration of memory M for the refinement steps: calibration on the "
+                          "validation split chooses plain or accelerated steps (0: plain steps)")
     run.add_argument("--epochs", type=int, default=d["epochs"], help="maximum training epochs")
     run.add_argument("--batch-size", type=int, default=64, help="training mini-batch size")
     run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--k", type=int, default=10, help="refinement steps of the second learned strategy")
     ap.add_argument("--anderson", type=int, default=0, metavar="M",
-                    help="Anderson acceleration (memory M) of the refinement steps; 0: plain steps")
+                    help="allow Anderson acceleration (memory M) of the refinement (calibration on the validation "
+                         "split chooses plain or accelerated steps); 0: plain steps")
     ap.add_argument("--safeguard-reference", default="refined_cold", choices=("refined_cold", "cold"),
                     help="safeguard reference of the learned strategies (amortcvx.deploy)")
     ap.add_argument("--epochs", type=int, default=100)
@@ -102,9 +103,10 @@ def main() -> None:
           f"batch {args.batch_size}, Adam lr {args.lr}, patience {args.patience}, seed {args.seed}, "
           f"device {args.device}, dtype {args.dtype}")
     print(f"evaluation: {args.n_test} held-out instances; learned k = 0 and k = {args.k} ("
-          f"{'Anderson-accelerated, memory ' + str(args.anderson) if args.anderson else 'plain'} refinement steps, "
-          f"cold + k control the same); safeguard reference {args.safeguard_reference}; timing batch 1 "
-          f"({args.timing_single} instances) and batch {args.timing_batch}")
+          + (f"plain or Anderson-accelerated (memory {args.anderson}) refinement, chosen per strategy on the "
+             "validation split" if args.anderson else "plain refinement steps")
+          + f"; the cold + k control refines the same way); safeguard reference {args.safeguard_reference}; "
+          f"timing batch 1 ({args.timing_single} instances) and batch {args.timing_batch}")
 
     summary = []
     for fam_name in families:
