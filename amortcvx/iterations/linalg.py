@@ -70,6 +70,19 @@ def batch_rows(t: torch.Tensor | None, size: int, batch: int, name: str, like: t
     return t
 
 
+def check_matrices(owner: str, A: SparseBatch, P: SparseBatch | None, m: int, n: int, batch: int) -> None:
+    """Check the matrices of a data batch: ``A`` is ``(m, n)``; ``A`` and ``P`` are shared or one per instance.
+
+    Raises:
+        ValueError: naming ``owner.A`` / ``owner.P`` (e.g. ``"ConeData.A"``) at fault.
+    """
+    if tuple(A.shape) != (m, n):
+        raise ValueError(f"{owner}.A has shape {tuple(A.shape)}; expected (m, n) = {(m, n)}")
+    for name, mat in (("A", A), ("P", P)):
+        if mat is not None and not mat.shared and mat.batch_size != batch:
+            raise ValueError(f"{owner}.{name} holds {mat.batch_size} matrices but the batch has {batch} instances")
+
+
 def dense_batch(mat: SparseBatch, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense copy of a :class:`SparseBatch`: shape ``(1, r, c)`` when it is shared, else ``(B, r, c)``.
 

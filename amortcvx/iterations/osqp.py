@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from amortcvx.canon.data import QPData, SparseBatch
-from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows, spmv
+from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows, check_matrices, spmv
 
 RHO_MAX = 1e6
 
@@ -173,12 +173,7 @@ def osqp_setup(data: QPData, settings: OsqpSettings | None = None) -> OsqpWork:
                          f"{u.dtype}")
     batch, n = q.shape
     m = l.shape[1]
-    if tuple(data.A.shape) != (m, n):
-        raise ValueError(f"QPData.A has shape {tuple(data.A.shape)}; expected (m, n) = {(m, n)}")
-    for name, mat in (("A", data.A), ("P", data.P)):
-        if mat is not None and not mat.shared and mat.batch_size != batch:
-            raise ValueError(f"QPData.{name} holds {mat.batch_size} matrices but the batch has {batch} "
-                             "instances")
+    check_matrices("QPData", data.A, data.P, m, n, batch)
     if bool((l > u).any()):
         raise ValueError("QPData has rows with l > u (infeasible bounds)")
     rho = osqp_rho(l, u, settings)

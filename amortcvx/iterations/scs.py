@@ -40,7 +40,7 @@ import torch
 
 from amortcvx.canon.data import ConeData, ConeDims
 from amortcvx.iterations.cones import project_dual_cone
-from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows
+from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows, check_matrices
 
 
 @dataclass(frozen=True)
@@ -184,12 +184,7 @@ def scs_setup(data: ConeData, settings: ScsSettings | None = None) -> ScsWork:
     n = c.shape[1]
     if data.cones.size != m:
         raise ValueError(f"the cones {data.cones} cover {data.cones.size} rows, but b has m = {m} rows")
-    if tuple(data.A.shape) != (m, n):
-        raise ValueError(f"ConeData.A has shape {tuple(data.A.shape)}; expected (m, n) = {(m, n)}")
-    for name, mat in (("A", data.A), ("P", data.P)):
-        if mat is not None and not mat.shared and mat.batch_size != batch:
-            raise ValueError(f"ConeData.{name} holds {mat.batch_size} matrices but the batch has {batch} "
-                             "instances")
+    check_matrices("ConeData", data.A, data.P, m, n, batch)
     dtype, device = b.dtype, b.device
     nm = n + m
     d = settings.tau_factor
