@@ -181,7 +181,8 @@ def _anderson_steps(alg: FixedPointAlgorithm, state: State, num: int, settings: 
     eye = torch.eye(mem, dtype=point.dtype, device=point.device)
     tiny = torch.finfo(point.dtype).tiny
     extrapolated = torch.zeros(batch, dtype=torch.bool, device=point.device)  # the current point is extrapolated
-    base_f = base_r = f_prev = g_prev = None  # base: the plain image and residual of the last accepted point
+    # the plain image, its residual vector and residual norm at the last accepted point
+    base_f = base_g = base_r = None
     for t in range(1, num):
         state = alg.embed(point)
         z = alg.fixed_point(state)
@@ -194,22 +195,22 @@ def _anderson_steps(alg: FixedPointAlgorithm, state: State, num: int, settings: 
         r = torch.linalg.vector_norm(g, dim=1)
         if base_r is None:
             keep = torch.ones_like(extrapolated)
-            base_f, base_r, f_prev, g_prev = f, r, f, g
+            base_f, base_g, base_r = f, g, r
         else:
             # a rejected point leaves no trace: its instance forgets its memory and goes on from the plain image
-            # of the last accepted point (f_prev, g_prev stay that point's, so the next difference is sound)
+            # of the last accepted point (base_f, base_g stay that point's, so the next difference is sound)
             keep = ~extrapolated | (r <= settings.safeguard * base_r)
             col = (t - 2) % mem
-            dF[:, col] = f - f_prev
-            dG[:, col] = g - g_prev
+            dF[:, col] = f - base_f
+            dG[:, col] = g - base_g
             row = (dG * dG[:, col].unsqueeze(1)).sum(dim=2)  # (B, mem); small batched matmuls are slow on CPU
             gram[:, col, :] = row
             gram[:, :, col] = row
             valid &= keep[:, None]
             valid[:, col] = keep
             keep2 = keep[:, None]
-            base_f, base_r = torch.where(keep2, f, base_f), torch.where(keep, r, base_r)
-            f_prev, g_prev = torch.where(keep2, f, f_prev), torch.where(keep2, g, g_prev)
+            base_f, base_g = torch.where(keep2, f, base_f), torch.where(keep2, g, base_g)
+            base_r = torch.where(keep, r, base_r)
         if t >= 2 and t < num - 2:
             w = valid.to(point.dtype)
             system = gram * (w.unsqueeze(2) * w.unsqueeze(1))
@@ -242,10 +243,10 @@ def run(alg: FixedPointAlgorithm, state: State, num_steps: int, *,
         :class:`LoopResult` with residuals of shape ``(B, num_steps)`` (the residual of each evaluation at the
         point it was taken from); its ``state`` is the result of a plain step, as without acceleration.
     """
+    _check_steps(num_steps)
     with torch.no_grad():
         if anderson is None or num_steps <= 2:
             return _iterate(alg, state, num_steps, None)
-        _check_steps(num_steps)
         state, res = _anderson_steps(alg, state, num_steps, anderson)
         iterations = torch.full((res.shape[0],), num_steps, dtype=torch.int64, device=res.device)
         return LoopResult(state, res, iterations, None)
