@@ -33,6 +33,7 @@ import time
 import problems
 from amortcvx.backends import get_backend
 from amortcvx.datasets import DEFAULT_SETTINGS as DATASET_SETTINGS
+from amortcvx.deploy.solver import SAFEGUARD_REFERENCES
 from amortcvx.evaluation import (
     ExperimentConfig,
     check_family_algorithm,
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--anderson", type=int, default=0, metavar="M",
                     help="allow Anderson acceleration (memory M) of the refinement (calibration on the validation "
                          "split chooses plain or accelerated steps); 0: plain steps")
-    ap.add_argument("--safeguard-reference", default="refined_cold", choices=("refined_cold", "cold"),
+    ap.add_argument("--safeguard-reference", default=SAFEGUARD_REFERENCES[0], choices=SAFEGUARD_REFERENCES,
                     help="safeguard reference of the learned strategies (amortcvx.deploy)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="hidden widths of the MLP")
