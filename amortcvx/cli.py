@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--anderson", type=int, default=0, metavar="M",
                      help="allow Anderson acceleration of memory M for the refinement steps: calibration on the "
                           "validation split chooses plain or accelerated steps (0: plain steps)")
+    run.add_argument("--polish", action="store_true",
+                     help="polish the refined warm starts on their guessed active sets (LP / QP families only)")
     run.add_argument("--epochs", type=int, default=d["epochs"], help="maximum training epochs")
     run.add_argument("--batch-size", type=int, default=64, help="training mini-batch size")
     run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -124,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     eval_k = args.eval_k if args.eval_k is not None else tuple(sorted({0, args.k}))
     config = ExperimentConfig(
         family=args.family, size=args.size, algorithm=args.algorithm, n_train=args.n_train, n_test=args.n_test,
-        k=args.k, eval_k=eval_k, anderson_memory=args.anderson,
+        k=args.k, eval_k=eval_k, anderson_memory=args.anderson, polish=args.polish,
         weights=LossWeights(args.regression, args.residual, args.distance),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
         eps=args.eps, data_root=args.data_root, out_dir=out, workers=args.workers, device=args.device,

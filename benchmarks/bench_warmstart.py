@@ -11,8 +11,8 @@ families), one :func:`amortcvx.evaluation.run_experiment`:
 * strategies, each solved by the C solver from a fresh solver object at eps_abs = eps_rel = ``--eps``
   (default settings otherwise), exact iteration counts: cold, nearest neighbour (training set, standardized
   parameters), previous solution (sequential families), learned with k = 0 and k = ``--k`` torch refinement
-  steps (``--anderson M``: Anderson-accelerated), the control "cold + k torch steps" (same refinement without
-  the predictor), and the optimum;
+  steps (``--anderson M``: Anderson-accelerated; ``--polish``: active-set polish on LP / QP families), the
+  control "cold + k torch steps" (same refinement without the predictor), and the optimum;
 * end-to-end time per instance (canonicalization + prediction + refinement + C solve in timed mode) of the
   learned strategies against cold starts, at batch 1 and at batch ``--timing-batch``.
 
@@ -45,6 +45,9 @@ from amortcvx.evaluation import (
 )
 from amortcvx.training import LossWeights
 
+POLISHABLE_KINDS = ("lp", "qp")
+"""Family kinds whose canonical cones are zero and nonnegative only (``--polish`` applies)."""
+
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.3f}" if b > 0 else "-"
@@ -61,6 +64,9 @@ def main() -> None:
     ap.add_argument("--anderson", type=int, default=0, metavar="M",
                     help="allow Anderson acceleration (memory M) of the refinement (calibration on the validation "
                          "split chooses plain or accelerated steps); 0: plain steps")
+    ap.add_argument("--polish", action="store_true",
+                    help="polish the refined warm starts on their guessed active sets, on the LP and QP families "
+                         "(amortcvx.iterations.polish); the others are run without")
     ap.add_argument("--safeguard-reference", default=SAFEGUARD_REFERENCES[0], choices=SAFEGUARD_REFERENCES,
                     help="safeguard reference of the learned strategies (amortcvx.deploy)")
     ap.add_argument("--epochs", type=int, default=100)
@@ -106,6 +112,7 @@ def main() -> None:
     print(f"evaluation: {args.n_test} held-out instances; learned k = 0 and k = {args.k} ("
           + (f"plain or Anderson-accelerated (memory {args.anderson}) refinement, chosen per strategy on the "
              "validation split" if args.anderson else "plain refinement steps")
+          + ("; active-set polish on LP / QP families" if args.polish else "")
           + f"; the cold + k control refines the same way); safeguard reference {args.safeguard_reference}; "
           f"timing batch 1 ({args.timing_single} instances) and batch {args.timing_batch}")
 
@@ -122,6 +129,7 @@ def main() -> None:
             cfg = ExperimentConfig(
                 family=fam_name, size=args.size, algorithm=algo, n_train=args.n_train, n_test=args.n_test,
                 k=args.k, eval_k=(0, args.k), anderson_memory=args.anderson, weights=weights, epochs=args.epochs,
+                polish=args.polish and fam.kind in POLISHABLE_KINDS,
                 batch_size=args.batch_size, hidden=tuple(args.hidden), safeguard_reference=args.safeguard_reference,
                 lr=args.lr, patience=args.patience, seed=args.seed, eps=args.eps, data_root=args.data_root,
                 out_dir=os.path.join(args.out, f"{fam_name}-{args.size}-{algo}"), workers=args.workers,

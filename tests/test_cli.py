@@ -33,6 +33,8 @@ def test_module_entry_point_runs():
     (["run", "--algorithm", "ecos"], "unknown algorithm 'ecos'"),
     (["run", "--size", "huge"], "unknown size 'huge'"),
     (["run", "--anderson", "-1"], "anderson_memory must be a nonnegative int"),
+    (["run", "--family", "kalman", "--polish"], "polishing needs an LP or QP (zero and nonnegative cones only); "
+                                                "this problem also has soc cones"),
 ])
 def test_run_rejects_bad_input_with_a_clear_error(capsys, tmp_path, argv, message):
     code = main([*argv, "--out", str(tmp_path / "o"), "--data-root", str(tmp_path / "d")])
@@ -51,7 +53,7 @@ def test_default_run_is_the_embedded_configuration():
 def test_tiny_run_prints_the_table(capsys, tmp_path):
     out = tmp_path / "run"
     code = main(["run", "--family", "transport", "--algorithm", "osqp", "--n-train", "30", "--n-test", "8",
-                 "--epochs", "2", "--k", "3", "--eval-k", "0,3", "--anderson", "2", "--workers", "1",
+                 "--epochs", "2", "--k", "3", "--eval-k", "0,3", "--anderson", "2", "--polish", "--workers", "1",
                  "--timing-single", "2", "--timing-batch", "4", "--out", str(out), "--data-root",
                  str(tmp_path / "data"), "--quiet"])
     assert code == 0
@@ -59,4 +61,5 @@ def test_tiny_run_prints_the_table(capsys, tmp_path):
     for name in ("cold", "nearest neighbour", "learned k=0", "learned k=3", "optimum", "speedup vs cold"):
         assert name in text
     assert (out / "table.txt").is_file() and (out / "model.pt").is_file() and (out / "summary.csv").is_file()
-    assert '"anderson_memory": 2' in (out / "config.json").read_text()
+    config = (out / "config.json").read_text()
+    assert '"anderson_memory": 2' in config and '"polish": true' in config

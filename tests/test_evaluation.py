@@ -259,6 +259,8 @@ def test_config_validation():
     with pytest.raises(ValueError, match="safeguard_reference"):
         ExperimentConfig(safeguard_reference="none")
     assert ExperimentConfig(anderson_memory=5).anderson == AndersonSettings(memory=5)
+    with pytest.raises(ValueError, match="polish must be a bool"):
+        ExperimentConfig(polish=1)
 
 
 def test_osqp_on_socp_family_is_refused_early(tmp_path):

@@ -2,8 +2,12 @@
 
 :class:`AmortizedSolver` runs, for a batch of parameters::
 
-    theta --predictor--> z0 --k torch steps (batched)--> z_k --> (x, y[, s]) --> C solver (fresh state, user
-    tolerance) --> answer
+    theta --predictor--> z0 --k torch steps (batched)--> z_k --> (x, y[, s]) [--> polished, if better] --> C solver
+    (fresh state, user tolerance) --> answer
+
+With ``polish=True`` (LPs and QPs) each refined point is also solved exactly on its guessed active set
+(:mod:`amortcvx.iterations.polish`), and each instance keeps whichever of the two points gives the smaller
+fixed-point residual at the C solver's first step (:func:`start_residual`).
 
 Safeguards (a learned warm start changes speed, never answers, and never makes a solve fail):
 
@@ -38,6 +42,7 @@ import torch
 from amortcvx.backends import SolveResult, Status, WarmStart, solve_batch
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.loop import AndersonSettings, run
+from amortcvx.iterations.polish import check_polishable
 from amortcvx.iterations.registry import DATA_FORMS, make_algorithm
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import WarmStartPredictor
@@ -57,7 +62,7 @@ class WarmStartBatch(NamedTuple):
         fallback: bool (B,), True where the safeguard chose the (refined or plain) cold start over the
             prediction.
         residual: (B,) fixed-point residual after ``k`` steps from the prediction (from the cold start when
-            there is no predictor).
+            there is no predictor); with polishing, the residual of the C solver's first step from the warm start.
         cold_residual: (B,) fixed-point residual of the cold-start reference: after ``k`` steps from the cold
             start, or of its first step (``safeguard_reference="cold"``, or the safeguard off).
         seconds: wall time of prediction + refinement + conversion for the whole batch.
@@ -106,6 +111,12 @@ class Calibration(NamedTuple):
     candidates: tuple[tuple[str, float], ...] = ()
 
 
+def start_residual(alg, warm_start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) fixed-point residual of the first step from a warm start (the step the C solver takes first)."""
+    state = alg.init(**warm_start)
+    return alg.residual(state, alg.step(state))
+
+
 def refinement_label(anderson: AndersonSettings | None) -> str:
     """``"plain"`` or ``"anderson(memory=M)"``, for reports."""
     return "plain" if anderson is None else f"anderson(memory={anderson.memory})"
@@ -124,6 +135,10 @@ class AmortizedSolver:
         anderson: None for plain refinement steps; :class:`~amortcvx.iterations.AndersonSettings` to accelerate
             them (safeguarded Anderson acceleration, same number of steps; the cold-start refinement of the
             safeguard is accelerated the same way).
+        polish: after the refinement, polish each warm start on its guessed active set
+            (:mod:`amortcvx.iterations.polish`, LPs and QPs only) and keep, per instance, whichever of the two
+            has the smaller residual at the C solver's first step (the refined cold start likewise). Residuals
+            (of the safeguard and in :class:`WarmStartBatch`) are then those first-step residuals.
         solver_settings: settings of the C solver (tolerances, ...), passed to the backend.
         safeguard: enable the residual check and the cold retry (see the module docstring).
         safeguard_ratio: allowed ratio of predicted to cold residual.
@@ -134,7 +149,7 @@ class AmortizedSolver:
 
     def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
                  algorithm: str | None = None, settings=None, k: int = 0, anderson: AndersonSettings | None = None,
-                 solver_settings: Mapping | None = None,
+                 polish: bool = False, solver_settings: Mapping | None = None,
                  safeguard: bool = True, safeguard_ratio: float = 1.0, safeguard_reference: str = "refined_cold",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, workers: int | None = 1):
         if model is not None:
@@ -155,7 +170,10 @@ class AmortizedSolver:
             raise ValueError(f"k must be nonnegative; got {k}")
         if anderson is not None and not isinstance(anderson, AndersonSettings):
             raise TypeError(f"anderson must be None or an AndersonSettings; got {type(anderson).__name__}")
+        if polish and pp.form == "cone":
+            check_polishable(pp.cones)
         self.pp, self.algorithm, self.settings, self.k, self.anderson = pp, algorithm, settings, k, anderson
+        self.polish = bool(polish)
         self.backend = BACKEND_OF[algorithm]
         self.solver_settings = dict(solver_settings or {})
         if safeguard_reference not in SAFEGUARD_REFERENCES:
@@ -190,21 +208,37 @@ class AmortizedSolver:
         cold_steps = self.k if (not use_model or refined_reference) else 0
         cold = run(alg, alg.init(), cold_steps, anderson=self.anderson).state
         cold_res = alg.residual(cold, alg.step(cold))
-        cold_ws = self.space.warm_start(alg, cold) if cold_steps > 0 else None
+        cold_ws = None
+        if cold_steps > 0:
+            cold_ws, cold_res = self._polished(alg, self.space.warm_start(alg, cold), cold_res)
         if not use_model:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
             return self._package(cold_ws, fallback, cold_res, cold_res, t0), data
         z0 = self.model(theta)
         state = run(alg, self.space.to_state(alg, z0), self.k, anderson=self.anderson).state
-        res = alg.residual(state, alg.step(state))
+        ws = self.space.warm_start(alg, state) if self.k > 0 else self.space.prediction_warm_start(alg, z0)
+        ws, res = self._polished(alg, ws, alg.residual(state, alg.step(state)))
         bad = ~torch.isfinite(res)
         if self.safeguard:
             bad |= res > self.safeguard_ratio * cold_res
-        ws = self.space.warm_start(alg, state) if self.k > 0 else self.space.prediction_warm_start(alg, z0)
         if cold_ws is not None:
             ws = {key: torch.where(bad.unsqueeze(1), cold_ws[key], v) for key, v in ws.items()}
             return self._package(ws, bad, res, cold_res, t0), data
         return self._package(ws, bad, res, cold_res, t0, plain_cold=bad), data
+
+    def _polished(self, alg, ws: dict[str, torch.Tensor], res: torch.Tensor):
+        """With ``polish``: per instance, the better of ``ws`` and its active-set polish, and its residual.
+
+        Both candidates are judged by the fixed-point residual of the first step the C solver takes from them
+        (:func:`start_residual`); the returned residual is that of the one kept. Without ``polish``: unchanged.
+        """
+        if not self.polish:
+            return ws, res
+        polished = alg.polish(**ws)
+        r_ws, r_pol = start_residual(alg, ws), start_residual(alg, polished)
+        take = r_pol < r_ws  # False where the polished point is not finite
+        ws = {key: torch.where(take.unsqueeze(1), polished[key], v) for key, v in ws.items()}
+        return ws, torch.where(take, r_pol, r_ws)
 
     def _package(self, ws, fallback, res, cold_res, t0, plain_cold=None) -> WarmStartBatch:
         """Host-side warm starts; ``plain_cold`` marks instances that get no warm start at all."""

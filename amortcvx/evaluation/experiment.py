@@ -58,6 +58,7 @@ from amortcvx.evaluation.reports import (
     write_summary_csv,
 )
 from amortcvx.iterations import AndersonSettings
+from amortcvx.iterations.polish import check_polishable
 from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
 
 ALGORITHMS = ("scs", "osqp")
@@ -85,6 +86,9 @@ class ExperimentConfig:
             strategy with ``k > 2`` keeps plain or accelerated refinement, whichever needs fewer C iterations on
             the validation split; without calibration it is accelerated. The control "cold + k torch steps"
             uses the learned strategy's refinement. Training always unrolls plain steps.
+        polish: polish every refined warm start (learned strategies and the control) on its guessed active set
+            and keep the better point (``AmortizedSolver(polish=True)``, :mod:`amortcvx.iterations.polish`); LPs
+            and QPs only (a ValueError names the other cones).
         weights: training loss weights.
         epochs, batch_size, lr, weight_decay, patience, hidden: training settings (``TrainConfig``).
         seed: seeds the sampling (train ``2 seed``, test ``2 seed + 1``), the split and the training.
@@ -119,6 +123,7 @@ class ExperimentConfig:
     k: int = 0
     eval_k: tuple[int, ...] | None = None
     anderson_memory: int = 0
+    polish: bool = False
     weights: LossWeights = LossWeights()
     epochs: int = 100
     batch_size: int = 64
@@ -164,6 +169,8 @@ class ExperimentConfig:
         if isinstance(self.anderson_memory, bool) or not isinstance(self.anderson_memory, int) \
                 or self.anderson_memory < 0:
             raise ValueError(f"anderson_memory must be a nonnegative int; got {self.anderson_memory!r}")
+        if not isinstance(self.polish, bool):
+            raise ValueError(f"polish must be a bool; got {self.polish!r}")
         if self.safeguard_reference not in SAFEGUARD_REFERENCES:
             raise ValueError(f"safeguard_reference must be one of {SAFEGUARD_REFERENCES}; "
                              f"got {self.safeguard_reference!r}")
@@ -470,6 +477,8 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     t0 = time.perf_counter()
     emit(f"compiling {config.family} ({config.size}, kind {family.kind}) for {backend} (form {form!r})")
     pp = ParametricProblem(family.problem, form=form)
+    if config.polish and form == "cone":
+        check_polishable(pp.cones)  # before any work
     emit(f"n = {pp.n}, m = {pp.m}, parameters = {pp.num_params}, fingerprint {pp.fingerprint}")
     seed_train, seed_test = 2 * config.seed, 2 * config.seed + 1
     sets = {}
@@ -531,7 +540,7 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     val_params = _params_rows(ok_train.params, va_idx)
 
     def make_solver(model_or_none, k: int, procs: int | None, anderson) -> AmortizedSolver:
-        return AmortizedSolver(pp, model_or_none, algorithm=backend, k=k, anderson=anderson,
+        return AmortizedSolver(pp, model_or_none, algorithm=backend, k=k, anderson=anderson, polish=config.polish,
                                solver_settings=config.solver_settings, safeguard=config.safeguard,
                                safeguard_reference=config.safeguard_reference, device=config.device, dtype=dtype,
                                workers=procs)
@@ -539,7 +548,7 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
     for k in config.refine_steps:
         name = learned_name(k)
         emit(f"building warm starts: {name} (prediction + {k} torch {backend} steps"
-             f"{', Anderson-accelerated' if config.anderson else ''}, safeguard "
+             f"{', Anderson-accelerated' if config.anderson else ''}{', polished' if config.polish else ''}, safeguard "
              f"{'on' if config.safeguard else 'off'})")
         solver = make_solver(model, k, workers, config.anderson)
         if config.safeguard and config.calibrate:
@@ -591,6 +600,8 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
             continue
         emit(f"timing end to end at batch {batch} ({count} instances, {procs} solver process(es))")
         timed = {name: make_solver(model, s.k, procs, s.anderson) for name, s in solvers.items()}
+        for name, s in timed.items():
+            s.enabled = solvers[name].enabled  # as calibrated
         timings += measure_end_to_end(pp, timing_params, timed, backend, settings=config.solver_settings,
                                       batch_size=batch, instances=count, workers=procs)
     seconds["timing"] = time.perf_counter() - t0

@@ -27,6 +27,7 @@ from amortcvx.iterations.osqp import (
     osqp_solution,
     osqp_step,
 )
+from amortcvx.iterations.polish import check_polishable, equality_qp
 from amortcvx.iterations.registry import ALGORITHMS, DATA_FORMS, make_algorithm, make_osqp, make_scs
 from amortcvx.iterations.scs import (
     ScsCOutput,
@@ -45,8 +46,8 @@ from amortcvx.iterations.scs import (
 
 __all__ = [
     "ALGORITHMS", "AndersonSettings", "DATA_FORMS", "FixedPointAlgorithm", "KKTSolver", "LoopResult", "OsqpSettings",
-    "OsqpSolution", "OsqpState", "OsqpWork", "ScsCOutput", "ScsSettings", "ScsSolution", "ScsState",
-    "ScsWork", "make_algorithm", "make_osqp", "make_scs", "osqp_init", "osqp_residual", "osqp_setup",
-    "osqp_solution", "osqp_step", "run", "run_to_tolerance", "scs_c_output", "scs_init", "scs_residual",
+    "OsqpSolution", "OsqpState", "OsqpWork", "ScsCOutput", "ScsSettings", "ScsSolution", "ScsState", "ScsWork",
+    "check_polishable", "equality_qp", "make_algorithm", "make_osqp", "make_scs", "osqp_init", "osqp_residual",
+    "osqp_setup", "osqp_solution", "osqp_step", "run", "run_to_tolerance", "scs_c_output", "scs_init", "scs_residual",
     "scs_rsk", "scs_setup", "scs_solution", "scs_step", "unroll",
 ]

@@ -198,11 +198,15 @@ class KKTSolver:
         method: ``"auto"``, ``"kkt"``, ``"inverse"``, ``"cholesky"`` or ``"sparse"`` (see the module doc).
         factor_dtype: dtype of the factorization (float64 by default: with ``d_x = 1e-6`` the Schur
             complement is often too ill-conditioned for a float32 Cholesky); the result is cast to ``dtype``.
+        strict: raise when a Schur complement is not positive definite (numerically). With ``strict=False``
+            such instances are marked in ``failed`` instead, and their solves return NaN.
 
     Attributes:
         method: the method in use (``"auto"`` resolved).
         n, m: block sizes.
         batch_size: number of factorizations held (1 when shared by the batch).
+        failed: bool ``(batch_size,)``, the instances whose factorization failed (all False unless
+            ``strict=False``).
 
     Raises:
         ValueError: bad shapes, an unknown method, ``"sparse"`` where it does not apply, a problem beyond the
@@ -210,7 +214,7 @@ class KKTSolver:
     """
 
     def __init__(self, A: SparseBatch, P: SparseBatch | None, d_x, d_y, *, dtype: torch.dtype,
-                 method: str = "auto", factor_dtype: torch.dtype = torch.float64):
+                 method: str = "auto", factor_dtype: torch.dtype = torch.float64, strict: bool = True):
         if method not in METHODS:
             raise ValueError(f"unknown linear-system method {method!r}; expected one of {METHODS}")
         m, n = A.shape
@@ -248,10 +252,11 @@ class KKTSolver:
                 raise ValueError("method='sparse' cannot differentiate with respect to A, P or the "
                                  "diagonals; use method='kkt', 'inverse' or 'cholesky'")
             self.batch_size = 1
+            self.failed = torch.zeros(1, dtype=torch.bool, device=device)  # splu raises on a singular K
             self._setup_sparse(A, P, d_x, d_y)
             return
         fdt = factor_dtype if device.type != "mps" else torch.float32
-        chol = self._schur_cholesky(A, P, d_x.to(fdt), d_y.to(fdt), fdt)
+        chol = self._schur_cholesky(A, P, d_x.to(fdt), d_y.to(fdt), fdt, strict)
         self.batch_size = int(chol.shape[0])
         self.inv_dy = (1.0 / d_y).to(dtype)
         # Products with A (not needed by "kkt"): dense when A is at least 25% full or shared and small
@@ -280,8 +285,11 @@ class KKTSolver:
             self.batch_size = int(self.kinv.shape[0])
 
     def _schur_cholesky(self, A: SparseBatch, P: SparseBatch | None, d_x: torch.Tensor, d_y: torch.Tensor,
-                        fdt: torch.dtype) -> torch.Tensor:
-        """Cholesky factor of ``S = P + D_x + A' D_y^-1 A``, ``(1 or B, n, n)``, formed in chunks."""
+                        fdt: torch.dtype, strict: bool = True) -> torch.Tensor:
+        """Cholesky factor of ``S = P + D_x + A' D_y^-1 A``, ``(1 or B, n, n)``, formed in chunks.
+
+        Sets ``self.failed``; a failed factor (``strict=False``) is NaN, so its solves are NaN.
+        """
         n = self.n
         batch = max(1 if A.shared else A.batch_size, 1 if P is None or P.shared else P.batch_size,
                     d_x.shape[0], d_y.shape[0])
@@ -300,7 +308,10 @@ class KKTSolver:
             chunks.append(0.5 * (s + s.mT))  # exact symmetry: the Cholesky reads one triangle
         s = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
         chol, info = torch.linalg.cholesky_ex(s)
-        if bool((info != 0).any()):
+        self.failed = info != 0
+        if not strict:
+            return torch.where(self.failed[:, None, None], torch.nan, chol)
+        if bool(self.failed.any()):
             bad = int(torch.nonzero(info)[0, 0])
             raise ValueError(
                 f"the Schur complement P + D_x + A' D_y^-1 A of instance {bad} is not positive definite; "

@@ -39,6 +39,8 @@ class FixedPointAlgorithm(NamedTuple):
         embed: ``embed(z) -> state``, a state whose next step applies ``T`` to ``z`` and whose
             ``fixed_point`` is ``z`` (up to the algorithm's own normalization); needed only by accelerated
             loops, which continue from extrapolated points that no step produced.
+        polish: ``polish(**warm_start) -> warm_start``, active-set polishing of a primal-dual point given as
+            ``init``'s keyword arguments (see :mod:`amortcvx.iterations.polish`); None where not available.
     """
 
     name: str
@@ -49,6 +51,7 @@ class FixedPointAlgorithm(NamedTuple):
     residual: Callable[[State, State], torch.Tensor]
     solution: Callable[[State], Any]
     embed: Callable[[torch.Tensor], State] | None = None
+    polish: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ class OsqpWork(NamedTuple):
         rho: per-row step sizes, ``(1, m)`` when the row types agree across the batch, else ``(B, m)``.
         rho_inv: ``1 / rho``.
         A: the constraint matrices (for ``z = A x`` of warm starts).
+        P: the quadratic terms, or None (for polishing, :mod:`.polish`).
         solver: the factored ``K``.
         Wx, Wz: for ``linsys="kkt"``, ``(sigma K^-1[:, :n])'`` and ``(K^-1[:, n:])'``
             (``(1 or B, ., n + m)``); None otherwise.
@@ -122,6 +123,7 @@ class OsqpWork(NamedTuple):
     rho: torch.Tensor
     rho_inv: torch.Tensor
     A: SparseBatch
+    P: SparseBatch | None
     solver: KKTSolver
     Wx: torch.Tensor | None
     Wz: torch.Tensor | None
@@ -185,7 +187,7 @@ def osqp_setup(data: QPData, settings: OsqpSettings | None = None) -> OsqpWork:
         wx = (settings.sigma * kinv_t[:, :n]).contiguous()
         wz = kinv_t[:, n:].contiguous()
         c0 = solver.solve_packed(torch.cat([-q, torch.zeros_like(l)], dim=1))
-    return OsqpWork(n=n, m=m, settings=settings, q=q, l=l, u=u, rho=rho, rho_inv=rho_inv, A=data.A,
+    return OsqpWork(n=n, m=m, settings=settings, q=q, l=l, u=u, rho=rho, rho_inv=rho_inv, A=data.A, P=data.P,
                     solver=solver, Wx=wx, Wz=wz, c0=c0, batch_size=batch)
 
 

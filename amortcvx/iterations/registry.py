@@ -10,32 +10,37 @@ from amortcvx.iterations import osqp as _osqp
 from amortcvx.iterations import scs as _scs
 from amortcvx.iterations.convert import osqp_state_from_fixed_point
 from amortcvx.iterations.loop import FixedPointAlgorithm
+from amortcvx.iterations.polish import osqp_polish, scs_polish
 
 
 def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None) -> FixedPointAlgorithm:
     """SCS 3's iteration bound to a batch of cone programs (factors ``M`` once; see :mod:`.scs`).
 
     ``init(x=None, y=None, s=None, *, v=None)``; the fixed-point variable is ``v`` (``(B, n + m + 1)``);
-    ``solution`` gives :class:`~amortcvx.iterations.scs.ScsSolution` ``(x, y, s, tau, kappa)``.
+    ``solution`` gives :class:`~amortcvx.iterations.scs.ScsSolution` ``(x, y, s, tau, kappa)``;
+    ``polish(x=, y=, s=)``: see :mod:`.polish` (LPs and QPs only).
     """
     work = _scs.scs_setup(data, settings)
     return FixedPointAlgorithm(
         name="scs", work=work, init=partial(_scs.scs_init, work), step=partial(_scs.scs_step, work),
         fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
-        solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work))
+        solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
+        polish=partial(scs_polish, work))
 
 
 def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None) -> FixedPointAlgorithm:
     """OSQP 1's ADMM iteration bound to a batch of QPs (factors ``K`` once; see :mod:`.osqp`).
 
     ``init(x=None, y=None, *, z=None)`` (``z = A x`` by default); the fixed-point variable is
-    ``[x; z + y / rho]`` (``(B, n + m)``); ``solution`` gives :class:`~amortcvx.iterations.osqp.OsqpSolution`.
+    ``[x; z + y / rho]`` (``(B, n + m)``); ``solution`` gives :class:`~amortcvx.iterations.osqp.OsqpSolution`;
+    ``polish(x=, y=)``: see :mod:`.polish`.
     """
     work = _osqp.osqp_setup(data, settings)
     return FixedPointAlgorithm(
         name="osqp", work=work, init=partial(_osqp.osqp_init, work), step=partial(_osqp.osqp_step, work),
         fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
-        solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work))
+        solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
+        polish=partial(osqp_polish, work))
 
 
 ALGORITHMS: dict[str, Callable[..., FixedPointAlgorithm]] = {"scs": make_scs, "osqp": make_osqp}

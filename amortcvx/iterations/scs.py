@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from amortcvx.canon.data import ConeData, ConeDims
+from amortcvx.canon.data import ConeData, ConeDims, SparseBatch
 from amortcvx.iterations.cones import project_dual_cone
 from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows, check_matrices
 
@@ -132,6 +132,7 @@ class ScsWork(NamedTuple):
             equation is ``b = v_in . qb`` (because ``p'R g = v_in . (diag(r_signed) M^-1 R g)``).
         a: ``d + g'R g``, ``(B,)``, the quadratic coefficient of the ``tau`` equation.
         b, c: the data vectors, ``(B, m)`` and ``(B, n)``.
+        A, P: the data matrices (for polishing, :mod:`.polish`).
         batch_size: ``B``.
     """
 
@@ -148,6 +149,8 @@ class ScsWork(NamedTuple):
     a: torch.Tensor
     b: torch.Tensor
     c: torch.Tensor
+    A: SparseBatch
+    P: SparseBatch | None
     batch_size: int
 
 
@@ -205,7 +208,7 @@ def scs_setup(data: ConeData, settings: ScsSettings | None = None) -> ScsWork:
     g_full = torch.cat([g, minus_one], dim=1)
     qb = torch.cat([rg - 2.0 * h, d * minus_one], dim=1)
     return ScsWork(n=n, m=m, cones=data.cones, settings=settings, r=r, r_signed=r_signed, solver=solver, W=W,
-                   g=g_full, qb=qb, a=a, b=b, c=c, batch_size=batch)
+                   g=g_full, qb=qb, a=a, b=b, c=c, A=data.A, P=data.P, batch_size=batch)
 
 
 def scs_init(work: ScsWork, x: torch.Tensor | None = None, y: torch.Tensor | None = None,

@@ -1,0 +1,149 @@
+"""Active-set polishing of a warm start (LPs and QPs): guess the active constraints, solve for them exactly.
+
+A fixed-point iteration approaches an LP's optimal vertex slowly, but usually knows early which constraints
+hold with equality there. Polishing guesses that active set ``S`` from a primal-dual point and solves the
+equality-constrained problem
+
+    minimize 1/2 x'Px + q'x   subject to   A_i x = r_i  (i in S)
+
+through its KKT system ``P x + q + A_S' y_S = 0``, ``A_S x = r_S`` (``y = 0`` off ``S``). When the guess is
+right the result is the exact optimum, and the C solver started there stops at its first check. When it is
+wrong the result can be far worse than the point it came from, so the caller keeps it only where it is better
+(:class:`~amortcvx.deploy.AmortizedSolver` compares the fixed-point residuals of the C solver's first step from
+either point). The same idea is OSQP's own ``polishing`` (run after the solve, with its final iterate).
+
+Guess, per row, a score that is positive when the row looks active (the dual outweighs the slack):
+
+* SCS (``Ax + s = b``, ``s`` in zero x nonnegative cones): zero-cone rows are always active; a nonnegative row's
+  score is ``y_i - s_i``; the right-hand side is ``b``.
+* OSQP (``l <= Ax <= u``, ``y = y_u - y_l``): equality rows (``l = u``) are always active; otherwise the lower
+  bound scores ``-y_i - (z_i - l_i)`` and the upper ``y_i - (u_i - z_i)`` (``z = Ax``); a row takes its better
+  side, and the right-hand side is that bound.
+
+QP (``P`` given): the rows with a positive score. LP (no ``P``): the ``n`` rows with the highest scores (a
+nondegenerate optimal vertex has exactly ``n`` active constraints; counting is far more robust than the sign
+of a score when the point is still inexact). Forced rows are always in.
+
+The KKT system (inactive rows of ``A`` zeroed, ``-y_i = 0`` there) is solved with the regularized
+quasi-definite matrix ``[[P + delta I, A_S'], [A_S, -D]]`` of :class:`~amortcvx.iterations.linalg.KKTSolver`
+(``D = delta`` on active rows, 1 off them), followed by ``passes`` steps of iterative refinement against the
+unregularized system. Cost: one dense Cholesky factorization of an ``n x n`` matrix per instance (the active sets
+differ), like the iterations' own setup when ``A`` or ``P`` depend on the parameters. An instance whose system
+cannot be factored (a wrong guess can make it numerically singular) gets NaN, which the caller discards.
+
+Only problems whose cones are zero and nonnegative (LPs and QPs) can be polished; :func:`check_polishable`
+says so with the cones at fault.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from amortcvx.canon.data import ConeDims, SparseBatch
+from amortcvx.iterations.linalg import KKTSolver, SparseOperator, batch_rows
+
+POLISHABLE_CONES = frozenset({"zero", "nonneg"})
+"""Cone kinds a polishable cone program may have."""
+
+DELTA = 1e-6
+"""Regularization of the polishing KKT system (OSQP's ``delta`` default)."""
+PASSES = 3
+"""Iterative-refinement passes against the unregularized system (OSQP's ``polish_refine_iter`` default)."""
+
+
+def check_polishable(cones: ConeDims) -> None:
+    """Raise ValueError, naming the cones at fault, unless every cone is zero or nonnegative (an LP / QP)."""
+    other = [k for k in cones.kinds if k not in POLISHABLE_CONES]
+    if other:
+        raise ValueError(f"polishing needs an LP or QP (zero and nonnegative cones only); this problem also has "
+                         f"{', '.join(other)} cones")
+
+
+def guess_active(score: torch.Tensor, forced: torch.Tensor, vertex: int | None) -> torch.Tensor:
+    """The guessed active set, bool ``(B, m)``.
+
+    Args:
+        score: ``(B, m)``, positive where a row looks active.
+        forced: bool ``(m,)`` or ``(B, m)``, rows that are always active (equalities).
+        vertex: for an LP, the number of variables ``n``: the ``n`` highest-scoring rows are taken (forced rows
+            first); None (QP): the rows with a positive score.
+    """
+    forced = forced.expand_as(score)
+    if vertex is None:
+        return forced | (score > 0)
+    ranked = torch.where(forced, torch.inf, torch.nan_to_num(score, nan=-torch.inf))
+    top = ranked.topk(min(vertex, score.shape[1]), dim=1).indices
+    return forced | torch.zeros_like(forced).scatter(1, top, True)
+
+
+def equality_qp(A: SparseBatch, P: SparseBatch | None, q: torch.Tensor, rhs: torch.Tensor, active: torch.Tensor,
+                *, delta: float = DELTA, passes: int = PASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``min 1/2 x'Px + q'x  s.t.  A_i x = rhs_i (active i)`` for a batch, with its multipliers.
+
+    Args:
+        A: ``(m, n)`` constraint matrices; P: ``(n, n)`` or None.
+        q: ``(B, n)``; rhs: ``(B, m)`` (read on active rows only); active: bool ``(B, m)``.
+        delta: regularization; passes: iterative-refinement passes.
+
+    Returns:
+        ``x`` (B, n) and ``y`` (B, m), zero off the active rows, with ``P x + q + A' y = 0`` (up to the
+        regularization left after refinement; exact for a nonsingular reduced KKT system).
+    """
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1); got {delta}")
+    if passes < 0:
+        raise ValueError(f"passes must be nonnegative; got {passes}")
+    batch = active.shape[0]
+    rows = torch.as_tensor(A.coo()[0], device=active.device)
+    values = A.values.expand(batch, -1) if A.shared else A.values
+    a_act = SparseBatch(A.indices, A.indptr, A.shape, values * active[:, rows], False)  # inactive rows zeroed
+    on = active.to(q.dtype)
+    # K = [[P, A_S'], [A_S, -(1 - on)]] (an inactive row reads -y_i = 0); the factored K_delta adds delta I to
+    # the first block and -delta I to the active rows of the second. Instances whose K_delta cannot be factored
+    # (numerically singular) come out NaN.
+    solver = KKTSolver(a_act, P, delta, 1.0 - (1.0 - delta) * on, dtype=q.dtype, method="cholesky", strict=False)
+    a_op = SparseOperator(a_act, q.dtype)
+    p_op = None if P is None else SparseOperator(P, q.dtype)
+    r_x, r_y = -q, torch.where(active, rhs, 0.0)  # rhs may be infinite off the active rows
+    x, y = solver.solve(r_x, r_y)
+    for _ in range(passes):
+        kx = a_op.rmatvec(y) if p_op is None else p_op.matvec(x) + a_op.rmatvec(y)
+        ky = a_op.matvec(x) - (1.0 - on) * y
+        dx, dy = solver.solve(r_x - kx, r_y - ky)
+        x, y = x + dx, y + dy
+    return x, on * y
+
+
+def scs_polish(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, *, delta: float = DELTA,
+               passes: int = PASSES) -> dict[str, torch.Tensor]:
+    """Polish a cone-form warm start ``(x, y, s)``; returns the polished ``{"x", "y", "s"}`` (``s = b - Ax``).
+
+    ``work`` is the :class:`~amortcvx.iterations.scs.ScsWork` of the batch (its data and cones).
+    """
+    check_polishable(work.cones)
+    n, m, batch = work.n, work.m, work.batch_size
+    x, y, s = (batch_rows(t, size, batch, name, work.b) for t, size, name in ((x, n, "x"), (y, m, "y"), (s, m, "s")))
+    forced = torch.arange(m, device=y.device) < work.cones.zero
+    active = guess_active(y - s, forced, None if work.P is not None else n)
+    xp, yp = equality_qp(work.A, work.P, work.c, work.b, active, delta=delta, passes=passes)
+    sp = torch.where(active, 0.0, work.b - SparseOperator(work.A, xp.dtype).matvec(xp))
+    return {"x": xp, "y": yp, "s": sp}
+
+
+def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
+                passes: int = PASSES) -> dict[str, torch.Tensor]:
+    """Polish a QP-form warm start ``(x, y)``; returns the polished ``{"x", "y"}``.
+
+    ``work`` is the :class:`~amortcvx.iterations.osqp.OsqpWork` of the batch (its data).
+    """
+    n, m, batch = work.n, work.m, work.batch_size
+    x, y = batch_rows(x, n, batch, "x", work.q), batch_rows(y, m, batch, "y", work.q)
+    z = SparseOperator(work.A, x.dtype).matvec(x)
+    lower = -y - (z - work.l)
+    upper = y - (work.u - z)
+    use_upper = upper > lower
+    forced = (work.u - work.l) < work.settings.rho_tol  # equality rows, as osqp_rho counts them
+    active = guess_active(torch.where(use_upper, upper, lower), forced, None if work.P is not None else n)
+    rhs = torch.where(use_upper & ~forced, work.u, work.l)
+    xp, yp = equality_qp(work.A, work.P, work.q, rhs, active, delta=delta, passes=passes)
+    return {"x": xp, "y": yp}
