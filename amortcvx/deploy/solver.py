@@ -207,17 +207,17 @@ class AmortizedSolver:
         refined_reference = self.safeguard and self.safeguard_reference == "refined_cold"
         cold_steps = self.k if (not use_model or refined_reference) else 0
         cold = run(alg, alg.init(), cold_steps, anderson=self.anderson).state
-        cold_res = alg.residual(cold, alg.step(cold))
-        cold_ws = None
         if cold_steps > 0:
-            cold_ws, cold_res = self._polished(alg, self.space.warm_start(alg, cold), cold_res)
+            cold_ws, cold_res = self._finish(alg, cold, self.space.warm_start(alg, cold))
+        else:  # the plain cold start and its first step's residual
+            cold_ws, cold_res = None, alg.residual(cold, alg.step(cold))
         if not use_model:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
             return self._package(cold_ws, fallback, cold_res, cold_res, t0), data
         z0 = self.model(theta)
         state = run(alg, self.space.to_state(alg, z0), self.k, anderson=self.anderson).state
         ws = self.space.warm_start(alg, state) if self.k > 0 else self.space.prediction_warm_start(alg, z0)
-        ws, res = self._polished(alg, ws, alg.residual(state, alg.step(state)))
+        ws, res = self._finish(alg, state, ws)
         bad = ~torch.isfinite(res)
         if self.safeguard:
             bad |= res > self.safeguard_ratio * cold_res
@@ -226,14 +226,15 @@ class AmortizedSolver:
             return self._package(ws, bad, res, cold_res, t0), data
         return self._package(ws, bad, res, cold_res, t0, plain_cold=bad), data
 
-    def _polished(self, alg, ws: dict[str, torch.Tensor], res: torch.Tensor):
-        """With ``polish``: per instance, the better of ``ws`` and its active-set polish, and its residual.
+    def _finish(self, alg, state, ws: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The warm starts ``ws`` read from ``state`` (refined), optionally polished, and their residuals.
 
-        Both candidates are judged by the fixed-point residual of the first step the C solver takes from them
-        (:func:`start_residual`); the returned residual is that of the one kept. Without ``polish``: unchanged.
+        Without ``polish``: ``ws`` and the fixed-point residual of the next step from ``state``. With it: per
+        instance the better of ``ws`` and its active-set polish, judged by the residual of the first step the C
+        solver takes from each (:func:`start_residual`), and that residual.
         """
         if not self.polish:
-            return ws, res
+            return ws, alg.residual(state, alg.step(state))
         polished = alg.polish(**ws)
         r_ws, r_pol = start_residual(alg, ws), start_residual(alg, polished)
         take = r_pol < r_ws  # False where the polished point is not finite

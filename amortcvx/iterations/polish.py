@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from amortcvx.canon.data import ConeDims, SparseBatch
-from amortcvx.iterations.linalg import KKTSolver, SparseOperator, batch_rows
+from amortcvx.iterations.linalg import KKTSolver, SparseOperator, batch_rows, spmv
 
 POLISHABLE_CONES = frozenset({"zero", "nonneg"})
 """Cone kinds a polishable cone program may have."""
@@ -126,7 +126,7 @@ def scs_polish(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, *, delta
     forced = torch.arange(m, device=y.device) < work.cones.zero
     active = guess_active(y - s, forced, None if work.P is not None else n)
     xp, yp = equality_qp(work.A, work.P, work.c, work.b, active, delta=delta, passes=passes)
-    sp = torch.where(active, 0.0, work.b - SparseOperator(work.A, xp.dtype).matvec(xp))
+    sp = torch.where(active, 0.0, work.b - spmv(work.A, xp))
     return {"x": xp, "y": yp, "s": sp}
 
 
@@ -138,7 +138,7 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     """
     n, m, batch = work.n, work.m, work.batch_size
     x, y = batch_rows(x, n, batch, "x", work.q), batch_rows(y, m, batch, "y", work.q)
-    z = SparseOperator(work.A, x.dtype).matvec(x)
+    z = spmv(work.A, x)
     lower = -y - (z - work.l)
     upper = y - (work.u - z)
     use_upper = upper > lower
