@@ -149,7 +149,10 @@ def test_errors_are_clear():
         pp.canonicalize({"a": np.ones((4, 2, 3)), "b": np.ones((5, 2))})
     with pytest.raises(ValueError, match="'b' contains NaN"):
         pp.canonicalize({"a": np.ones((2, 3)), "b": np.array([1.0, np.nan])})
-    with pytest.raises(ValueError, match="not DPP"):
+    with pytest.raises(ValueError, match="not DPP"):  # convex (DCP) for every value, but not DPP
+        p = cp.Parameter(name="p", nonneg=True)
+        ParametricProblem(cp.Problem(cp.Minimize(p * p * cp.sum_squares(x))))
+    with pytest.raises(ValueError, match="not convex"):  # p * p has no known sign: not DCP
         p = cp.Parameter(name="p")
         ParametricProblem(cp.Problem(cp.Minimize(p * p * cp.sum_squares(x))))
     with pytest.raises(ValueError, match="not a QP"):

@@ -93,6 +93,8 @@ class ParametricProblem:
         params = problem.parameters()
         if not params:
             raise ValueError("the problem has no cp.Parameter; there is nothing to amortize over")
+        _check_continuous(problem)
+        _check_dcp(problem)
         if not problem.is_dpp():
             raise ValueError(
                 "the problem is not DPP (disciplined parametrized programming), so its canonical data is not "
@@ -194,6 +196,16 @@ class ParametricProblem:
         return dict(self._params)
 
     @property
+    def objective_sign(self) -> float:
+        """+1.0 for ``cp.Minimize``, -1.0 for ``cp.Maximize``.
+
+        The canonical problem is always a minimization: for ``Maximize(f)`` CVXPY minimizes ``-f``, so the
+        canonical optimal value ``1/2 x'Px + c'x + offset`` (what the backends report) is ``-f*``, and CVXPY's
+        value is ``objective_sign * canonical value``.
+        """
+        return -1.0 if isinstance(self.problem.objective, cp.Maximize) else 1.0
+
+    @property
     def dependent(self) -> dict[str, bool]:
         """Which canonical pieces depend on parameters (the others are shared by every instance)."""
         out = {"c": not self._c_map.shared, "A": not self._a_map.shared, "b": not self._b_map.shared,
@@ -254,8 +266,13 @@ class ParametricProblem:
         batch = None
         for name, shape, _, _ in self._layout:
             val = given[name]
-            t = val.to(device=device, dtype=dtype) if isinstance(val, torch.Tensor) else torch.tensor(
-                np.asarray(val, dtype=np.float64), dtype=dtype, device=device)  # a copy: inputs may be read-only
+            if isinstance(val, torch.Tensor):
+                if val.is_complex():
+                    raise ValueError(f"parameter {name!r} has complex values (dtype {val.dtype}); amortcvx "
+                                     "supports real parameters only")
+                t = val.to(device=device, dtype=dtype)
+            else:
+                t = torch.tensor(_real_array(val, name), dtype=dtype, device=device)  # a copy: inputs may be read-only
             shape = tuple(shape)
             if tuple(t.shape) == shape:
                 t = t.unsqueeze(0)
@@ -268,6 +285,7 @@ class ParametricProblem:
                 raise ValueError(f"parameter {name!r} expects shape {shape} or (B, *{shape}); got {tuple(t.shape)}")
             if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"parameter {name!r} contains NaN or inf values")
+            _check_attributes(self._params[name], t)
             tensors[name] = t
         batch = 1 if batch is None else batch
         if batch == 0:
@@ -311,7 +329,10 @@ class ParametricProblem:
             x: canonical primal solution (length n).
             y: canonical dual solution (length m), rows ordered as the cones.
             status: the CVXPY status to attach (see ``amortcvx.backends`` for the mapping from solver statuses).
-            value: the optimal value to attach.
+            value: the optimal value to attach, in CVXPY's sign: ``problem.value`` as ``problem.solve`` would
+                set it. The backends report the canonical (minimization) value; for a ``cp.Maximize`` problem
+                pass ``pp.objective_sign * canonical_value`` (see :attr:`objective_sign`). It is attached as
+                given.
         """
         from cvxpy.reductions.solution import Solution
         from cvxpy.reductions.solvers import utilities
@@ -358,8 +379,123 @@ class ParametricProblem:
         return x
 
 
+def _check_continuous(problem: cp.Problem) -> None:
+    """Refuse integer / boolean variables (a mixed-integer problem is not convex)."""
+    bad = [f"{v.name()} ({'boolean' if v.attributes.get('boolean') else 'integer'}=True)"
+           for v in problem.variables() if v.attributes.get("integer") or v.attributes.get("boolean")]
+    if bad:
+        raise ValueError(
+            "amortcvx needs continuous convex problems, but the problem has integer / boolean variable(s) "
+            f"{bad}; declare them without integer=/boolean= (a continuous relaxation) to use amortcvx")
+
+
+def _check_dcp(problem: cp.Problem) -> None:
+    """Refuse a problem that does not follow the DCP rules, showing the offending objective / constraints."""
+    if problem.is_dcp():
+        return
+    parts = []
+    if not problem.objective.is_dcp():
+        parts.append(f"the objective {problem.objective} is not DCP")
+    bad = [str(c) for c in problem.constraints if not c.is_dcp()]
+    if bad:
+        parts.append(f"constraint(s) not DCP: {bad}")
+    try:
+        from cvxpy.utilities.debug_tools import build_non_disciplined_error_msg
+
+        detail = build_non_disciplined_error_msg(problem, "DCP").strip()
+    except Exception:  # noqa: BLE001 - the detail is optional (a private CVXPY helper)
+        detail = ""
+    raise ValueError(
+        "the problem is not convex: it does not follow the DCP rules (problem.is_dcp() is False), so amortcvx "
+        "cannot compile it; " + "; ".join(parts) + (f". CVXPY says: {detail}" if detail else "")
+        + " (see https://www.cvxpy.org/tutorial/dcp/)")
+
+
+def _real_array(val: Any, name: str) -> np.ndarray:
+    """``val`` as a float64 array; complex or non-numeric values are a ValueError naming the parameter."""
+    try:
+        arr = np.asarray(val)
+    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
+        raise ValueError(f"parameter {name!r}: cannot read its value as an array ({exc})") from None
+    if np.iscomplexobj(arr):
+        raise ValueError(f"parameter {name!r} has complex values (dtype {arr.dtype}); amortcvx supports real "
+                         "parameters only")
+    try:
+        return np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"parameter {name!r} must hold real numbers; got dtype {arr.dtype} ({exc})") from None
+
+
+def _bounds(p: cp.Parameter) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Numeric ``bounds=`` of a parameter (lower, upper), each None when absent or not a constant."""
+    bounds = p.attributes.get("bounds")
+    if bounds is None:
+        return None, None
+    out = []
+    for b in bounds:
+        if b is None or isinstance(b, cp.Expression):
+            out.append(None)
+            continue
+        try:
+            arr = np.array(np.broadcast_to(np.asarray(b, dtype=np.float64), p.shape))
+        except (TypeError, ValueError):
+            out.append(None)
+            continue
+        out.append(arr if np.isfinite(arr).any() else None)
+    return out[0], out[1]
+
+
+def _check_attributes(p: cp.Parameter, t: torch.Tensor) -> None:
+    """Refuse instances of a batch ``t`` (B, *shape) that break ``p``'s sign / integrality / bounds attributes.
+
+    One vectorized test per attribute over the whole batch; a violation is a ValueError naming the parameter,
+    the attribute and the batch positions at fault.
+    """
+    attrs = p.attributes
+    checks = []  # (description, mask of violating entries)
+    if attrs.get("nonneg"):
+        checks.append(("nonneg=True (values >= 0)", lambda v: v < 0))
+    if attrs.get("pos"):
+        checks.append(("pos=True (values > 0)", lambda v: v <= 0))
+    if attrs.get("nonpos"):
+        checks.append(("nonpos=True (values <= 0)", lambda v: v > 0))
+    if attrs.get("neg"):
+        checks.append(("neg=True (values < 0)", lambda v: v >= 0))
+    if attrs.get("boolean"):
+        checks.append(("boolean=True (values 0 or 1)", lambda v: (v != 0) & (v != 1)))
+    if attrs.get("integer"):
+        checks.append(("integer=True (integral values)", lambda v: v != torch.round(v)))
+    lower, upper = _bounds(p)
+    if lower is not None:
+        lo = torch.as_tensor(lower, dtype=t.dtype, device=t.device)
+        checks.append(("bounds= (values >= the lower bound)", lambda v: v < lo))
+    if upper is not None:
+        hi = torch.as_tensor(upper, dtype=t.dtype, device=t.device)
+        checks.append(("bounds= (values <= the upper bound)", lambda v: v > hi))
+    if not checks:
+        return
+    with torch.no_grad():
+        v = t.detach()
+        masks = torch.stack([fn(v).reshape(v.shape[0], -1).any(dim=1) for _, fn in checks])  # (checks, B)
+        if not bool(masks.any()):
+            return
+        masks = masks.cpu()
+    for (what, _), mask in zip(checks, masks):
+        bad = torch.nonzero(mask).flatten().tolist()
+        if bad:
+            shown = bad[:10] + (["..."] if len(bad) > 10 else [])
+            raise ValueError(f"parameter {p.name()!r} is declared {what}, but its value breaks this in "
+                             f"{len(bad)} instance(s), at batch position(s) {shown}")
+
+
 def _placeholder(p: cp.Parameter) -> np.ndarray:
     val = np.ones(p.shape)
+    lower, upper = _bounds(p)
+    if lower is not None or upper is not None:  # a value inside the bounds (CVXPY checks them)
+        lo = np.full(p.shape, -np.inf) if lower is None else lower
+        hi = np.full(p.shape, np.inf) if upper is None else upper
+        return np.where(np.isfinite(lo) & np.isfinite(hi), (lo + hi) / 2,
+                        np.where(np.isfinite(lo), lo + 1, np.where(np.isfinite(hi), hi - 1, val)))
     if p.is_nonneg() or p.is_pos():
         return val
     if p.is_nonpos() or p.is_neg():
