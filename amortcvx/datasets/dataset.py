@@ -47,7 +47,8 @@ class Dataset:
         s: SCS slacks ``(N, m)``, or None for OSQP.
         status: status strings ``(N,)`` (values of ``amortcvx.backends.Status``).
         iterations: iteration counts ``(N,)`` (-1 when unknown).
-        objective: optimal values ``(N,)`` (the backend's ``1/2 x'Px + c'x + offset``, CVXPY's value).
+        objective: optimal values ``(N,)`` in CVXPY's sign (``problem.value``): the backend's canonical
+            ``1/2 x'Px + c'x + offset`` times ``ParametricProblem.objective_sign`` (-1 for ``cp.Maximize``).
         setup_time: solver setup times in seconds ``(N,)``.
         solve_time: solver solve times in seconds ``(N,)``.
         index: position of each row in the generated batch ``(N,)``.
@@ -96,7 +97,10 @@ class Dataset:
             raise FileNotFoundError(f"{path} is neither a dataset folder nor a root folder of datasets")
         manifest = storage.read_manifest(folder)
         _check_matches(folder, manifest, pp, backend, name)
-        return _load(folder, manifest, verify=verify, allow_partial=allow_partial)
+        # Datasets written before the manifest recorded "objective_sign" hold the canonical (minimization)
+        # value; with the problem at hand it is turned into CVXPY's value.
+        flip = pp.objective_sign if pp is not None and "objective_sign" not in manifest else 1.0
+        return _load(folder, manifest, verify=verify, allow_partial=allow_partial, objective_sign=flip)
 
     # ------------------------------------------------------------------ description
     @property
@@ -253,7 +257,8 @@ def _check_matches(folder: Path, manifest: Mapping[str, Any], pp, backend: str |
         raise DatasetError(f"{folder} has name {manifest.get('name')!r}, not {name!r}")
 
 
-def _load(folder: Path, manifest: Mapping[str, Any], *, verify: bool, allow_partial: bool) -> Dataset:
+def _load(folder: Path, manifest: Mapping[str, Any], *, verify: bool, allow_partial: bool,
+          objective_sign: float = 1.0) -> Dataset:
     chunks = manifest["chunks"]
     unfinished = [e["index"] for e in chunks if e.get("sha256") is None]
     if unfinished and not allow_partial:
@@ -299,7 +304,8 @@ def _load(folder: Path, manifest: Mapping[str, Any], *, verify: bool, allow_part
         x=cat("x", (n,), np.float64), y=cat("y", (m,), np.float64),
         s=cat("s", (m,), np.float64) if with_s else None,
         status=cat("status", (), str), iterations=cat("iterations", (), np.int64),
-        objective=cat("objective", (), np.float64), setup_time=cat("setup_time", (), np.float64),
+        objective=_readonly(objective_sign * cat("objective", (), np.float64)) if objective_sign != 1.0
+        else cat("objective", (), np.float64), setup_time=cat("setup_time", (), np.float64),
         solve_time=cat("solve_time", (), np.float64),
         index=_readonly(np.concatenate(index) if index else np.empty(0, dtype=np.int64)))
 

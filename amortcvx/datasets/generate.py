@@ -112,7 +112,14 @@ def _validate_params(pp: ParametricProblem, params: Mapping[str, Any]) -> tuple[
         value = params[name]
         if hasattr(value, "detach"):  # torch tensor
             value = value.detach().cpu().numpy()
-        arr = np.array(value, dtype=np.float64, copy=True)
+        raw = np.asarray(value)
+        if np.iscomplexobj(raw):
+            raise ValueError(f"parameter {name!r} has complex values (dtype {raw.dtype}); amortcvx supports real "
+                             "parameters only")
+        try:
+            arr = np.array(raw, dtype=np.float64, copy=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"parameter {name!r} must hold real numbers; got dtype {raw.dtype} ({exc})") from None
         if arr.ndim != len(shape) + 1 or tuple(arr.shape[1:]) != tuple(shape):
             raise ValueError(f"parameter {name!r} must have shape (N, *{tuple(shape)}) with a leading batch "
                              f"dimension; got {arr.shape}")
@@ -125,6 +132,7 @@ def _validate_params(pp: ParametricProblem, params: Mapping[str, Any]) -> tuple[
         out[name] = arr
     if not num:
         raise ValueError("empty parameter batch (N = 0)")
+    pp.parameter_vector(out)  # the parameters' declared attributes (nonneg=, bounds=, ...), per instance
     return out, num
 
 
@@ -219,9 +227,10 @@ def _spec(pp: ParametricProblem, backend: str, settings: dict[str, Any], exact_i
 
 
 def _new_manifest(spec: dict[str, Any], num: int, chunk_size: int, hashes: list[str],
-                  bounds: list[tuple[int, int]]) -> dict[str, Any]:
+                  bounds: list[tuple[int, int]], objective_sign: float = 1.0) -> dict[str, Any]:
     manifest = dict(spec)
     manifest.update({
+        "objective_sign": objective_sign,  # stored objective = canonical value * this (CVXPY's sign)
         "num_instances": num,
         "chunk_size": chunk_size,
         "params_sha256": storage.sha256_bytes("".join(hashes).encode()),
@@ -271,7 +280,7 @@ def _chunk_is_valid(folder: Path, entry: Mapping[str, Any], params_sha: str) -> 
             return None
         arrays = storage.load_chunk(path)
     except Exception as exc:  # unreadable / not an npz (OSError, ValueError, BadZipFile, ...)
-        warnings.warn(f"ignoring unreadable chunk file {path} ({exc}); it will be recomputed", stacklevel=3)
+        warnings.warn(f"ignoring unreadable chunk file {path} ({exc}); it will be recomputed", stacklevel=4)
         return None
     stored = arrays.get("params_sha256")
     if stored is None or str(stored) != params_sha or len(arrays.get("status", ())) != entry["count"]:
@@ -384,6 +393,7 @@ def generate_dataset(pp: ParametricProblem, params: Mapping[str, np.ndarray], ba
         ImportError: ``ray_address`` given but Ray is not installed.
         RuntimeError: another process is generating into the same folder.
     """
+    _check_not_bootstrapping()
     backend = _check_backend(pp, backend)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
@@ -404,15 +414,55 @@ def generate_dataset(pp: ParametricProblem, params: Mapping[str, np.ndarray], ba
     spec = _spec(pp, backend, eff, exact_iterations, name)
 
     folder = Path(root) / dataset_dirname(pp.fingerprint, backend, name)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _generate_into(folder, pp, arrays, backend, eff, exact_iterations, spec, num, chunk_size, hashes, bounds,
+                       names, workers, ray_address, max_in_flight, progress)
+    except BaseException:
+        if created and not (folder / storage.MANIFEST).exists():
+            # Nothing was solved (e.g. a typo in a solver setting): leave no trace, so that the corrected
+            # rerun starts afresh instead of meeting a folder that looks like another dataset.
+            with contextlib.suppress(OSError):
+                storage.remove_stale_temporaries(folder)
+                (folder / storage.LOCK).unlink(missing_ok=True)
+                folder.rmdir()
+        raise
+    return Dataset.open(folder, pp)
+
+
+def _check_not_bootstrapping() -> None:
+    """Refuse to run while a spawned process is still importing its ``__main__`` module.
+
+    Worker processes are spawned: each re-imports the script that started them. A script that calls
+    :func:`generate_dataset` outside an ``if __name__ == "__main__":`` guard would call it again in every
+    worker, which would then meet the parent's lock (a misleading "another process is generating" error).
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "generate_dataset was called while a worker process was starting: worker processes are spawned "
+            "and re-import the __main__ module, so a script that calls generate_dataset (or solve_batch) must "
+            "do so under `if __name__ == '__main__':`; or pass workers=1 to solve in this process")
+
+
+def _generate_into(folder: Path, pp: ParametricProblem, arrays: dict[str, np.ndarray], backend: str,
+                   eff: dict[str, Any], exact_iterations: bool, spec: dict[str, Any], num: int, chunk_size: int,
+                   hashes: list[str], bounds: list[tuple[int, int]], names: list[str], workers: int | None,
+                   ray_address: str | None, max_in_flight: int | None, progress: bool) -> None:
+    """The locked part of :func:`generate_dataset`: check or create the manifest, solve the pending chunks."""
     with storage.folder_lock(folder):
         storage.remove_stale_temporaries(folder)
         if (folder / storage.MANIFEST).exists():
             manifest = storage.read_manifest(folder)
             _check_same(folder, manifest, spec, num, chunk_size, hashes)
         else:
-            manifest = _new_manifest(spec, num, chunk_size, hashes, bounds)
-            storage.write_manifest(folder, manifest)
+            # Written with the first finished chunk: a run that fails before any solve (bad settings, workers
+            # that cannot start) leaves no manifest behind.
+            manifest = _new_manifest(spec, num, chunk_size, hashes, bounds, pp.objective_sign)
+        # stored objective = canonical (minimization) value * this; 1 in manifests written before the key
+        stored_sign = float(manifest.get("objective_sign", 1.0))
 
         # Keep the finished chunks that are intact; adopt complete files the manifest missed.
         pending = []
@@ -422,7 +472,7 @@ def generate_dataset(pp: ParametricProblem, params: Mapping[str, np.ndarray], ba
             if digest is None:
                 if entry["sha256"] is not None:
                     warnings.warn(f"chunk {entry['index']} of {folder} is missing or damaged; recomputing it",
-                                  stacklevel=2)
+                                  stacklevel=3)
                     entry["file"], entry["sha256"] = None, None
                     changed = True
                 pending.append(entry["index"])
@@ -454,6 +504,7 @@ def generate_dataset(pp: ParametricProblem, params: Mapping[str, np.ndarray], ba
                 chunk = {f"param_{j}": arrays[n_][a:b] for j, n_ in enumerate(names)}
                 chunk["params_sha256"] = np.array(hashes[k])
                 chunk.update(solved)
+                chunk["objective"] = stored_sign * np.asarray(solved["objective"], dtype=np.float64)
                 blob = storage.encode_chunk(chunk)
                 storage.atomic_write_bytes(folder / storage.chunk_name(k), blob)
                 entry = manifest["chunks"][k]
@@ -470,7 +521,6 @@ def generate_dataset(pp: ParametricProblem, params: Mapping[str, np.ndarray], ba
                     _run_ray(tasks(), solve_args, ray_address, on_done, max_in_flight)
             finally:
                 bar.close()
-    return Dataset.open(folder)
 
 
 def generate_family_dataset(family: Family, num: int, seed: int, backend: str, root: str | Path, *,

@@ -204,6 +204,18 @@ def encode_chunk(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 
 def load_chunk(path: Path) -> dict[str, np.ndarray]:
-    """Load every array of a chunk file (``allow_pickle=False``)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Load every array of a chunk file (``allow_pickle=False``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DatasetError: the file is not a readable ``.npz`` archive (truncated, overwritten, ...), naming it.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, ValueError, OSError, zlib.error, ...
+        raise DatasetError(f"chunk file {path} is damaged or truncated and cannot be read "
+                           f"({type(exc).__name__}: {exc}); rerun generate_dataset with the same inputs to "
+                           "recompute it") from exc
