@@ -116,8 +116,8 @@ def test_polished_refinement_of_an_lp_needs_fewer_c_iterations():
     assert all(r.status == Status.OPTIMAL for r in opt)
     counts = {}
     for polish in (False, True):
-        solver = AmortizedSolver(pp, None, algorithm="scs", k=60, polish=polish, solver_settings=EPS)
-        out = solver.solve(params)
+        solver = AmortizedSolver(pp, None, algorithm="scs", k=60, polish=polish, solver_settings=EPS, finish="c")
+        out = solver.solve(params, exact_iterations=True)
         assert all(r.status == Status.OPTIMAL for r in out.results)
         obj = np.array([r.objective for r in out.results])
         np.testing.assert_allclose(obj, [r.objective for r in opt], rtol=1e-3)

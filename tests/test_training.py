@@ -109,7 +109,7 @@ def test_safeguard_falls_back_to_cold_for_bad_predictions(lasso):
     cold = solve_batch(pp.canonicalize(params).instances(), "scs", workers=1)
     for value in (1e6, float("nan")):
         solver = AmortizedSolver(pp, _garbage_model(pp, value), workers=1)
-        out = solver.solve(params)
+        out = solver.solve(params, exact_iterations=True)
         assert out.fallback.all()
         assert [r.iterations for r in out.results] == [r.iterations for r in cold]
         assert all(r.status == Status.OPTIMAL for r in out.results)
@@ -123,13 +123,16 @@ def test_failed_warm_solve_is_redone_cold(lasso):
     cold = solve_batch(pp.canonicalize(params).instances(), "osqp", workers=1)
     limit = {"max_iter": max(r.iterations for r in cold) + 20}  # enough for the cold start only
     garbage = _garbage_model(pp, 1e7, "osqp")
-    out = AmortizedSolver(pp, garbage, safeguard_ratio=float("inf"), solver_settings=limit, workers=1).solve(params)
+    out = AmortizedSolver(pp, garbage, safeguard_ratio=float("inf"), solver_settings=limit,
+                          workers=1).solve(params, exact_iterations=True)
     assert not out.fallback.any() and out.retried.all()  # the garbage start hit the iteration limit ...
     assert all(r.status == Status.OPTIMAL for r in out.results)  # ... and the cold retry solved every instance
     assert all(r.iterations > c.iterations for r, c in zip(out.results, cold))  # both attempts are counted
-    unsafe = AmortizedSolver(pp, garbage, safeguard=False, solver_settings=limit, workers=1).solve(params)
+    unsafe = AmortizedSolver(pp, garbage, safeguard=False, solver_settings=limit,
+                             workers=1).solve(params, exact_iterations=True)
     assert all(r.status != Status.OPTIMAL for r in unsafe.results)
-    guarded = AmortizedSolver(pp, garbage, solver_settings=limit, workers=1).solve(params)
+    guarded = AmortizedSolver(pp, garbage, solver_settings=limit, workers=1).solve(params,
+                                                                                   exact_iterations=True)
     assert guarded.fallback.all() and not guarded.retried.any()  # the residual check alone catches it
 
 
@@ -140,7 +143,7 @@ def test_calibration_switches_off_a_predictor_that_loses(lasso):
     cal = solver.calibrate(fam.sample(6, seed=8))
     assert not cal.enabled and cal.learned_median > cal.cold_median and not solver.enabled
     params = fam.sample(3, seed=9)
-    out = solver.solve(params)
+    out = solver.solve(params, exact_iterations=True)
     cold = solve_batch(pp.canonicalize(params).instances(), "osqp", workers=1)
     assert out.fallback.all() and [r.iterations for r in out.results] == [r.iterations for r in cold]
 
@@ -157,7 +160,8 @@ def test_model_for_other_problem_is_refused(lasso):
 def test_safeguard_with_refinement_keeps_the_refined_cold_start(lasso):
     fam, pp, _, _ = lasso
     params = fam.sample(5, seed=7)
-    bad = AmortizedSolver(pp, _garbage_model(pp, float("nan")), k=5, workers=1).predict_warm_start(params)
+    bad = AmortizedSolver(pp, _garbage_model(pp, float("nan")), k=5, safeguard_reference="refined_cold",
+                          workers=1).predict_warm_start(params)
     ref = AmortizedSolver(pp, algorithm="scs", k=5, workers=1).predict_warm_start(params)  # k steps from cold
     assert bad.fallback.all() and not ref.fallback.any()
     np.testing.assert_array_equal(bad.cold_residual, ref.residual)
@@ -181,7 +185,7 @@ def test_cold_reference_safeguard_halves_the_torch_steps(lasso, monkeypatch):
         assert steps == expected, reference
     # a NaN prediction falls back to the plain cold start: no warm start, the C solver's own cold iterations
     out = AmortizedSolver(pp, _garbage_model(pp, float("nan")), k=5, safeguard_reference="cold", workers=1)
-    res = out.solve(params)
+    res = out.solve(params, exact_iterations=True)
     cold = solve_batch(pp.canonicalize(params).instances(), "scs", workers=1)
     assert res.fallback.all() and [r.iterations for r in res.results] == [r.iterations for r in cold]
     with pytest.raises(ValueError, match="safeguard_reference"):

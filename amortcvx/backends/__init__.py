@@ -7,9 +7,10 @@ Solver packages are imported lazily, on the first solve.
 
 from amortcvx.backends.base import BackendInfo, SolveResult, Status, WarmStart
 from amortcvx.backends.parallel import map_chunks, shutdown_workers, solve_batch
+from amortcvx.backends.persistent import PersistentSolver
 from amortcvx.backends.registry import BACKENDS, get_backend, solve
 
 __all__ = [
-    "BACKENDS", "BackendInfo", "SolveResult", "Status", "WarmStart", "get_backend", "map_chunks",
+    "BACKENDS", "BackendInfo", "PersistentSolver", "SolveResult", "Status", "WarmStart", "get_backend", "map_chunks",
     "shutdown_workers", "solve", "solve_batch",
 ]

@@ -118,6 +118,10 @@ class BackendInfo:
         default_settings: settings amortcvx passes unless the caller overrides them.
         validate: ``validate(instance, warm_start)`` raises ValueError for bad input.
         run: ``run(instance, warm_start, settings, exact_iterations) -> SolveResult`` on validated input.
+        session: ``session(reference, settings)``, a persistent solver object for a stream of instances of one
+            problem (see :mod:`amortcvx.backends.persistent`).
+        certify: ``certify(data, *point, eps_abs=, eps_rel=) -> bool (B,)``, the solver's own optimality test
+            evaluated in float64 on a batch of candidate points (the certified finish).
     """
 
     name: str
@@ -129,6 +133,8 @@ class BackendInfo:
     default_settings: Mapping[str, Any]
     validate: Callable[[Any, WarmStart | None], None] = field(repr=False, compare=False)
     run: Callable[..., SolveResult] = field(repr=False, compare=False)
+    session: Callable[..., Any] = field(repr=False, compare=False)
+    certify: Callable[..., np.ndarray] = field(repr=False, compare=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from amortcvx.backends.base import (
     BackendInfo,
@@ -38,7 +39,8 @@ from amortcvx.backends.base import (
     objective_value,
     warm_vector,
 )
-from amortcvx.canon.data import QPInstance
+from amortcvx.backends.batched import HostMatrix, host, inf_norm
+from amortcvx.canon.data import QPData, QPInstance
 
 #: OSQP 1 ``status_val`` -> Status (osqp_status_type; the 0.x codes differ and are not supported).
 STATUS_MAP: Mapping[int, Status] = MappingProxyType({
@@ -150,7 +152,142 @@ def run(instance: QPInstance, warm_start: WarmStart | None, settings: Mapping[st
         objective=objective, message=str(info.status))
 
 
+OSQP_INFTY = 1e30
+"""OSQP's infinity: bounds beyond it are clamped to it (``OSQP_INFTY``)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# certified finish and persistent solver objects
+
+def certify(data: QPData, x: np.ndarray, z: np.ndarray, y: np.ndarray, *, eps_abs: float, eps_rel: float,
+            check_dualgap: bool = True) -> np.ndarray:
+    """Per instance, whether ``(x, z, y)`` passes OSQP 1.1's ``check_termination`` (unscaled termination).
+
+    Evaluated in float64 on the original data, with OSQP's infinity norms, strict inequalities and its
+    duality-gap test (``check_dualgap``, on by default)::
+
+        ||Ax - z|| < eps_abs + eps_rel max(||z||, ||Ax||)
+        ||Px + q + A'y|| < eps_abs + eps_rel max(||q||, ||A'y||, ||Px||)
+        |x'Px + q'x + SC(y)| < eps_abs + eps_rel max(|x'Px|, |q'x|, |SC(y)|),   SC(y) = u'y_+ + l'y_-
+
+    OSQP's iterates satisfy ``l <= z <= u`` and ``y`` in the normal cone of the box at ``z`` by construction
+    (``z`` is a projection and ``y`` the rest); this test also requires both, exactly, so that a point that did
+    not come out of an OSQP step is never certified.
+
+    Args:
+        data: the batch (float64).
+        x, z, y: ``(B, n)``, ``(B, m)``, ``(B, m)`` float64 arrays.
+
+    Returns:
+        bool ``(B,)``; False wherever a quantity is not finite.
+    """
+    A = HostMatrix(data.A)
+    q = host(data.q)
+    lo, hi = np.maximum(host(data.l), -OSQP_INFTY), np.minimum(host(data.u), OSQP_INFTY)
+    ax, aty = A.matvec(x), A.rmatvec(y)
+    px = HostMatrix(data.P).matvec(x) if data.P is not None else np.zeros_like(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        box = ((z >= lo) & (z <= hi) & ((y <= 0) | (z >= hi)) & ((y >= 0) | (z <= lo))).all(axis=1)
+        if z.shape[1]:
+            pri = inf_norm(ax - z) < eps_abs + eps_rel * np.maximum(inf_norm(z), inf_norm(ax))
+        else:
+            pri = np.ones(x.shape[0], dtype=bool)
+        dual = inf_norm(px + q + aty) < eps_abs + eps_rel * np.maximum.reduce(
+            [inf_norm(q), inf_norm(aty), inf_norm(px)])
+        ok = box & pri & dual
+        if check_dualgap:
+            xpx, qx = (x * px).sum(axis=1), (q * x).sum(axis=1)
+            support = (np.where(y > 0, hi * y, 0.0) + np.where(y < 0, lo * y, 0.0)).sum(axis=1)
+            ok &= np.abs(xpx + qx + support) < eps_abs + eps_rel * np.maximum.reduce(
+                [np.abs(xpx), np.abs(qx), np.abs(support)])
+    return ok & np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
+
+
+class Session:
+    """One ``osqp.OSQP`` object for a stream of instances of one problem (see :class:`~.persistent.PersistentSolver`).
+
+    Set up once on the reference instance (OSQP's Ruiz scaling, including its cost scaling, which reads ``q``,
+    is computed there); each instance then calls ``update(q=, l=, u=)`` (and ``update(Px=, Ax=)`` where
+    parameters enter ``P`` or ``A``), sets its start with ``warm_start(x=, y=)`` (zeros for a cold start: OSQP
+    would otherwise continue from the previous instance's iterate) and solves. Reset protocol: the only other
+    state a solve leaves is the adapted ``rho``; after a solve that changed it (``info.rho_updates > 0``) it is
+    set back with ``update_settings(rho=)`` (a numeric refactorization, no new setup). A result therefore depends
+    on the instance and the reference only. Vectors are passed as contiguous float64 arrays (OSQP 1.1.3 silently
+    returns wrong solutions for non-contiguous views).
+    """
+
+    def __init__(self, reference: QPInstance, settings: Mapping[str, Any] | None):
+        import osqp
+
+        self._osqp = osqp
+        opts = _settings(settings, exact_iterations=False)
+        solver = osqp.OSQP()
+        _check_settings(solver, opts)
+        P = None if reference.P is None else csc_parts(reference.P, np.int32, upper=True)
+        A = csc_parts(reference.A, np.int32)
+        self.n, self.m = int(np.shape(reference.q)[0]), int(np.shape(reference.l)[0])
+        try:
+            solver.setup(P, np.ascontiguousarray(reference.q, dtype=np.float64), A,
+                         np.ascontiguousarray(reference.l, dtype=np.float64),
+                         np.ascontiguousarray(reference.u, dtype=np.float64), **opts)
+        except osqp.OSQPException as e:
+            code = e.args[0] if e.args else None
+            raise ValueError(f"OSQP setup of the reference instance failed with error code {code} (settings "
+                             f"{opts})") from None
+        self._solver = solver
+        self.opts = opts
+        self.rho0 = float(solver.settings.rho)
+        self.check0 = int(solver.settings.check_termination)
+        self._check = self.check0
+        self.check_dualgap = bool(getattr(solver.settings, "check_dualgap", True))
+        self.builds = 1
+        self._p_upper = None
+        if reference.P is not None:
+            full = sp.csc_matrix(reference.P)
+            cols = np.repeat(np.arange(full.shape[1]), np.diff(full.indptr))
+            self._p_upper = full.indices <= cols
+        self._zeros = (np.zeros(self.n), np.zeros(self.m))
+
+    def prepare(self, data: QPData) -> dict[str, Any]:
+        """Host arrays of a batch: ``q``, ``l``, ``u`` and, where parameters enter them, the values of ``A``, ``P``."""
+        out = {"q": host(data.q), "l": host(data.l), "u": host(data.u), "A": None, "P": None}
+        if not data.A.shared:
+            out["A"] = host(data.A.values)
+        if data.P is not None and not data.P.shared:
+            out["P"] = np.ascontiguousarray(host(data.P.values)[:, self._p_upper])
+        return out
+
+    def solve_one(self, batch: dict[str, Any], i: int, warm: Mapping[str, np.ndarray] | None,
+                  check_termination: int | None = None) -> tuple[Status, np.ndarray, np.ndarray, None, int, float,
+                                                              float, str]:
+        """Solve instance ``i`` of a prepared batch; returns (status, x, y, None, iterations, setup, solve, message)."""
+        s = self._solver
+        n, m = self.n, self.m
+        try:
+            s.update(q=batch["q"][i], l=batch["l"][i], u=batch["u"][i])
+            if batch["A"] is not None or batch["P"] is not None:
+                s.update(**({} if batch["A"] is None else {"Ax": batch["A"][i]}),
+                         **({} if batch["P"] is None else {"Px": batch["P"][i]}))
+            x0, y0 = self._zeros if warm is None else (warm["x"], warm["y"])
+            s.warm_start(x=x0, y=y0)
+            check = self.check0 if check_termination is None else int(check_termination)
+            if check != self._check:
+                s.update_settings(check_termination=check)
+                self._check = check
+            res = s.solve(raise_error=False)
+        except Exception as e:  # noqa: BLE001 - a failing instance never stops the stream
+            return Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), None, 0, np.nan, np.nan, \
+                f"OSQP solve failed: {e}"
+        info = res.info
+        if int(info.rho_updates) > 0:
+            s.update_settings(rho=self.rho0)
+        status = STATUS_MAP.get(int(info.status_val), Status.SOLVER_ERROR)
+        return (status, np.array(res.x, dtype=np.float64), np.array(res.y, dtype=np.float64), None,
+                int(info.iter), float(info.update_time), float(info.solve_time) + float(info.polish_time),
+                str(info.status))
+
+
 INFO = BackendInfo(
     name="osqp", form="qp", cones=frozenset({"zero", "nonneg"}), warm_start_fields=("x", "y"),
     supports_derivatives=True, status_map=STATUS_MAP, default_settings=DEFAULT_SETTINGS, validate=validate,
-    run=run)
+    run=run, session=Session, certify=certify)

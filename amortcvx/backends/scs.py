@@ -53,7 +53,8 @@ from amortcvx.backends.base import (
     objective_value,
     warm_vector,
 )
-from amortcvx.canon.data import ConeInstance
+from amortcvx.backends.batched import HostMatrix, host, inf_norm
+from amortcvx.canon.data import ConeData, ConeInstance
 
 #: SCS ``status_val`` -> Status (scs/include/glbopts.h). 2, -6, -7 are SCS's best guesses at a limit.
 STATUS_MAP: Mapping[int, Status] = MappingProxyType({
@@ -280,6 +281,157 @@ def run(instance: ConeInstance, warm_start: WarmStart | None, settings: Mapping[
         solve_time=float(info["solve_time"]) / 1e3, objective=objective, message=str(info.get("status", "")))
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# certified finish and persistent solver objects
+
+def certify(data: ConeData, x: np.ndarray, y: np.ndarray, s: np.ndarray, *, eps_abs: float,
+            eps_rel: float) -> np.ndarray:
+    """Per instance, whether ``(x, y, s)`` passes SCS 3.3.1's optimality test (``has_converged``, ``tau = 1``).
+
+    Evaluated in float64 on the original (unnormalized) data with SCS's infinity norms and strict
+    inequalities::
+
+        ||Ax + s - b|| < eps_abs + eps_rel max(||b||, ||s||, ||Ax||)
+        ||Px + A'y + c|| < eps_abs + eps_rel max(||c||, ||Px||, ||A'y||)
+        |x'Px + c'x + b'y| < eps_abs + eps_rel max(|x'Px|, |c'x|, |b'y|)
+
+    SCS's own iterates have ``y`` in ``K*`` and ``s`` in ``K`` by construction; a caller certifying another
+    point must project them first (the test does not look at cone membership).
+
+    Args:
+        data: the batch (float64; ``A``/``P`` shared or per instance).
+        x, y, s: ``(B, n)``, ``(B, m)``, ``(B, m)`` float64 arrays.
+
+    Returns:
+        bool ``(B,)``; False wherever a quantity is not finite.
+    """
+    A = HostMatrix(data.A)
+    b, c = host(data.b), host(data.c)
+    ax, aty = A.matvec(x), A.rmatvec(y)
+    px = HostMatrix(data.P).matvec(x) if data.P is not None else np.zeros_like(x)
+    xpx, ctx, bty = (x * px).sum(axis=1), (c * x).sum(axis=1), (b * y).sum(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        pri = inf_norm(ax + s - b) < eps_abs + eps_rel * np.maximum.reduce([inf_norm(b), inf_norm(s), inf_norm(ax)])
+        dual = inf_norm(px + aty + c) < eps_abs + eps_rel * np.maximum.reduce(
+            [inf_norm(c), inf_norm(px), inf_norm(aty)])
+        gap = np.abs(xpx + ctx + bty) < eps_abs + eps_rel * np.maximum.reduce([np.abs(xpx), np.abs(ctx), np.abs(bty)])
+    return pri & dual & gap
+
+
+class Session:
+    """One ``scs.SCS`` object for a stream of instances of one problem (see :class:`~.persistent.PersistentSolver`).
+
+    Reset protocol. SCS 3.3's Python API cannot reset what a solve leaves in the object: the adapted scale (and
+    the running estimate that drives it, updated at every check) and the Anderson-acceleration memory, which the
+    next solve reads (measured: the same instance took 100-475 iterations after another instance, 75-125 on a
+    fresh object). So the object is rebuilt (setup and factorization; the data were converted once) before any
+    solve that would otherwise see such state:
+
+    * ``adaptive_scale=True`` (SCS's default): before every solve; each solve is then exactly a fresh solve.
+    * ``adaptive_scale=False``: only after a solve that ran past its first check (``info['iter'] > 0``; the
+      Anderson step first acts at iteration ``acceleration_interval``); otherwise ``update(b=, c=)`` and solve
+      on the same object. The object is built on the reference instance's ``b``, ``c`` (SCS normalizes ``b``,
+      ``c`` with factors computed at setup), so a result depends on the instance and the reference only.
+    * Parameters in ``A`` or ``P``: SCS has no matrix update, so every instance gets a new setup.
+    """
+
+    def __init__(self, reference: ConeInstance, settings: Mapping[str, Any] | None):
+        import scs
+
+        self._scs = scs
+        opts = _settings(settings, exact_iterations=False)
+        if not hasattr(scs, "LinearSolver") and "linear_solver" not in (settings or {}):
+            opts.pop("linear_solver", None)
+        self.opts = opts
+        self.n, self.m = int(np.shape(reference.c)[0]), reference.cones.size
+        self._int = np.int64 if getattr(scs, "__sizeof_int__", 8) == 8 else np.int32
+        self._ref = _solver_data(reference, self._int)
+        self._cone = reference.cones.to_scs()
+        self._reuse = not bool(opts.get("adaptive_scale", True))
+        self._solver = None
+        self._clean = False
+        self.builds = 0
+        self._build(self._ref)  # raises ValueError for bad settings now, not at the first solve
+        self._clean = self._reuse
+        self._p_upper = None
+        if reference.P is not None:
+            full = sp.csc_matrix(reference.P)
+            cols = np.repeat(np.arange(full.shape[1]), np.diff(full.indptr))
+            self._p_upper = full.indices <= cols
+
+    def _build(self, data: dict[str, Any]) -> None:
+        try:
+            self._solver = self._scs.SCS(data, self._cone, **self.opts)
+        except TypeError as e:
+            raise ValueError(f"invalid SCS settings {sorted(self.opts)}: {e}") from None
+        self.builds += 1
+
+    def prepare(self, data: ConeData) -> dict[str, Any]:
+        """Host arrays of a batch: ``b``, ``c`` and, where parameters enter them, the values of ``A``, ``P``."""
+        out = {"b": host(data.b), "c": host(data.c), "A": None, "P": None}
+        if not data.A.shared:
+            out["A"] = host(data.A.values)
+            out["A_pattern"] = (data.A.indices.astype(self._int), data.A.indptr.astype(self._int))
+        if data.P is not None and not data.P.shared:
+            vals = host(data.P.values)
+            out["P"] = vals
+            out["P_full"] = data.P
+        return out
+
+    def _matrices(self, batch: dict[str, Any], i: int) -> dict[str, Any]:
+        data = dict(self._ref)
+        if batch["A"] is not None:
+            idx, ptr = batch["A_pattern"]
+            data["A"] = sp.csc_matrix((batch["A"][i], idx, ptr), shape=(self.m, self.n))
+        if batch["P"] is not None:
+            data["P"] = csc_parts(batch["P_full"].matrix(i), self._int, upper=True)
+        return data
+
+    def solve_one(self, batch: dict[str, Any], i: int, warm: Mapping[str, np.ndarray] | None,
+                  check_termination: int | None = None) -> tuple[Status, np.ndarray, np.ndarray, np.ndarray | None,
+                                                              int, float, float, str]:
+        """Solve instance ``i`` of a prepared batch; returns (status, x, y, s, iterations, setup, solve, message)."""
+        n, m = self.n, self.m
+        b, c = batch["b"][i], batch["c"][i]
+        matrices = batch["A"] is not None or batch["P"] is not None
+        try:
+            if matrices:
+                data = self._matrices(batch, i)
+                data["b"], data["c"] = b, c
+                self._build(data)
+            elif self._solver is None or not self._clean:
+                self._build({**self._ref, "b": b, "c": c} if not self._reuse else self._ref)
+                if self._reuse:
+                    self._solver.update(b=b, c=c)
+            else:
+                self._solver.update(b=b, c=c)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a setup failure is a solver failure
+            self._solver, self._clean = None, False
+            return Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0, np.nan, \
+                np.nan, f"SCS setup failed: {e}"
+        try:
+            if warm is None:
+                raw = self._solver.solve(warm_start=False)
+            else:
+                raw = self._solver.solve(warm_start=True, x=warm["x"], y=warm["y"], s=warm["s"])
+        except Exception as e:  # noqa: BLE001
+            self._solver, self._clean = None, False
+            return Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0, np.nan, \
+                np.nan, f"SCS solve failed: {e}"
+        info = raw["info"]
+        self._clean = self._reuse and not matrices and int(info["iter"]) == 0
+        status = STATUS_MAP.get(int(info["status_val"]), Status.SOLVER_ERROR)
+        executed = max(0, min(int(info["iter"]) + 1, int(self.opts["max_iters"])))
+        return (status, np.asarray(raw["x"], dtype=np.float64), np.asarray(raw["y"], dtype=np.float64),
+                np.asarray(raw["s"], dtype=np.float64), executed, float(info["setup_time"]) / 1e3,
+                float(info["solve_time"]) / 1e3, str(info.get("status", "")))
+
+
 INFO = BackendInfo(
     name="scs", form="cone", cones=CONE_KINDS, warm_start_fields=("x", "y", "s"), supports_derivatives=False,
-    status_map=STATUS_MAP, default_settings=DEFAULT_SETTINGS, validate=validate, run=run)
+    status_map=STATUS_MAP, default_settings=DEFAULT_SETTINGS, validate=validate, run=run, session=Session,
+    certify=certify)

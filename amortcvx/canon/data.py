@@ -119,6 +119,11 @@ class SparseBatch:
         """Move / cast ``values`` like ``torch.Tensor.to``."""
         return SparseBatch(self.indices, self.indptr, self.shape, self.values.to(*args, **kwargs), self.shared)
 
+    def take(self, index: torch.Tensor) -> SparseBatch:
+        """The instances at ``index`` (a shared batch stays shared)."""
+        values = self.values[:1].expand(int(index.shape[0]), -1) if self.shared else self.values[index]
+        return SparseBatch(self.indices, self.indptr, self.shape, values, self.shared)
+
 
 def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
@@ -166,6 +171,12 @@ class ConeData:
     def instances(self) -> list[ConeInstance]:
         return [self.instance(i) for i in range(self.batch_size)]
 
+    def take(self, index: torch.Tensor | np.ndarray) -> ConeData:
+        """The sub-batch of the instances at ``index`` (integer positions)."""
+        index = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.b.device)
+        return ConeData(P=None if self.P is None else self.P.take(index), A=self.A.take(index), b=self.b[index],
+                        c=self.c[index], cones=self.cones, offset=self.offset[index])
+
 
 @dataclass(frozen=True)
 class QPData:
@@ -207,6 +218,12 @@ class QPData:
 
     def instances(self) -> list[QPInstance]:
         return [self.instance(i) for i in range(self.batch_size)]
+
+    def take(self, index: torch.Tensor | np.ndarray) -> QPData:
+        """The sub-batch of the instances at ``index`` (integer positions)."""
+        index = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.q.device)
+        return QPData(P=None if self.P is None else self.P.take(index), q=self.q[index], A=self.A.take(index),
+                      l=self.l[index], u=self.u[index], offset=self.offset[index])
 
 
 class ConeInstance(NamedTuple):

@@ -2,8 +2,23 @@
 
 :class:`AmortizedSolver` runs, for a batch of parameters::
 
-    theta --predictor--> z0 --k torch steps (batched)--> z_k --> (x, y[, s]) [--> polished, if better] --> C solver
-    (fresh state, user tolerance) --> answer
+    theta --predictor--> z0 --k torch steps (batched)--> z_k --> (x, y[, s]) [--> polished, if better]
+        --> certified finish: the C solver's own termination test, in float64 -> passed: answered at once
+        --> the rest: the C solver, warm-started, on a persistent solver object (user tolerance) --> answer
+
+Where the time goes is kept small: the factorization of the torch iteration does not depend on the
+parameters when they enter neither ``A`` nor ``P``, and is then computed once and reused by every call
+(:class:`~amortcvx.iterations.linalg.FactorCache`); the C solves run on one persistent solver object per
+backend and settings (:class:`~amortcvx.backends.PersistentSolver`), set up on a fixed reference instance
+(so a result does not depend on the order of the instances); ``solve`` runs in timed mode unless exact
+iteration counts are asked for (``exact_iterations=True`` solves each instance on a fresh object instead).
+
+Certified finish (``finish="certify"``, the default): each refined (or polished) warm start is checked in
+float64, on the unscaled data, by the termination test the C solver itself applies at the requested
+tolerance (:func:`amortcvx.backends.scs.certify`, :func:`amortcvx.backends.osqp.certify`: primal residual,
+dual residual, duality gap, and cone membership, which the point is projected onto (SCS) or which an OSQP
+step gives exactly). Instances that pass are answered with that point, status ``optimal`` and
+``certified=True``; no C solve runs for them. ``finish="c"`` always runs the C solver.
 
 With ``polish=True`` (LPs and QPs) each refined point is also solved exactly on its guessed active set
 (:mod:`amortcvx.iterations.polish`), and each instance keeps whichever of the two points gives the smaller
@@ -14,10 +29,10 @@ Safeguards (a learned warm start changes speed, never answers, and never makes a
 1. Before the C solve, each instance's fixed-point residual ``||T(z) - z||`` after ``k`` steps from the
    prediction is compared with a reference from the cold start; when ``residual(pred_k) > safeguard_ratio *
    reference`` (or it is not finite) the instance falls back to a cold start. With
-   ``safeguard_reference="refined_cold"`` (default) the reference is the residual after the same ``k`` steps
-   from the cold start and the fallback is that refined cold start (``2k`` torch steps per batch in all). With
-   ``"cold"`` the reference is the residual of the cold start's first step and the fallback is the plain cold
-   start (``k + 1`` steps: half the torch work, a weaker check). For ``k = 0`` the two are the same.
+   ``safeguard_reference="cold"`` (default) the reference is the residual of the cold start's first step and
+   the fallback is the plain cold start (``k + 1`` torch steps per batch in all). With ``"refined_cold"`` the
+   reference is the residual after the same ``k`` steps from the cold start and the fallback is that refined
+   cold start (``2k`` steps: twice the torch work, a stronger check). For ``k = 0`` the two are the same.
 2. After the C solve, any warm-started instance whose status is not ``optimal`` is solved again from a cold
    start; its reported iterations and times are the sum of both attempts (``retried`` marks it).
 3. :meth:`AmortizedSolver.calibrate` (optional, on held-out instances that are not the test set): solve a
@@ -32,6 +47,7 @@ Safeguards (a learned warm start changes speed, never answers, and never makes a
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -39,8 +55,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from amortcvx.backends import SolveResult, Status, WarmStart, solve_batch
+from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
+from amortcvx.backends.batched import HostMatrix
+from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
+from amortcvx.iterations.cones import project_cone, project_dual_cone
+from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
 from amortcvx.iterations.polish import check_polishable
 from amortcvx.iterations.registry import DATA_FORMS, make_algorithm
@@ -50,8 +70,16 @@ from amortcvx.predictors.model import WarmStartPredictor
 BACKEND_OF = {"scs": "scs", "osqp": "osqp"}
 """Algorithm -> the C backend that finishes its solves."""
 
-SAFEGUARD_REFERENCES = ("refined_cold", "cold")
-"""What a refined prediction's residual is compared with (see the module docstring, safeguard 1)."""
+SAFEGUARD_REFERENCES = ("cold", "refined_cold")
+"""What a refined prediction's residual is compared with (see the module docstring, safeguard 1); the first is
+the default."""
+
+FINISHES = ("certify", "c")
+"""How a warm start becomes an answer: certified where it passes the solver's own test, else the C solver
+(``"certify"``); or always the C solver (``"c"``)."""
+
+OSQP_CHECK_INTERVAL = 25
+"""OSQP's default ``check_termination``: the interval of warm-started OSQP solves before calibration."""
 
 
 class WarmStartBatch(NamedTuple):
@@ -66,6 +94,8 @@ class WarmStartBatch(NamedTuple):
         cold_residual: (B,) fixed-point residual of the cold-start reference: after ``k`` steps from the cold
             start, or of its first step (``safeguard_reference="cold"``, or the safeguard off).
         seconds: wall time of prediction + refinement + conversion for the whole batch.
+        arrays: the warm starts as batched float64 host arrays by field (``x``, ``y``[, ``s``]), None when every
+            instance starts cold; ``warm_starts[i]`` is None where ``arrays`` is not used.
     """
 
     warm_starts: list[WarmStart | None]
@@ -73,6 +103,7 @@ class WarmStartBatch(NamedTuple):
     residual: np.ndarray
     cold_residual: np.ndarray
     seconds: float
+    arrays: dict[str, np.ndarray] | None = None
 
 
 class AmortizedResult(NamedTuple):
@@ -83,7 +114,9 @@ class AmortizedResult(NamedTuple):
         fallback: bool (B,), the safeguard used the (refined) cold start before solving.
         retried: bool (B,), the warm-started solve did not reach ``optimal`` and was redone cold.
         predict_seconds: time of prediction and refinement for the batch.
-        solve_seconds: wall time of the C solves for the batch.
+        solve_seconds: wall time of the certificate and the C solves for the batch.
+        certified: bool (B,), answered by the certified finish (no C solve; ``iterations`` 0, message
+            ``"certified"``).
     """
 
     results: list[SolveResult]
@@ -91,6 +124,7 @@ class AmortizedResult(NamedTuple):
     retried: np.ndarray
     predict_seconds: float
     solve_seconds: float
+    certified: np.ndarray | None = None
 
 
 class Calibration(NamedTuple):
@@ -139,19 +173,29 @@ class AmortizedSolver:
             (:mod:`amortcvx.iterations.polish`, LPs and QPs only) and keep, per instance, whichever of the two
             has the smaller residual at the C solver's first step (the refined cold start likewise). Residuals
             (of the safeguard and in :class:`WarmStartBatch`) are then those first-step residuals.
-        solver_settings: settings of the C solver (tolerances, ...), passed to the backend.
+        solver_settings: settings of the C solver (tolerances, ...), passed to the backend; the certified
+            finish uses the same tolerances.
         safeguard: enable the residual check and the cold retry (see the module docstring).
-        safeguard_ratio: allowed ratio of predicted to cold residual.
-        safeguard_reference: ``"refined_cold"`` or ``"cold"`` (see the module docstring).
+        safeguard_ratio: allowed ratio of predicted to cold residual (positive).
+        safeguard_reference: ``"cold"`` (default) or ``"refined_cold"`` (see the module docstring).
         device, dtype: where prediction and refinement run.
-        workers: processes for the C solves (``backends.solve_batch``).
+        workers: processes for the C solves of ``exact_iterations=True`` (``backends.solve_batch``); timed solves
+            run in this process on the persistent solver object.
+        finish: ``"certify"`` (default) or ``"c"`` (see the module docstring).
+        reference_params: the parameter values (one instance) on which the persistent C solver objects are set
+            up; default: the predictor's training mean (its input normalization), without a predictor the mean
+            parameter of the first batch solved.
+        check_termination: OSQP's termination-check interval for warm-started timed solves (cold solves keep
+            the backend's); None: 25 until :meth:`calibrate` sets it from the validation C iterations.
     """
 
     def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
                  algorithm: str | None = None, settings=None, k: int = 0, anderson: AndersonSettings | None = None,
                  polish: bool = False, solver_settings: Mapping | None = None,
-                 safeguard: bool = True, safeguard_ratio: float = 1.0, safeguard_reference: str = "refined_cold",
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, workers: int | None = 1):
+                 safeguard: bool = True, safeguard_ratio: float = 1.0, safeguard_reference: str = "cold",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, workers: int | None = 1,
+                 finish: str = "certify", reference_params: Mapping | None = None,
+                 check_termination: int | None = None):
         if model is not None:
             if model.meta.fingerprint != pp.fingerprint:
                 raise ValueError(f"the predictor was trained for problem {model.meta.fingerprint}, not for this "
@@ -178,13 +222,56 @@ class AmortizedSolver:
         self.solver_settings = dict(solver_settings or {})
         if safeguard_reference not in SAFEGUARD_REFERENCES:
             raise ValueError(f"safeguard_reference must be one of {SAFEGUARD_REFERENCES}; got {safeguard_reference!r}")
-        self.safeguard, self.safeguard_ratio = safeguard, safeguard_ratio
+        if not (isinstance(safeguard_ratio, (int, float)) and safeguard_ratio > 0):
+            raise ValueError(f"safeguard_ratio must be a positive number; got {safeguard_ratio!r}")
+        if finish not in FINISHES:
+            raise ValueError(f"finish must be one of {FINISHES}; got {finish!r}")
+        if check_termination is not None and not (isinstance(check_termination, int) and check_termination >= 1):
+            raise ValueError(f"check_termination must be None or a positive int; got {check_termination!r}")
+        self.safeguard, self.safeguard_ratio = safeguard, float(safeguard_ratio)
         self.safeguard_reference = safeguard_reference
         self.device, self.dtype, self.workers = torch.device(device), dtype, workers
         # a copy: the caller's module keeps its device, dtype and train/eval mode
         self.model = None if model is None else copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         self.space = output_space(algorithm)
         self.enabled = True  # see calibrate()
+        self.finish = finish
+        self.check_termination = check_termination
+        self._check_given = check_termination
+        self.factors = FactorCache()  # parameter-independent torch factorizations, reused by every call
+        self._eps = self._tolerances()
+        self._reference = None if reference_params is None else self.pp.parameter_vector(
+            reference_params, dtype=torch.float64, device="cpu")
+        if self._reference is not None and self._reference.shape[0] != 1:
+            raise ValueError("reference_params must be one instance (no batch dimension, or a batch of one)")
+        if self._reference is None and self.model is not None and hasattr(self.model, "in_mean"):
+            self._reference = self.model.in_mean.detach().to("cpu", torch.float64).reshape(1, -1)
+        self._persistent: PersistentSolver | None = None
+
+    def _tolerances(self) -> tuple[float, float]:
+        """``(eps_abs, eps_rel)`` of the C solver: the backend's defaults overridden by ``solver_settings``."""
+        defaults = get_backend(self.backend).default_settings
+        merged = {**defaults, **self.solver_settings}
+        eps = (merged["eps_abs"], merged["eps_rel"])
+        for name, value in zip(("eps_abs", "eps_rel"), eps):
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"solver setting {name} must be a nonnegative number; got {value!r}")
+        return float(eps[0]), float(eps[1])
+
+    def persistent_solver(self, theta: torch.Tensor | None = None) -> PersistentSolver:
+        """The persistent C solver object of this problem and settings (set up on first use).
+
+        It is set up on the reference instance (see ``reference_params``); without one, on the mean of the
+        flattened parameters ``theta`` (B, p) of the first batch solved, which is then kept for later calls.
+        """
+        if self._persistent is None:
+            if self._reference is None:
+                if theta is None:
+                    raise ValueError("no reference instance yet: pass reference_params or solve a batch first")
+                self._reference = theta.detach().to("cpu", torch.float64).mean(dim=0, keepdim=True)
+            ref = self.pp.canonicalize_vector(self._reference.to(torch.float64)).instance(0)
+            self._persistent = PersistentSolver(self.backend, ref, self.solver_settings)
+        return self._persistent
 
     def predict_warm_start(self, params: Mapping) -> WarmStartBatch:
         """Warm starts for the C solver: prediction, ``k`` refinement steps, safeguard, conversion.
@@ -192,18 +279,19 @@ class AmortizedSolver:
         Args:
             params: parameter values (see :meth:`ParametricProblem.parameter_vector`).
         """
-        return self._predict(params)[0]
+        return self._predict(params).batch
 
     @torch.no_grad()
-    def _predict(self, params: Mapping):
-        """:meth:`predict_warm_start` and the canonical data it was computed from."""
+    def _predict(self, params: Mapping) -> _Prediction:
+        """:meth:`predict_warm_start`, the data it was computed from, and the points to certify."""
         t0 = time.perf_counter()
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
         data = self.pp.canonicalize_vector(theta)
-        alg = make_algorithm(self.algorithm, data, self.settings)  # one factorization for every refinement
+        alg = make_algorithm(self.algorithm, data, self.settings, cache=self.factors)
         use_model = self.model is not None and self.enabled
         # the cold start refined by k steps: what every instance gets without a predictor, and the reference of
-        # the default safeguard; the "cold" reference (and no safeguard) needs only the cold start's first step
+        # the "refined_cold" safeguard; the "cold" reference (and no safeguard) needs only the cold start's
+        # first step
         refined_reference = self.safeguard and self.safeguard_reference == "refined_cold"
         cold_steps = self.k if (not use_model or refined_reference) else 0
         cold = run(alg, alg.init(), cold_steps, anderson=self.anderson).state
@@ -213,7 +301,7 @@ class AmortizedSolver:
             cold_ws, cold_res = None, alg.residual(cold, alg.step(cold))
         if not use_model:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
-            return self._package(cold_ws, fallback, cold_res, cold_res, t0), data
+            return self._package(alg, theta, data, cold_ws, fallback, cold_res, cold_res, t0)
         z0 = self.model(theta)
         state = run(alg, self.space.to_state(alg, z0), self.k, anderson=self.anderson).state
         ws = self.space.warm_start(alg, state) if self.k > 0 else self.space.prediction_warm_start(alg, z0)
@@ -223,8 +311,8 @@ class AmortizedSolver:
             bad |= res > self.safeguard_ratio * cold_res
         if cold_ws is not None:
             ws = {key: torch.where(bad.unsqueeze(1), cold_ws[key], v) for key, v in ws.items()}
-            return self._package(ws, bad, res, cold_res, t0), data
-        return self._package(ws, bad, res, cold_res, t0, plain_cold=bad), data
+            return self._package(alg, theta, data, ws, bad, res, cold_res, t0)
+        return self._package(alg, theta, data, ws, bad, res, cold_res, t0, plain_cold=bad)
 
     def _finish(self, alg, state, ws: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The warm starts ``ws`` read from ``state`` (refined), optionally polished, and their residuals.
@@ -241,31 +329,53 @@ class AmortizedSolver:
         ws = {key: torch.where(take.unsqueeze(1), polished[key], v) for key, v in ws.items()}
         return ws, torch.where(take, r_pol, r_ws)
 
-    def _package(self, ws, fallback, res, cold_res, t0, plain_cold=None) -> WarmStartBatch:
+    def _candidates(self, alg, ws: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The point each warm start offers to the certificate, as float64 host arrays.
+
+        SCS: ``(x, Pi_K*(y), Pi_K(s))``, the warm start with its duals and slacks projected onto their cones (SCS's
+        iterates are there by construction; the test itself does not look). OSQP: ``(x, z, y)`` after one OSQP
+        step from the warm start, exactly what C OSQP computes first from it, with ``l <= z <= u`` and ``y`` in the
+        normal cone at ``z``.
+        """
+        if self.algorithm == "scs":
+            point = {"x": ws["x"], "y": project_dual_cone(ws["y"], self.pp.cones),
+                     "s": project_cone(ws["s"], self.pp.cones)}
+        else:
+            sol = alg.solution(alg.step(alg.init(x=ws["x"], y=ws["y"])))
+            point = {"x": sol.x, "z": sol.z, "y": sol.y}
+        return {k: v.detach().to("cpu", torch.float64).numpy() for k, v in point.items()}
+
+    def _package(self, alg, theta, data, ws, fallback, res, cold_res, t0, plain_cold=None) -> _Prediction:
         """Host-side warm starts; ``plain_cold`` marks instances that get no warm start at all."""
         fallback = fallback.cpu().numpy()
         plain = np.zeros_like(fallback) if plain_cold is None else plain_cold.cpu().numpy()
         host = None if ws is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in ws.items()}
-        warm: list[WarmStart | None] = []
-        for i in range(fallback.shape[0]):
-            if host is None or plain[i]:
-                warm.append(None)
-            else:
-                warm.append(WarmStart(x=host["x"][i], y=host["y"][i], s=host["s"][i] if "s" in host else None))
+        candidates = None
+        if ws is not None and self.finish == "certify":
+            candidates = self._candidates(alg, ws)
+        warm: list[WarmStart | None] = [None] * fallback.shape[0]
+        if host is not None:
+            for i in np.flatnonzero(~plain):
+                warm[i] = WarmStart(x=host["x"][i], y=host["y"][i], s=host["s"][i] if "s" in host else None)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return WarmStartBatch(warm, fallback, res.cpu().numpy(), cold_res.cpu().numpy(), time.perf_counter() - t0)
+        batch = WarmStartBatch(warm, fallback, res.cpu().numpy(), cold_res.cpu().numpy(), time.perf_counter() - t0,
+                               host)
+        return _Prediction(batch, theta, data, candidates, ~plain if host is not None else np.zeros_like(plain))
 
     def calibrate(self, params: Mapping, *, margin: float = 1.0,
                   refinements: Sequence[AndersonSettings | None] | None = None) -> Calibration:
         """Keep the predictor only if it does not need more C iterations than the (refined) cold start.
 
-        Solves ``params`` (held-out validation instances, not the test set) with exact counts. With
-        ``refinements`` (e.g. ``(None, AndersonSettings())``), first solves them with the learned warm starts
-        under each refinement and keeps the one with the lowest median (ties: the lowest mean, then the first) as
-        ``self.anderson``:
+        Solves ``params`` (held-out validation instances, not the test set) with exact counts (certified
+        instances count 0). With ``refinements`` (e.g. ``(None, AndersonSettings())``), first solves them with
+        the learned warm starts under each refinement and keeps the one with the lowest median (ties: the lowest
+        mean, then the first) as ``self.anderson``:
         whether acceleration helps depends on the problem (it can cost iterations, see docs/iterations.md).
         Then sets ``self.enabled = median(learned) <= margin * median(cold)``, the cold start refined the same way.
+        For OSQP without an explicit ``check_termination``, warm-started timed solves then check every
+        ``ceil(median)`` iterations (at most 25) of the C iterations the kept strategy needed where it was not
+        certified.
         """
         if self.model is None:
             raise ValueError("calibrate needs a predictor")
@@ -279,40 +389,122 @@ class AmortizedSolver:
         candidates = []
         for opt in options:
             self.anderson = opt
-            its = [r.iterations for r in self.solve(params).results]
-            candidates.append((opt, float(np.median(its)), float(np.mean(its))))
-        self.anderson, learned, _ = min(candidates, key=lambda c: (c[1], c[2]))  # min keeps the first of ties
+            out = self.solve(params, exact_iterations=True)
+            its = [r.iterations for r in out.results]
+            candidates.append((opt, float(np.median(its)), float(np.mean(its)), out))
+        self.anderson, learned, _, kept = min(candidates, key=lambda c: c[1:3])  # min keeps the first of ties
         self.enabled = False
-        cold = float(np.median([r.iterations for r in self.solve(params).results]))
+        cold_out = self.solve(params, exact_iterations=True)
+        cold = float(np.median([r.iterations for r in cold_out.results]))
         self.enabled = bool(learned <= margin * cold)
+        if self.algorithm == "osqp" and self._auto_check:
+            used = kept if self.enabled else cold_out
+            c_its = [r.iterations for r, cert in zip(used.results, used.certified) if not cert]
+            self.check_termination = None if not c_its else int(
+                min(OSQP_CHECK_INTERVAL, max(1, math.ceil(float(np.median(c_its))))))
         return Calibration(learned, cold, self.enabled, self.anderson,
-                           tuple((refinement_label(a), med) for a, med, _ in candidates))
+                           tuple((refinement_label(a), med) for a, med, _, _ in candidates))
 
-    def solve(self, params: Mapping, *, exact_iterations: bool = True) -> AmortizedResult:
-        """Predict, refine and solve a batch with the C solver at ``solver_settings``.
+    def solve(self, params: Mapping, *, exact_iterations: bool = False) -> AmortizedResult:
+        """Predict, refine, certify, and solve the rest with the C solver at ``solver_settings``.
 
-        Every result comes from the C solver; warm-started instances that do not end ``optimal`` are solved
-        again cold when the safeguard is on.
+        Every answer meets the requested tolerance by the solver's own termination test: run in float64 by the
+        certificate (``certified``) or by the C solver, warm-started. Warm-started instances that do not end
+        ``optimal`` are solved again cold when the safeguard is on.
+
+        Args:
+            params: parameter values (one instance or a batch).
+            exact_iterations: count C iterations exactly, each instance on a fresh solver object (slower: for
+                tables and benchmarks). By default (timed mode) the C solves run on the persistent solver object
+                and report the iterations the solver itself reports.
         """
-        pred, data = self._predict(params)
-        if self.dtype != torch.float64 or self.device.type != "cpu":  # the C solvers get exact float64 data
-            data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
-        instances = data.instances()
+        pred = self._predict(params)
+        data = pred.data
         t0 = time.perf_counter()
-        results = solve_batch(instances, self.backend, warm_starts=pred.warm_starts,
-                              settings=self.solver_settings, exact_iterations=exact_iterations,
-                              workers=self.workers)
-        retried = np.zeros(len(results), dtype=bool)
-        if self.safeguard:
-            redo = [i for i, (r, w) in enumerate(zip(results, pred.warm_starts))
-                    if w is not None and r.status != Status.OPTIMAL]
-            if redo:
-                again = solve_batch([instances[i] for i in redo], self.backend, settings=self.solver_settings,
-                                    exact_iterations=exact_iterations, workers=self.workers)
-                for i, r in zip(redo, again):
-                    first = results[i]
-                    results[i] = r._replace(iterations=first.iterations + r.iterations,
-                                            setup_time=first.setup_time + r.setup_time,
-                                            solve_time=first.solve_time + r.solve_time)
-                    retried[i] = True
-        return AmortizedResult(results, pred.fallback, retried, pred.seconds, time.perf_counter() - t0)
+        if self.dtype != torch.float64 or self.device.type != "cpu":  # certificate and C solvers: exact float64 data
+            data = self.pp.canonicalize_vector(pred.theta.to("cpu", torch.float64))
+        size = data.batch_size
+        certified = np.zeros(size, dtype=bool)
+        results: list[SolveResult | None] = [None] * size
+        if pred.candidates is not None:
+            info = get_backend(self.backend)
+            certified = pred.warm & info.certify(data, *pred.candidates.values(), eps_abs=self._eps[0],
+                                                 eps_rel=self._eps[1])
+            for i, r in zip(np.flatnonzero(certified), self._certified_results(data, pred.candidates, certified)):
+                results[i] = r
+        rest = np.flatnonzero(~certified)
+        retried = np.zeros(size, dtype=bool)
+        if rest.size:
+            warm = pred.warm[rest]
+            solved = self._c_solve(pred, data, rest, warm, exact_iterations)
+            if self.safeguard:
+                redo = [j for j, r in enumerate(solved) if warm[j] and r.status != Status.OPTIMAL]
+                if redo:
+                    again = self._c_solve(pred, data, rest[redo], np.zeros(len(redo), dtype=bool), exact_iterations)
+                    for j, r in zip(redo, again):
+                        first = solved[j]
+                        solved[j] = r._replace(iterations=first.iterations + r.iterations,
+                                               setup_time=first.setup_time + r.setup_time,
+                                               solve_time=first.solve_time + r.solve_time)
+                        retried[rest[j]] = True
+            for i, r in zip(rest, solved):
+                results[i] = r
+        return AmortizedResult(results, pred.batch.fallback, retried, pred.batch.seconds, time.perf_counter() - t0,
+                               certified)
+
+    @property
+    def _auto_check(self) -> bool:
+        return getattr(self, "_check_given", None) is None
+
+    def _c_solve(self, pred: _Prediction, data: ConeData | QPData, index: np.ndarray, warm: np.ndarray,
+                 exact_iterations: bool) -> list[SolveResult]:
+        """C solves of the instances ``index`` (warm-started where ``warm``)."""
+        if exact_iterations:
+            starts = [pred.batch.warm_starts[i] if w else None for i, w in zip(index, warm)]
+            return solve_batch([data.instance(int(i)) for i in index], self.backend, warm_starts=starts,
+                               settings=self.solver_settings, exact_iterations=True, workers=self.workers)
+        solver = self.persistent_solver(pred.theta)
+        arrays = None if pred.batch.arrays is None else {k: v[index] for k, v in pred.batch.arrays.items()}
+        check = None
+        if self.algorithm == "osqp" and warm.any() and self.check_termination is not None:
+            check = self.check_termination
+        sub = data.take(index)
+        if check is None or warm.all():
+            return solver.solve(sub, arrays, warm, check_termination=check)
+        out: list[SolveResult | None] = [None] * index.size  # warm and cold solves use their own intervals
+        for mask, interval in ((warm, check), (~warm, None)):
+            pos = np.flatnonzero(mask)
+            if pos.size:
+                part = solver.solve(sub.take(pos), None if arrays is None else {k: v[pos] for k, v in arrays.items()},
+                                    np.ones(pos.size, dtype=bool) if interval else None, check_termination=interval)
+                for j, r in zip(pos, part):
+                    out[j] = r
+        return out
+
+    def _certified_results(self, data: ConeData | QPData, point: dict[str, np.ndarray],
+                           mask: np.ndarray) -> list[SolveResult]:
+        """SolveResults of the certified instances (status optimal, 0 C iterations, message ``"certified"``)."""
+        idx = np.flatnonzero(mask)
+        if idx.size == 0:
+            return []
+        sub = data.take(idx)
+        x = point["x"][idx]
+        lin = (sub.c if isinstance(sub, ConeData) else sub.q).detach().to("cpu", torch.float64).numpy()
+        objective = (lin * x).sum(axis=1) + sub.offset.detach().to("cpu", torch.float64).numpy()
+        if sub.P is not None:
+            objective = objective + 0.5 * (x * HostMatrix(sub.P).matvec(x)).sum(axis=1)
+        s = point.get("s")
+        return [SolveResult(x=x[j], y=point["y"][i], s=None if s is None else s[i], status=Status.OPTIMAL,
+                            iterations=0, setup_time=0.0, solve_time=0.0, objective=float(objective[j]),
+                            message="certified")
+                for j, i in enumerate(idx)]
+
+
+class _Prediction(NamedTuple):
+    """What :meth:`AmortizedSolver._predict` hands to :meth:`AmortizedSolver.solve`."""
+
+    batch: WarmStartBatch
+    theta: torch.Tensor
+    data: ConeData | QPData
+    candidates: dict[str, np.ndarray] | None
+    warm: np.ndarray

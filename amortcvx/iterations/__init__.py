@@ -7,7 +7,7 @@ canonical data (:class:`~amortcvx.canon.ConeData` for ``"scs"``, :class:`~amortc
 backpropagation. See ``docs/iterations.md``.
 """
 
-from amortcvx.iterations.linalg import KKTSolver
+from amortcvx.iterations.linalg import FactorCache, KKTSolver
 from amortcvx.iterations.loop import (
     AndersonSettings,
     FixedPointAlgorithm,
@@ -45,7 +45,8 @@ from amortcvx.iterations.scs import (
 )
 
 __all__ = [
-    "ALGORITHMS", "AndersonSettings", "DATA_FORMS", "FixedPointAlgorithm", "KKTSolver", "LoopResult", "OsqpSettings",
+    "ALGORITHMS", "AndersonSettings", "DATA_FORMS", "FactorCache", "FixedPointAlgorithm", "KKTSolver", "LoopResult",
+    "OsqpSettings",
     "OsqpSolution", "OsqpState", "OsqpWork", "ScsCOutput", "ScsSettings", "ScsSolution", "ScsState", "ScsWork",
     "check_polishable", "equality_qp", "make_algorithm", "make_osqp", "make_scs", "osqp_init", "osqp_residual",
     "osqp_setup", "osqp_solution", "osqp_step", "run", "run_to_tolerance", "scs_c_output", "scs_init", "scs_residual",

@@ -359,5 +359,44 @@ class KKTSolver:
         return u, w
 
 
+class FactorCache:
+    """Parameter-independent factorizations, kept across calls for one problem.
+
+    When ``A`` and ``P`` of a batch are shared by every instance (no parameter enters them) and carry no
+    gradient, the factorization of ``K`` does not depend on the parameters: :func:`amortcvx.iterations.scs.scs_setup`
+    and :func:`amortcvx.iterations.osqp.osqp_setup` then take it from this cache instead of factoring again.
+    Entries are keyed by the identity of the shared ``A``/``P`` value tensors (a compiled problem hands out the
+    same constant tensor on every call for a given device and dtype; the cache holds a reference, so the
+    identity cannot be reused by another tensor), by the diagonals, the settings, the dtype and the device.
+
+    Attributes:
+        builds: number of factorizations computed (cache misses); the count a test or benchmark can read.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict = {}
+        self.builds = 0
+
+    @staticmethod
+    def cacheable(A: SparseBatch, P: SparseBatch | None) -> bool:
+        """Whether the factorization for ``A``, ``P`` is parameter-independent (shared and without gradient)."""
+        return (A.shared and not A.values.requires_grad
+                and (P is None or (P.shared and not P.values.requires_grad)))
+
+    def get(self, key: tuple, A: SparseBatch, P: SparseBatch | None, build):
+        """The cached value for ``key`` and these matrices, computing ``build()`` on a miss."""
+        ident = (key, A.values.data_ptr(), None if P is None else P.values.data_ptr())
+        hit = self._store.get(ident)
+        if hit is None:
+            hit = (build(), A.values, None if P is None else P.values)  # the references pin the identities
+            self._store[ident] = hit
+            self.builds += 1
+        return hit[0]
+
+    def clear(self) -> None:
+        """Drop every cached factorization."""
+        self._store.clear()
+
+
 def _rows(mat: SparseBatch, start: int, stop: int) -> SparseBatch:
     return SparseBatch(mat.indices, mat.indptr, mat.shape, mat.values[start:stop], mat.shared)

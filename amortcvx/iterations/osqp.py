@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from amortcvx.canon.data import QPData, SparseBatch
-from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows, check_matrices, spmv
+from amortcvx.iterations.linalg import METHODS, FactorCache, KKTSolver, batch_rows, check_matrices, spmv
 
 RHO_MAX = 1e6
 
@@ -150,13 +150,16 @@ def osqp_rho(l: torch.Tensor, u: torch.Tensor, settings: OsqpSettings | None = N
     return torch.where(kind == -1, settings.rho_min, out)
 
 
-def osqp_setup(data: QPData, settings: OsqpSettings | None = None) -> OsqpWork:
+def osqp_setup(data: QPData, settings: OsqpSettings | None = None, cache: FactorCache | None = None) -> OsqpWork:
     """Factor ``K`` for a batch of QPs.
 
     Args:
         data: the batch (its dtype and device are the iteration's; ``A``/``P`` shared by the batch are
             factored once, and so are the row types when they agree across the batch).
         settings: iteration settings (default :class:`OsqpSettings`).
+        cache: keeps the factorization of ``K`` across calls when ``A``/``P`` are shared and constant and the
+            row types (hence ``rho``) agree across the batch (see
+            :class:`~amortcvx.iterations.linalg.FactorCache`).
 
     Raises:
         TypeError / ValueError: naming the field of ``data`` at fault.
@@ -180,12 +183,23 @@ def osqp_setup(data: QPData, settings: OsqpSettings | None = None) -> OsqpWork:
         raise ValueError("QPData has rows with l > u (infeasible bounds)")
     rho = osqp_rho(l, u, settings)
     rho_inv = 1.0 / rho
-    solver = KKTSolver(data.A, data.P, settings.sigma, rho_inv, dtype=q.dtype, method=settings.linsys)
-    wx = wz = c0 = None
+
+    def factor() -> tuple[KKTSolver, torch.Tensor | None, torch.Tensor | None]:
+        solver = KKTSolver(data.A, data.P, settings.sigma, rho_inv, dtype=q.dtype, method=settings.linsys)
+        wx = wz = None
+        if solver.method == "kkt":
+            kinv_t = solver.kinv.mT  # K^-1 is symmetric up to rounding; rows of the transpose act on row vectors
+            wx = (settings.sigma * kinv_t[:, :n]).contiguous()
+            wz = kinv_t[:, n:].contiguous()
+        return solver, wx, wz
+
+    if cache is not None and rho.shape[0] == 1 and FactorCache.cacheable(data.A, data.P):
+        key = ("osqp", settings, rho.detach().cpu().numpy().tobytes(), q.dtype, str(q.device))
+        solver, wx, wz = cache.get(key, data.A, data.P, factor)
+    else:
+        solver, wx, wz = factor()
+    c0 = None
     if solver.method == "kkt":
-        kinv_t = solver.kinv.mT  # K^-1 is symmetric up to rounding; rows of the transpose act on row vectors
-        wx = (settings.sigma * kinv_t[:, :n]).contiguous()
-        wz = kinv_t[:, n:].contiguous()
         c0 = solver.solve_packed(torch.cat([-q, torch.zeros_like(l)], dim=1))
     return OsqpWork(n=n, m=m, settings=settings, q=q, l=l, u=u, rho=rho, rho_inv=rho_inv, A=data.A, P=data.P,
                     solver=solver, Wx=wx, Wz=wz, c0=c0, batch_size=batch)

@@ -40,7 +40,7 @@ import torch
 
 from amortcvx.canon.data import ConeData, ConeDims, SparseBatch
 from amortcvx.iterations.cones import project_dual_cone
-from amortcvx.iterations.linalg import METHODS, KKTSolver, batch_rows, check_matrices
+from amortcvx.iterations.linalg import METHODS, FactorCache, KKTSolver, batch_rows, check_matrices
 
 
 @dataclass(frozen=True)
@@ -163,13 +163,16 @@ def scs_r_y(cones: ConeDims, settings: ScsSettings | None = None, *, dtype: torc
     return r_y
 
 
-def scs_setup(data: ConeData, settings: ScsSettings | None = None) -> ScsWork:
+def scs_setup(data: ConeData, settings: ScsSettings | None = None, cache: FactorCache | None = None) -> ScsWork:
     """Factor ``M`` and precompute ``g`` for a batch of cone programs.
 
     Args:
         data: the batch (its dtype and device are the iteration's; ``A``/``P`` shared by the batch are
             factored once, otherwise once per instance).
         settings: iteration settings (default :class:`ScsSettings`).
+        cache: keeps the factorization of ``M`` (and ``W``) across calls when ``A``/``P`` are shared and
+            constant (see :class:`~amortcvx.iterations.linalg.FactorCache`); only ``g`` and the ``tau``
+            coefficients, which depend on ``b`` and ``c``, are then computed per call.
 
     Raises:
         TypeError / ValueError: naming the field of ``data`` at fault.
@@ -195,11 +198,19 @@ def scs_setup(data: ConeData, settings: ScsSettings | None = None) -> ScsWork:
     r_x = torch.full((n,), settings.rho_x, dtype=dtype, device=device)
     r = torch.cat([r_x, r_y, torch.full((1,), d, dtype=dtype, device=device)])
     r_signed = torch.cat([r_x, -r_y])
-    solver = KKTSolver(data.A, data.P, settings.rho_x, r_y, dtype=dtype, method=settings.linsys)
-    W = None
-    if solver.method == "kkt":
-        w = solver.kinv * r_signed  # M^-1 diag(r_signed), (b, nm, nm)
-        W = torch.nn.functional.pad(w.mT, (0, 1, 0, 1))  # [[w', 0], [0, 0]], (b, l, l)
+
+    def factor() -> tuple[KKTSolver, torch.Tensor | None]:
+        solver = KKTSolver(data.A, data.P, settings.rho_x, r_y, dtype=dtype, method=settings.linsys)
+        W = None
+        if solver.method == "kkt":
+            w = solver.kinv * r_signed  # M^-1 diag(r_signed), (b, nm, nm)
+            W = torch.nn.functional.pad(w.mT, (0, 1, 0, 1))  # [[w', 0], [0, 0]], (b, l, l)
+        return solver, W
+
+    if cache is not None and FactorCache.cacheable(data.A, data.P):
+        solver, W = cache.get(("scs", settings, data.cones, dtype, str(device)), data.A, data.P, factor)
+    else:
+        solver, W = factor()
     g = solver.solve_packed(torch.cat([c, -b], dim=1))
     rg = g * r[:nm]
     h = r_signed * solver.solve_packed(rg)  # p'R g = mu . h

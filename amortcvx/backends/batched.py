@@ -1,0 +1,53 @@
+"""Batched float64 products and norms on the host for the termination tests of both backends.
+
+A batch of matrices shares one CSC pattern (:class:`amortcvx.canon.data.SparseBatch`); its values are
+``(1 or B, nnz)``. Products are computed for the whole batch at once: gather the columns, multiply by the
+values, and sum into the rows with one constant sparse 0/1 matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from amortcvx.canon.data import SparseBatch
+
+
+def host(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a C-contiguous float64 numpy array on the host."""
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
+
+
+class HostMatrix:
+    """A :class:`SparseBatch` on the host, applied to ``(B, .)`` arrays in ``O(B nnz)``.
+
+    Attributes:
+        shape: ``(rows, cols)``.
+        values: ``(1 or B, nnz)`` float64.
+    """
+
+    def __init__(self, mat: SparseBatch):
+        rows, cols = mat.coo()
+        self.shape = tuple(mat.shape)
+        self.rows, self.cols = rows, cols
+        vals = mat.values[:1] if mat.shared else mat.values
+        self.values = host(vals)
+        nnz = rows.shape[0]
+        k = np.arange(nnz)
+        ones = np.ones(nnz)
+        self._sum_rows = sp.csr_array((ones, (rows, k)), shape=(self.shape[0], nnz))
+        self._sum_cols = sp.csr_array((ones, (cols, k)), shape=(self.shape[1], nnz))
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``M_i x_i`` for ``x`` of shape ``(B, cols)``; returns ``(B, rows)``."""
+        return (self._sum_rows @ (x[:, self.cols] * self.values).T).T
+
+    def rmatvec(self, y: np.ndarray) -> np.ndarray:
+        """``M_i' y_i`` for ``y`` of shape ``(B, rows)``; returns ``(B, cols)``."""
+        return (self._sum_cols @ (y[:, self.rows] * self.values).T).T
+
+
+def inf_norm(v: np.ndarray) -> np.ndarray:
+    """Row-wise infinity norm of a ``(B, k)`` array (0 for ``k = 0``)."""
+    return np.abs(v).max(axis=1) if v.shape[1] else np.zeros(v.shape[0])

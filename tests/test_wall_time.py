@@ -1,0 +1,159 @@
+"""Persistent C solvers, cached factorizations and the certified finish (the wall-time path)."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import problems
+from amortcvx.backends import PersistentSolver, Status, WarmStart, solve_batch
+from amortcvx.canon import ParametricProblem
+from amortcvx.canon.data import QPData
+from amortcvx.deploy import AmortizedSolver
+from amortcvx.iterations import AndersonSettings
+
+TOL = {"eps_abs": 1e-4, "eps_rel": 1e-4}
+PAIRS = [(name, alg) for name in problems.names() for alg in ("scs", "osqp")
+         if alg == "scs" or problems.make(name).kind in ("qp", "lp")]
+
+
+def _pp(name: str, alg: str) -> tuple:
+    fam = problems.make(name)
+    return fam, ParametricProblem(fam.problem, {"scs": "cone", "osqp": "qp"}[alg])
+
+
+@pytest.mark.parametrize("name, alg", [("portfolio", "scs"), ("portfolio", "osqp"), ("mpc", "osqp"),
+                                       ("mpc_param_dyn", "osqp"), ("robust_ls", "scs"), ("kalman", "scs")])
+def test_persistent_solver_matches_fresh_solves_in_any_order(name, alg):
+    fam, pp = _pp(name, alg)
+    params = fam.sample(12, seed=1)
+    data = pp.canonicalize(params)
+    fresh = solve_batch(data.instances(), alg, settings=TOL, exact_iterations=False, workers=1)
+    ref = pp.canonicalize(fam.sample(1, seed=99)).instance(0)
+    solver = PersistentSolver(alg, ref, TOL)
+    first = solver.solve(data)
+    for r, f in zip(first, fresh):
+        assert r.status == f.status == Status.OPTIMAL
+        assert abs(r.objective - f.objective) <= 1e-3 * max(1.0, abs(f.objective))
+    # another order on the same object: the same results (nothing leaks between instances; OSQP's update of A
+    # rescales the matrix, which leaves rounding-level differences)
+    perm = np.random.default_rng(0).permutation(12)
+    again = solver.solve(pp.canonicalize({k: v[perm] for k, v in params.items()}))
+    for j, i in enumerate(perm):
+        assert again[j].iterations == first[i].iterations
+        np.testing.assert_allclose(again[j].x, first[i].x, rtol=0, atol=1e-10)
+
+
+def test_persistent_solver_has_the_same_counts_as_fresh_objects_with_fixed_settings():
+    fam, pp = _pp("lasso", "osqp")
+    data = pp.canonicalize(fam.sample(6, seed=2))
+    fixed = {**TOL, "scaling": 0, "adaptive_rho": 0}
+    fresh = solve_batch(data.instances(), "osqp", settings=fixed, exact_iterations=False, workers=1)
+    out = PersistentSolver("osqp", data.instance(3), fixed).solve(data)
+    assert [r.iterations for r in out] == [r.iterations for r in fresh]
+
+
+def test_persistent_scs_rebuilds_only_when_state_could_leak():
+    fam, pp = _pp("portfolio", "scs")
+    data = pp.canonicalize(fam.sample(5, seed=3))
+    opt = solve_batch(data.instances(), "scs", settings={"eps_abs": 1e-9, "eps_rel": 1e-9}, workers=1)
+    warm = {"x": np.stack([r.x for r in opt]), "y": np.stack([r.y for r in opt]), "s": np.stack([r.s for r in opt])}
+    adaptive = PersistentSolver("scs", data.instance(0), TOL)
+    adaptive.solve(data, warm)
+    assert adaptive.builds == 1 + 5  # adaptive scale on: every solve on a freshly built object
+    fixed = PersistentSolver("scs", data.instance(0), {**TOL, "adaptive_scale": False})
+    out = fixed.solve(data, warm)
+    assert all(r.iterations == 1 for r in out)  # started at the optimum: stops at the first check ...
+    assert fixed.builds == 1  # ... so nothing could leak and the object is reused
+
+
+def test_noncontiguous_vectors_give_correct_answers():
+    # OSQP 1.1.3 returns wrong solutions, marked solved, for non-contiguous update(q=...) views.
+    fam, pp = _pp("portfolio", "osqp")
+    data = pp.canonicalize(fam.sample(4, seed=4))
+    q = torch.stack([data.q, -data.q], dim=2)[:, :, 0]  # a strided view with the same values
+    assert not q.is_contiguous()
+    strided = QPData(P=data.P, q=q, A=data.A, l=data.l, u=data.u, offset=data.offset)
+    out = PersistentSolver("osqp", data.instance(1), TOL).solve(strided)
+    fresh = solve_batch(data.instances(), "osqp", settings=TOL, workers=1)
+    for r, f in zip(out, fresh):
+        np.testing.assert_allclose(r.x, f.x, atol=1e-3)
+
+
+def test_parameter_independent_factorizations_are_computed_once():
+    fam, pp = _pp("portfolio", "scs")
+    solver = AmortizedSolver(pp, algorithm="scs", k=3, solver_settings=TOL)
+    for seed in range(3):
+        solver.predict_warm_start(fam.sample(4, seed=seed))
+    assert solver.factors.builds == 1
+    fam, pp = _pp("mpc_param_dyn", "scs")  # the dynamics matrix is a parameter: nothing to cache
+    solver = AmortizedSolver(pp, algorithm="scs", k=3, solver_settings=TOL)
+    for seed in range(2):
+        solver.predict_warm_start(fam.sample(4, seed=seed))
+    assert solver.factors.builds == 0
+
+
+@pytest.mark.parametrize("name, alg", PAIRS)
+def test_certified_answers_pass_the_c_solvers_own_test(name, alg):
+    fam, pp = _pp(name, alg)
+    params = fam.sample(8, seed=5)
+    solver = AmortizedSolver(pp, algorithm=alg, k=60, anderson=AndersonSettings(), solver_settings=TOL)
+    out = solver.solve(params)
+    data = pp.canonicalize(params)
+    cold = solve_batch(data.instances(), alg, settings=TOL, workers=1)
+    assert all(r.status == Status.OPTIMAL for r in out.results)
+    for r, c in zip(out.results, cold):
+        assert abs(r.objective - c.objective) <= 1e-2 * max(1.0, abs(c.objective)), (r.objective, c.objective)
+    idx = np.flatnonzero(out.certified)
+    assert all(out.results[i].message == "certified" and out.results[i].iterations == 0 for i in idx)
+    starts = [WarmStart(out.results[i].x, out.results[i].y, out.results[i].s) for i in idx]
+    restarted = solve_batch([data.instance(int(i)) for i in idx], alg, warm_starts=starts, settings=TOL,
+                            exact_iterations=True, workers=1)
+    assert all(r.status == Status.OPTIMAL and r.iterations == 1 for r in restarted)  # the C solver agrees at once
+
+
+def test_certificate_is_used_on_easy_problems():
+    fam, pp = _pp("portfolio", "osqp")
+    acc = AndersonSettings()
+    out = AmortizedSolver(pp, algorithm="osqp", k=60, anderson=acc, solver_settings=TOL).solve(fam.sample(8, seed=6))
+    assert out.certified.all()
+    out = AmortizedSolver(pp, algorithm="osqp", k=60, anderson=acc, solver_settings=TOL,
+                          finish="c").solve(fam.sample(8, seed=6))
+    assert not out.certified.any() and all(r.status == Status.OPTIMAL for r in out.results)
+
+
+@pytest.mark.parametrize("alg", ["scs", "osqp"])
+def test_infeasible_instances_are_never_certified(alg):
+    p = cp.Parameter(3, name="p")
+    x = cp.Variable(3, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.sum(x)), [x >= p, x <= 1])
+    pp = ParametricProblem(prob, {"scs": "cone", "osqp": "qp"}[alg])
+    params = {"p": np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.5, 0.2, 0.1]])}  # the middle one is infeasible
+    out = AmortizedSolver(pp, algorithm=alg, k=60, solver_settings=TOL).solve(params)
+    assert not out.certified[1]
+    assert out.results[1].status in (Status.INFEASIBLE, Status.INFEASIBLE_INACCURATE)
+    assert out.results[0].status == out.results[2].status == Status.OPTIMAL
+
+
+def test_solve_is_timed_by_default_and_exact_on_request():
+    fam, pp = _pp("portfolio", "osqp")
+    params = fam.sample(4, seed=7)
+    solver = AmortizedSolver(pp, algorithm="osqp", solver_settings=TOL, finish="c")
+    timed = solver.solve(params)
+    exact = solver.solve(params, exact_iterations=True)
+    assert all(r.iterations % 25 == 0 for r in timed.results)  # OSQP checks every 25 iterations
+    assert any(r.iterations % 25 for r in exact.results)  # exact counts are not rounded up to the check
+
+
+def test_bad_options_are_refused():
+    fam, pp = _pp("portfolio", "osqp")
+    with pytest.raises(ValueError, match="safeguard_ratio"):
+        AmortizedSolver(pp, algorithm="osqp", safeguard_ratio=-1.0)
+    with pytest.raises(ValueError, match="finish"):
+        AmortizedSolver(pp, algorithm="osqp", finish="gpu")
+    with pytest.raises(ValueError, match="check_termination"):
+        AmortizedSolver(pp, algorithm="osqp", check_termination=0)
+    with pytest.raises(ValueError, match="eps_abs"):
+        AmortizedSolver(pp, algorithm="osqp", solver_settings={"eps_abs": -1.0})
