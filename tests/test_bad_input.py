@@ -221,3 +221,109 @@ def test_ray_test_skips_with_a_reason_when_ray_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without Ray installed
     with pytest.raises(pytest.skip.Exception, match="Ray is not installed"):
         test_ray_gives_the_same_dataset_as_processes(None, None)
+
+
+# ---------------------------------------------------------------------- predictor files
+class TinyCore(torch.nn.Module):
+    """A custom (non-MLP) core for the save / load tests."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(in_dim, out_dim)
+        self.gate = torch.nn.Parameter(torch.ones(out_dim))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * self.gate
+
+
+def make_tiny_core(num_params: int, out_dim: int) -> torch.nn.Module:
+    return TinyCore(num_params, out_dim)
+
+
+def _predictor(core=None):
+    from amortcvx.predictors import PredictorMeta, WarmStartPredictor
+
+    meta = PredictorMeta("f" * 16, "scs", {"alpha": 1.5}, 4, 6)
+    model = WarmStartPredictor(meta, core=core, hidden=(8,)).double()
+    with torch.no_grad():
+        model.in_mean.uniform_()
+        model.out_std.uniform_(0.5, 2.0)
+    return model
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_predictor_file_holds_no_code_and_loads_with_weights_only(tmp_path):
+    from amortcvx.predictors import WarmStartPredictor
+
+    model, path = _predictor(), tmp_path / "m.pt"
+    model.save(path)
+    raw = torch.load(path, weights_only=True)  # plain tensors and strings
+    assert set(raw) == {"format", "version", "meta", "state_dict"} and isinstance(raw["meta"], str)
+    back = WarmStartPredictor.load(path, fingerprint="f" * 16)
+    theta = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(back(theta), model(theta))
+    # a file that would run code when unpickled is refused, and the code does not run
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "amortcvx.WarmStartPredictor", "payload": _RunsCode(str(marker))}, evil)
+    with pytest.raises(ValueError, match=r"evil\.pt is not a readable amortcvx predictor file"):
+        WarmStartPredictor.load(evil)
+    assert not marker.exists()
+
+
+def test_custom_core_is_rebuilt_from_a_named_factory_or_instance(tmp_path):
+    from amortcvx.predictors import WarmStartPredictor
+
+    model, path = _predictor(TinyCore(4, 6).double()), tmp_path / "custom.pt"
+    model.save(path)
+    with pytest.raises(ValueError, match=r"custom\.pt holds a predictor with a custom core module .*TinyCore.*"
+                                         r"core_factory="):
+        WarmStartPredictor.load(path)
+    theta = torch.randn(3, 4, dtype=torch.float64)
+    for kwargs in ({"core_factory": f"{__name__}:make_tiny_core"}, {"core_factory": make_tiny_core},
+                   {"core": TinyCore(4, 6)}):
+        back = WarmStartPredictor.load(path, **kwargs)
+        torch.testing.assert_close(back(theta), model(theta))
+    with pytest.raises(ValueError, match="cannot be imported"):
+        WarmStartPredictor.load(path, core_factory="no_such_module_xyz:make")
+    with pytest.raises(ValueError, match=r"custom\.pt: the saved weights do not fit"):
+        WarmStartPredictor.load(path, core=TinyCore(4, 5))
+
+
+def test_damaged_predictor_files_are_one_clear_value_error(tmp_path):
+    from amortcvx.predictors import WarmStartPredictor
+
+    model, path = _predictor(), tmp_path / "m.pt"
+    model.save(path)
+    blob = path.read_bytes()
+    cases = {
+        "truncated.pt": (blob[: len(blob) // 2], "is not a readable"),
+        "junk.pt": (b"\x00junk" * 100, "is not a readable"),
+        "empty.pt": (b"", "is not a readable"),
+    }
+    for name, (data, what) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name} {what}"):
+            WarmStartPredictor.load(tmp_path / name)
+    raw = torch.load(path, weights_only=True)
+    for name, broken, what in (
+            ("nometa.pt", {k: v for k, v in raw.items() if k != "meta"}, "lacks its metadata"),
+            ("badmeta.pt", {**raw, "meta": "{not json"}, "damaged metadata"),
+            ("noweights.pt", {k: v for k, v in raw.items() if k != "state_dict"}, "lacks its weights"),
+            ("other.pt", {"state_dict": raw["state_dict"]}, "not an amortcvx predictor file")):
+        torch.save(broken, tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{name}.*{what}"):
+            WarmStartPredictor.load(tmp_path / name)
+    # a file of an amortcvx that pickled the whole module
+    torch.save({"meta": {}, "state_dict": model.state_dict(), "core": model.core}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt is not a readable.*older amortcvx"):
+        WarmStartPredictor.load(tmp_path / "old.pt")
+    with pytest.raises(FileNotFoundError):
+        WarmStartPredictor.load(tmp_path / "missing.pt")

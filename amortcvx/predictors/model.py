@@ -15,7 +15,10 @@ trained for.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,23 +110,50 @@ class WarmStartPredictor(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Save weights, normalization and meta atomically (a temp file renamed over ``path``)."""
-        state = {"meta": dataclasses.asdict(self.meta), "state_dict": self.state_dict(),
-                 "core": self.core if not _is_default_mlp(self.core) else None,
-                 "hidden": _mlp_hidden(self.core)}
+        """Save weights, normalization and meta atomically (a temp file renamed over ``path``).
+
+        The file is a ``torch.save`` archive holding only tensors and strings: ``state_dict`` (the weights
+        and normalization buffers) and ``meta`` (JSON: :class:`PredictorMeta` and how to rebuild the core).
+        :meth:`load` reads it with ``weights_only=True``, so loading a file never runs code from it. A
+        custom core is stored as its weights only; :meth:`load` needs ``core=`` or ``core_factory=`` for it.
+        """
+        custom = not _is_default_mlp(self.core)
+        core = ({"kind": "custom", "class": f"{type(self.core).__module__}.{type(self.core).__qualname__}"}
+                if custom else {"kind": "mlp", "hidden": list(_mlp_hidden(self.core))})
+        meta = {"meta": dataclasses.asdict(self.meta), "core": core}
+        state = {"format": FILE_FORMAT, "version": FILE_VERSION,
+                 "meta": json.dumps(meta, sort_keys=True, allow_nan=False),
+                 "state_dict": {k: v.detach() for k, v in self.state_dict().items()}}
         atomic_torch_save(state, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, fingerprint: str | None = None, algorithm: str | None = None,
-             settings: dict | None = None, map_location: Any = "cpu") -> WarmStartPredictor:
+             settings: dict | None = None, map_location: Any = "cpu", core: nn.Module | None = None,
+             core_factory: str | Callable[[int, int], nn.Module] | None = None) -> WarmStartPredictor:
         """Load a saved predictor; a model for another problem or settings is a clear ValueError.
+
+        The file is read with ``torch.load(weights_only=True)``: tensors and plain data only, never code.
 
         Args:
             fingerprint: the problem's ``ParametricProblem.fingerprint`` to check against (recommended).
             algorithm, settings: the algorithm and settings that will use the prediction, to check against.
+            map_location: where to put the tensors (``torch.load``'s argument).
+            core: a freshly built core module to load the saved weights into (needed for a custom core, i.e.
+                one that was not the default MLP; optional otherwise).
+            core_factory: instead of ``core``: a callable, or the import path ``"package.module:function"``
+                of one, called as ``core_factory(num_params, out_dim)`` to build the core. Only a path you
+                name is imported; nothing in the file is.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the file is damaged, truncated, not a predictor file (or one of an amortcvx that pickled
+                whole modules), lacks its metadata, holds weights that do not fit the core, needs ``core=`` /
+                ``core_factory=``, or was made for another problem / algorithm / settings (the message names
+                the file and what is wrong).
         """
-        state = torch.load(path, map_location=map_location, weights_only=False)
-        meta = PredictorMeta(**state["meta"])
+        state = _read_predictor_file(path, map_location)
+        info = state["meta"]
+        meta = info["meta"]
         if fingerprint is not None and meta.fingerprint != fingerprint:
             raise ValueError(f"{path} holds a predictor for problem {meta.fingerprint}, not for this problem "
                              f"({fingerprint}); the problem's structure, shapes or constant data differ")
@@ -132,11 +162,92 @@ class WarmStartPredictor(nn.Module):
         if settings is not None and dict(settings) != meta.settings:
             diff = sorted(k for k in set(settings) | set(meta.settings) if settings.get(k) != meta.settings.get(k))
             raise ValueError(f"{path} was trained with other {meta.algorithm} settings (differing: {diff})")
-        core = state["core"]
-        model = cls(meta, core=core, hidden=state["hidden"] or (256, 256))
-        model = model.to(dtype=state["state_dict"]["in_mean"].dtype)  # keep the saved precision
-        model.load_state_dict(state["state_dict"])
+        if core is not None and core_factory is not None:
+            raise ValueError("pass core= or core_factory=, not both")
+        if core is None and core_factory is not None:
+            core = _build_core(core_factory, meta)
+        kind = info["core"].get("kind")
+        if core is None and kind != "mlp":
+            raise ValueError(
+                f"{path} holds a predictor with a custom core module ({info['core'].get('class', '?')}); its code "
+                "is not stored in the file: pass core= (a new instance of that module) or "
+                "core_factory='package.module:function' (called as function(num_params, out_dim))")
+        hidden = tuple(int(h) for h in info["core"].get("hidden") or (256, 256))
+        model = cls(meta, core=core, hidden=hidden)
+        weights = state["state_dict"]
+        model = model.to(dtype=weights["in_mean"].dtype)  # keep the saved precision
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: the saved weights do not fit the core module ({exc})") from None
         return model
+
+
+FILE_FORMAT = "amortcvx.WarmStartPredictor"
+"""Marker in a saved predictor file (``WarmStartPredictor.save``)."""
+FILE_VERSION = 2
+
+
+def _read_predictor_file(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:
+    """Load and check the structure of a predictor file; every defect is one ValueError naming the file."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        if isinstance(exc, pickle.UnpicklingError):
+            detail = "it holds pickled objects other than tensors and plain data, which are never loaded"
+        else:
+            detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        raise ValueError(
+            f"{path} is not a readable amortcvx predictor file ({detail}): it is damaged or truncated, not a "
+            "predictor file, or was saved by an older amortcvx that pickled whole modules (retrain, or re-save "
+            "it with that version's save)") from None
+    if not isinstance(state, dict) or state.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not an amortcvx predictor file (no {FILE_FORMAT!r} marker)")
+    if state.get("version") != FILE_VERSION:
+        raise ValueError(f"{path} has predictor file version {state.get('version')!r}; this amortcvx reads "
+                         f"version {FILE_VERSION}")
+    text = state.get("meta")
+    if not isinstance(text, str):
+        raise ValueError(f"{path} lacks its metadata (the 'meta' entry)")
+    try:
+        info = json.loads(text)
+        meta = PredictorMeta(**info["meta"])
+        if info["core"].get("kind") not in ("mlp", "custom"):
+            raise ValueError(f"unknown core kind {info['core'].get('kind')!r}")
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{path} holds damaged metadata ({type(exc).__name__}: {exc})") from None
+    if meta.algorithm not in SETTINGS:
+        raise ValueError(f"{path} holds a predictor for unknown algorithm {meta.algorithm!r}")
+    weights = state.get("state_dict")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{path} lacks its weights (the 'state_dict' entry of tensors)")
+    if "in_mean" not in weights:
+        raise ValueError(f"{path} lacks the normalization buffers (in_mean, ...)")
+    info["meta"] = meta
+    return {"meta": info, "state_dict": weights}
+
+
+def _build_core(factory: str | Callable[[int, int], nn.Module], meta: PredictorMeta) -> nn.Module:
+    """``factory(num_params, out_dim)``, with ``factory`` a callable or an import path ``"pkg.mod:attr"``."""
+    if isinstance(factory, str):
+        mod_name, sep, attr = factory.partition(":")
+        if not sep or not mod_name or not attr:
+            raise ValueError(f"core_factory must look like 'package.module:function'; got {factory!r}")
+        try:
+            obj: Any = importlib.import_module(mod_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"core_factory {factory!r} cannot be imported ({exc})") from None
+        factory = obj
+    if not callable(factory):
+        raise ValueError(f"core_factory must be callable; got {type(factory).__name__}")
+    core = factory(meta.num_params, meta.out_dim)
+    if not isinstance(core, nn.Module):
+        raise ValueError(f"core_factory returned {type(core).__name__}, not a torch.nn.Module")
+    return core
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
