@@ -18,6 +18,7 @@ See ``docs/evaluation.md``.
 
 from amortcvx.evaluation.baselines import (
     NearestNeighbor,
+    PersistentColdLoop,
     cold_warm_starts,
     episode_ids,
     nearest_neighbor_warm_starts,
@@ -50,6 +51,7 @@ from amortcvx.evaluation.reports import (
 )
 
 __all__ = [
+    "PersistentColdLoop",
     "Comparison", "ExperimentConfig", "ExperimentResult", "NearestNeighbor", "StrategyResult", "Summary",
     "TimingResult", "check_family_algorithm", "cold_refined_name", "cold_warm_starts", "compare", "environment",
     "episode_ids", "family_episodes", "format_rows", "format_table", "format_timings", "learned_name",

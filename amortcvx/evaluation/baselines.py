@@ -17,7 +17,8 @@ a cold start for the instances that would use them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,3 +186,76 @@ def previous_solution_warm_starts(x, y, s=None, *, episodes: Sequence[int] | np.
         if ep[i] == ep[i - 1] and ok[i - 1]:
             out[i] = _warm_start(x, y, s, i - 1)
     return out
+
+
+class PersistentColdLoop:
+    """The best cold solve a user writes by hand: one solver object, updated and solved per instance.
+
+    Written on the solvers' own Python API, as a user would: SCS ``scs.SCS`` set up once, then
+    ``update(b=, c=)`` and ``solve(warm_start=False)`` per instance (a new setup per instance where parameters
+    enter ``A`` or ``P``: SCS cannot update matrices); OSQP ``osqp.OSQP().setup`` once with
+    ``warm_starting=False``, then ``update(q=, l=, u=)`` (and ``Px=``, ``Ax=``) and ``solve()``. No state is reset
+    between instances (a user does not), so SCS's adapted scale and Anderson memory and OSQP's adapted rho carry
+    over. Canonical data come from :meth:`ParametricProblem.canonicalize` (the fastest way to get them).
+    The timing baseline "(b)" of ``benchmarks/bench_endtoend.py``.
+    """
+
+    def __init__(self, pp, backend: str, settings: Mapping[str, Any] | None = None):
+        from amortcvx.backends import get_backend
+
+        self.pp, self.backend = pp, backend
+        info = get_backend(backend)
+        self.settings = {**info.default_settings, **(settings or {})}
+        self._solver = None
+
+    def _setup(self, inst) -> None:
+        from amortcvx.backends.base import csc_parts
+
+        if self.backend == "scs":
+            import scs
+
+            data = {"A": csc_parts(inst.A, np.int64), "b": np.ascontiguousarray(inst.b),
+                    "c": np.ascontiguousarray(inst.c)}
+            if inst.P is not None:
+                data["P"] = csc_parts(inst.P, np.int64, upper=True)
+            self._solver = scs.SCS(data, inst.cones.to_scs(), **self.settings)
+        else:
+            import osqp
+
+            self._solver = osqp.OSQP()
+            P = None if inst.P is None else csc_parts(inst.P, np.int32, upper=True)
+            self._solver.setup(P, np.ascontiguousarray(inst.q), csc_parts(inst.A, np.int32),
+                               np.ascontiguousarray(inst.l), np.ascontiguousarray(inst.u),
+                               **{**self.settings, "warm_starting": False})
+
+    def solve(self, params: Mapping[str, np.ndarray]) -> list[Any]:
+        """Canonicalize ``params`` and solve each instance cold on the one object; returns the raw results."""
+        data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
+        out = []
+        if self.backend == "scs":
+            b, c = data.b.numpy(), data.c.numpy()
+            per_instance = not data.A.shared or (data.P is not None and not data.P.shared)
+            for i in range(data.batch_size):
+                if self._solver is None or per_instance:
+                    self._setup(data.instance(i))
+                else:
+                    self._solver.update(b=np.ascontiguousarray(b[i]), c=np.ascontiguousarray(c[i]))
+                out.append(self._solver.solve(warm_start=False))
+            return out
+        q, lo, hi = data.q.numpy(), data.l.numpy(), data.u.numpy()
+        a_vals = None if data.A.shared else data.A.values.numpy()
+        p_vals = None
+        if data.P is not None and not data.P.shared:
+            cols = np.repeat(np.arange(data.P.shape[1]), np.diff(data.P.indptr))
+            p_vals = data.P.values.numpy()[:, data.P.indices <= cols]
+        for i in range(data.batch_size):
+            if self._solver is None:
+                self._setup(data.instance(i))
+            else:
+                self._solver.update(q=np.ascontiguousarray(q[i]), l=np.ascontiguousarray(lo[i]),
+                                    u=np.ascontiguousarray(hi[i]))
+                if a_vals is not None or p_vals is not None:
+                    self._solver.update(**({} if a_vals is None else {"Ax": np.ascontiguousarray(a_vals[i])}),
+                                        **({} if p_vals is None else {"Px": np.ascontiguousarray(p_vals[i])}))
+            out.append(self._solver.solve(raise_error=False))
+        return out
