@@ -5,12 +5,18 @@ its parameters (:meth:`ParametricProblem.canonicalize_vector`, differentiable), 
 data, predicts ``z0``, computes :func:`~amortcvx.training.losses.losses` and takes an Adam step. After each
 epoch the same losses on the validation set decide early stopping; the best model so far is written
 atomically to ``TrainConfig.checkpoint`` (weights, normalization, meta), so an interrupted run keeps it.
+Next to it, ``<checkpoint>.state`` holds the state at the end of the last finished epoch (model, optimizer,
+shuffling generator, history, best model); with ``TrainConfig.resume`` a rerun continues from there and ends
+with the same numbers as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +28,7 @@ from torch import nn
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.registry import DATA_FORMS, make_algorithm
 from amortcvx.predictors.fixed_point import output_space
-from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
+from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor, atomic_torch_save
 from amortcvx.training.losses import LossWeights, losses
 
 
@@ -74,7 +80,10 @@ class TrainConfig:
         patience: stop after this many epochs without a validation improvement.
         seed: seeds the model initialization and the shuffling (same seed, same numbers).
         device, dtype: where and in which precision training runs ("cpu", "cuda", ...; "float32"/"float64").
-        checkpoint: path of the best model so far (written atomically), or None.
+        checkpoint: path of the best model so far (written atomically), or None. The training state of the
+            last finished epoch goes to ``<checkpoint>.state`` (see :func:`train_state_path`).
+        resume: continue from ``<checkpoint>.state`` when it exists (it must come from the same problem,
+            algorithm, settings, data and training settings; ``epochs`` and ``patience`` may differ).
         unroll_checkpoint: steps per checkpointed block of the unroll (memory-light mode), or None.
         hidden: hidden widths of the default MLP.
         progress: show a progress bar with the losses.
@@ -94,6 +103,7 @@ class TrainConfig:
     unroll_checkpoint: int | None = None
     hidden: tuple[int, ...] = (256, 256)
     progress: bool = True
+    resume: bool = False
 
     def __post_init__(self):
         if not 0 <= self.k <= 60:
@@ -168,7 +178,22 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     best, best_epoch, best_state = math.inf, -1, None
-    bar = tqdm(range(config.epochs), disable=not config.progress, desc=f"train {algorithm} k={config.k}")
+    state_path = train_state_path(config.checkpoint) if config.checkpoint else None
+    run_key = _run_key(meta, config, train_set, val_set) if state_path is not None else None
+    start = 0
+    if config.resume and state_path is not None and state_path.exists():
+        saved = _read_train_state(state_path, run_key, device)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        history = saved["info"]["history"]
+        best, best_epoch = float(saved["info"]["best"]), int(saved["info"]["best_epoch"])
+        best_state = saved["best_model"]
+        start = int(saved["info"]["epoch"]) + 1
+        if start > 0 and start - best_epoch >= config.patience:
+            start = config.epochs  # the saved run had stopped early
+    bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, disable=not config.progress,
+               desc=f"train {algorithm} k={config.k}")
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(train_set), generator=gen)
@@ -194,9 +219,14 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if config.checkpoint:
                 model.save(config.checkpoint)
+        if state_path is not None:
+            _write_train_state(state_path, run_key, epoch, history, best, best_epoch, model, best_state, opt, gen)
         bar.set_postfix(train=f"{record['train_total']:.3g}", val=f"{val:.3g}", best=best_epoch)
         if epoch - best_epoch >= config.patience:
             break
+    bar.close()
+    if best_state is None:
+        raise ValueError("no epoch was trained (epochs <= the epoch of the resumed training state)")
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=best_epoch)
@@ -222,3 +252,68 @@ def load_checkpoint(path: str | Path, pp: ParametricProblem, algorithm: str, set
     settings = SETTINGS[algorithm]() if settings is None else settings
     return WarmStartPredictor.load(path, fingerprint=pp.fingerprint, algorithm=algorithm,
                                    settings=settings_dict(settings))
+
+
+# ---------------------------------------------------------------------- resumable training state
+TRAIN_STATE_FORMAT = "amortcvx.TrainState"
+TRAIN_STATE_VERSION = 1
+
+
+def train_state_path(checkpoint: str | os.PathLike) -> Path:
+    """Where :func:`train` keeps the state of its last finished epoch: ``<checkpoint>.state``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".state")
+
+
+def _digest(*tensors: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(repr(tuple(t.shape)).encode())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _run_key(meta: PredictorMeta, config: TrainConfig, train_set: SolvedSet, val_set: SolvedSet) -> dict:
+    """What a training state must match to be resumed (epochs, patience, device and progress may change)."""
+    return {"meta": dataclasses.asdict(meta), "k": config.k, "weights": dataclasses.asdict(config.weights),
+            "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
+            "seed": config.seed, "dtype": config.dtype, "hidden": list(config.hidden),
+            "unroll_checkpoint": config.unroll_checkpoint,
+            "train_data": _digest(*train_set), "val_data": _digest(*val_set)}
+
+
+def _write_train_state(path: Path, key: dict, epoch: int, history: list, best: float, best_epoch: int,
+                       model: nn.Module, best_state: dict | None, opt: torch.optim.Optimizer,
+                       gen: torch.Generator) -> None:
+    info = {"key": key, "epoch": epoch, "history": history, "best": best, "best_epoch": best_epoch}
+    atomic_torch_save({"format": TRAIN_STATE_FORMAT, "version": TRAIN_STATE_VERSION, "info": json.dumps(info),
+                       "model": dict(model.state_dict()), "best_model": best_state, "optimizer": opt.state_dict(),
+                       "generator": gen.get_state()}, path)
+
+
+def _read_train_state(path: Path, key: dict, device: torch.device) -> dict:
+    """Load a training state (``weights_only=True``: never code) and check that it belongs to this run."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(saved, dict) or saved.get("format") != TRAIN_STATE_FORMAT:
+            raise ValueError(f"no {TRAIN_STATE_FORMAT!r} marker")
+        if saved.get("version") != TRAIN_STATE_VERSION:
+            raise ValueError(f"version {saved.get('version')!r}, this amortcvx reads {TRAIN_STATE_VERSION}")
+        info = json.loads(saved["info"])
+        for name in ("model", "best_model", "optimizer", "generator"):
+            if name not in saved:
+                raise ValueError(f"no {name!r} entry")
+    except Exception as exc:  # noqa: BLE001 - damaged, truncated or foreign file: one clear error
+        raise ValueError(f"cannot resume from {path}: the training state is damaged or not one "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); delete it to start over"
+                         ) from None
+    saved_key = json.loads(json.dumps(info.get("key")))
+    want = json.loads(json.dumps(key))
+    if saved_key != want:
+        diff = sorted(k for k in set(want) | set(saved_key or {}) if (saved_key or {}).get(k) != want.get(k))
+        raise ValueError(f"cannot resume from {path}: it belongs to another training run (differing: {diff}); "
+                         "delete it, use another checkpoint path, or train with resume=False")
+    saved["info"] = info
+    saved["generator"] = saved["generator"].cpu()
+    return saved
