@@ -13,8 +13,13 @@ on a 2-core CPU::
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 #: The embedded default of ``run``: small enough to finish end to end in a few minutes on a 2-core CPU.
 DEFAULTS = {
@@ -46,6 +51,38 @@ def _k_list(text: str) -> tuple[int, ...]:
     return out
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive (and finite), got {text}")
+    return value
+
+
+# A number in exponent notation, e.g. -1e-4: argparse takes a token starting with '-' for an option unless it
+# looks like a plain negative number (-1, -0.5), so `--eps -1e-4` would read as a missing value.
+_EXP_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--eps", "-1e-4"]`` -> ``["--eps=-1e-4"]``, so that argparse passes the value to the option's type."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if (arg.startswith("--") and "=" not in arg and arg != "--" and i + 1 < len(args)
+                and _EXP_NUMBER.match(args[i + 1])):
+            out.append(f"{arg}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m amortcvx``."""
     parser = argparse.ArgumentParser(prog="amortcvx", description="Amortized convex optimization: learned warm "
@@ -71,14 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="polish the refined warm starts on their guessed active sets (LP / QP families only)")
     run.add_argument("--epochs", type=int, default=d["epochs"], help="maximum training epochs")
     run.add_argument("--batch-size", type=int, default=64, help="training mini-batch size")
-    run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    run.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
     run.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
     run.add_argument("--regression", type=float, default=d["regression"], help="weight of the regression loss")
     run.add_argument("--residual", type=float, default=d["residual"],
                      help="weight of the fixed-point residual after k steps")
     run.add_argument("--distance", type=float, default=d["distance"],
                      help="weight of the distance to the optimum after k steps")
-    run.add_argument("--eps", type=float, default=d["eps"], help="C solver tolerance (eps_abs = eps_rel)")
+    run.add_argument("--eps", type=_positive_float, default=d["eps"],
+                     help="C solver tolerance (eps_abs = eps_rel)")
     run.add_argument("--seed", type=int, default=d["seed"], help="seed of sampling, split and training")
     run.add_argument("--out", default=d["out"], help="output folder ({family}, {size}, {algorithm} are filled in)")
     run.add_argument("--data-root", default=d["data_root"], help="cache folder of the solved datasets")
@@ -115,6 +153,61 @@ def families_table() -> str:
                        left=range(5))
 
 
+def _out_dir(args: argparse.Namespace) -> str:
+    return args.out.replace("{family}", args.family).replace("{size}", args.size).replace("{algorithm}", args.algorithm)
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError (one line) unless ``device`` names a torch device that exists on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"--device {device!r} is not a torch device ({' '.join(str(exc).split())})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}"
+                             f", CUDA build {torch.version.cuda}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def check_writable(folder: str | os.PathLike, option: str) -> None:
+    """Raise a ValueError naming ``option`` unless ``folder`` can be written (or created) by this process.
+
+    An existing folder gets a test file written and deleted in it; for a missing one, its nearest existing
+    ancestor must be a folder this process may write into. Nothing is created.
+    """
+    path = Path(folder).absolute()
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise NotADirectoryError(20, "it is not a folder")
+            fd, probe = tempfile.mkstemp(prefix=".amortcvx-write-test-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+            return
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise NotADirectoryError(20, f"{parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"no permission to create folders in {parent}")
+    except OSError as exc:
+        raise ValueError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """What can be checked before any work: device, output folders."""
+    check_device(args.device)
+    check_writable(_out_dir(args), "--out")
+    check_writable(args.data_root, "--data-root")
+
+
 def _run(args: argparse.Namespace) -> int:
     import problems
     from amortcvx.evaluation import ExperimentConfig, check_family_algorithm, run_experiment, torch_threads
@@ -122,7 +215,8 @@ def _run(args: argparse.Namespace) -> int:
 
     family = problems.make(args.family, size=args.size)  # ValueError names the valid families / sizes
     check_family_algorithm(family, args.algorithm)
-    out = args.out.replace("{family}", args.family).replace("{size}", args.size).replace("{algorithm}", args.algorithm)
+    _check_run(args)  # before any work
+    out = _out_dir(args)
     eval_k = args.eval_k if args.eval_k is not None else tuple(sorted({0, args.k}))
     config = ExperimentConfig(
         family=args.family, size=args.size, algorithm=args.algorithm, n_train=args.n_train, n_test=args.n_test,
@@ -143,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m amortcvx`` and of the ``amortcvx`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "families":
             print(families_table())
@@ -152,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"amortcvx {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"amortcvx {args.command}: interrupted; finished dataset chunks are kept and reused by a rerun",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

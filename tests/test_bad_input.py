@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -327,3 +329,119 @@ def test_damaged_predictor_files_are_one_clear_value_error(tmp_path):
         WarmStartPredictor.load(tmp_path / "old.pt")
     with pytest.raises(FileNotFoundError):
         WarmStartPredictor.load(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------------- resumable training
+@pytest.fixture(scope="module")
+def lasso_sets():
+    import problems
+    from amortcvx.backends import solve_batch
+    from amortcvx.training import SolvedSet
+
+    fam = problems.make("lasso")
+    pp = ParametricProblem(fam.problem, "cone")
+
+    def solved(params):
+        res = solve_batch(pp.canonicalize(params).instances(), "scs", settings={"eps_abs": 1e-9, "eps_rel": 1e-9},
+                          exact_iterations=False, workers=1)
+        stack = lambda f: torch.tensor(np.stack([getattr(r, f) for r in res]))  # noqa: E731
+        return SolvedSet(pp.parameter_vector(params), stack("x"), stack("y"), stack("s"))
+
+    return pp, solved(fam.sample(60, seed=0)), solved(fam.sample(20, seed=1))
+
+
+def test_interrupted_training_resumes_from_its_last_epoch_with_the_same_numbers(tmp_path, lasso_sets, monkeypatch):
+    from amortcvx.training import TrainConfig, train, trainer
+
+    pp, tr, va = lasso_sets
+    cfg = TrainConfig(k=1, epochs=6, batch_size=16, hidden=(8,), progress=False, patience=6, seed=3,
+                      checkpoint=str(tmp_path / "ref" / "best.pt"))
+    ref = train(pp, "scs", tr, va, cfg)
+
+    ckpt = tmp_path / "run" / "best.pt"
+    cfg = dataclasses.replace(cfg, checkpoint=str(ckpt), resume=True)
+    real, calls = trainer.evaluate_losses, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate_losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(pp, "scs", tr, va, cfg)
+    monkeypatch.setattr(trainer, "evaluate_losses", real)
+    assert trainer.train_state_path(ckpt).exists() and ckpt.exists()
+    epochs_run = []
+    monkeypatch.setattr(trainer, "_batch_losses", _counting(trainer._batch_losses, epochs_run))
+    out = train(pp, "scs", tr, va, cfg)
+    assert out.history == ref.history and out.best_epoch == ref.best_epoch
+    for (ka, a), (kb, b) in zip(out.model.state_dict().items(), ref.model.state_dict().items()):
+        assert ka == kb and torch.equal(a, b)
+    # only epochs 3..5 were trained again (4 training batches + 2 validation batches per epoch)
+    assert len(epochs_run) == 3 * (4 + 2)
+    # another run's state is refused with a clear message
+    with pytest.raises(ValueError, match=r"cannot resume from .*best\.pt\.state.*another training run.*'lr'"):
+        train(pp, "scs", tr, va, dataclasses.replace(cfg, lr=0.5))
+    trainer.train_state_path(ckpt).write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"cannot resume from .*best\.pt\.state.*damaged"):
+        train(pp, "scs", tr, va, cfg)
+
+
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+# ---------------------------------------------------------------------- command line
+def _no_work(monkeypatch):
+    import amortcvx.evaluation
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the run started working")
+
+    monkeypatch.setattr(amortcvx.evaluation, "run_experiment", fail)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cli_device_without_cuda_fails_before_any_work(capsys, tmp_path, monkeypatch):
+    from amortcvx.cli import main
+
+    _no_work(monkeypatch)
+    code = main(["run", "--device", "cuda", "--out", str(tmp_path / "o"), "--data-root", str(tmp_path / "d")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--device cuda: CUDA is not available" in err
+    assert main(["run", "--device", "gpu0", "--out", str(tmp_path / "o")]) == 2
+    assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
+
+
+def test_cli_unwritable_out_fails_before_any_work(capsys, tmp_path, monkeypatch):
+    from amortcvx.cli import main
+
+    _no_work(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["run", "--out", str(blocker / "run"), "--data-root", str(tmp_path / "d")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--out {blocker / 'run'}: cannot write there" in err
+
+
+@pytest.mark.parametrize("flag", ["--eps", "--lr"])
+@pytest.mark.parametrize("value", ["-1e-4", "-0.001", "0", "nan"])
+def test_cli_negative_tolerance_is_parsed_and_refused_as_not_positive(capsys, flag, value):
+    from amortcvx.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as info:
+        main(["run", flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be positive" in err and "expected one argument" not in err
+    assert build_parser().parse_args(["run", "--eps=1e-6"]).eps == 1e-6
+    from amortcvx.cli import _join_negative_values
+
+    assert build_parser().parse_args(_join_negative_values(["run", "--seed", "-1", "--eps", "1e-3"])).seed == -1
