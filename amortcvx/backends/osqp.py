@@ -39,7 +39,7 @@ from amortcvx.backends.base import (
     objective_value,
     warm_vector,
 )
-from amortcvx.backends.batched import HostMatrix, host, inf_norm
+from amortcvx.backends.batched import host, host_matrix, inf_norm
 from amortcvx.canon.data import QPData, QPInstance
 
 #: OSQP 1 ``status_val`` -> Status (osqp_status_type; the 0.x codes differ and are not supported).
@@ -181,11 +181,11 @@ def certify(data: QPData, x: np.ndarray, z: np.ndarray, y: np.ndarray, *, eps_ab
     Returns:
         bool ``(B,)``; False wherever a quantity is not finite.
     """
-    A = HostMatrix(data.A)
+    A = host_matrix(data.A)
     q = host(data.q)
     lo, hi = np.maximum(host(data.l), -OSQP_INFTY), np.minimum(host(data.u), OSQP_INFTY)
     ax, aty = A.matvec(x), A.rmatvec(y)
-    px = HostMatrix(data.P).matvec(x) if data.P is not None else np.zeros_like(x)
+    px = host_matrix(data.P).matvec(x) if data.P is not None else np.zeros_like(x)
     with np.errstate(invalid="ignore", over="ignore"):
         box = ((z >= lo) & (z <= hi) & ((y <= 0) | (z >= hi)) & ((y >= 0) | (z <= lo))).all(axis=1)
         if z.shape[1]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from amortcvx.backends.base import SolveResult
-from amortcvx.backends.batched import HostMatrix, host
+from amortcvx.backends.batched import host, host_matrix
 from amortcvx.backends.registry import get_backend
 from amortcvx.canon.data import ConeData, ConeInstance, QPData, QPInstance
 
@@ -108,7 +108,7 @@ class PersistentSolver:
         lin = host(data.c if isinstance(data, ConeData) else data.q)
         objective = (lin * x).sum(axis=1) + host(data.offset)
         if data.P is not None:
-            objective += 0.5 * (x * HostMatrix(data.P).matvec(np.nan_to_num(x))).sum(axis=1)
+            objective += 0.5 * (x * host_matrix(data.P).matvec(np.nan_to_num(x))).sum(axis=1)
         out = []
         for r, obj in zip(raw, objective):
             status = r[0]

@@ -53,7 +53,7 @@ from amortcvx.backends.base import (
     objective_value,
     warm_vector,
 )
-from amortcvx.backends.batched import HostMatrix, host, inf_norm
+from amortcvx.backends.batched import host, host_matrix, inf_norm
 from amortcvx.canon.data import ConeData, ConeInstance
 
 #: SCS ``status_val`` -> Status (scs/include/glbopts.h). 2, -6, -7 are SCS's best guesses at a limit.
@@ -307,10 +307,10 @@ def certify(data: ConeData, x: np.ndarray, y: np.ndarray, s: np.ndarray, *, eps_
     Returns:
         bool ``(B,)``; False wherever a quantity is not finite.
     """
-    A = HostMatrix(data.A)
+    A = host_matrix(data.A)
     b, c = host(data.b), host(data.c)
     ax, aty = A.matvec(x), A.rmatvec(y)
-    px = HostMatrix(data.P).matvec(x) if data.P is not None else np.zeros_like(x)
+    px = host_matrix(data.P).matvec(x) if data.P is not None else np.zeros_like(x)
     xpx, ctx, bty = (x * px).sum(axis=1), (c * x).sum(axis=1), (b * y).sum(axis=1)
     with np.errstate(invalid="ignore", over="ignore"):
         pri = inf_norm(ax + s - b) < eps_abs + eps_rel * np.maximum.reduce([inf_norm(b), inf_norm(s), inf_norm(ax)])

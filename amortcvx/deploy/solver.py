@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
-from amortcvx.backends.batched import HostMatrix
+from amortcvx.backends.batched import host_matrix
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.cones import project_cone, project_dual_cone
@@ -492,7 +492,7 @@ class AmortizedSolver:
         lin = (sub.c if isinstance(sub, ConeData) else sub.q).detach().to("cpu", torch.float64).numpy()
         objective = (lin * x).sum(axis=1) + sub.offset.detach().to("cpu", torch.float64).numpy()
         if sub.P is not None:
-            objective = objective + 0.5 * (x * HostMatrix(sub.P).matvec(x)).sum(axis=1)
+            objective = objective + 0.5 * (x * host_matrix(sub.P).matvec(x)).sum(axis=1)
         s = point.get("s")
         return [SolveResult(x=x[j], y=point["y"][i], s=None if s is None else s[i], status=Status.OPTIMAL,
                             iterations=0, setup_time=0.0, solve_time=0.0, objective=float(objective[j]),
