@@ -104,8 +104,9 @@ def test_certified_answers_pass_the_c_solvers_own_test(name, alg):
     data = pp.canonicalize(params)
     cold = solve_batch(data.instances(), alg, settings=TOL, workers=1)
     assert all(r.status == Status.OPTIMAL for r in out.results)
-    for r, c in zip(out.results, cold):
-        assert abs(r.objective - c.objective) <= 1e-2 * max(1.0, abs(c.objective)), (r.objective, c.objective)
+    for r, c in zip(out.results, cold):  # results carry CVXPY's sign, the backends the canonical one
+        want = pp.objective_sign * c.objective
+        assert abs(r.objective - want) <= 1e-2 * max(1.0, abs(want)), (r.objective, want)
     idx = np.flatnonzero(out.certified)
     assert all(out.results[i].message == "certified" and out.results[i].iterations == 0 for i in idx)
     starts = [WarmStart(out.results[i].x, out.results[i].y, out.results[i].s) for i in idx]
@@ -157,3 +158,16 @@ def test_bad_options_are_refused():
         AmortizedSolver(pp, algorithm="osqp", check_termination=0)
     with pytest.raises(ValueError, match="eps_abs"):
         AmortizedSolver(pp, algorithm="osqp", solver_settings={"eps_abs": -1.0})
+
+
+def test_maximization_objective_has_cvxpys_sign():
+    mu = cp.Parameter(5, name="mu")
+    w = cp.Variable(5, name="w")
+    prob = cp.Problem(cp.Maximize(mu @ w - cp.sum_squares(w)), [cp.sum(w) == 1, w >= 0])
+    pp = ParametricProblem(prob, "qp")
+    value = np.array([0.3, -0.1, 0.2, 0.5, 0.0])
+    mu.value = value
+    expected = prob.solve(solver=cp.CLARABEL)
+    for finish in ("certify", "c"):
+        out = AmortizedSolver(pp, algorithm="osqp", k=60, solver_settings=TOL, finish=finish).solve({"mu": value})
+        assert abs(out.results[0].objective - expected) <= 1e-3 * max(1.0, abs(expected))

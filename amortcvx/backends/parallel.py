@@ -13,6 +13,7 @@ import atexit
 import math
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -29,7 +30,23 @@ _POOLS: dict[int, ProcessPoolExecutor] = {}
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def _watch_parent() -> None:
+    """Exit this worker when the process that spawned it dies (SIGKILL / SIGTERM of the parent)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        from multiprocessing.connection import wait
+
+        wait([parent.sentinel])  # returns when the parent exits, however it exits
+        os._exit(1)
+
+    threading.Thread(target=watch, name="amortcvx-parent-watchdog", daemon=True).start()
+
+
 def _init_worker(barrier: Any = None) -> None:
+    _watch_parent()
     for name in _THREAD_ENV:
         os.environ.setdefault(name, "1")
     if barrier is not None:  # hold every worker until all have started (see _get_pool)

@@ -79,12 +79,15 @@ def inject_warm_start(problem: cp.Problem, amortized: AmortizedSolver, **solver_
 def solve(problem: cp.Problem, amortized: AmortizedSolver, **solve_kwargs: Any) -> float:
     """Inject the learned warm start and call ``problem.solve(solver=..., warm_start=True, **solve_kwargs)``.
 
-    Returns ``problem.solve``'s value; variables, duals, status and ``solver_stats`` are filled as usual.
+    The solver settings of ``amortized`` (``solver_settings``: tolerances, ...) are passed to ``problem.solve``;
+    keyword arguments given here override them. Returns ``problem.solve``'s value; variables, duals, status
+    and ``solver_stats`` are filled as usual.
     """
     name = SOLVER_OF[amortized.algorithm]
     if solve_kwargs.pop("solver", name) != name:
         raise ValueError(f"this AmortizedSolver warm-starts {name}; do not pass another solver")
     solve_kwargs.pop("warm_start", None)
+    solve_kwargs = {**amortized.solver_settings, **solve_kwargs}
     opts = {k: v for k, v in solve_kwargs.items() if k not in ("verbose", "ignore_dpp", "canon_backend")}
     inject_warm_start(problem, amortized, **(opts if name == cp.OSQP else {}))
     return problem.solve(solver=name, warm_start=True, **solve_kwargs)

@@ -110,7 +110,8 @@ class AmortizedResult(NamedTuple):
     """Answers for a batch.
 
     Attributes:
-        results: one :class:`SolveResult` per instance (from the C solver, at the requested tolerance).
+        results: one :class:`SolveResult` per instance (from the C solver or the certificate, at the requested
+            tolerance); ``objective`` is CVXPY's optimal value (its sign, for maximizations too).
         fallback: bool (B,), the safeguard used the (refined) cold start before solving.
         retried: bool (B,), the warm-started solve did not reach ``optimal`` and was redone cold.
         predict_seconds: time of prediction and refinement for the batch.
@@ -234,6 +235,12 @@ class AmortizedSolver:
         # a copy: the caller's module keeps its device, dtype and train/eval mode
         self.model = None if model is None else copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         self.space = output_space(algorithm)
+        if self.model is not None:
+            expected = self.space.dim(pp.n, pp.m)
+            width = getattr(getattr(self.model, "meta", None), "out_dim", expected)
+            if width != expected:
+                raise ValueError(f"the predictor outputs vectors of length {width}; {algorithm} on this problem "
+                                 f"needs length {expected} (n + m = {pp.n} + {pp.m})")
         self.enabled = True  # see calibrate()
         self.finish = finish
         self.check_termination = check_termination
@@ -449,6 +456,9 @@ class AmortizedSolver:
                         retried[rest[j]] = True
             for i, r in zip(rest, solved):
                 results[i] = r
+        sign = getattr(self.pp, "objective_sign", 1.0)
+        if sign != 1.0:  # CVXPY's sign: a maximization's canonical problem minimizes -f
+            results = [r._replace(objective=sign * r.objective) for r in results]
         return AmortizedResult(results, pred.batch.fallback, retried, pred.batch.seconds, time.perf_counter() - t0,
                                certified)
 
