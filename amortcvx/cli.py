@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "start's first step (half the torch work)")
     run.add_argument("--no-calibrate", action="store_true",
                      help="do not switch the predictor off when it loses to the cold start on the validation set")
+    run.add_argument("--no-resume", action="store_true",
+                     help="train from scratch instead of continuing the interrupted training saved in --out "
+                          "(checkpoint.pt.state)")
     run.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")
 
     sub.add_parser("families", help="list the problem families")
@@ -226,7 +229,8 @@ def _run(args: argparse.Namespace) -> int:
         eps=args.eps, data_root=args.data_root, out_dir=out, workers=args.workers, device=args.device,
         dtype=args.dtype, safeguard=not args.no_safeguard, safeguard_reference=args.safeguard_reference,
         calibrate=not args.no_calibrate,
-        timing_batch=args.timing_batch, timing_single=args.timing_single, progress=not args.quiet)
+        timing_batch=args.timing_batch, timing_single=args.timing_single, progress=not args.quiet,
+        resume=not args.no_resume)
     with torch_threads(args.torch_threads):
         result = run_experiment(config)
     print(result.table)
@@ -247,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"amortcvx {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"amortcvx {args.command}: interrupted; finished dataset chunks are kept and reused by a rerun",
+        print(f"amortcvx {args.command}: interrupted; finished dataset chunks are kept and reused by a rerun, "
+              "which also continues training from its last finished epoch (--no-resume: start training over)",
               file=sys.stderr)
         return 130
 

@@ -59,7 +59,7 @@ from amortcvx.evaluation.reports import (
 )
 from amortcvx.iterations import AndersonSettings
 from amortcvx.iterations.polish import check_polishable
-from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
+from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train, train_state_path
 
 ALGORITHMS = ("scs", "osqp")
 QP_KINDS = ("qp", "lp")
@@ -113,6 +113,9 @@ class ExperimentConfig:
         timing_single: instances timed one at a time (batch 1); 0 skips it. Timing needs parameters only: when
             more than ``n_test`` are needed, ``max(timing_batch, timing_single)`` are drawn with the test seed.
         progress: print stage messages and progress bars (to stderr).
+        resume: continue an interrupted training from ``out_dir/checkpoint.pt.state`` (the state of its last
+            finished epoch, written by :func:`~amortcvx.training.train`); False starts training over (and
+            overwrites that state). The datasets are always reused from ``data_root``.
     """
 
     family: str = "portfolio"
@@ -147,6 +150,7 @@ class ExperimentConfig:
     timing_batch: int = 1024
     timing_single: int = 50
     progress: bool = True
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -170,8 +174,9 @@ class ExperimentConfig:
         if isinstance(self.anderson_memory, bool) or not isinstance(self.anderson_memory, int) \
                 or self.anderson_memory < 0:
             raise ValueError(f"anderson_memory must be a nonnegative int; got {self.anderson_memory!r}")
-        if not isinstance(self.polish, bool):
-            raise ValueError(f"polish must be a bool; got {self.polish!r}")
+        for name in ("polish", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         if self.safeguard_reference not in SAFEGUARD_REFERENCES:
             raise ValueError(f"safeguard_reference must be one of {SAFEGUARD_REFERENCES}; "
                              f"got {self.safeguard_reference!r}")
@@ -513,8 +518,20 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
          f"k = {config.k}, weights {config.weights}, up to {config.epochs} epochs")
     tcfg = TrainConfig(k=config.k, weights=config.weights, epochs=config.epochs, batch_size=config.batch_size,
                        lr=config.lr, weight_decay=config.weight_decay, patience=config.patience, seed=config.seed,
-                       device=config.device, dtype=config.dtype, hidden=config.hidden, progress=config.progress)
-    trained = train(pp, backend, train_set, val_set, tcfg)
+                       device=config.device, dtype=config.dtype, hidden=config.hidden, progress=config.progress,
+                       checkpoint=str(out_dir / "checkpoint.pt"), resume=config.resume)
+    state_path = train_state_path(tcfg.checkpoint)
+    if config.resume and state_path.exists():
+        emit(f"resuming training from {state_path} (its last finished epoch)")
+    try:
+        trained = train(pp, backend, train_set, val_set, tcfg)
+    except ValueError as exc:
+        if str(exc).startswith("cannot resume from"):  # another run's (or a damaged) state in this out_dir
+            raise ValueError(f"{exc} (here: ExperimentConfig(resume=False), or --no-resume on the command "
+                             "line, or another out_dir)") from None
+        raise
+    if trained.start_epoch:
+        emit(f"training resumed at epoch {trained.start_epoch}")
     model = trained.model
     best = trained.history[trained.best_epoch]
     emit(f"best epoch {trained.best_epoch} of {len(trained.history)}: "

@@ -9,7 +9,9 @@ from amortcvx.training.trainer import (
     load_checkpoint,
     settings_dict,
     train,
+    train_state_path,
 )
 
 __all__ = ["LossWeights", "SolvedSet", "TrainConfig", "TrainResult", "evaluate_losses", "load_checkpoint",
-           "losses", "settings_dict", "train"]
+           "losses", "settings_dict", "train",
+           "train_state_path"]

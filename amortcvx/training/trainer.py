@@ -116,11 +116,16 @@ class TrainConfig:
 
 
 class TrainResult(NamedTuple):
-    """The best model (by validation loss) and the per-epoch history (dicts of mean losses)."""
+    """The best model (by validation loss) and the per-epoch history (dicts of mean losses).
+
+    ``start_epoch`` is the first epoch this call trained: 0, or the epoch after the last finished one of the
+    resumed training state (``config.epochs`` when the saved run had already finished or stopped early).
+    """
 
     model: WarmStartPredictor
     history: list[dict[str, float]]
     best_epoch: int
+    start_epoch: int = 0
 
 
 def settings_dict(settings) -> dict:
@@ -180,7 +185,7 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
     best, best_epoch, best_state = math.inf, -1, None
     state_path = train_state_path(config.checkpoint) if config.checkpoint else None
     run_key = _run_key(meta, config, train_set, val_set) if state_path is not None else None
-    start = 0
+    first_epoch = 0
     if config.resume and state_path is not None and state_path.exists():
         saved = _read_train_state(state_path, run_key, device)
         model.load_state_dict(saved["model"])
@@ -189,10 +194,11 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
         history = saved["info"]["history"]
         best, best_epoch = float(saved["info"]["best"]), int(saved["info"]["best_epoch"])
         best_state = saved["best_model"]
-        start = int(saved["info"]["epoch"]) + 1
-        if start > 0 and start - best_epoch >= config.patience:
-            start = config.epochs  # the saved run had stopped early
-    bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, disable=not config.progress,
+        first_epoch = int(saved["info"]["epoch"]) + 1
+        if first_epoch > 0 and first_epoch - best_epoch >= config.patience:
+            first_epoch = config.epochs  # the saved run had stopped early
+    first_epoch = min(first_epoch, config.epochs)
+    bar = tqdm(range(first_epoch, config.epochs), initial=first_epoch, total=config.epochs, disable=not config.progress,
                desc=f"train {algorithm} k={config.k}")
     for epoch in bar:
         model.train()
@@ -229,7 +235,7 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
         raise ValueError("no epoch was trained (epochs <= the epoch of the resumed training state)")
     model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model=model, history=history, best_epoch=best_epoch)
+    return TrainResult(model=model, history=history, best_epoch=best_epoch, start_epoch=first_epoch)
 
 
 @torch.no_grad()
