@@ -1,17 +1,22 @@
-"""End-to-end wall time per instance, parameter values to answers at the tolerance (issue: wall-time savings).
+"""End-to-end wall time per instance, from parameter values to answers at the tolerance.
 
-Strategies, timed back to back in each round (interleaved), medians over rounds:
+For each family and solver: train a predictor (data generated and cached under ``--data-root``), calibrate it
+on validation instances, then time on held-out instances, in interleaved rounds (medians):
 
 * (b) ``loop``: the hand-written persistent cold loop on the solver's own Python API
   (:class:`amortcvx.evaluation.PersistentColdLoop`): the best a user does without amortcvx.
-* (a) ``package cold``: ``AmortizedSolver`` without predictor, ``k = 0``, ``finish="c"`` (persistent solver object).
-* ``refine k + certify``: ``AmortizedSolver`` without predictor, ``k`` torch steps (Anderson) from the cold start,
-  certified finish, the rest warm-started on the persistent object (what the refinement alone buys; a learned
-  prediction starts the same path from a better point).
-* ``floor``: the persistent solver object warm-started at the optimum (solved beforehand at eps 1e-9).
+* (a) ``package cold``: ``AmortizedSolver`` without predictor, ``k = 0``, ``finish="c"``.
+* (c) ``nearest neighbour``: the solution of the nearest training instance (standardized parameters) as a warm
+  start on a persistent solver object (SCS: the stateless object, as the package uses for warm starts).
+* ``learned k=0`` and ``learned k=K``: ``AmortizedSolver`` with the trained predictor (certified finish, the
+  rest warm-started on the persistent objects; calibrated: predictor on/off, plain/Anderson refinement, SCS
+  object modes, OSQP check interval).
+* ``control k=K``: the same refinement from the cold start, no predictor.
+* ``floor``: warm-started at the optimum (solved beforehand at eps 1e-9) on the warm-start object.
 
-Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small] [--batch 256] [--rounds 3]
-[--k 60] [--json PATH] [--smoke]``. Prints machine, load, sizes, dtype and settings beside the numbers.
+Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small|large] [--batch 1 256]
+[--instances 256] [--rounds 3] [--k 10] [--train 1000] [--epochs 60] [--json PATH] [--smoke]``.
+Prints machine, load, sizes, dtype and settings beside the numbers.
 """
 
 from __future__ import annotations
@@ -27,92 +32,157 @@ import torch
 
 import problems
 from amortcvx.backends import PersistentSolver, solve_batch
+from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon import ParametricProblem
+from amortcvx.datasets import generate_dataset
 from amortcvx.deploy import AmortizedSolver
-from amortcvx.evaluation import PersistentColdLoop
+from amortcvx.evaluation import NearestNeighbor, PersistentColdLoop
 from amortcvx.iterations import AndersonSettings
+from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
+
+FORMS = {"scs": "cone", "osqp": "qp"}
 
 
-def _per_instance(fn, params, batch: int) -> float:
-    n = next(iter(params.values())).shape[0]
+def _rows(params, start, stop):
+    return {k: v[start:stop] for k, v in params.items()}
+
+
+class WarmLoop:
+    """Persistent solver object warm-started from given solutions (nearest neighbour, optimum)."""
+
+    def __init__(self, pp, alg, tol, reference, lookup):
+        settings = {**tol, **STATELESS_SETTINGS} if alg == "scs" else tol
+        self.pp, self.lookup = pp, lookup
+        self.solver = PersistentSolver(alg, pp.canonicalize(reference).instance(0), settings)
+
+    def solve(self, params):
+        data = self.pp.canonicalize(params)
+        return self.solver.solve(data, self.lookup(params))
+
+
+def bench_pair(name, alg, args, tol):
+    fam = problems.make(name, size=args.size)
+    pp = ParametricProblem(fam.problem, FORMS[alg])
     t0 = time.perf_counter()
-    for start in range(0, n, batch):
-        fn({k: v[start:start + batch] for k, v in params.items()})
-    return (time.perf_counter() - t0) / n * 1e3
+    train_params = fam.sample(args.train, seed=0)
+    ds = generate_dataset(pp, train_params, alg, args.data_root, name=f"train{args.train}", workers=args.workers,
+                          progress=False)
+    solved = SolvedSet.from_dataset(pp, ds)
+    n_val = max(8, len(solved) // 10)
+    tr, va = solved.subset(range(n_val, len(solved))), solved.subset(range(n_val))
+    cfg = TrainConfig(k=0, weights=LossWeights(regression=1.0), epochs=args.epochs, batch_size=64, patience=15,
+                      progress=False)
+    model = train(pp, alg, tr, va, cfg).model
+    val_params = {k: v[:n_val] for k, v in ds.subset(np.flatnonzero(ds.ok)).params.items()}
+    train_seconds = time.perf_counter() - t0
 
-
-def bench_pair(name: str, alg: str, size: str, batch: int, count: int, rounds: int, k: int, eps: float) -> dict:
-    fam = problems.make(name, size=size)
-    pp = ParametricProblem(fam.problem, {"scs": "cone", "osqp": "qp"}[alg])
-    tol = {"eps_abs": eps, "eps_rel": eps}
-    params = fam.sample(count, seed=11)
-    ref = {key: v.mean(axis=0) for key, v in fam.sample(64, seed=12).items()}
-    loop = PersistentColdLoop(pp, alg, tol)
+    ref = {k: v.mean(axis=0) for k, v in train_params.items()}
+    learned = {}
+    for k in sorted({0, args.k}):
+        solver = AmortizedSolver(pp, model, k=k, solver_settings=tol)
+        cal = solver.calibrate(val_params, refinements=(None, AndersonSettings()) if k > 2 else None)
+        learned[f"learned k={k}"] = (solver, cal)
+    control = AmortizedSolver(pp, algorithm=alg, k=args.k, anderson=learned[f"learned k={args.k}"][0].anderson,
+                              solver_settings=tol, reference_params=ref)
     package = AmortizedSolver(pp, algorithm=alg, k=0, solver_settings=tol, finish="c", reference_params=ref)
-    refine = AmortizedSolver(pp, algorithm=alg, k=k, anderson=AndersonSettings(), solver_settings=tol,
-                             reference_params=ref)
-    data = pp.canonicalize(params)
-    opt = solve_batch(data.instances(), alg, settings={"eps_abs": 1e-9, "eps_rel": 1e-9}, workers=1)
-    warm = {"x": np.stack([r.x for r in opt]), "y": np.stack([r.y for r in opt])}
+    loop = PersistentColdLoop(pp, alg, tol)
+    near = NearestNeighbor(tr.theta.numpy(), tr.x.numpy(), tr.y.numpy(), None if tr.s is None else tr.s.numpy())
+
+    def nn_lookup(params):
+        rows, _ = near.query(pp.parameter_vector(params).numpy())
+        out = {"x": near.x[rows], "y": near.y[rows]}
+        if near.s is not None:
+            out["s"] = near.s[rows]
+        return out
+
+    test = fam.sample(args.instances, seed=11)
+    opt = solve_batch(pp.canonicalize(test).instances(), alg, settings={"eps_abs": 1e-9, "eps_rel": 1e-9},
+                      workers=args.workers)
+    opt_arrays = {"x": np.stack([r.x for r in opt]), "y": np.stack([r.y for r in opt])}
     if alg == "scs":
-        warm["s"] = np.stack([r.s for r in opt])
-    floor_solver = PersistentSolver(alg, pp.canonicalize(ref).instance(0), tol)
+        opt_arrays["s"] = np.stack([r.s for r in opt])
+    position = {"start": 0}
 
-    def floor(p):  # the optimum of the same rows (parameters are looked up by position)
-        rows = floor.rows
-        floor_solver.solve(data.take(rows[: next(iter(p.values())).shape[0]]),
-                           {key: v[rows[: next(iter(p.values())).shape[0]]] for key, v in warm.items()})
-        floor.rows = rows[next(iter(p.values())).shape[0]:]
+    def opt_lookup(params):  # the optimum of the rows being timed (they are taken in order)
+        size = next(iter(params.values())).shape[0]
+        s = position["start"]
+        position["start"] = s + size
+        return {k: v[s:s + size] for k, v in opt_arrays.items()}
 
-    strategies = {"loop (b)": loop.solve, "package cold (a)": lambda p: package.solve(p),
-                  f"refine {k} + certify": lambda p: refine.solve(p), "floor (optimum)": floor}
-    first = {key: v[:batch] for key, v in params.items()}
-    for fn in strategies.values():  # warm-up: imports, first setups
-        floor.rows = np.arange(count)
-        fn(first)
-    times = {s: [] for s in strategies}
-    for _ in range(rounds):
-        for s, fn in strategies.items():
-            floor.rows = np.arange(count)
-            times[s].append(_per_instance(fn, params, batch))
-    med = {s: float(np.median(v)) for s, v in times.items()}
-    cert = float(np.mean(refine.solve(params).certified))
-    return {"family": name, "algorithm": alg, "size": size, "n": pp.n, "m": pp.m, "batch": batch,
-            "instances": count, "ms_per_instance": med, "certified_fraction": cert,
-            "ratio_to_loop": {s: med[s] / med["loop (b)"] for s in med}}
+    strategies = {"loop (b)": loop.solve, "package cold (a)": package.solve,
+                  "nearest neighbour (c)": WarmLoop(pp, alg, tol, ref, nn_lookup).solve}
+    strategies.update({label: s.solve for label, (s, _) in learned.items()})
+    strategies[f"control k={args.k}"] = control.solve
+    strategies["floor (optimum)"] = WarmLoop(pp, alg, tol, ref, opt_lookup).solve
+    for batch in args.batch:
+        times = {s: [] for s in strategies}
+        for fn in strategies.values():  # warm-up: first setups, caches
+            position["start"] = 0
+            fn(_rows(test, 0, batch))
+        calls = max(1, args.instances // batch)
+        for _ in range(args.rounds):
+            for label, fn in strategies.items():
+                position["start"] = 0
+                t = time.perf_counter()
+                for c in range(calls):
+                    fn(_rows(test, c * batch, (c + 1) * batch))
+                times[label].append((time.perf_counter() - t) / (calls * batch) * 1e3)
+        med = {s: float(np.median(v)) for s, v in times.items()}
+        extra = {}
+        for label, (solver, cal) in learned.items():
+            out = solver.solve(_rows(test, 0, calls * batch))
+            extra[label] = {"certified": float(np.mean(out.certified)),
+                            "median C iterations (timed)": float(np.median([r.iterations for r in out.results])),
+                            "enabled": cal.enabled, "refinement": "anderson" if solver.anderson else "plain",
+                            "c_modes": cal.c_modes, "check_termination": solver.check_termination}
+        yield {"family": name, "algorithm": alg, "size": args.size, "n": pp.n, "m": pp.m, "batch": batch,
+               "instances": calls * batch, "ms_per_instance": med, "train_seconds": train_seconds,
+               "ratio_to_loop": {s: med[s] / med["loop (b)"] for s in med},
+               "ratio_to_nn": {s: med[s] / med["nearest neighbour (c)"] for s in med}, "learned": extra}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=problems.names())
+    ap.add_argument("--algorithms", nargs="+", default=["scs", "osqp"], choices=["scs", "osqp"])
     ap.add_argument("--size", default="small", choices=problems.SIZES)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--instances", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--k", type=int, default=60)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--train", type=int, default=1000, help="instances solved for training (10%% validation)")
+    ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--eps", type=float, default=1e-4)
+    ap.add_argument("--workers", type=int, default=2, help="processes for the dataset solves")
+    ap.add_argument("--data-root", default="data/bench_endtoend")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--smoke", action="store_true", help="portfolio only, 16 instances, 1 round (for CI)")
+    ap.add_argument("--smoke", action="store_true", help="portfolio only, tiny sizes, 1 round (for CI)")
     args = ap.parse_args()
     if args.smoke:
         args.families, args.instances, args.rounds, args.batch = ["portfolio"], 16, 1, [1, 16]
+        args.train, args.epochs, args.k = 120, 5, 3
     torch.set_num_threads(1)
+    tol = {"eps_abs": args.eps, "eps_rel": args.eps}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
-          f"{os.getloadavg()[0]:.2f}; device cpu, float64, torch threads 1; eps_abs = eps_rel = {args.eps:g}, "
-          f"other solver settings default (SCS qdldl, OSQP adaptive_rho_interval 50); {args.instances} instances, "
-          f"medians of {args.rounds} interleaved rounds; refinement k = {args.k} (Anderson), no predictor")
+          f"{os.getloadavg()[0]:.2f}; device cpu, float64, torch threads 1; C solvers eps_abs = eps_rel = "
+          f"{args.eps:g}, other settings default (SCS qdldl, OSQP adaptive_rho_interval 50); size {args.size}; "
+          f"{args.instances} held-out instances; medians of {args.rounds} interleaved rounds; predictor: MLP "
+          f"(256, 256), regression loss, {args.train} solved instances (10% validation), {args.epochs} epochs; "
+          f"refinement k = {args.k}; SCS checks termination every 25 iterations (compiled in)", flush=True)
     rows = []
     for name in args.families:
-        for alg in ("scs", "osqp"):
+        for alg in args.algorithms:
             if alg == "osqp" and problems.make(name).kind not in ("qp", "lp"):
                 continue
-            for batch in args.batch:
-                r = bench_pair(name, alg, args.size, batch, args.instances, args.rounds, args.k, args.eps)
+            for r in bench_pair(name, alg, args, tol):
                 rows.append(r)
-                ms = r["ms_per_instance"]
-                print(f"{name:14s} {alg:4s} n={r['n']:5d} m={r['m']:5d} batch {batch:4d}: " + ", ".join(
-                    f"{s} {v:.3f} ms ({r['ratio_to_loop'][s]:.2f}x loop)" for s, v in ms.items())
-                    + f"; certified {r['certified_fraction']:.2f}", flush=True)
+                print(f"{name} {alg} n={r['n']} m={r['m']} batch {r['batch']} ({r['instances']} instances; "
+                      f"training {r['train_seconds']:.0f} s):", flush=True)
+                for s, v in r["ms_per_instance"].items():
+                    print(f"    {s:24s} {v:9.3f} ms  {r['ratio_to_loop'][s]:6.2f}x loop  "
+                          f"{r['ratio_to_nn'][s]:6.2f}x NN", flush=True)
+                for label, e in r["learned"].items():
+                    print(f"    {label}: {e}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

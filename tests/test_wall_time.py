@@ -171,3 +171,40 @@ def test_maximization_objective_has_cvxpys_sign():
     for finish in ("certify", "c"):
         out = AmortizedSolver(pp, algorithm="osqp", k=60, solver_settings=TOL, finish=finish).solve({"mu": value})
         assert abs(out.results[0].objective - expected) <= 1e-3 * max(1.0, abs(expected))
+
+
+def test_stateless_scs_object_is_never_rebuilt_and_order_independent():
+    from amortcvx.backends.scs import STATELESS_SETTINGS
+
+    fam, pp = _pp("kalman", "scs")
+    params = fam.sample(10, seed=8)
+    data = pp.canonicalize(params)
+    solver = PersistentSolver("scs", data.instance(0), {**TOL, **STATELESS_SETTINGS})
+    first = solver.solve(data)
+    perm = np.arange(10)[::-1].copy()
+    again = solver.solve(pp.canonicalize({k: v[perm] for k, v in params.items()}))
+    assert solver.builds == 1
+    for j, i in enumerate(perm):
+        assert again[j].iterations == first[i].iterations and first[i].status == Status.OPTIMAL
+        np.testing.assert_array_equal(again[j].x, first[i].x)
+
+
+def test_calibration_chooses_scs_object_modes_by_time_and_keeps_answers():
+    from amortcvx.deploy.solver import C_MODES
+
+    fam, pp = _pp("mpc", "scs")
+    solver = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings=TOL)
+    modes, scale = solver.choose_c_modes(fam.sample(12, seed=9), repeats=1)
+    assert set(modes) == {"warm", "cold"} and set(modes.values()) <= set(C_MODES)
+    assert scale is not None and scale > 0
+    params = fam.sample(6, seed=10)
+    ref = solve_batch(pp.canonicalize(params).instances(), "scs", settings=TOL, workers=1)
+    for cold_mode in C_MODES:
+        s = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings=TOL, c_modes={"cold": cold_mode})
+        s.scs_scale = scale
+        out = s.solve(params)
+        for r, c in zip(out.results, ref):
+            assert r.status == Status.OPTIMAL
+            assert abs(r.objective - c.objective) <= 1e-2 * max(1.0, abs(c.objective))
+    with pytest.raises(ValueError, match="c_modes"):
+        AmortizedSolver(pp, algorithm="scs", c_modes={"warm": "fast"})

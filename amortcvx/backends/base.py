@@ -90,6 +90,9 @@ class SolveResult(NamedTuple):
         solve_time: seconds the solver reported for the iterations (OSQP: plus polishing).
         objective: ``1/2 x'Px + c'x + offset`` (CVXPY's optimal value) when ``status.has_solution``, else NaN.
         message: the solver's own status text, or the error for a failed solve.
+        stats: solver-specific numbers of the solve where a backend reports them (persistent SCS objects:
+            ``scale``, the dual scale the solve ended with, and ``scale_updates``; OSQP: ``rho_estimate``,
+            ``rho_updates``), else None.
     """
 
     x: np.ndarray
@@ -101,6 +104,7 @@ class SolveResult(NamedTuple):
     solve_time: float
     objective: float
     message: str = ""
+    stats: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)

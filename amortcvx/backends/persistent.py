@@ -108,13 +108,13 @@ class PersistentSolver:
         lin = host(data.c if isinstance(data, ConeData) else data.q)
         objective = (lin * x).sum(axis=1) + host(data.offset)
         if data.P is not None:
-            objective += 0.5 * (x * host_matrix(data.P).matvec(np.nan_to_num(x))).sum(axis=1)
+            objective += 0.5 * (x * host_matrix(data.P).matvec(x)).sum(axis=1)  # NaN rows stay NaN
         out = []
         for r, obj in zip(raw, objective):
             status = r[0]
             out.append(SolveResult(x=r[1], y=r[2], s=r[3], status=status, iterations=int(r[4]), setup_time=r[5],
                                    solve_time=r[6], objective=float(obj) if status.has_solution else float("nan"),
-                                   message=r[7]))
+                                   message=r[7], stats=r[8]))
         return out
 
 

@@ -87,6 +87,10 @@ DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType({
 
 _RESERVED = ("warm_start",)
 
+STATELESS_SETTINGS: Mapping[str, Any] = MappingProxyType({"adaptive_scale": False, "acceleration_lookback": 0})
+"""SCS settings under which a solve leaves no state that the next solve reads (fixed scale, no Anderson
+acceleration): a persistent object then never needs a new setup (see :class:`Session`)."""
+
 # SCS 3 settings checked here so that a bad value raises ValueError instead of becoming a solver error.
 _POSITIVE = ("max_iters", "scale", "rho_x", "acceleration_interval")
 _NONNEGATIVE = ("eps_abs", "eps_rel", "eps_infeas", "time_limit_secs")
@@ -334,6 +338,8 @@ class Session:
       Anderson step first acts at iteration ``acceleration_interval``); otherwise ``update(b=, c=)`` and solve
       on the same object. The object is built on the reference instance's ``b``, ``c`` (SCS normalizes ``b``,
       ``c`` with factors computed at setup), so a result depends on the instance and the reference only.
+    * ``adaptive_scale=False, acceleration_lookback=0`` (:data:`STATELESS_SETTINGS`): never; SCS then keeps
+      no state between solves (``stateless``), and one object serves the whole stream.
     * Parameters in ``A`` or ``P``: SCS has no matrix update, so every instance gets a new setup.
     """
 
@@ -350,6 +356,8 @@ class Session:
         self._ref = _solver_data(reference, self._int)
         self._cone = reference.cones.to_scs()
         self._reuse = not bool(opts.get("adaptive_scale", True))
+        # no adaptive scale and no Anderson memory: nothing a solve leaves behind is read by the next one
+        self.stateless = self._reuse and int(opts.get("acceleration_lookback", 10)) == 0
         self._solver = None
         self._clean = False
         self.builds = 0
@@ -390,9 +398,9 @@ class Session:
         return data
 
     def solve_one(self, batch: dict[str, Any], i: int, warm: Mapping[str, np.ndarray] | None,
-                  check_termination: int | None = None) -> tuple[Status, np.ndarray, np.ndarray, np.ndarray | None,
-                                                              int, float, float, str]:
-        """Solve instance ``i`` of a prepared batch; returns (status, x, y, s, iterations, setup, solve, message)."""
+                  check_termination: int | None = None) -> tuple:
+        """Solve instance ``i`` of a prepared batch; returns (status, x, y, s, iterations, setup, solve, message,
+        stats)."""
         n, m = self.n, self.m
         b, c = batch["b"][i], batch["c"][i]
         matrices = batch["A"] is not None or batch["P"] is not None
@@ -412,7 +420,7 @@ class Session:
         except Exception as e:  # noqa: BLE001 - a setup failure is a solver failure
             self._solver, self._clean = None, False
             return Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0, np.nan, \
-                np.nan, f"SCS setup failed: {e}"
+                np.nan, f"SCS setup failed: {e}", None
         try:
             if warm is None:
                 raw = self._solver.solve(warm_start=False)
@@ -421,14 +429,15 @@ class Session:
         except Exception as e:  # noqa: BLE001
             self._solver, self._clean = None, False
             return Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0, np.nan, \
-                np.nan, f"SCS solve failed: {e}"
+                np.nan, f"SCS solve failed: {e}", None
         info = raw["info"]
-        self._clean = self._reuse and not matrices and int(info["iter"]) == 0
+        self._clean = self._reuse and not matrices and (self.stateless or int(info["iter"]) == 0)
         status = STATUS_MAP.get(int(info["status_val"]), Status.SOLVER_ERROR)
         executed = max(0, min(int(info["iter"]) + 1, int(self.opts["max_iters"])))
         return (status, np.asarray(raw["x"], dtype=np.float64), np.asarray(raw["y"], dtype=np.float64),
                 np.asarray(raw["s"], dtype=np.float64), executed, float(info["setup_time"]) / 1e3,
-                float(info["solve_time"]) / 1e3, str(info.get("status", "")))
+                float(info["solve_time"]) / 1e3, str(info.get("status", "")),
+                {"scale": float(info.get("scale", np.nan)), "scale_updates": float(info.get("scale_updates", 0))})
 
 
 INFO = BackendInfo(

@@ -57,6 +57,7 @@ import torch
 
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
 from amortcvx.backends.batched import host_matrix
+from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.cones import project_cone, project_dual_cone
@@ -77,6 +78,15 @@ the default."""
 FINISHES = ("certify", "c")
 """How a warm start becomes an answer: certified where it passes the solver's own test, else the C solver
 (``"certify"``); or always the C solver (``"c"``)."""
+
+C_MODES = ("adaptive", "stateless")
+"""How the persistent C solver objects run (see :meth:`AmortizedSolver.persistent_solver`)."""
+
+DEFAULT_C_MODES = {"warm": "stateless", "cold": "adaptive"}
+"""The mode of warm-started and of cold C solves until :meth:`AmortizedSolver.calibrate` times both. Measured
+(SCS, small families, 100 instances, against a hand-written persistent loop): from a start within 1e-3 of the
+optimum, stateless objects took 0.10-0.82x of the loop's time and adaptive ones (rebuilt per solve) 0.15-2.7x;
+cold, stateless took 0.63-3.0x (no acceleration: sparse_pca 789 iterations against 264) and adaptive 0.46-3.5x."""
 
 OSQP_CHECK_INTERVAL = 25
 """OSQP's default ``check_termination``: the interval of warm-started OSQP solves before calibration."""
@@ -137,6 +147,7 @@ class Calibration(NamedTuple):
         enabled: whether the predictor is used.
         anderson: the refinement kept (None: plain steps).
         candidates: ``(refinement label, learned median)`` of every refinement tried, in order.
+        c_modes: the modes of the persistent C solver objects kept for warm and cold solves (SCS; measured).
     """
 
     learned_median: float
@@ -144,6 +155,7 @@ class Calibration(NamedTuple):
     enabled: bool
     anderson: AndersonSettings | None = None
     candidates: tuple[tuple[str, float], ...] = ()
+    c_modes: dict[str, str] | None = None
 
 
 def start_residual(alg, warm_start: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,6 +200,9 @@ class AmortizedSolver:
             parameter of the first batch solved.
         check_termination: OSQP's termination-check interval for warm-started timed solves (cold solves keep
             the backend's); None: 25 until :meth:`calibrate` sets it from the validation C iterations.
+        c_modes: ``{"warm": mode, "cold": mode}``, the mode (:data:`C_MODES`) of the persistent C solver objects
+            for warm-started and for cold solves (SCS; default :data:`DEFAULT_C_MODES`); :meth:`calibrate`
+            chooses them by measured wall time unless given.
     """
 
     def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
@@ -196,7 +211,7 @@ class AmortizedSolver:
                  safeguard: bool = True, safeguard_ratio: float = 1.0, safeguard_reference: str = "cold",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, workers: int | None = 1,
                  finish: str = "certify", reference_params: Mapping | None = None,
-                 check_termination: int | None = None):
+                 check_termination: int | None = None, c_modes: Mapping[str, str] | None = None):
         if model is not None:
             if model.meta.fingerprint != pp.fingerprint:
                 raise ValueError(f"the predictor was trained for problem {model.meta.fingerprint}, not for this "
@@ -253,7 +268,14 @@ class AmortizedSolver:
             raise ValueError("reference_params must be one instance (no batch dimension, or a batch of one)")
         if self._reference is None and self.model is not None and hasattr(self.model, "in_mean"):
             self._reference = self.model.in_mean.detach().to("cpu", torch.float64).reshape(1, -1)
-        self._persistent: PersistentSolver | None = None
+        self._persistent: dict[str, PersistentSolver] = {}
+        modes = {**DEFAULT_C_MODES, **dict(c_modes or {})}
+        bad = {k: v for k, v in modes.items() if k not in DEFAULT_C_MODES or v not in C_MODES}
+        if bad:
+            raise ValueError(f"c_modes maps 'warm' and 'cold' to one of {C_MODES}; got {bad}")
+        self.c_modes = modes
+        self._modes_given = c_modes
+        self.scs_scale: float | None = None  # the fixed scale of stateless SCS objects (see choose_c_modes)
 
     def _tolerances(self) -> tuple[float, float]:
         """``(eps_abs, eps_rel)`` of the C solver: the backend's defaults overridden by ``solver_settings``."""
@@ -265,20 +287,33 @@ class AmortizedSolver:
                 raise ValueError(f"solver setting {name} must be a nonnegative number; got {value!r}")
         return float(eps[0]), float(eps[1])
 
-    def persistent_solver(self, theta: torch.Tensor | None = None) -> PersistentSolver:
-        """The persistent C solver object of this problem and settings (set up on first use).
+    def persistent_solver(self, theta: torch.Tensor | None = None, mode: str = "adaptive") -> PersistentSolver:
+        """The persistent C solver object of this problem for ``mode`` (set up on first use).
 
-        It is set up on the reference instance (see ``reference_params``); without one, on the mean of the
-        flattened parameters ``theta`` (B, p) of the first batch solved, which is then kept for later calls.
+        ``mode`` (see :data:`C_MODES`): ``"adaptive"`` runs the C solver with ``solver_settings`` as given;
+        ``"stateless"`` (SCS only; the same as ``"adaptive"`` for OSQP) adds
+        :data:`~amortcvx.backends.scs.STATELESS_SETTINGS` (fixed scale, no Anderson acceleration), under which
+        one SCS object serves every instance without a new setup. The object is set up on the reference instance
+        (see ``reference_params``); without one, on the mean of the flattened parameters ``theta`` (B, p) of the
+        first batch solved, which is then kept for later calls.
         """
-        if self._persistent is None:
+        if mode not in C_MODES:
+            raise ValueError(f"mode must be one of {C_MODES}; got {mode!r}")
+        if self.algorithm != "scs":
+            mode = "adaptive"
+        if mode not in self._persistent:
             if self._reference is None:
                 if theta is None:
                     raise ValueError("no reference instance yet: pass reference_params or solve a batch first")
                 self._reference = theta.detach().to("cpu", torch.float64).mean(dim=0, keepdim=True)
             ref = self.pp.canonicalize_vector(self._reference.to(torch.float64)).instance(0)
-            self._persistent = PersistentSolver(self.backend, ref, self.solver_settings)
-        return self._persistent
+            settings = dict(self.solver_settings)
+            if mode == "stateless":
+                settings.update(STATELESS_SETTINGS)
+                if self.scs_scale is not None:
+                    settings["scale"] = self.scs_scale
+            self._persistent[mode] = PersistentSolver(self.backend, ref, settings)
+        return self._persistent[mode]
 
     def predict_warm_start(self, params: Mapping) -> WarmStartBatch:
         """Warm starts for the C solver: prediction, ``k`` refinement steps, safeguard, conversion.
@@ -294,8 +329,14 @@ class AmortizedSolver:
         t0 = time.perf_counter()
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
         data = self.pp.canonicalize_vector(theta)
-        alg = make_algorithm(self.algorithm, data, self.settings, cache=self.factors)
         use_model = self.model is not None and self.enabled
+        if not use_model and self.k == 0:  # plain cold starts: no torch iteration is needed at all
+            size = data.batch_size
+            nan = np.full(size, np.nan)
+            batch = WarmStartBatch([None] * size, np.full(size, self.model is not None), nan, nan,
+                                   time.perf_counter() - t0)
+            return _Prediction(batch, theta, data, None, np.zeros(size, dtype=bool))
+        alg = make_algorithm(self.algorithm, data, self.settings, cache=self.factors)
         # the cold start refined by k steps: what every instance gets without a predictor, and the reference of
         # the "refined_cold" safeguard; the "cold" reference (and no safeguard) needs only the cold start's
         # first step
@@ -409,8 +450,51 @@ class AmortizedSolver:
             c_its = [r.iterations for r, cert in zip(used.results, used.certified) if not cert]
             self.check_termination = None if not c_its else int(
                 min(OSQP_CHECK_INTERVAL, max(1, math.ceil(float(np.median(c_its))))))
+        if self.algorithm == "scs" and self._modes_given is None:
+            self.c_modes, self.scs_scale = self.choose_c_modes(params)
+            self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
         return Calibration(learned, cold, self.enabled, self.anderson,
-                           tuple((refinement_label(a), med) for a, med, _, _ in candidates))
+                           tuple((refinement_label(a), med) for a, med, _, _ in candidates), dict(self.c_modes))
+
+    def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> tuple[dict[str, str], float | None]:
+        """The faster mode (:data:`C_MODES`) for warm-started and for cold timed SCS solves, measured on ``params``.
+
+        First, cold solves on an adaptive object give the scale SCS's adaptation ends at on these instances; its
+        geometric median becomes the fixed scale of the stateless object (a stateless SCS object keeps its
+        scale, so it should start at a good one). Then warm: ``solve(params)`` (timed mode) with each mode for
+        the warm-started instances; cold: cold solves of the same instances on each mode's object. Best of
+        ``repeats`` wall times each (both modes answer at the same tolerance; only speed differs). Returns
+        ``(modes, scale)``; sets neither.
+        """
+        saved, saved_scale = dict(self.c_modes), self.scs_scale
+        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
+        data = self.pp.canonicalize_vector(theta)
+        adaptive = self.persistent_solver(theta, "adaptive").solve(data)
+        scales = [r.stats["scale"] for r in adaptive if r.stats and np.isfinite(r.stats.get("scale", np.nan))
+                  and r.stats["scale"] > 0]
+        scale = float(np.exp(np.median(np.log(scales)))) if scales else None
+        self.scs_scale = scale
+        self._persistent.pop("stateless", None)
+        best = {}
+        try:
+            for kind in ("warm", "cold"):
+                times = {}
+                for mode in C_MODES:
+                    self.c_modes = {**saved, kind: mode}
+                    run_once = (lambda: self.solve(params)) if kind == "warm" else (
+                        lambda mode=mode: self.persistent_solver(theta, mode).solve(data))
+                    run_once()  # first use sets the object up
+                    elapsed = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        run_once()
+                        elapsed.append(time.perf_counter() - t0)
+                    times[mode] = min(elapsed)
+                best[kind] = min(times, key=times.get)
+        finally:
+            self.c_modes, self.scs_scale = saved, saved_scale
+            self._persistent.pop("stateless", None)
+        return best, scale
 
     def solve(self, params: Mapping, *, exact_iterations: bool = False) -> AmortizedResult:
         """Predict, refine, certify, and solve the rest with the C solver at ``solver_settings``.
@@ -473,22 +557,23 @@ class AmortizedSolver:
             starts = [pred.batch.warm_starts[i] if w else None for i, w in zip(index, warm)]
             return solve_batch([data.instance(int(i)) for i in index], self.backend, warm_starts=starts,
                                settings=self.solver_settings, exact_iterations=True, workers=self.workers)
-        solver = self.persistent_solver(pred.theta)
         arrays = None if pred.batch.arrays is None else {k: v[index] for k, v in pred.batch.arrays.items()}
-        check = None
-        if self.algorithm == "osqp" and warm.any() and self.check_termination is not None:
-            check = self.check_termination
-        sub = data.take(index)
-        if check is None or warm.all():
-            return solver.solve(sub, arrays, warm, check_termination=check)
-        out: list[SolveResult | None] = [None] * index.size  # warm and cold solves use their own intervals
-        for mask, interval in ((warm, check), (~warm, None)):
+        check = self.check_termination if self.algorithm == "osqp" else None
+        sub = data if index.size == data.batch_size else data.take(index)
+        out: list[SolveResult | None] = [None] * index.size
+        for kind, mask in (("warm", warm), ("cold", ~warm)):  # each on its own object, with its own interval
             pos = np.flatnonzero(mask)
-            if pos.size:
-                part = solver.solve(sub.take(pos), None if arrays is None else {k: v[pos] for k, v in arrays.items()},
-                                    np.ones(pos.size, dtype=bool) if interval else None, check_termination=interval)
-                for j, r in zip(pos, part):
-                    out[j] = r
+            if not pos.size:
+                continue
+            solver = self.persistent_solver(pred.theta, self.c_modes[kind])
+            part_data = sub if pos.size == index.size else sub.take(pos)
+            if kind == "warm":
+                part_arrays = arrays if pos.size == index.size else {k: v[pos] for k, v in arrays.items()}
+                part = solver.solve(part_data, part_arrays, check_termination=check)
+            else:
+                part = solver.solve(part_data)
+            for j, r in zip(pos, part):
+                out[j] = r
         return out
 
     def _certified_results(self, data: ConeData | QPData, point: dict[str, np.ndarray],

@@ -149,9 +149,31 @@ class SparseOperator:
         return torch.sparse.mm(self.sum_cols, prod).mT
 
 
+_SHARED_OPERATORS: dict[tuple, tuple[SparseOperator, torch.Tensor]] = {}
+_SHARED_OPERATOR_LIMIT = 32
+
+
+def sparse_operator(mat: SparseBatch, dtype: torch.dtype) -> SparseOperator:
+    """:class:`SparseOperator` of ``mat``, built once for a shared, constant batch.
+
+    A compiled problem hands out the same constant value tensor on every call, so shared matrices without a
+    gradient are memoized by the identity of that tensor (the memo holds a reference, so the identity cannot be
+    reused; at most ``_SHARED_OPERATOR_LIMIT`` are kept). Others are built on every call.
+    """
+    if not mat.shared or mat.values.requires_grad:
+        return SparseOperator(mat, dtype)
+    key = (mat.values.data_ptr(), id(mat.indices), dtype, str(mat.values.device))
+    hit = _SHARED_OPERATORS.get(key)
+    if hit is None:
+        if len(_SHARED_OPERATORS) >= _SHARED_OPERATOR_LIMIT:
+            _SHARED_OPERATORS.pop(next(iter(_SHARED_OPERATORS)))
+        hit = _SHARED_OPERATORS[key] = (SparseOperator(mat, dtype), mat.values)
+    return hit[0]
+
+
 def spmv(mat: SparseBatch, x: torch.Tensor) -> torch.Tensor:
     """``y_i = M_i x_i`` for a :class:`SparseBatch` and ``x`` of shape ``(B, c)`` without densifying ``M``."""
-    return SparseOperator(mat, x.dtype).matvec(x)
+    return sparse_operator(mat, x.dtype).matvec(x)
 
 
 def _as_rows(d: torch.Tensor | float, size: int, name: str, like: torch.Tensor) -> torch.Tensor:
