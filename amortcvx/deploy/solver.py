@@ -352,8 +352,14 @@ class AmortizedSolver:
             return self._package(alg, theta, data, cold_ws, fallback, cold_res, cold_res, t0)
         z0 = self.model(theta)
         state = run(alg, self.space.to_state(alg, z0), self.k, anderson=self.anderson).state
-        ws = self.space.warm_start(alg, state) if self.k > 0 else self.space.prediction_warm_start(alg, z0)
-        ws, res = self._finish(alg, state, ws)
+        nxt = alg.step(state)  # for the residual; for a bare SCS prediction also its warm start (one step on)
+        if self.k > 0:
+            ws = self.space.warm_start(alg, state)
+        elif self.space.prediction_after_step:
+            ws = self.space.warm_start(alg, nxt)
+        else:
+            ws = self.space.prediction_warm_start(alg, z0)
+        ws, res = self._finish(alg, state, ws, nxt)
         bad = ~torch.isfinite(res)
         if self.safeguard:
             bad |= res > self.safeguard_ratio * cold_res
@@ -362,15 +368,17 @@ class AmortizedSolver:
             return self._package(alg, theta, data, ws, bad, res, cold_res, t0)
         return self._package(alg, theta, data, ws, bad, res, cold_res, t0, plain_cold=bad)
 
-    def _finish(self, alg, state, ws: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _finish(self, alg, state, ws: dict[str, torch.Tensor],
+                nxt=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The warm starts ``ws`` read from ``state`` (refined), optionally polished, and their residuals.
 
         Without ``polish``: ``ws`` and the fixed-point residual of the next step from ``state``. With it: per
         instance the better of ``ws`` and its active-set polish, judged by the residual of the first step the C
-        solver takes from each (:func:`start_residual`), and that residual.
+        solver takes from each (:func:`start_residual`), and that residual. ``nxt``: ``alg.step(state)`` when the
+        caller has it already.
         """
         if not self.polish:
-            return ws, alg.residual(state, alg.step(state))
+            return ws, alg.residual(state, alg.step(state) if nxt is None else nxt)
         polished = alg.polish(**ws)
         r_ws, r_pol = start_residual(alg, ws), start_residual(alg, polished)
         take = r_pol < r_ws  # False where the polished point is not finite

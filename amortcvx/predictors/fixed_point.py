@@ -39,6 +39,9 @@ class OutputSpace(NamedTuple):
         warm_start: ``warm_start(alg, state) -> dict`` of batched tensors ``x``, ``y`` (and ``s`` for SCS),
             the primal-dual estimates of a state reached by at least one step, handed to the C solver.
         prediction_warm_start: ``prediction_warm_start(alg, z) -> dict``, the same for a bare prediction.
+        prediction_after_step: whether ``prediction_warm_start(alg, z)`` equals ``warm_start(alg, step(to_state(alg,
+            z)))`` (SCS: the estimates one step after the prediction), so that a caller that takes that step anyway
+            can reuse it.
     """
 
     dim: Callable[[int, int], int]
@@ -48,6 +51,7 @@ class OutputSpace(NamedTuple):
     full: Callable[[FixedPointAlgorithm, torch.Tensor], torch.Tensor]
     warm_start: Callable[[FixedPointAlgorithm, Any], dict[str, torch.Tensor]]
     prediction_warm_start: Callable[[FixedPointAlgorithm, torch.Tensor], dict[str, torch.Tensor]]
+    prediction_after_step: bool = False
 
 
 def _scs_full(alg: FixedPointAlgorithm, z: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ def _same_units(alg: FixedPointAlgorithm, z: torch.Tensor) -> torch.Tensor:
 OUTPUT_SPACES: dict[str, OutputSpace] = {
     "scs": OutputSpace(dim=lambda n, m: n + m, to_state=_scs_to_state, target=_scs_target,
                        comparable=_scs_comparable, full=_scs_full, warm_start=_scs_warm_start,
-                       prediction_warm_start=_scs_prediction_warm_start),
+                       prediction_warm_start=_scs_prediction_warm_start, prediction_after_step=True),
     "osqp": OutputSpace(dim=lambda n, m: n + m, to_state=_osqp_to_state, target=_osqp_target,
                         comparable=_same_units, full=_same_units, warm_start=_osqp_warm_start,
                         prediction_warm_start=_osqp_prediction_warm_start),
