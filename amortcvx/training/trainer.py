@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from amortcvx.canon.parametric import ParametricProblem
+from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.registry import DATA_FORMS, make_algorithm
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor, atomic_torch_save
@@ -133,9 +134,10 @@ def settings_dict(settings) -> dict:
     return {} if settings is None else dataclasses.asdict(settings)
 
 
-def _batch_losses(pp, algorithm, settings, space, model, batch: SolvedSet, config: TrainConfig):
+def _batch_losses(pp, algorithm, settings, space, model, batch: SolvedSet, config: TrainConfig,
+                  factors: FactorCache | None = None):
     data = pp.canonicalize_vector(batch.theta)
-    alg = make_algorithm(algorithm, data, settings)
+    alg = make_algorithm(algorithm, data, settings, cache=factors)
     target = space.target(alg, batch.x, batch.y, batch.s).detach()
     z0 = model(batch.theta)
     return losses(alg, space, z0, target, model.out_std, config.k, config.weights,
@@ -177,7 +179,8 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
     model = model.to(device=device, dtype=dtype)
     with torch.no_grad():  # normalization from the training targets
         data = pp.canonicalize_vector(train_set.theta)
-        alg = make_algorithm(algorithm, data, settings)
+        factors = FactorCache()  # A and P without parameters: one factorization for the whole training
+        alg = make_algorithm(algorithm, data, settings, cache=factors)
         model.fit_normalization(train_set.theta, space.target(alg, train_set.x, train_set.y, train_set.s))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
@@ -206,7 +209,7 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
         sums: dict[str, float] = {}
         for start in range(0, len(train_set), config.batch_size):
             batch = train_set.subset(perm[start:start + config.batch_size])
-            out = _batch_losses(pp, algorithm, settings, space, model, batch, config)
+            out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors)
             opt.zero_grad(set_to_none=True)
             out["total"].backward()
             opt.step()
@@ -214,7 +217,7 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
                 sums[key] = sums.get(key, 0.0) + float(val.detach()) * len(batch)
         record = {f"train_{k}": v / len(train_set) for k, v in sums.items()}
         record.update({f"val_{k}": v for k, v in evaluate_losses(pp, algorithm, settings, model, val_set,
-                                                                 config).items()})
+                                                                 config, factors).items()})
         record["epoch"] = epoch
         history.append(record)
         val = record["val_total"]
@@ -240,14 +243,15 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
 
 @torch.no_grad()
 def evaluate_losses(pp: ParametricProblem, algorithm: str, settings, model: WarmStartPredictor, solved: SolvedSet,
-                    config: TrainConfig) -> dict[str, float]:
-    """Mean losses of ``model`` on ``solved`` (in mini-batches, no gradients)."""
+                    config: TrainConfig, factors: FactorCache | None = None) -> dict[str, float]:
+    """Mean losses of ``model`` on ``solved`` (in mini-batches, no gradients; ``factors`` keeps the
+    parameter-independent factorizations across batches and calls)."""
     model.eval()
     space = output_space(algorithm)
     sums: dict[str, float] = {}
     for start in range(0, len(solved), config.batch_size):
         batch = solved.subset(torch.arange(start, min(start + config.batch_size, len(solved))))
-        out = _batch_losses(pp, algorithm, settings, space, model, batch, config)
+        out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors)
         for key, val in out.items():
             sums[key] = sums.get(key, 0.0) + float(val) * len(batch)
     return {k: v / len(solved) for k, v in sums.items()}
