@@ -117,6 +117,14 @@ def _workers_rss(children: dict[int, str]) -> list[float]:
     return out
 
 
+def _median(counts: Counter[int]) -> float:
+    values = np.array(sorted(counts))
+    cum = np.cumsum([counts[v] for v in values])
+    total = cum[-1]
+    lo, hi = values[np.searchsorted(cum, (total + 1) // 2)], values[np.searchsorted(cum, total // 2 + 1)]
+    return (float(lo) + float(hi)) / 2
+
+
 # ---------------------------------------------------------------------- part 1
 def soak_persistent(family, backend: str, instances: int, batch: int, every: int) -> dict:
     pp = ParametricProblem(family.problem, form=BACKEND_FORMS[backend])
@@ -125,7 +133,7 @@ def soak_persistent(family, backend: str, instances: int, batch: int, every: int
     solver = PersistentSolver(backend, pp.canonicalize(mean).instance(0))
     batches = max(1, instances // batch)
     statuses: Counter[str] = Counter()
-    iterations: list[int] = []
+    iterations: Counter[int] = Counter()  # bounded: a list of every count would itself grow the heap
     solve_s = total_s = 0.0
     start_mb = rss_mb()
     trace = [(0, start_mb)]
@@ -141,7 +149,7 @@ def soak_persistent(family, backend: str, instances: int, batch: int, every: int
         solve_s += t2 - t1
         total_s += t2 - t0
         statuses.update(str(r.status) for r in results)
-        iterations.extend(r.iterations for r in results)
+        iterations.update(r.iterations for r in results)
         del params, data, results
         if (b + 1) % every == 0 or b + 1 == batches:
             mb = rss_mb()
@@ -155,7 +163,7 @@ def soak_persistent(family, backend: str, instances: int, batch: int, every: int
            "growth_after_warmup_mb": trace[-1][1] - warm, "peak_mb": _status_kb("VmHWM") / 1024,
            "solve_per_s": solved / solve_s, "total_per_s": solved / total_s, "solve_seconds": solve_s,
            "total_seconds": total_s, "builds": solver.builds, "statuses": dict(statuses),
-           "median_iterations": float(np.median(iterations)), "trace": trace}
+           "median_iterations": _median(iterations), "trace": trace}
     print(f"[{backend}] rss start {start_mb:.1f} MB, after {trace[1][0] if len(trace) > 2 else 0} instances "
           f"{warm:.1f} MB, end {trace[-1][1]:.1f} MB (growth after warm-up {out['growth_after_warmup_mb']:+.1f} MB)"
           f"; {out['solve_per_s']:.0f} solves/s ({out['total_per_s']:.0f}/s with sampling and canonicalization); "
