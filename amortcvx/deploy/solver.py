@@ -453,7 +453,7 @@ class AmortizedSolver:
         cold_out = self.solve(params, exact_iterations=True)
         cold = float(np.median([r.iterations for r in cold_out.results]))
         self.enabled = bool(learned <= margin * cold)
-        if self.algorithm == "osqp" and self._auto_check:
+        if self.algorithm == "osqp" and self._check_given is None:
             used = kept if self.enabled else cold_out
             c_its = [r.iterations for r, cert in zip(used.results, used.certified) if not cert]
             self.check_termination = None if not c_its else int(
@@ -553,10 +553,6 @@ class AmortizedSolver:
             results = [r._replace(objective=sign * r.objective) for r in results]
         return AmortizedResult(results, pred.batch.fallback, retried, pred.batch.seconds, time.perf_counter() - t0,
                                certified)
-
-    @property
-    def _auto_check(self) -> bool:
-        return getattr(self, "_check_given", None) is None
 
     def _c_solve(self, pred: _Prediction, data: ConeData | QPData, index: np.ndarray, warm: np.ndarray,
                  exact_iterations: bool) -> list[SolveResult]:
