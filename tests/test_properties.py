@@ -107,8 +107,6 @@ def cases(draw, large: tuple[int, int] = (256, 512)) -> Case:
     if batch is not None and not any(batched.values()):
         batched[draw(st.sampled_from(sorted(SHAPES)))] = True
     if fault == "empty":
-        # a batched-empty q hits the bug of test_empty_batch_of_a_sign_constrained_parameter (xfail below)
-        batched["q"] = False
         batched["a"] = True
     target = draw(st.sampled_from(sorted(SHAPES)))
     values, meaning, names = {}, {}, {target}
@@ -239,8 +237,6 @@ def test_solve_gives_a_clear_error_or_the_optimum(setup, case, algorithm):
 
 
 # ---------------------------------------------------------------------- found by the properties
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="canon: _check_attributes reshapes an empty batch with reshape(0, -1) (RuntimeError)")
 def test_empty_batch_of_a_sign_constrained_parameter_is_a_clear_error(setup):
     pp = setup[0]["cone"]
     with pytest.raises(ValueError, match="empty batch"):

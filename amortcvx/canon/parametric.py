@@ -472,7 +472,7 @@ def _check_attributes(p: cp.Parameter, t: torch.Tensor) -> None:
     if upper is not None:
         hi = torch.as_tensor(upper, dtype=t.dtype, device=t.device)
         checks.append(("bounds= (values <= the upper bound)", lambda v: v > hi))
-    if not checks:
+    if not checks or t.shape[0] == 0:  # an empty batch is refused by the caller with its own message
         return
     with torch.no_grad():
         v = t.detach()
