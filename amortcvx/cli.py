@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timing-batch", type=int, default=1024, help="large batch of the end-to-end timing")
     run.add_argument("--timing-single", type=int, default=50, help="instances timed at batch 1")
     run.add_argument("--no-safeguard", action="store_true", help="turn off the residual safeguard")
-    run.add_argument("--safeguard-reference", default="refined_cold", choices=("refined_cold", "cold"),
-                     help="compare refined predictions with the refined cold start (default) or with the cold "
-                          "start's first step (half the torch work)")
+    run.add_argument("--safeguard-reference", default="cold", choices=("cold", "refined_cold"),
+                     help="compare refined predictions with the cold start's first step (default) or with the "
+                          "cold start refined by the same steps (twice the torch work)")
     run.add_argument("--no-calibrate", action="store_true",
                      help="do not switch the predictor off when it loses to the cold start on the validation set")
     run.add_argument("--no-resume", action="store_true",
