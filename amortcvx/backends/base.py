@@ -107,6 +107,21 @@ class SolveResult(NamedTuple):
     stats: Mapping[str, float] | None = None
 
 
+class RawSolve(NamedTuple):
+    """What a persistent session returns for one instance (a :class:`SolveResult` without the objective, which
+    :class:`~amortcvx.backends.persistent.PersistentSolver` computes for the whole batch at once)."""
+
+    status: Status
+    x: np.ndarray
+    y: np.ndarray
+    s: np.ndarray | None
+    iterations: int
+    setup_time: float
+    solve_time: float
+    message: str
+    stats: Mapping[str, float] | None = None
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """Declared capabilities of one backend (a registry entry).

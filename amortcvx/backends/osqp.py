@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from amortcvx.backends.base import (
     BackendInfo,
+    RawSolve,
     SolveResult,
     Status,
     WarmStart,
@@ -258,9 +259,8 @@ class Session:
         return out
 
     def solve_one(self, batch: dict[str, Any], i: int, warm: Mapping[str, np.ndarray] | None,
-                  check_termination: int | None = None) -> tuple:
-        """Solve instance ``i`` of a prepared batch; returns (status, x, y, None, iterations, setup, solve, message,
-        stats)."""
+                  check_termination: int | None = None) -> RawSolve:
+        """Solve instance ``i`` of a prepared batch with the given termination-check interval (None: the object's)."""
         s = self._solver
         n, m = self.n, self.m
         try:
@@ -276,16 +276,16 @@ class Session:
                 self._check = check
             res = s.solve(raise_error=False)
         except Exception as e:  # noqa: BLE001 - a failing instance never stops the stream
-            return Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), None, 0, np.nan, np.nan, \
-                f"OSQP solve failed: {e}", None
+            return RawSolve(Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), None, 0, np.nan, np.nan,
+                            f"OSQP solve failed: {e}")
         info = res.info
         stats = {"rho_estimate": float(info.rho_estimate), "rho_updates": float(info.rho_updates)}
         if int(info.rho_updates) > 0:
             s.update_settings(rho=self.rho0)
         status = STATUS_MAP.get(int(info.status_val), Status.SOLVER_ERROR)
-        return (status, np.array(res.x, dtype=np.float64), np.array(res.y, dtype=np.float64), None,
-                int(info.iter), float(info.update_time), float(info.solve_time) + float(info.polish_time),
-                str(info.status), stats)
+        return RawSolve(status, np.array(res.x, dtype=np.float64), np.array(res.y, dtype=np.float64), None,
+                        int(info.iter), float(info.update_time), float(info.solve_time) + float(info.polish_time),
+                        str(info.status), stats)
 
 
 INFO = BackendInfo(

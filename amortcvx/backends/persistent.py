@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from amortcvx.backends.base import SolveResult
+from amortcvx.backends.base import RawSolve, SolveResult
 from amortcvx.backends.batched import host, host_matrix
 from amortcvx.backends.registry import get_backend
 from amortcvx.canon.data import ConeData, ConeInstance, QPData, QPInstance
@@ -102,20 +102,18 @@ class PersistentSolver:
             raw.append(self._session.solve_one(batch, i, start, check_termination))
         return self._results(data, raw)
 
-    def _results(self, data: ConeData | QPData, raw: list[tuple]) -> list[SolveResult]:
+    def _results(self, data: ConeData | QPData, raw: list[RawSolve]) -> list[SolveResult]:
         """SolveResults with objectives computed for the whole batch at once."""
-        x = np.stack([r[1] for r in raw])
+        x = np.stack([r.x for r in raw])
         lin = host(data.c if isinstance(data, ConeData) else data.q)
         objective = (lin * x).sum(axis=1) + host(data.offset)
         if data.P is not None:
             objective += 0.5 * (x * host_matrix(data.P).matvec(x)).sum(axis=1)  # NaN rows stay NaN
-        out = []
-        for r, obj in zip(raw, objective):
-            status = r[0]
-            out.append(SolveResult(x=r[1], y=r[2], s=r[3], status=status, iterations=int(r[4]), setup_time=r[5],
-                                   solve_time=r[6], objective=float(obj) if status.has_solution else float("nan"),
-                                   message=r[7], stats=r[8]))
-        return out
+        return [SolveResult(x=r.x, y=r.y, s=r.s, status=r.status, iterations=int(r.iterations),
+                            setup_time=r.setup_time, solve_time=r.solve_time,
+                            objective=float(obj) if r.status.has_solution else float("nan"), message=r.message,
+                            stats=r.stats)
+                for r, obj in zip(raw, objective)]
 
 
 __all__ = ["PersistentSolver"]

@@ -42,6 +42,7 @@ import scipy.sparse as sp
 from amortcvx.backends.base import (
     CONE_KINDS,
     BackendInfo,
+    RawSolve,
     SolveResult,
     Status,
     WarmStart,
@@ -398,9 +399,8 @@ class Session:
         return data
 
     def solve_one(self, batch: dict[str, Any], i: int, warm: Mapping[str, np.ndarray] | None,
-                  check_termination: int | None = None) -> tuple:
-        """Solve instance ``i`` of a prepared batch; returns (status, x, y, s, iterations, setup, solve, message,
-        stats)."""
+                  check_termination: int | None = None) -> RawSolve:
+        """Solve instance ``i`` of a prepared batch (``check_termination`` is OSQP's; ignored here)."""
         n, m = self.n, self.m
         b, c = batch["b"][i], batch["c"][i]
         matrices = batch["A"] is not None or batch["P"] is not None
@@ -419,8 +419,8 @@ class Session:
             raise
         except Exception as e:  # noqa: BLE001 - a setup failure is a solver failure
             self._solver, self._clean = None, False
-            return Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0, np.nan, \
-                np.nan, f"SCS setup failed: {e}", None
+            return RawSolve(Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0,
+                            np.nan, np.nan, f"SCS setup failed: {e}")
         try:
             if warm is None:
                 raw = self._solver.solve(warm_start=False)
@@ -428,16 +428,17 @@ class Session:
                 raw = self._solver.solve(warm_start=True, x=warm["x"], y=warm["y"], s=warm["s"])
         except Exception as e:  # noqa: BLE001
             self._solver, self._clean = None, False
-            return Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0, np.nan, \
-                np.nan, f"SCS solve failed: {e}", None
+            return RawSolve(Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0,
+                            np.nan, np.nan, f"SCS solve failed: {e}")
         info = raw["info"]
         self._clean = self._reuse and not matrices and (self.stateless or int(info["iter"]) == 0)
         status = STATUS_MAP.get(int(info["status_val"]), Status.SOLVER_ERROR)
         executed = max(0, min(int(info["iter"]) + 1, int(self.opts["max_iters"])))
-        return (status, np.asarray(raw["x"], dtype=np.float64), np.asarray(raw["y"], dtype=np.float64),
-                np.asarray(raw["s"], dtype=np.float64), executed, float(info["setup_time"]) / 1e3,
-                float(info["solve_time"]) / 1e3, str(info.get("status", "")),
-                {"scale": float(info.get("scale", np.nan)), "scale_updates": float(info.get("scale_updates", 0))})
+        return RawSolve(status, np.asarray(raw["x"], dtype=np.float64), np.asarray(raw["y"], dtype=np.float64),
+                        np.asarray(raw["s"], dtype=np.float64), executed, float(info["setup_time"]) / 1e3,
+                        float(info["solve_time"]) / 1e3, str(info.get("status", "")),
+                        {"scale": float(info.get("scale", np.nan)),
+                         "scale_updates": float(info.get("scale_updates", 0))})
 
 
 INFO = BackendInfo(
