@@ -208,3 +208,26 @@ def test_calibration_chooses_scs_object_modes_by_time_and_keeps_answers():
             assert abs(r.objective - c.objective) <= 1e-2 * max(1.0, abs(c.objective))
     with pytest.raises(ValueError, match="c_modes"):
         AmortizedSolver(pp, algorithm="scs", c_modes={"warm": "fast"})
+
+
+def test_auto_linear_system_is_sparse_for_large_shared_constant_data():
+    import scipy.sparse as sp
+
+    from amortcvx.canon.data import SparseBatch
+    from amortcvx.iterations import KKTSolver
+    from amortcvx.iterations.linalg import SPARSE_AUTO_MIN
+
+    n, m = 300, SPARSE_AUTO_MIN  # n + m beyond the threshold
+    a = sp.random(m, n, density=0.01, random_state=0, format="csc") + sp.eye(m, n, format="csc")
+    a = sp.csc_matrix(a)
+    a.sort_indices()
+    values = torch.as_tensor(a.data).unsqueeze(0)
+    shared = SparseBatch(a.indices.astype(np.int64), a.indptr.astype(np.int64), (m, n), values.expand(4, -1), True)
+    assert KKTSolver(shared, None, 1e-6, 1.0, dtype=torch.float64).method == "sparse"
+    grad = SparseBatch(shared.indices, shared.indptr, (m, n), values.clone().requires_grad_(True).expand(4, -1), True)
+    assert KKTSolver(grad, None, 1e-6, 1.0, dtype=torch.float64).method != "sparse"  # gradients to A: dense
+    small = SparseBatch(shared.indices, shared.indptr, (m, n), values.expand(4, -1), True)
+    rhs = torch.randn(4, n + m, dtype=torch.float64)
+    dense = KKTSolver(small, None, 1e-6, 1.0, dtype=torch.float64, method="inverse").solve_packed(rhs)
+    sparse = KKTSolver(small, None, 1e-6, 1.0, dtype=torch.float64).solve_packed(rhs)
+    torch.testing.assert_close(sparse, dense, rtol=1e-7, atol=1e-8)
