@@ -231,3 +231,26 @@ def test_auto_linear_system_is_sparse_for_large_shared_constant_data():
     dense = KKTSolver(small, None, 1e-6, 1.0, dtype=torch.float64, method="inverse").solve_packed(rhs)
     sparse = KKTSolver(small, None, 1e-6, 1.0, dtype=torch.float64).solve_packed(rhs)
     torch.testing.assert_close(sparse, dense, rtol=1e-7, atol=1e-8)
+
+
+def test_a_predictor_of_the_wrong_width_is_refused_when_attached():
+    from amortcvx.predictors import PredictorMeta, WarmStartPredictor
+
+    fam, pp = _pp("portfolio", "scs")
+    meta = PredictorMeta(pp.fingerprint, "scs", {}, pp.num_params, pp.n + pp.m)
+    wrong = WarmStartPredictor(meta, core=torch.nn.Linear(pp.num_params, pp.n + pp.m - 3))
+    with pytest.raises(ValueError, match=f"needs vectors of length {pp.n + pp.m}"):
+        AmortizedSolver(pp, wrong)
+
+
+def test_solve_cvxpy_uses_the_solvers_settings():
+    from amortcvx.deploy import solve_cvxpy
+
+    fam, pp = _pp("portfolio", "scs")
+    fam.assign(fam.sample(1, seed=12), 0)
+    iters = {}
+    for eps in (1e-2, 1e-9):
+        solver = AmortizedSolver(pp, algorithm="scs", solver_settings={"eps_abs": eps, "eps_rel": eps})
+        solve_cvxpy(fam.problem, solver)
+        iters[eps] = fam.problem.solver_stats.num_iters
+    assert iters[1e-9] > iters[1e-2]

@@ -250,12 +250,19 @@ class AmortizedSolver:
         # a copy: the caller's module keeps its device, dtype and train/eval mode
         self.model = None if model is None else copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         self.space = output_space(algorithm)
-        if self.model is not None:
+        if self.model is not None:  # one probe now, rather than a tensor-size error deep inside a solve
             expected = self.space.dim(pp.n, pp.m)
-            width = getattr(getattr(self.model, "meta", None), "out_dim", expected)
-            if width != expected:
-                raise ValueError(f"the predictor outputs vectors of length {width}; {algorithm} on this problem "
-                                 f"needs length {expected} (n + m = {pp.n} + {pp.m})")
+            try:
+                with torch.no_grad():
+                    probe = self.model(torch.zeros(1, pp.num_params, dtype=dtype, device=self.device))
+            except RuntimeError as e:  # e.g. a core whose width does not match the output normalization
+                raise ValueError(f"the predictor fails on a parameter vector of length {pp.num_params}; {algorithm} "
+                                 f"on this problem needs vectors of length {expected} (n + m = {pp.n} + {pp.m}): "
+                                 f"{e}") from None
+            if tuple(probe.shape) != (1, expected):
+                raise ValueError(f"the predictor maps a parameter vector to shape {tuple(probe.shape[1:])}; "
+                                 f"{algorithm} on this problem needs vectors of length {expected} "
+                                 f"(n + m = {pp.n} + {pp.m})")
         self.enabled = True  # see calibrate()
         self.finish = finish
         self.check_termination = check_termination
