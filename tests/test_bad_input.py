@@ -445,3 +445,16 @@ def test_cli_negative_tolerance_is_parsed_and_refused_as_not_positive(capsys, fl
     from amortcvx.cli import _join_negative_values
 
     assert build_parser().parse_args(_join_negative_values(["run", "--seed", "-1", "--eps", "1e-3"])).seed == -1
+
+
+def test_parameter_values_whose_canonical_data_overflow_are_refused_naming_the_parameter():
+    a = cp.Parameter(3, name="a")
+    x = cp.Variable(3, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + (10 * a) @ x), [x >= -1, x <= 1])
+    for form in ("cone", "qp"):
+        pp = ParametricProblem(prob, form)
+        pp.canonicalize({"a": np.ones(3)})  # fine
+        with pytest.raises(ValueError, match="instance 1: .*overflow.*parameter 'a'"):
+            pp.canonicalize({"a": np.array([[1.0, 2.0, 3.0], [1e308, 0.0, 0.0]])})  # 10 a overflows
+    with pytest.raises(ValueError, match="parameter 'a' has no value"):
+        pp.canonicalize({"a": None})

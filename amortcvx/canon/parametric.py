@@ -266,6 +266,8 @@ class ParametricProblem:
         batch = None
         for name, shape, _, _ in self._layout:
             val = given[name]
+            if val is None:
+                raise ValueError(f"parameter {name!r} has no value (None)")
             if isinstance(val, torch.Tensor):
                 if val.is_complex():
                     raise ValueError(f"parameter {name!r} has complex values (dtype {val.dtype}); amortcvx "
@@ -311,9 +313,33 @@ class ParametricProblem:
         a = self._sparse(self._a_map, self._a_pattern, (self.m, self.n), theta)
         bvec = self._b_map(theta)
         p = None if self._p_map is None else self._sparse(self._p_map, self._p_pattern, (self.n, self.n), theta)
+        lin, rhs = ("c", "b") if self.form == "cone" else ("q", "u")
+        pieces = {(lin, self._c_map): vec, ("A", self._a_map): a.values, (rhs, self._b_map): bvec,
+                  ("offset", self._offset_map): offset[:, None]}
+        if p is not None:
+            pieces[("P", self._p_map)] = p.values
+        self._check_finite(theta, {key[0]: t for key, t in pieces.items() if not key[1].shared})
         if self.form == "cone":
             return ConeData(P=p, A=a, b=bvec, c=vec, cones=self.cones, offset=offset)
         return QPData(P=p, q=vec, A=a, l=self._l_map(theta), u=bvec, offset=offset)
+
+    def _check_finite(self, theta: torch.Tensor, pieces: dict[str, torch.Tensor]) -> None:
+        """Refuse finite parameter values whose canonical data overflow (e.g. ``p = 1e155`` in ``p**2``).
+
+        Names the instance, the canonical piece and the parameter of largest magnitude in that instance.
+        """
+        for piece, t in pieces.items():  # parameter-dependent pieces only: the constants do not change
+            with torch.no_grad():
+                bad = ~torch.isfinite(t.detach()).all(dim=1)
+                if not bool(bad.any()):
+                    continue
+                i = int(torch.nonzero(bad)[0, 0])
+                row = theta[i].detach().abs()
+                col = int(torch.argmax(row))
+            name = next(nm for nm, _, size, start in self._layout if start <= col < start + size)
+            raise ValueError(f"instance {i}: the canonical data ({piece}) are not finite although the parameter "
+                             f"values are: they overflow; the largest value is in parameter {name!r} "
+                             f"(|value| = {float(row[col]):.3g})")
 
     @staticmethod
     def _sparse(amap: AffineMap, pattern, shape, theta) -> SparseBatch:
