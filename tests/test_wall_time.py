@@ -254,3 +254,21 @@ def test_solve_cvxpy_uses_the_solvers_settings():
         solve_cvxpy(fam.problem, solver)
         iters[eps] = fam.problem.solver_stats.num_iters
     assert iters[1e-9] > iters[1e-2]
+
+
+@pytest.mark.parametrize("alg", ["scs", "osqp"])
+def test_persistent_solver_with_a_parameter_in_p(alg):
+    w = cp.Parameter(nonneg=True, name="w")
+    q = cp.Parameter(4, name="q")
+    x = cp.Variable(4, name="x")
+    prob = cp.Problem(cp.Minimize(w * cp.sum_squares(x) + q @ x), [cp.sum(x) == 1, x >= -2])
+    pp = ParametricProblem(prob, {"scs": "cone", "osqp": "qp"}[alg])
+    assert pp.dependent["P"]
+    rng = np.random.default_rng(0)
+    params = {"w": rng.uniform(0.5, 3.0, 6), "q": rng.normal(size=(6, 4))}
+    data = pp.canonicalize(params)
+    fresh = solve_batch(data.instances(), alg, settings=TOL, workers=1)
+    out = PersistentSolver(alg, data.instance(0), TOL).solve(data)
+    for r, f in zip(out, fresh):
+        assert r.status == Status.OPTIMAL
+        assert abs(r.objective - f.objective) <= 1e-3 * max(1.0, abs(f.objective))

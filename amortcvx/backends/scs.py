@@ -364,11 +364,6 @@ class Session:
         self.builds = 0
         self._build(self._ref)  # raises ValueError for bad settings now, not at the first solve
         self._clean = self._reuse
-        self._p_upper = None
-        if reference.P is not None:
-            full = sp.csc_matrix(reference.P)
-            cols = np.repeat(np.arange(full.shape[1]), np.diff(full.indptr))
-            self._p_upper = full.indices <= cols
 
     def _build(self, data: dict[str, Any]) -> None:
         try:
@@ -384,9 +379,7 @@ class Session:
             out["A"] = host(data.A.values)
             out["A_pattern"] = (data.A.indices.astype(self._int), data.A.indptr.astype(self._int))
         if data.P is not None and not data.P.shared:
-            vals = host(data.P.values)
-            out["P"] = vals
-            out["P_full"] = data.P
+            out["P"] = data.P  # converted per instance (upper triangle) in _matrices
         return out
 
     def _matrices(self, batch: dict[str, Any], i: int) -> dict[str, Any]:
@@ -395,7 +388,7 @@ class Session:
             idx, ptr = batch["A_pattern"]
             data["A"] = sp.csc_matrix((batch["A"][i], idx, ptr), shape=(self.m, self.n))
         if batch["P"] is not None:
-            data["P"] = csc_parts(batch["P_full"].matrix(i), self._int, upper=True)
+            data["P"] = csc_parts(batch["P"].matrix(i), self._int, upper=True)
         return data
 
     def solve_one(self, batch: dict[str, Any], i: int, warm: Mapping[str, np.ndarray] | None,
