@@ -272,3 +272,16 @@ def test_persistent_solver_with_a_parameter_in_p(alg):
     for r, f in zip(out, fresh):
         assert r.status == Status.OPTIMAL
         assert abs(r.objective - f.objective) <= 1e-3 * max(1.0, abs(f.objective))
+
+
+@pytest.mark.parametrize("alg", ["scs", "osqp"])
+def test_unbounded_instances_are_never_certified(alg):
+    p = cp.Parameter(2, name="p")
+    x = cp.Variable(2, name="x")
+    prob = cp.Problem(cp.Minimize(p @ x), [x >= -1, x[0] <= 3])  # unbounded when p[1] < 0
+    pp = ParametricProblem(prob, {"scs": "cone", "osqp": "qp"}[alg])
+    params = {"p": np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 2.0]])}
+    out = AmortizedSolver(pp, algorithm=alg, k=60, solver_settings=TOL).solve(params)
+    assert not out.certified[1]
+    assert out.results[1].status in (Status.UNBOUNDED, Status.UNBOUNDED_INACCURATE)
+    assert out.results[0].status == out.results[2].status == Status.OPTIMAL
