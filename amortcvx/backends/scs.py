@@ -210,17 +210,25 @@ def converged(instance: ConeInstance, x: np.ndarray, y: np.ndarray, s: np.ndarra
     A = sp.csc_matrix(instance.A)
     b = np.asarray(instance.b, dtype=np.float64)
     c = np.asarray(instance.c, dtype=np.float64)
-    ax = A @ x
     px = np.zeros_like(x) if instance.P is None else sp.csc_matrix(instance.P) @ x
-    aty = A.T @ y
-    xpx, ctx, bty = float(x @ px), float(c @ x), float(b @ y)
 
-    def inf(v: np.ndarray) -> float:
-        return float(np.max(np.abs(v))) if v.size else 0.0
+    def row(v: np.ndarray) -> np.ndarray:  # a batch of one for the shared test
+        return np.asarray(v, dtype=np.float64)[None, :]
 
-    return bool(inf(ax + s - b) < eps_abs + eps_rel * max(inf(b), inf(s), inf(ax))
-                and inf(px + aty + c) < eps_abs + eps_rel * max(inf(c), inf(px), inf(aty))
-                and abs(xpx + ctx + bty) < eps_abs + eps_rel * max(abs(xpx), abs(ctx), abs(bty)))
+    return bool(_optimality_test(row(A @ x), row(A.T @ y), row(px), row(b), row(c), row(x), row(y), row(s),
+                                 eps_abs, eps_rel)[0])
+
+
+def _optimality_test(ax: np.ndarray, aty: np.ndarray, px: np.ndarray, b: np.ndarray, c: np.ndarray, x: np.ndarray,
+                     y: np.ndarray, s: np.ndarray, eps_abs: float, eps_rel: float) -> np.ndarray:
+    """SCS 3.3.1's optimality test with ``tau = 1`` on ``(B, .)`` arrays (see :func:`certify`); bool ``(B,)``."""
+    xpx, ctx, bty = (x * px).sum(axis=1), (c * x).sum(axis=1), (b * y).sum(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        pri = inf_norm(ax + s - b) < eps_abs + eps_rel * np.maximum.reduce([inf_norm(b), inf_norm(s), inf_norm(ax)])
+        dual = inf_norm(px + aty + c) < eps_abs + eps_rel * np.maximum.reduce(
+            [inf_norm(c), inf_norm(px), inf_norm(aty)])
+        gap = np.abs(xpx + ctx + bty) < eps_abs + eps_rel * np.maximum.reduce([np.abs(xpx), np.abs(ctx), np.abs(bty)])
+    return pri & dual & gap
 
 
 def _solver_data(instance: ConeInstance, int_dtype: type) -> dict[str, Any]:
@@ -313,16 +321,8 @@ def certify(data: ConeData, x: np.ndarray, y: np.ndarray, s: np.ndarray, *, eps_
         bool ``(B,)``; False wherever a quantity is not finite.
     """
     A = host_matrix(data.A)
-    b, c = host(data.b), host(data.c)
-    ax, aty = A.matvec(x), A.rmatvec(y)
     px = host_matrix(data.P).matvec(x) if data.P is not None else np.zeros_like(x)
-    xpx, ctx, bty = (x * px).sum(axis=1), (c * x).sum(axis=1), (b * y).sum(axis=1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        pri = inf_norm(ax + s - b) < eps_abs + eps_rel * np.maximum.reduce([inf_norm(b), inf_norm(s), inf_norm(ax)])
-        dual = inf_norm(px + aty + c) < eps_abs + eps_rel * np.maximum.reduce(
-            [inf_norm(c), inf_norm(px), inf_norm(aty)])
-        gap = np.abs(xpx + ctx + bty) < eps_abs + eps_rel * np.maximum.reduce([np.abs(xpx), np.abs(ctx), np.abs(bty)])
-    return pri & dual & gap
+    return _optimality_test(A.matvec(x), A.rmatvec(y), px, host(data.b), host(data.c), x, y, s, eps_abs, eps_rel)
 
 
 class Session:
