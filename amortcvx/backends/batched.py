@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from amortcvx.canon.data import SparseBatch
+from amortcvx.canon.data import ConeData, QPData, SparseBatch
 
 
 def host(t: torch.Tensor) -> np.ndarray:
@@ -46,6 +46,19 @@ class HostMatrix:
     def rmatvec(self, y: np.ndarray) -> np.ndarray:
         """``M_i' y_i`` for ``y`` of shape ``(B, rows)``; returns ``(B, cols)``."""
         return (self._sum_cols @ (y[:, self.rows] * self.values).T).T
+
+
+def objectives(data: ConeData | QPData, x: np.ndarray) -> np.ndarray:
+    """``1/2 x_i'P_i x_i + c_i'x_i + offset_i`` for a batch (``q`` for QPs): the batched form of
+    :func:`amortcvx.backends.base.objective_value`.
+
+    Rows of ``x`` that are not finite give NaN.
+    """
+    lin = host(data.c if isinstance(data, ConeData) else data.q)
+    out = (lin * x).sum(axis=1) + host(data.offset)
+    if data.P is not None:
+        out = out + 0.5 * (x * host_matrix(data.P).matvec(x)).sum(axis=1)
+    return out
 
 
 def inf_norm(v: np.ndarray) -> np.ndarray:

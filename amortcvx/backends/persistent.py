@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from amortcvx.backends.base import RawSolve, SolveResult
-from amortcvx.backends.batched import host, host_matrix
+from amortcvx.backends.batched import objectives
 from amortcvx.backends.registry import get_backend
 from amortcvx.canon.data import ConeData, ConeInstance, QPData, QPInstance
 
@@ -104,11 +104,7 @@ class PersistentSolver:
 
     def _results(self, data: ConeData | QPData, raw: list[RawSolve]) -> list[SolveResult]:
         """SolveResults with objectives computed for the whole batch at once."""
-        x = np.stack([r.x for r in raw])
-        lin = host(data.c if isinstance(data, ConeData) else data.q)
-        objective = (lin * x).sum(axis=1) + host(data.offset)
-        if data.P is not None:
-            objective += 0.5 * (x * host_matrix(data.P).matvec(x)).sum(axis=1)  # NaN rows stay NaN
+        objective = objectives(data, np.stack([r.x for r in raw]))
         return [SolveResult(x=r.x, y=r.y, s=r.s, status=r.status, iterations=int(r.iterations),
                             setup_time=r.setup_time, solve_time=r.solve_time,
                             objective=float(obj) if r.status.has_solution else float("nan"), message=r.message,

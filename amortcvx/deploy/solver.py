@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
-from amortcvx.backends.batched import host_matrix
+from amortcvx.backends.batched import objectives
 from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
@@ -359,10 +359,13 @@ class AmortizedSolver:
             return self._package(alg, theta, data, cold_ws, fallback, cold_res, cold_res, t0)
         z0 = self.model(theta)
         state = run(alg, self.space.to_state(alg, z0), self.k, anderson=self.anderson).state
-        nxt = alg.step(state)  # for the residual; for a bare SCS prediction also its warm start (one step on)
+        # the step from the refined state gives the residual (without polishing) and, for a bare SCS
+        # prediction, also its warm start (the estimates one step on): taken once, only where used
+        bare_after_step = self.k == 0 and self.space.prediction_after_step
+        nxt = alg.step(state) if (not self.polish or bare_after_step) else None
         if self.k > 0:
             ws = self.space.warm_start(alg, state)
-        elif self.space.prediction_after_step:
+        elif bare_after_step:
             ws = self.space.warm_start(alg, nxt)
         else:
             ws = self.space.prediction_warm_start(alg, z0)
@@ -534,8 +537,7 @@ class AmortizedSolver:
         results: list[SolveResult | None] = [None] * size
         if pred.candidates is not None:
             info = get_backend(self.backend)
-            certified = pred.warm & info.certify(data, *pred.candidates.values(), eps_abs=self._eps[0],
-                                                 eps_rel=self._eps[1])
+            certified = pred.warm & info.certify(data, **pred.candidates, eps_abs=self._eps[0], eps_rel=self._eps[1])
             for i, r in zip(np.flatnonzero(certified), self._certified_results(data, pred.candidates, certified)):
                 results[i] = r
         rest = np.flatnonzero(~certified)
@@ -555,7 +557,7 @@ class AmortizedSolver:
                         retried[rest[j]] = True
             for i, r in zip(rest, solved):
                 results[i] = r
-        sign = getattr(self.pp, "objective_sign", 1.0)
+        sign = self.pp.objective_sign
         if sign != 1.0:  # CVXPY's sign: a maximization's canonical problem minimizes -f
             results = [r._replace(objective=sign * r.objective) for r in results]
         return AmortizedResult(results, pred.batch.fallback, retried, pred.batch.seconds, time.perf_counter() - t0,
@@ -593,12 +595,9 @@ class AmortizedSolver:
         idx = np.flatnonzero(mask)
         if idx.size == 0:
             return []
-        sub = data.take(idx)
+        sub = data if idx.size == data.batch_size else data.take(idx)
         x = point["x"][idx]
-        lin = (sub.c if isinstance(sub, ConeData) else sub.q).detach().to("cpu", torch.float64).numpy()
-        objective = (lin * x).sum(axis=1) + sub.offset.detach().to("cpu", torch.float64).numpy()
-        if sub.P is not None:
-            objective = objective + 0.5 * (x * host_matrix(sub.P).matvec(x)).sum(axis=1)
+        objective = objectives(sub, x)
         s = point.get("s")
         return [SolveResult(x=x[j], y=point["y"][i], s=None if s is None else s[i], status=Status.OPTIMAL,
                             iterations=0, setup_time=0.0, solve_time=0.0, objective=float(objective[j]),
