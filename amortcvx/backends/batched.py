@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from amortcvx.canon.data import ConeData, QPData, SparseBatch
+from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
 
 
 def host(t: torch.Tensor) -> np.ndarray:
@@ -66,23 +66,12 @@ def inf_norm(v: np.ndarray) -> np.ndarray:
     return np.abs(v).max(axis=1) if v.shape[1] else np.zeros(v.shape[0])
 
 
-_SHARED: dict[tuple[int, int], tuple[HostMatrix, torch.Tensor]] = {}
-_SHARED_LIMIT = 32
+_SHARED = SharedMemo()
 
 
 def host_matrix(mat: SparseBatch) -> HostMatrix:
-    """:class:`HostMatrix` of ``mat``, built once for a shared (parameter-independent) batch.
-
-    A compiled problem hands out the same constant value tensor on every call, so shared matrices are memoized
-    by the identity of that tensor (the memo holds a reference, so the identity cannot be reused); at most
-    ``_SHARED_LIMIT`` of them are kept. Per-instance matrices are converted on every call.
-    """
+    """:class:`HostMatrix` of ``mat``: built once for a shared (parameter-independent) batch
+    (:class:`~amortcvx.canon.data.SharedMemo`), on every call for per-instance matrices."""
     if not mat.shared:
         return HostMatrix(mat)
-    key = (mat.values.data_ptr(), id(mat.indices))
-    hit = _SHARED.get(key)
-    if hit is None or hit[0].shape != tuple(mat.shape):
-        if len(_SHARED) >= _SHARED_LIMIT:
-            _SHARED.pop(next(iter(_SHARED)))
-        hit = _SHARED[key] = (HostMatrix(mat), mat.values)
-    return hit[0]
+    return _SHARED.get(mat, "host", lambda: HostMatrix(mat))

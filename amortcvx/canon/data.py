@@ -23,8 +23,9 @@ picklable, so they can be shipped to worker processes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -123,6 +124,30 @@ class SparseBatch:
         """The instances at ``index`` (a shared batch stays shared)."""
         values = self.values[:1].expand(int(index.shape[0]), -1) if self.shared else self.values[index]
         return SparseBatch(self.indices, self.indptr, self.shape, values, self.shared)
+
+
+class SharedMemo:
+    """Objects derived from shared (parameter-independent) :class:`SparseBatch` es, built once each.
+
+    A compiled problem hands out the same constant value tensor on every call for a given device and dtype, so
+    an object derived from a shared batch (a host copy, a sparse operator, ...) is memoized by the identity of
+    its value tensor and pattern; the memo holds references to both, so those identities cannot be reused by
+    other arrays. At most ``limit`` entries are kept (the oldest goes first).
+    """
+
+    def __init__(self, limit: int = 32):
+        self.limit = limit
+        self._store: dict[tuple, tuple[Any, torch.Tensor, np.ndarray]] = {}
+
+    def get(self, mat: SparseBatch, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The object memoized for ``mat`` (shared) and ``key``, ``build()`` on a miss."""
+        ident = (mat.values.data_ptr(), id(mat.indices), tuple(mat.shape), key)
+        hit = self._store.get(ident)
+        if hit is None:
+            if len(self._store) >= self.limit:
+                self._store.pop(next(iter(self._store)))
+            hit = self._store[ident] = (build(), mat.values, mat.indices)
+        return hit[0]
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

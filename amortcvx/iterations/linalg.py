@@ -41,7 +41,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
-from amortcvx.canon.data import SparseBatch
+from amortcvx.canon.data import SharedMemo, SparseBatch
 
 METHODS = ("auto", "kkt", "inverse", "cholesky", "sparse")
 KKT_LIMIT = 3000
@@ -154,26 +154,15 @@ class SparseOperator:
         return torch.sparse.mm(self.sum_cols, prod).mT
 
 
-_SHARED_OPERATORS: dict[tuple, tuple[SparseOperator, torch.Tensor]] = {}
-_SHARED_OPERATOR_LIMIT = 32
+_SHARED_OPERATORS = SharedMemo()
 
 
 def sparse_operator(mat: SparseBatch, dtype: torch.dtype) -> SparseOperator:
-    """:class:`SparseOperator` of ``mat``, built once for a shared, constant batch.
-
-    A compiled problem hands out the same constant value tensor on every call, so shared matrices without a
-    gradient are memoized by the identity of that tensor (the memo holds a reference, so the identity cannot be
-    reused; at most ``_SHARED_OPERATOR_LIMIT`` are kept). Others are built on every call.
-    """
+    """:class:`SparseOperator` of ``mat``: built once for a shared batch without a gradient
+    (:class:`~amortcvx.canon.data.SharedMemo`), on every call otherwise."""
     if not mat.shared or mat.values.requires_grad:
         return SparseOperator(mat, dtype)
-    key = (mat.values.data_ptr(), id(mat.indices), dtype, str(mat.values.device))
-    hit = _SHARED_OPERATORS.get(key)
-    if hit is None:
-        if len(_SHARED_OPERATORS) >= _SHARED_OPERATOR_LIMIT:
-            _SHARED_OPERATORS.pop(next(iter(_SHARED_OPERATORS)))
-        hit = _SHARED_OPERATORS[key] = (SparseOperator(mat, dtype), mat.values)
-    return hit[0]
+    return _SHARED_OPERATORS.get(mat, (dtype, str(mat.values.device)), lambda: SparseOperator(mat, dtype))
 
 
 def spmv(mat: SparseBatch, x: torch.Tensor) -> torch.Tensor:
