@@ -274,7 +274,7 @@ class ParametricProblem:
                                      "supports real parameters only")
                 t = val.to(device=device, dtype=dtype)
             else:
-                t = torch.tensor(_real_array(val, name), dtype=dtype, device=device)  # a copy: inputs may be read-only
+                t = torch.tensor(real_array(val, name), dtype=dtype, device=device)  # a copy: inputs may be read-only
             shape = tuple(shape)
             if tuple(t.shape) == shape:
                 t = t.unsqueeze(0)
@@ -437,7 +437,7 @@ def _check_dcp(problem: cp.Problem) -> None:
         + " (see https://www.cvxpy.org/tutorial/dcp/)")
 
 
-def _real_array(val: Any, name: str) -> np.ndarray:
+def real_array(val: Any, name: str) -> np.ndarray:
     """``val`` as a float64 array; complex or non-numeric values are a ValueError naming the parameter."""
     try:
         arr = np.asarray(val)

@@ -25,6 +25,7 @@ import numpy as np
 
 from amortcvx.backends import BACKENDS, solve_batch
 from amortcvx.canon import ParametricProblem
+from amortcvx.canon.parametric import real_array
 from amortcvx.datasets import storage
 from amortcvx.datasets.dataset import Dataset, dataset_dirname
 from amortcvx.datasets.storage import DatasetError
@@ -112,14 +113,7 @@ def _validate_params(pp: ParametricProblem, params: Mapping[str, Any]) -> tuple[
         value = params[name]
         if hasattr(value, "detach"):  # torch tensor
             value = value.detach().cpu().numpy()
-        raw = np.asarray(value)
-        if np.iscomplexobj(raw):
-            raise ValueError(f"parameter {name!r} has complex values (dtype {raw.dtype}); amortcvx supports real "
-                             "parameters only")
-        try:
-            arr = np.array(raw, dtype=np.float64, copy=True)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"parameter {name!r} must hold real numbers; got dtype {raw.dtype} ({exc})") from None
+        arr = np.array(real_array(value, name), copy=True)  # complex or non-numeric values: a clear error
         if arr.ndim != len(shape) + 1 or tuple(arr.shape[1:]) != tuple(shape):
             raise ValueError(f"parameter {name!r} must have shape (N, *{tuple(shape)}) with a leading batch "
                              f"dimension; got {arr.shape}")
