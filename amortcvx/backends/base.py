@@ -215,6 +215,12 @@ def _symmetric_P(P: Any, n: int) -> None:
         raise ValueError(f"P must be the full symmetric matrix: max |P - P'| = {gap:.3e}")
 
 
+def upper_mask(indices: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """bool ``(nnz,)``: which stored entries of a CSC pattern lie on or above the diagonal (row <= column)."""
+    cols = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    return np.asarray(indices) <= cols
+
+
 def csc_parts(M: Any, int_dtype: type, upper: bool = False) -> sp.csc_matrix:
     """``M`` as a float64 ``csc_matrix`` with sorted ``int_dtype`` indices (its upper triangle if ``upper``).
 
@@ -228,9 +234,9 @@ def csc_parts(M: Any, int_dtype: type, upper: bool = False) -> sp.csc_matrix:
     data = np.asarray(M.data, dtype=np.float64)
     indices, indptr = M.indices, M.indptr
     if upper:
-        cols = np.repeat(np.arange(M.shape[1]), np.diff(indptr))
-        keep = indices <= cols
+        keep = upper_mask(indices, indptr)
         if not keep.all():
+            cols = np.repeat(np.arange(M.shape[1]), np.diff(indptr))
             counts = np.bincount(cols[keep], minlength=M.shape[1])
             indptr = np.concatenate([[0], np.cumsum(counts)])
             indices, data = indices[keep], data[keep]

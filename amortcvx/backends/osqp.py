@@ -38,6 +38,7 @@ from amortcvx.backends.base import (
     failed_result,
     merge_settings,
     objective_value,
+    upper_mask,
     warm_vector,
 )
 from amortcvx.backends.batched import host, host_matrix, inf_norm
@@ -245,8 +246,7 @@ class Session:
         self._p_upper = None
         if reference.P is not None:
             full = sp.csc_matrix(reference.P)
-            cols = np.repeat(np.arange(full.shape[1]), np.diff(full.indptr))
-            self._p_upper = full.indices <= cols
+            self._p_upper = upper_mask(full.indices, full.indptr)
         self._zeros = (np.zeros(self.n), np.zeros(self.m))
 
     def prepare(self, data: QPData) -> dict[str, Any]:

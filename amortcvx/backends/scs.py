@@ -231,7 +231,8 @@ def _optimality_test(ax: np.ndarray, aty: np.ndarray, px: np.ndarray, b: np.ndar
     return pri & dual & gap
 
 
-def _solver_data(instance: ConeInstance, int_dtype: type) -> dict[str, Any]:
+def solver_data(instance: ConeInstance, int_dtype: type) -> dict[str, Any]:
+    """The data dict ``scs.SCS`` takes (``A``, ``b``, ``c``[, upper-triangular ``P``]) for one instance."""
     data = {"A": csc_parts(instance.A, int_dtype), "b": np.ascontiguousarray(instance.b, dtype=np.float64),
             "c": np.ascontiguousarray(instance.c, dtype=np.float64)}
     if instance.P is not None:
@@ -253,7 +254,7 @@ def run(instance: ConeInstance, warm_start: WarmStart | None, settings: Mapping[
         opts.pop("linear_solver", None)
     n, m = int(np.shape(instance.c)[0]), instance.cones.size
     int_dtype = np.int64 if getattr(scs, "__sizeof_int__", 8) == 8 else np.int32
-    data = _solver_data(instance, int_dtype)
+    data = solver_data(instance, int_dtype)
     log_path = None
     if exact_iterations:  # a file, not a directory: rmdir costs ~3 ms on some file systems
         fd, log_path = tempfile.mkstemp(prefix="amortcvx_scs_", suffix=".csv")
@@ -354,7 +355,7 @@ class Session:
         self.opts = opts
         self.n, self.m = int(np.shape(reference.c)[0]), reference.cones.size
         self._int = np.int64 if getattr(scs, "__sizeof_int__", 8) == 8 else np.int32
-        self._ref = _solver_data(reference, self._int)
+        self._ref = solver_data(reference, self._int)
         self._cone = reference.cones.to_scs()
         self._reuse = not bool(opts.get("adaptive_scale", True))
         # no adaptive scale and no Anderson memory: nothing a solve leaves behind is read by the next one

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from amortcvx.backends import WarmStart
+from amortcvx.backends import WarmStart, get_backend
+from amortcvx.backends.base import csc_parts, upper_mask
+from amortcvx.backends.scs import solver_data as scs_solver_data
 
 
 def _matrix(a, name: str, rows: int | None = None) -> np.ndarray:
@@ -201,24 +203,16 @@ class PersistentColdLoop:
     """
 
     def __init__(self, pp, backend: str, settings: Mapping[str, Any] | None = None):
-        from amortcvx.backends import get_backend
-
         self.pp, self.backend = pp, backend
         info = get_backend(backend)
         self.settings = {**info.default_settings, **(settings or {})}
         self._solver = None
 
     def _setup(self, inst) -> None:
-        from amortcvx.backends.base import csc_parts
-
         if self.backend == "scs":
             import scs
 
-            data = {"A": csc_parts(inst.A, np.int64), "b": np.ascontiguousarray(inst.b),
-                    "c": np.ascontiguousarray(inst.c)}
-            if inst.P is not None:
-                data["P"] = csc_parts(inst.P, np.int64, upper=True)
-            self._solver = scs.SCS(data, inst.cones.to_scs(), **self.settings)
+            self._solver = scs.SCS(scs_solver_data(inst, np.int64), inst.cones.to_scs(), **self.settings)
         else:
             import osqp
 
@@ -246,8 +240,7 @@ class PersistentColdLoop:
         a_vals = None if data.A.shared else data.A.values.numpy()
         p_vals = None
         if data.P is not None and not data.P.shared:
-            cols = np.repeat(np.arange(data.P.shape[1]), np.diff(data.P.indptr))
-            p_vals = data.P.values.numpy()[:, data.P.indices <= cols]
+            p_vals = data.P.values.numpy()[:, upper_mask(data.P.indices, data.P.indptr)]
         for i in range(data.batch_size):
             if self._solver is None:
                 self._setup(data.instance(i))
