@@ -1,0 +1,407 @@
+"""``CvxpyLayer``: a parametric convex problem as a warm-started, differentiable torch module.
+
+Forward, for a batch of parameters ``theta``::
+
+    theta --canonicalize--> data --warm start (cold | previous call | learned predictor)-->
+        [torch iterations to tolerance, batched on the device --> Newton refinement --> certified?]
+        --> the rest: C solver (SCS / OSQP) on a persistent object, warm-started --> Newton refinement
+        --> canonical (x, y, s) --> CVXPY variables (batched affine map, differentiable)
+
+Backward: implicit differentiation of the normal-map optimality conditions at the refined point (see
+:mod:`amortcvx.layers.kkt`), or, optionally, through ``k`` unrolled torch iterations started at the solution.
+Every returned answer passed the solver's own termination test at the requested tolerance: either the C solver
+stopped on it, or its float64 re-implementation (``certify``) accepted the point. Newton refinement only
+replaces a point by one that also passes that test.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import cvxpy as cp
+import numpy as np
+import torch
+from torch import nn
+
+from amortcvx.backends import PersistentSolver, Status
+from amortcvx.backends import osqp as osqp_backend
+from amortcvx.backends import scs as scs_backend
+from amortcvx.canon.data import ConeData
+from amortcvx.canon.parametric import ParametricProblem
+from amortcvx.iterations.linalg import FactorCache
+from amortcvx.iterations.loop import run_to_tolerance, unroll
+from amortcvx.iterations.registry import make_algorithm
+from amortcvx.layers.kkt import Data, ImplicitSolution, Point, dense, dual_of, newton_refine, slack_of
+from amortcvx.layers.recover import AffineOutput, dual_maps, variable_maps
+from amortcvx.predictors.fixed_point import output_space
+
+SOLVERS = {"scs": "cone", "osqp": "qp"}
+"""Solver (C backend and torch iteration) -> the canonical form it takes."""
+METHODS = ("auto", "c", "torch")
+WARM_STARTS = ("cold", "previous", "learned")
+GRADIENTS = ("implicit", "unrolled")
+FAILURES = ("nan", "raise")
+LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps")
+"""Keys of ``solver_args`` the layer reads itself; every other key is a setting of the C solver."""
+
+
+class SolverFailure(RuntimeError):
+    """Raised (``on_failure="raise"``) when an instance has no solution (infeasible, unbounded, solver error)."""
+
+
+class Solution(NamedTuple):
+    """A solved batch in the normal-map variables.
+
+    Attributes:
+        x: (B, n) float64 canonical primal (zeros where failed).
+        w: (B, m) float64 combined dual-slack variable (see :mod:`amortcvx.layers.kkt`).
+        failed: (B,) bool: no solution (NaN outputs).
+        status: per instance, the final :class:`~amortcvx.backends.Status`.
+        certified: (B,) bool: answered by the certified test without a C solve.
+    """
+
+    x: torch.Tensor
+    w: torch.Tensor
+    failed: torch.Tensor
+    status: list[Status]
+    certified: torch.Tensor
+
+
+def _point_from_solver(form: str, data: Data, x: torch.Tensor, y: torch.Tensor,
+                       s: torch.Tensor | None) -> Point:
+    """The normal-map point of a solver's answer: ``w = y - s`` (cone), ``w = clip(Ax, l, u) + y`` (QP)."""
+    if form == "cone":
+        return Point(x, y - s)
+    from amortcvx.iterations.linalg import spmv
+
+    z = torch.minimum(torch.maximum(spmv(data.A, x), data.l), data.u)
+    return Point(x, z + y)
+
+
+def _certify(form: str, data: Data, d, pt: Point, eps: float) -> np.ndarray:
+    """The solver's own optimality test at ``pt`` (float64, host), per instance."""
+    y = dual_of(d, pt.w)
+    other = slack_of(d, pt.w, y)
+    arr = [np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy()) for t in (pt.x, y, other)]
+    if form == "cone":
+        return scs_backend.certify(data, arr[0], arr[1], arr[2], eps_abs=eps, eps_rel=eps)
+    return osqp_backend.certify(data, arr[0], arr[2], arr[1], eps_abs=eps, eps_rel=eps)
+
+
+class CvxpyLayer(nn.Module):
+    """A DPP CVXPY problem as a torch layer (the calling convention of ``cvxpylayers.torch.CvxpyLayer``).
+
+    ``layer(*values)`` takes one tensor per parameter, in the order of ``parameters``, each of the
+    parameter's shape (broadcast to the batch) or with a leading batch dimension, and returns a tuple with one
+    tensor per variable in ``variables`` (batch dimension first; none if every input was unbatched), followed,
+    with ``return_duals=True``, by one tensor per constraint of ``problem.constraints`` (its dual value).
+
+    Args:
+        problem: a DPP ``cp.Problem``; every parameter must have a unique name.
+        parameters: the problem's parameters, in the order the values will be passed (all of them).
+        variables: the variables to return (each a variable of the problem).
+        solver: ``"osqp"`` (LPs / QPs) or ``"scs"`` (any cone program); default: OSQP when the problem is a
+            QP, else SCS.
+        method: ``"c"`` (persistent C solver objects, on the host), ``"torch"`` (batched torch iterations on
+            the parameters' device until certified; the rest by the C solver), or ``"auto"`` (torch on CUDA,
+            C otherwise).
+        predictor: a :class:`~amortcvx.predictors.WarmStartPredictor` trained for this problem and solver.
+        warm_start: ``"cold"``, ``"previous"`` (the last call's solution, when the batch size matches; for
+            training loops whose parameters move slowly) or ``"learned"`` (needs ``predictor``).
+        eps: absolute and relative tolerance of the solver's termination test (``eps_abs = eps_rel``).
+        gradients: ``"implicit"`` (default; implicit differentiation at the refined solution) or
+            ``"unrolled"`` (through ``unroll_steps`` torch iterations started at the solution).
+        unroll_steps: steps for ``gradients="unrolled"``.
+        return_duals: also return the constraints' dual values (differentiable).
+        on_failure: ``"nan"`` (NaN outputs and gradients for an instance without a solution, with a warning
+            naming it) or ``"raise"`` (:class:`SolverFailure`).
+        refine_steps: Newton steps on the optimality conditions after the solve (0: none); they make the
+            gradients accurate beyond ``eps``.
+        max_torch_steps: limit of the torch iterations (``method="torch"``).
+        solver_args: default per-call arguments (see :meth:`forward`).
+
+    Raises:
+        TypeError / ValueError: naming the problem, parameter or variable at fault.
+    """
+
+    def __init__(self, problem: cp.Problem, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable],
+                 *, solver: str | None = None, method: str = "auto", predictor: nn.Module | None = None,
+                 warm_start: str = "cold", eps: float = 1e-6, gradients: str = "implicit",
+                 unroll_steps: int = 50, return_duals: bool = False, on_failure: str = "nan",
+                 refine_steps: int = 4, max_torch_steps: int = 5000,
+                 solver_args: Mapping[str, Any] | None = None):
+        super().__init__()
+        if not isinstance(problem, cp.Problem):
+            raise TypeError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}")
+        _check_choice("method", method, METHODS)
+        _check_choice("gradients", gradients, GRADIENTS)
+        _check_choice("on_failure", on_failure, FAILURES)
+        _check_choice("warm_start", warm_start, WARM_STARTS)
+        if not eps > 0:
+            raise ValueError(f"eps must be positive; got {eps!r}")
+        self.parameters_order = _check_parameters(problem, parameters)
+        self.variables = _check_variables(problem, variables)
+        if solver is None:
+            try:
+                pp = ParametricProblem(problem, "qp")
+                solver = "osqp"
+            except ValueError as exc:
+                if "not a QP" not in str(exc):
+                    raise
+                solver = "scs"
+                pp = ParametricProblem(problem, "cone")
+        else:
+            _check_choice("solver", solver, tuple(SOLVERS))
+            pp = ParametricProblem(problem, SOLVERS[solver])
+        self.pp = pp
+        self.solver = solver
+        self.form = SOLVERS[solver]
+        if predictor is not None:
+            meta = getattr(predictor, "meta", None)
+            if meta is None or meta.fingerprint != pp.fingerprint or meta.algorithm != solver:
+                raise ValueError(
+                    f"the predictor was trained for problem {getattr(meta, 'fingerprint', None)} with "
+                    f"{getattr(meta, 'algorithm', None)!r}; this layer is problem {pp.fingerprint} with {solver!r}")
+        if warm_start == "learned" and predictor is None:
+            raise ValueError("warm_start='learned' needs a predictor")
+        self.predictor = predictor
+        self.method, self.warm_start, self.eps = method, warm_start, float(eps)
+        self.gradients, self.unroll_steps, self.return_duals = gradients, int(unroll_steps), bool(return_duals)
+        self.on_failure, self.refine_steps, self.max_torch_steps = on_failure, int(refine_steps), int(max_torch_steps)
+        self.solver_args = dict(solver_args or {})
+        self._var_maps: list[AffineOutput] = variable_maps(pp, self.variables)
+        self._dual_maps: list[AffineOutput] | None = dual_maps(pp) if return_duals else None
+        self._solvers: dict[tuple, PersistentSolver] = {}
+        self._cache = FactorCache()
+        self._previous: dict[str, torch.Tensor] | None = None
+        self.last_solution: Solution | None = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *values: Any, solver_args: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, ...]:
+        """Solve the batch; see the class docstring.
+
+        Args:
+            values: one value per parameter, in the layer's order.
+            solver_args: per-call settings laid over the layer's: ``eps``, ``method``, ``warm_start``,
+                ``max_torch_steps``, and any setting of the C solver (e.g. ``max_iters`` / ``max_iter``).
+        """
+        args = {**self.solver_args, **dict(solver_args or {})}
+        eps = float(args.pop("eps", self.eps))
+        method = args.pop("method", self.method)
+        warm_mode = args.pop("warm_start", self.warm_start)
+        max_steps = int(args.pop("max_torch_steps", self.max_torch_steps))
+        _check_choice("method", method, METHODS)
+        _check_choice("warm_start", warm_mode, WARM_STARTS)
+        theta, batched, out_dtype = self._theta(values)
+        data = self.pp.canonicalize_vector(theta.detach())
+        if method == "auto":
+            method = "torch" if theta.device.type == "cuda" else "c"
+        sol = self._solve(data, theta.detach(), eps, method, warm_mode, max_steps, args)
+        self.last_solution = sol
+        self._report(sol)
+        if self.gradients == "implicit":
+            x, y, _ = ImplicitSolution.apply(theta, sol.x, sol.w, self.pp.canonicalize_vector, sol.failed)
+        else:
+            x, y = self._unrolled(theta, sol)
+        self._previous = self._warm_dict(data, sol)
+        outs = [m.apply(x) for m in self._var_maps]
+        if self._dual_maps is not None:
+            outs += [m.apply(y) for m in self._dual_maps]
+        outs = [o.to(out_dtype) for o in outs]
+        if not batched:
+            outs = [o.squeeze(0) for o in outs]
+        return tuple(outs)
+
+    def _theta(self, values: Sequence[Any]) -> tuple[torch.Tensor, bool, torch.dtype]:
+        order = self.parameters_order
+        if len(values) != len(order):
+            raise ValueError(f"the layer takes {len(order)} parameter value(s), in the order "
+                             f"{[p.name() for p in order]}; got {len(values)}")
+        ref = next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+        out_dtype = ref.dtype if ref is not None else torch.float64
+        device = ref.device if ref is not None else torch.device("cpu")
+        batched = False
+        given = {}
+        for p, v in zip(order, values):
+            ndim = np.ndim(v) if not isinstance(v, torch.Tensor) else v.ndim
+            if ndim == len(p.shape) + 1:
+                batched = True
+            elif ndim != len(p.shape):
+                raise ValueError(f"parameter {p.name()!r} expects shape {tuple(p.shape)} or (batch, *{tuple(p.shape)});"
+                                 f" got {tuple(np.shape(v)) if not isinstance(v, torch.Tensor) else tuple(v.shape)}")
+            given[p.name()] = v
+        theta = self.pp.parameter_vector(given, dtype=torch.float64, device=device)
+        return theta, batched, out_dtype
+
+    # ------------------------------------------------------------------ solving
+    def _solve(self, data: Data, theta: torch.Tensor, eps: float, method: str, warm_mode: str, max_steps: int,
+               c_args: Mapping[str, Any]) -> Solution:
+        B = data.batch_size
+        device = theta.device
+        d = dense(data)
+        warm = self._warm(data, theta, warm_mode)
+        x = torch.zeros(B, data.n, dtype=torch.float64, device=device)
+        w = torch.zeros(B, data.m, dtype=torch.float64, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        certified = torch.zeros(B, dtype=torch.bool, device=device)
+        status = [Status.SOLVER_ERROR] * B
+        if method == "torch":
+            alg = make_algorithm(self.solver, data, cache=self._cache)
+            state = alg.init(**warm) if warm is not None else alg.init()
+            res = run_to_tolerance(alg, state, tol=eps, max_steps=max_steps)
+            ws = output_space(self.solver).warm_start(alg, res.state)
+            pt = _point_from_solver(self.form, data, ws["x"], ws["y"], ws.get("s"))
+            pt, _ = newton_refine(d, pt, steps=self.refine_steps) if self.refine_steps else (pt, None)
+            ok = torch.as_tensor(_certify(self.form, data, d, pt, eps), device=device)
+            x, w = torch.where(ok[:, None], pt.x, x), torch.where(ok[:, None], pt.w, w)
+            done, certified = ok.clone(), ok.clone()
+            status = [Status.OPTIMAL if bool(o) else s for o, s in zip(ok.tolist(), status)]
+            warm = ws
+        todo = torch.nonzero(~done).flatten()
+        if todo.numel():
+            sub = data.take(todo.cpu().numpy())
+            starts = None if warm is None else {k: v[todo] for k, v in warm.items()}
+            xs, ys, ss, st = self._c_solve(sub, starts, eps, c_args)
+            has = torch.tensor([s.has_solution for s in st], dtype=torch.bool, device=device)
+            pt = _point_from_solver(self.form, sub, xs, ys, ss)
+            pt = Point(torch.nan_to_num(pt.x), torch.nan_to_num(pt.w))
+            final = pt
+            if self.refine_steps:
+                d_sub = dense(sub)
+                ref, _ = newton_refine(d_sub, pt, steps=self.refine_steps)
+                ok = torch.as_tensor(_certify(self.form, sub, d_sub, ref, eps), device=device)
+                final = Point(torch.where(ok[:, None], ref.x, pt.x), torch.where(ok[:, None], ref.w, pt.w))
+                good = has & (ok | torch.tensor([s == Status.OPTIMAL for s in st], device=device))
+            else:
+                good = torch.tensor([s == Status.OPTIMAL for s in st], dtype=torch.bool, device=device) | (
+                    has & torch.as_tensor(_certify(self.form, sub, dense(sub), pt, eps), device=device))
+            x[todo], w[todo], done[todo] = final.x, final.w, good
+            for j, i in enumerate(todo.tolist()):
+                status[i] = st[j] if not (bool(good[j]) and st[j] == Status.OPTIMAL_INACCURATE) else Status.OPTIMAL
+        failed = ~done
+        x = torch.where(failed[:, None], torch.zeros_like(x), x)
+        w = torch.where(failed[:, None], torch.zeros_like(w), w)
+        return Solution(x, w, failed, status, certified)
+
+    def _c_solve(self, data: Data, warm: Mapping[str, torch.Tensor] | None, eps: float,
+                 c_args: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[Status]]:
+        """Solve on a persistent C object (warm where given; failed warm starts retried cold)."""
+        settings = {"eps_abs": eps, "eps_rel": eps, **c_args}
+        key = tuple(sorted((k, repr(v)) for k, v in settings.items()))
+        solver = self._solvers.get(key)
+        if solver is None:
+            solver = self._solvers[key] = PersistentSolver(self.solver, data.instance(0), settings)
+        starts = None if warm is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in warm.items()}
+        results = solver.solve(data, starts)
+        if starts is not None:
+            retry = [i for i, r in enumerate(results) if r.status != Status.OPTIMAL]
+            if retry:
+                again = solver.solve(data.take(np.asarray(retry)))
+                for i, r in zip(retry, again):
+                    results[i] = r
+        device = data.b.device if isinstance(data, ConeData) else data.q.device
+
+        def stack(field: str) -> torch.Tensor:
+            return torch.as_tensor(np.stack([getattr(r, field) for r in results]), dtype=torch.float64, device=device)
+
+        s = stack("s") if self.form == "cone" else None
+        return stack("x"), stack("y"), s, [r.status for r in results]
+
+    def _warm(self, data: Data, theta: torch.Tensor, mode: str) -> dict[str, torch.Tensor] | None:
+        """Warm-start fields (``x``, ``y``[, ``s``]) for the batch, or None for cold starts."""
+        B = data.batch_size
+        if mode == "previous":
+            prev = self._previous
+            if prev is None or prev["x"].shape[0] not in (1, B) or prev["x"].device != theta.device:
+                return None
+            return {k: v.expand(B, -1) for k, v in prev.items()}
+        if mode == "learned":
+            if self.predictor is None:
+                raise ValueError("warm_start='learned' needs a predictor")
+            with torch.no_grad():
+                alg = make_algorithm(self.solver, data, cache=self._cache)
+                z = self.predictor(theta.to(next(self.predictor.parameters()).dtype))
+                ws = output_space(self.solver).prediction_warm_start(alg, z.to(torch.float64))
+            ok = torch.stack([torch.isfinite(v).all(dim=1) for v in ws.values()]).all(dim=0)
+            return {k: torch.where(ok[:, None], v, torch.zeros_like(v)) for k, v in ws.items()}
+        return None
+
+    def _warm_dict(self, data: Data, sol: Solution) -> dict[str, torch.Tensor]:
+        """The solution as warm-start fields for the next call (failed instances start cold)."""
+        d = dense(data)
+        y = dual_of(d, sol.w)
+        other = slack_of(d, sol.w, y)
+        out = {"x": sol.x, "y": y} if self.form == "qp" else {"x": sol.x, "y": y, "s": other}
+        return {k: torch.where(sol.failed[:, None], torch.zeros_like(v), v).detach() for k, v in out.items()}
+
+    def _unrolled(self, theta: torch.Tensor, sol: Solution) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs equal to the solution, with the gradients of ``unroll_steps`` torch iterations from it."""
+        data = self.pp.canonicalize_vector(theta)
+        alg = make_algorithm(self.solver, data)
+        prev = self._warm_dict(self.pp.canonicalize_vector(theta.detach()), sol)
+        res = unroll(alg, alg.init(**prev), self.unroll_steps)
+        out = alg.solution(res.state)
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=theta.device)
+        x = torch.where(sol.failed[:, None], nan, prev["x"] + (out.x - out.x.detach()))
+        y = torch.where(sol.failed[:, None], nan, prev["y"] + (out.y - out.y.detach()))
+        return x, y
+
+    def _report(self, sol: Solution) -> None:
+        bad = torch.nonzero(sol.failed).flatten().tolist()
+        if not bad:
+            return
+        detail = ", ".join(f"{i} ({sol.status[i]})" for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        msg = f"{len(bad)} instance(s) of the batch have no solution: {detail}"
+        if self.on_failure == "raise":
+            raise SolverFailure(msg)
+        warnings.warn(msg + "; their outputs and gradients are NaN", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ convenience
+    @classmethod
+    def from_solver(cls, solver: Any, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable],
+                    **options: Any) -> CvxpyLayer:
+        """A layer for an :class:`~amortcvx.deploy.AmortizedSolver`'s problem, warm-started by its predictor."""
+        pp = solver.pp
+        model = getattr(solver, "model", None)
+        opts = {"solver": solver.algorithm, "predictor": model,
+                "warm_start": "learned" if model is not None else "cold", **options}
+        return cls(pp.problem, parameters, variables, **opts)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+
+
+def _check_parameters(problem: cp.Problem, parameters: Sequence[cp.Parameter]) -> list[cp.Parameter]:
+    params = list(parameters)
+    for p in params:
+        if not isinstance(p, cp.Parameter):
+            raise TypeError(f"parameters must be cp.Parameter objects; got {type(p).__name__}")
+    ids = [p.id for p in params]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"a parameter is listed twice: {[p.name() for p in params]}")
+    have = {p.id: p for p in problem.parameters()}
+    extra = [p.name() for p in params if p.id not in have]
+    if extra:
+        raise ValueError(f"parameter(s) {extra} are not parameters of the problem")
+    missing = [p.name() for pid, p in have.items() if pid not in set(ids)]
+    if missing:
+        raise ValueError(f"every parameter of the problem must be listed; missing {missing}")
+    return params
+
+
+def _check_variables(problem: cp.Problem, variables: Sequence[cp.Variable]) -> list[cp.Variable]:
+    out = list(variables)
+    have = {v.id for v in problem.variables()}
+    for v in out:
+        if not isinstance(v, cp.Variable):
+            raise TypeError(f"variables must be cp.Variable objects; got {type(v).__name__}")
+        if v.id not in have:
+            raise ValueError(f"variable {v.name()!r} is not a variable of the problem")
+    return out
+
+
+__all__ = ["CvxpyLayer", "Solution", "SolverFailure"]
