@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def families_table() -> str:
     """One line per family: name, kind, sequential, description (of the small size)."""
-    import problems
+    from amortcvx import problems
     from amortcvx.evaluation import format_rows
 
     rows = []
@@ -213,7 +213,7 @@ def _check_run(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import problems
+    from amortcvx import problems
     from amortcvx.evaluation import ExperimentConfig, check_family_algorithm, run_experiment, torch_threads
     from amortcvx.training import LossWeights
 

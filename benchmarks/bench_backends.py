@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import get_backend, shutdown_workers, solve_batch
 from amortcvx.canon import ParametricProblem
 

@@ -18,7 +18,7 @@ import time
 import cvxpy as cp
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.canon import ParametricProblem
 
 SOLVER = {"cone": cp.SCS, "qp": cp.OSQP}

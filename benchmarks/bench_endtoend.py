@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import PersistentSolver, solve_batch
 from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon import ParametricProblem

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.canon import ParametricProblem
 from amortcvx.iterations import OsqpSettings, ScsSettings, make_osqp, make_scs, run
 

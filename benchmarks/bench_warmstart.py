@@ -30,7 +30,7 @@ import json
 import os
 import time
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import get_backend
 from amortcvx.datasets import DEFAULT_SETTINGS as DATASET_SETTINGS
 from amortcvx.deploy.solver import SAFEGUARD_REFERENCES

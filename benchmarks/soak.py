@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import PersistentSolver, get_backend, shutdown_workers, solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import BACKEND_FORMS

@@ -2,7 +2,7 @@
 
 Usage::
 
-    import problems
+    from amortcvx import problems
     fam = problems.make("portfolio", size="small", seed=0)
     theta = fam.sample(100, seed=1)          # {"mu": array (100, 30)}
     fam.assign(theta, 0); fam.problem.solve()
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from problems.base import KINDS, SIZES, Family
-from problems.kalman import kalman
-from problems.lasso import lasso
-from problems.mpc import MPCSystem, mpc, mpc_next_state, mpc_param_dyn, simulate_closed_loop
-from problems.portfolio import portfolio
-from problems.robust_ls import robust_ls
-from problems.sparse_pca import sparse_pca
-from problems.transport import transport
+from .base import KINDS, SIZES, Family
+from .kalman import kalman
+from .lasso import lasso
+from .mpc import MPCSystem, mpc, mpc_next_state, mpc_param_dyn, simulate_closed_loop
+from .portfolio import portfolio
+from .robust_ls import robust_ls
+from .sparse_pca import sparse_pca
+from .transport import transport
 
 FAMILIES: dict[str, Callable[..., Family]] = {
     "portfolio": portfolio,

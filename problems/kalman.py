@@ -18,7 +18,7 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from problems.base import Family, as_generator, check_size
+from .base import Family, as_generator, check_size
 
 # Horizon T (number of measurements). "large" is the horizon of the learned warm-start robust Kalman
 # experiment (T = 50).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from problems.base import Family, as_generator, check_size
+from .base import Family, as_generator, check_size
 
 # (measurements m, features n, nonzeros of the true code s). "large" matches the sparse-coding scale of the
 # learned warm-start experiments (an over-complete dictionary with n = 2 m).

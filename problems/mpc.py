@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from problems.base import Family, as_generator, check_size
+from .base import Family, as_generator, check_size
 
 # (masses M, horizon T, episode length of the sampler). Inputs nu = M / 2, states nx = 2 M.
 # "large" is the size of the MPC examples in the learned warm-start literature (a few tens of states,

@@ -15,7 +15,7 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
-from problems.base import Family, as_generator, check_size
+from .base import Family, as_generator, check_size
 
 # (assets n, factors k). "large" follows the scale of the learned warm-start portfolio experiments
 # (n = 3000 assets) with k = n / 100 factors as in the OSQP benchmark suite.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from problems.base import Family, as_generator, check_size
+from .base import Family, as_generator, check_size
 
 # (rows m, unknowns n).
 SIZES: dict[str, tuple[int, int]] = {"small": (20, 10), "large": (200, 100)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from problems.base import Family, as_generator, check_size
+from .base import Family, as_generator, check_size
 
 # (matrix order k, support size of the spike s, number of data points behind each covariance N).
 # "large" is the order of the sparse PCA experiment of the learned warm-start literature (k = 40).

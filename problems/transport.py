@@ -15,7 +15,7 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 
-from problems.base import Family, as_generator, check_size
+from .base import Family, as_generator, check_size
 
 # (sources S, sinks D): S * D shipping variables.
 SIZES: dict[str, tuple[int, int]] = {"small": (4, 6), "large": (50, 100)}

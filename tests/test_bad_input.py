@@ -334,7 +334,7 @@ def test_damaged_predictor_files_are_one_clear_value_error(tmp_path):
 # ---------------------------------------------------------------------- resumable training
 @pytest.fixture(scope="module")
 def lasso_sets():
-    import problems
+    from amortcvx import problems
     from amortcvx.backends import solve_batch
     from amortcvx.training import SolvedSet
 

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.canon import ConeData, ParametricProblem, QPData
 
 FORMS_BY_KIND = {"qp": ("cone", "qp"), "lp": ("cone", "qp"), "socp": ("cone",), "sdp": ("cone",)}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import problems
+from amortcvx import problems
 from amortcvx.cli import DEFAULTS, build_parser, main
 
 

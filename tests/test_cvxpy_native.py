@@ -4,7 +4,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 
-import problems
+from amortcvx import problems
 from amortcvx.canon import ParametricProblem
 from amortcvx.deploy import AmortizedSolver, inject_warm_start, solve_cvxpy
 

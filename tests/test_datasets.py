@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import solve
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import WarmStart, solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.evaluation import (

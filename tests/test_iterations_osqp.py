@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.canon import ParametricProblem, QPData, SparseBatch
 from amortcvx.iterations import OsqpSettings, make_osqp, run, run_to_tolerance
 from amortcvx.iterations.convert import (

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import scs
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.canon import ConeData, ConeDims, ParametricProblem, SparseBatch
 from amortcvx.iterations import (
     ALGORITHMS,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import Status, WarmStart, solve_batch
 from amortcvx.canon import ParametricProblem, SparseBatch
 from amortcvx.datasets import DEFAULT_SETTINGS as DATASET_SETTINGS

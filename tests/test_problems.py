@@ -6,9 +6,9 @@ import cvxpy as cp
 import numpy as np
 import pytest
 
-import problems
-from problems import Family
-from problems.mpc import lqr_trajectories, mass_chain, mpc_next_state, simulate_closed_loop
+from amortcvx import problems
+from amortcvx.problems import Family
+from amortcvx.problems.mpc import lqr_trajectories, mass_chain, mpc_next_state, simulate_closed_loop
 
 NAMES = problems.names()
 

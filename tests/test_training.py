@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import Status, solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.deploy import AmortizedSolver

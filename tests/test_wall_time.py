@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import problems
+from amortcvx import problems
 from amortcvx.backends import PersistentSolver, Status, WarmStart, solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.canon.data import QPData

@@ -19,7 +19,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,8 +30,14 @@ from amortcvx.datasets import storage
 from amortcvx.datasets.dataset import Dataset, dataset_dirname
 from amortcvx.datasets.storage import DatasetError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from problems.base import Family
+
+class Family(Protocol):
+    """What :func:`generate_family_dataset` reads of a problem family (``amortcvx.problems.Family`` is one)."""
+
+    name: str
+    problem: Any
+
+    def sample(self, num: int, seed: int) -> dict[str, np.ndarray]: ...
 
 # Form of the canonical data each backend solves.
 BACKEND_FORMS: dict[str, str] = {name: info.form for name, info in BACKENDS.items()}
@@ -526,7 +532,7 @@ def generate_family_dataset(family: Family, num: int, seed: int, backend: str, r
     live side by side under one root.
 
     Args:
-        family: a ``problems.Family`` (``problems.make(...)``).
+        family: a :class:`Family`, e.g. ``amortcvx.problems.make(...)``.
         num: number of instances.
         seed: seed of the parameter draws.
         backend: ``"scs"`` or ``"osqp"``.

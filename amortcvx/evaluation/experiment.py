@@ -466,7 +466,7 @@ def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | Non
         ValueError: unknown family or size, an algorithm that cannot solve the family (OSQP on SOCP / SDP), or
             too few training instances solved to optimal.
     """
-    import problems
+    from amortcvx import problems
 
     emit = _log_fn(config, log)
     seconds: dict[str, float] = {}
