@@ -1,0 +1,342 @@
+"""CvxpyLayer: answers against CVXPY + Clarabel, gradients against finite differences and cvxpylayers."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+from amortcvx.layers import CvxpyLayer, SolverFailure
+
+TIGHT = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktratio": 1e-8}
+
+
+# ---------------------------------------------------------------------------------------------- problems
+def qp(n=6, m=10, seed=0):
+    """minimize 1/2 ||F x||^2 + q'x  s.t.  G x <= h (parameters q, h)."""
+    rng = np.random.default_rng(seed)
+    F, G = rng.normal(size=(n, n)), rng.normal(size=(m, n))
+    q, h, x = cp.Parameter(n, name="q"), cp.Parameter(m, name="h"), cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(F @ x) + q @ x), [G @ x <= h])
+
+    def sample(B, rng):
+        return [torch.tensor(rng.normal(size=(B, n))), torch.tensor(rng.uniform(0.2, 1.0, size=(B, m)))]
+    return prob, [q, h], [x], sample
+
+
+def lp_param_a(n=4, m=8, seed=1):
+    """minimize c'x  s.t.  A x <= 1, -1 <= x <= 1 (parameters c and A)."""
+    c, A, x = cp.Parameter(n, name="c"), cp.Parameter((m, n), name="A"), cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(c @ x), [A @ x <= 1, x >= -1, x <= 1])
+    A0 = np.random.default_rng(seed).normal(size=(m, n))
+
+    def sample(B, rng):
+        return [torch.tensor(rng.normal(size=(B, n))), torch.tensor(A0 + 0.1 * rng.normal(size=(B, m, n)))]
+    return prob, [c, A], [x], sample
+
+
+def qp_param_p(n=5, seed=2):
+    """minimize sum(d * x^2) + q'x  s.t.  sum(x) == 1, x >= 0 (parameters d >= 0 in P, and q)."""
+    d, q, x = cp.Parameter(n, name="d", nonneg=True), cp.Parameter(n, name="q"), cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.multiply(d, cp.square(x))) + q @ x), [cp.sum(x) == 1, x >= 0])
+
+    def sample(B, rng):
+        return [torch.tensor(rng.uniform(0.5, 2.0, size=(B, n))), torch.tensor(0.3 * rng.normal(size=(B, n)))]
+    return prob, [d, q], [x], sample
+
+
+def socp(m=12, n=5, seed=3):
+    """minimize ||A x - b||_2 + 0.1 ||x||_1  s.t.  ||x||_inf <= 1 (parameters A, b)."""
+    A, b, x = cp.Parameter((m, n), name="A"), cp.Parameter(m, name="b"), cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(cp.norm(A @ x - b, 2) + 0.1 * cp.norm1(x)), [cp.norm(x, "inf") <= 1])
+    A0 = np.random.default_rng(seed).normal(size=(m, n))
+
+    def sample(B, rng):
+        return [torch.tensor(A0 + 0.1 * rng.normal(size=(B, m, n))), torch.tensor(rng.normal(size=(B, m)))]
+    return prob, [A, b], [x], sample
+
+
+def sdp(k=3, seed=4):
+    """minimize <C, X> + 1/2 ||X||_F^2  s.t.  trace(X) == 1, X PSD (parameter C)."""
+    C, X = cp.Parameter((k, k), name="C"), cp.Variable((k, k), name="X", symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.trace(C @ X) + 0.5 * cp.sum_squares(X)), [cp.trace(X) == 1, X >> 0])
+
+    def sample(B, rng):
+        M = rng.normal(size=(B, k, k))
+        return [torch.tensor(M + M.transpose(0, 2, 1))]
+    return prob, [C], [X], sample
+
+
+def expcone(n=4, seed=5):
+    """minimize c'x - sum(log x)  s.t.  sum(x) <= t (parameters c > 0, t)."""
+    c, t, x = cp.Parameter(n, name="c"), cp.Parameter(name="t"), cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(c @ x - cp.sum(cp.log(x))), [cp.sum(x) <= t])
+
+    def sample(B, rng):
+        return [torch.tensor(rng.uniform(0.5, 2.0, size=(B, n))), torch.tensor(rng.uniform(1.0, 3.0, size=B))]
+    return prob, [c, t], [x], sample
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def clarabel(prob, params, variables, values, i=None):
+    """Variable values (and duals) by CVXPY + Clarabel at tight tolerance for instance ``i`` of ``values``."""
+    for p, v in zip(params, values):
+        arr = v.detach().numpy()
+        p.value = arr if i is None or arr.ndim == len(p.shape) else arr[i]
+    prob.solve(solver=cp.CLARABEL, **TIGHT)
+    assert prob.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)  # the values are compared at 1e-6 below
+    return [np.array(v.value) for v in variables], [np.array(c.dual_value) for c in prob.constraints]
+
+
+def finite_difference(fn, values, k, h=1e-6):
+    """Central differences of the scalar ``fn(*values)`` with respect to ``values[k]``."""
+    base = [v.detach().clone() for v in values]
+    grad = torch.zeros_like(base[k])
+    flat = grad.view(-1)
+    for j in range(flat.numel()):
+        plus, minus = [v.clone() for v in base], [v.clone() for v in base]
+        plus[k].view(-1)[j] += h
+        minus[k].view(-1)[j] -= h
+        with torch.no_grad():
+            flat[j] = (fn(*plus) - fn(*minus)) / (2 * h)
+    return grad
+
+
+def linear_loss(layer, weights):
+    def fn(*values):
+        return sum((o * w).sum() for o, w in zip(layer(*values), weights))
+    return fn
+
+
+CASES = {"qp": (qp, None), "lp_param_A": (lp_param_a, None), "lp_param_A_scs": (lp_param_a, "scs"),
+         "qp_param_P": (qp_param_p, None), "socp": (socp, None), "sdp": (sdp, None), "exp": (expcone, None)}
+CLARABEL_ATOL = {"exp": 1e-5}  # Clarabel's exp-cone answers are accurate to ~1e-6 here; see the closed form below
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_outputs_match_clarabel_and_gradients_match_finite_differences(case):
+    make, solver = CASES[case]
+    prob, params, variables, sample = make()
+    layer = CvxpyLayer(prob, params, variables, solver=solver, eps=1e-8)
+    rng = np.random.default_rng(10)
+    values = sample(3, rng)
+    outs = layer(*values)
+    for i in range(3):
+        ref, _ = clarabel(prob, params, variables, values, i)
+        for o, r in zip(outs, ref):
+            np.testing.assert_allclose(o[i].detach().numpy(), r, atol=CLARABEL_ATOL.get(case, 1e-6))
+    weights = [torch.tensor(rng.normal(size=tuple(o.shape))) for o in outs]
+    fn = linear_loss(layer, weights)
+    values = [v.clone().requires_grad_(True) for v in values]
+    fn(*values).backward()
+    for k, v in enumerate(values):
+        fd = finite_difference(fn, values, k)
+        scale = max(1.0, float(fd.abs().max()))
+        assert float((v.grad - fd).abs().max()) < 1e-5 * scale, (case, params[k].name())
+
+
+def test_exp_cone_matches_the_closed_form():
+    """x_i = 1 / (c_i + lam) with lam >= 0 the root of sum_i x_i = t (or 0 when the constraint is slack)."""
+    from scipy.optimize import brentq
+
+    prob, params, variables, sample = expcone()
+    c, t = sample(5, np.random.default_rng(16))
+    (x,) = CvxpyLayer(prob, params, variables, eps=1e-8)(c, t)
+    for i in range(5):
+        ci, ti = c[i].numpy(), float(t[i])
+        def excess(lam, ci=ci, ti=ti):
+            return (1 / (ci + lam)).sum() - ti
+        lam = brentq(excess, 0.0, 1e3) if excess(0.0) > 0 else 0.0
+        np.testing.assert_allclose(x[i].numpy(), 1 / (ci + lam), atol=1e-10)
+
+
+def test_solver_choice_follows_the_problem():
+    assert CvxpyLayer(*qp()[:3]).solver == "osqp"
+    assert CvxpyLayer(*socp()[:3]).solver == "scs"
+    with pytest.raises(ValueError, match="not a QP"):
+        CvxpyLayer(*socp()[:3], solver="osqp")
+
+
+def test_gradcheck_float64():
+    prob, params, variables, sample = lp_param_a(n=3, m=5)
+    layer = CvxpyLayer(prob, params, variables, eps=1e-9)
+    values = [v.requires_grad_(True) for v in sample(2, np.random.default_rng(0))]
+    assert torch.autograd.gradcheck(lambda *v: layer(*v), values, eps=1e-6, atol=1e-5, rtol=1e-4)
+    prob, params, variables, sample = socp(m=6, n=3)
+    layer = CvxpyLayer(prob, params, variables, eps=1e-9)
+    values = [v.requires_grad_(True) for v in sample(2, np.random.default_rng(1))]
+    assert torch.autograd.gradcheck(lambda *v: layer(*v), values, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [qp, socp])
+def test_gradients_match_cvxpylayers(make):
+    from cvxpylayers.torch import CvxpyLayer as Reference
+
+    prob, params, variables, sample = make()
+    values = sample(4, np.random.default_rng(3))
+    ours = [v.clone().requires_grad_(True) for v in values]
+    theirs = [v.clone().requires_grad_(True) for v in values]
+    (x,) = CvxpyLayer(prob, params, variables, eps=1e-9)(*ours)
+    (xr,) = Reference(prob, params, variables)(*theirs, solver_args={"eps": 1e-10, "max_iters": 100000})
+    np.testing.assert_allclose(x.detach().numpy(), xr.detach().numpy(), atol=1e-6)
+    w = torch.tensor(np.random.default_rng(4).normal(size=tuple(x.shape)))
+    (x * w).sum().backward()
+    (xr * w).sum().backward()
+    for a, b in zip(ours, theirs):  # diffcp's derivative solve is itself accurate to about 1e-4
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), atol=1e-3 * max(1.0, float(b.grad.abs().max())))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moreau") is None, reason="moreau is not installed (pip install moreau)")
+def test_matches_cvxpylayers_moreau():
+    from cvxpylayers.torch import CvxpyLayer as Reference
+
+    prob, params, variables, sample = qp()
+    values = sample(4, np.random.default_rng(5))
+    (x,) = CvxpyLayer(prob, params, variables, eps=1e-9)(*values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (xr,) = Reference(prob, params, variables, solver="MOREAU")(*values)
+    np.testing.assert_allclose(x.numpy(), xr.detach().numpy(), atol=1e-4)
+
+
+def test_broadcasting_and_unbatched_inputs():
+    prob, params, variables, sample = qp()
+    layer = CvxpyLayer(prob, params, variables, eps=1e-8)
+    q, h = sample(3, np.random.default_rng(6))
+    (xb,) = layer(q, h[0])                       # h broadcast to the batch
+    for i in range(3):
+        (xi,) = layer(q[i], h[0])                # every input unbatched: no batch dimension
+        assert xi.shape == (6,)
+        np.testing.assert_allclose(xi.numpy(), xb[i].numpy(), atol=1e-7)
+    hh = h[0].clone().requires_grad_(True)
+    (x,) = layer(q, hh)
+    x.sum().backward()
+    assert hh.grad.shape == hh.shape and torch.isfinite(hh.grad).all()
+
+
+def test_float32_inputs_give_float32_outputs():
+    prob, params, variables, sample = socp()
+    layer = CvxpyLayer(prob, params, variables, eps=1e-8)
+    values = sample(3, np.random.default_rng(7))
+    (x64,) = layer(*values)
+    v32 = [v.float().requires_grad_(True) for v in values]
+    (x32,) = layer(*v32)
+    assert x32.dtype == torch.float32
+    np.testing.assert_allclose(x32.detach().numpy(), x64.numpy(), atol=1e-5)
+    x32.sum().backward()
+    assert all(v.grad.dtype == torch.float32 and torch.isfinite(v.grad).all() for v in v32)
+
+
+@pytest.mark.parametrize("solver", ["osqp", "scs"])
+def test_infeasible_instance_is_nan_with_a_warning(solver):
+    n = 3
+    lo, x = cp.Parameter(n, name="lo"), cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= lo, cp.sum(x) <= 1])
+    layer = CvxpyLayer(prob, [lo], [x], solver=solver)
+    lo_val = torch.tensor([[0.1, 0.2, 0.0], [1.0, 1.0, 1.0], [-1.0, 0.0, 0.3]], requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=r"instance\(s\) of the batch have no solution: 1 \(infeasible"):
+        (out,) = layer(lo_val)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    np.testing.assert_allclose(out[0].detach().numpy(), [0.1, 0.2, 0.0], atol=1e-5)
+    out[[0, 2]].sum().backward()
+    assert torch.isnan(lo_val.grad[1]).all() and torch.isfinite(lo_val.grad[[0, 2]]).all()
+    strict = CvxpyLayer(prob, [lo], [x], solver=solver, on_failure="raise")
+    with pytest.raises(SolverFailure, match="1 \\(infeasible"):
+        strict(lo_val)
+
+
+def test_clear_errors():
+    prob, params, variables, sample = qp()
+    q, h = sample(2, np.random.default_rng(8))
+    layer = CvxpyLayer(prob, params, variables)
+    with pytest.raises(ValueError, match="takes 2 parameter value"):
+        layer(q)
+    with pytest.raises(ValueError, match=r"parameter 'h' expects shape \(10,\)"):
+        layer(q, h[:, :4])
+    with pytest.raises(ValueError, match="'h' has batch size 3"):
+        layer(q, torch.cat([h, h[:1]]))
+    with pytest.raises(ValueError, match="variable 'y' is not a variable of the problem"):
+        CvxpyLayer(prob, params, [cp.Variable(2, name="y")])
+    with pytest.raises(ValueError, match="missing \\['h'\\]"):
+        CvxpyLayer(prob, params[:1], variables)
+    with pytest.raises(ValueError, match="not DPP"):
+        a, z = cp.Parameter(name="a"), cp.Variable(name="z")
+        CvxpyLayer(cp.Problem(cp.Minimize(a * a * z), [z >= 0, z <= 1]), [a], [z])
+    prob_p, params_p, variables_p, sample_p = qp_param_p()
+    d, qv = sample_p(2, np.random.default_rng(9))
+    d[1, 0] = -1.0
+    with pytest.raises(ValueError, match="parameter 'd' is declared nonneg=True.*position\\(s\\) \\[1\\]"):
+        CvxpyLayer(prob_p, params_p, variables_p)(d, qv)
+
+
+def test_warm_starts_agree_with_cold_and_previous_follows_a_moving_parameter():
+    prob, params, variables, sample = socp()
+    values = sample(4, np.random.default_rng(11))
+    cold = CvxpyLayer(prob, params, variables, eps=1e-8)
+    prev = CvxpyLayer(prob, params, variables, eps=1e-8, warm_start="previous")
+    A, b = values
+    last = None
+    for step in range(3):
+        moved = [A, b + 0.01 * step]
+        (xc,) = cold(*moved)
+        (xp,) = prev(*moved)
+        np.testing.assert_allclose(xp.numpy(), xc.numpy(), atol=1e-7)
+        if last is not None:  # the answer moved with the parameter (it is not the previous solution)
+            assert float((xp - last).abs().max()) > 1e-4
+        last = xp
+    assert prev._previous is not None and prev._previous["x"].shape[0] == 4
+
+
+@pytest.mark.parametrize("make", [qp, socp])
+def test_torch_iterations_agree_with_c(make):
+    prob, params, variables, sample = make()
+    values = sample(8, np.random.default_rng(12))
+    (xc,) = CvxpyLayer(prob, params, variables, eps=1e-7, method="c")(*values)
+    layer = CvxpyLayer(prob, params, variables, eps=1e-7, method="torch")
+    (xt,) = layer(*values)
+    np.testing.assert_allclose(xt.numpy(), xc.numpy(), atol=1e-6)
+    assert bool(layer.last_solution.certified.any())  # answered without a C solve
+
+
+def test_learned_warm_start_agrees_with_cold():
+    from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
+
+    prob, params, variables, sample = qp()
+    cold = CvxpyLayer(prob, params, variables, eps=1e-8)
+    pp = cold.pp
+    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm="osqp", settings={}, num_params=pp.num_params,
+                         out_dim=pp.n + pp.m)
+    model = WarmStartPredictor(meta, hidden=(16,)).double()
+    learned = CvxpyLayer(prob, params, variables, eps=1e-8, predictor=model, warm_start="learned")
+    values = sample(4, np.random.default_rng(13))
+    np.testing.assert_allclose(learned(*values)[0].numpy(), cold(*values)[0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="trained for problem"):
+        CvxpyLayer(prob, params, variables, predictor=model, solver="scs")
+
+
+def test_unrolled_gradients_approach_implicit():
+    prob, params, variables, sample = qp()
+    values = sample(2, np.random.default_rng(14))
+    grads = []
+    for mode in ("implicit", "unrolled"):
+        vals = [v.clone().requires_grad_(True) for v in values]
+        layer = CvxpyLayer(prob, params, variables, eps=1e-8, gradients=mode, unroll_steps=400)
+        (x,) = layer(*vals)
+        x.sum().backward()
+        grads.append(vals[0].grad)
+    err = float((grads[0] - grads[1]).abs().max())
+    assert err < 0.05 * float(grads[0].abs().max()), err
+
+
+def test_duals_match_cvxpy():
+    prob, params, variables, sample = qp()
+    values = sample(2, np.random.default_rng(15))
+    layer = CvxpyLayer(prob, params, variables, eps=1e-9, return_duals=True)
+    x, dual = layer(*values)
+    for i in range(2):
+        ref, ref_duals = clarabel(prob, params, variables, values, i)
+        np.testing.assert_allclose(dual[i].numpy(), ref_duals[0], atol=1e-6)
