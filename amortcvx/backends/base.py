@@ -46,6 +46,17 @@ class Status(str, enum.Enum):
         return self.value
 
     @property
+    def cvxpy(self) -> str:
+        """CVXPY's status string for this outcome (``problem.status`` after ``problem.solve``): the same word for
+        the optimal / infeasible / unbounded outcomes, ``user_limit`` for a limit without a guess, else
+        ``solver_error``."""
+        if self in (Status.MAX_ITERATIONS, Status.TIME_LIMIT):
+            return "user_limit"
+        if self in (Status.NON_CONVEX, Status.INTERRUPTED, Status.SOLVER_ERROR):
+            return "solver_error"
+        return self.value
+
+    @property
     def has_solution(self) -> bool:
         """True for ``optimal`` and ``optimal_inaccurate``: ``x`` (and the objective) are meaningful."""
         return self in (Status.OPTIMAL, Status.OPTIMAL_INACCURATE)

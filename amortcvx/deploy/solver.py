@@ -60,6 +60,7 @@ from amortcvx.backends.batched import objectives
 from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
+from amortcvx.deploy.result import AmortizedResult
 from amortcvx.iterations.cones import project_cone, project_dual_cone
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
@@ -114,28 +115,6 @@ class WarmStartBatch(NamedTuple):
     cold_residual: np.ndarray
     seconds: float
     arrays: dict[str, np.ndarray] | None = None
-
-
-class AmortizedResult(NamedTuple):
-    """Answers for a batch.
-
-    Attributes:
-        results: one :class:`SolveResult` per instance (from the C solver or the certificate, at the requested
-            tolerance); ``objective`` is CVXPY's optimal value (its sign, for maximizations too).
-        fallback: bool (B,), the safeguard used the (refined) cold start before solving.
-        retried: bool (B,), the warm-started solve did not reach ``optimal`` and was redone cold.
-        predict_seconds: time of prediction and refinement for the batch.
-        solve_seconds: wall time of the certificate and the C solves for the batch.
-        certified: bool (B,), answered by the certified finish (no C solve; ``iterations`` 0, message
-            ``"certified"``).
-    """
-
-    results: list[SolveResult]
-    fallback: np.ndarray
-    retried: np.ndarray
-    predict_seconds: float
-    solve_seconds: float
-    certified: np.ndarray | None = None
 
 
 class Calibration(NamedTuple):
@@ -283,6 +262,72 @@ class AmortizedSolver:
         self.c_modes = modes
         self._modes_given = c_modes
         self.scs_scale: float | None = None  # the fixed scale of stateless SCS objects (see choose_c_modes)
+        self.calibration: Calibration | None = None  # the last calibrate()'s outcome
+
+    # ------------------------------------------------------------------ building, saving, loading
+    @classmethod
+    def fit(cls, problem, data, *, solver: str = "scs", num: int | None = None, k: int = 10, eps: float = 1e-4,
+            solver_settings: Mapping | None = None, train_config=None, epochs: int | None = None, root=None,
+            seed: int = 0, device: str = "cpu", workers: int | None = 1, calibrate: bool = True,
+            progress: bool = True, **options) -> AmortizedSolver:
+        """Compile ``problem``, solve sampled instances, train a predictor, calibrate: a ready solver.
+
+        Args:
+            problem: a DPP ``cp.Problem`` with named ``cp.Parameter`` s (or a compiled ``ParametricProblem``).
+            data: a sampler ``(n, rng: numpy.random.Generator) -> {parameter name: array (n, *shape)}`` or such a
+                dict of arrays (training and validation instances).
+            solver: ``"scs"`` (any cone) or ``"osqp"`` (LPs and QPs); form, C backend and torch iteration follow.
+            num: instances to draw from a sampler (default :data:`~amortcvx.deploy.fit.DEFAULT_INSTANCES`).
+            k: torch refinement steps after the prediction (also the unroll of training).
+            eps: the tolerance of every answer (``eps_abs = eps_rel``), by the solver's own test.
+            solver_settings: further C solver settings (override ``eps``).
+            train_config: a :class:`~amortcvx.training.TrainConfig` (default: ``TrainConfig(k=k)``); ``epochs``
+                overrides its epochs.
+            root: folder of the cached dataset and checkpoint (default :func:`~amortcvx.deploy.fit.cache_root`).
+                A rerun with the same problem and samples reuses them; an interrupted one resumes.
+            seed: seeds the sampler, the split and training.
+            device: where training, prediction and refinement run.
+            workers: processes for solving the dataset (None: all cores).
+            calibrate: choose the refinement and C solver modes on the validation instances, and switch the
+                predictor off if it does not pay (:meth:`calibrate`; the outcome is in :attr:`calibration`).
+            progress: progress bars.
+            options: further :class:`AmortizedSolver` arguments (``polish``, ``anderson``, ``safeguard``, ...).
+        """
+        from amortcvx.deploy.fit import fit
+
+        return fit(cls, problem, data, solver=solver, num=num, k=k, eps=eps, solver_settings=solver_settings,
+                   train_config=train_config, epochs=epochs, root=root, seed=seed, device=device, workers=workers,
+                   calibrate=calibrate, progress=progress, **options)
+
+    def save(self, path) -> None:
+        """Save the predictor and every setting and calibration decision to the folder ``path``.
+
+        ``path/predictor.pt`` (see :meth:`WarmStartPredictor.save`; absent without a predictor) and
+        ``path/solver.json``. :meth:`load` restores a solver that answers exactly as this one.
+        """
+        from amortcvx.deploy.saved import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path, problem, *, device: str = "cpu", **overrides) -> AmortizedSolver:
+        """The solver saved by :meth:`save` in ``path``, for ``problem`` (the same ``cp.Problem``, rebuilt with the
+        same constants; a different problem is a ValueError naming both fingerprints). ``overrides``: constructor
+        arguments to change (``k``, ``solver_settings``, ...)."""
+        from amortcvx.deploy.saved import load
+
+        return load(cls, path, problem, device=device, **overrides)
+
+    def solve_cvxpy(self, problem=None, **solve_kwargs) -> float:
+        """``problem.solve`` warm-started with this solver's prediction for the parameters' current values.
+
+        ``problem`` defaults to the one this solver was built for; variables, duals, status and value are
+        filled as ``problem.solve`` does, with this solver's C settings (``solve_kwargs`` override them).
+        See :mod:`amortcvx.deploy.cvxpy_native`.
+        """
+        from amortcvx.deploy.cvxpy_native import solve
+
+        return solve(self.pp.problem if problem is None else problem, self, **solve_kwargs)
 
     def _tolerances(self) -> tuple[float, float]:
         """``(eps_abs, eps_rel)`` of the C solver: the backend's defaults overridden by ``solver_settings``."""
@@ -471,8 +516,10 @@ class AmortizedSolver:
         if self.algorithm == "scs" and self._modes_given is None:
             self.c_modes, self.scs_scale = self.choose_c_modes(params)
             self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
-        return Calibration(learned, cold, self.enabled, self.anderson,
-                           tuple((refinement_label(a), med) for a, med, _, _ in candidates), dict(self.c_modes))
+        self.calibration = Calibration(learned, cold, self.enabled, self.anderson,
+                                       tuple((refinement_label(a), med) for a, med, _, _ in candidates),
+                                       dict(self.c_modes))
+        return self.calibration
 
     def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> tuple[dict[str, str], float | None]:
         """The faster mode (:data:`C_MODES`) for warm-started and for cold timed SCS solves, measured on ``params``.
@@ -561,7 +608,7 @@ class AmortizedSolver:
         if sign != 1.0:  # CVXPY's sign: a maximization's canonical problem minimizes -f
             results = [r._replace(objective=sign * r.objective) for r in results]
         return AmortizedResult(results, pred.batch.fallback, retried, pred.batch.seconds, time.perf_counter() - t0,
-                               certified)
+                               certified, pred.warm.copy(), self.model is not None and self.enabled, self.pp)
 
     def _c_solve(self, pred: _Prediction, data: ConeData | QPData, index: np.ndarray, warm: np.ndarray,
                  exact_iterations: bool) -> list[SolveResult]:

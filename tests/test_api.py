@@ -1,0 +1,153 @@
+"""The user-facing entry point: ``import amortcvx as ac``; ``ac.AmortizedSolver.fit / solve / save / load``."""
+
+from __future__ import annotations
+
+import json
+
+import cvxpy as cp
+import numpy as np
+import pytest
+
+import amortcvx as ac
+from amortcvx.deploy.fit import draw, params_digest
+
+N = 8
+
+
+def _portfolio():
+    mu = cp.Parameter(N, name="mu")
+    w = cp.Variable(N, name="w")
+    t = cp.Variable(nonneg=True, name="t")  # replaced by CVXPY during compilation: the per-instance inverse path
+    prob = cp.Problem(cp.Maximize(mu @ w - cp.sum_squares(w) - t), [cp.sum(w) == 1, w >= 0, t >= cp.norm1(w) - 2])
+    return prob, mu, w, t
+
+
+def _sampler(n, rng):
+    return {"mu": rng.normal(size=(n, N))}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    prob, mu, w, t = _portfolio()
+    root = tmp_path_factory.mktemp("fit")
+    solver = ac.AmortizedSolver.fit(prob, _sampler, solver="scs", num=60, k=2, epochs=3, root=root, progress=False)
+    return solver, prob, (mu, w, t), root
+
+
+def test_exports_are_lazy_and_listed():
+    assert "AmortizedSolver" in dir(ac) and "AmortizedSolver" in ac.__all__
+    assert ac.AmortizedSolver.__module__ == "amortcvx.deploy.solver"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ac.nope  # noqa: B018
+
+
+def test_fit_solves_and_reports_in_cvxpy_terms(fitted):
+    solver, prob, (mu, w, t), _ = fitted
+    assert solver.calibration is not None and solver.algorithm == "scs"
+    assert solver.solver_settings["eps_abs"] == 1e-4
+    theta = np.random.default_rng(7).normal(size=(5, N))
+    out = solver.solve({"mu": theta})
+    assert len(out) == 5 and out.optimal.all()
+    assert out.variables["w"].shape == (5, N) and out.variables[w] is out.variables["w"]
+    assert out.variables[t].shape == (5,)
+    assert out.duals[0].shape == (5,) and out.duals[prob.constraints[1]].shape == (5, N)
+    for i in range(5):
+        mu.value = theta[i]
+        prob.solve(solver=cp.CLARABEL)
+        assert out.objective[i] == pytest.approx(prob.value, abs=2e-3)  # CVXPY's sign (a maximization)
+        np.testing.assert_allclose(out.variables["w"][i], w.value, atol=5e-3)
+        ref = solver.pp.recover(out.results[i].x, out.results[i].y)
+        np.testing.assert_allclose(out.duals[1][i], ref.duals[1])
+        np.testing.assert_allclose(out.variables["t"][i], ref.variables["t"])
+    assert out.solutions[0].status == cp.OPTIMAL
+    with pytest.raises(KeyError, match="unknown variable 'v'.*'w'"):
+        out.variables["v"]
+    with pytest.raises(KeyError, match="not a variable of this problem"):
+        out.variables[cp.Variable(2)]
+    assert "5/5 optimal" in out.summary()
+
+
+def test_summary_says_when_the_predictor_is_off(fitted):
+    solver = fitted[0]
+    saved = solver.enabled
+    try:
+        solver.enabled = False
+        out = solver.solve({"mu": np.ones((2, N))})
+        assert not out.predictor_enabled and out.summary().startswith("PREDICTOR OFF")
+    finally:
+        solver.enabled = saved
+
+
+def test_fit_reuses_its_dataset_and_checkpoint(fitted):
+    solver, prob, _, root = fitted
+    folders = sorted(p.name for p in root.iterdir())
+    assert len(folders) == 1 and folders[0].endswith(params_digest(draw(solver.pp, _sampler, 60, 0)))
+    assert list((root / folders[0]).glob("model-*.pt"))
+    again = ac.AmortizedSolver.fit(prob, _sampler, solver="scs", num=60, k=2, epochs=3, root=root, progress=False)
+    assert sorted(p.name for p in root.iterdir()) == folders  # same samples: the same folder, nothing solved twice
+    theta = {"mu": np.random.default_rng(3).normal(size=(3, N))}
+    np.testing.assert_allclose(again.solve(theta).x, solver.solve(theta).x, atol=1e-9)
+    ac.AmortizedSolver.fit(prob, _sampler, solver="scs", num=60, k=2, epochs=3, root=root, seed=1, progress=False,
+                           calibrate=False)
+    assert len(list(root.iterdir())) == 2  # other samples: another folder
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    solver, prob, _, _ = fitted
+    solver.save(tmp_path / "s")
+    loaded = ac.AmortizedSolver.load(tmp_path / "s", prob)
+    assert loaded.calibration == solver.calibration and loaded.c_modes == solver.c_modes
+    assert (loaded.enabled, loaded.k, loaded.anderson, loaded.scs_scale) == (
+        solver.enabled, solver.k, solver.anderson, solver.scs_scale)
+    theta = {"mu": np.random.default_rng(4).normal(size=(4, N))}
+    a, b = solver.solve(theta), loaded.solve(theta)
+    np.testing.assert_allclose(a.x, b.x, atol=1e-12)
+    assert list(a.iterations) == list(b.iterations)
+    other = cp.Problem(cp.Minimize(cp.sum_squares(cp.Variable(N) - cp.Parameter(N, name="mu"))))
+    with pytest.raises(ValueError, match="not for this problem"):
+        ac.AmortizedSolver.load(tmp_path / "s", other)
+    with pytest.raises(FileNotFoundError, match="solver.json"):
+        ac.AmortizedSolver.load(tmp_path, prob)
+    (tmp_path / "s" / "solver.json").write_text("{not json")
+    with pytest.raises(ValueError, match="damaged"):
+        ac.AmortizedSolver.load(tmp_path / "s", prob)
+    (tmp_path / "s" / "solver.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(ValueError, match="not an AmortizedSolver file"):
+        ac.AmortizedSolver.load(tmp_path / "s", prob)
+
+
+def test_solve_cvxpy_fills_the_problem(fitted):
+    solver, prob, (mu, w, _), _ = fitted
+    mu.value = np.linspace(-1, 1, N)
+    value = solver.solve_cvxpy()
+    assert prob.status == cp.OPTIMAL and value == pytest.approx(prob.value)
+    got = w.value.copy()
+    prob.solve(solver=cp.CLARABEL)
+    np.testing.assert_allclose(got, w.value, atol=5e-3)
+
+
+def test_fit_osqp_from_arrays(tmp_path):
+    q = cp.Parameter(4, name="q")
+    x = cp.Variable(4, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + q @ x), [x >= -1, x <= 1])
+    data = {"q": np.random.default_rng(0).normal(size=(40, 4))}
+    solver = ac.AmortizedSolver.fit(prob, data, solver="osqp", k=1, epochs=2, root=tmp_path, progress=False)
+    out = solver.solve({q: np.array([[3.0, -3.0, 0.5, 0.0]])})
+    np.testing.assert_allclose(out.variables[x][0], [-1.0, 1.0, -0.25, 0.0], atol=1e-3)
+
+
+def test_fit_names_what_is_wrong_with_the_data(tmp_path):
+    prob, *_ = _portfolio()
+    kwargs = dict(num=10, root=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="unknown solver 'ecos'"):
+        ac.AmortizedSolver.fit(prob, _sampler, solver="ecos", **kwargs)
+    with pytest.raises(ValueError, match=r"missing \['mu'\], unknown \['m'\]"):
+        ac.AmortizedSolver.fit(prob, lambda n, rng: {"m": np.zeros((n, N))}, **kwargs)
+    with pytest.raises(ValueError, match=r"parameter 'mu' must have shape \(N, \*\(8,\)\)"):
+        ac.AmortizedSolver.fit(prob, lambda n, rng: {"mu": np.zeros((n, N + 1))}, **kwargs)
+    with pytest.raises(TypeError, match="must return a dict"):
+        ac.AmortizedSolver.fit(prob, lambda n, rng: np.zeros((n, N)), **kwargs)
+    with pytest.raises(ValueError, match="returned 3 instances; 10 were asked for"):
+        ac.AmortizedSolver.fit(prob, lambda n, rng: {"mu": np.zeros((3, N))}, **kwargs)
+    with pytest.raises(TypeError, match="data must be a sampler"):
+        ac.AmortizedSolver.fit(prob, [1, 2], **kwargs)
