@@ -29,6 +29,7 @@ from amortcvx.canon.parametric import real_array
 from amortcvx.datasets import storage
 from amortcvx.datasets.dataset import Dataset, dataset_dirname
 from amortcvx.datasets.storage import DatasetError
+from amortcvx.solvers import FORMS, get_solver
 
 
 class Family(Protocol):
@@ -39,8 +40,8 @@ class Family(Protocol):
 
     def sample(self, num: int, seed: int) -> dict[str, np.ndarray]: ...
 
-# Form of the canonical data each backend solves.
-BACKEND_FORMS: dict[str, str] = {name: info.form for name, info in BACKENDS.items()}
+# Form of the canonical data each backend solves (from the solver descriptions).
+BACKEND_FORMS: Mapping[str, str] = FORMS
 
 # Default solver settings for the targets (on top of the backend's own defaults): tight tolerances, generous
 # iteration limits, and OSQP's polishing (an active-set refinement that makes the solution exact).
@@ -70,8 +71,7 @@ def _package_version(name: str) -> str | None:
 
 
 def _check_backend(pp: ParametricProblem, backend: str) -> str:
-    if not isinstance(backend, str) or backend not in BACKEND_FORMS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(BACKEND_FORMS)}")
+    get_solver(backend, what="backend")  # ValueError listing the known solvers
     if pp.form != BACKEND_FORMS[backend]:
         raise ValueError(f"backend {backend!r} solves form {BACKEND_FORMS[backend]!r}, but the problem was "
                          f"compiled with form {pp.form!r}; use ParametricProblem(problem, "
@@ -540,9 +540,7 @@ def generate_family_dataset(family: Family, num: int, seed: int, backend: str, r
         name: folder name suffix (see above for the default).
         **kwargs: keyword arguments of :func:`generate_dataset`.
     """
-    if backend not in BACKEND_FORMS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(BACKEND_FORMS)}")
-    pp = ParametricProblem(family.problem, form=BACKEND_FORMS[backend])
+    pp = ParametricProblem(family.problem, form=get_solver(backend, what="backend").form)
     params = family.sample(num, seed)
     if name is None:
         name = f"{family.name}-n{num}-seed{seed}"

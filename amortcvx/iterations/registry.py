@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
+from types import MappingProxyType
+from typing import NamedTuple
 
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.iterations import osqp as _osqp
@@ -46,11 +48,40 @@ def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,
         polish=partial(osqp_polish, work))
 
 
-ALGORITHMS: dict[str, Callable[..., FixedPointAlgorithm]] = {"scs": make_scs, "osqp": make_osqp}
-"""Algorithm name -> ``factory(data, settings=None, cache=None) -> FixedPointAlgorithm``."""
+class IterationInfo(NamedTuple):
+    """What a torch fixed-point iteration is: its factory, its settings and the canonical data it takes.
 
-DATA_FORMS: dict[str, str] = {"scs": "cone", "osqp": "qp"}
-"""Algorithm name -> the ``ParametricProblem`` form its data come in."""
+    Attributes:
+        name: the algorithm's name (that of the C solver it re-implements).
+        factory: ``factory(data, settings=None, cache=None) -> FixedPointAlgorithm``.
+        settings: the frozen dataclass of its settings (:class:`~amortcvx.iterations.scs.ScsSettings`, ...).
+        data: the canonical data class it iterates on (:class:`ConeData` or :class:`QPData`).
+        fixed_point: the fixed-point variable the predictors output, in words.
+    """
+
+    name: str
+    factory: Callable[..., FixedPointAlgorithm]
+    settings: type
+    data: type
+    fixed_point: str
+
+
+#: The canonical form (``ParametricProblem(form=...)``) whose ``canonicalize`` returns each data class.
+FORM_OF_DATA: Mapping[type, str] = MappingProxyType({ConeData: "cone", QPData: "qp"})
+
+ITERATIONS: Mapping[str, IterationInfo] = MappingProxyType({info.name: info for info in (
+    IterationInfo("scs", make_scs, _scs.ScsSettings, ConeData, "v = [x; y + s / r_y; tau] (length n + m + 1)"),
+    IterationInfo("osqp", make_osqp, _osqp.OsqpSettings, QPData, "[x; z + y / rho] (length n + m)"),
+)})
+"""Algorithm name -> :class:`IterationInfo`."""
+
+ALGORITHMS: Mapping[str, Callable[..., FixedPointAlgorithm]] = MappingProxyType(
+    {name: info.factory for name, info in ITERATIONS.items()})
+"""Algorithm name -> ``factory(data, settings=None, cache=None) -> FixedPointAlgorithm`` (from :data:`ITERATIONS`)."""
+
+DATA_FORMS: Mapping[str, str] = MappingProxyType(
+    {name: FORM_OF_DATA[info.data] for name, info in ITERATIONS.items()})
+"""Algorithm name -> the ``ParametricProblem`` form its data come in (from :data:`ITERATIONS`)."""
 
 
 def make_algorithm(name: str, data: ConeData | QPData, settings=None,
