@@ -481,3 +481,57 @@ def test_cuda_matches_cpu():
             out.sum().backward()
             assert torch.isfinite(zc.grad).all()
             zc.grad = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# exp cone: the default (few, fixed) Newton steps against a high-accuracy reference, incl. hard cases
+
+
+def _exp_hard_points(num: int, seed: int) -> np.ndarray:
+    """Random triples of magnitudes e^U(-10, 10), and points within e^-30 .. 1 (relative) of the boundaries of
+    K and of its polar (where the root sits next to a bracket end and a, b cancel)."""
+    rng = np.random.default_rng(seed)
+    wide = rng.standard_normal((num, 3)) * np.exp(rng.uniform(-10, 10, (num, 3)))
+    rho = rng.uniform(-20, 20, num)
+    a = np.exp(rng.uniform(-5, 5, num))
+    on_k = np.stack([a * rho, a, a * np.exp(rho)], 1)
+    normal = np.stack([np.ones(num), 1 - rho, -np.exp(-rho)], 1) * np.exp(rng.uniform(-5, 5, num))[:, None]
+    tiny = np.exp(rng.uniform(-30, 0, (num, 1)))
+    return np.concatenate([wide, on_k + normal * tiny, normal + on_k * tiny, on_k, normal])
+
+
+def test_exp_default_steps_match_high_accuracy_reference():
+    """The default number of Newton steps reaches the 60-step answer to rounding on hard points, for both the
+    projection and the dual projection; two steps do not (so the comparison can fail)."""
+    from amortcvx.iterations.cones import EXP_NEWTON_ITERS
+
+    assert EXP_NEWTON_ITERS <= 6
+    x = _t(_exp_hard_points(4000, seed=3))
+    scale = x.norm(dim=1).clamp_min(1)
+    for fn in (project_exp, project_exp_dual):
+        ref = fn(x, newton_iters=60)
+        err = ((fn(x) - ref).norm(dim=1) / scale).max()
+        assert err < 1e-13, (fn.__name__, float(err))
+        rough = ((fn(x, newton_iters=2) - ref).norm(dim=1) / scale).max()
+        assert rough > 1e-8, (fn.__name__, float(rough))
+
+
+def test_exp_default_steps_satisfy_optimality_conditions():
+    """Reference-free: p = Pi_K(v) lies in K, v - p in the polar (p - v in K*), and <p, p - v> = 0, to rounding,
+    on hard points (Moreau's characterization of the projection)."""
+    v = _t(_exp_hard_points(2000, seed=4))
+    p = project_exp(v)
+    d = p - v
+    scale = v.norm(dim=1).clamp_min(1)
+    assert ((p - project_exp(p, newton_iters=60)).norm(dim=1) / scale).max() < 1e-12
+    assert ((d - project_exp_dual(d, newton_iters=60)).norm(dim=1) / scale).max() < 1e-12
+    assert ((p * d).sum(1).abs() / scale**2).max() < 1e-12
+
+
+def test_exp_projection_without_grad_equals_with_grad():
+    """The inference path (no implicit-gradient correction built) gives the same values as the autograd path."""
+    v = _t(_exp_hard_points(200, seed=5))
+    with torch.no_grad():
+        plain = project_exp_dual(v)
+    tracked = project_exp_dual(v.clone().requires_grad_(True))
+    assert torch.equal(plain, tracked.detach())

@@ -49,7 +49,7 @@ _SQRT2 = math.sqrt(2.0)
 # Finite stand-in for +-infinity in the exp-cone root bracket (as in SCS).
 _EXP_BIG = 1e15
 # Default number of safeguarded Newton steps of the exp-cone root search (enough for float64, see docs).
-EXP_NEWTON_ITERS = 12
+EXP_NEWTON_ITERS = 6
 
 
 def _check_floating(z: Tensor, name: str) -> None:
@@ -343,65 +343,61 @@ def _exp_bracket(r0: Tensor, s0: Tensor, t0: Tensor, pdist: Tensor, ddist: Tenso
     # A valid, ordered bracket inside the base interval, despite rounding.
     low2 = torch.minimum(torch.maximum(torch.minimum(low, upr), baselow), baseupr)
     upr2 = torch.minimum(torch.maximum(torch.maximum(low, upr), baselow), baseupr)
-    low, upr = low2, upr2
-    fl, _ = _exp_scaled_h(r0, s0, t0, low)
-    fu, _ = _exp_scaled_h(r0, s0, t0, upr)
-    same_sign = (low != upr) & (fl * fu > 0)
-    closer_low = torch.abs(fl) < torch.abs(fu)
-    upr = torch.where(same_sign & closer_low, low, upr)
-    low = torch.where(same_sign & ~closer_low, upr, low)
-    return low, upr
+    # (Where rounding leaves h with one sign at both ends, the root search moves toward the end where |g| is
+    # smaller by its damped steps, and the final comparison with the closed-form candidates catches a miss.)
+    return low2, upr2
 
 
-def _exp_log_g(r0: Tensor, s0: Tensor, log_at: Tensor, neg_t: Tensor, pos_t: Tensor,
-               rho: Tensor) -> tuple[Tensor, Tensor]:
+def _exp_log_g(r0: Tensor, s0: Tensor, log_tn: Tensor, log_tp: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
     """``g = log P - log N`` and ``g'``, where ``h = P - N`` splits Friberg's ``h`` into positive terms.
 
     ``h(rho) = A - B - q t0`` with ``A = ((rho-1) r0 + s0) e^rho > 0``, ``B = (r0 - rho s0) e^-rho > 0``
-    inside the bracket and ``q = rho^2 - rho + 1 > 0``; ``P = A (+ q |t0| if t0 < 0)``,
-    ``N = B (+ q t0 if t0 > 0)``. ``g`` has the sign of ``h`` but is nearly linear in ``rho`` in the
-    exponential tails, where Newton on ``h`` itself would crawl by about one unit per step. Computed in log
-    scale (no overflow), without autograd. ``log_at = log|t0|``; ``neg_t`` / ``pos_t`` are the masks
-    ``t0 < 0`` / ``t0 > 0``.
+    inside the bracket and ``q = rho^2 - rho + 1 > 0``; ``P = A + q max(-t0, 0)``, ``N = B + q max(t0, 0)``.
+    ``g`` has the sign of ``h`` but is nearly linear in ``rho`` in the exponential tails, where Newton on ``h``
+    itself would crawl by about one unit per step. Computed in log scale (no overflow), without autograd, in
+    few elementwise kernels (this runs once per Newton step): ``log_tn = log max(-t0, 0)`` and
+    ``log_tp = log max(t0, 0)`` are ``-inf`` where that part of ``t0`` is absent, so ``logaddexp`` drops it
+    without a branch.
     """
-    lin_a = (rho - 1) * r0 + s0
-    lin_b = r0 - rho * s0
-    q = rho * (rho - 1) + 1
+    rm1 = rho - 1
+    q = torch.addcmul(torch.ones_like(rho), rho, rm1)
+    log_q = torch.log(q)
     # log(max(x, 0)) is -inf where x <= 0: the sign of g stays right at (and beyond) the bracket ends.
-    log_a = torch.log(torch.clamp_min(lin_a, 0)) + rho
-    log_b = torch.log(torch.clamp_min(lin_b, 0)) - rho
-    log_t = torch.log(q) + log_at
-    log_p = torch.where(neg_t, torch.logaddexp(log_a, log_t), log_a)
-    log_n = torch.where(pos_t, torch.logaddexp(log_b, log_t), log_b)
-    # P' = (rho r0 + s0) e^rho [+ (2 rho - 1) |t0|],  N' = -(r0 - (rho-1) s0) e^-rho [+ (2 rho - 1) t0];
-    # the |t0| terms divided by P (or N) are (2 rho - 1) / q * e^(log_t - log_p).
+    log_a = torch.log(torch.addcmul(s0, rm1, r0).clamp_min_(0)).add_(rho)
+    log_b = torch.log(torch.addcmul(r0, rho, s0, value=-1).clamp_min_(0)).sub_(rho)
+    log_tqn = log_q + log_tn
+    log_tqp = log_q + log_tp
+    log_p = torch.logaddexp(log_a, log_tqn)
+    log_n = torch.logaddexp(log_b, log_tqp)
+    # P'/P = (rho r0 + s0) e^(rho - log P) + (2 rho - 1) / q * e^(log(q |t0|) - log P); N'/N likewise with
+    # -(r0 - (rho - 1) s0) e^(-rho - log N).
     dlog_q = (2 * rho - 1) / q
-    dp = (rho * r0 + s0) * torch.exp(rho - log_p) + torch.where(neg_t, dlog_q * torch.exp(log_t - log_p), 0.0)
-    dn = (-(r0 - (rho - 1) * s0) * torch.exp(-rho - log_n)
-          + torch.where(pos_t, dlog_q * torch.exp(log_t - log_n), 0.0))
-    return log_p - log_n, dp - dn
+    dp = torch.addcmul(s0, rho, r0).mul_(torch.exp(rho - log_p)).addcmul_(dlog_q, torch.exp(log_tqn - log_p))
+    dn = torch.addcmul(r0, rm1, s0, value=-1).mul_(torch.exp(-(rho + log_n)))
+    dn = dn.neg_().addcmul_(dlog_q, torch.exp(log_tqp - log_n))
+    return log_p - log_n, dp.sub_(dn)
 
 
 def _exp_root(r0: Tensor, s0: Tensor, t0: Tensor, low: Tensor, upr: Tensor, iters: int) -> Tensor:
     """Root of ``h`` in ``[low, upr]``: Newton on ``g = log P - log N`` (see :func:`_exp_log_g`), kept in the
     bracket (damped toward the end it overshoots, bisection where the step is undefined), the bracket updated
-    with the sign of ``g`` at every iterate."""
-    log_at = torch.log(torch.abs(t0))
-    neg_t = t0 < 0
-    pos_t = t0 > 0
+    with the sign of ``g`` at every iterate. A fixed number of steps (no data-dependent loop, no host sync)."""
+    log_tn = torch.log(torch.clamp_min(-t0, 0))
+    log_tp = torch.log(torch.clamp_min(t0, 0))
     x = 0.5 * (low + upr)
     xl, xu = low, upr
     for _ in range(iters):
-        f, df = _exp_log_g(r0, s0, log_at, neg_t, pos_t, x)
+        f, df = _exp_log_g(r0, s0, log_tn, log_tp, x)
         xl = torch.where(f < 0, x, xl)
         xu = torch.where(f > 0, x, xu)
-        good = (df > 0) & torch.isfinite(f) & torch.isfinite(df)
-        xn = x - f / torch.where(good, df, 1.0)
+        xn = x - f / df
         # A step past a bracket end moves 95% of the way to that end (as SCS does): the root can sit within
         # rounding of an end (z next to the boundary of K), where bisection would need ~50 halvings.
-        xn = torch.where(xn > xu, 0.05 * x + 0.95 * xu, torch.where(xn < xl, 0.05 * x + 0.95 * xl, xn))
-        xn = torch.where(good, xn, 0.5 * (xl + xu))
-        x = torch.where(f == 0, x, xn)
+        xn = torch.where(xn > xu, torch.lerp(x, xu, 0.95), torch.where(xn < xl, torch.lerp(x, xl, 0.95), xn))
+        # Bisection where the step is undefined (g' <= 0 or not finite: xn is NaN or was not moved by a
+        # comparison above), and no move at an exact root.
+        good = (df > 0) & torch.isfinite(xn)
+        x = torch.where(f == 0, x, torch.where(good, xn, torch.lerp(xl, xu, 0.5)))
     return x
 
 
@@ -466,12 +462,15 @@ def _exp_project(v: Tensor, iters: int, polar: bool) -> Tensor:
         rho_d = _exp_root(r, s, t, low, upr, iters)
         rho_d = torch.where(closed | ~torch.isfinite(rho_d), zero, rho_d)
 
-    # Implicit-function gradient: value rho_d, derivative -(dh/dv0) / h'(rho_d).
-    f, df = _exp_scaled_h(r0, s0, t0, rho_d)
-    good = (df.detach() > 0) & ~closed
-    step = f / torch.where(good, df, one)
-    step = torch.where(good, step, zero)
-    rho = rho_d - (step - step.detach())
+    # Implicit-function gradient: value rho_d, derivative -(dh/dv0) / h'(rho_d). Only built when a gradient
+    # can flow (a property of the graph, not of the data): inference skips its kernels.
+    rho = rho_d
+    if torch.is_grad_enabled() and v.requires_grad:
+        f, df = _exp_scaled_h(r0, s0, t0, rho_d)
+        good = (df.detach() > 0) & ~closed
+        step = f / torch.where(good, df, one)
+        step = torch.where(good, step, zero)
+        rho = rho_d - (step - step.detach())
     q = rho * (rho - 1) + 1
 
     # Both root-based points: vp = a (rho, 1, e^rho), vd = b (1, 1 - rho, -e^-rho). Each can also be had as
