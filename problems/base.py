@@ -22,7 +22,7 @@ import cvxpy as cp
 import numpy as np
 
 SIZES: tuple[str, ...] = ("small", "large")
-KINDS: tuple[str, ...] = ("qp", "lp", "socp", "sdp")
+KINDS: tuple[str, ...] = ("qp", "lp", "socp", "sdp", "exp")
 
 Sampler = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
 
@@ -62,7 +62,7 @@ class Family:
         name: registry key, e.g. ``"portfolio"``.
         problem: a DPP problem (``problem.is_dpp()`` is True).
         parameters: every ``cp.Parameter`` of the problem, keyed by its (unique, explicit) name.
-        kind: ``"qp"``, ``"lp"``, ``"socp"`` or ``"sdp"``.
+        kind: ``"qp"``, ``"lp"``, ``"socp"``, ``"sdp"`` or ``"exp"`` (exponential cones).
         size: ``"small"`` or ``"large"``.
         sampler: ``(num, rng) -> {name: array of shape (num, *param.shape)}``.
         sequential: True when consecutive sampled instances form trajectories (e.g. MPC in closed loop).
