@@ -162,10 +162,63 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="unique"):
         q1, q2 = cp.Parameter(name="q"), cp.Parameter(name="q")
         ParametricProblem(cp.Problem(cp.Minimize(q1 * cp.sum(x) + q2 * x[0]), [x >= 0, x <= 1]))
-    with pytest.raises(ValueError, match="plain cp.Parameter"):
-        s = cp.Parameter((2, 2), symmetric=True, name="s")
-        y = cp.Variable(2)
-        ParametricProblem(cp.Problem(cp.Minimize(cp.sum(s @ y)), [y >= 0, y <= 1]))
+
+
+def _attribute_problem(n: int = 4):
+    S = cp.Parameter((n, n), PSD=True, name="S")
+    D = cp.Parameter((n, n), diag=True, name="D")
+    Y = cp.Parameter((n, n), symmetric=True, name="Y")
+    q = cp.Parameter(n, nonneg=True, name="q")
+    x = cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(D @ x) + q @ x), [cp.sum(x) == 1, x >= -1, S @ x <= 1, Y @ x >= -3])
+    return prob, (S, D, Y, q)
+
+
+@pytest.mark.parametrize("form", ["cone", "qp"])
+def test_parameters_with_dimension_reducing_attributes(form):
+    """PSD / symmetric / diag parameters (which CVXPY replaces by reduced ones) give CVXPY's data exactly."""
+    n = 4
+    prob, (S, D, Y, q) = _attribute_problem(n)
+    pp = ParametricProblem(prob, form=form)
+    assert pp.num_params == 10 + 4 + 10 + 4 and pp.parameter_shapes["S"] == (n, n)
+    rng = np.random.default_rng(0)
+    batch = []
+    for _ in range(3):
+        G = rng.normal(size=(n, n))
+        vals = {"S": G @ G.T, "D": np.diag(rng.uniform(1, 2, n)), "Y": G + G.T, "q": rng.uniform(0, 1, n)}
+        batch.append(vals)
+    stacked = {k: np.stack([b[k] for b in batch]) for k in batch[0]}
+    data = pp.canonicalize(stacked)
+    for i, vals in enumerate(batch):
+        for par in (S, D, Y, q):
+            par.value = vals[par.name()]
+        ref, _, _ = prob.get_problem_data(cp.SCS if form == "cone" else cp.OSQP)
+        inst = data.instance(i)
+        np.testing.assert_allclose(inst.P.toarray(), ref["P"].toarray(), atol=1e-12)
+        if form == "cone":
+            np.testing.assert_allclose(inst.A.toarray(), ref["A"].toarray(), atol=1e-12)
+            np.testing.assert_allclose(inst.c, ref["c"], atol=1e-12)
+    good = {k: v[0] for k, v in stacked.items()}
+    asym = rng.normal(size=(n, n))
+    for name, bad, what in (("S", -np.eye(n), "PSD=True"), ("D", np.ones((n, n)), "diag=True"),
+                            ("Y", asym, "symmetric"), ("S", asym @ asym.T + np.triu(np.ones((n, n)), 1), "symmetric")):
+        with pytest.raises(ValueError, match=f"parameter '{name}' is declared {what}.*batch position"):
+            pp.parameter_vector({**good, name: bad})
+
+
+def test_sparse_parameter():
+    A = cp.Parameter((3, 3), sparsity=([0, 1, 2], [0, 2, 1]), name="A")
+    x = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - 1) + cp.sum_squares(x)))
+    pp = ParametricProblem(prob)
+    value = np.zeros((3, 3))
+    value[0, 0], value[1, 2], value[2, 1] = 1.0, 2.0, 3.0
+    assert pp.parameter_vector({"A": value}).tolist() == [[1.0, 2.0, 3.0]]  # the entries of the pattern, in its order
+    A.value = value
+    ref, _, _ = prob.get_problem_data(cp.SCS)
+    np.testing.assert_allclose(pp.canonicalize({"A": value}).instance(0).A.toarray(), ref["A"].toarray())
+    with pytest.raises(ValueError, match="'A' is declared sparsity="):
+        pp.parameter_vector({"A": np.ones((3, 3))})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -127,12 +127,19 @@ class ParametricProblem:
         prog = data["param_prob"]
         self._prog = prog
         by_id = {p.id: p for p in params}
-        for p in prog.parameters:
-            if p.id not in by_id:
-                raise ValueError(
-                    "a parameter with attributes (symmetric=, PSD=, diag=, sparsity=, ...) was replaced by CVXPY "
-                    "during compilation; amortcvx supports plain cp.Parameter only: declare it without attributes "
-                    "and add the property as a constraint or let the sampler enforce it")
+        # parameters with dimension-reducing attributes (symmetric, PSD, NSD, diag, sparsity) enter the compiled
+        # problem through a reduced parameter: a gather of the column-major entries of the full value
+        reduced = _reduced_parameters(self._chain)
+        self._gather: dict[str, np.ndarray] = {}
+        for pid in prog.param_id_to_col:
+            if pid in by_id or pid < 0:  # a user's parameter, or CVXPY's constant column (id -1)
+                continue
+            if pid not in reduced:
+                raise ValueError(f"CVXPY replaced a parameter during compilation in a way amortcvx does not know "
+                                 f"(parameter id {pid}); declare the parameters without attributes")
+            orig, index = reduced[pid]
+            by_id[pid] = orig
+            self._gather[orig.name()] = index
         # (name, shape, size, column) in parameter-vector order
         self._layout = sorted(
             ((by_id[pid].name(), by_id[pid].shape, prog.param_id_to_size[pid], col)
@@ -292,8 +299,12 @@ class ParametricProblem:
         batch = 1 if batch is None else batch
         if batch == 0:
             raise ValueError("empty batch (batch size 0)")
-        cols = [_fortran_flat(tensors[name].expand(batch, *tensors[name].shape[1:]), batch)
-                for name, _, _, _ in self._layout]
+        cols = []
+        for name, _, _, _ in self._layout:
+            flat = _fortran_flat(tensors[name].expand(batch, *tensors[name].shape[1:]), batch)
+            if name in self._gather:  # the entries CVXPY's reduced parameter keeps (e.g. the upper triangle)
+                flat = flat[:, torch.as_tensor(self._gather[name], device=flat.device)]
+            cols.append(flat)
         return torch.cat(cols, dim=1)
 
     def canonicalize(self, params: Mapping[str | cp.Parameter, ParamValue], *,
@@ -521,6 +532,23 @@ def _check_attributes(p: cp.Parameter, t: torch.Tensor) -> None:
         checks.append(("boolean=True (values 0 or 1)", lambda v: (v != 0) & (v != 1)))
     if attrs.get("integer"):
         checks.append(("integer=True (integral values)", lambda v: v != torch.round(v)))
+    if attrs.get("symmetric") or attrs.get("PSD") or attrs.get("NSD"):
+        checks.append(("symmetric (|X - X'| <= 1e-10)", lambda v: (v - v.mT).abs() > SYMMETRY_TOL))
+    if attrs.get("PSD"):
+        checks.append(("PSD=True (eigenvalues >= -1e-8)",
+                       lambda v: torch.linalg.eigvalsh((v + v.mT) / 2)[..., :1] < -EIGEN_TOL))
+    if attrs.get("NSD"):
+        checks.append(("NSD=True (eigenvalues <= 1e-8)",
+                       lambda v: torch.linalg.eigvalsh((v + v.mT) / 2)[..., -1:] > EIGEN_TOL))
+    if attrs.get("diag"):
+        checks.append(("diag=True (zero off the diagonal)",
+                       lambda v: (v * (1 - torch.eye(v.shape[-1], dtype=v.dtype, device=v.device))).abs()
+                       > SYMMETRY_TOL))
+    if p.sparse_idx is not None:
+        outside = torch.ones(p.shape, dtype=torch.bool)
+        outside[tuple(torch.as_tensor(np.asarray(i)) for i in p.sparse_idx)] = False
+        checks.append(("sparsity= (zero outside the pattern)",
+                       lambda v: (v.abs() > SYMMETRY_TOL) & outside.to(v.device)))
     lower, upper = _bounds(p)
     if lower is not None:
         lo = torch.as_tensor(lower, dtype=t.dtype, device=t.device)
@@ -544,7 +572,46 @@ def _check_attributes(p: cp.Parameter, t: torch.Tensor) -> None:
                              f"{len(bad)} instance(s), at batch position(s) {shown}")
 
 
+SYMMETRY_TOL = 1e-10
+"""Largest entry allowed where an attribute needs zero (asymmetry, off-diagonal, outside a sparsity pattern):
+CVXPY's ``GENERAL_PROJECTION_TOL``."""
+
+EIGEN_TOL = 1e-8
+"""Largest eigenvalue of the wrong sign a PSD / NSD parameter value may have (CVXPY's ``PSD_NSD_PROJECTION_TOL``)."""
+
+
+def _reduced_parameters(chain) -> dict[int, tuple[cp.Parameter, np.ndarray]]:
+    """Reduced parameter id -> (the user's parameter, column-major indices of its entries that the reduced
+    parameter holds), for the parameters CVXPY's ``CvxAttr2Constr`` replaced (it keeps the upper triangle of a
+    symmetric / PSD / NSD value, the diagonal of a diagonal one, the pattern of a sparse one)."""
+    out = {}
+    for reduction in chain.reductions:
+        for orig, new in getattr(reduction, "_parameters", {}).items():
+            shape = orig.shape
+            if orig.attributes.get("symmetric") or orig.attributes.get("PSD") or orig.attributes.get("NSD"):
+                rows, cols = np.triu_indices(shape[0])
+            elif orig.attributes.get("diag"):
+                rows = cols = np.arange(shape[0])
+            elif orig.sparse_idx is not None:
+                index = np.ravel_multi_index(tuple(np.asarray(i) for i in orig.sparse_idx), shape, order="F")
+                out[new.id] = (orig, index.astype(np.int64))
+                continue
+            else:
+                raise ValueError(f"parameter {orig.name()!r}: CVXPY reduced it for an attribute amortcvx does not "
+                                 f"know ({ {k: v for k, v in orig.attributes.items() if v} })")
+            out[new.id] = (orig, (rows + cols * shape[0]).astype(np.int64))
+    return out
+
+
 def _placeholder(p: cp.Parameter) -> np.ndarray:
+    if p.attributes.get("symmetric") or p.attributes.get("PSD") or p.attributes.get("diag"):
+        return np.eye(p.shape[0])
+    if p.attributes.get("NSD"):
+        return -np.eye(p.shape[0])
+    if p.sparse_idx is not None:
+        val = np.zeros(p.shape)
+        val[tuple(np.asarray(i) for i in p.sparse_idx)] = 1.0
+        return val
     val = np.ones(p.shape)
     lower, upper = _bounds(p)
     if lower is not None or upper is not None:  # a value inside the bounds (CVXPY checks them)
