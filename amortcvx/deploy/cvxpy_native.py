@@ -21,8 +21,6 @@ import numpy as np
 from amortcvx.backends.base import csc_parts
 from amortcvx.deploy.solver import AmortizedSolver
 
-SOLVER_OF = {"scs": cp.SCS, "osqp": cp.OSQP}
-
 
 def _current_params(problem: cp.Problem) -> dict[str, np.ndarray]:
     values = {}
@@ -49,7 +47,7 @@ def inject_warm_start(problem: cp.Problem, amortized: AmortizedSolver, **solver_
     if problem is not amortized.pp.problem:
         raise ValueError("the AmortizedSolver was built for another cp.Problem object; build it from this one "
                          "(ParametricProblem(problem, form))")
-    name = SOLVER_OF[amortized.algorithm]
+    name = amortized.description.cvxpy_name
     cache = problem._solver_cache
     cache.pop(name, None)
     pred = amortized.predict_warm_start(_current_params(problem))
@@ -83,7 +81,7 @@ def solve(problem: cp.Problem, amortized: AmortizedSolver, **solve_kwargs: Any) 
     keyword arguments given here override them. Returns ``problem.solve``'s value; variables, duals, status
     and ``solver_stats`` are filled as usual.
     """
-    name = SOLVER_OF[amortized.algorithm]
+    name = amortized.description.cvxpy_name
     if solve_kwargs.pop("solver", name) != name:
         raise ValueError(f"this AmortizedSolver warm-starts {name}; do not pass another solver")
     solve_kwargs.pop("warm_start", None)

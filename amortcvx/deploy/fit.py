@@ -27,7 +27,7 @@ import numpy as np
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.datasets import generate_dataset
 from amortcvx.iterations.loop import AndersonSettings
-from amortcvx.iterations.registry import DATA_FORMS
+from amortcvx.solvers import get_solver
 from amortcvx.training import SolvedSet, TrainConfig, train
 
 Sampler = Callable[[int, np.random.Generator], Mapping[str, Any]]
@@ -114,13 +114,17 @@ def fit(cls, problem: cp.Problem, data: Sampler | Mapping[str, Any], *, solver: 
         seed: int = 0, device: str = "cpu", workers: int | None = 1, calibrate: bool = True,
         progress: bool = True, **solver_options: Any):
     """See :meth:`amortcvx.deploy.AmortizedSolver.fit` (``cls`` is the class it builds)."""
-    if solver not in DATA_FORMS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(DATA_FORMS)}")
+    description = get_solver(solver)
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"eps must be a positive number; got {eps!r}")
-    pp = problem if isinstance(problem, ParametricProblem) else ParametricProblem(problem, form=DATA_FORMS[solver])
-    if pp.form != DATA_FORMS[solver]:
-        raise ValueError(f"solver {solver!r} needs a problem compiled in form {DATA_FORMS[solver]!r}; got {pp.form!r}")
+    if isinstance(problem, ParametricProblem):
+        pp = problem
+        if pp.form != description.form:
+            raise ValueError(f"solver {solver!r} needs a problem compiled in form {description.form!r}; got "
+                             f"{pp.form!r}")
+    else:
+        description.check_problem(problem)
+        pp = ParametricProblem(problem, form=description.form)
     params = draw(pp, data, num, seed)
     root = cache_root() if root is None else Path(root)
     ds = generate_dataset(pp, params, solver, root, name=f"fit-{params_digest(params)}", workers=workers,

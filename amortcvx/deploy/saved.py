@@ -20,8 +20,8 @@ import torch
 
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.loop import AndersonSettings
-from amortcvx.iterations.registry import DATA_FORMS
 from amortcvx.predictors.model import SETTINGS, WarmStartPredictor
+from amortcvx.solvers import get_solver
 
 FORMAT = "amortcvx.AmortizedSolver"
 VERSION = 1
@@ -91,7 +91,8 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
     path = Path(path)
     state = _read(path)
     algorithm = state["algorithm"]
-    pp = problem if isinstance(problem, ParametricProblem) else ParametricProblem(problem, form=DATA_FORMS[algorithm])
+    pp = problem if isinstance(problem, ParametricProblem) else ParametricProblem(
+        problem, form=get_solver(algorithm).form)
     if pp.fingerprint != state["fingerprint"]:
         raise ValueError(f"{path} holds a solver for problem {state['fingerprint']}, not for this problem "
                          f"({pp.fingerprint}): its structure, shapes or constant data differ")

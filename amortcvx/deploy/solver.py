@@ -65,12 +65,10 @@ from amortcvx.iterations.cones import project_cone, project_dual_cone
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
 from amortcvx.iterations.polish import check_polishable
-from amortcvx.iterations.registry import DATA_FORMS, make_algorithm
+from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import WarmStartPredictor
-
-BACKEND_OF = {"scs": "scs", "osqp": "osqp"}
-"""Algorithm -> the C backend that finishes its solves."""
+from amortcvx.solvers import get_solver
 
 SAFEGUARD_REFERENCES = ("cold", "refined_cold")
 """What a refined prediction's residual is compared with (see the module docstring, safeguard 1); the first is
@@ -200,10 +198,9 @@ class AmortizedSolver:
             algorithm = model.meta.algorithm
             if settings is None:
                 settings = model.meta.algorithm_settings()
-        if algorithm not in DATA_FORMS:
-            raise ValueError(f"algorithm must be one of {sorted(DATA_FORMS)}; got {algorithm!r}")
-        if DATA_FORMS[algorithm] != pp.form:
-            raise ValueError(f"algorithm {algorithm!r} needs a problem of form {DATA_FORMS[algorithm]!r}; "
+        description = get_solver(algorithm, "algorithm")
+        if description.form != pp.form:
+            raise ValueError(f"algorithm {algorithm!r} needs a problem of form {description.form!r}; "
                              f"got {pp.form!r}")
         if k < 0:
             raise ValueError(f"k must be nonnegative; got {k}")
@@ -213,7 +210,8 @@ class AmortizedSolver:
             check_polishable(pp.cones)
         self.pp, self.algorithm, self.settings, self.k, self.anderson = pp, algorithm, settings, k, anderson
         self.polish = bool(polish)
-        self.backend = BACKEND_OF[algorithm]
+        self.backend = description.backend.name
+        self.description = description
         self.solver_settings = dict(solver_settings or {})
         if safeguard_reference not in SAFEGUARD_REFERENCES:
             raise ValueError(f"safeguard_reference must be one of {SAFEGUARD_REFERENCES}; got {safeguard_reference!r}")
