@@ -2,12 +2,14 @@
 
 from amortcvx.predictors.fixed_point import OUTPUT_SPACES, OutputSpace, output_space
 from amortcvx.predictors.model import (
+    CORE_KINDS,
     SETTINGS,
     PredictorMeta,
     WarmStartPredictor,
     atomic_torch_save,
     mlp,
 )
+from amortcvx.predictors.neighbor import NeighborCorrection
 
-__all__ = ["OUTPUT_SPACES", "SETTINGS", "OutputSpace", "PredictorMeta", "WarmStartPredictor", "atomic_torch_save",
-           "mlp", "output_space"]
+__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "NeighborCorrection", "OutputSpace", "PredictorMeta",
+           "WarmStartPredictor", "atomic_torch_save", "mlp", "output_space"]

@@ -58,6 +58,11 @@ class PredictorMeta:
 SETTINGS: dict[str, type] = {"scs": ScsSettings, "osqp": OsqpSettings}
 """Algorithm name -> its settings dataclass."""
 
+CORE_KINDS: dict[str, Callable[[dict], nn.Module]] = {}
+"""Core kinds of this package that a saved predictor file names and :meth:`WarmStartPredictor.load` rebuilds
+without ``core=``: kind -> ``from_config(config)``. A registered core class has a ``core_kind`` attribute and a
+``config()`` method returning JSON data (sizes, widths); its weights and buffers are the file's tensors."""
+
 
 def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256), activation: Callable[[], nn.Module] = nn.ReLU,
         ) -> nn.Sequential:
@@ -117,9 +122,13 @@ class WarmStartPredictor(nn.Module):
         :meth:`load` reads it with ``weights_only=True``, so loading a file never runs code from it. A
         custom core is stored as its weights only; :meth:`load` needs ``core=`` or ``core_factory=`` for it.
         """
-        custom = not _is_default_mlp(self.core)
-        core = ({"kind": "custom", "class": f"{type(self.core).__module__}.{type(self.core).__qualname__}"}
-                if custom else {"kind": "mlp", "hidden": list(_mlp_hidden(self.core))})
+        kind = getattr(self.core, "core_kind", None)
+        if kind in CORE_KINDS:
+            core = {"kind": kind, "config": self.core.config()}
+        elif _is_default_mlp(self.core):
+            core = {"kind": "mlp", "hidden": list(_mlp_hidden(self.core))}
+        else:
+            core = {"kind": "custom", "class": f"{type(self.core).__module__}.{type(self.core).__qualname__}"}
         meta = {"meta": dataclasses.asdict(self.meta), "core": core}
         state = {"format": FILE_FORMAT, "version": FILE_VERSION,
                  "meta": json.dumps(meta, sort_keys=True, allow_nan=False),
@@ -167,6 +176,8 @@ class WarmStartPredictor(nn.Module):
         if core is None and core_factory is not None:
             core = _build_core(core_factory, meta)
         kind = info["core"].get("kind")
+        if core is None and kind in CORE_KINDS:
+            core = CORE_KINDS[kind](info["core"]["config"])
         if core is None and kind != "mlp":
             raise ValueError(
                 f"{path} holds a predictor with a custom core module ({info['core'].get('class', '?')}); its code "
@@ -214,7 +225,7 @@ def _read_predictor_file(path: str | os.PathLike, map_location: Any) -> dict[str
     try:
         info = json.loads(text)
         meta = PredictorMeta(**info["meta"])
-        if info["core"].get("kind") not in ("mlp", "custom"):
+        if info["core"].get("kind") not in ("mlp", "custom", *CORE_KINDS):
             raise ValueError(f"unknown core kind {info['core'].get('kind')!r}")
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"{path} holds damaged metadata ({type(exc).__name__}: {exc})") from None

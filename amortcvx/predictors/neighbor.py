@@ -1,0 +1,91 @@
+"""A predictor that uses the training set's structure: the nearest neighbour's solution plus a learned correction.
+
+In normalized units (``u = (theta - in_mean) / in_std``, targets ``(z* - out_mean) / out_std``; see
+:class:`~amortcvx.predictors.model.WarmStartPredictor`)::
+
+    j(u)  = argmin_i ||u - u_i||_2                       (nearest stored training instance)
+    core(u) = z_j + net([u, u - u_j])                    (its optimal fixed-point variable, corrected)
+
+``net`` is an MLP whose last layer starts at zero, so an untrained core is exactly the nearest-neighbour warm
+start, and training can only move it where the loss says so. While training (``module.training``), an
+instance never counts as its own neighbour (leave-one-out): otherwise the correction would learn zero.
+
+The stored instances are buffers (saved with the weights, never pickled code); the core declares
+``core_kind = "neighbor_correction"`` and ``config()``, so :meth:`WarmStartPredictor.load` rebuilds it from the
+file alone (see :data:`amortcvx.predictors.model.CORE_KINDS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from amortcvx.predictors.model import CORE_KINDS, mlp
+
+
+class NeighborCorrection(nn.Module):
+    """``u -> z_nn(u) + net([u, u - u_nn(u)])`` over stored normalized instances ``(keys, values)``.
+
+    Args:
+        keys: (N, p) normalized parameter vectors of the stored instances.
+        values: (N, d) their normalized optimal fixed-point variables.
+        hidden: hidden widths of the correction MLP.
+        chunk: rows of stored instances compared per pass (bounds memory at ``B x chunk``).
+    """
+
+    core_kind = "neighbor_correction"
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, hidden: Sequence[int] = (128, 128),
+                 chunk: int = 4096):
+        super().__init__()
+        if keys.ndim != 2 or values.ndim != 2 or keys.shape[0] != values.shape[0] or keys.shape[0] < 2:
+            raise ValueError(f"keys (N, p) and values (N, d) need the same N >= 2; got {tuple(keys.shape)} and "
+                             f"{tuple(values.shape)}")
+        self.hidden = tuple(int(h) for h in hidden)
+        self.chunk = int(chunk)
+        self.register_buffer("keys", keys.detach().clone())
+        self.register_buffer("values", values.detach().clone())
+        p, d = keys.shape[1], values.shape[1]
+        self.net = mlp(2 * p, d, self.hidden)
+        with torch.no_grad():
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+
+    def config(self) -> dict:
+        """What :meth:`from_config` needs to rebuild this core with empty buffers of the right shapes."""
+        return {"num": int(self.keys.shape[0]), "num_params": int(self.keys.shape[1]),
+                "out_dim": int(self.values.shape[1]), "hidden": list(self.hidden), "chunk": self.chunk}
+
+    @classmethod
+    def from_config(cls, config: dict) -> NeighborCorrection:
+        num, p, d = int(config["num"]), int(config["num_params"]), int(config["out_dim"])
+        return cls(torch.zeros(num, p), torch.zeros(num, d), hidden=config["hidden"], chunk=config["chunk"])
+
+    def neighbor(self, u: torch.Tensor) -> torch.Tensor:
+        """Index (B,) of the nearest stored instance of each row of ``u`` (itself excluded while training)."""
+        best_d = torch.full((u.shape[0],), float("inf"), dtype=u.dtype, device=u.device)
+        best_i = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
+        keys = self.keys.to(u)
+        for start in range(0, keys.shape[0], self.chunk):
+            block = keys[start:start + self.chunk]
+            uu = u.detach().square().sum(1, keepdim=True)
+            kk = block.square().sum(1)
+            d2 = (uu + kk - 2 * u.detach() @ block.T).clamp_min(0)
+            if self.training:  # leave-one-out: a copy of the query (up to the rounding of d2) is not its neighbour
+                copy = d2 <= 1e-10 * (uu + kk).clamp_min(1e-300)
+                d2 = torch.where(copy, torch.full_like(d2, float("inf")), d2)
+            val, idx = d2.min(dim=1)
+            better = val < best_d
+            best_d = torch.where(better, val, best_d)
+            best_i = torch.where(better, idx + start, best_i)
+        return best_i
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        j = self.neighbor(u)
+        u_nn = self.keys.to(u)[j]
+        return self.values.to(u)[j] + self.net(torch.cat([u, u - u_nn], dim=1))
+
+
+CORE_KINDS[NeighborCorrection.core_kind] = NeighborCorrection.from_config

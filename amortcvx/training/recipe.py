@@ -1,0 +1,415 @@
+"""An automatic training recipe: choose the predictor, its size, regularization, loss mix and the number of
+training instances on validation data, within a time budget.
+
+:func:`fit_predictor` is what ``AmortizedSolver.fit`` calls. With ``get_solved(n)`` returning the first ``n``
+solved instances (the caller's sampler and cache; the first ``RecipeSettings.val_size`` are the validation set,
+the rest the training set), it
+
+1. solves a validation subset cold on the C solver (exact iteration counts): the reference;
+2. searches at ``search_size`` training instances, one change at a time from the default (an MLP, regression
+   to the optimum): the predictor kind (MLP or :class:`~amortcvx.predictors.NeighborCorrection`, a correction
+   on top of the nearest training instance's solution), a smaller network, weight decay, and the loss mix
+   (regression plus the fixed-point residual after ``k`` unrolled torch steps); a change is kept when it lowers
+   the validation median of exact C iterations from the bare prediction (k = 0; ties: the mean); every
+   training stops early on the validation loss (``TrainConfig.patience``) and its epochs are capped by the
+   time left;
+3. trains the chosen configuration on more instances (``sizes``) while the budget allows and more data still
+   pays, and keeps the best; every size trained gives a point of the learning curve (validation regression
+   loss and median C iterations against the training-set size), which :class:`RecipeResult` prints.
+
+Nothing in the recipe looks at the problem family: the same candidates and rules run on every problem, and the
+choice is made on the validation instances only (never on the test set the caller measures on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from amortcvx.backends import Status, WarmStart, solve_batch
+from amortcvx.canon.parametric import ParametricProblem
+from amortcvx.iterations.linalg import FactorCache
+from amortcvx.iterations.loop import run
+from amortcvx.iterations.registry import make_algorithm
+from amortcvx.predictors.fixed_point import output_space
+from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
+from amortcvx.predictors.neighbor import NeighborCorrection
+from amortcvx.training.losses import LossWeights, losses
+from amortcvx.training.trainer import SolvedSet, TrainConfig, evaluate_losses, settings_dict, train
+
+KINDS = ("mlp", "neighbor_correction")
+"""Predictor kinds the recipe chooses among."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One training configuration.
+
+    Attributes:
+        kind: ``"mlp"`` (theta -> z) or ``"neighbor_correction"`` (nearest training solution + learned correction).
+        hidden: hidden widths (of the MLP, or of the correction network).
+        weight_decay: Adam weight decay.
+        residual: add the fixed-point residual after ``k`` unrolled steps to the regression loss (weighted so that
+            both terms are 1 at the mean prediction).
+    """
+
+    kind: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)
+    weight_decay: float = 0.0
+    residual: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
+
+    def label(self) -> str:
+        width = "x".join(str(h) for h in self.hidden)
+        loss = "regression+residual" if self.residual else "regression"
+        return f"{self.kind} {width} wd={self.weight_decay:g} {loss}"
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    """The recipe's search space and limits (the defaults are the recipe; change them only to experiment).
+
+    Attributes:
+        val_size: validation instances (the first ones ``get_solved`` returns).
+        eval_size: validation instances solved on the C solver per trial (exact counts).
+        search_size: training instances of the configuration search.
+        sizes: training-set sizes of the learning curve (those above ``search_size`` are tried in order while
+            the budget allows and the last one paid).
+        alternatives: the one-change-at-a-time steps of the search, in order.
+        epochs, patience, batch_size, lr: training limits (epochs are also capped by the time left).
+        dtype: training precision.
+    """
+
+    val_size: int = 200
+    eval_size: int = 100
+    search_size: int = 500
+    sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000)
+    alternatives: tuple[dict, ...] = ({"kind": "neighbor_correction", "hidden": (128, 128)},
+                                      {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True})
+    epochs: int = 200
+    patience: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    dtype: str = "float64"
+
+    def __post_init__(self):
+        if self.val_size < 2 or not 1 <= self.eval_size <= self.val_size:
+            raise ValueError(f"need val_size >= 2 and 1 <= eval_size <= val_size; got {self.val_size}, "
+                             f"{self.eval_size}")
+        if self.search_size < 2 or any(n < 2 for n in self.sizes):
+            raise ValueError("training-set sizes must be at least 2")
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One trained configuration and how it did on validation.
+
+    Attributes:
+        candidate: the configuration.
+        num_train: training instances.
+        val_regression: validation regression loss (normalized squared error of the prediction).
+        val_median_iterations, val_mean_iterations: exact C iterations from the bare prediction (k = 0) on the
+            validation subset.
+        best_epoch, epochs: the epoch kept (early stopping) and the epochs run.
+        seconds: wall time of the training and its evaluation.
+    """
+
+    candidate: Candidate
+    num_train: int
+    val_regression: float
+    val_median_iterations: float
+    val_mean_iterations: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """A point of the learning curve: the chosen configuration trained on ``num_train`` instances."""
+
+    num_train: int
+    val_regression: float
+    val_median_iterations: float
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    """What :func:`fit_predictor` chose and why.
+
+    Attributes:
+        model: the chosen predictor (a :class:`WarmStartPredictor`, eval mode).
+        candidate: its configuration.
+        num_train: its training-set size.
+        val_median_iterations: its validation median of exact C iterations from the bare prediction (k = 0).
+        cold_median_iterations: the cold start's median on the same validation instances.
+        trials: every configuration trained, in order.
+        curve: the learning curve of the chosen configuration, by training-set size.
+        seconds: wall time of the recipe (data included).
+        budget_seconds: the budget it ran under.
+        solver_settings: the C solver settings the iterations were counted with.
+    """
+
+    model: WarmStartPredictor
+    candidate: Candidate
+    num_train: int
+    val_median_iterations: float
+    cold_median_iterations: float
+    trials: tuple[TrialResult, ...]
+    curve: tuple[CurvePoint, ...]
+    seconds: float
+    budget_seconds: float
+    solver_settings: dict
+
+    def format(self) -> str:
+        """A plain-text report: the trials, the choice, and the learning curve."""
+        lines = [f"recipe: {len(self.trials)} trainings in {self.seconds:.0f} s (budget {self.budget_seconds:.0f} s);"
+                 f" cold start: median {self.cold_median_iterations:g} C iterations on validation",
+                 f"{'configuration':48s} {'n':>5s} {'val loss':>9s} {'median it':>9s} {'epochs':>7s} {'s':>6s}"]
+        for t in self.trials:
+            lines.append(f"{t.candidate.label():48s} {t.num_train:5d} {t.val_regression:9.3g} "
+                         f"{t.val_median_iterations:9g} {t.epochs:7d} {t.seconds:6.1f}")
+        lines.append(f"chosen: {self.candidate.label()}, n = {self.num_train}: median {self.val_median_iterations:g} "
+                     f"C iterations ({self.val_median_iterations / max(self.cold_median_iterations, 1e-12):.2f} of "
+                     "cold)")
+        lines.append("learning curve (chosen configuration): n, validation loss, median C iterations")
+        lines += [f"  {p.num_train:6d} {p.val_regression:9.3g} {p.val_median_iterations:9g}" for p in self.curve]
+        return "\n".join(lines)
+
+
+def c_iterations(pp: ParametricProblem, algorithm: str, model: nn.Module | None, solved: SolvedSet, *,
+                 settings=None, solver_settings: dict | None = None, k: int = 0) -> np.ndarray:
+    """Exact C iterations (fresh solver objects) from the predictions of ``model`` (None: cold starts).
+
+    The prediction is refined by ``k`` plain torch steps (``k = 0``: the estimates of the step SCS takes first,
+    see :attr:`OutputSpace.prediction_warm_start`) and handed to the C solver. A solve that does not end optimal
+    counts the iterations it ran (so a bad predictor is not hidden).
+    """
+    theta = torch.as_tensor(solved.theta).to("cpu", torch.float64)
+    data = pp.canonicalize_vector(theta)
+    warm: list[WarmStart | None] = [None] * len(solved)
+    if model is not None:
+        space = output_space(algorithm)
+        settings = model.meta.algorithm_settings() if settings is None and hasattr(model, "meta") else settings
+        alg = make_algorithm(algorithm, data, settings)
+        with torch.no_grad():
+            param = next(iter(model.parameters()), None)
+            dtype = torch.float64 if param is None else param.dtype
+            z0 = model(theta.to(dtype)).to(torch.float64)
+            if k == 0:
+                ws = space.prediction_warm_start(alg, z0)
+            else:
+                ws = space.warm_start(alg, run(alg, space.to_state(alg, z0), k).state)
+        ws = {f: v.detach().cpu().numpy() for f, v in ws.items()}
+        warm = [WarmStart(**{f: v[i] for f, v in ws.items()}) for i in range(len(solved))]
+    results = solve_batch(data.instances(), algorithm, warm, settings=solver_settings, exact_iterations=True,
+                          workers=1)
+    return np.array([r.iterations for r in results], dtype=float)
+
+
+def _normalization(pp, algorithm, settings, train_set: SolvedSet) -> WarmStartPredictor:
+    """A predictor shell whose normalization is the one :func:`train` will fit on ``train_set``."""
+    space = output_space(algorithm)
+    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm=algorithm, settings=settings_dict(settings),
+                         num_params=pp.num_params, out_dim=space.dim(pp.n, pp.m))
+    shell = WarmStartPredictor(meta, core=nn.Identity()).to(train_set.theta.dtype)
+    with torch.no_grad():
+        alg = make_algorithm(algorithm, pp.canonicalize_vector(train_set.theta), settings)
+        shell.fit_normalization(train_set.theta, space.target(alg, train_set.x, train_set.y, train_set.s))
+    return shell
+
+
+def _core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet) -> nn.Module | None:
+    if cand.kind == "mlp":
+        return None  # train() builds its MLP with cand.hidden
+    shell = _normalization(pp, algorithm, settings, train_set)
+    space = output_space(algorithm)
+    with torch.no_grad():
+        alg = make_algorithm(algorithm, pp.canonicalize_vector(train_set.theta), settings)
+        target = space.target(alg, train_set.x, train_set.y, train_set.s)
+    keys = (train_set.theta - shell.in_mean) / shell.in_std
+    values = (target - shell.out_mean) / shell.out_std
+    return NeighborCorrection(keys, values, hidden=cand.hidden)
+
+
+def _residual_weight(pp, algorithm, settings, train_set: SolvedSet, k: int) -> float:
+    """``1 / residual`` of the mean prediction after ``k`` steps: both loss terms start near 1."""
+    shell = _normalization(pp, algorithm, settings, train_set)
+    space = output_space(algorithm)
+    sub = train_set.subset(torch.arange(min(len(train_set), 256)))
+    with torch.no_grad():
+        alg = make_algorithm(algorithm, pp.canonicalize_vector(sub.theta), settings)
+        z0 = shell.out_mean.expand(len(sub), -1)
+        res = losses(alg, space, z0, z0, shell.out_std, k, LossWeights(regression=0.0, residual=1.0))["residual"]
+    return 1.0 / max(float(res), 1e-12)
+
+
+def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[int], SolvedSet], *,
+                  budget_seconds: float = 600.0, k: int = 5, seed: int = 0, device: str = "cpu", settings=None,
+                  solver_settings: dict | None = None, recipe: RecipeSettings = RecipeSettings(),
+                  progress: bool = True) -> RecipeResult:
+    """Choose and train a warm-start predictor on validation data within ``budget_seconds``.
+
+    Args:
+        pp: the compiled problem (form matching ``algorithm``).
+        algorithm: ``"scs"`` or ``"osqp"`` (the torch iteration and the C solver that counts iterations).
+        get_solved: ``get_solved(n)`` returns the first ``n`` solved instances (a :class:`SolvedSet`, possibly
+            fewer if some failed); the first ``recipe.val_size`` are validation, the rest training.
+        budget_seconds: wall-time budget for data, training and validation (the recipe stops starting new
+            trainings when the estimate of the next one does not fit; a training's epochs are capped by the
+            time left).
+        k: unrolled torch steps of the residual loss.
+        seed: seeds every training.
+        device: where training runs.
+        settings: the torch iteration's settings (defaults if None).
+        solver_settings: C solver settings for counting iterations (e.g. ``{"eps_abs": 1e-4, "eps_rel": 1e-4}``).
+        recipe: the search space and limits.
+        progress: print one line per training.
+
+    Returns:
+        :class:`RecipeResult` (``.model`` is the chosen predictor; ``.format()`` the report).
+    """
+    t_start = time.perf_counter()
+    deadline = t_start + float(budget_seconds)
+    settings = SETTINGS[algorithm]() if settings is None else settings
+    solver_settings = dict(solver_settings or {})
+    say = print if progress else (lambda *_: None)
+    dtype = getattr(torch, recipe.dtype)
+
+    def data(n_train: int) -> tuple[SolvedSet, SolvedSet]:
+        solved = get_solved(recipe.val_size + n_train).to("cpu", dtype)
+        if len(solved) < recipe.val_size + 2:
+            raise ValueError(f"get_solved returned {len(solved)} solved instances; the recipe needs at least "
+                             f"{recipe.val_size + 2}")
+        val = solved.subset(torch.arange(recipe.val_size))
+        return val, solved.subset(torch.arange(recipe.val_size, len(solved)))
+
+    val, train_set = data(recipe.search_size)
+    eval_set = val.subset(torch.arange(recipe.eval_size))
+    cold = c_iterations(pp, algorithm, None, eval_set, settings=settings, solver_settings=solver_settings)
+    cold_median = float(np.median(cold))
+    say(f"recipe: {pp.n} variables, {pp.m} rows, {pp.num_params} parameters; cold start median "
+        f"{cold_median:g} C iterations on {len(eval_set)} validation instances")
+    factors = FactorCache()
+    loss_cfg = TrainConfig(k=0, weights=LossWeights(), batch_size=256, progress=False, dtype=recipe.dtype,
+                           device=device)
+    rates: dict[tuple, float] = {}  # seconds per epoch per training instance, by (kind, residual)
+    trials: list[TrialResult] = []
+    models: dict[int, WarmStartPredictor] = {}
+
+    def estimate(cand: Candidate, n: int) -> float:
+        rate = rates.get((cand.kind, cand.residual), max(rates.values(), default=0.0))
+        return rate * n * min(recipe.epochs, 3 * recipe.patience)
+
+    def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
+        t0 = time.perf_counter()
+        left = deadline - t0
+        rate = rates.get((cand.kind, cand.residual))
+        epochs = recipe.epochs if rate is None else int(max(3, min(recipe.epochs, 0.8 * left / (rate * len(
+            train_part)))))
+        weights = LossWeights(regression=1.0, residual=_residual_weight(pp, algorithm, settings, train_part, k)
+                              if cand.residual else 0.0)
+        config = TrainConfig(k=k if cand.residual else 0, weights=weights, epochs=epochs,
+                             patience=recipe.patience, batch_size=recipe.batch_size, lr=recipe.lr,
+                             weight_decay=cand.weight_decay, seed=seed, device=device, dtype=recipe.dtype,
+                             hidden=cand.hidden, progress=False)
+        out = train(pp, algorithm, train_part, val, config, settings=settings,
+                    core=_core(cand, pp, algorithm, settings, train_part))
+        model = out.model.to("cpu").eval()
+        ran = len(out.history)
+        rates[(cand.kind, cand.residual)] = (time.perf_counter() - t0) / max(ran, 1) / len(train_part)
+        reg = evaluate_losses(pp, algorithm, settings, model, val.to(device, dtype), loss_cfg, factors)["regression"]
+        its = c_iterations(pp, algorithm, model, eval_set, settings=settings, solver_settings=solver_settings)
+        result = TrialResult(cand, len(train_part), float(reg), float(np.median(its)), float(np.mean(its)),
+                             out.best_epoch, ran, time.perf_counter() - t0)
+        trials.append(result)
+        models[len(trials) - 1] = model
+        say(f"  {cand.label():48s} n={len(train_part):5d}  val loss {reg:8.3g}  median C it "
+            f"{result.val_median_iterations:g} (mean {result.val_mean_iterations:.1f})  epochs {ran}  "
+            f"{result.seconds:.1f} s")
+        return result
+
+    def better(a: TrialResult, b: TrialResult) -> bool:
+        return (a.val_median_iterations, a.val_mean_iterations) < (b.val_median_iterations, b.val_mean_iterations)
+
+    # 1. configuration search at search_size, one change at a time from the current best
+    best_i = 0
+    trial(Candidate(), train_set)
+    for change in recipe.alternatives:
+        cand = dataclasses.replace(trials[best_i].candidate, **change)
+        if cand == trials[best_i].candidate:
+            continue
+        if time.perf_counter() + estimate(cand, len(train_set)) > deadline:
+            say(f"  (budget: skipping {cand.label()})")
+            continue
+        if better(trial(cand, train_set), trials[best_i]):
+            best_i = len(trials) - 1
+    chosen = trials[best_i].candidate
+
+    # 2. learning curve: the chosen configuration on the other training-set sizes; a larger size replaces the
+    # choice when it lowers the validation iterations, and the curve stops growing once more data did not pay
+    paid = True
+    for n in sorted(set(recipe.sizes) - {recipe.search_size}):
+        if n > recipe.search_size and not paid:
+            say(f"  (more data did not pay at n={trials[-1].num_train}: stopping the curve)")
+            break
+        if time.perf_counter() + estimate(chosen, n) > deadline:
+            say(f"  (budget: no training on n={n})")
+            break
+        _, part = data(n)
+        if n > recipe.search_size and len(part) <= trials[best_i].num_train:
+            break  # get_solved has no more instances
+        result = trial(chosen, part)
+        if n > recipe.search_size:
+            paid = better(result, trials[best_i])
+            if paid:
+                best_i = len(trials) - 1
+    curve = tuple(sorted((CurvePoint(t.num_train, t.val_regression, t.val_median_iterations)
+                          for t in trials if t.candidate == chosen), key=lambda p: p.num_train))
+    best = trials[best_i]
+    result = RecipeResult(model=models[best_i], candidate=best.candidate, num_train=best.num_train,
+                          val_median_iterations=best.val_median_iterations, cold_median_iterations=cold_median,
+                          trials=tuple(trials), curve=curve, seconds=time.perf_counter() - t_start,
+                          budget_seconds=float(budget_seconds), solver_settings=solver_settings)
+    say(result.format())
+    return result
+
+
+def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.ndarray], *,
+                  solver_settings: dict | None = None) -> Callable[[int], SolvedSet]:
+    """A ``get_solved`` for :func:`fit_predictor` from a parameter batch, solved on demand in memory (tests,
+    benchmarks; ``AmortizedSolver.fit`` passes its on-disk dataset instead).
+
+    Instances are solved by the C solver at ``solver_settings`` (default: tight, eps 1e-8) the first time they
+    are asked for; ``get_solved(n)`` returns the optimally solved ones among the first ``n``.
+    """
+    theta = pp.parameter_vector(params, dtype=torch.float64)
+    settings = {"eps_abs": 1e-8, "eps_rel": 1e-8} if solver_settings is None else dict(solver_settings)
+    done: list = []
+
+    def get_solved(n: int) -> SolvedSet:
+        n = min(int(n), theta.shape[0])
+        if n > len(done):
+            data = pp.canonicalize_vector(theta[len(done):n])
+            done.extend(solve_batch(data.instances(), algorithm, None, settings=settings, exact_iterations=False,
+                                    workers=1))
+        ok = [i for i in range(n) if done[i].status == Status.OPTIMAL and np.all(np.isfinite(done[i].x))]
+        x = torch.as_tensor(np.stack([done[i].x for i in ok]))
+        y = torch.as_tensor(np.stack([done[i].y for i in ok]))
+        s = torch.as_tensor(np.stack([done[i].s for i in ok])) if algorithm == "scs" else None
+        return SolvedSet(theta[ok], x, y, s)
+
+    return get_solved
+
+
+__all__ = ["KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrialResult", "c_iterations",
+           "fit_predictor", "solved_source"]

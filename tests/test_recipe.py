@@ -1,0 +1,137 @@
+"""Tests of the automatic training recipe (amortcvx.training.recipe) and the neighbour-correction predictor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from amortcvx import problems
+from amortcvx.canon import ParametricProblem
+from amortcvx.predictors import NeighborCorrection, PredictorMeta, WarmStartPredictor, output_space
+from amortcvx.training.recipe import (
+    Candidate,
+    RecipeSettings,
+    c_iterations,
+    fit_predictor,
+    solved_source,
+)
+
+EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
+TINY = RecipeSettings(val_size=30, eval_size=30, search_size=60, sizes=(30, 60, 120), epochs=25, patience=5)
+
+
+@pytest.fixture(scope="module")
+def portfolio():
+    torch.manual_seed(0)
+    fam = problems.make("portfolio", "small", seed=0)
+    pp = ParametricProblem(fam.problem, "cone")
+    source = solved_source(pp, "scs", fam.sample(300, seed=0))
+    return fam, pp, source
+
+
+@pytest.fixture(scope="module")
+def fitted(portfolio):
+    _, pp, source = portfolio
+    return fit_predictor(pp, "scs", source, budget_seconds=300, k=3, solver_settings=EPS, recipe=TINY,
+                         progress=False)
+
+
+def test_recipe_searches_chooses_on_validation_and_reports_a_curve(fitted, portfolio):
+    _, pp, _ = portfolio
+    res = fitted
+    assert isinstance(res.model, WarmStartPredictor)
+    assert res.model.meta.fingerprint == pp.fingerprint and res.model.meta.algorithm == "scs"
+    search = [t for t in res.trials if t.num_train == TINY.search_size]
+    labels = {t.candidate.label() for t in search}
+    assert len(search) == 1 + len(TINY.alternatives)  # the default and every one-change alternative
+    assert any(t.candidate.kind == "neighbor_correction" for t in search)
+    assert len(labels) == len(search)
+    # the choice is the best trial by (median, mean) validation iterations among the search and larger sizes
+    eligible = [t for t in res.trials if t.num_train >= TINY.search_size]
+    best = min((t.val_median_iterations, t.val_mean_iterations) for t in eligible)
+    chosen = [t for t in eligible if t.candidate == res.candidate and t.num_train == res.num_train]
+    assert (chosen[0].val_median_iterations, chosen[0].val_mean_iterations) == best
+    # the learning curve: the chosen configuration at increasing training-set sizes, one of them the search size
+    sizes = [p.num_train for p in res.curve]
+    assert sizes == sorted(sizes) and TINY.search_size in sizes and len(sizes) >= 2
+    text = res.format()
+    assert "learning curve" in text and res.candidate.label() in text
+
+
+def test_recipe_model_is_no_worse_than_cold_on_held_out(fitted, portfolio):
+    fam, pp, _ = portfolio
+    held_out = solved_source(pp, "scs", fam.sample(40, seed=99))(40)
+    learned = c_iterations(pp, "scs", fitted.model, held_out, solver_settings=EPS)
+    cold = c_iterations(pp, "scs", None, held_out, solver_settings=EPS)
+    assert np.median(learned) <= np.median(cold)
+
+
+def test_recipe_respects_a_small_budget(portfolio):
+    _, pp, source = portfolio
+    res = fit_predictor(pp, "scs", source, budget_seconds=1e-3, solver_settings=EPS, recipe=TINY, progress=False)
+    assert len(res.trials) == 1  # the default is always trained; nothing else fits
+    assert res.candidate == Candidate()
+
+
+def test_optimal_prediction_needs_fewer_iterations_than_cold(portfolio):
+    """c_iterations hands the prediction to the C solver: a model that returns the optimum beats cold."""
+    _, pp, source = portfolio
+    solved = source(20)
+    space = output_space("scs")
+    from amortcvx.iterations.registry import make_algorithm
+
+    alg = make_algorithm("scs", pp.canonicalize_vector(solved.theta))
+    target = space.target(alg, solved.x, solved.y, solved.s)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, theta):
+            idx = torch.cdist(theta, solved.theta).argmin(1)
+            return target[idx]
+
+    oracle = c_iterations(pp, "scs", Oracle(), solved, solver_settings=EPS)
+    cold = c_iterations(pp, "scs", None, solved, solver_settings=EPS)
+    assert np.median(oracle) < 0.5 * np.median(cold)
+
+
+# ---------------------------------------------------------------------------------------------- neighbour core
+
+
+def _meta(p: int, d: int) -> PredictorMeta:
+    return PredictorMeta(fingerprint="f", algorithm="scs", settings={}, num_params=p, out_dim=d)
+
+
+def test_neighbor_correction_starts_at_the_neighbour_and_leaves_one_out():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    values = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    core = NeighborCorrection(keys, values, hidden=(16,)).double().eval()
+    q = keys[7:9] + 1e-3
+    torch.testing.assert_close(core(q), values[7:9])  # zero-initialized correction: exactly the neighbour
+    core.train()
+    j = core.neighbor(keys[:10])
+    assert not torch.any(j == torch.arange(10))  # an instance is not its own neighbour while training
+    ref = torch.cdist(keys[:10], keys).fill_diagonal_(float("inf")).argmin(1)
+    assert torch.equal(j, ref)
+
+
+def test_neighbor_correction_chunks_agree_with_one_pass():
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(37, 3, generator=g), torch.randn(37, 2, generator=g)
+    q = torch.randn(11, 3, generator=g)
+    a = NeighborCorrection(keys, values, chunk=5).eval().neighbor(q)
+    b = NeighborCorrection(keys, values, chunk=1000).eval().neighbor(q)
+    assert torch.equal(a, b)
+
+
+def test_neighbor_predictor_saves_and_loads_without_code(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    core = NeighborCorrection(torch.randn(20, 3, generator=g), torch.randn(20, 5, generator=g), hidden=(8, 8))
+    with torch.no_grad():
+        core.net[-1].weight.normal_(generator=g)
+    model = WarmStartPredictor(_meta(3, 5), core=core).eval()
+    model.save(tmp_path / "m.pt")
+    loaded = WarmStartPredictor.load(tmp_path / "m.pt", fingerprint="f", algorithm="scs")
+    x = torch.randn(4, 3, generator=g)
+    assert isinstance(loaded.core, NeighborCorrection)
+    torch.testing.assert_close(loaded.eval()(x), model(x))
