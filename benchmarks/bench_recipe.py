@@ -1,0 +1,156 @@
+"""The automatic training recipe against the targets of issue 13, on the check families and the bundled ones.
+
+Per family (small size, SCS, C tolerance eps 1e-4 abs/rel, exact C iteration counts on fresh solver objects):
+
+1. ``fit_predictor`` with the given budget on instances drawn from the family's sampler (seed 0; the first
+   200 are validation, the rest training, solved at eps 1e-8 on demand inside the budget);
+2. on 200 held-out test instances (seed 12345), median C iterations of: the cold start; the nearest
+   neighbour among the recipe's training instances; the learned prediction alone (k = 0, deployed through
+   ``AmortizedSolver``: certified finish and safeguard included); the learned prediction with the refinement
+   that calibration picks (k in ``--refine`` and plain/Anderson, chosen by ``AmortizedSolver.calibrate``'s
+   validation median, on the validation instances); and the control (the cold start with that same
+   refinement, no model);
+3. the ratios against the targets: k=0 <= 1/2 cold and <= 2/3 nearest neighbour; refined <= 1/5 cold; the
+   model's own share, control / refined, >= 2.
+
+Prints the machine, load, torch threads, dtype, sizes, solver settings and budget beside the numbers.
+Usage: ``python benchmarks/bench_recipe.py [--families a,b] [--budget 600] [--smoke] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from amortcvx import problems
+from amortcvx.backends import solve_batch
+from amortcvx.canon import ParametricProblem
+from amortcvx.deploy.solver import AmortizedSolver
+from amortcvx.evaluation.baselines import NearestNeighbor
+from amortcvx.iterations.loop import AndersonSettings
+from amortcvx.training.recipe import RecipeSettings, fit_predictor, solved_source
+
+EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
+TARGETS = {"k0_vs_cold": 0.5, "k0_vs_nn": 2 / 3, "refined_vs_cold": 0.2, "control_over_refined": 2.0}
+
+
+def rows(params: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in params.items()}
+
+
+def medians(out) -> float:
+    return float(np.median([r.iterations for r in out.results]))
+
+
+def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, refine: tuple[int, ...],
+               seed: int = 0) -> dict:
+    fam = problems.make(name, "small", seed=0)
+    pp = ParametricProblem(fam.problem, "cone")
+    pool = max(recipe.sizes + (recipe.search_size,)) + recipe.val_size
+    params = fam.sample(pool, seed=seed)
+    source = solved_source(pp, "scs", params)
+    t0 = time.perf_counter()
+    res = fit_predictor(pp, "scs", source, budget_seconds=budget, solver_settings=EPS, recipe=recipe, seed=seed)
+    recipe_s = time.perf_counter() - t0
+    test = fam.sample(num_test, seed=12345)
+    val = rows(params, slice(0, recipe.val_size))
+
+    cold = medians(AmortizedSolver(pp, None, algorithm="scs", k=0, solver_settings=EPS).solve(
+        test, exact_iterations=True))
+    solved = source(recipe.val_size + res.num_train)
+    train = slice(recipe.val_size, len(solved))
+    nn = NearestNeighbor(solved.theta[train].numpy(), solved.x[train].numpy(), solved.y[train].numpy(),
+                         solved.s[train].numpy())
+    theta_test = pp.parameter_vector(test, dtype=torch.float64).numpy()
+    nn_its = [r.iterations for r in solve_batch(pp.canonicalize_vector(torch.as_tensor(theta_test)).instances(),
+                                                 "scs", nn.warm_starts(theta_test), settings=EPS,
+                                                 exact_iterations=True, workers=1)]
+    learned0 = medians(AmortizedSolver(pp, res.model, k=0, solver_settings=EPS).solve(test, exact_iterations=True))
+
+    best = None
+    for k in refine:  # the refinement calibration picks, by the validation median (ties: fewer steps)
+        solver = AmortizedSolver(pp, res.model, k=k, solver_settings=EPS)
+        cal = solver.calibrate(val, refinements=(None, AndersonSettings()))
+        if best is None or cal.learned_median < best[1].learned_median:
+            best = (solver, cal, k)
+    solver, cal, k = best
+    refined = medians(solver.solve(test, exact_iterations=True))
+    control = medians(AmortizedSolver(pp, None, algorithm="scs", k=k, anderson=solver.anderson,
+                                      solver_settings=EPS).solve(test, exact_iterations=True))
+    nn_med = float(np.median(nn_its))
+    out = {
+        "family": name, "kind": fam.kind, "n": pp.n, "m": pp.m, "num_params": pp.num_params,
+        "check_family": name in problems.CHECK_FAMILIES, "budget_s": budget, "recipe_s": recipe_s,
+        "chosen": res.candidate.label(), "num_train": res.num_train, "trainings": len(res.trials),
+        "curve": [(p.num_train, p.val_regression, p.val_median_iterations) for p in res.curve],
+        "cold": cold, "nearest_neighbor": nn_med, "learned_k0": learned0,
+        "refine": {"k": k, "anderson": solver.anderson is not None, "enabled": bool(cal.enabled)},
+        "learned_refined": refined, "control": control,
+    }
+    out["ratios"] = {"k0_vs_cold": learned0 / cold, "k0_vs_nn": learned0 / max(nn_med, 1e-12),
+                     "refined_vs_cold": refined / cold, "control_over_refined": control / max(refined, 1e-12)}
+    out["met"] = {key: (val <= TARGETS[key]) if key != "control_over_refined" else (val >= TARGETS[key])
+                  for key, val in out["ratios"].items()}
+    return out
+
+
+def format_row(r: dict) -> str:
+    rt, met = r["ratios"], r["met"]
+
+    def cell(key: str) -> str:
+        return f"{rt[key]:.2f} {'met' if met[key] else 'MISSED'}"
+
+    ref = f"k={r['refine']['k']}{' anderson' if r['refine']['anderson'] else ''}"
+    if not r["refine"]["enabled"]:
+        ref += " (predictor switched off)"
+    return (f"| {r['family']}{' (check)' if r['check_family'] else ''} | {r['cold']:g} | {r['nearest_neighbor']:g} | "
+            f"{r['learned_k0']:g} | {r['learned_refined']:g} ({ref}) | {r['control']:g} | {cell('k0_vs_cold')} | "
+            f"{cell('k0_vs_nn')} | {cell('refined_vs_cold')} | {cell('control_over_refined')} | {r['chosen']}, "
+            f"n={r['num_train']} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default=",".join(problems.check_names() + problems.names()))
+    ap.add_argument("--budget", type=float, default=600.0, help="recipe budget per family, seconds")
+    ap.add_argument("--test", type=int, default=200, help="held-out test instances")
+    ap.add_argument("--refine", default="10,30", help="refinement steps calibration chooses among")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and budget (checks that it runs)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    recipe = RecipeSettings()
+    budget, num_test = args.budget, args.test
+    if args.smoke:
+        recipe = RecipeSettings(val_size=30, eval_size=20, search_size=40, sizes=(40, 80), epochs=5, patience=3)
+        budget, num_test = min(budget, 20.0), min(num_test, 20)
+    refine = tuple(int(k) for k in args.refine.split(","))
+    env = {"machine": platform.machine(), "cpus": os.cpu_count(), "load": os.getloadavg(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "dtype": recipe.dtype, "device": "cpu", "solver": "scs",
+           "solver_settings": EPS, "budget_s": budget, "test": num_test, "refine": refine,
+           "recipe": {"val_size": recipe.val_size, "eval_size": recipe.eval_size, "search_size": recipe.search_size,
+                      "sizes": recipe.sizes, "epochs": recipe.epochs, "patience": recipe.patience}}
+    print(f"# {env}", flush=True)
+    results = []
+    for name in args.families.split(","):
+        r = run_family(name, budget, recipe, num_test, refine)
+        results.append(r)
+        print(format_row(r), flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"env": env, "results": results}, fh, indent=1)
+    print("| family | cold | nearest neighbour | learned k=0 | learned refined (calibrated) | control | k0/cold <= 0.5 "
+          "| k0/NN <= 0.67 | refined/cold <= 0.2 | control/refined >= 2 | chosen |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(format_row(r))
+
+
+if __name__ == "__main__":
+    main()
