@@ -151,3 +151,29 @@ def test_fit_names_what_is_wrong_with_the_data(tmp_path):
         ac.AmortizedSolver.fit(prob, lambda n, rng: {"mu": np.zeros((3, N))}, **kwargs)
     with pytest.raises(TypeError, match="data must be a sampler"):
         ac.AmortizedSolver.fit(prob, [1, 2], **kwargs)
+
+
+def test_calibration_chooses_the_strategy_by_wall_time(fitted):
+    solver = fitted[0]
+    cal = solver.calibration
+    assert cal.strategy == solver.strategy and cal.strategy in cal.seconds
+    assert set(cal.seconds) <= {"learned", "refined_cold", "cold"} and "cold" in cal.seconds
+    assert all(a > 0 and b > 0 for a, b in cal.seconds.values())
+    fastest = [min(t[j] for t in cal.seconds.values()) for j in range(2)]
+    worst = {k: max(v[j] / fastest[j] for j in range(2)) for k, v in cal.seconds.items()}
+    assert worst[cal.strategy] == min(worst.values())
+    text = cal.describe()
+    assert ("PREDICTOR OFF" in text) == (cal.strategy != "learned") and f"{cal.learned_median:g}" in text
+    saved = solver.strategy
+    try:
+        solver.use_strategy("cold")  # the plain cold start: no torch work at all
+        assert not solver.enabled and not solver.cold_refine
+        pred = solver.predict_warm_start({"mu": np.ones((3, N))})
+        assert all(w is None for w in pred.warm_starts) and np.isnan(pred.residual).all()
+        solver.use_strategy("refined_cold")
+        pred = solver.predict_warm_start({"mu": np.ones((3, N))})
+        assert all(w is not None for w in pred.warm_starts) and pred.fallback.all()
+        with pytest.raises(ValueError, match="strategy must be one of"):
+            solver.use_strategy("fast")
+    finally:
+        solver.use_strategy(saved)

@@ -65,7 +65,7 @@ def test_learned_beats_cold_and_nearest_neighbour(family, algorithm):
     nn = solve_batch(inst, algorithm, warm_starts=near.warm_starts(pp.parameter_vector(test).numpy()),
                      settings=TOL, workers=1)
     solver = AmortizedSolver(pp, model, k=k, solver_settings=TOL, workers=1)
-    assert solver.calibrate(fam.sample(30, 3)).enabled  # a useful predictor survives calibration
+    assert solver.calibrate(fam.sample(30, 3), timed=False).enabled  # a useful predictor survives calibration
     learned = solver.solve(test, exact_iterations=True)
 
     med = {name: float(np.median([r.iterations for r in rs]))

@@ -184,5 +184,5 @@ class AmortizedResult:
                  f"{1e3 * (self.predict_seconds + self.solve_seconds) / max(size, 1):.3g} ms per instance"]
         line = ", ".join(parts)
         if not self.predictor_enabled:
-            line = "PREDICTOR OFF (calibration found it slower than the cold start): " + line
+            line = "PREDICTOR OFF (calibration found it slower than the cold start; see solver.calibration): " + line
         return line

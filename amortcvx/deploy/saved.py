@@ -51,7 +51,8 @@ def save(solver, path: str | os.PathLike) -> None:
         "finish": solver.finish, "dtype": str(solver.dtype).removeprefix("torch."), "workers": solver.workers,
         "check_termination_given": solver._check_given, "c_modes_given": solver._modes_given,
         "decisions": {
-            "enabled": solver.enabled, "check_termination": solver.check_termination, "c_modes": solver.c_modes,
+            "enabled": solver.enabled, "cold_refine": solver.cold_refine,
+            "check_termination": solver.check_termination, "c_modes": solver.c_modes,
             "scs_scale": solver.scs_scale,
             "reference": None if solver._reference is None else solver._reference.reshape(-1).tolist(),
             "calibration": None if cal is None else {**cal._asdict(), "anderson": _anderson(cal.anderson)},
@@ -111,6 +112,7 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
     solver = cls(pp, model, **kwargs)
     decided = state["decisions"]
     solver.enabled = bool(decided["enabled"])
+    solver.cold_refine = bool(decided["cold_refine"])
     if "check_termination" not in overrides:
         solver.check_termination = decided["check_termination"]
     if "c_modes" not in overrides:
@@ -121,7 +123,9 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
     cal = decided["calibration"]
     if cal is not None:
         a = cal["anderson"]
+        seconds = cal["seconds"]
         solver.calibration = Calibration(
             cal["learned_median"], cal["cold_median"], cal["enabled"], None if a is None else AndersonSettings(**a),
-            tuple((str(label), float(med)) for label, med in cal["candidates"]), cal["c_modes"])
+            tuple((str(label), float(med)) for label, med in cal["candidates"]), cal["c_modes"], cal["strategy"],
+            None if seconds is None else {k: (float(v[0]), float(v[1])) for k, v in seconds.items()})
     return solver

@@ -78,6 +78,10 @@ FINISHES = ("certify", "c")
 """How a warm start becomes an answer: certified where it passes the solver's own test, else the C solver
 (``"certify"``); or always the C solver (``"c"``)."""
 
+STRATEGIES = ("learned", "refined_cold", "cold")
+"""The start :meth:`AmortizedSolver.calibrate` chooses by wall time: the prediction (refined by ``k`` steps), the
+cold start refined by the same ``k`` steps (predictor off), or the plain cold start (no torch work at all)."""
+
 C_MODES = ("adaptive", "stateless")
 """How the persistent C solver objects run (see :meth:`AmortizedSolver.persistent_solver`)."""
 
@@ -125,6 +129,8 @@ class Calibration(NamedTuple):
         anderson: the refinement kept (None: plain steps).
         candidates: ``(refinement label, learned median)`` of every refinement tried, in order.
         c_modes: the modes of the persistent C solver objects kept for warm and cold solves (SCS; measured).
+        strategy: the start every instance gets, chosen by measured wall time (:data:`STRATEGIES`).
+        seconds: per strategy tried, ``(ms per instance at batch 1, ms per instance at the validation batch)``.
     """
 
     learned_median: float
@@ -133,6 +139,19 @@ class Calibration(NamedTuple):
     anderson: AndersonSettings | None = None
     candidates: tuple[tuple[str, float], ...] = ()
     c_modes: dict[str, str] | None = None
+    strategy: str | None = None
+    seconds: dict[str, tuple[float, float]] | None = None
+
+    def describe(self) -> str:
+        """One paragraph for reports: what was chosen and the numbers it was chosen on."""
+        times = "; ".join(f"{k}: {a:.3g} ms at batch 1, {b:.3g} ms at the validation batch"
+                          for k, (a, b) in (self.seconds or {}).items())
+        head = ("predictor ON" if self.strategy == "learned" else
+                f"PREDICTOR OFF: every instance starts from the {'refined ' if self.strategy == 'refined_cold' else ''}"
+                "cold start")
+        why = (f"median exact C iterations learned {self.learned_median:g} vs cold {self.cold_median:g}"
+               + (f"; wall time per instance {times}" if times else ""))
+        return f"{head} ({why})"
 
 
 def start_residual(alg, warm_start: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -241,6 +260,7 @@ class AmortizedSolver:
                                  f"{algorithm} on this problem needs vectors of length {expected} "
                                  f"(n + m = {pp.n} + {pp.m})")
         self.enabled = True  # see calibrate()
+        self.cold_refine = True  # without the predictor, refine the cold start by k steps (see calibrate())
         self.finish = finish
         self.check_termination = check_termination
         self._check_given = check_termination
@@ -380,7 +400,7 @@ class AmortizedSolver:
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
         data = self.pp.canonicalize_vector(theta)
         use_model = self.model is not None and self.enabled
-        if not use_model and self.k == 0:  # plain cold starts: no torch iteration is needed at all
+        if not use_model and (self.k == 0 or not self.cold_refine):  # plain cold starts: no torch work at all
             size = data.batch_size
             nan = np.full(size, np.nan)
             batch = WarmStartBatch([None] * size, np.full(size, self.model is not None), nan, nan,
@@ -473,7 +493,7 @@ class AmortizedSolver:
         return _Prediction(batch, theta, data, candidates, ~plain if host is not None else np.zeros_like(plain))
 
     def calibrate(self, params: Mapping, *, margin: float = 1.0,
-                  refinements: Sequence[AndersonSettings | None] | None = None) -> Calibration:
+                  refinements: Sequence[AndersonSettings | None] | None = None, timed: bool = True) -> Calibration:
         """Keep the predictor only if it does not need more C iterations than the (refined) cold start.
 
         Solves ``params`` (held-out validation instances, not the test set) with exact counts (certified
@@ -484,7 +504,13 @@ class AmortizedSolver:
         Then sets ``self.enabled = median(learned) <= margin * median(cold)``, the cold start refined the same way.
         For OSQP without an explicit ``check_termination``, warm-started timed solves then check every
         ``ceil(median)`` iterations (at most 25) of the C iterations the kept strategy needed where it was not
-        certified.
+        certified. SCS: the modes of the persistent objects (:meth:`choose_c_modes`).
+
+        Finally (``timed=True``), fewer C iterations do not always mean less time (the prediction and the ``k``
+        torch steps cost time too): the strategies still allowed (the learned start if it passed the test above,
+        the cold start refined by ``k`` steps, the plain cold start) are timed on ``params`` and the fastest is
+        kept (:meth:`choose_strategy`). The outcome, with the numbers, is :attr:`calibration`
+        (``calibration.describe()``).
         """
         if self.model is None:
             raise ValueError("calibrate needs a predictor")
@@ -514,10 +540,69 @@ class AmortizedSolver:
         if self.algorithm == "scs" and self._modes_given is None:
             self.c_modes, self.scs_scale = self.choose_c_modes(params)
             self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
+        seconds = None
+        if timed:
+            allowed = (["learned"] if self.enabled else []) + (["refined_cold"] if self.k > 0 else []) + ["cold"]
+            strategy, seconds = self.choose_strategy(params, allowed)
+            self.use_strategy(strategy)
         self.calibration = Calibration(learned, cold, self.enabled, self.anderson,
                                        tuple((refinement_label(a), med) for a, med, _, _ in candidates),
-                                       dict(self.c_modes))
+                                       dict(self.c_modes), self.strategy, seconds)
         return self.calibration
+
+    @property
+    def strategy(self) -> str:
+        """The start instances get now (:data:`STRATEGIES`), from ``enabled``, ``cold_refine`` and ``k``."""
+        if self.model is not None and self.enabled:
+            return "learned"
+        return "refined_cold" if self.k > 0 and self.cold_refine else "cold"
+
+    def use_strategy(self, strategy: str) -> None:
+        """Set ``enabled`` and ``cold_refine`` so that instances get ``strategy`` (:data:`STRATEGIES`)."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+        if strategy == "learned" and self.model is None:
+            raise ValueError("strategy 'learned' needs a predictor")
+        self.enabled = strategy == "learned"
+        self.cold_refine = strategy != "cold"
+
+    def choose_strategy(self, params: Mapping, allowed: Sequence[str] = STRATEGIES, *, repeats: int = 2,
+                        single: int = 16) -> tuple[str, dict[str, tuple[float, float]]]:
+        """The fastest of ``allowed`` strategies in wall time, measured on ``params`` (validation instances).
+
+        Each is timed (best of ``repeats``) per instance at batch 1 (the first ``single`` instances one call each)
+        and at the whole batch in one call; the kept one has the smallest worse-of-the-two ratio to the fastest
+        at each batch size, so it is good for low-latency single calls and for batches alike. Every strategy
+        answers at the same tolerance; only the time differs. Returns ``(strategy, {strategy: (ms at batch 1,
+        ms at the batch)})``; sets nothing (see :meth:`use_strategy`).
+        """
+        saved = (self.enabled, self.cold_refine)
+        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
+        size = theta.shape[0]
+        batched = _as_batch(self.pp, params)
+        rows = [{name: value[i:i + 1] if value.shape[0] > 1 else value for name, value in batched.items()}
+                for i in range(min(single, size))]
+        out: dict[str, tuple[float, float]] = {}
+        try:
+            for strategy in allowed:
+                self.use_strategy(strategy)
+                self.solve(rows[0])  # first use: persistent objects, caches
+
+                def per_instance(calls, count):
+                    best = math.inf
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        for call in calls:
+                            self.solve(call)
+                        best = min(best, time.perf_counter() - t0)
+                    return 1e3 * best / count
+
+                out[strategy] = (per_instance(rows, len(rows)), per_instance([params], size))
+        finally:
+            self.enabled, self.cold_refine = saved
+        fastest = [min(t[j] for t in out.values()) for j in range(2)]
+        choice = min(out, key=lambda k: max(out[k][j] / fastest[j] for j in range(2)))
+        return choice, out
 
     def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> tuple[dict[str, str], float | None]:
         """The faster mode (:data:`C_MODES`) for warm-started and for cold timed SCS solves, measured on ``params``.
@@ -648,6 +733,17 @@ class AmortizedSolver:
                             iterations=0, setup_time=0.0, solve_time=0.0, objective=float(objective[j]),
                             message="certified")
                 for j, i in enumerate(idx)]
+
+
+def _as_batch(pp: ParametricProblem, params: Mapping) -> dict[str, np.ndarray | torch.Tensor]:
+    """``params`` by name with a leading batch dimension on every value (single instances get one)."""
+    out = {}
+    for key, value in params.items():
+        name = key.name() if hasattr(key, "name") and callable(key.name) else key
+        shape = pp.parameter_shapes[name]
+        value = value if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float64)
+        out[name] = value[None] if tuple(value.shape) == shape else value
+    return out
 
 
 class _Prediction(NamedTuple):
