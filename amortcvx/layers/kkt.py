@@ -33,7 +33,7 @@ import torch
 
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.iterations.cones import project_dual_cone
-from amortcvx.iterations.linalg import dense_batch, matvec, rmatvec
+from amortcvx.iterations.linalg import dense_batch, matvec
 
 Data = ConeData | QPData
 
@@ -98,8 +98,36 @@ def residual_norm(d: Dense, pt: Point) -> torch.Tensor:
     return torch.cat([f1, f2], dim=1).abs().amax(dim=1)
 
 
-def dual_jacobian(d: Dense, w: torch.Tensor) -> torch.Tensor:
-    """``D = dy/dw`` per instance, dense ``(B, m, m)`` (block diagonal by cone).
+class DualJacobian(NamedTuple):
+    """``D = dy/dw`` per instance: diagonal on the first ``lin`` rows, a dense block on the rest.
+
+    Attributes:
+        diag: (B, m): the diagonal on rows ``< lin`` (0 beyond).
+        block: (B, m - lin, m - lin) Jacobian of the nonlinear cones' projection (SOC / PSD / exp), or None.
+        lin: the number of rows with a diagonal Jacobian (zero and nonnegative cones; all rows of a QP).
+    """
+
+    diag: torch.Tensor
+    block: torch.Tensor | None
+    lin: int
+
+    def matrix(self) -> torch.Tensor:
+        """Dense ``(B, m, m)``."""
+        out = torch.diag_embed(self.diag)
+        if self.block is not None:
+            out[:, self.lin:, self.lin:] = self.block
+        return out
+
+    def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
+        """``D' g`` for ``g`` (B, m)."""
+        out = self.diag * g
+        if self.block is not None:
+            out[:, self.lin:] = (g[:, None, self.lin:] @ self.block).squeeze(1)
+        return out
+
+
+def dual_jacobian(d: Dense, w: torch.Tensor) -> DualJacobian:
+    """``D = dy/dw`` at ``w`` (block diagonal by cone).
 
     Zero-cone rows: 1; nonnegative rows: ``[w > 0]``; QP form: 1 where the box projection is clipped (an
     active bound), else 0. SOC / PSD / exp blocks: the Jacobian of their projection, by one batched
@@ -108,54 +136,159 @@ def dual_jacobian(d: Dense, w: torch.Tensor) -> torch.Tensor:
     B, m = w.shape
     if d.b is None:
         inside = (w > d.l) & (w < d.u)
-        return torch.diag_embed((~inside).to(w.dtype))
+        return DualJacobian((~inside).to(w.dtype), None, m)
     cones = d.data.cones
     lin = cones.zero + cones.nonneg
     diag = torch.cat([torch.ones(B, cones.zero, dtype=w.dtype, device=w.device),
                       (w[:, cones.zero:lin] > 0).to(w.dtype),
                       torch.zeros(B, m - lin, dtype=w.dtype, device=w.device)], dim=1)
-    jac = torch.diag_embed(diag)
-    if lin < m:
-        rows = m - lin
-        with torch.enable_grad():
-            wv = w.detach().requires_grad_(True)
-            out = project_dual_cone(wv, cones)[:, lin:]
-            eye = torch.eye(rows, dtype=w.dtype, device=w.device)
-            seeds = eye[:, None, :].expand(rows, B, rows)
-            try:
-                (grads,) = torch.autograd.grad(out, wv, seeds, is_grads_batched=True)
-            except (RuntimeError, NotImplementedError):  # a projection without a batching rule
-                grads = torch.stack([torch.autograd.grad(out, wv, seeds[j], retain_graph=True)[0]
-                                     for j in range(rows)])
-        jac[:, lin:, :] = grads.permute(1, 0, 2)  # grads[j, b, :] = d out[b, j] / d w[b, :]
-    return jac
+    if lin == m:
+        return DualJacobian(diag, None, lin)
+    rows = m - lin
+    with torch.enable_grad():
+        wv = w.detach().requires_grad_(True)
+        out = project_dual_cone(wv, cones)[:, lin:]
+        eye = torch.eye(rows, dtype=w.dtype, device=w.device)
+        seeds = eye[:, None, :].expand(rows, B, rows)
+        try:
+            (grads,) = torch.autograd.grad(out, wv, seeds, is_grads_batched=True)
+        except (RuntimeError, NotImplementedError):  # a projection without a batching rule
+            grads = torch.stack([torch.autograd.grad(out, wv, seeds[j], retain_graph=True)[0] for j in range(rows)])
+    block = grads[:, :, lin:].permute(1, 0, 2).contiguous()  # block[b, j, :] = d out[b, j] / d w[b, lin:]
+    return DualJacobian(diag, block, lin)
 
 
-def kkt_matrix(d: Dense, jac_y: torch.Tensor) -> torch.Tensor:
+def kkt_matrix(d: Dense, jac: DualJacobian) -> torch.Tensor:
     """``J = [[P, A' D], [A, D - I]]``, dense ``(B, n + m, n + m)``."""
-    B, m, _ = jac_y.shape
-    A = d.A.expand(B, -1, -1)
+    B, m = jac.diag.shape
+    A = d.A
     n = A.shape[2]
-    top_left = torch.zeros(B, n, n, dtype=A.dtype, device=A.device) if d.P is None else d.P.expand(B, -1, -1)
-    eye = torch.eye(m, dtype=A.dtype, device=A.device)
-    top = torch.cat([top_left, A.mT @ jac_y], dim=2)
-    bottom = torch.cat([A, jac_y - eye], dim=2)
-    return torch.cat([top, bottom], dim=1)
+    J = A.new_zeros(B, n + m, n + m)
+    if d.P is not None:
+        J[:, :n, :n] = d.P
+    At = A.mT
+    J[:, :n, n:] = At * jac.diag[:, None, :]
+    J[:, n:, :n] = A
+    lin = jac.lin
+    idx = torch.arange(n, n + m, device=A.device)
+    J[:, idx, idx] = jac.diag - 1.0
+    if jac.block is not None:
+        J[:, :n, n + lin:] = At[..., lin:] @ jac.block
+        eye = torch.eye(m - lin, dtype=A.dtype, device=A.device)
+        J[:, n + lin:, n + lin:] = jac.block - eye
+    return J
 
 
-def solve_dense(J: torch.Tensor, rhs: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
-    """``J^-1 rhs`` (or ``J'^-1 rhs``) per instance; singular instances by least squares (minimum norm)."""
+def solve_dense(J: torch.Tensor, rhs: torch.Tensor, n: int, *, transpose: bool = False, delta: float = 1e-9,
+                passes: int = 2) -> torch.Tensor:
+    """``J^-1 rhs`` (or ``J'^-1 rhs``) per instance: one LU of a regularized ``J`` and iterative refinement.
+
+    ``J`` is often singular: CVXPY's reformulations leave auxiliary variables that are not unique at the
+    optimum (e.g. the epigraph variable of an inactive norm bound). The LU is of ``J + delta diag(I_n, -I_m)``
+    (nonsingular for small ``delta``), and ``passes`` refinement steps ``z += J_delta^-1 (rhs - J z)`` remove the
+    regularization on the range of ``J``. For the backward pass any solution gives the same gradient when the
+    output gradient is orthogonal to the null space of ``J``, which holds when the returned CVXPY variables are
+    unique. Instances whose factorization fails get least-squares solutions (:func:`_least_squares`).
+    """
+    N = J.shape[-1]
+    reg = torch.full((N,), delta, dtype=J.dtype, device=J.device)
+    reg[n:] = -delta
+    LU, piv, info = torch.linalg.lu_factor_ex(J + torch.diag(reg))
     mat = J.mT if transpose else J
-    sol, info = torch.linalg.solve_ex(mat, rhs.unsqueeze(-1))
-    sol = sol.squeeze(-1)
-    bad = (info != 0) | ~torch.isfinite(sol).all(dim=1)
+    rhs3 = rhs.unsqueeze(-1)
+    z = torch.linalg.lu_solve(LU, piv, rhs3, adjoint=transpose)
+    for _ in range(passes):
+        z = z + torch.linalg.lu_solve(LU, piv, rhs3 - mat @ z, adjoint=transpose)
+    z = z.squeeze(-1)
+    bad = (info != 0) | ~torch.isfinite(z).all(dim=1)
     if bool(bad.any()):
         idx = torch.nonzero(bad).flatten()
-        sol[idx] = (torch.linalg.pinv(mat[idx]) @ rhs[idx].unsqueeze(-1)).squeeze(-1)
-    return sol
+        z[idx] = _least_squares(mat[idx], rhs[idx])
+    return z
 
 
-def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-13) -> tuple[Point, torch.Tensor]:
+def _least_squares(mat: torch.Tensor, rhs: torch.Tensor, *, rel: float = 1e-10, passes: int = 3) -> torch.Tensor:
+    """Least-squares solutions of ``mat z = rhs`` (batched, any device): regularized normal equations
+    ``(mat'mat + eps I) z = mat' rhs`` (``eps = rel * max diag(mat'mat)``, one Cholesky) with ``passes`` steps of
+    refinement, which approach the minimum-norm solution on the range of ``mat'``."""
+    gram = mat.mT @ mat
+    eps = rel * gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1).clamp_min(1e-300)
+    reg = gram + eps[:, None, None] * torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
+    L = torch.linalg.cholesky_ex(reg)[0]
+    z = torch.zeros_like(rhs)
+    for _ in range(passes):
+        r = mat.mT @ (rhs - (mat @ z.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)
+        z = z + torch.cholesky_solve(r, L).squeeze(-1)
+    return z
+
+
+def solve_kkt(d: Dense, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance.
+
+    With a 0/1 diagonal ``D`` (LPs and QPs: the rows with ``D = 1`` form the active set ``S``, the others ``I``)
+    both systems reduce to one equality-constrained KKT system on ``S`` (:func:`active_set_solve`)::
+
+        J z = r:    [[P, A_S'], [A_S, 0]] [z_x; z_S] = [r_x; r_S],             z_i = A_i z_x - r_i on I
+        J' z = r:   [[P, A_S'], [A_S, 0]] [z_x; z_S] = [r_x + A_I' r_I; r_S],  z_i = -r_i on I
+
+    Otherwise (SOC / PSD / exp blocks) the dense ``J`` is factored (:func:`solve_dense`).
+    """
+    n = d.A.shape[2]
+    if jac.block is not None:
+        return solve_dense(kkt_matrix(d, jac), rhs, n, transpose=transpose)
+    A = d.A.detach()
+    P = None if d.P is None else d.P.detach()
+    active = jac.diag > 0.5
+    rx, rw = rhs[:, :n], rhs[:, n:]
+    if transpose:
+        zx, zs = active_set_solve(P, A, active, rx + matvec(A.mT, torch.where(active, 0.0, rw)), rw)
+        return torch.cat([zx, torch.where(active, zs, -rw)], dim=1)
+    zx, zs = active_set_solve(P, A, active, rx, rw)
+    return torch.cat([zx, torch.where(active, zs, matvec(A, zx) - rw)], dim=1)
+
+
+def active_set_solve(P: torch.Tensor | None, A: torch.Tensor, active: torch.Tensor, rx: torch.Tensor,
+                     rs: torch.Tensor, *, delta: float = 1e-7, passes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``[[P, A_S'], [A_S, 0]] [x; y_S] = [rx; rs_S]`` per instance (``S`` = the ``active`` rows).
+
+    Dense and batched: the regularized quasi-definite system ``[[P + delta I, A_S'], [A_S, -delta I]]`` is
+    reduced to its Schur complement ``S = P + delta I + A_S' A_S / delta`` (``n x n``, positive definite, one
+    Cholesky per instance; one GEMM over the batch when ``A`` is shared), and ``passes`` steps of iterative
+    refinement against the unregularized system remove the regularization (exact for a nonsingular KKT
+    system; for a singular one, a regularized least-squares answer). Returns ``x`` (B, n) and ``y`` (B, m),
+    zero off ``S``; NaN for an instance whose ``S`` cannot be factored.
+    """
+    on = active.to(A.dtype)
+    n = rx.shape[1]
+    At = A.mT
+    weighted = At * (on / delta)[:, None, :]  # (B, n, m)
+    S = weighted @ A[0] if A.shape[0] == 1 else weighted @ A
+    S = S + delta * torch.eye(n, dtype=A.dtype, device=A.device)
+    if P is not None:
+        S = S + P
+    L, info = torch.linalg.cholesky_ex(S)
+    S_inv = torch.cholesky_inverse(L)  # batched products are much faster than batched triangular solves
+    rs = torch.where(active, rs, 0.0)
+
+    def reg_solve(ex: torch.Tensor, ey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = ex + matvec(At, on * ey) / delta
+        u = matvec(S_inv, t)
+        return u, on * (matvec(A, u) - ey) / delta
+
+    x, y = reg_solve(rx, rs)
+    for _ in range(passes):
+        ex = rx - matvec(At, y) - (0.0 if P is None else matvec(P, x))
+        ey = rs - on * matvec(A, x)
+        dx, dy = reg_solve(ex, ey)
+        x, y = x + dx, y + dy
+    bad = info != 0
+    if bool(bad.any()):
+        x = torch.where(bad[:, None], torch.nan, x)
+        y = torch.where(bad[:, None], torch.nan, y)
+    return x, y
+
+
+def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-12) -> tuple[Point, torch.Tensor]:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
     Stops early once every instance has ``||F||_inf <= tol (1 + scale)``. Returns the point and ``||F||_inf``.
@@ -168,8 +301,7 @@ def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-13) ->
             if not bool(todo.any()):
                 break
             f1, f2 = residual(d, pt)
-            J = kkt_matrix(d, dual_jacobian(d, pt.w))
-            delta = solve_dense(J, torch.cat([f1, f2], dim=1))
+            delta = solve_kkt(d, dual_jacobian(d, pt.w), torch.cat([f1, f2], dim=1))
             n = pt.x.shape[1]
             cand = Point(pt.x - delta[:, :n], pt.w - delta[:, n:])
             cnorm = residual_norm(d, cand)
@@ -212,19 +344,16 @@ class ImplicitSolution(torch.autograd.Function):
             th = theta.detach().requires_grad_(True)
             d = dense(ctx.canonicalize(th))
             with torch.no_grad():
-                jac_y = dual_jacobian(d, w0)
-                J = kkt_matrix(_detached(d), jac_y)
-                sign = 1.0 if d.b is not None else -1.0  # slack = y - w (cone) or w - y (QP)
-                eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-                jac_s = sign * (jac_y - eye)
+                jac = dual_jacobian(d, w0)
+                sign = 1.0 if d.b is not None else -1.0  # slack = y - w (cone) or w - y (QP): ds = sign (D - I) dw
                 gx0, gy0, gs0 = (torch.nan_to_num(g) if g is not None else None for g in (gx, gy, gs))
                 gw = torch.zeros_like(w0)
                 if gy0 is not None:
-                    gw = gw + rmatvec(jac_y, gy0)
+                    gw = gw + jac.rmatvec(gy0)
                 if gs0 is not None:
-                    gw = gw + rmatvec(jac_s, gs0)
+                    gw = gw + sign * (jac.rmatvec(gs0) - gs0)
                 rhs = torch.cat([gx0 if gx0 is not None else torch.zeros_like(x0), gw], dim=1)
-                lam = solve_dense(J, rhs, transpose=True)
+                lam = solve_kkt(_detached(d), jac, rhs, transpose=True)
             f1, f2 = residual(d, Point(x0, w0))
             n = x.shape[1]
             pairs = [(f, -g) for f, g in ((f1, lam[:, :n]), (f2, lam[:, n:])) if f.requires_grad]

@@ -59,7 +59,8 @@ class Solution(NamedTuple):
         w: (B, m) float64 combined dual-slack variable (see :mod:`amortcvx.layers.kkt`).
         failed: (B,) bool: no solution (NaN outputs).
         status: per instance, the final :class:`~amortcvx.backends.Status`.
-        certified: (B,) bool: answered by the certified test without a C solve.
+        certified: (B,) bool: answered with a refined point that passed the solver's test at ``eps`` (no C
+            solve at ``eps`` was needed: the point came from the torch iterations or from a looser C solve).
     """
 
     x: torch.Tensor
@@ -119,6 +120,10 @@ class CvxpyLayer(nn.Module):
             naming it) or ``"raise"`` (:class:`SolverFailure`).
         refine_steps: Newton steps on the optimality conditions after the solve (0: none); they make the
             gradients accurate beyond ``eps``.
+        presolve_eps: ``method="c"`` with refinement: the C solver first runs to this looser tolerance; the
+            instances whose Newton-refined point then passes the solver's test at ``eps`` are answered with it,
+            the others are solved by the C solver at ``eps`` (warm-started from the loose point). Set it to
+            ``eps`` (or below) to always solve at ``eps``.
         max_torch_steps: limit of the torch iterations (``method="torch"``).
         solver_args: default per-call arguments (see :meth:`forward`).
 
@@ -130,7 +135,7 @@ class CvxpyLayer(nn.Module):
                  *, solver: str | None = None, method: str = "auto", predictor: nn.Module | None = None,
                  warm_start: str = "cold", eps: float = 1e-6, gradients: str = "implicit",
                  unroll_steps: int = 50, return_duals: bool = False, on_failure: str = "nan",
-                 refine_steps: int = 4, max_torch_steps: int = 5000,
+                 refine_steps: int = 4, presolve_eps: float = 1e-3, max_torch_steps: int = 5000,
                  solver_args: Mapping[str, Any] | None = None):
         super().__init__()
         if not isinstance(problem, cp.Problem):
@@ -171,6 +176,7 @@ class CvxpyLayer(nn.Module):
         self.gradients, self.unroll_steps, self.return_duals = gradients, int(unroll_steps), bool(return_duals)
         self.on_failure, self.refine_steps, self.max_torch_steps = on_failure, int(refine_steps), int(max_torch_steps)
         self.solver_args = dict(solver_args or {})
+        self.presolve_eps = float(presolve_eps)
         self._var_maps: list[AffineOutput] = variable_maps(pp, self.variables)
         self._dual_maps: list[AffineOutput] | None = dual_maps(pp) if return_duals else None
         self._solvers: dict[tuple, PersistentSolver] = {}
@@ -247,18 +253,26 @@ class CvxpyLayer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         certified = torch.zeros(B, dtype=torch.bool, device=device)
         status = [Status.SOLVER_ERROR] * B
-        if method == "torch":
+        pt = None
+        if method == "torch":  # stage 1: a candidate from the batched torch iterations
             alg = make_algorithm(self.solver, data, cache=self._cache)
             state = alg.init(**warm) if warm is not None else alg.init()
             res = run_to_tolerance(alg, state, tol=eps, max_steps=max_steps)
-            ws = output_space(self.solver).warm_start(alg, res.state)
-            pt = _point_from_solver(self.form, data, ws["x"], ws["y"], ws.get("s"))
-            pt, _ = newton_refine(d, pt, steps=self.refine_steps) if self.refine_steps else (pt, None)
+            warm = output_space(self.solver).warm_start(alg, res.state)
+            pt = _point_from_solver(self.form, data, warm["x"], warm["y"], warm.get("s"))
+        elif self.refine_steps and self.presolve_eps > eps:  # stage 1: a candidate from a loose C solve
+            xs, ys, ss, _ = self._c_solve(data, warm, self.presolve_eps, c_args, retry=False)
+            fields = {"x": xs, "y": ys} if ss is None else {"x": xs, "y": ys, "s": ss}
+            finite = torch.stack([torch.isfinite(v).all(dim=1) for v in fields.values()]).all(dim=0)
+            warm = {k: torch.where(finite[:, None], v, torch.zeros_like(v)) for k, v in fields.items()}
+            pt = _point_from_solver(self.form, data, warm["x"], warm["y"], warm.get("s"))
+        if pt is not None:  # refine, and keep what passes the solver's own test at eps
+            if self.refine_steps:
+                pt, _ = newton_refine(d, pt, steps=self.refine_steps)
             ok = torch.as_tensor(_certify(self.form, data, d, pt, eps), device=device)
             x, w = torch.where(ok[:, None], pt.x, x), torch.where(ok[:, None], pt.w, w)
             done, certified = ok.clone(), ok.clone()
-            status = [Status.OPTIMAL if bool(o) else s for o, s in zip(ok.tolist(), status)]
-            warm = ws
+            status = [Status.OPTIMAL if o else s for o, s in zip(ok.tolist(), status)]
         todo = torch.nonzero(~done).flatten()
         if todo.numel():
             sub = data.take(todo.cpu().numpy())
@@ -286,8 +300,10 @@ class CvxpyLayer(nn.Module):
         return Solution(x, w, failed, status, certified)
 
     def _c_solve(self, data: Data, warm: Mapping[str, torch.Tensor] | None, eps: float,
-                 c_args: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[Status]]:
-        """Solve on a persistent C object (warm where given; failed warm starts retried cold)."""
+                 c_args: Mapping[str, Any], *, retry: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[Status]]:
+        """Solve on a persistent C object at ``eps`` (warm where given; with ``retry``, instances whose warm-started
+        solve did not end optimal are solved again from a cold start)."""
         settings = {"eps_abs": eps, "eps_rel": eps, **c_args}
         key = tuple(sorted((k, repr(v)) for k, v in settings.items()))
         solver = self._solvers.get(key)
@@ -295,11 +311,11 @@ class CvxpyLayer(nn.Module):
             solver = self._solvers[key] = PersistentSolver(self.solver, data.instance(0), settings)
         starts = None if warm is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in warm.items()}
         results = solver.solve(data, starts)
-        if starts is not None:
-            retry = [i for i, r in enumerate(results) if r.status != Status.OPTIMAL]
-            if retry:
-                again = solver.solve(data.take(np.asarray(retry)))
-                for i, r in zip(retry, again):
+        if starts is not None and retry:
+            again_idx = [i for i, r in enumerate(results) if r.status != Status.OPTIMAL]
+            if again_idx:
+                again = solver.solve(data.take(np.asarray(again_idx)))
+                for i, r in zip(again_idx, again):
                     results[i] = r
         device = data.b.device if isinstance(data, ConeData) else data.q.device
 
