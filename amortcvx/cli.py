@@ -1,66 +1,51 @@
-"""Command line: ``python -m amortcvx run ...`` (one end-to-end experiment) and ``python -m amortcvx families``.
+"""Command line: ``amortcvx run | fit | evaluate | report | families`` (also ``python -m amortcvx ...``).
 
-``run`` trains a warm-start predictor for one problem family and compares it with the cold start, the
-nearest-neighbour and previous-solution baselines and the optimum on held-out instances, with exact C solver
-iteration counts, then prints the table (details: ``docs/evaluation.md``). The defaults finish in a few minutes
-on a 2-core CPU::
+``run`` trains a warm-start predictor for one problem (a bundled family, or your own file with ``--problem
+path/to/file.py:make``) and compares it on held-out instances with the cold start, the nearest-neighbour and
+previous-solution baselines and the optimum, with exact C solver iteration counts and end-to-end times; ``fit``,
+``evaluate`` and ``report`` run its stages one at a time on a run directory, which an interrupted command
+resumes. Every flag of ``run`` / ``fit`` / ``evaluate`` is a field of
+:class:`~amortcvx.evaluation.ExperimentConfig` (defaults and help come from there). Details: ``docs/cli.md``::
 
-    python -m amortcvx run                                     # mpc (small), SCS
-    python -m amortcvx run --family portfolio --algorithm osqp --n-train 2000 --epochs 100
-    python -m amortcvx families
+    amortcvx run                                           # mpc (small), SCS
+    amortcvx run --family portfolio --solver osqp --n-train 2000 --epochs 100
+    amortcvx run --problem my_problem.py:make --solver osqp --out runs/mine
+    amortcvx fit --problem my_problem.py:make --out runs/mine     # then, separately:
+    amortcvx evaluate runs/mine && amortcvx report runs/mine
+    amortcvx families
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-#: The embedded default of ``run``: small enough to finish end to end in a few minutes on a 2-core CPU, with
-#: solves that cost enough (model predictive control, n = 88, m = 232) for the time saving to show.
-DEFAULTS = {
-    "family": "mpc",
-    "size": "small",
-    "algorithm": "scs",
-    "n_train": 2000,
-    "n_test": 200,
-    "k": 10,
-    "epochs": 100,
-    "out": "runs/{family}-{size}-{algorithm}",
-    "data_root": "data",
-    "eps": 1e-4,
-    "seed": 0,
-    "regression": 1.0,
-    "residual": 0.0,
-    "distance": 0.0,
-    "torch_threads": 1,
+from amortcvx.evaluation.config import ExperimentConfig
+from amortcvx.evaluation.options import add_dataclass_arguments, config_from_args
+
+#: The flags of each subcommand, by group: every field of ExperimentConfig is in exactly one group.
+GROUPS: Mapping[str, tuple[str, ...]] = {
+    "problem": ("family", "problem", "size", "family_seed", "solver"),
+    "data": ("n_train", "n_test", "val_fraction", "seed", "data_root"),
+    "training": ("k", "weights", "epochs", "batch_size", "lr", "weight_decay", "patience", "hidden", "resume"),
+    "evaluation": ("eval_k", "anderson_memory", "polish", "eps", "safeguard", "safeguard_reference", "calibrate",
+                   "refine_cold", "timing_batch", "timing_single"),
+    "machine and outputs": ("out_dir", "workers", "device", "dtype", "torch_threads", "progress"),
 }
-
-
-def _k_list(text: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not out or any(v < 0 for v in out):
-        raise argparse.ArgumentTypeError(f"expected nonnegative ints, got {text!r}")
-    return out
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be positive (and finite), got {text}")
-    return value
-
+#: The groups each subcommand takes (``evaluate`` reads the rest from the run directory).
+COMMAND_GROUPS: Mapping[str, tuple[str, ...]] = {
+    "run": tuple(GROUPS),
+    "fit": tuple(GROUPS),  # the evaluation flags are recorded for a later `evaluate`
+    "evaluate": ("evaluation", "machine and outputs"),
+}
+#: Fields ``evaluate`` may not change (they fix the run directory and the problem its model was trained on).
+_FIXED_ON_EVALUATE = ("out_dir",)
 
 # A number in exponent notation, e.g. -1e-4: argparse takes a token starting with '-' for an option unless it
 # looks like a plain negative number (-1, -0.5), so `--eps -1e-4` would read as a missing value.
@@ -84,81 +69,49 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    suppress = command == "evaluate"  # only the flags given override the run directory's configuration
+    for group in COMMAND_GROUPS[command]:
+        fields = [f for f in GROUPS[group] if not (suppress and f in _FIXED_ON_EVALUATE)]
+        add_dataclass_arguments(parser.add_argument_group(group), ExperimentConfig, only=fields,
+                                suppress_defaults=suppress)
+    parser.add_argument("--quiet", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                        help="no stage messages or progress bars (same as --no-progress)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m amortcvx``."""
+    """The argument parser of ``amortcvx`` / ``python -m amortcvx``."""
     parser = argparse.ArgumentParser(prog="amortcvx", description="Amortized convex optimization: learned warm "
                                      "starts for parametric CVXPY problems, finished by SCS / OSQP.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,families}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,fit,evaluate,report,families}")
     sub.required = True
-
-    run = sub.add_parser("run", help="train a predictor and compare warm starts on held-out instances",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = DEFAULTS
-    run.add_argument("--family", default=d["family"], help="problem family (see `amortcvx families`)")
-    run.add_argument("--size", default=d["size"], help="family size: small or large")
-    run.add_argument("--algorithm", default=d["algorithm"], help="scs (any family) or osqp (qp / lp families)")
-    run.add_argument("--n-train", type=int, default=d["n_train"], help="training instances (10%% validation)")
-    run.add_argument("--n-test", type=int, default=d["n_test"], help="held-out test instances")
-    run.add_argument("--k", type=int, default=d["k"], help="torch refinement steps (and unrolled training steps)")
-    run.add_argument("--eval-k", type=_k_list, default=None,
-                     help="comma-separated refinement steps to evaluate, e.g. 0,5 (default: 0 and --k)")
-    run.add_argument("--anderson", type=int, default=0, metavar="M",
-                     help="allow Anderson acceleration of memory M for the refinement steps: calibration on the "
-                          "validation split chooses plain or accelerated steps (0: plain steps)")
-    run.add_argument("--polish", action="store_true",
-                     help="polish the refined warm starts on their guessed active sets (LP / QP families only)")
-    run.add_argument("--epochs", type=int, default=d["epochs"], help="maximum training epochs")
-    run.add_argument("--batch-size", type=int, default=64, help="training mini-batch size")
-    run.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    run.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
-    run.add_argument("--regression", type=float, default=d["regression"], help="weight of the regression loss")
-    run.add_argument("--residual", type=float, default=d["residual"],
-                     help="weight of the fixed-point residual after k steps")
-    run.add_argument("--distance", type=float, default=d["distance"],
-                     help="weight of the distance to the optimum after k steps")
-    run.add_argument("--eps", type=_positive_float, default=d["eps"],
-                     help="C solver tolerance (eps_abs = eps_rel)")
-    run.add_argument("--seed", type=int, default=d["seed"], help="seed of sampling, split and training")
-    run.add_argument("--out", default=d["out"], help="output folder ({family}, {size}, {algorithm} are filled in)")
-    run.add_argument("--data-root", default=d["data_root"], help="cache folder of the solved datasets")
-    run.add_argument("--workers", type=int, default=None, help="processes for the C solves (default: all cores)")
-    run.add_argument("--device", default="cpu", help="torch device for training and prediction")
-    run.add_argument("--dtype", default="float64", choices=("float32", "float64"), help="torch dtype")
-    run.add_argument("--torch-threads", type=int, default=d["torch_threads"],
-                     help="torch intra-op threads during the run (0: leave torch's setting)")
-    run.add_argument("--timing-batch", type=int, default=1024, help="large batch of the end-to-end timing")
-    run.add_argument("--timing-single", type=int, default=50, help="instances timed at batch 1")
-    run.add_argument("--no-safeguard", action="store_true", help="turn off the residual safeguard")
-    run.add_argument("--safeguard-reference", default="cold", choices=("cold", "refined_cold"),
-                     help="compare refined predictions with the cold start's first step (default) or with the "
-                          "cold start refined by the same steps (twice the torch work)")
-    run.add_argument("--no-calibrate", action="store_true",
-                     help="do not switch the predictor off when it loses to the cold start on the validation set")
-    run.add_argument("--no-resume", action="store_true",
-                     help="train from scratch instead of continuing the interrupted training saved in --out "
-                          "(checkpoint.pt.state)")
-    run.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")
-
-    sub.add_parser("families", help="list the problem families")
+    run = sub.add_parser("run", help="fit, evaluate and report in one go (resumes an interrupted run in --out)")
+    _add_config_flags(run, "run")
+    fit = sub.add_parser("fit", help="sample, solve and train: a run directory with a model (resumable)")
+    _add_config_flags(fit, "fit")
+    evaluate = sub.add_parser("evaluate", help="compare the warm starts of a fitted run directory on held-out "
+                              "instances and time them; flags given here replace the run's settings")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `amortcvx fit` or `run`")
+    _add_config_flags(evaluate, "evaluate")
+    report = sub.add_parser("report", help="print the report of an evaluated run directory")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `amortcvx evaluate` or `run`")
+    sub.add_parser("families", help="list the bundled problem families")
     return parser
 
 
 def families_table() -> str:
-    """One line per family: name, kind, sequential, description (of the small size)."""
+    """One line per bundled family: name, kind, sequential, solvers, description (of the small size)."""
     from amortcvx import problems
     from amortcvx.evaluation import format_rows
+    from amortcvx.solvers import SOLVERS
 
     rows = []
     for name in problems.names():
         fam = problems.make(name, size="small")
-        algos = "scs, osqp" if fam.kind in ("qp", "lp") else "scs"
-        rows.append((name, fam.kind, "yes" if fam.sequential else "no", algos, fam.description))
-    return format_rows(("family", "kind", "sequential", "algorithms", "description (size small)"), rows,
+        solvers = ", ".join(d.name for d in SOLVERS.values() if d.accepts(fam.problem))
+        rows.append((name, fam.kind, "yes" if fam.sequential else "no", solvers, fam.description))
+    return format_rows(("family", "kind", "sequential", "solvers", "description (size small)"), rows,
                        left=range(5))
-
-
-def _out_dir(args: argparse.Namespace) -> str:
-    return args.out.replace("{family}", args.family).replace("{size}", args.size).replace("{algorithm}", args.algorithm)
 
 
 def check_device(device: str) -> None:
@@ -205,37 +158,68 @@ def check_writable(folder: str | os.PathLike, option: str) -> None:
         raise ValueError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
 
 
-def _check_run(args: argparse.Namespace) -> None:
-    """What can be checked before any work: device, output folders."""
-    check_device(args.device)
-    check_writable(_out_dir(args), "--out")
-    check_writable(args.data_root, "--data-root")
+def _absolute_problem(spec: str | None) -> str | None:
+    """``file.py:make`` with the file's absolute path, so that a run directory works from any folder later."""
+    if spec is None:
+        return None
+    path, sep, func = spec.rpartition(":")
+    if not sep or not path or "/" in func or "\\" in func:
+        path, func = spec, "make"
+    return f"{Path(path).absolute()}:{func or 'make'}" if Path(path).exists() else spec
+
+
+def _config(args: argparse.Namespace) -> ExperimentConfig:
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir")}
+    if args.command == "evaluate":
+        from amortcvx.evaluation import load_config
+
+        return load_config(args.run_dir, **{k: v for k, v in values.items()
+                                            if k in {f.name for f in dataclasses.fields(ExperimentConfig)}})
+    config = config_from_args(ExperimentConfig, values)
+    return dataclasses.replace(config, problem=_absolute_problem(config.problem))
+
+
+def _checked_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The command's configuration, with everything checked that can be before any work: the problem (file,
+    function, sampler), the solver against it, the device and the output folders."""
+    from amortcvx.evaluation import load_source
+
+    config = _config(args)
+    load_source(config)  # a faulty problem file / family / solver: ValueError naming it
+    check_device(config.device)
+    check_writable(config.run_dir, "--out")
+    check_writable(config.data_root, "--data-root")
+    return config
+
+
+def _print_outcome(result) -> None:
+    from amortcvx.evaluation import calibration_notice
+
+    print(result.table)
+    notice = calibration_notice(result.calibration, result.counts.get("val"))
+    if notice:  # also on stderr, where the stage messages went: it must not be missed
+        print(notice, file=sys.stderr)
+    print(f"\noutputs in {result.config.run_dir}/")
 
 
 def _run(args: argparse.Namespace) -> int:
-    from amortcvx import problems
-    from amortcvx.evaluation import ExperimentConfig, check_family_algorithm, run_experiment, torch_threads
-    from amortcvx.training import LossWeights
+    import amortcvx.evaluation as evaluation
 
-    family = problems.make(args.family, size=args.size)  # ValueError names the valid families / sizes
-    check_family_algorithm(family, args.algorithm)
-    _check_run(args)  # before any work
-    out = _out_dir(args)
-    eval_k = args.eval_k if args.eval_k is not None else tuple(sorted({0, args.k}))
-    config = ExperimentConfig(
-        family=args.family, size=args.size, algorithm=args.algorithm, n_train=args.n_train, n_test=args.n_test,
-        k=args.k, eval_k=eval_k, anderson_memory=args.anderson, polish=args.polish,
-        weights=LossWeights(args.regression, args.residual, args.distance),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience, seed=args.seed,
-        eps=args.eps, data_root=args.data_root, out_dir=out, workers=args.workers, device=args.device,
-        dtype=args.dtype, safeguard=not args.no_safeguard, safeguard_reference=args.safeguard_reference,
-        calibrate=not args.no_calibrate,
-        timing_batch=args.timing_batch, timing_single=args.timing_single, progress=not args.quiet,
-        resume=not args.no_resume)
-    with torch_threads(args.torch_threads):
-        result = run_experiment(config)
-    print(result.table)
-    print(f"\noutputs in {out}/")
+    if args.command == "report":
+        print(evaluation.report(args.run_dir))
+        return 0
+    config = _checked_config(args)
+    with evaluation.torch_threads(config.torch_threads):
+        if args.command == "run":
+            _print_outcome(evaluation.run_experiment(config))
+        elif args.command == "fit":
+            trained = evaluation.fit(config)
+            best = trained.history[trained.best_epoch]
+            print(f"trained {len(trained.history)} epochs; best epoch {trained.best_epoch}: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k != "epoch"))
+            print(f"model in {config.run_dir}/; next: amortcvx evaluate {config.run_dir}")
+        else:
+            _print_outcome(evaluation.evaluate(config))
     return 0
 
 

@@ -57,7 +57,7 @@ def main() -> None:
         if info.form == "qp" and fam.kind not in ("qp", "lp"):
             print(f"{backend}: skipped ({args.family} is {fam.kind}, not a QP)")
             continue
-        data = ParametricProblem(fam.problem, "cone" if info.form == "cone" else "qp").canonicalize(tparams)
+        data = ParametricProblem(fam.problem, info.form).canonicalize(tparams)
         insts = data.instances()
         settings = {**info.default_settings, "eps_abs": args.eps, "eps_rel": args.eps}
         print(f"\n{backend}: n = {data.n}, m = {data.m}, settings {settings}")

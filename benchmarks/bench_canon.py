@@ -20,8 +20,7 @@ import torch
 
 from amortcvx import problems
 from amortcvx.canon import ParametricProblem
-
-SOLVER = {"cone": cp.SCS, "qp": cp.OSQP}
+from amortcvx.solvers import solver_for_form
 
 
 def main() -> None:
@@ -63,7 +62,7 @@ def main() -> None:
             for i in range(nref):
                 for pname, par in fam.parameters.items():
                     par.value = params[pname][i]
-                fam.problem.get_problem_data(SOLVER[form])
+                fam.problem.get_problem_data(solver_for_form(form).cvxpy_name)
             ref = (time.perf_counter() - t0) / nref
             per = batched / args.batch
             dep = ",".join(k for k, v in pp.dependent.items() if v)

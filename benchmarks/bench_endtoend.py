@@ -12,6 +12,9 @@ on validation instances, then time on held-out instances, in interleaved rounds 
   rest warm-started on the persistent objects; calibrated: predictor on/off, plain/Anderson refinement, SCS
   object modes, OSQP check interval).
 * ``control k=K``: the same refinement from the cold start, no predictor.
+* (d) ``previous solution`` (sequential families, e.g. MPC, whose held-out rows are closed-loop episodes): each
+  instance warm-started, on one persistent solver object, from the answer the same object returned for the
+  previous instance of its episode (cold at an episode start): what an MPC user writes by hand.
 * ``floor``: warm-started at the optimum (solved beforehand at eps 1e-9) on the warm-start object.
 
 Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small|large] [--batch 1 256]
@@ -37,10 +40,10 @@ from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import generate_dataset
 from amortcvx.deploy import AmortizedSolver
 from amortcvx.evaluation import NearestNeighbor, PersistentColdLoop
+from amortcvx.evaluation.options import add_dataclass_arguments, config_from_args
 from amortcvx.iterations import AndersonSettings
+from amortcvx.solvers import NAMES, get_solver
 from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
-
-FORMS = {"scs": "cone", "osqp": "qp"}
 
 
 def _rows(params, start, stop):
@@ -60,9 +63,34 @@ class WarmLoop:
         return self.solver.solve(data, self.lookup(params))
 
 
+class PreviousLoop:
+    """(d): one persistent solver object; each instance warm-started from the previous instance's answer.
+
+    Rows are taken in order (the caller resets ``row`` before a pass); row ``i`` starts an episode when
+    ``i % episode_length == 0`` and then starts cold, as it does when the previous answer has no solution.
+    """
+
+    def __init__(self, pp, alg, tol, reference, episode_length):
+        settings = {**tol, **STATELESS_SETTINGS} if alg == "scs" else tol
+        self.pp, self.length, self.row, self.prev = pp, episode_length, 0, None
+        self.fields = ("x", "y", "s") if alg == "scs" else ("x", "y")
+        self.solver = PersistentSolver(alg, pp.canonicalize(reference).instance(0), settings)
+
+    def solve(self, params):
+        data = self.pp.canonicalize(params)
+        out = []
+        for i in range(data.batch_size):
+            warm = self.prev is not None and self.row % self.length != 0 and self.prev.status.has_solution
+            arrays = {f: getattr(self.prev, f)[None] for f in self.fields} if warm else None
+            (r,) = self.solver.solve(data.take(np.array([i])), arrays)
+            out.append(r)
+            self.prev, self.row = r, self.row + 1
+        return out
+
+
 def bench_pair(name, alg, args, tol):
     fam = problems.make(name, size=args.size)
-    pp = ParametricProblem(fam.problem, FORMS[alg])
+    pp = ParametricProblem(fam.problem, get_solver(alg).form)
     t0 = time.perf_counter()
     train_params = fam.sample(args.train, seed=0)
     ds = generate_dataset(pp, train_params, alg, args.data_root, name=f"train{args.train}", workers=args.workers,
@@ -70,8 +98,7 @@ def bench_pair(name, alg, args, tol):
     solved = SolvedSet.from_dataset(pp, ds)
     n_val = max(8, len(solved) // 10)
     tr, va = solved.subset(range(n_val, len(solved))), solved.subset(range(n_val))
-    cfg = TrainConfig(k=0, weights=LossWeights(regression=1.0), epochs=args.epochs, batch_size=64, patience=15,
-                      progress=False)
+    cfg = config_from_args(TrainConfig, args, k=0, weights=LossWeights(regression=1.0), progress=False)
     model = train(pp, alg, tr, va, cfg).model
     val_params = {k: v[:n_val] for k, v in ds.subset(np.flatnonzero(ds.ok)).params.items()}
     train_seconds = time.perf_counter() - t0
@@ -113,16 +140,27 @@ def bench_pair(name, alg, args, tol):
                   "nearest neighbour (c)": WarmLoop(pp, alg, tol, ref, nn_lookup).solve}
     strategies.update({label: s.solve for label, (s, _) in learned.items()})
     strategies[f"control k={args.k}"] = control.solve
+    system = fam.extras.get("system")
+    previous = None
+    if system is not None and getattr(system, "episode_length", None):
+        previous = PreviousLoop(pp, alg, tol, ref, system.episode_length)
+        strategies["previous solution (d)"] = previous.solve
     strategies["floor (optimum)"] = WarmLoop(pp, alg, tol, ref, opt_lookup).solve
+
+    def rewind():  # the lookups that follow the rows in order start again at row 0
+        position["start"] = 0
+        if previous is not None:
+            previous.row, previous.prev = 0, None
+
     for batch in args.batch:
         times = {s: [] for s in strategies}
         for fn in strategies.values():  # warm-up: first setups, caches
-            position["start"] = 0
+            rewind()
             fn(_rows(test, 0, batch))
         calls = max(1, args.instances // batch)
         for _ in range(args.rounds):
             for label, fn in strategies.items():
-                position["start"] = 0
+                rewind()
                 t = time.perf_counter()
                 for c in range(calls):
                     fn(_rows(test, c * batch, (c + 1) * batch))
@@ -144,14 +182,17 @@ def bench_pair(name, alg, args, tol):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=problems.names())
-    ap.add_argument("--algorithms", nargs="+", default=["scs", "osqp"], choices=["scs", "osqp"])
+    ap.add_argument("--solvers", "--algorithms", nargs="+", default=list(NAMES), choices=NAMES)
     ap.add_argument("--size", default="small", choices=problems.SIZES)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--instances", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--train", type=int, default=1000, help="instances solved for training (10%% validation)")
-    ap.add_argument("--epochs", type=int, default=60)
+    # training options: TrainConfig's fields (flags, help), at this benchmark's scale
+    add_dataclass_arguments(ap.add_argument_group("training"), TrainConfig,
+                            only=("epochs", "batch_size", "lr", "patience", "hidden"),
+                            defaults={"epochs": 60, "batch_size": 64, "patience": 15})
     ap.add_argument("--eps", type=float, default=1e-4)
     ap.add_argument("--workers", type=int, default=2, help="processes for the dataset solves")
     ap.add_argument("--data-root", default="data/bench_endtoend")
@@ -167,12 +208,12 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}; device cpu, float64, torch threads 1; C solvers eps_abs = eps_rel = "
           f"{args.eps:g}, other settings default (SCS qdldl, OSQP adaptive_rho_interval 50); size {args.size}; "
           f"{args.instances} held-out instances; medians of {args.rounds} interleaved rounds; predictor: MLP "
-          f"(256, 256), regression loss, {args.train} solved instances (10% validation), {args.epochs} epochs; "
+          f"{args.hidden}, regression loss, {args.train} solved instances (10% validation), {args.epochs} epochs; "
           f"refinement k = {args.k}; SCS checks termination every 25 iterations (compiled in)", flush=True)
     rows = []
     for name in args.families:
-        for alg in args.algorithms:
-            if alg == "osqp" and problems.make(name).kind not in ("qp", "lp"):
+        for alg in args.solvers:
+            if not get_solver(alg).accepts(problems.make(name).problem):
                 continue
             for r in bench_pair(name, alg, args, tol):
                 rows.append(r)

@@ -30,6 +30,7 @@ import torch
 from amortcvx import problems
 from amortcvx.canon import ParametricProblem
 from amortcvx.iterations import OsqpSettings, ScsSettings, make_osqp, make_scs, run
+from amortcvx.solvers import get_solver
 
 
 def _cpu_name() -> str:
@@ -170,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.families.split(","):
         fam = problems.make(name, args.size, seed=0)
         for algorithm in args.algorithms.split(","):
-            if algorithm == "osqp" and fam.kind not in ("qp", "lp"):
+            if not get_solver(algorithm).accepts(fam.problem):
                 continue
-            pp = ParametricProblem(fam.problem, "cone" if algorithm == "scs" else "qp")
+            pp = ParametricProblem(fam.problem, get_solver(algorithm).form)
             settings = scs_settings if algorithm == "scs" else osqp_settings
             c_data = pp.canonicalize(fam.sample(args.c_instances, seed=1))
             c_per_iter = time_c(algorithm, c_data, args.steps, settings, args.repeats)

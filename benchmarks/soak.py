@@ -42,8 +42,8 @@ import numpy as np
 from amortcvx import problems
 from amortcvx.backends import PersistentSolver, get_backend, shutdown_workers, solve_batch
 from amortcvx.canon import ParametricProblem
-from amortcvx.datasets import BACKEND_FORMS
 from amortcvx.evaluation import environment, torch_threads
+from amortcvx.solvers import FORMS, get_solver
 
 
 def _status_kb(field: str, pid: int | str = "self") -> int:
@@ -127,7 +127,7 @@ def _median(counts: Counter[int]) -> float:
 
 # ---------------------------------------------------------------------- part 1
 def soak_persistent(family, backend: str, instances: int, batch: int, every: int) -> dict:
-    pp = ParametricProblem(family.problem, form=BACKEND_FORMS[backend])
+    pp = ParametricProblem(family.problem, form=FORMS[backend])
     sample = family.sample(1000, seed=10**6)
     mean = {k: np.asarray(v, dtype=np.float64).mean(axis=0) for k, v in sample.items()}
     solver = PersistentSolver(backend, pp.canonicalize(mean).instance(0))
@@ -177,7 +177,7 @@ def _mbs(values: list[float]) -> str:
 
 
 def soak_pool(family, backend: str, instances: int, batch: int, workers: int) -> dict:
-    pp = ParametricProblem(family.problem, form=BACKEND_FORMS[backend])
+    pp = ParametricProblem(family.problem, form=FORMS[backend])
     me = os.getpid()
     before = descendants(me)
     statuses: Counter[str] = Counter()
@@ -216,7 +216,7 @@ def soak_pool(family, backend: str, instances: int, batch: int, workers: int) ->
 def _child_pool(family_name: str, size: str, backend: str, workers: int) -> None:
     """Entry point of the killed child: start the pool, solve a batch, report, wait."""
     family = problems.make(family_name, size=size)
-    pp = ParametricProblem(family.problem, form=BACKEND_FORMS[backend])
+    pp = ParametricProblem(family.problem, form=FORMS[backend])
     solve_batch(pp.canonicalize(family.sample(4 * workers, seed=0)).instances(), backend, workers=workers,
                 exact_iterations=False)
     print("ready", flush=True)
@@ -283,7 +283,7 @@ def main() -> int:
         args.every = min(args.every, 5)
     family = problems.make(args.family, size=args.size)
     for backend in args.backends:
-        if BACKEND_FORMS[backend] == "qp" and family.kind not in ("qp", "lp"):
+        if not get_solver(backend).accepts(family.problem):
             raise SystemExit(f"{backend} cannot solve family {args.family!r} of kind {family.kind!r}")
         get_backend(backend)
     env = environment()

@@ -16,7 +16,7 @@ from amortcvx.training import train_state_path
 
 
 def _args(data_root, out, epochs: int, *extra: str) -> list[str]:
-    return ["run", "--family", "transport", "--algorithm", "osqp", "--n-train", "30", "--n-test", "6",
+    return ["run", "--family", "transport", "--solver", "osqp", "--n-train", "30", "--n-test", "6",
             "--k", "0", "--eval-k", "0", "--workers", "1", "--timing-single", "0", "--timing-batch", "0",
             "--no-calibrate", "--patience", "100000", "--epochs", str(epochs), "--data-root", str(data_root),
             "--out", str(out), *extra]
@@ -80,5 +80,5 @@ def test_resume_is_on_by_default_and_checked():
     assert ExperimentConfig().resume is True
     with pytest.raises(ValueError, match="resume must be a bool"):
         ExperimentConfig(resume="no")
-    assert build_parser().parse_args(["run"]).no_resume is False
-    assert build_parser().parse_args(["run", "--no-resume"]).no_resume is True
+    assert build_parser().parse_args(["run"]).resume is True
+    assert build_parser().parse_args(["run", "--no-resume"]).resume is False

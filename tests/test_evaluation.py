@@ -245,13 +245,13 @@ def test_plots_are_png(synthetic_comparison, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- pipeline
 def test_config_validation():
-    with pytest.raises(ValueError, match="algorithm"):
-        ExperimentConfig(algorithm="ecos")
+    with pytest.raises(ValueError, match="unknown solver 'ecos'; known solvers: scs, osqp"):
+        ExperimentConfig(solver="ecos")
     with pytest.raises(ValueError, match="n_train"):
         ExperimentConfig(n_train=1)
     with pytest.raises(ValueError, match="eval_k"):
         ExperimentConfig(eval_k=(-1,))
-    assert ExperimentConfig(k=3).refine_steps == (3,)
+    assert ExperimentConfig(k=3).refine_steps == (0, 3) and ExperimentConfig(k=0).refine_steps == (0,)
     assert ExperimentConfig(eval_k=[0, 4]).refine_steps == (0, 4)
     with pytest.raises(ValueError, match="anderson_memory"):
         ExperimentConfig(anderson_memory=-1)
@@ -264,7 +264,7 @@ def test_config_validation():
 
 
 def test_osqp_on_socp_family_is_refused_early(tmp_path):
-    cfg = ExperimentConfig(family="kalman", algorithm="osqp", data_root=str(tmp_path), out_dir=str(tmp_path / "o"),
+    cfg = ExperimentConfig(family="kalman", solver="osqp", data_root=str(tmp_path), out_dir=str(tmp_path / "o"),
                            progress=False)
     with pytest.raises(ValueError, match="kind 'socp'"):
         run_experiment(cfg)
@@ -273,7 +273,7 @@ def test_osqp_on_socp_family_is_refused_early(tmp_path):
 
 @pytest.mark.parametrize("family, algorithm, n_test", [("portfolio", "scs", 12), ("mpc", "osqp", 24)])
 def test_tiny_experiment_end_to_end(tmp_path, family, algorithm, n_test):
-    cfg = ExperimentConfig(family=family, algorithm=algorithm, n_train=40, n_test=n_test, epochs=2, batch_size=16,
+    cfg = ExperimentConfig(family=family, solver=algorithm, n_train=40, n_test=n_test, epochs=2, batch_size=16,
                            eval_k=(0, 2), hidden=(32,), data_root=str(tmp_path / "data"),
                            out_dir=str(tmp_path / "run"), workers=1, timing_single=2, timing_batch=6, progress=False)
     lines: list[str] = []
@@ -300,3 +300,21 @@ def test_tiny_experiment_end_to_end(tmp_path, family, algorithm, n_test):
     # the datasets are cached: a second run reuses them (same folders, no new ones)
     folders = sorted(p.name for p in (tmp_path / "data").iterdir())
     assert len(folders) == 2
+
+
+def test_a_switched_off_predictor_is_announced_first_with_the_numbers(synthetic_comparison):
+    from amortcvx.deploy import Calibration
+    from amortcvx.evaluation import calibration_notice, format_report
+
+    kept, off = Calibration(10.0, 12.0, True), Calibration(30.0, 25.5, False)
+    text = format_report(title="TITLE", comparison=synthetic_comparison, fallback={},
+                         calibration={"learned k=0": kept, "learned k=5": off}, timings=[], device="cpu",
+                         dtype="float64", num_val=7)
+    head, _, rest = text.partition("TITLE")
+    assert "PREDICTOR SWITCHED OFF by calibration for 1 of 2 learned strategies" in " ".join(head.split())
+    assert "the 7 validation instances" in " ".join(head.split())
+    assert "learned k=5: learned median 30 vs cold median 25.5 C iterations" in head and "learned k=0" not in head
+    assert "learned k=5: 30 vs 25.5 (SWITCHED OFF)" in rest and "learned k=0: 10 vs 12 (kept)" in rest
+    assert calibration_notice({"learned k=0": kept}) == ""
+    assert format_report(title="TITLE", comparison=synthetic_comparison, fallback={}, calibration={"x": kept},
+                         timings=[], device="cpu", dtype="float64").startswith("TITLE")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amortcvx.evaluation.compare import Comparison, Summary
+from amortcvx.evaluation.compare import Comparison, StrategyResult, Summary
 
 _COLUMNS = ("strategy", "median", "p90", "mean", "ratio", "non-optimal", "warm", "time ms", "obj gap")
 
@@ -176,3 +176,30 @@ def plot_medians(comparison: Comparison, path: str | os.PathLike, *, title: str 
 def _count(comparison: Comparison) -> int:
     first = next(iter(comparison.strategies.values()))
     return int(first.iterations.shape[0])
+
+
+def read_instances_csv(path: str | os.PathLike, *, backend: str, settings=None, baseline: str | None = "cold",
+                       timed: bool = False) -> Comparison:
+    """The :class:`Comparison` written by :func:`write_instances_csv` (strategies in file order).
+
+    ``backend``, ``settings``, ``baseline`` and ``timed`` are not in the file; pass those of the run.
+    """
+    rows: dict[str, list[dict[str, str]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            rows.setdefault(row["strategy"], []).append(row)
+    strategies = {}
+    for name, rs in rows.items():
+        rs.sort(key=lambda r: int(r["instance"]))
+
+        def col(key: str, dtype, rs=rs) -> np.ndarray:
+            return np.array([dtype(r[key]) for r in rs])
+
+        strategies[name] = StrategyResult(
+            name=name, iterations=col("iterations", int).astype(np.int64), status=col("status", str),
+            objective=col("objective", float), setup_time=col("setup_time", float),
+            solve_time=col("solve_time", float), warm=col("warm", int).astype(bool))
+    if baseline is not None and baseline not in strategies:
+        baseline = None
+    return Comparison(backend=backend, settings=dict(settings or {}), strategies=strategies, baseline=baseline,
+                      timed=timed)
