@@ -27,6 +27,7 @@ import torch
 from amortcvx import problems
 from amortcvx.backends import get_backend, shutdown_workers, solve_batch
 from amortcvx.canon import ParametricProblem
+from amortcvx.solvers import get_solver
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
           f"exact_iterations={args.exact}, repeats {args.repeats} (median), eps_abs = eps_rel = {args.eps:g}")
     for backend in args.backends:
         info = get_backend(backend)
-        if info.form == "qp" and fam.kind not in ("qp", "lp"):
+        if not get_solver(backend).accepts(fam.problem):
             print(f"{backend}: skipped ({args.family} is {fam.kind}, not a QP)")
             continue
         data = ParametricProblem(fam.problem, info.form).canonicalize(tparams)

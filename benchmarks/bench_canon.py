@@ -20,7 +20,7 @@ import torch
 
 from amortcvx import problems
 from amortcvx.canon import ParametricProblem
-from amortcvx.solvers import solver_for_form
+from amortcvx.solvers import SOLVERS, solver_for_form
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
           f"  dependent")
     for name in args.families or problems.names():
         fam = problems.make(name, args.size)
-        forms = ("cone", "qp") if fam.kind in ("qp", "lp") else ("cone",)
+        forms = tuple(dict.fromkeys(d.form for d in SOLVERS.values() if d.accepts(fam.problem)))
         params = fam.sample(args.batch, seed=0)
         for form in forms:
             pp = ParametricProblem(fam.problem, form)
