@@ -177,3 +177,23 @@ def test_calibration_chooses_the_strategy_by_wall_time(fitted):
             solver.use_strategy("fast")
     finally:
         solver.use_strategy(saved)
+
+
+def test_fitted_osqp_rho_saves_iterations():
+    from amortcvx import problems
+
+    fam = problems.make("lasso")
+    pp = ac.ParametricProblem(fam.problem, form="qp")
+    tol = {"eps_abs": 1e-4, "eps_rel": 1e-4}
+    solver = ac.AmortizedSolver(pp, algorithm="osqp", solver_settings=tol, reference_params={
+        k: v.mean(0) for k, v in fam.sample(20, seed=0).items()})
+    rho = solver.choose_osqp_rho(fam.sample(30, seed=1))
+    assert rho is not None and rho > 0 and solver.c_settings() == tol  # chosen, not set
+    test = fam.sample(40, seed=2)
+    default = solver.solve(test, exact_iterations=True).iterations
+    solver.osqp_rho = rho
+    fitted = solver.solve(test, exact_iterations=True)
+    assert fitted.optimal.all() and np.median(fitted.iterations) < np.median(default)
+    user = ac.AmortizedSolver(pp, algorithm="osqp", solver_settings={**tol, "rho": 0.5})
+    user.osqp_rho = rho
+    assert user.c_settings()["rho"] == 0.5  # the user's setting wins

@@ -144,7 +144,8 @@ def test_calibration_switches_off_a_predictor_that_loses(lasso):
     assert not cal.enabled and cal.learned_median > cal.cold_median and not solver.enabled
     params = fam.sample(3, seed=9)
     out = solver.solve(params, exact_iterations=True)
-    cold = solve_batch(pp.canonicalize(params).instances(), "osqp", workers=1)
+    assert solver.osqp_rho is not None and solver.c_settings()["rho"] == solver.osqp_rho  # fitted by calibrate
+    cold = solve_batch(pp.canonicalize(params).instances(), "osqp", settings=solver.c_settings(), workers=1)
     assert out.fallback.all() and [r.iterations for r in out.results] == [r.iterations for r in cold]
 
 

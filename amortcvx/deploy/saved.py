@@ -53,7 +53,7 @@ def save(solver, path: str | os.PathLike) -> None:
         "decisions": {
             "enabled": solver.enabled, "cold_refine": solver.cold_refine,
             "check_termination": solver.check_termination, "c_modes": solver.c_modes,
-            "scs_scale": solver.scs_scale,
+            "scs_scale": solver.scs_scale, "osqp_rho": solver.osqp_rho,
             "reference": None if solver._reference is None else solver._reference.reshape(-1).tolist(),
             "calibration": None if cal is None else {**cal._asdict(), "anderson": _anderson(cal.anderson)},
         },
@@ -118,6 +118,7 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
     if "c_modes" not in overrides:
         solver.c_modes = dict(decided["c_modes"])
     solver.scs_scale = decided["scs_scale"]
+    solver.osqp_rho = decided["osqp_rho"]
     if decided["reference"] is not None and "reference_params" not in overrides:
         solver._reference = torch.tensor(decided["reference"], dtype=torch.float64).reshape(1, -1)
     cal = decided["calibration"]

@@ -280,6 +280,7 @@ class AmortizedSolver:
         self.c_modes = modes
         self._modes_given = c_modes
         self.scs_scale: float | None = None  # the fixed scale of stateless SCS objects (see choose_c_modes)
+        self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
         self.calibration: Calibration | None = None  # the last calibrate()'s outcome
 
     # ------------------------------------------------------------------ building, saving, loading
@@ -357,6 +358,38 @@ class AmortizedSolver:
                 raise ValueError(f"solver setting {name} must be a nonnegative number; got {value!r}")
         return float(eps[0]), float(eps[1])
 
+    def c_settings(self) -> dict:
+        """The C solver's settings: ``solver_settings`` and, for OSQP, the initial ``rho`` fitted by
+        :meth:`calibrate` (unless ``solver_settings`` sets it)."""
+        settings = dict(self.solver_settings)
+        if self.algorithm == "osqp" and self.osqp_rho is not None:
+            settings.setdefault("rho", self.osqp_rho)
+        return settings
+
+    def choose_osqp_rho(self, params: Mapping) -> float | None:
+        """OSQP's initial ``rho`` for this problem: the geometric median of the rho OSQP's adaptation reaches in
+        cold solves of ``params`` (validation instances), or None when none is finite and positive.
+
+        OSQP adapts rho during a solve, starting from ``rho`` (0.1) on every solve of a persistent object (the
+        protocol that makes results independent of order resets it). Starting where the adaptation ends saves
+        iterations and the refactorization of the reset; measured on the small families (200 instances, eps
+        1e-4): lasso 150 -> 50 median iterations (0.29 -> 0.12 ms per solve), portfolio 75 -> 50, mpc 50 -> 25.
+        """
+        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
+        ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
+        out = PersistentSolver(self.backend, ref, self.solver_settings).solve(self.pp.canonicalize_vector(theta))
+        rhos = [r.stats["rho_estimate"] for r in out if r.stats and np.isfinite(r.stats.get("rho_estimate", np.nan))
+                and r.stats["rho_estimate"] > 0]
+        return float(np.exp(np.median(np.log(rhos)))) if rhos else None
+
+    def _reference_theta(self, theta: torch.Tensor | None) -> torch.Tensor:
+        """The reference instance of the persistent objects (set from ``theta``'s mean on first use)."""
+        if self._reference is None:
+            if theta is None:
+                raise ValueError("no reference instance yet: pass reference_params or solve a batch first")
+            self._reference = theta.detach().to("cpu", torch.float64).mean(dim=0, keepdim=True)
+        return self._reference.to(torch.float64)
+
     def persistent_solver(self, theta: torch.Tensor | None = None, mode: str = "adaptive") -> PersistentSolver:
         """The persistent C solver object of this problem for ``mode`` (set up on first use).
 
@@ -372,12 +405,8 @@ class AmortizedSolver:
         if self.algorithm != "scs":
             mode = "adaptive"
         if mode not in self._persistent:
-            if self._reference is None:
-                if theta is None:
-                    raise ValueError("no reference instance yet: pass reference_params or solve a batch first")
-                self._reference = theta.detach().to("cpu", torch.float64).mean(dim=0, keepdim=True)
-            ref = self.pp.canonicalize_vector(self._reference.to(torch.float64)).instance(0)
-            settings = dict(self.solver_settings)
+            ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
+            settings = self.c_settings()
             if mode == "stateless":
                 settings.update(STATELESS_SETTINGS)
                 if self.scs_scale is not None:
@@ -502,9 +531,10 @@ class AmortizedSolver:
         mean, then the first) as ``self.anderson``:
         whether acceleration helps depends on the problem (it can cost iterations, see docs/iterations.md).
         Then sets ``self.enabled = median(learned) <= margin * median(cold)``, the cold start refined the same way.
-        For OSQP without an explicit ``check_termination``, warm-started timed solves then check every
-        ``ceil(median)`` iterations (at most 25) of the C iterations the kept strategy needed where it was not
-        certified. SCS: the modes of the persistent objects (:meth:`choose_c_modes`).
+        OSQP: first, the initial ``rho`` is fitted (:meth:`choose_osqp_rho`) unless ``solver_settings`` sets it;
+        every C solve uses it from then on. For OSQP without an explicit ``check_termination``, warm-started timed
+        solves then check every ``ceil(median)`` iterations (at most 25) of the C iterations the kept strategy needed
+        where it was not certified. SCS: the modes of the persistent objects (:meth:`choose_c_modes`).
 
         Finally (``timed=True``), fewer C iterations do not always mean less time (the prediction and the ``k``
         torch steps cost time too): the strategies still allowed (the learned start if it passed the test above,
@@ -521,6 +551,9 @@ class AmortizedSolver:
             if opt is not None and not isinstance(opt, AndersonSettings):
                 raise TypeError(f"refinements must hold None or AndersonSettings; got {type(opt).__name__}")
         self.enabled = True
+        if self.algorithm == "osqp" and "rho" not in self.solver_settings:
+            self.osqp_rho = self.choose_osqp_rho(params)
+            self._persistent.clear()  # rebuilt with the fitted rho on first use
         candidates = []
         for opt in options:
             self.anderson = opt
@@ -699,7 +732,7 @@ class AmortizedSolver:
         if exact_iterations:
             starts = [pred.batch.warm_starts[i] if w else None for i, w in zip(index, warm)]
             return solve_batch([data.instance(int(i)) for i in index], self.backend, warm_starts=starts,
-                               settings=self.solver_settings, exact_iterations=True, workers=self.workers)
+                               settings=self.c_settings(), exact_iterations=True, workers=self.workers)
         arrays = None if pred.batch.arrays is None else {k: v[index] for k, v in pred.batch.arrays.items()}
         check = self.check_termination if self.algorithm == "osqp" else None
         sub = data if index.size == data.batch_size else data.take(index)
