@@ -288,28 +288,35 @@ def active_set_solve(P: torch.Tensor | None, A: torch.Tensor, active: torch.Tens
     return x, y
 
 
-def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-12) -> tuple[Point, torch.Tensor]:
+def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-12,
+                  damping: tuple[float, ...] = (1.0, 0.5, 0.25)) -> tuple[Point, torch.Tensor]:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
-    Stops early once every instance has ``||F||_inf <= tol (1 + scale)``. Returns the point and ``||F||_inf``.
+    Each step tries the step lengths in ``damping`` and keeps, per instance, the one with the smallest
+    ``||F||_inf`` (a full step is exact on the active set of an LP / QP; shorter ones help from looser points of
+    cone programs). Stops early once every instance has ``||F||_inf <= tol (1 + scale)``. Returns the point and
+    ``||F||_inf``.
     """
     with torch.no_grad():
         norm = residual_norm(d, pt)
         scale = 1.0 + d.lin.abs().amax(dim=1) + (d.b.abs().amax(dim=1) if d.b is not None else 0.0)
+        n = pt.x.shape[1]
         for _ in range(steps):
             todo = torch.isfinite(norm) & (norm > tol * scale)
             if not bool(todo.any()):
                 break
             f1, f2 = residual(d, pt)
             delta = solve_kkt(d, dual_jacobian(d, pt.w), torch.cat([f1, f2], dim=1))
-            n = pt.x.shape[1]
-            cand = Point(pt.x - delta[:, :n], pt.w - delta[:, n:])
-            cnorm = residual_norm(d, cand)
-            take = todo & torch.isfinite(cnorm) & (cnorm < norm)
-            if not bool(take.any()):
+            best, best_norm = pt, norm
+            for t in damping:
+                cand = Point(pt.x - t * delta[:, :n], pt.w - t * delta[:, n:])
+                cnorm = residual_norm(d, cand)
+                better = todo & torch.isfinite(cnorm) & (cnorm < best_norm)
+                best = Point(torch.where(better[:, None], cand.x, best.x), torch.where(better[:, None], cand.w, best.w))
+                best_norm = torch.where(better, cnorm, best_norm)
+            if not bool((best_norm < norm).any()):
                 break
-            pt = Point(torch.where(take[:, None], cand.x, pt.x), torch.where(take[:, None], cand.w, pt.w))
-            norm = torch.where(take, cnorm, norm)
+            pt, norm = best, best_norm
     return pt, norm
 
 

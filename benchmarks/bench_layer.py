@@ -1,0 +1,185 @@
+"""CvxpyLayer against cvxpylayers 1.2 (DIFFCP default, MOREAU when installed): time and accuracy per batch.
+
+Problems (issue 12):
+  QP:   minimize 1/2 ||F x||^2 + q'x  s.t.  G x <= h,  n = 20, m = 40, parameters q, h (F, G Gaussian).
+  SOCP: minimize ||A x - b||_2 + 0.1 ||x||_1  s.t.  ||x||_inf <= 1,  A 30 x 10, parameter b.
+
+For each problem and batch size, every method is timed forward and forward+backward (backward of the sum of
+the outputs), interleaved (method after method within each repeat, so that load changes hit all of them), and
+the median of ``--repeats`` is reported with max |x - x*| against CVXPY + Clarabel at tight tolerance and the
+largest relative objective excess ``(f(x) - f*) / (1 + |f*|)`` (negative where x beats the reference) and
+constraint violation. The
+parameters move by a small step between repeats (as in a training loop), which is what the "previous" warm
+start of our layer uses. Prints the machine, torch threads, dtype and solver settings beside the numbers.
+
+    python benchmarks/bench_layer.py                 # batches 64 and 1024, 3 repeats
+    python benchmarks/bench_layer.py --smoke         # batch 16, 1 repeat (CI)
+    python benchmarks/bench_layer.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import cvxpy as cp
+import numpy as np
+import torch
+
+from amortcvx.layers import CvxpyLayer
+
+EPS = 1e-5  # our layer's tolerance (CVXPY's default); its answers are Newton-refined well beyond it
+STEP = 1e-2  # relative move of the parameters between repeats
+
+
+def qp_problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    n, m = 20, 40
+    F, G = rng.normal(size=(n, n)), rng.normal(size=(m, n))
+    q, h, x = cp.Parameter(n, name="q"), cp.Parameter(m, name="h"), cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(F @ x) + q @ x), [G @ x <= h])
+
+    def sample(B: int, rng) -> list[torch.Tensor]:
+        return [torch.tensor(rng.normal(size=(B, n))), torch.tensor(rng.uniform(0.5, 1.5, size=(B, m)))]
+    return "QP (n=20, m=40; q, h)", prob, [q, h], [x], sample
+
+
+def socp_problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(30, 10))
+    b, x = cp.Parameter(30, name="b"), cp.Variable(10, name="x")
+    prob = cp.Problem(cp.Minimize(cp.norm(A @ x - b, 2) + 0.1 * cp.norm1(x)), [cp.norm(x, "inf") <= 1])
+
+    def sample(B: int, rng) -> list[torch.Tensor]:
+        return [torch.tensor(rng.normal(size=(B, 30)))]
+    return "SOCP (A 30x10; b)", prob, [b], [x], sample
+
+
+def reference(prob, params, variables, values) -> tuple[np.ndarray, np.ndarray]:
+    """x* and the optimal values per instance by CVXPY + Clarabel (tight tolerances)."""
+    xs, vals = [], []
+    for i in range(values[0].shape[0]):
+        for p, v in zip(params, values):
+            p.value = v[i].numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Clarabel may call its tight-tolerance answers inaccurate
+            prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+        xs.append(np.asarray(variables[0].value))
+        vals.append(prob.value)
+    return np.stack(xs), np.asarray(vals)
+
+
+def objective_excess(prob, params, variables, values, x: np.ndarray, best: np.ndarray) -> tuple[float, float]:
+    """Largest relative objective excess ``(f(x_i) - f*_i) / (1 + |f*_i|)`` over the instances (negative: x is
+    better than the reference) and the largest constraint violation of the ``x_i``."""
+    excess, violation = [], []
+    for i in range(x.shape[0]):
+        for p, v in zip(params, values):
+            p.value = v[i].numpy()
+        variables[0].value = x[i]
+        violation.append(max(float(np.max(c.violation())) for c in prob.constraints))
+        excess.append((prob.objective.value - best[i]) / (1 + abs(best[i])))
+    return float(max(excess)), float(max(violation))
+
+
+def methods(prob, params, variables) -> dict[str, tuple[Callable, str]]:
+    """name -> (callable(*values) -> tuple of outputs, settings description)."""
+    from cvxpylayers.torch import CvxpyLayer as Reference
+
+    out = {}
+    ours_cold = CvxpyLayer(prob, params, variables, eps=EPS)
+    out["ours cold"] = (ours_cold, f"{ours_cold.solver} C, eps {EPS:g}, presolve_eps {ours_cold.presolve_eps:g}")
+    ours_prev = CvxpyLayer(prob, params, variables, eps=EPS, warm_start="previous")
+    out["ours previous"] = (ours_prev, f"{ours_prev.solver} C, eps {EPS:g}, warm start: previous call")
+    diffcp = Reference(prob, params, variables)
+    out["cvxpylayers DIFFCP"] = (diffcp, "SCS via diffcp, cvxpylayers defaults")
+    if importlib.util.find_spec("moreau") is not None:
+        moreau = Reference(prob, params, variables, solver="MOREAU")
+        out["cvxpylayers MOREAU"] = (moreau, "moreau (CPU), cvxpylayers defaults")
+    return out
+
+
+def timed(fn: Callable, values: list[torch.Tensor], backward: bool) -> tuple[float, np.ndarray]:
+    vals = [v.clone().requires_grad_(backward) for v in values]
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = fn(*vals)
+        if backward:
+            sum(o.sum() for o in outs).backward()
+    return time.perf_counter() - start, outs[0].detach().numpy()
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(), "dtype": "float64"}
+
+
+def run(batches: list[int], repeats: int) -> list[dict]:
+    rows = []
+    for make in (qp_problem, socp_problem):
+        name, prob, params, variables, sample = make()
+        for B in batches:
+            rng = np.random.default_rng(B)
+            base = sample(B, rng)
+            direction = sample(B, rng)
+            impls = methods(prob, params, variables)
+            times = {k: {"fwd": [], "fwdbwd": []} for k in impls}
+            last = {}
+            for r in range(repeats + 1):  # repeat 0 warms up (and gives "previous" its first solution)
+                values = [b + STEP * (r + 1) * d for b, d in zip(base, direction)]
+                for key, (fn, _) in impls.items():
+                    tf, _ = timed(fn, values, backward=False)
+                    tb, x = timed(fn, values, backward=True)
+                    if r > 0:
+                        times[key]["fwd"].append(tf)
+                        times[key]["fwdbwd"].append(tb)
+                    last[key] = x
+            xstar, fstar = reference(prob, params, variables, values)
+            for key, (_, settings) in impls.items():
+                row = {"problem": name, "batch": B, "method": key, "settings": settings,
+                       "fwd_ms": 1e3 * statistics.median(times[key]["fwd"]),
+                       "fwdbwd_ms": 1e3 * statistics.median(times[key]["fwdbwd"]),
+                       "max_err": float(np.abs(last[key] - xstar).max()),
+                       "repeats": repeats}
+                row["objective_excess"], row["violation"] = objective_excess(prob, params, variables, values,
+                                                                             last[key], fstar)
+                rows.append(row)
+                print(f"{name:24s} B={B:5d} {key:20s} fwd {row['fwd_ms']:9.1f} ms  fwd+bwd {row['fwdbwd_ms']:9.1f} ms"
+                      f"  max|x-x*| {row['max_err']:.1e}  f-f* {row['objective_excess']:+.1e}"
+                      f"  viol {row['violation']:.1e}   [{settings}]",
+                      flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="batch 16, 1 repeat")
+    parser.add_argument("--json", type=str, default=None, help="write the rows and the machine to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batches, repeats = ([16], 1) if args.smoke else (args.batches, args.repeats)
+    info = machine()
+    print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
+    print(f"medians of {repeats} interleaved repeats; forward+backward = backward of the sum of the outputs")
+    rows = run(batches, repeats)
+    info["load_average_end"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": info, "rows": rows}, fh, indent=2)
+        print("wrote", args.json)
+
+
+if __name__ == "__main__":
+    main()
