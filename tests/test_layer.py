@@ -340,3 +340,18 @@ def test_duals_match_cvxpy():
     for i in range(2):
         ref, ref_duals = clarabel(prob, params, variables, values, i)
         np.testing.assert_allclose(dual[i].numpy(), ref_duals[0], atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("make", [qp, socp])
+def test_cuda_matches_cpu(make):
+    prob, params, variables, sample = make()
+    values = sample(16, np.random.default_rng(17))
+    (x_cpu,) = CvxpyLayer(prob, params, variables, eps=1e-8)(*values)
+    layer = CvxpyLayer(prob, params, variables, eps=1e-8)  # method "auto": torch iterations on CUDA
+    cuda = [v.cuda().requires_grad_(True) for v in values]
+    (x,) = layer(*cuda)
+    assert x.device.type == "cuda"
+    np.testing.assert_allclose(x.detach().cpu().numpy(), x_cpu.numpy(), atol=1e-6)
+    x.sum().backward()
+    assert all(v.grad.device.type == "cuda" and torch.isfinite(v.grad).all() for v in cuda)
