@@ -313,8 +313,16 @@ def test_a_switched_off_predictor_is_announced_first_with_the_numbers(synthetic_
     head, _, rest = text.partition("TITLE")
     assert "PREDICTOR SWITCHED OFF by calibration for 1 of 2 learned strategies" in " ".join(head.split())
     assert "the 7 validation instances" in " ".join(head.split())
-    assert "learned k=5: learned median 30 vs cold median 25.5 C iterations" in head and "learned k=0" not in head
+    assert "learned k=5: PREDICTOR OFF (median exact C iterations learned 30 vs cold 25.5)" in " ".join(head.split())
+    assert "learned k=0" not in head
     assert "learned k=5: 30 vs 25.5 (SWITCHED OFF)" in rest and "learned k=0: 10 vs 12 (kept)" in rest
     assert calibration_notice({"learned k=0": kept}) == ""
+    # calibration that chose the start by wall time: off although the iterations were fewer, with the times
+    slower = Calibration(20.0, 25.0, False, strategy="cold", seconds={"learned": (3.0, 1.5), "cold": (0.5, 0.4)})
+    notice = " ".join(calibration_notice({"learned k=10": slower, "learned k=0": kept._replace(strategy="learned")},
+                                         7).split())
+    assert "for 1 of 2 learned strategies" in notice and "learned k=10: PREDICTOR OFF" in notice
+    assert "learned 20 vs cold 25" in notice and "learned: 3 ms at batch 1, 1.5 ms" in notice
+    assert "learned k=0" not in notice
     assert format_report(title="TITLE", comparison=synthetic_comparison, fallback={}, calibration={"x": kept},
                          timings=[], device="cpu", dtype="float64").startswith("TITLE")

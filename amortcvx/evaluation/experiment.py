@@ -330,24 +330,37 @@ def _load_fitted(config: ExperimentConfig, prep: Prepared) -> tuple[WarmStartPre
     return model, _read_history(run_dir / RUN_FILES["history"]), int(_read_record(run_dir).get("best_epoch", -1))
 
 
+def predictor_off(c: Calibration) -> bool:
+    """Whether calibration turned the predictor off (by C iterations, or by wall time when it chose a strategy)."""
+    return c.strategy != "learned" if getattr(c, "strategy", None) else not c.enabled
+
+
 def calibration_notice(calibration: Mapping[str, Calibration], num_val: int | None = None) -> str:
     """A prominent paragraph for every learned strategy whose predictor calibration switched off ("" if none).
 
-    It gives the numbers (median C iterations on the validation split, learned vs the (refined) cold start)
-    and says what the strategy's rows then measure.
+    It gives the numbers (median C iterations on the validation split, learned vs the (refined) cold start, and
+    the wall times when calibration chose by time) and says what the strategy's rows then measure.
     """
-    off = {name: c for name, c in calibration.items() if not c.enabled}
+    off = {name: c for name, c in calibration.items() if predictor_off(c)}
     if not off:
         return ""
     where = f"the {num_val} validation instances" if num_val else "the validation instances"
     lines = textwrap.wrap(f"PREDICTOR SWITCHED OFF by calibration for {len(off)} of {len(calibration)} learned "
-                          f"strategies: on {where} the learned warm start needed more C iterations than the "
-                          "(refined) cold start, so these strategies' rows in the table measure the (refined) cold "
-                          "start, not the model:", width=100)
-    lines += [f"  {name}: learned median {c.learned_median:g} vs cold median {c.cold_median:g} C iterations"
-              for name, c in off.items()]
+                          f"strategies (decided on {where}): the learned warm start needed more C iterations or "
+                          "more time than the cold start, so these strategies' rows in the table measure the cold "
+                          "start named below, not the model:", width=100)
+    for name, c in off.items():
+        lines += textwrap.wrap(f"{name}: {_decision(c)}", width=100, initial_indent="  ", subsequent_indent="    ")
     width = max(len(line) for line in lines)
     return "\n".join(["!" * width, *lines, "!" * width])
+
+
+def _decision(c: Calibration) -> str:
+    """What calibration decided, with its numbers (``Calibration.describe`` where the calibration has one)."""
+    if getattr(c, "strategy", None):
+        return c.describe()
+    return (f"{'predictor ON' if c.enabled else 'PREDICTOR OFF'} (median exact C iterations learned "
+            f"{c.learned_median:g} vs cold {c.cold_median:g})")
 
 
 def format_report(*, title: str, comparison: Comparison, fallback: Mapping[str, int],
@@ -363,7 +376,7 @@ def format_report(*, title: str, comparison: Comparison, fallback: Mapping[str, 
         text += "\nsafeguard fallbacks to cold start: " + ", ".join(f"{k}: {v}/{num_test}" for k, v in fallback.items())
     if calibration:
         text += "\ncalibration on the validation set (median C iterations, learned vs refined cold): " + ", ".join(
-            f"{k}: {c.learned_median:g} vs {c.cold_median:g} ({'kept' if c.enabled else 'SWITCHED OFF'}"
+            f"{k}: {c.learned_median:g} vs {c.cold_median:g} ({'SWITCHED OFF' if predictor_off(c) else 'kept'}"
             + (f"; refinement {refinement_label(c.anderson)} of {dict(c.candidates)}" if len(c.candidates) > 1
                else "") + ")"
             for k, c in calibration.items())
@@ -475,10 +488,9 @@ def evaluate(config: ExperimentConfig, *, log: Callable[[str], None] | None = No
         if batch < 1 or count < 1:
             continue
         emit(f"timing end to end at batch {batch} ({count} instances, {procs} solver process(es))")
-        timed = {name: make_solver(model, s.k, procs, s.anderson) for name, s in solvers.items()}
-        for name, s in timed.items():
-            s.enabled = solvers[name].enabled  # as calibrated
-        timings += measure_end_to_end(pp, timing_params, timed, backend, settings=config.solver_settings,
+        # the calibrated solvers themselves: every decision calibration took applies (timed solves run in this
+        # process on their persistent C objects whatever their ``workers``)
+        timings += measure_end_to_end(pp, timing_params, solvers, backend, settings=config.solver_settings,
                                       batch_size=batch, instances=count, workers=procs)
     seconds["timing"] = time.perf_counter() - t0
 
@@ -524,13 +536,19 @@ def _calibration_dict(c: Calibration) -> dict[str, Any]:
     return {"learned_median": c.learned_median, "cold_median": c.cold_median, "enabled": c.enabled,
             "refinement": refinement_label(c.anderson),
             "anderson": None if c.anderson is None else dataclasses.asdict(c.anderson),
-            "candidates": [list(p) for p in c.candidates]}
+            "candidates": [list(p) for p in c.candidates], "strategy": getattr(c, "strategy", None),
+            "seconds": getattr(c, "seconds", None)}
 
 
 def _calibration_from_dict(d: Mapping[str, Any]) -> Calibration:
     anderson = None if d.get("anderson") is None else AndersonSettings(**d["anderson"])
+    extra = {}
+    if "strategy" in Calibration._fields:
+        seconds = d.get("seconds")
+        extra = {"strategy": d.get("strategy"),
+                 "seconds": None if seconds is None else {k: tuple(v) for k, v in seconds.items()}}
     return Calibration(float(d["learned_median"]), float(d["cold_median"]), bool(d["enabled"]), anderson,
-                       tuple((str(label), float(median)) for label, median in d.get("candidates", ())))
+                       tuple((str(label), float(median)) for label, median in d.get("candidates", ())), **extra)
 
 
 def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> ExperimentResult:
