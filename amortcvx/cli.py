@@ -176,7 +176,9 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
         return load_config(args.run_dir, **{k: v for k, v in values.items()
                                             if k in {f.name for f in dataclasses.fields(ExperimentConfig)}})
     config = config_from_args(ExperimentConfig, values)
-    return dataclasses.replace(config, problem=_absolute_problem(config.problem))
+    # absolute paths in the recorded configuration: `evaluate RUN_DIR` then works from any folder
+    return dataclasses.replace(config, problem=_absolute_problem(config.problem),
+                               data_root=str(Path(config.data_root).absolute()))
 
 
 def _checked_config(args: argparse.Namespace) -> ExperimentConfig:

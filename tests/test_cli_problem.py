@@ -98,9 +98,11 @@ def test_run_on_a_problem_file_end_to_end(problem_file, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == (out / "table.txt").read_text().strip()
 
 
-def test_fit_then_evaluate_then_report_on_a_run_directory_that_resumes(problem_file, tmp_path, capsys):
-    out, data = tmp_path / "run", tmp_path / "data"
-    base = ["--problem", str(problem_file), "--solver", "scs", *TINY, "--data-root", str(data)]
+def test_fit_then_evaluate_then_report_on_a_run_directory_that_resumes(problem_file, tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths on the command line, recorded as absolute ones
+    out = tmp_path / "run"
+    base = ["--problem", problem_file.name, "--solver", "scs", *TINY, "--data-root", "data"]
     assert main(["evaluate", str(out)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
     # a first fit of 2 epochs, then the same run directory asked for 4: it continues at epoch 2
@@ -114,13 +116,17 @@ def test_fit_then_evaluate_then_report_on_a_run_directory_that_resumes(problem_f
     assert main(["fit", *base, "--epochs", "4", "--out", str(fresh)]) == 0
     assert (out / "history.csv").read_text() == (fresh / "history.csv").read_text()
     assert len((out / "history.csv").read_text().splitlines()) == 1 + 4
-    # evaluate reads the configuration and model from the run directory; given flags replace the recorded ones
+    # evaluate reads the configuration and model from the run directory (from any folder); given flags replace
+    # the recorded ones
     capsys.readouterr()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["evaluate", str(out), "--eval-k", "0,3", "--timing-batch", "0"]) == 0
     text = capsys.readouterr().out
     assert "learned k=3" in text and "cold + 3 torch steps" in text and "learned k=2" not in text
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["eval_k"] == [0, 3] and record["config"]["epochs"] == 4
+    assert not any((tmp_path / "elsewhere").iterdir()) and len(list((tmp_path / "data").iterdir())) == 2
     assert main(["report", str(out)]) == 0
     assert capsys.readouterr().out.strip() == (out / "table.txt").read_text().strip()
 
