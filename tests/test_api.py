@@ -202,3 +202,46 @@ def test_fitted_osqp_rho_saves_iterations():
     user = ac.AmortizedSolver(pp, algorithm="osqp", solver_settings={**tol, "rho": 0.5})
     user.osqp_rho = rho
     assert user.c_settings()["rho"] == 0.5  # the user's setting wins
+
+
+def _sdp():
+    C = cp.Parameter((3, 3), symmetric=True, name="C")
+    X = cp.Variable((3, 3), PSD=True, name="X")
+    prob = cp.Problem(cp.Minimize(cp.trace(C @ X)), [cp.trace(X) == 1])
+
+    def sampler(n, rng):
+        G = rng.normal(size=(n, 3, 3))
+        return {"C": G + G.transpose(0, 2, 1)}
+
+    return prob, sampler
+
+
+def _entropy():
+    a = cp.Parameter(4, name="a")
+    p = cp.Variable(4, name="p")
+    prob = cp.Problem(cp.Maximize(cp.sum(cp.entr(p)) + a @ p), [cp.sum(p) == 1])
+    return prob, lambda n, rng: {"a": rng.normal(size=(n, 4))}
+
+
+def _socp():
+    b = cp.Parameter(5, name="b")
+    x = cp.Variable(3, name="x")
+    A = np.random.default_rng(0).normal(size=(5, 3))
+    prob = cp.Problem(cp.Minimize(cp.norm(A @ x - b) + 0.1 * cp.norm1(x)), [cp.norm(x, "inf") <= 1])
+    return prob, lambda n, rng: {"b": rng.normal(size=(n, 5))}
+
+
+@pytest.mark.parametrize("make", [_sdp, _entropy, _socp], ids=["sdp", "exp", "socp"])
+def test_the_same_lines_work_on_other_cones(make, tmp_path):
+    prob, sampler = make()
+    solver = ac.AmortizedSolver.fit(prob, sampler, num=30, k=1, epochs=2, root=tmp_path, progress=False)
+    theta = sampler(3, np.random.default_rng(9))
+    out = solver.solve(theta)
+    assert out.optimal.all()
+    for i in range(3):
+        for par in prob.parameters():
+            par.value = theta[par.name()][i]
+        prob.solve(solver=cp.CLARABEL)
+        assert out.objective[i] == pytest.approx(prob.value, abs=5e-3, rel=5e-3)
+        for var in prob.variables():
+            np.testing.assert_allclose(out.variables[var][i], var.value, atol=5e-2)

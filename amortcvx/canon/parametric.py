@@ -394,10 +394,12 @@ class ParametricProblem:
 
     def variable_columns(self) -> dict[str, tuple[int, tuple[int, ...]] | None]:
         """Variable name -> ``(first column of x, shape)`` for variables that are columns of the canonical ``x``
-        (column-major), None for those CVXPY replaced during compilation (variables with attributes such as
-        ``nonneg=True`` or ``symmetric=True``), whose values only :meth:`recover` gives."""
+        (column-major), None for those CVXPY replaced or stored reduced during compilation (variables with
+        attributes such as ``nonneg=True``, or ``symmetric=True`` / ``PSD=True``, kept as an upper triangle),
+        whose values only :meth:`recover` gives."""
         cols = self._prog.var_id_to_col
-        return {v.name(): (int(cols[v.id]), tuple(v.shape)) if v.id in cols else None
+        return {v.name(): (int(cols[v.id]), tuple(v.shape))
+                if v.id in cols and not getattr(v, "_has_dim_reducing_attr", False) else None
                 for v in self.problem.variables()}
 
     def recover_variables(self, x: np.ndarray | torch.Tensor) -> dict[str, np.ndarray | torch.Tensor | None]:
