@@ -77,8 +77,9 @@ def dual_of(d: Dense, w: torch.Tensor) -> torch.Tensor:
 
 
 def slack_of(d: Dense, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The cone form's slack ``s = y - w``, or the QP form's ``z = w - y``."""
-    return y - w if d.b is not None else w - y
+    """The cone form's slack ``s = y - w``, or the QP form's ``z = clip(w, l, u)`` (``= w - y``; computed as the
+    projection so that ``l <= z <= u`` holds exactly and ``z`` sits exactly on the bound where ``y != 0``)."""
+    return y - w if d.b is not None else torch.minimum(torch.maximum(w, d.l), d.u)
 
 
 def residual(d: Dense, pt: Point) -> tuple[torch.Tensor, torch.Tensor]:

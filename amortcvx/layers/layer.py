@@ -44,6 +44,8 @@ WARM_STARTS = ("cold", "previous", "learned")
 GRADIENTS = ("implicit", "unrolled")
 FAILURES = ("nan", "raise")
 LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps")
+REFINED = 1e-9
+"""A refinement has converged when ``||F||_inf <= REFINED (1 + ||c||_inf)`` (see :mod:`amortcvx.layers.kkt`)."""
 """Keys of ``solver_args`` the layer reads itself; every other key is a setting of the C solver."""
 
 
@@ -268,8 +270,10 @@ class CvxpyLayer(nn.Module):
             pt = _point_from_solver(self.form, data, warm["x"], warm["y"], warm.get("s"))
         if pt is not None:  # refine, and keep what passes the solver's own test at eps
             if self.refine_steps:
-                pt, _ = newton_refine(d, pt, steps=self.refine_steps)
+                pt, norm = newton_refine(d, pt, steps=self.refine_steps)
             ok = torch.as_tensor(_certify(self.form, data, d, pt, eps), device=device)
+            if self.refine_steps:  # keep only converged refinements: the others are solved at eps and refined again
+                ok = ok & (norm <= REFINED * (1.0 + d.lin.abs().amax(dim=1)))
             x, w = torch.where(ok[:, None], pt.x, x), torch.where(ok[:, None], pt.w, w)
             done, certified = ok.clone(), ok.clone()
             status = [Status.OPTIMAL if o else s for o, s in zip(ok.tolist(), status)]
