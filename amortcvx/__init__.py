@@ -9,8 +9,8 @@ by the real C solvers (SCS 3, OSQP 1) at the requested tolerance::
 
 Layers, in the direction data flows: ``amortcvx.canon`` (problem -> batched solver data), ``amortcvx.backends``
 (C solvers), ``amortcvx.iterations`` (torch solver layers), ``amortcvx.datasets``, ``amortcvx.predictors``,
-``amortcvx.training``, ``amortcvx.deploy`` and ``amortcvx.evaluation``; ``amortcvx.problems`` holds the bundled
-problem families. See README.md and docs/.
+``amortcvx.training``, ``amortcvx.deploy``, ``amortcvx.layers`` (differentiable torch layers) and
+``amortcvx.evaluation``; ``amortcvx.problems`` holds the bundled problem families. See README.md and docs/.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ _EXPORTS = {
     "TrainConfig": "amortcvx.training.trainer",
     "WarmStartPredictor": "amortcvx.predictors.model",
     "Status": "amortcvx.backends.base",
+    "CvxpyLayer": "amortcvx.layers.layer",
 }
 """Public name -> the module that defines it. Imported on first use, so ``import amortcvx`` stays light (solver
 worker processes import subpackages without loading torch-heavy layers they do not need)."""
