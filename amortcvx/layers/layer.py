@@ -259,7 +259,8 @@ class CvxpyLayer(nn.Module):
         if method == "torch":  # stage 1: a candidate from the batched torch iterations
             alg = make_algorithm(self.solver, data, cache=self._cache)
             state = alg.init(**warm) if warm is not None else alg.init()
-            res = run_to_tolerance(alg, state, tol=eps, max_steps=max_steps)
+            loose = max(eps, self.presolve_eps) if self.refine_steps else eps  # refinement does the rest
+            res = run_to_tolerance(alg, state, tol=loose, max_steps=max_steps)
             warm = output_space(self.solver).warm_start(alg, res.state)
             pt = _point_from_solver(self.form, data, warm["x"], warm["y"], warm.get("s"))
         elif self.refine_steps and self.presolve_eps > eps:  # stage 1: a candidate from a loose C solve
