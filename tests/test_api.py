@@ -245,3 +245,19 @@ def test_the_same_lines_work_on_other_cones(make, tmp_path):
         assert out.objective[i] == pytest.approx(prob.value, abs=5e-3, rel=5e-3)
         for var in prob.variables():
             np.testing.assert_allclose(out.variables[var][i], var.value, atol=5e-2)
+
+
+def test_layer_uses_the_solvers_predictor(fitted):
+    solver, prob, (mu, w, _), _ = fitted
+    layer = solver.layer([mu], [w], eps=1e-8)
+    assert layer.predictor is (solver.model if solver.enabled else None)
+    theta = torch.tensor(np.random.default_rng(5).normal(size=(3, N)), requires_grad=True)
+    (w_layer,) = layer(theta)
+    for i in range(3):
+        mu.value = theta[i].detach().numpy()
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+        np.testing.assert_allclose(w_layer[i].detach().numpy(), w.value, atol=1e-5)
+    w_layer.sum().backward()
+    assert theta.grad is not None and torch.isfinite(theta.grad).all()
+    cold = solver.layer([mu], [w], warm_start="cold")
+    assert cold.predictor is None

@@ -337,6 +337,21 @@ class AmortizedSolver:
 
         return load(cls, path, problem, device=device, **overrides)
 
+    def layer(self, parameters, variables, **options):
+        """A differentiable torch layer of this problem (:class:`amortcvx.layers.CvxpyLayer`) warm-started by this
+        solver's predictor: ``layer(*values)`` -> one tensor per variable in ``variables``.
+
+        The warm start is the learned one unless the predictor is off (calibration) or absent, then the cold
+        start; ``options`` are further :class:`~amortcvx.layers.CvxpyLayer` arguments (``eps``, ``warm_start``,
+        ``gradients``, ``return_duals``, ...).
+        """
+        from amortcvx.layers import CvxpyLayer
+
+        learned = self.model is not None and self.enabled
+        options.setdefault("warm_start", "learned" if learned else "cold")
+        return CvxpyLayer(self.pp.problem, parameters, variables, solver=self.algorithm,
+                          predictor=self.model if learned or options["warm_start"] == "learned" else None, **options)
+
     def solve_cvxpy(self, problem=None, **solve_kwargs) -> float:
         """``problem.solve`` warm-started with this solver's prediction for the parameters' current values.
 
