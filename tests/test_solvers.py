@@ -11,6 +11,8 @@ from amortcvx.canon import ParametricProblem
 from amortcvx.canon.parametric import FORMS as CANON_FORMS
 from amortcvx.datasets import BACKEND_FORMS
 from amortcvx.iterations.registry import ALGORITHMS, DATA_FORMS, ITERATIONS, make_algorithm
+from amortcvx.layers.layer import SOLVERS as LAYER_FORMS
+from amortcvx.predictors.model import SETTINGS as PREDICTOR_SETTINGS
 from amortcvx.solvers import FORMS, NAMES, SOLVERS, SolverDescription, get_solver, solver_for_form
 
 
@@ -36,6 +38,8 @@ def test_every_solver_is_described_once_with_its_layers_registrations():
         assert d.default_settings == d.backend.default_settings
         # CVXPY compiles the form with the solver the description names
         assert CANON_FORMS[d.form] == d.cvxpy_name
+        # the tables of the upper layers that still spell these facts out must agree (until they derive them)
+        assert PREDICTOR_SETTINGS[name] is d.settings_class and LAYER_FORMS[name] == d.form
         assert solver_for_form(d.form).form == d.form
 
 
