@@ -302,20 +302,37 @@ def test_torch_iterations_agree_with_c(make):
     assert bool(layer.last_solution.certified.any())  # answered without a C solve
 
 
-def test_learned_warm_start_agrees_with_cold():
+def untrained_predictor(pp, algorithm):
     from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
 
+    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm=algorithm, settings={}, num_params=pp.num_params,
+                         out_dim=pp.n + pp.m)
+    return WarmStartPredictor(meta, hidden=(16,)).double()
+
+
+def test_learned_warm_start_agrees_with_cold():
     prob, params, variables, sample = qp()
     cold = CvxpyLayer(prob, params, variables, eps=1e-8)
-    pp = cold.pp
-    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm="osqp", settings={}, num_params=pp.num_params,
-                         out_dim=pp.n + pp.m)
-    model = WarmStartPredictor(meta, hidden=(16,)).double()
+    model = untrained_predictor(cold.pp, "osqp")
     learned = CvxpyLayer(prob, params, variables, eps=1e-8, predictor=model, warm_start="learned")
     values = sample(4, np.random.default_rng(13))
     np.testing.assert_allclose(learned(*values)[0].numpy(), cold(*values)[0].numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="trained for problem"):
         CvxpyLayer(prob, params, variables, predictor=model, solver="scs")
+
+
+def test_layer_from_an_amortized_solver_uses_its_predictor_and_tolerance():
+    from amortcvx.deploy import AmortizedSolver
+
+    prob, params, variables, sample = socp()
+    cold = CvxpyLayer(prob, params, variables, eps=1e-8)
+    solver = AmortizedSolver(cold.pp, untrained_predictor(cold.pp, "scs"), solver_settings={"eps_abs": 1e-7,
+                                                                                          "eps_rel": 1e-7})
+    layer = CvxpyLayer.from_solver(solver, params, variables)
+    assert (layer.solver, layer.warm_start, layer.eps) == ("scs", "learned", 1e-7)
+    assert layer.predictor is solver.model
+    values = sample(4, np.random.default_rng(18))
+    np.testing.assert_allclose(layer(*values)[0].numpy(), cold(*values)[0].numpy(), atol=1e-6)
 
 
 def test_unrolled_gradients_approach_implicit():

@@ -341,8 +341,8 @@ class CvxpyLayer(nn.Module):
         if mode == "learned":
             if self.predictor is None:
                 raise ValueError("warm_start='learned' needs a predictor")
-            with torch.no_grad():
-                alg = make_algorithm(self.solver, data, cache=self._cache)
+            with torch.no_grad():  # the predictor's fixed-point variable is scaled by its algorithm settings
+                alg = make_algorithm(self.solver, data, settings=self.predictor.meta.algorithm_settings())
                 z = self.predictor(theta.to(next(self.predictor.parameters()).dtype))
                 ws = output_space(self.solver).prediction_warm_start(alg, z.to(torch.float64))
             ok = torch.stack([torch.isfinite(v).all(dim=1) for v in ws.values()]).all(dim=0)
@@ -383,12 +383,19 @@ class CvxpyLayer(nn.Module):
     @classmethod
     def from_solver(cls, solver: Any, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable],
                     **options: Any) -> CvxpyLayer:
-        """A layer for an :class:`~amortcvx.deploy.AmortizedSolver`'s problem, warm-started by its predictor."""
-        pp = solver.pp
+        """A layer for an :class:`~amortcvx.deploy.AmortizedSolver`'s problem and solver, warm-started by its
+        predictor (``warm_start="learned"``; cold without one), at its tolerance (``eps_abs``) and with its C
+        solver settings; ``options`` override any of these."""
+        c_settings = dict(getattr(solver, "solver_settings", {}) or {})
+        eps = c_settings.pop("eps_abs", None)
+        c_settings.pop("eps_rel", None)
         model = getattr(solver, "model", None)
-        opts = {"solver": solver.algorithm, "predictor": model,
-                "warm_start": "learned" if model is not None else "cold", **options}
-        return cls(pp.problem, parameters, variables, **opts)
+        opts: dict[str, Any] = {"solver": solver.algorithm, "predictor": model,
+                                "warm_start": "learned" if model is not None else "cold", "solver_args": c_settings}
+        if eps is not None:
+            opts["eps"] = float(eps)
+        opts.update(options)
+        return cls(solver.pp.problem, parameters, variables, **opts)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
