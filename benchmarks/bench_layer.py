@@ -10,10 +10,12 @@ the median of ``--repeats`` is reported with max |x - x*| against CVXPY + Clarab
 largest relative objective excess ``(f(x) - f*) / (1 + |f*|)`` (negative where x beats the reference) and
 constraint violation. The
 parameters move by a small step between repeats (as in a training loop), which is what the "previous" warm
-start of our layer uses. Prints the machine, torch threads, dtype and solver settings beside the numbers.
+start of our layer uses; the learned warm start comes from a predictor that ``AmortizedSolver.fit`` trains on
+``--train`` instances of the same distribution (its fit time is printed, not counted). Prints the machine,
+torch threads, dtype and solver settings beside the numbers.
 
     python benchmarks/bench_layer.py                 # batches 64 and 1024, 3 repeats
-    python benchmarks/bench_layer.py --smoke         # batch 16, 1 repeat (CI)
+    python benchmarks/bench_layer.py --smoke         # batch 16, 1 repeat, a small predictor (CI)
     python benchmarks/bench_layer.py --json out.json
 """
 
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -92,7 +95,27 @@ def objective_excess(prob, params, variables, values, x: np.ndarray, best: np.nd
     return float(max(excess)), float(max(violation))
 
 
-def methods(prob, params, variables) -> dict[str, tuple[Callable, str]]:
+def learned_layer(prob, params, variables, sample, train: int, epochs: int, root: str):
+    """Our layer warm-started by a predictor that ``AmortizedSolver.fit`` trains on ``train`` sampled instances."""
+    from amortcvx.deploy import AmortizedSolver
+
+    solver = CvxpyLayer(prob, params, variables).solver
+
+    def sampler(n: int, rng) -> dict[str, np.ndarray]:
+        return {p.name(): v.numpy() for p, v in zip(params, sample(n, rng))}
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        amortized = AmortizedSolver.fit(prob, sampler, solver=solver, num=train, eps=EPS, epochs=epochs, root=root,
+                                        calibrate=False, progress=False)
+    seconds = time.perf_counter() - start
+    layer = CvxpyLayer.from_solver(amortized, params, variables, eps=EPS)
+    settings = f"{solver} C, eps {EPS:g}, learned warm start ({train} instances, {epochs} epochs, fit {seconds:.0f} s)"
+    return layer, settings
+
+
+def methods(prob, params, variables, learned=None) -> dict[str, tuple[Callable, str]]:
     """name -> (callable(*values) -> tuple of outputs, settings description)."""
     from cvxpylayers.torch import CvxpyLayer as Reference
 
@@ -101,6 +124,8 @@ def methods(prob, params, variables) -> dict[str, tuple[Callable, str]]:
     out["ours cold"] = (ours_cold, f"{ours_cold.solver} C, eps {EPS:g}, presolve_eps {ours_cold.presolve_eps:g}")
     ours_prev = CvxpyLayer(prob, params, variables, eps=EPS, warm_start="previous")
     out["ours previous"] = (ours_prev, f"{ours_prev.solver} C, eps {EPS:g}, warm start: previous call")
+    if learned is not None:
+        out["ours learned"] = learned
     diffcp = Reference(prob, params, variables)
     out["cvxpylayers DIFFCP"] = (diffcp, "SCS via diffcp, cvxpylayers defaults")
     if importlib.util.find_spec("moreau") is not None:
@@ -126,15 +151,19 @@ def machine() -> dict:
             "load_average": os.getloadavg(), "dtype": "float64"}
 
 
-def run(batches: list[int], repeats: int) -> list[dict]:
+def run(batches: list[int], repeats: int, train: int, epochs: int) -> list[dict]:
     rows = []
     for make in (qp_problem, socp_problem):
         name, prob, params, variables, sample = make()
+        learned = None
+        if train > 0:
+            with tempfile.TemporaryDirectory() as root:
+                learned = learned_layer(prob, params, variables, sample, train, epochs, root)
         for B in batches:
             rng = np.random.default_rng(B)
             base = sample(B, rng)
             direction = sample(B, rng)
-            impls = methods(prob, params, variables)
+            impls = methods(prob, params, variables, learned)
             times = {k: {"fwd": [], "fwdbwd": []} for k in impls}
             last = {}
             for r in range(repeats + 1):  # repeat 0 warms up (and gives "previous" its first solution)
@@ -168,15 +197,18 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--smoke", action="store_true", help="batch 16, 1 repeat")
+    parser.add_argument("--train", type=int, default=1000, help="instances to train the predictor on (0: none)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--smoke", action="store_true", help="batch 16, 1 repeat, a 100-instance predictor")
     parser.add_argument("--json", type=str, default=None, help="write the rows and the machine to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches, repeats = ([16], 1) if args.smoke else (args.batches, args.repeats)
+    train, epochs = (min(args.train, 100), min(args.epochs, 3)) if args.smoke else (args.train, args.epochs)
     info = machine()
     print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"medians of {repeats} interleaved repeats; forward+backward = backward of the sum of the outputs")
-    rows = run(batches, repeats)
+    rows = run(batches, repeats, train, epochs)
     info["load_average_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as fh:
