@@ -40,6 +40,9 @@ from amortcvx.layers import CvxpyLayer
 
 EPS = 1e-5  # our layer's tolerance (CVXPY's default); its answers are Newton-refined well beyond it
 STEP = 1e-2  # relative move of the parameters between repeats
+REFERENCES = ((cp.CLARABEL, {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}), (cp.CLARABEL, {}),
+              (cp.SCS, {"eps_abs": 1e-10, "eps_rel": 1e-10, "max_iters": 200000}))
+"""Reference solvers for x*, tried in order per instance."""
 
 
 def qp_problem(seed: int = 0):
@@ -73,10 +76,12 @@ def reference(prob, params, variables, values) -> tuple[np.ndarray, np.ndarray]:
             p.value = v[i].numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Clarabel may call its tight-tolerance answers inaccurate
-            try:
-                prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
-            except cp.error.SolverError:  # it sometimes gives up at these tolerances: its defaults then
-                prob.solve(solver=cp.CLARABEL)
+            for solver, settings in REFERENCES:  # Clarabel sometimes gives up: the next one then
+                try:
+                    prob.solve(solver=solver, **settings)
+                    break
+                except cp.error.SolverError:
+                    continue
         xs.append(np.asarray(variables[0].value))
         vals.append(prob.value)
     return np.stack(xs), np.asarray(vals)
@@ -167,9 +172,11 @@ def run(batches: list[int], repeats: int, train: int, epochs: int) -> list[dict]
             times = {k: {"fwd": [], "fwdbwd": []} for k in impls}
             last = {}
             for r in range(repeats + 1):  # repeat 0 warms up (and gives "previous" its first solution)
-                values = [b + STEP * (r + 1) * d for b, d in zip(base, direction)]
+                # every call sees new parameters (one step further), so "previous" never starts at the answer
+                fwd_values = [b + STEP * (2 * r + 1) * d for b, d in zip(base, direction)]
+                values = [b + STEP * (2 * r + 2) * d for b, d in zip(base, direction)]
                 for key, (fn, _) in impls.items():
-                    tf, _ = timed(fn, values, backward=False)
+                    tf, _ = timed(fn, fwd_values, backward=False)
                     tb, x = timed(fn, values, backward=True)
                     if r > 0:
                         times[key]["fwd"].append(tf)
