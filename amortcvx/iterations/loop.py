@@ -236,7 +236,9 @@ def run(alg: FixedPointAlgorithm, state: State, num_steps: int, *,
     """Take ``num_steps`` steps without autograd (no graph is kept).
 
     Args:
-        alg, state, num_steps: the algorithm, the initial state and ``k``.
+        alg: the algorithm.
+        state: the initial state.
+        num_steps: ``k``, the number of steps.
         anderson: None for plain steps ``z <- T(z)``; :class:`AndersonSettings` for safeguarded Anderson
             acceleration: still ``num_steps`` evaluations of ``T``, each taken from an extrapolated point when
             that helps (each step also makes a few passes over the ``(B, memory, d)`` memory and solves a
