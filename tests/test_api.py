@@ -261,3 +261,21 @@ def test_layer_uses_the_solvers_predictor(fitted):
     assert theta.grad is not None and torch.isfinite(theta.grad).all()
     cold = solver.layer([mu], [w], warm_start="cold")
     assert cold.predictor is None
+
+
+def test_calibrated_returns_a_configuration_and_leaves_the_solver_alone():
+    from amortcvx import problems
+
+    fam = problems.make("lasso")
+    pp = ac.ParametricProblem(fam.problem, form="qp")
+    solver = ac.AmortizedSolver(pp, algorithm="osqp", k=3, solver_settings={"eps_abs": 1e-4, "eps_rel": 1e-4})
+    before = (solver.strategy, solver.osqp_rho, solver.check_termination, solver.anderson, solver.calibration)
+    cal = solver.calibrated(fam.sample(12, seed=1))  # without a predictor: rho, interval and the cold strategy
+    assert (solver.strategy, solver.osqp_rho, solver.check_termination, solver.anderson, solver.calibration) == before
+    assert cal.strategy in ("refined_cold", "cold") and not cal.enabled and np.isnan(cal.learned_median)
+    assert cal.osqp_rho is not None and "no predictor" in cal.describe()
+    assert solver.configure(cal) is cal and solver.calibration is cal
+    assert (solver.strategy, solver.osqp_rho, solver.check_termination) == (cal.strategy, cal.osqp_rho,
+                                                                          cal.check_termination)
+    with pytest.raises(TypeError, match="Calibration"):
+        solver.configure({"strategy": "cold"})

@@ -123,10 +123,9 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
         solver._reference = torch.tensor(decided["reference"], dtype=torch.float64).reshape(1, -1)
     cal = decided["calibration"]
     if cal is not None:
-        a = cal["anderson"]
-        seconds = cal["seconds"]
-        solver.calibration = Calibration(
-            cal["learned_median"], cal["cold_median"], cal["enabled"], None if a is None else AndersonSettings(**a),
-            tuple((str(label), float(med)) for label, med in cal["candidates"]), cal["c_modes"], cal["strategy"],
-            None if seconds is None else {k: (float(v[0]), float(v[1])) for k, v in seconds.items()})
+        a, seconds = cal["anderson"], cal["seconds"]
+        solver.calibration = Calibration(**{
+            **cal, "anderson": None if a is None else AndersonSettings(**a),
+            "candidates": tuple((str(label), float(med)) for label, med in cal["candidates"]),
+            "seconds": None if seconds is None else {k: (float(v[0]), float(v[1])) for k, v in seconds.items()}})
     return solver

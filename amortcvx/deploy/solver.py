@@ -131,6 +131,9 @@ class Calibration(NamedTuple):
         c_modes: the modes of the persistent C solver objects kept for warm and cold solves (SCS; measured).
         strategy: the start every instance gets, chosen by measured wall time (:data:`STRATEGIES`).
         seconds: per strategy tried, ``(ms per instance at batch 1, ms per instance at the validation batch)``.
+        scs_scale: the fixed scale of stateless SCS objects (None: SCS's default).
+        osqp_rho: OSQP's initial rho (None: OSQP's default or the user's).
+        check_termination: OSQP's termination-check interval of warm-started timed solves (None: 25).
     """
 
     learned_median: float
@@ -141,6 +144,9 @@ class Calibration(NamedTuple):
     c_modes: dict[str, str] | None = None
     strategy: str | None = None
     seconds: dict[str, tuple[float, float]] | None = None
+    scs_scale: float | None = None
+    osqp_rho: float | None = None
+    check_termination: int | None = None
 
     def describe(self) -> str:
         """One paragraph for reports: what was chosen and the numbers it was chosen on."""
@@ -149,7 +155,9 @@ class Calibration(NamedTuple):
         head = ("predictor ON" if self.strategy == "learned" else
                 f"PREDICTOR OFF: every instance starts from the {'refined ' if self.strategy == 'refined_cold' else ''}"
                 "cold start")
-        why = (f"median exact C iterations learned {self.learned_median:g} vs cold {self.cold_median:g}"
+        learned = ("no predictor" if math.isnan(self.learned_median)
+                   else f"learned {self.learned_median:g}")
+        why = (f"median exact C iterations {learned} vs cold {self.cold_median:g}"
                + (f"; wall time per instance {times}" if times else ""))
         return f"{head} ({why})"
 
@@ -538,50 +546,70 @@ class AmortizedSolver:
 
     def calibrate(self, params: Mapping, *, margin: float = 1.0,
                   refinements: Sequence[AndersonSettings | None] | None = None, timed: bool = True) -> Calibration:
-        """Keep the predictor only if it does not need more C iterations than the (refined) cold start.
+        """``self.configure(self.calibrated(params, ...))``: compute the configuration and apply it; returns it."""
+        return self.configure(self.calibrated(params, margin=margin, refinements=refinements, timed=timed))
 
-        Solves ``params`` (held-out validation instances, not the test set) with exact counts (certified
-        instances count 0). With ``refinements`` (e.g. ``(None, AndersonSettings())``), first solves them with
-        the learned warm starts under each refinement and keeps the one with the lowest median (ties: the lowest
-        mean, then the first) as ``self.anderson``:
-        whether acceleration helps depends on the problem (it can cost iterations, see docs/iterations.md).
-        Then sets ``self.enabled = median(learned) <= margin * median(cold)``, the cold start refined the same way.
-        OSQP: first, the initial ``rho`` is fitted (:meth:`choose_osqp_rho`) unless ``solver_settings`` sets it;
-        every C solve uses it from then on. For OSQP without an explicit ``check_termination``, warm-started timed
-        solves then check every ``ceil(median)`` iterations (at most 25) of the C iterations the kept strategy needed
-        where it was not certified. SCS: the modes of the persistent objects (:meth:`choose_c_modes`).
+    def calibrated(self, params: Mapping, *, margin: float = 1.0,
+                   refinements: Sequence[AndersonSettings | None] | None = None,
+                   timed: bool = True) -> Calibration:
+        """The configuration of this solver for its problem, measured on ``params``; the solver is left unchanged.
 
-        Finally (``timed=True``), fewer C iterations do not always mean less time (the prediction and the ``k``
-        torch steps cost time too): the strategies still allowed (the learned start if it passed the test above,
-        the cold start refined by ``k`` steps, the plain cold start) are timed on ``params`` and the fastest is
-        kept (:meth:`choose_strategy`). The outcome, with the numbers, is :attr:`calibration`
-        (``calibration.describe()``).
+        ``params`` are held-out validation instances (not the test set). In order:
+
+        1. OSQP: the initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it; every
+           measurement below uses it.
+        2. With a predictor: each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
+           one) is tried with the learned warm starts, exact C iteration counts (certified instances count 0);
+           the lowest median (ties: the lowest mean, then the first) is kept: whether acceleration helps depends
+           on the problem (it can cost iterations, see docs/iterations.md). The predictor passes when
+           ``median(learned) <= margin * median(cold)``, the cold start refined the same way.
+        3. OSQP without an explicit ``check_termination``: warm-started timed solves check every ``ceil(median)``
+           iterations (at most 25) of the C iterations the kept start needed where it was not certified.
+           SCS without explicit ``c_modes``: the modes of the persistent objects and the stateless scale
+           (:meth:`choose_c_modes`).
+        4. ``timed=True``: fewer C iterations do not always mean less time (the prediction and the ``k`` torch
+           steps cost time too): the strategies still allowed (the learned start if it passed 2, the cold start
+           refined by ``k`` steps, the plain cold start) are timed and the fastest is kept
+           (:meth:`choose_strategy`). Without it: the learned start if it passed 2, else the refined cold start.
+
+        Returns the :class:`Calibration`: every decision and the numbers behind it (``describe()``);
+        :meth:`configure` applies it (and :meth:`save` keeps it).
         """
-        if self.model is None:
-            raise ValueError("calibrate needs a predictor")
         options = [self.anderson] if refinements is None else list(refinements)
         if not options:
             raise ValueError("refinements must name at least one refinement (None: plain steps)")
         for opt in options:
             if opt is not None and not isinstance(opt, AndersonSettings):
                 raise TypeError(f"refinements must hold None or AndersonSettings; got {type(opt).__name__}")
-        self.enabled = True
+        saved = (self.anderson, self.enabled, self.cold_refine, dict(self.c_modes), self.scs_scale, self.osqp_rho,
+                 self.check_termination, dict(self._persistent))
+        try:
+            return self._measure(params, margin, options, timed)
+        finally:
+            (self.anderson, self.enabled, self.cold_refine, self.c_modes, self.scs_scale, self.osqp_rho,
+             self.check_termination, self._persistent) = saved
+
+    def _measure(self, params: Mapping, margin: float, options: list, timed: bool) -> Calibration:
+        """:meth:`calibrated`'s measurements; changes the solver (the caller restores it)."""
         if self.algorithm == "osqp" and "rho" not in self.solver_settings:
             self.osqp_rho = self.choose_osqp_rho(params)
             self._persistent.clear()  # rebuilt with the fitted rho on first use
-        candidates = []
-        for opt in options:
-            self.anderson = opt
-            out = self.solve(params, exact_iterations=True)
-            its = [r.iterations for r in out.results]
-            candidates.append((opt, float(np.median(its)), float(np.mean(its)), out))
-        self.anderson, learned, _, kept = min(candidates, key=lambda c: c[1:3])  # min keeps the first of ties
-        self.enabled = False
+        candidates, kept, learned = [], None, math.nan
+        if self.model is not None:
+            self.enabled = True
+            for opt in options:
+                self.anderson = opt
+                out = self.solve(params, exact_iterations=True)
+                its = [r.iterations for r in out.results]
+                candidates.append((opt, float(np.median(its)), float(np.mean(its)), out))
+            self.anderson, learned, _, kept = min(candidates, key=lambda c: c[1:3])  # min keeps the first of ties
+        self.enabled, self.cold_refine = False, True
         cold_out = self.solve(params, exact_iterations=True)
         cold = float(np.median([r.iterations for r in cold_out.results]))
-        self.enabled = bool(learned <= margin * cold)
+        passed = self.model is not None and bool(learned <= margin * cold)
+        self.enabled = passed
         if self.algorithm == "osqp" and self._check_given is None:
-            used = kept if self.enabled else cold_out
+            used = kept if passed else cold_out
             c_its = [r.iterations for r, cert in zip(used.results, used.certified) if not cert]
             self.check_termination = None if not c_its else int(
                 min(OSQP_CHECK_INTERVAL, max(1, math.ceil(float(np.median(c_its))))))
@@ -589,14 +617,29 @@ class AmortizedSolver:
             self.c_modes, self.scs_scale = self.choose_c_modes(params)
             self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
         seconds = None
+        strategy = "learned" if passed else ("refined_cold" if self.k > 0 else "cold")
         if timed:
-            allowed = (["learned"] if self.enabled else []) + (["refined_cold"] if self.k > 0 else []) + ["cold"]
+            allowed = (["learned"] if passed else []) + (["refined_cold"] if self.k > 0 else []) + ["cold"]
             strategy, seconds = self.choose_strategy(params, allowed)
-            self.use_strategy(strategy)
-        self.calibration = Calibration(learned, cold, self.enabled, self.anderson,
-                                       tuple((refinement_label(a), med) for a, med, _, _ in candidates),
-                                       dict(self.c_modes), self.strategy, seconds)
-        return self.calibration
+        return Calibration(learned, cold, strategy == "learned", self.anderson,
+                           tuple((refinement_label(a), med) for a, med, _, _ in candidates), dict(self.c_modes),
+                           strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination)
+
+    def configure(self, calibration: Calibration) -> Calibration:
+        """Apply a :class:`Calibration` (from :meth:`calibrated`, possibly of a saved solver): refinement, strategy,
+        C solver modes and settings; the persistent C objects are rebuilt on next use. Returns it."""
+        if not isinstance(calibration, Calibration):
+            raise TypeError(f"configure takes a Calibration; got {type(calibration).__name__}")
+        self.anderson = calibration.anderson
+        self.use_strategy(calibration.strategy or ("learned" if calibration.enabled else "refined_cold"))
+        if calibration.c_modes is not None:
+            self.c_modes = dict(calibration.c_modes)
+        self.scs_scale, self.osqp_rho = calibration.scs_scale, calibration.osqp_rho
+        if self._check_given is None:
+            self.check_termination = calibration.check_termination
+        self._persistent.clear()
+        self.calibration = calibration
+        return calibration
 
     @property
     def strategy(self) -> str:
