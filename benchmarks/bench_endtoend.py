@@ -5,7 +5,8 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 
 * (b) ``loop``: the hand-written persistent cold loop on the solver's own Python API
   (:class:`amortcvx.evaluation.PersistentColdLoop`): the best a user does without amortcvx.
-* (a) ``package cold``: ``AmortizedSolver`` without predictor, ``k = 0``, ``finish="c"``.
+* (a) ``package cold``: ``AmortizedSolver`` without predictor, ``k = 0``, ``finish="c"``, calibrated on the
+  validation instances (OSQP's initial rho and check interval, SCS's object modes and scale).
 * (c) ``nearest neighbour``: the solution of the nearest training instance (standardized parameters) as a warm
   start on a persistent solver object (SCS: the stateless object, as the package uses for warm starts).
 * ``learned k=0`` and ``learned k=K``: ``AmortizedSolver`` with the trained predictor (certified finish, the
@@ -112,6 +113,7 @@ def bench_pair(name, alg, args, tol):
     control = AmortizedSolver(pp, algorithm=alg, k=args.k, anderson=learned[f"learned k={args.k}"][0].anderson,
                               solver_settings=tol, reference_params=ref)
     package = AmortizedSolver(pp, algorithm=alg, k=0, solver_settings=tol, finish="c", reference_params=ref)
+    package.calibrate(val_params)  # what fit gives without a predictor: OSQP's rho and interval, SCS's modes
     loop = PersistentColdLoop(pp, alg, tol)
     near = NearestNeighbor(tr.theta.numpy(), tr.x.numpy(), tr.y.numpy(), None if tr.s is None else tr.s.numpy())
 
