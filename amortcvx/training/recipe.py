@@ -23,6 +23,7 @@ choice is made on the validation instances only (never on the test set the calle
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
 from amortcvx.predictors.neighbor import NeighborCorrection
 from amortcvx.training.losses import LossWeights, losses
-from amortcvx.training.trainer import SolvedSet, TrainConfig, evaluate_losses, settings_dict, train
+from amortcvx.training.trainer import SolvedSet, TrainConfig, _batch_losses, evaluate_losses, settings_dict, train
 
 KINDS = ("mlp", "neighbor_correction")
 """Predictor kinds the recipe chooses among."""
@@ -253,6 +254,30 @@ def _residual_weight(pp, algorithm, settings, train_set: SolvedSet, k: int) -> f
     return 1.0 / max(float(res), 1e-12)
 
 
+def _probe_rate(pp, algorithm, settings, config: TrainConfig, core: nn.Module | None, train_part: SolvedSet,
+                num_val: int) -> float:
+    """Seconds per training instance per epoch, estimated from one timed mini-batch (losses, backward, Adam step;
+    the second of two, so one-time factorizations do not count) plus the validation pass of each epoch."""
+    space = output_space(algorithm)
+    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm=algorithm, settings=settings_dict(settings),
+                         num_params=pp.num_params, out_dim=space.dim(pp.n, pp.m))
+    dtype = getattr(torch, config.dtype)
+    model = WarmStartPredictor(meta, core=copy.deepcopy(core), hidden=config.hidden).to(device=config.device,
+                                                                                        dtype=dtype)
+    batch = train_part.subset(torch.arange(min(config.batch_size, len(train_part)))).to(config.device, dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    factors = FactorCache()
+    elapsed = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors)
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        opt.step()
+        elapsed = time.perf_counter() - t0
+    return elapsed / len(batch) * (1.0 + 0.5 * num_val / len(train_part))
+
+
 def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[int], SolvedSet], *,
                   budget_seconds: float = 600.0, k: int = 5, seed: int = 0, device: str = "cpu", settings=None,
                   solver_settings: dict | None = None, recipe: RecipeSettings = RecipeSettings(),
@@ -313,17 +338,19 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
         left = deadline - t0
-        rate = rates.get((cand.kind, cand.residual))
-        epochs = recipe.epochs if rate is None else int(max(3, min(recipe.epochs, 0.8 * left / (rate * len(
-            train_part)))))
         weights = LossWeights(regression=1.0, residual=_residual_weight(pp, algorithm, settings, train_part, k)
                               if cand.residual else 0.0)
-        config = TrainConfig(k=k if cand.residual else 0, weights=weights, epochs=epochs,
+        config = TrainConfig(k=k if cand.residual else 0, weights=weights, epochs=recipe.epochs,
                              patience=recipe.patience, batch_size=recipe.batch_size, lr=recipe.lr,
                              weight_decay=cand.weight_decay, seed=seed, device=device, dtype=recipe.dtype,
                              hidden=cand.hidden, progress=False)
-        out = train(pp, algorithm, train_part, val, config, settings=settings,
-                    core=_core(cand, pp, algorithm, settings, train_part))
+        core = _core(cand, pp, algorithm, settings, train_part)
+        rate = rates.get((cand.kind, cand.residual))
+        if rate is None:  # no training of this kind yet: time one mini-batch
+            rate = _probe_rate(pp, algorithm, settings, config, core, train_part, len(val))
+        epochs = int(max(3, min(recipe.epochs, 0.8 * left / (rate * len(train_part)))))
+        config = dataclasses.replace(config, epochs=epochs)
+        out = train(pp, algorithm, train_part, val, config, settings=settings, core=core)
         model = out.model.to("cpu").eval()
         ran = len(out.history)
         rates[(cand.kind, cand.residual)] = (time.perf_counter() - t0) / max(ran, 1) / len(train_part)
