@@ -14,6 +14,7 @@ from amortcvx.backends import Status, WarmStart, solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.iterations import AndersonSettings, FixedPointAlgorithm, make_algorithm, run
 from amortcvx.predictors import output_space
+from amortcvx.solvers import FORMS
 
 
 class ToyState(NamedTuple):
@@ -91,7 +92,7 @@ def _family(name: str, form: str, batch: int = 8):
 
 @pytest.mark.parametrize("algo, name", [("scs", "kalman"), ("osqp", "lasso")])
 def test_embed_continues_the_iteration_exactly(algo, name):
-    data = _family(name, "cone" if algo == "scs" else "qp", 3)
+    data = _family(name, FORMS[algo], 3)
     alg = make_algorithm(algo, data)
     state = run(alg, alg.init(), 4).state
     direct = alg.step(state)
@@ -102,7 +103,7 @@ def test_embed_continues_the_iteration_exactly(algo, name):
 
 @pytest.mark.parametrize("algo, name", [("scs", "mpc_param_dyn"), ("osqp", "lasso")])
 def test_accelerated_refinement_needs_fewer_c_iterations(algo, name):
-    data = _family(name, "cone" if algo == "scs" else "qp")
+    data = _family(name, FORMS[algo])
     alg = make_algorithm(algo, data)
     space = output_space(algo)
     settings = {"eps_abs": 1e-4, "eps_rel": 1e-4}
@@ -138,7 +139,7 @@ def test_float32_and_degenerate_memory_stay_finite():
 @pytest.mark.parametrize("algo, name", [("scs", "kalman"), ("osqp", "lasso")])
 def test_cuda_matches_cpu(algo, name):
     fam = problems.make(name, "small", seed=0)
-    pp = ParametricProblem(fam.problem, "cone" if algo == "scs" else "qp")
+    pp = ParametricProblem(fam.problem, FORMS[algo])
     theta = fam.sample(4, seed=1)
     cpu = pp.canonicalize(theta)
     gpu = pp.canonicalize({k: torch.tensor(v, device="cuda") for k, v in theta.items()})

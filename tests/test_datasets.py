@@ -23,11 +23,11 @@ from amortcvx.datasets import (
     generate_family_dataset,
     storage,
 )
+from amortcvx.solvers import FORMS
 
 REAL_SOLVE_CHUNK = generate._solve_chunk
 N = 10
 CHUNK = 4  # 3 chunks: 4 + 4 + 2
-FORMS = {"scs": "cone", "osqp": "qp"}
 
 
 def tiny_problem(n: int = 4, weight: float = 1.0) -> cp.Problem:

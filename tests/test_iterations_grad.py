@@ -10,6 +10,7 @@ from torch.autograd import gradcheck
 
 from amortcvx.canon import ConeData, ParametricProblem, SparseBatch
 from amortcvx.iterations import OsqpSettings, ScsSettings, make_osqp, make_scs, run, unroll
+from amortcvx.solvers import FORMS
 
 K = 8
 
@@ -119,7 +120,7 @@ def test_osqp_gradcheck_wrt_initial_iterate_and_parameters():
 
 @pytest.mark.parametrize("algorithm", ["scs", "osqp"])
 def test_checkpointed_unroll_gives_the_same_gradients_with_less_saved_memory(algorithm):
-    form = "cone" if algorithm == "scs" else "qp"
+    form = FORMS[algorithm]
     pp = ParametricProblem(tiny_problem(with_soc=algorithm == "scs"), form)
     params = tiny_params()
     steps = 24

@@ -15,6 +15,7 @@ from amortcvx.canon import ParametricProblem
 from amortcvx.deploy import AmortizedSolver
 from amortcvx.evaluation.baselines import NearestNeighbor
 from amortcvx.iterations import AndersonSettings
+from amortcvx.solvers import FORMS
 from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
 
 TOL = {"eps_abs": 1e-4, "eps_rel": 1e-4}
@@ -51,7 +52,7 @@ def solved(pp, params, backend, eps: float = 1e-9) -> SolvedSet:
 def test_learned_beats_cold_and_nearest_neighbour(family, algorithm):
     torch.manual_seed(0)
     fam = problems.make("portfolio") if family == "portfolio" else socp_portfolio()
-    pp = ParametricProblem(fam.problem, {"scs": "cone", "osqp": "qp"}[algorithm])
+    pp = ParametricProblem(fam.problem, FORMS[algorithm])
     tr, va = solved(pp, fam.sample(300, 0), algorithm), solved(pp, fam.sample(50, 1), algorithm)
     test = fam.sample(60, 2)
     k = 10

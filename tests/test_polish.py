@@ -17,6 +17,7 @@ from amortcvx.deploy.solver import start_residual
 from amortcvx.iterations import KKTSolver, check_polishable, equality_qp, make_algorithm, run
 from amortcvx.iterations.polish import guess_active
 from amortcvx.predictors import output_space
+from amortcvx.solvers import FORMS
 
 EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
 
@@ -91,7 +92,7 @@ def _solved(name: str, form: str, batch: int = 12):
 def test_polish_near_the_optimum_recovers_it(algo, name):
     # a perturbed optimum (relative 1e-5: the active set is still readable) polishes back to the optimum, and
     # the C solver started there stops at once
-    pp, params, data, opt = _solved(name, "cone" if algo == "scs" else "qp")
+    pp, params, data, opt = _solved(name, FORMS[algo])
     assert all(r.status == Status.OPTIMAL for r in opt)
     alg = make_algorithm(algo, data)
     gen = torch.Generator().manual_seed(1)
@@ -129,7 +130,7 @@ def test_polished_refinement_of_an_lp_needs_fewer_c_iterations():
 def test_polish_keeps_the_better_point_per_instance(algo):
     # each instance keeps whichever of the refined and the polished point starts the C solver with the smaller
     # residual: polishing never makes the starting point worse, also where the active-set guess is wrong
-    pp, params, data, _ = _solved("transport", "cone" if algo == "scs" else "qp", 24)
+    pp, params, data, _ = _solved("transport", FORMS[algo], 24)
     alg = make_algorithm(algo, data)
     space = output_space(algo)
     plain_ws = space.warm_start(alg, run(alg, alg.init(), 20).state)
@@ -156,7 +157,7 @@ def test_polish_is_refused_for_other_cones():
 @pytest.mark.parametrize("algo", ["scs", "osqp"])
 def test_cuda_polish_matches_cpu(algo):
     fam = problems.make("transport", "small", seed=0)
-    pp = ParametricProblem(fam.problem, "cone" if algo == "scs" else "qp")
+    pp = ParametricProblem(fam.problem, FORMS[algo])
     theta = fam.sample(4, seed=1)
     outs = []
     for device in ("cpu", "cuda"):

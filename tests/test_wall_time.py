@@ -13,6 +13,7 @@ from amortcvx.canon import ParametricProblem
 from amortcvx.canon.data import QPData
 from amortcvx.deploy import AmortizedSolver
 from amortcvx.iterations import AndersonSettings
+from amortcvx.solvers import FORMS
 
 TOL = {"eps_abs": 1e-4, "eps_rel": 1e-4}
 PAIRS = [(name, alg) for name in problems.names() for alg in ("scs", "osqp")
@@ -21,7 +22,7 @@ PAIRS = [(name, alg) for name in problems.names() for alg in ("scs", "osqp")
 
 def _pp(name: str, alg: str) -> tuple:
     fam = problems.make(name)
-    return fam, ParametricProblem(fam.problem, {"scs": "cone", "osqp": "qp"}[alg])
+    return fam, ParametricProblem(fam.problem, FORMS[alg])
 
 
 @pytest.mark.parametrize("name, alg", [("portfolio", "scs"), ("portfolio", "osqp"), ("mpc", "osqp"),
@@ -130,7 +131,7 @@ def test_infeasible_instances_are_never_certified(alg):
     p = cp.Parameter(3, name="p")
     x = cp.Variable(3, name="x")
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.sum(x)), [x >= p, x <= 1])
-    pp = ParametricProblem(prob, {"scs": "cone", "osqp": "qp"}[alg])
+    pp = ParametricProblem(prob, FORMS[alg])
     params = {"p": np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.5, 0.2, 0.1]])}  # the middle one is infeasible
     out = AmortizedSolver(pp, algorithm=alg, k=60, solver_settings=TOL).solve(params)
     assert not out.certified[1]
@@ -262,7 +263,7 @@ def test_persistent_solver_with_a_parameter_in_p(alg):
     q = cp.Parameter(4, name="q")
     x = cp.Variable(4, name="x")
     prob = cp.Problem(cp.Minimize(w * cp.sum_squares(x) + q @ x), [cp.sum(x) == 1, x >= -2])
-    pp = ParametricProblem(prob, {"scs": "cone", "osqp": "qp"}[alg])
+    pp = ParametricProblem(prob, FORMS[alg])
     assert pp.dependent["P"]
     rng = np.random.default_rng(0)
     params = {"w": rng.uniform(0.5, 3.0, 6), "q": rng.normal(size=(6, 4))}
@@ -279,7 +280,7 @@ def test_unbounded_instances_are_never_certified(alg):
     p = cp.Parameter(2, name="p")
     x = cp.Variable(2, name="x")
     prob = cp.Problem(cp.Minimize(p @ x), [x >= -1, x[0] <= 3])  # unbounded when p[1] < 0
-    pp = ParametricProblem(prob, {"scs": "cone", "osqp": "qp"}[alg])
+    pp = ParametricProblem(prob, FORMS[alg])
     params = {"p": np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 2.0]])}
     out = AmortizedSolver(pp, algorithm=alg, k=60, solver_settings=TOL).solve(params)
     assert not out.certified[1]
