@@ -50,7 +50,7 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -195,7 +195,8 @@ class AmortizedSolver:
         safeguard: enable the residual check and the cold retry (see the module docstring).
         safeguard_ratio: allowed ratio of predicted to cold residual (positive).
         safeguard_reference: ``"cold"`` (default) or ``"refined_cold"`` (see the module docstring).
-        device, dtype: where prediction and refinement run.
+        device: where prediction and refinement run.
+        dtype: the precision of prediction and refinement (certificates and C solves are float64).
         workers: processes for the C solves of ``exact_iterations=True`` (``backends.solve_batch``); timed solves
             run in this process on the persistent solver object.
         finish: ``"certify"`` (default) or ``"c"`` (see the module docstring).
@@ -210,8 +211,8 @@ class AmortizedSolver:
     """
 
     def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
-                 algorithm: str | None = None, settings=None, k: int = 0, anderson: AndersonSettings | None = None,
-                 polish: bool = False, solver_settings: Mapping | None = None,
+                 algorithm: str | None = None, settings: Any = None, k: int = 0,
+                 anderson: AndersonSettings | None = None, polish: bool = False, solver_settings: Mapping | None = None,
                  safeguard: bool = True, safeguard_ratio: float = 1.0, safeguard_reference: str = "cold",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, workers: int | None = 1,
                  finish: str = "certify", reference_params: Mapping | None = None,
@@ -293,10 +294,11 @@ class AmortizedSolver:
 
     # ------------------------------------------------------------------ building, saving, loading
     @classmethod
-    def fit(cls, problem, data, *, solver: str = "scs", num: int | None = None, k: int = 10, eps: float = 1e-4,
-            solver_settings: Mapping | None = None, train_config=None, epochs: int | None = None, root=None,
+    def fit(cls, problem: Any, data: Any, *, solver: str = "scs", num: int | None = None, k: int = 10,
+            eps: float = 1e-4, solver_settings: Mapping | None = None, train_config: Any = None,
+            epochs: int | None = None, root: Any = None,
             seed: int = 0, device: str = "cpu", workers: int | None = 1, calibrate: bool = True,
-            progress: bool = True, **options) -> AmortizedSolver:
+            progress: bool = True, **options: Any) -> AmortizedSolver:
         """Compile ``problem``, solve sampled instances, train a predictor, calibrate: a ready solver.
 
         Args:
