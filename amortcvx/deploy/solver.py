@@ -663,11 +663,11 @@ class AmortizedSolver:
                         single: int = 16) -> tuple[str, dict[str, tuple[float, float]]]:
         """The fastest of ``allowed`` strategies in wall time, measured on ``params`` (validation instances).
 
-        Each is timed (best of ``repeats``) per instance at batch 1 (the first ``single`` instances one call each)
-        and at the whole batch in one call; the kept one has the smallest worse-of-the-two ratio to the fastest
-        at each batch size, so it is good for low-latency single calls and for batches alike. Every strategy
-        answers at the same tolerance; only the time differs. Returns ``(strategy, {strategy: (ms at batch 1,
-        ms at the batch)})``; sets nothing (see :meth:`use_strategy`).
+        Each is timed (best of ``repeats`` interleaved rounds) per instance at batch 1 (the first ``single`` instances,
+        one call each) and at the whole batch in one call; the kept one has the smallest worse-of-the-two ratio to the
+        fastest at each batch size, so it is good for low-latency single calls and for batches alike. Every strategy
+        answers at the same tolerance; only the time differs. Returns ``(strategy, {strategy: (ms at batch 1, ms at the
+        batch)})``; sets nothing (see :meth:`use_strategy`).
         """
         saved = (self.enabled, self.cold_refine)
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
@@ -675,24 +675,22 @@ class AmortizedSolver:
         batched = _as_batch(self.pp, params)
         rows = [{name: value[i:i + 1] if value.shape[0] > 1 else value for name, value in batched.items()}
                 for i in range(min(single, size))]
-        out: dict[str, tuple[float, float]] = {}
+        best = {strategy: [math.inf, math.inf] for strategy in allowed}
         try:
-            for strategy in allowed:
+            for strategy in allowed:  # first use: persistent objects, caches
                 self.use_strategy(strategy)
-                self.solve(rows[0])  # first use: persistent objects, caches
-
-                def per_instance(calls, count):
-                    best = math.inf
-                    for _ in range(repeats):
+                self.solve(rows[0])
+            for _ in range(repeats):  # interleaved rounds: the machine's load drifts
+                for strategy in allowed:
+                    self.use_strategy(strategy)
+                    for j, (calls, count) in enumerate(((rows, len(rows)), ([params], size))):
                         t0 = time.perf_counter()
                         for call in calls:
                             self.solve(call)
-                        best = min(best, time.perf_counter() - t0)
-                    return 1e3 * best / count
-
-                out[strategy] = (per_instance(rows, len(rows)), per_instance([params], size))
+                        best[strategy][j] = min(best[strategy][j], 1e3 * (time.perf_counter() - t0) / count)
         finally:
             self.enabled, self.cold_refine = saved
+        out = {strategy: (t[0], t[1]) for strategy, t in best.items()}
         fastest = [min(t[j] for t in out.values()) for j in range(2)]
         choice = min(out, key=lambda k: max(out[k][j] / fastest[j] for j in range(2)))
         return choice, out
