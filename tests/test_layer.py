@@ -372,3 +372,28 @@ def test_cuda_matches_cpu(make):
     np.testing.assert_allclose(x.detach().cpu().numpy(), x_cpu.numpy(), atol=1e-6)
     x.sum().backward()
     assert all(v.grad.device.type == "cuda" and torch.isfinite(v.grad).all() for v in cuda)
+
+
+def test_symmetric_parameter():
+    k = 3
+    C, X = cp.Parameter((k, k), name="C", symmetric=True), cp.Variable((k, k), name="X", symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.trace(C @ X) + 0.5 * cp.sum_squares(X)), [cp.trace(X) == 1, X >> 0])
+    layer = CvxpyLayer(prob, [C], [X], eps=1e-9)
+    M = torch.tensor(np.random.default_rng(19).normal(size=(2, k, k)))
+    values = [M + M.mT]
+    (out,) = layer(*values)
+    for i in range(2):
+        ref, _ = clarabel(prob, [C], [X], values, i)
+        np.testing.assert_allclose(out[i].numpy(), ref[0], atol=1e-6)
+    # the gradient along a symmetric direction matches finite differences
+    E = torch.zeros(k, k, dtype=torch.float64)
+    E[0, 1] = E[1, 0] = 1.0
+    c = values[0].clone().requires_grad_(True)
+    layer(c)[0].sum().backward()
+    with torch.no_grad():
+        fd = (layer(values[0] + 1e-6 * E)[0].sum() - layer(values[0] - 1e-6 * E)[0].sum()) / 2e-6
+    assert abs(float((c.grad * E).sum()) - float(fd)) < 1e-5 * max(1.0, abs(float(fd)))
+    bad = values[0].clone()
+    bad[1, 0, 2] += 1.0
+    with pytest.raises(ValueError, match="parameter 'C' is declared symmetric.*position\\(s\\) \\[1\\]"):
+        layer(bad)
