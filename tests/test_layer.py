@@ -349,14 +349,17 @@ def test_unrolled_gradients_approach_implicit():
     assert err < 0.05 * float(grads[0].abs().max()), err
 
 
-def test_duals_match_cvxpy():
-    prob, params, variables, sample = qp()
+@pytest.mark.parametrize("make,solver", [(qp, None), (socp, None), (lp_param_a, "scs")])
+def test_duals_match_cvxpy(make, solver):
+    prob, params, variables, sample = make()
     values = sample(2, np.random.default_rng(15))
-    layer = CvxpyLayer(prob, params, variables, eps=1e-9, return_duals=True)
-    x, dual = layer(*values)
+    layer = CvxpyLayer(prob, params, variables, eps=1e-9, return_duals=True, solver=solver)
+    outs = layer(*values)
+    assert len(outs) == len(variables) + len(prob.constraints)
     for i in range(2):
-        ref, ref_duals = clarabel(prob, params, variables, values, i)
-        np.testing.assert_allclose(dual[i].numpy(), ref_duals[0], atol=1e-6)
+        _, ref_duals = clarabel(prob, params, variables, values, i)
+        for dual, ref in zip(outs[len(variables):], ref_duals):
+            np.testing.assert_allclose(dual[i].numpy(), ref, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
