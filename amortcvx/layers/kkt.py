@@ -127,12 +127,36 @@ class DualJacobian(NamedTuple):
         return out
 
 
+def soc_jacobian(z: torch.Tensor) -> torch.Tensor:
+    """Jacobian of :func:`~amortcvx.iterations.cones.project_soc` at ``z`` (..., k): (..., k, k), closed form.
+
+    With ``z = (t, x)``, ``r = ||x||``, ``u = x / r``: the identity where ``r <= t``, zero where ``r <= -t``, else
+    ``1/2 [[1, u'], [u, (1 + t/r) I - (t/r) u u']]`` (the one-sided choices of ``project_soc`` on the
+    boundaries).
+    """
+    t, x = z[..., 0], z[..., 1:]
+    k = z.shape[-1]
+    r = torch.linalg.vector_norm(x, dim=-1)
+    pos = r > 0
+    safe_r = torch.where(pos, r, torch.ones_like(r))
+    u = x / safe_r.unsqueeze(-1)
+    ratio = t / safe_r
+    eye = torch.eye(k - 1, dtype=z.dtype, device=z.device)
+    lower = ((1 + ratio)[..., None, None] * eye - ratio[..., None, None] * (u.unsqueeze(-1) * u.unsqueeze(-2)))
+    mixed = torch.cat([torch.cat([torch.ones_like(t)[..., None, None], u.unsqueeze(-2)], dim=-1),
+                       torch.cat([u.unsqueeze(-1), lower], dim=-1)], dim=-2) * 0.5
+    inside = (r <= t)[..., None, None]
+    polar = (r <= -t)[..., None, None]
+    full_eye = torch.eye(k, dtype=z.dtype, device=z.device).expand_as(mixed)
+    return torch.where(inside, full_eye, torch.where(polar, torch.zeros_like(mixed), mixed))
+
+
 def dual_jacobian(d: Dense, w: torch.Tensor) -> DualJacobian:
     """``D = dy/dw`` at ``w`` (block diagonal by cone).
 
     Zero-cone rows: 1; nonnegative rows: ``[w > 0]``; QP form: 1 where the box projection is clipped (an
-    active bound), else 0. SOC / PSD / exp blocks: the Jacobian of their projection, by one batched
-    vector-Jacobian product per row of the nonlinear blocks.
+    active bound), else 0. SOC blocks (when they are the only nonlinear cones): :func:`soc_jacobian`; with PSD or
+    exp blocks, the Jacobian of the projection by one batched vector-Jacobian product per nonlinear row.
     """
     B, m = w.shape
     if d.b is None:
@@ -146,6 +170,13 @@ def dual_jacobian(d: Dense, w: torch.Tensor) -> DualJacobian:
     if lin == m:
         return DualJacobian(diag, None, lin)
     rows = m - lin
+    if not cones.psd and not cones.exp:  # SOC blocks only: closed form, block by block
+        block = w.new_zeros(B, rows, rows)
+        start = 0
+        for size in cones.soc:
+            block[:, start:start + size, start:start + size] = soc_jacobian(w[:, lin + start:lin + start + size])
+            start += size
+        return DualJacobian(diag, block, lin)
     with torch.enable_grad():
         wv = w.detach().requires_grad_(True)
         out = project_dual_cone(wv, cones)[:, lin:]
