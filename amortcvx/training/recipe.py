@@ -86,17 +86,18 @@ class RecipeSettings:
         sizes: training-set sizes of the learning curve (those above ``search_size`` are tried in order while
             the budget allows and the last one paid).
         alternatives: the one-change-at-a-time steps of the search, in order.
-        epochs, patience, batch_size, lr: training limits (epochs are also capped by the time left).
+        epochs, patience, batch_size, lr: training limits (epochs are also capped by the time left; early
+            stopping on the validation loss usually ends a training first).
         dtype: training precision.
     """
 
     val_size: int = 200
     eval_size: int = 100
     search_size: int = 500
-    sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000)
+    sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000, 8000, 16000)
     alternatives: tuple[dict, ...] = ({"kind": "neighbor_correction", "hidden": (128, 128)},
                                       {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True})
-    epochs: int = 200
+    epochs: int = 1000
     patience: int = 20
     batch_size: int = 64
     lr: float = 1e-3
@@ -310,8 +311,15 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     say = print if progress else (lambda *_: None)
     dtype = getattr(torch, recipe.dtype)
 
+    asked = {"n": 0, "seconds_per_instance": 0.0}  # the cost of new instances from get_solved, for estimates
+
     def data(n_train: int) -> tuple[SolvedSet, SolvedSet]:
+        t0 = time.perf_counter()
         solved = get_solved(recipe.val_size + n_train).to("cpu", dtype)
+        new = recipe.val_size + n_train - asked["n"]
+        if new > 0:
+            asked["seconds_per_instance"] = (time.perf_counter() - t0) / new
+            asked["n"] = recipe.val_size + n_train
         if len(solved) < recipe.val_size + 2:
             raise ValueError(f"get_solved returned {len(solved)} solved instances; the recipe needs at least "
                              f"{recipe.val_size + 2}")
@@ -332,8 +340,10 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     models: dict[int, WarmStartPredictor] = {}
 
     def estimate(cand: Candidate, n: int) -> float:
+        """Seconds for new instances up to ``n`` plus a training of ``cand`` on ``n`` (to ~3 patience windows)."""
         rate = rates.get((cand.kind, cand.residual), max(rates.values(), default=0.0))
-        return rate * n * min(recipe.epochs, 3 * recipe.patience)
+        more = max(0, recipe.val_size + n - asked["n"]) * asked["seconds_per_instance"]
+        return more + rate * n * min(recipe.epochs, 3 * recipe.patience)
 
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
