@@ -14,7 +14,8 @@ the rest the training set), it
    training stops early on the validation loss (``TrainConfig.patience``) and its epochs are capped by the
    time left;
 3. trains the chosen configuration on more instances (``sizes``) while the budget allows and more data still
-   pays, and keeps the best; every size trained gives a point of the learning curve (validation regression
+   pays (fewer validation iterations, or a validation loss 5% lower than at the previous size), and keeps the
+   best; every size trained gives a point of the learning curve (validation regression
    loss and median C iterations against the training-set size), which :class:`RecipeResult` prints.
 
 Nothing in the recipe looks at the problem family: the same candidates and rules run on every problem, and the
@@ -393,8 +394,10 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     chosen = trials[best_i].candidate
 
     # 2. learning curve: the chosen configuration on the other training-set sizes; a larger size replaces the
-    # choice when it lowers the validation iterations, and the curve stops growing once more data did not pay
-    paid = True
+    # choice when it lowers the validation iterations. The curve keeps growing while more data pays: fewer
+    # validation iterations, or a validation loss at least 5% lower than at the previous size (the loss is the
+    # steadier signal; medians of C iterations on eval_size instances move in steps)
+    paid, last_loss = True, trials[best_i].val_regression
     for n in sorted(set(recipe.sizes) - {recipe.search_size}):
         if n > recipe.search_size and not paid:
             say(f"  (more data did not pay at n={trials[-1].num_train}: stopping the curve)")
@@ -407,8 +410,10 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             break  # get_solved has no more instances
         result = trial(chosen, part)
         if n > recipe.search_size:
-            paid = better(result, trials[best_i])
-            if paid:
+            fewer = better(result, trials[best_i])
+            paid = fewer or result.val_regression < 0.95 * last_loss
+            last_loss = result.val_regression
+            if fewer:
                 best_i = len(trials) - 1
     curve = tuple(sorted((CurvePoint(t.num_train, t.val_regression, t.val_median_iterations)
                           for t in trials if t.candidate == chosen), key=lambda p: p.num_train))
