@@ -259,8 +259,7 @@ def test_layer_uses_the_solvers_predictor(fitted):
         np.testing.assert_allclose(w_layer[i].detach().numpy(), w.value, atol=1e-5)
     w_layer.sum().backward()
     assert theta.grad is not None and torch.isfinite(theta.grad).all()
-    cold = solver.layer([mu], [w], warm_start="cold")
-    assert cold.predictor is None
+    assert layer.eps == 1e-8 and solver.layer([mu], [w]).eps == solver.solver_settings["eps_abs"]
 
 
 def test_calibrated_returns_a_configuration_and_leaves_the_solver_alone():

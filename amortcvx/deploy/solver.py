@@ -349,18 +349,13 @@ class AmortizedSolver:
 
     def layer(self, parameters, variables, **options):
         """A differentiable torch layer of this problem (:class:`amortcvx.layers.CvxpyLayer`) warm-started by this
-        solver's predictor: ``layer(*values)`` -> one tensor per variable in ``variables``.
-
-        The warm start is the learned one unless the predictor is off (calibration) or absent, then the cold
-        start; ``options`` are further :class:`~amortcvx.layers.CvxpyLayer` arguments (``eps``, ``warm_start``,
-        ``gradients``, ``return_duals``, ...).
+        solver's predictor (cold when calibration switched it off), at its tolerance and C settings:
+        ``layer(*values)`` -> one tensor per variable in ``variables``. ``options``: further
+        :class:`~amortcvx.layers.CvxpyLayer` arguments (``eps``, ``warm_start``, ``gradients``, ...).
         """
-        from amortcvx.layers import CvxpyLayer
+        from amortcvx.layers import CvxpyLayer  # deploy sits below layers
 
-        learned = self.model is not None and self.enabled
-        options.setdefault("warm_start", "learned" if learned else "cold")
-        return CvxpyLayer(self.pp.problem, parameters, variables, solver=self.algorithm,
-                          predictor=self.model if learned or options["warm_start"] == "learned" else None, **options)
+        return CvxpyLayer.from_solver(self, parameters, variables, **options)
 
     def solve_cvxpy(self, problem=None, **solve_kwargs) -> float:
         """``problem.solve`` warm-started with this solver's prediction for the parameters' current values.

@@ -36,9 +36,8 @@ from amortcvx.iterations.registry import make_algorithm
 from amortcvx.layers.kkt import Data, ImplicitSolution, Point, dense, dual_of, newton_refine, slack_of
 from amortcvx.layers.recover import AffineOutput, dual_maps, variable_maps
 from amortcvx.predictors.fixed_point import output_space
+from amortcvx.solvers import get_solver
 
-SOLVERS = {"scs": "cone", "osqp": "qp"}
-"""Solver (C backend and torch iteration) -> the canonical form it takes."""
 METHODS = ("auto", "c", "torch")
 WARM_STARTS = ("cold", "previous", "learned")
 GRADIENTS = ("implicit", "unrolled")
@@ -150,21 +149,13 @@ class CvxpyLayer(nn.Module):
             raise ValueError(f"eps must be positive; got {eps!r}")
         self.parameters_order = _check_parameters(problem, parameters)
         self.variables = _check_variables(problem, variables)
-        if solver is None:
-            try:
-                pp = ParametricProblem(problem, "qp")
-                solver = "osqp"
-            except ValueError as exc:
-                if "not a QP" not in str(exc):
-                    raise
-                solver = "scs"
-                pp = ParametricProblem(problem, "cone")
-        else:
-            _check_choice("solver", solver, tuple(SOLVERS))
-            pp = ParametricProblem(problem, SOLVERS[solver])
-        self.pp = pp
+        if solver is None:  # OSQP where CVXPY can hand the problem to a QP solver, else SCS
+            solver = "osqp" if get_solver("osqp").accepts(problem) else "scs"
+        description = get_solver(solver)
+        description.check_problem(problem)
+        self.pp = pp = ParametricProblem(problem, description.form)
         self.solver = solver
-        self.form = SOLVERS[solver]
+        self.form = description.form
         if predictor is not None:
             meta = getattr(predictor, "meta", None)
             if meta is None or meta.fingerprint != pp.fingerprint or meta.algorithm != solver:
@@ -384,12 +375,13 @@ class CvxpyLayer(nn.Module):
     def from_solver(cls, solver: Any, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable],
                     **options: Any) -> CvxpyLayer:
         """A layer for an :class:`~amortcvx.deploy.AmortizedSolver`'s problem and solver, warm-started by its
-        predictor (``warm_start="learned"``; cold without one), at its tolerance (``eps_abs``) and with its C
-        solver settings; ``options`` override any of these."""
-        c_settings = dict(getattr(solver, "solver_settings", {}) or {})
+        predictor (``warm_start="learned"``; cold without one or when calibration switched it off), at its
+        tolerance (``eps_abs``) and with its C solver settings (``c_settings()``, calibration's included);
+        ``options`` override any of these."""
+        c_settings = dict(solver.c_settings())
         eps = c_settings.pop("eps_abs", None)
         c_settings.pop("eps_rel", None)
-        model = getattr(solver, "model", None)
+        model = solver.model if solver.model is not None and solver.enabled else None
         opts: dict[str, Any] = {"solver": solver.algorithm, "predictor": model,
                                 "warm_start": "learned" if model is not None else "cold", "solver_args": c_settings}
         if eps is not None:
