@@ -392,38 +392,6 @@ class ParametricProblem:
         dual_list = [sol.dual_vars.get(con.id) for con in self.problem.constraints]
         return CvxpySolution(status=sol.status, value=float(value), variables=variables, duals=dual_list)
 
-    def variable_columns(self) -> dict[str, tuple[int, tuple[int, ...]] | None]:
-        """Variable name -> ``(first column of x, shape)`` for variables that are columns of the canonical ``x``
-        (column-major), None for those CVXPY replaced or stored reduced during compilation (variables with
-        attributes such as ``nonneg=True``, or ``symmetric=True`` / ``PSD=True``, kept as an upper triangle),
-        whose values only :meth:`recover` gives."""
-        cols = self._prog.var_id_to_col
-        return {v.name(): (int(cols[v.id]), tuple(v.shape))
-                if v.id in cols and not getattr(v, "_has_dim_reducing_attr", False) else None
-                for v in self.problem.variables()}
-
-    def recover_variables(self, x: np.ndarray | torch.Tensor) -> dict[str, np.ndarray | torch.Tensor | None]:
-        """The CVXPY variables of a batch of canonical primal solutions ``x`` (B, n), batched.
-
-        Each value has shape ``(B, *variable.shape)`` and the type of ``x`` (a torch tensor stays one, on its
-        device, differentiable). Variables that are not columns of ``x`` (see :meth:`variable_columns`) map to
-        None; :meth:`recover` gives them per instance.
-        """
-        if x.ndim != 2 or x.shape[1] != self.n:
-            raise ValueError(f"x must have shape (B, {self.n}); got {tuple(x.shape)}")
-        out: dict[str, Any] = {}
-        for name, where in self.variable_columns().items():
-            if where is None:
-                out[name] = None
-                continue
-            col, shape = where
-            size = int(np.prod(shape, dtype=np.int64))
-            flat = x[:, col:col + size]
-            block = flat.reshape((x.shape[0], *shape[::-1]))  # column-major: the first index varies fastest
-            perm = (0, *range(len(shape), 0, -1))
-            out[name] = block.permute(perm) if isinstance(block, torch.Tensor) else block.transpose(perm)
-        return out
-
     def canonical_primal(self, values: Mapping[str | cp.Variable, np.ndarray]) -> np.ndarray:
         """Canonical ``x`` from a guess of (some of) the CVXPY variables.
 

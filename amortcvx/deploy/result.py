@@ -5,7 +5,7 @@ and presents the batch the way a CVXPY user reads it: ``result.variables["w"]`` 
 the ``cp.Variable``) is an array with the batch dimension first, ``result.duals[constraint]`` likewise,
 ``result.objective`` carries CVXPY's sign, and ``status``, ``iterations``, times and how each instance ended
 (warm-started, certified, fell back, retried) are arrays over the batch. The CVXPY-space views are computed on
-first use, not in the timed solve.
+first use, not in the timed solve, by the batched affine maps of :mod:`amortcvx.canon.recover`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import Any
 
 import cvxpy as cp
 import numpy as np
+import torch
 
 from amortcvx.backends import SolveResult, Status
 from amortcvx.canon.parametric import CvxpySolution, ParametricProblem
+from amortcvx.canon.recover import dual_maps, variable_maps
 
 
 class ByKey(Mapping):
@@ -53,15 +55,6 @@ class ByKey(Mapping):
     def __repr__(self) -> str:
         shapes = {k: None if v is None else tuple(np.shape(v)) for k, v in self._values.items()}
         return f"{type(self).__name__}({self._what}s: {shapes})"
-
-
-def _stack(values: list[Any]) -> np.ndarray | None:
-    """Stack per-instance values (None where an instance has none: NaN of the others' shape)."""
-    shaped = [np.asarray(v, dtype=np.float64) for v in values if v is not None]
-    if not shaped:
-        return None
-    nan = np.full(shaped[0].shape, np.nan)
-    return np.stack([nan if v is None else np.asarray(v, dtype=np.float64) for v in values])
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,22 +136,20 @@ class AmortizedResult:
     def variables(self) -> ByKey:
         """CVXPY variables: ``variables[name or cp.Variable]`` -> array ``(B, *shape)`` (NaN without a solution)."""
         pp = self._need_problem()
-        values = pp.recover_variables(self.x)
-        missing = [name for name, v in values.items() if v is None]
-        if missing:  # variables CVXPY replaced during compilation: the per-instance inverse gives them
-            sols = self.solutions
-            for name in missing:
-                values[name] = _stack([s.variables.get(name) for s in sols])
-        return ByKey(values, {v.id: v.name() for v in pp.problem.variables()}, "variable")
+        variables = pp.problem.variables()
+        maps = variable_maps(pp, variables)
+        x = torch.from_numpy(np.ascontiguousarray(self.x, dtype=np.float64))
+        values = {v.name(): amap.apply(x).numpy() for v, amap in zip(variables, maps)}
+        return ByKey(values, {v.id: v.name() for v in variables}, "variable")
 
     @cached_property
     def duals(self) -> ByKey:
         """Constraint duals: ``duals[i or constraint]`` -> array ``(B, *shape)`` (i: position in
-        ``problem.constraints``; None for constraints without a dual)."""
+        ``problem.constraints``)."""
         pp = self._need_problem()
-        sols = self.solutions
         cons = pp.problem.constraints
-        values = {i: _stack([s.duals[i] for s in sols]) for i in range(len(cons))}
+        y = torch.from_numpy(np.ascontiguousarray(self.y, dtype=np.float64))
+        values = {i: amap.apply(y).numpy() for i, amap in enumerate(dual_maps(pp))}
         return ByKey(values, {c.id: i for i, c in enumerate(cons)}, "constraint")
 
     @cached_property

@@ -30,11 +30,11 @@ from amortcvx.backends import osqp as osqp_backend
 from amortcvx.backends import scs as scs_backend
 from amortcvx.canon.data import ConeData
 from amortcvx.canon.parametric import ParametricProblem
+from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run_to_tolerance, unroll
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.layers.kkt import Data, ImplicitSolution, Point, dense, dual_of, newton_refine, slack_of
-from amortcvx.layers.recover import AffineOutput, dual_maps, variable_maps
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.solvers import get_solver
 

@@ -11,6 +11,7 @@ Applied to a batch the map is a torch matrix product: any device, dtype and batc
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -77,15 +78,31 @@ def _from_probes(values: list, shape: tuple[int, ...], what: str) -> AffineOutpu
     return AffineOutput(tuple(shape), None, None, M, o)
 
 
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""ParametricProblem -> {key: maps}: the maps are computed (probed) once per problem."""
+
+
+def _memoized(pp: ParametricProblem, key, build):
+    per_problem = _MEMO.setdefault(pp, {})
+    if key not in per_problem:
+        per_problem[key] = build()
+    return per_problem[key]
+
+
 def variable_maps(pp: ParametricProblem, variables: Sequence[cp.Variable]) -> list[AffineOutput]:
-    """One :class:`AffineOutput` of canonical ``x`` per variable (in the order given)."""
+    """One :class:`AffineOutput` of canonical ``x`` per variable (in the order given); computed once per problem
+    and list of variables."""
+    variables = list(variables)
+    return _memoized(pp, ("variables", tuple(v.id for v in variables)), lambda: _variable_maps(pp, variables))
+
+
+def _variable_maps(pp: ParametricProblem, variables: list[cp.Variable]) -> list[AffineOutput]:
     cols = pp._prog.var_id_to_col  # noqa: SLF001 - the compiled program's variable layout
     out: list[AffineOutput | None] = []
     probe_needed = []
     for i, var in enumerate(variables):
         col = cols.get(var.id)
-        if col is not None and not var.attributes.get("symmetric") and not var.attributes.get("PSD") \
-                and not var.attributes.get("NSD") and not var.attributes.get("diag"):
+        if col is not None and not var._has_dim_reducing_attr:  # noqa: SLF001 - stored reduced (e.g. a triangle)
             out.append(AffineOutput(tuple(var.shape), int(col), int(col) + var.size, None, None))
         else:
             out.append(None)
@@ -99,7 +116,12 @@ def variable_maps(pp: ParametricProblem, variables: Sequence[cp.Variable]) -> li
 
 
 def dual_maps(pp: ParametricProblem) -> list[AffineOutput]:
-    """One :class:`AffineOutput` of canonical ``y`` per constraint of ``pp.problem.constraints``."""
+    """One :class:`AffineOutput` of canonical ``y`` per constraint of ``pp.problem.constraints`` (computed once
+    per problem)."""
+    return _memoized(pp, "duals", lambda: _dual_maps(pp))
+
+
+def _dual_maps(pp: ParametricProblem) -> list[AffineOutput]:
     cons = pp.problem.constraints
     probes = _probe(pp, "y", pp.m, lambda sol: list(sol.duals))
     return [_from_probes([p[j] for p in probes], tuple(np.shape(probes[0][j])), f"the dual of constraint {j}")
