@@ -278,3 +278,15 @@ def test_calibrated_returns_a_configuration_and_leaves_the_solver_alone():
                                                                           cal.check_termination)
     with pytest.raises(TypeError, match="Calibration"):
         solver.configure({"strategy": "cold"})
+
+
+def test_fit_with_a_budget_runs_the_recipe(tmp_path):
+    prob, *_ = _portfolio()
+    solver = ac.AmortizedSolver.fit(prob, _sampler, k=2, budget=8, root=tmp_path, progress=False)
+    assert solver.recipe is not None and solver.recipe.curve and solver.recipe.budget_seconds == 8
+    assert solver.model is solver.recipe.model or solver.model.meta == solver.recipe.model.meta
+    assert solver.calibration is not None
+    chunks = sorted(p.name for p in tmp_path.iterdir())
+    assert len(chunks) >= 2  # drawn in chunks of the sampler, each a cached dataset
+    out = solver.solve({"mu": np.ones((2, N))})
+    assert out.optimal.all()

@@ -23,6 +23,7 @@ from typing import Any
 
 import cvxpy as cp
 import numpy as np
+import torch
 
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.datasets import generate_dataset
@@ -50,7 +51,7 @@ def cache_root() -> Path:
 
 
 def draw(pp: ParametricProblem, data: Sampler | Mapping[str, Any], num: int | None,
-         seed: int) -> dict[str, np.ndarray]:
+         seed: int | list[int]) -> dict[str, np.ndarray]:
     """The parameter batch: ``data(num, rng)`` for a sampler, else ``data`` itself; checked against ``pp``.
 
     Raises:
@@ -108,11 +109,56 @@ def params_digest(params: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()[:12]
 
 
+CHUNK = 250
+"""Instances drawn per call of the sampler when the recipe asks for more (``budget`` given)."""
+
+
+class SolvedSource:
+    """``get_solved(n)`` for :func:`amortcvx.training.recipe.fit_predictor`: the first ``n`` optimally solved
+    instances, drawn from the sampler in chunks of :data:`CHUNK` (chunk ``j`` from ``numpy.random.default_rng([seed,
+    j])``, so a prefix never changes) and solved on first use into cached, resumable datasets. From a dict of
+    arrays, its rows in order (all solved at once)."""
+
+    def __init__(self, pp: ParametricProblem, solver: str, data: Sampler | Mapping[str, Any], seed: int,
+                 root: Path, workers: int | None, progress: bool):
+        self.pp, self.solver, self.data, self.seed = pp, solver, data, seed
+        self.root, self.workers, self.progress = root, workers, progress
+        self.chunks: list = []  # the optimally solved rows of each chunk's dataset
+        self.exhausted = False
+
+    def _more(self) -> None:
+        if callable(self.data) and not isinstance(self.data, Mapping):
+            params = draw(self.pp, self.data, CHUNK, [self.seed, len(self.chunks)])
+        elif not self.chunks:
+            params = draw(self.pp, self.data, None, self.seed)
+        else:
+            self.exhausted = True
+            return
+        ds = generate_dataset(self.pp, params, self.solver, self.root, name=f"fit-{params_digest(params)}",
+                              workers=self.workers, progress=self.progress)
+        self.chunks.append(ds.subset(np.flatnonzero(ds.ok)))
+
+    def _rows(self, n: int) -> list:
+        while sum(len(c) for c in self.chunks) < n and not self.exhausted:
+            self._more()
+        return self.chunks
+
+    def __call__(self, n: int) -> SolvedSet:
+        sets = [SolvedSet.from_dataset(self.pp, c) for c in self._rows(n)]
+        joined = SolvedSet(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*sets)))
+        return joined.subset(range(min(n, len(joined))))
+
+    def params(self, n: int) -> dict[str, np.ndarray]:
+        """The parameter values of the first ``n`` solved instances (the rows ``__call__(n)`` returns)."""
+        chunks = self._rows(n)
+        return {name: np.concatenate([c.params[name] for c in chunks])[:n] for name in self.pp.parameter_shapes}
+
+
 def fit(cls, problem: cp.Problem, data: Sampler | Mapping[str, Any], *, solver: str = "scs", num: int | None = None,
         k: int = 10, eps: float = 1e-4, solver_settings: Mapping[str, Any] | None = None,
-        train_config: TrainConfig | None = None, epochs: int | None = None, root: str | os.PathLike | None = None,
-        seed: int = 0, device: str = "cpu", workers: int | None = 1, calibrate: bool = True,
-        progress: bool = True, **solver_options: Any):
+        train_config: TrainConfig | None = None, epochs: int | None = None, budget: float | None = None,
+        root: str | os.PathLike | None = None, seed: int = 0, device: str = "cpu", workers: int | None = 1,
+        calibrate: bool = True, progress: bool = True, **solver_options: Any):
     """See :meth:`amortcvx.deploy.AmortizedSolver.fit` (``cls`` is the class it builds)."""
     description = get_solver(solver)
     if not (isinstance(eps, (int, float)) and eps > 0):
@@ -125,8 +171,13 @@ def fit(cls, problem: cp.Problem, data: Sampler | Mapping[str, Any], *, solver: 
     else:
         description.check_problem(problem)
         pp = ParametricProblem(problem, form=description.form)
-    params = draw(pp, data, num, seed)
     root = cache_root() if root is None else Path(root)
+    settings = {"eps_abs": float(eps), "eps_rel": float(eps), **dict(solver_settings or {})}
+    if budget is not None:
+        return _fit_recipe(cls, pp, solver, data, k=k, settings=settings, budget=budget, root=root, seed=seed,
+                           device=device, workers=workers, calibrate=calibrate, progress=progress,
+                           **solver_options)
+    params = draw(pp, data, num, seed)
     ds = generate_dataset(pp, params, solver, root, name=f"fit-{params_digest(params)}", workers=workers,
                           progress=progress)
     ok = np.flatnonzero(ds.ok)
@@ -144,10 +195,28 @@ def fit(cls, problem: cp.Problem, data: Sampler | Mapping[str, Any], *, solver: 
         config = replace(config, epochs=epochs)
     config = replace(config, checkpoint=str(ds.path / f"model-{_config_digest(config)}.pt"), resume=True)
     model = train(pp, solver, train_set, val_set, config).model
-    settings = {"eps_abs": float(eps), "eps_rel": float(eps), **dict(solver_settings or {})}
     out = cls(pp, model, k=k, solver_settings=settings, device=device, **solver_options)
     if calibrate:
         out.calibrate(val_ds.params, refinements=(None, AndersonSettings()))
+    return out
+
+
+def _fit_recipe(cls, pp: ParametricProblem, solver: str, data, *, k: int, settings: dict, budget: float, root: Path,
+                seed: int, device: str, workers: int | None, calibrate: bool, progress: bool, **solver_options: Any):
+    """``fit`` with the automatic recipe (:func:`amortcvx.training.recipe.fit_predictor`) choosing the number of
+    instances, the model and its training within ``budget`` seconds; the recipe's validation instances calibrate."""
+    from amortcvx.training.recipe import RecipeSettings, fit_predictor
+
+    if not (isinstance(budget, (int, float)) and budget > 0):
+        raise ValueError(f"budget must be a positive number of seconds; got {budget!r}")
+    source = SolvedSource(pp, solver, data, seed, root, workers, progress)
+    recipe = RecipeSettings()
+    result = fit_predictor(pp, solver, source, budget_seconds=float(budget), k=min(k, 60), seed=seed, device=device,
+                           solver_settings=settings, recipe=recipe, progress=progress)
+    out = cls(pp, result.model, k=k, solver_settings=settings, device=device, **solver_options)
+    out.recipe = result
+    if calibrate:
+        out.calibrate(source.params(recipe.val_size), refinements=(None, AndersonSettings()))
     return out
 
 

@@ -291,12 +291,13 @@ class AmortizedSolver:
         self.scs_scale: float | None = None  # the fixed scale of stateless SCS objects (see choose_c_modes)
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
         self.calibration: Calibration | None = None  # the last calibrate()'s outcome
+        self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
 
     # ------------------------------------------------------------------ building, saving, loading
     @classmethod
     def fit(cls, problem: Any, data: Any, *, solver: str = "scs", num: int | None = None, k: int = 10,
             eps: float = 1e-4, solver_settings: Mapping | None = None, train_config: Any = None,
-            epochs: int | None = None, root: Any = None,
+            epochs: int | None = None, budget: float | None = None, root: Any = None,
             seed: int = 0, device: str = "cpu", workers: int | None = 1, calibrate: bool = True,
             progress: bool = True, **options: Any) -> AmortizedSolver:
         """Compile ``problem``, solve sampled instances, train a predictor, calibrate: a ready solver.
@@ -312,6 +313,12 @@ class AmortizedSolver:
             solver_settings: further C solver settings (override ``eps``).
             train_config: a :class:`~amortcvx.training.TrainConfig` (default: ``TrainConfig(k=k)``); ``epochs``
                 overrides its epochs.
+            budget: seconds for the automatic recipe (:func:`amortcvx.training.recipe.fit_predictor`): it draws
+                and solves instances as it needs them (chunks of the sampler; ``num`` is then ignored), and
+                chooses the training-set size, the model (MLP or a correction of the nearest neighbour's
+                solution), the loss mix, regularization and early stopping on validation; its report and
+                learning curve are ``solver.recipe`` (``solver.recipe.format()``). None (default): one training
+                with ``train_config`` on ``num`` instances.
             root: folder of the cached dataset and checkpoint (default :func:`~amortcvx.deploy.fit.cache_root`).
                 A rerun with the same problem and samples reuses them; an interrupted one resumes.
             seed: seeds the sampler, the split and training.
@@ -325,8 +332,8 @@ class AmortizedSolver:
         from amortcvx.deploy.fit import fit
 
         return fit(cls, problem, data, solver=solver, num=num, k=k, eps=eps, solver_settings=solver_settings,
-                   train_config=train_config, epochs=epochs, root=root, seed=seed, device=device, workers=workers,
-                   calibrate=calibrate, progress=progress, **options)
+                   train_config=train_config, epochs=epochs, budget=budget, root=root, seed=seed, device=device,
+                   workers=workers, calibrate=calibrate, progress=progress, **options)
 
     def save(self, path) -> None:
         """Save the predictor and every setting and calibration decision to the folder ``path``.
