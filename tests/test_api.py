@@ -290,3 +290,24 @@ def test_fit_with_a_budget_runs_the_recipe(tmp_path):
     assert len(chunks) >= 2  # drawn in chunks of the sampler, each a cached dataset
     out = solver.solve({"mu": np.ones((2, N))})
     assert out.optimal.all()
+
+
+def test_each_call_gets_the_strategy_fastest_at_its_batch_size(fitted):
+    solver = fitted[0]
+    cal = solver.calibration._replace(seconds={"learned": (5.0, 0.1), "cold": (1.0, 0.5)}, timing_batch=100)
+    saved = solver.calibration
+    try:
+        solver.configure(cal)
+        model = cal.cost_model()  # c + f/B through (1, t1) and (100, t100)
+        f = 4.9 / 0.99
+        assert model["learned"] == pytest.approx((5.0 - f, f))
+        assert model["cold"] == pytest.approx((1 - 0.5 / 0.99, 0.5 / 0.99))
+        assert cal.strategy_for(1) == "cold" and cal.strategy_for(100) == "learned"
+        assert solver.strategy_for(1) == "cold" and solver.strategy_for(64) == "learned"
+        assert not solver.solve({"mu": np.ones((1, N))}).predictor_enabled
+        assert solver.solve({"mu": np.ones((64, N))}).predictor_enabled
+        assert "per call by batch size: 1: cold" in cal.describe()
+        solver.use_strategy("cold")  # an explicit choice holds for every batch size
+        assert solver.strategy_for(64) == "cold"
+    finally:
+        solver.configure(saved)

@@ -51,7 +51,7 @@ def save(solver, path: str | os.PathLike) -> None:
         "finish": solver.finish, "dtype": str(solver.dtype).removeprefix("torch."), "workers": solver.workers,
         "check_termination_given": solver._check_given, "c_modes_given": solver._modes_given,
         "decisions": {
-            "enabled": solver.enabled, "cold_refine": solver.cold_refine,
+            "enabled": solver.enabled, "cold_refine": solver.cold_refine, "by_batch": solver.by_batch,
             "check_termination": solver.check_termination, "c_modes": solver.c_modes,
             "scs_scale": solver.scs_scale, "osqp_rho": solver.osqp_rho,
             "reference": None if solver._reference is None else solver._reference.reshape(-1).tolist(),
@@ -128,4 +128,5 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
             **cal, "anderson": None if a is None else AndersonSettings(**a),
             "candidates": tuple((str(label), float(med)) for label, med in cal["candidates"]),
             "seconds": None if seconds is None else {k: (float(v[0]), float(v[1])) for k, v in seconds.items()}})
+        solver.by_batch = bool(decided.get("by_batch", False))
     return solver

@@ -134,6 +134,8 @@ class Calibration(NamedTuple):
         scs_scale: the fixed scale of stateless SCS objects (None: SCS's default).
         osqp_rho: OSQP's initial rho (None: OSQP's default or the user's).
         check_termination: OSQP's termination-check interval of warm-started timed solves (None: 25).
+        timing_batch: the batch size of the second timing (the validation batch); with ``seconds`` it gives each
+            call the strategy that is fastest at its batch size (:meth:`strategy_for`).
     """
 
     learned_median: float
@@ -147,6 +149,27 @@ class Calibration(NamedTuple):
     scs_scale: float | None = None
     osqp_rho: float | None = None
     check_termination: int | None = None
+    timing_batch: int | None = None
+
+    def cost_model(self) -> dict[str, tuple[float, float]]:
+        """Per strategy timed, ``(c, f)`` with ms per instance at batch ``B`` modelled as ``c + f / B`` (a per-call
+        cost ``f`` shared by the batch, a per-instance cost ``c``), fitted to the two measurements (batch 1 and
+        ``timing_batch``); empty without them."""
+        if not self.seconds or not self.timing_batch or self.timing_batch < 2:
+            return {}
+        n = float(self.timing_batch)
+        out = {}
+        for name, (t1, tn) in self.seconds.items():
+            f = max(0.0, (t1 - tn) / (1.0 - 1.0 / n))
+            out[name] = (max(0.0, t1 - f), f)
+        return out
+
+    def strategy_for(self, batch: int) -> str | None:
+        """The fastest strategy at ``batch`` instances per call by :meth:`cost_model` (None without one)."""
+        model = self.cost_model()
+        if not model:
+            return None
+        return min(model, key=lambda k: model[k][0] + model[k][1] / max(1, batch))
 
     def describe(self) -> str:
         """One paragraph for reports: what was chosen and the numbers it was chosen on."""
@@ -159,7 +182,11 @@ class Calibration(NamedTuple):
                    else f"learned {self.learned_median:g}")
         why = (f"median exact C iterations {learned} vs cold {self.cold_median:g}"
                + (f"; wall time per instance {times}" if times else ""))
-        return f"{head} ({why})"
+        by_batch = ""
+        if self.cost_model():
+            sizes = [1, 4, 16, 64, 256, 1024, 4096]
+            by_batch = "; per call by batch size: " + ", ".join(f"{b}: {self.strategy_for(b)}" for b in sizes)
+        return f"{head} ({why}){by_batch}"
 
 
 def start_residual(alg, warm_start: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -292,6 +319,7 @@ class AmortizedSolver:
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
         self.calibration: Calibration | None = None  # the last calibrate()'s outcome
         self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
+        self.by_batch = False  # per call, the strategy calibration found fastest at its batch size
 
     # ------------------------------------------------------------------ building, saving, loading
     @classmethod
@@ -455,8 +483,9 @@ class AmortizedSolver:
         t0 = time.perf_counter()
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
         data = self.pp.canonicalize_vector(theta)
-        use_model = self.model is not None and self.enabled
-        if not use_model and (self.k == 0 or not self.cold_refine):  # plain cold starts: no torch work at all
+        strategy = self.strategy_for(theta.shape[0])
+        use_model = strategy == "learned"
+        if strategy == "cold":  # plain cold starts: no torch work at all
             size = data.batch_size
             nan = np.full(size, np.nan)
             batch = WarmStartBatch([None] * size, np.full(size, self.model is not None), nan, nan,
@@ -585,13 +614,14 @@ class AmortizedSolver:
         for opt in options:
             if opt is not None and not isinstance(opt, AndersonSettings):
                 raise TypeError(f"refinements must hold None or AndersonSettings; got {type(opt).__name__}")
-        saved = (self.anderson, self.enabled, self.cold_refine, dict(self.c_modes), self.scs_scale, self.osqp_rho,
-                 self.check_termination, dict(self._persistent))
+        saved = (self.anderson, self.enabled, self.cold_refine, self.by_batch, dict(self.c_modes), self.scs_scale,
+                 self.osqp_rho, self.check_termination, dict(self._persistent))
         try:
+            self.by_batch = False  # every measurement runs the strategy it sets
             return self._measure(params, margin, options, timed)
         finally:
-            (self.anderson, self.enabled, self.cold_refine, self.c_modes, self.scs_scale, self.osqp_rho,
-             self.check_termination, self._persistent) = saved
+            (self.anderson, self.enabled, self.cold_refine, self.by_batch, self.c_modes, self.scs_scale,
+             self.osqp_rho, self.check_termination, self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool) -> Calibration:
         """:meth:`calibrated`'s measurements; changes the solver (the caller restores it)."""
@@ -625,9 +655,10 @@ class AmortizedSolver:
         if timed:
             allowed = (["learned"] if passed else []) + (["refined_cold"] if self.k > 0 else []) + ["cold"]
             strategy, seconds = self.choose_strategy(params, allowed)
+        timing_batch = int(self.pp.parameter_vector(params).shape[0]) if timed else None
         return Calibration(learned, cold, strategy == "learned", self.anderson,
                            tuple((refinement_label(a), med) for a, med, _, _ in candidates), dict(self.c_modes),
-                           strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination)
+                           strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination, timing_batch)
 
     def configure(self, calibration: Calibration) -> Calibration:
         """Apply a :class:`Calibration` (from :meth:`calibrated`, possibly of a saved solver): refinement, strategy,
@@ -643,7 +674,17 @@ class AmortizedSolver:
             self.check_termination = calibration.check_termination
         self._persistent.clear()
         self.calibration = calibration
+        self.by_batch = calibration.cost_model() != {}
         return calibration
+
+    def strategy_for(self, batch: int) -> str:
+        """The start a call of ``batch`` instances gets: after :meth:`configure` with a timed calibration, the
+        strategy fastest at that batch size (:meth:`Calibration.strategy_for`); else :attr:`strategy`."""
+        if self.by_batch and self.calibration is not None:
+            chosen = self.calibration.strategy_for(batch)
+            if chosen is not None and (chosen != "learned" or self.model is not None):
+                return chosen
+        return self.strategy
 
     @property
     def strategy(self) -> str:
@@ -660,6 +701,7 @@ class AmortizedSolver:
             raise ValueError("strategy 'learned' needs a predictor")
         self.enabled = strategy == "learned"
         self.cold_refine = strategy != "cold"
+        self.by_batch = False  # an explicit choice holds for every batch size
 
     def choose_strategy(self, params: Mapping, allowed: Sequence[str] = STRATEGIES, *, repeats: int = 2,
                         single: int = 16) -> tuple[str, dict[str, tuple[float, float]]]:
@@ -671,7 +713,7 @@ class AmortizedSolver:
         answers at the same tolerance; only the time differs. Returns ``(strategy, {strategy: (ms at batch 1, ms at the
         batch)})``; sets nothing (see :meth:`use_strategy`).
         """
-        saved = (self.enabled, self.cold_refine)
+        saved = (self.enabled, self.cold_refine, self.by_batch)
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         size = theta.shape[0]
         batched = _as_batch(self.pp, params)
@@ -691,7 +733,7 @@ class AmortizedSolver:
                             self.solve(call)
                         best[strategy][j] = min(best[strategy][j], 1e3 * (time.perf_counter() - t0) / count)
         finally:
-            self.enabled, self.cold_refine = saved
+            self.enabled, self.cold_refine, self.by_batch = saved
         out = {strategy: (t[0], t[1]) for strategy, t in best.items()}
         fastest = [min(t[j] for t in out.values()) for j in range(2)]
         choice = min(out, key=lambda k: max(out[k][j] / fastest[j] for j in range(2)))
@@ -784,7 +826,7 @@ class AmortizedSolver:
         if sign != 1.0:  # CVXPY's sign: a maximization's canonical problem minimizes -f
             results = [r._replace(objective=sign * r.objective) for r in results]
         return AmortizedResult(results, pred.batch.fallback, retried, pred.batch.seconds, time.perf_counter() - t0,
-                               certified, pred.warm.copy(), self.model is not None and self.enabled, self.pp)
+                               certified, pred.warm.copy(), self.strategy_for(size) == "learned", self.pp)
 
     def _c_solve(self, pred: _Prediction, data: ConeData | QPData, index: np.ndarray, warm: np.ndarray,
                  exact_iterations: bool) -> list[SolveResult]:
