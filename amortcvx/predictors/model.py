@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amortcvx.iterations.osqp import OsqpSettings
-from amortcvx.iterations.scs import ScsSettings
+from amortcvx.iterations.registry import ITERATIONS
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,8 @@ class PredictorMeta:
         return SETTINGS[self.algorithm](**self.settings)
 
 
-SETTINGS: dict[str, type] = {"scs": ScsSettings, "osqp": OsqpSettings}
-"""Algorithm name -> its settings dataclass."""
+SETTINGS: dict[str, type] = {name: info.settings for name, info in ITERATIONS.items()}
+"""Algorithm name -> its settings dataclass (from the iterations' registry)."""
 
 CORE_KINDS: dict[str, Callable[[dict], nn.Module]] = {}
 """Core kinds of this package that a saved predictor file names and :meth:`WarmStartPredictor.load` rebuilds

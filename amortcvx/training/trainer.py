@@ -27,9 +27,10 @@ from torch import nn
 
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.linalg import FactorCache
-from amortcvx.iterations.registry import DATA_FORMS, make_algorithm
+from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor, atomic_torch_save
+from amortcvx.solvers import get_solver
 from amortcvx.training.losses import LossWeights, losses
 
 
@@ -161,9 +162,10 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
     """
     from tqdm.auto import tqdm
 
-    if DATA_FORMS.get(algorithm) != pp.form:
-        raise ValueError(f"algorithm {algorithm!r} needs a ParametricProblem of form "
-                         f"{DATA_FORMS.get(algorithm)!r}; this one has form {pp.form!r}")
+    form = get_solver(algorithm, "algorithm").form
+    if form != pp.form:
+        raise ValueError(f"algorithm {algorithm!r} needs a ParametricProblem of form {form!r}; this one has form "
+                         f"{pp.form!r}")
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError("the training and validation sets must be non-empty")
     settings = SETTINGS[algorithm]() if settings is None else settings
