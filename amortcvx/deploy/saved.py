@@ -55,7 +55,7 @@ def save(solver, path: str | os.PathLike) -> None:
             "check_termination": solver.check_termination, "c_modes": solver.c_modes,
             "scs_scale": solver.scs_scale, "osqp_rho": solver.osqp_rho,
             "reference": None if solver._reference is None else solver._reference.reshape(-1).tolist(),
-            "calibration": None if cal is None else {**cal._asdict(), "anderson": _anderson(cal.anderson)},
+            "calibration": None if cal is None else cal.to_dict(),
         },
     }
     text = json.dumps(state, indent=1, sort_keys=True)
@@ -123,10 +123,6 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
         solver._reference = torch.tensor(decided["reference"], dtype=torch.float64).reshape(1, -1)
     cal = decided["calibration"]
     if cal is not None:
-        a, seconds = cal["anderson"], cal["seconds"]
-        solver.calibration = Calibration(**{
-            **cal, "anderson": None if a is None else AndersonSettings(**a),
-            "candidates": tuple((str(label), float(med)) for label, med in cal["candidates"]),
-            "seconds": None if seconds is None else {k: (float(v[0]), float(v[1])) for k, v in seconds.items()}})
+        solver.calibration = Calibration.from_dict(cal)
         solver.by_batch = bool(decided.get("by_batch", False))
     return solver

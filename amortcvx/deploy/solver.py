@@ -47,6 +47,7 @@ Safeguards (a learned warm start changes speed, never answers, and never makes a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -150,6 +151,25 @@ class Calibration(NamedTuple):
     osqp_rho: float | None = None
     check_termination: int | None = None
     timing_batch: int | None = None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
+        out = self._asdict()
+        out["anderson"] = None if self.anderson is None else dataclasses.asdict(self.anderson)
+        out["candidates"] = [list(c) for c in self.candidates]
+        out["seconds"] = None if self.seconds is None else {k: list(v) for k, v in self.seconds.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Calibration:
+        """The calibration :meth:`to_dict` wrote (fields a file lacks take their defaults; other keys are
+        ignored)."""
+        known = {k: v for k, v in d.items() if k in cls._fields}
+        a, seconds = known.get("anderson"), known.get("seconds")
+        known["anderson"] = None if a is None else AndersonSettings(**a)
+        known["candidates"] = tuple((str(label), float(med)) for label, med in known.get("candidates", ()))
+        known["seconds"] = None if seconds is None else {k: (float(v[0]), float(v[1])) for k, v in seconds.items()}
+        return cls(**known)
 
     def cost_model(self) -> dict[str, tuple[float, float]]:
         """Per strategy timed, ``(c, f)`` with ms per instance at batch ``B`` modelled as ``c + f / B`` (a per-call

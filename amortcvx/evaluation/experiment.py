@@ -21,7 +21,6 @@ the user's file, :mod:`amortcvx.evaluation.sources`) and one solver (``"scs"`` o
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import sys
@@ -65,7 +64,6 @@ from amortcvx.evaluation.timing import (
     read_timings_csv,
     write_timings_csv,
 )
-from amortcvx.iterations import AndersonSettings
 from amortcvx.iterations.polish import check_polishable
 from amortcvx.predictors import WarmStartPredictor
 from amortcvx.solvers import get_solver
@@ -533,22 +531,11 @@ def _title(config: ExperimentConfig, kind: str, num_test: int, num_train: int, n
 
 
 def _calibration_dict(c: Calibration) -> dict[str, Any]:
-    return {"learned_median": c.learned_median, "cold_median": c.cold_median, "enabled": c.enabled,
-            "refinement": refinement_label(c.anderson),
-            "anderson": None if c.anderson is None else dataclasses.asdict(c.anderson),
-            "candidates": [list(p) for p in c.candidates], "strategy": getattr(c, "strategy", None),
-            "seconds": getattr(c, "seconds", None)}
+    return {**c.to_dict(), "refinement": refinement_label(c.anderson)}
 
 
 def _calibration_from_dict(d: Mapping[str, Any]) -> Calibration:
-    anderson = None if d.get("anderson") is None else AndersonSettings(**d["anderson"])
-    extra = {}
-    if "strategy" in Calibration._fields:
-        seconds = d.get("seconds")
-        extra = {"strategy": d.get("strategy"),
-                 "seconds": None if seconds is None else {k: tuple(v) for k, v in seconds.items()}}
-    return Calibration(float(d["learned_median"]), float(d["cold_median"]), bool(d["enabled"]), anderson,
-                       tuple((str(label), float(median)) for label, median in d.get("candidates", ())), **extra)
+    return Calibration.from_dict(d)
 
 
 def run_experiment(config: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> ExperimentResult:
