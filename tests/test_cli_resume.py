@@ -82,3 +82,22 @@ def test_resume_is_on_by_default_and_checked():
         ExperimentConfig(resume="no")
     assert build_parser().parse_args(["run"]).resume is True
     assert build_parser().parse_args(["run", "--no-resume"]).resume is False
+
+
+def test_ctrl_c_during_a_checkpoint_write_completes_the_file_then_interrupts(tmp_path, monkeypatch):
+    from amortcvx.predictors.model import atomic_torch_save
+
+    real_save = torch.save
+
+    def save_interrupted(obj, fh):  # a Ctrl-C arrives in the middle of the write
+        real_save(obj, fh)
+        signal.raise_signal(signal.SIGINT)
+        fh.write(b"")
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    target = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"w": torch.ones(3)}, target)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(target, weights_only=True)["w"].tolist() == [1.0, 1.0, 1.0]  # complete and in place
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left
