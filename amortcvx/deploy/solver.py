@@ -453,9 +453,7 @@ class AmortizedSolver:
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
         out = PersistentSolver(self.backend, ref, self.solver_settings).solve(self.pp.canonicalize_vector(theta))
-        rhos = [r.stats["rho_estimate"] for r in out if r.stats and np.isfinite(r.stats.get("rho_estimate", np.nan))
-                and r.stats["rho_estimate"] > 0]
-        return float(np.exp(np.median(np.log(rhos)))) if rhos else None
+        return _geometric_median_stat(out, "rho_estimate")
 
     def _reference_theta(self, theta: torch.Tensor | None) -> torch.Tensor:
         """The reference instance of the persistent objects (set from ``theta``'s mean on first use)."""
@@ -773,9 +771,7 @@ class AmortizedSolver:
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         data = self.pp.canonicalize_vector(theta)
         adaptive = self.persistent_solver(theta, "adaptive").solve(data)
-        scales = [r.stats["scale"] for r in adaptive if r.stats and np.isfinite(r.stats.get("scale", np.nan))
-                  and r.stats["scale"] > 0]
-        scale = float(np.exp(np.median(np.log(scales)))) if scales else None
+        scale = _geometric_median_stat(adaptive, "scale")
         self.scs_scale = scale
         self._persistent.pop("stateless", None)
         best = {}
@@ -888,6 +884,14 @@ class AmortizedSolver:
                             iterations=0, setup_time=0.0, solve_time=0.0, objective=float(objective[j]),
                             message="certified")
                 for j, i in enumerate(idx)]
+
+
+def _geometric_median_stat(results: Sequence[SolveResult], key: str) -> float | None:
+    """The geometric median of ``r.stats[key]`` over the results that report it finite and positive (the value an
+    adaptive solver setting ends at: SCS's scale, OSQP's rho), or None when none does."""
+    values = [r.stats[key] for r in results
+              if r.stats and np.isfinite(r.stats.get(key, np.nan)) and r.stats[key] > 0]
+    return float(np.exp(np.median(np.log(values)))) if values else None
 
 
 def _as_batch(pp: ParametricProblem, params: Mapping) -> dict[str, np.ndarray | torch.Tensor]:
