@@ -124,6 +124,7 @@ class SolvedSource:
         self.pp, self.solver, self.data, self.seed = pp, solver, data, seed
         self.root, self.workers, self.progress = root, workers, progress
         self.chunks: list = []  # the optimally solved rows of each chunk's dataset
+        self.sets: list[SolvedSet] = []  # the same rows as SolvedSets, converted once
         self.exhausted = False
 
     def _more(self) -> None:
@@ -137,6 +138,7 @@ class SolvedSource:
         ds = generate_dataset(self.pp, params, self.solver, self.root, name=f"fit-{params_digest(params)}",
                               workers=self.workers, progress=self.progress)
         self.chunks.append(ds.subset(np.flatnonzero(ds.ok)))
+        self.sets.append(SolvedSet.from_dataset(self.pp, self.chunks[-1]))
 
     def _rows(self, n: int) -> list:
         while sum(len(c) for c in self.chunks) < n and not self.exhausted:
@@ -144,7 +146,8 @@ class SolvedSource:
         return self.chunks
 
     def __call__(self, n: int) -> SolvedSet:
-        sets = [SolvedSet.from_dataset(self.pp, c) for c in self._rows(n)]
+        self._rows(n)
+        sets = self.sets
         joined = SolvedSet(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*sets)))
         return joined.subset(range(min(n, len(joined))))
 
