@@ -3,12 +3,18 @@
 Problems (issue 12):
   QP:   minimize 1/2 ||F x||^2 + q'x  s.t.  G x <= h,  n = 20, m = 40, parameters q, h (F, G Gaussian).
   SOCP: minimize ||A x - b||_2 + 0.1 ||x||_1  s.t.  ||x||_inf <= 1,  A 30 x 10, parameter b.
+  SDP:  minimize ||X - C||_F^2  s.t.  diag(X) = 1, X PSD (nearest correlation matrix), X 8 x 8, parameter C
+        (symmetric). cvxpylayers' MOREAU interface passes no PSD cones to moreau: skipped there, saying so.
 
 For each problem and batch size, every method is timed forward and forward+backward (backward of the sum of
 the outputs), interleaved (method after method within each repeat, so that load changes hit all of them), and
-the median of ``--repeats`` is reported with max |x - x*| against CVXPY + Clarabel at tight tolerance and the
+the median of ``--repeats`` is reported with max |x - x*| against CVXPY + Clarabel at tight tolerance, the
 largest relative objective excess ``(f(x) - f*) / (1 + |f*|)`` (negative where x beats the reference) and
-constraint violation. The
+constraint violation, and the gradient error: for the first ``GRAD_INSTANCES`` instances, the directional
+derivative of the sum of the outputs along a random direction, from each method's backward, against central
+differences (step ``FD_STEP``) of forward solutions refined to an optimality residual of ``1e-12`` (our cold
+layer at ``eps = 1e-9``, whose answers the accuracy columns check against Clarabel), as
+``|g'd - fd| / (1 + |fd|)``. The
 parameters move by a small step between repeats (as in a training loop), which is what the "previous" warm
 start of our layer uses; the learned warm start comes from a predictor that ``AmortizedSolver.fit`` trains on
 ``--train`` instances of the same distribution (its fit time is printed, not counted). Prints the machine,
@@ -43,6 +49,8 @@ STEP = 1e-2  # relative move of the parameters between repeats
 REFERENCES = ((cp.CLARABEL, {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}), (cp.CLARABEL, {}),
               (cp.SCS, {"eps_abs": 1e-10, "eps_rel": 1e-10, "max_iters": 200000}))
 """Reference solvers for x*, tried in order per instance."""
+GRAD_INSTANCES = 4
+FD_STEP = 1e-6
 
 
 def qp_problem(seed: int = 0):
@@ -66,6 +74,19 @@ def socp_problem(seed: int = 0):
     def sample(B: int, rng) -> list[torch.Tensor]:
         return [torch.tensor(rng.normal(size=(B, 30)))]
     return "SOCP (A 30x10; b)", prob, [b], [x], sample
+
+
+def sdp_problem(seed: int = 0):
+    k = 8
+    C, X = cp.Parameter((k, k), name="C", symmetric=True), cp.Variable((k, k), name="X", symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - C)), [cp.diag(X) == 1, X >> 0])
+
+    def sample(B: int, rng) -> list[torch.Tensor]:
+        F = rng.normal(size=(B, k, 2 * k)) / np.sqrt(2 * k)
+        S = F @ F.transpose(0, 2, 1)  # a correlation-like matrix plus symmetric noise: some eigenvalues < 0
+        N = rng.normal(size=(B, k, k)) * 0.3
+        return [torch.tensor(S + N + N.transpose(0, 2, 1))]
+    return "SDP (X 8x8; C)", prob, [C], [X], sample
 
 
 def reference(prob, params, variables, values) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +142,8 @@ def learned_layer(prob, params, variables, sample, train: int, epochs: int, root
 
 
 def methods(prob, params, variables, learned=None) -> dict[str, tuple[Callable, str]]:
-    """name -> (callable(*values) -> tuple of outputs, settings description)."""
+    """name -> (callable(*values) -> tuple of outputs, settings description); cvxpylayers' MOREAU only where
+    its interface passes every cone of the problem to moreau (not PSD cones)."""
     from cvxpylayers.torch import CvxpyLayer as Reference
 
     out = {}
@@ -133,13 +155,18 @@ def methods(prob, params, variables, learned=None) -> dict[str, tuple[Callable, 
         out["ours learned"] = learned
     diffcp = Reference(prob, params, variables)
     out["cvxpylayers DIFFCP"] = (diffcp, "SCS via diffcp, cvxpylayers defaults")
-    if importlib.util.find_spec("moreau") is not None:
+    psd = any(isinstance(c, cp.constraints.PSD) for c in prob.constraints)
+    if importlib.util.find_spec("moreau") is not None and not psd:
         moreau = Reference(prob, params, variables, solver="MOREAU")
         out["cvxpylayers MOREAU"] = (moreau, "moreau (CPU), cvxpylayers defaults")
+    elif psd:
+        print("cvxpylayers MOREAU: skipped, its interface passes no PSD cones to moreau (cvxpylayers 1.2)")
     return out
 
 
-def timed(fn: Callable, values: list[torch.Tensor], backward: bool) -> tuple[float, np.ndarray]:
+def timed(fn: Callable, values: list[torch.Tensor], backward: bool,
+          ) -> tuple[float, np.ndarray, list[torch.Tensor] | None]:
+    """Seconds of one call (with the backward of the sum of the outputs), the first output, the gradients."""
     vals = [v.clone().requires_grad_(backward) for v in values]
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -147,7 +174,30 @@ def timed(fn: Callable, values: list[torch.Tensor], backward: bool) -> tuple[flo
         outs = fn(*vals)
         if backward:
             sum(o.sum() for o in outs).backward()
-    return time.perf_counter() - start, outs[0].detach().numpy()
+    seconds = time.perf_counter() - start
+    return seconds, outs[0].detach().numpy(), [v.grad for v in vals] if backward else None
+
+
+def finite_differences(prob, params, variables, values: list[torch.Tensor], direction: list[torch.Tensor],
+                       ) -> np.ndarray:
+    """Central differences of the sum of the outputs along ``direction`` for the first ``GRAD_INSTANCES``."""
+    exact = CvxpyLayer(prob, params, variables, eps=1e-9)
+    k = GRAD_INSTANCES
+
+    def total(sign: float) -> np.ndarray:
+        with torch.no_grad():
+            outs = exact(*[v[:k] + sign * FD_STEP * d[:k] for v, d in zip(values, direction)])
+        return sum(o.reshape(k, -1).sum(dim=1) for o in outs).numpy()
+    return (total(1.0) - total(-1.0)) / (2 * FD_STEP)
+
+
+def gradient_error(grads: list[torch.Tensor] | None, direction: list[torch.Tensor], fd: np.ndarray) -> float:
+    """``max |g'd - fd| / (1 + |fd|)`` over the first ``GRAD_INSTANCES`` instances (NaN without gradients)."""
+    if grads is None or any(g is None for g in grads):
+        return float("nan")
+    k = GRAD_INSTANCES
+    dd = sum((g[:k] * d[:k]).reshape(k, -1).sum(dim=1) for g, d in zip(grads, direction)).numpy()
+    return float(np.max(np.abs(dd - fd) / (1 + np.abs(fd))))
 
 
 def machine() -> dict:
@@ -158,7 +208,7 @@ def machine() -> dict:
 
 def run(batches: list[int], repeats: int, train: int, epochs: int) -> list[dict]:
     rows = []
-    for make in (qp_problem, socp_problem):
+    for make in (qp_problem, socp_problem, sdp_problem):
         name, prob, params, variables, sample = make()
         learned = None
         if train > 0:
@@ -170,30 +220,34 @@ def run(batches: list[int], repeats: int, train: int, epochs: int) -> list[dict]
             direction = sample(B, rng)
             impls = methods(prob, params, variables, learned)
             times = {k: {"fwd": [], "fwdbwd": []} for k in impls}
-            last = {}
+            last, grads = {}, {}
             for r in range(repeats + 1):  # repeat 0 warms up (and gives "previous" its first solution)
                 # every call sees new parameters (one step further), so "previous" never starts at the answer
                 fwd_values = [b + STEP * (2 * r + 1) * d for b, d in zip(base, direction)]
                 values = [b + STEP * (2 * r + 2) * d for b, d in zip(base, direction)]
                 for key, (fn, _) in impls.items():
-                    tf, _ = timed(fn, fwd_values, backward=False)
-                    tb, x = timed(fn, values, backward=True)
+                    tf, _, _ = timed(fn, fwd_values, backward=False)
+                    tb, x, g = timed(fn, values, backward=True)
                     if r > 0:
                         times[key]["fwd"].append(tf)
                         times[key]["fwdbwd"].append(tb)
-                    last[key] = x
+                    last[key], grads[key] = x, g
             xstar, fstar = reference(prob, params, variables, values)
+            probe = sample(B, rng)
+            probe = [p / (1 + p.abs().amax()) for p in probe]  # a random direction of each parameter's shape
+            fd = finite_differences(prob, params, variables, values, probe)
             for key, (_, settings) in impls.items():
                 row = {"problem": name, "batch": B, "method": key, "settings": settings,
                        "fwd_ms": 1e3 * statistics.median(times[key]["fwd"]),
                        "fwdbwd_ms": 1e3 * statistics.median(times[key]["fwdbwd"]),
                        "max_err": float(np.abs(last[key] - xstar).max()),
-                       "repeats": repeats}
+                       "grad_err": gradient_error(grads[key], probe, fd), "repeats": repeats}
                 row["objective_excess"], row["violation"] = objective_excess(prob, params, variables, values,
                                                                              last[key], fstar)
                 rows.append(row)
                 print(f"{name:24s} B={B:5d} {key:20s} fwd {row['fwd_ms']:9.1f} ms  fwd+bwd {row['fwdbwd_ms']:9.1f} ms"
                       f"  max|x-x*| {row['max_err']:.1e}  f-f* {row['objective_excess']:+.1e}"
+                      f"  grad err {row['grad_err']:.1e}"
                       f"  viol {row['violation']:.1e}   [{settings}]",
                       flush=True)
     return rows

@@ -292,6 +292,25 @@ def test_warm_starts_agree_with_cold_and_previous_follows_a_moving_parameter():
 
 
 @pytest.mark.parametrize("make", [qp, socp])
+def test_previous_solution_is_refined_without_a_solver_run_when_the_parameters_barely_move(make, monkeypatch):
+    prob, params, variables, sample = make()
+    values = sample(6, np.random.default_rng(13))
+    layer = CvxpyLayer(prob, params, variables, eps=1e-8, warm_start="previous")
+    layer(*values)
+    calls = []
+    original = layer._c_solve
+    monkeypatch.setattr(layer, "_c_solve", lambda *a, **k: calls.append(a[0].batch_size) or original(*a, **k))
+    moved = [v + 1e-4 * torch.ones_like(v) for v in values]
+    (xp,) = layer(*moved)
+    (xc,) = CvxpyLayer(prob, params, variables, eps=1e-8)(*moved)
+    np.testing.assert_allclose(xp.numpy(), xc.numpy(), atol=1e-7)
+    assert calls == [] and bool(layer.last_solution.certified.all())
+    far = [3.0 * v for v in values]  # far away: Newton from the old point may fail; the solver answers the rest
+    (xf,) = layer(*far)
+    np.testing.assert_allclose(xf.numpy(), CvxpyLayer(prob, params, variables, eps=1e-8)(*far)[0].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [qp, socp])
 def test_torch_iterations_agree_with_c(make):
     prob, params, variables, sample = make()
     values = sample(8, np.random.default_rng(12))

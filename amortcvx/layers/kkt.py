@@ -21,7 +21,8 @@ Newton's method on ``F`` (semismooth; on LPs and QPs one step is an exact solve 
 ``w``) refines a solver's point to machine accuracy, and the implicit function theorem at the refined point
 gives the derivative of the solution: ``d(x, w) = -J^-1 dF/d data``. :class:`ImplicitSolution` is the autograd
 function that returns a solution and back-propagates through it with one batched ``J'`` solve per backward.
-Dense, batched: ``(B, n + m, n + m)`` systems (small and medium problems).
+Dense, batched: every solve eliminates ``w`` and factors one ``(B, n, n)`` matrix (:func:`solve_kkt`; small and
+medium problems).
 """
 
 from __future__ import annotations
@@ -119,12 +120,23 @@ class DualJacobian(NamedTuple):
             out[:, self.lin:, self.lin:] = self.block
         return out
 
+    def matvec(self, g: torch.Tensor) -> torch.Tensor:
+        """``D g`` for ``g`` (B, m)."""
+        out = self.diag * g
+        if self.block is not None:
+            out[:, self.lin:] = (self.block @ g[:, self.lin:, None]).squeeze(-1)
+        return out
+
     def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
         """``D' g`` for ``g`` (B, m)."""
         out = self.diag * g
         if self.block is not None:
             out[:, self.lin:] = (g[:, None, self.lin:] @ self.block).squeeze(1)
         return out
+
+    def transposed(self) -> DualJacobian:
+        """``D'`` (the same diagonal, the transposed block)."""
+        return self if self.block is None else DualJacobian(self.diag, self.block.mT, self.lin)
 
 
 def soc_jacobian(z: torch.Tensor) -> torch.Tensor:
@@ -254,79 +266,110 @@ def _least_squares(mat: torch.Tensor, rhs: torch.Tensor, *, rel: float = 1e-10, 
     return z
 
 
-def solve_kkt(d: Dense, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
-    """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance.
+def solve_kkt(d: Dense, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False, delta: float = 1e-4,
+              passes: int = 4) -> torch.Tensor:
+    """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance, by one ``n x n``
+    Cholesky.
 
-    With a 0/1 diagonal ``D`` (LPs and QPs: the rows with ``D = 1`` form the active set ``S``, the others ``I``)
-    both systems reduce to one equality-constrained KKT system on ``S`` (:func:`active_set_solve`)::
+    The ``w`` block is eliminated. With ``D`` replaced by ``D'`` for the transposed system, the regularized
+    system ``J + delta diag(I_n, -I_m)`` has, for ``R = ((1 + delta) I - D)^-1`` and ``M = D R`` (block diagonal
+    like ``D``; ``R`` exists because the eigenvalues of a projection's Jacobian lie in ``[0, 1]``, and ``M`` is
+    positive semidefinite), the Schur complement ``S = P + delta I + A' M A`` (positive definite) and::
 
-        J z = r:    [[P, A_S'], [A_S, 0]] [z_x; z_S] = [r_x; r_S],             z_i = A_i z_x - r_i on I
-        J' z = r:   [[P, A_S'], [A_S, 0]] [z_x; z_S] = [r_x + A_I' r_I; r_S],  z_i = -r_i on I
+        J z = r:    S z_x = r_x + A' M r_w,   z_w = R (A z_x - r_w)
+        J' z = r:   S z_x = r_x + A' R r_w,   z_w = M A z_x - R r_w
 
-    Otherwise (SOC / PSD / exp blocks) the dense ``J`` is factored (:func:`solve_dense`).
+    On the zero / nonnegative rows of a cone program and all rows of a QP ``D`` is 0 or 1, so ``M`` is ``1 /
+    delta`` on the active rows and 0 on the others: the active set's equality-constrained KKT system. ``passes``
+    steps of iterative refinement against the unregularized ``J`` remove the regularization (exact for a
+    nonsingular ``J``; they stop once every residual is at rounding level). ``J`` is often singular: CVXPY's
+    reformulations leave auxiliary variables that are not unique at the optimum (e.g. the epigraph variable of
+    an inactive norm bound); refinement then approaches a solution on the range of ``J``, and for the backward
+    pass any solution gives the same gradient when the output gradient is orthogonal to the null space of
+    ``J``, which holds when the returned CVXPY variables are unique. Instances whose ``S`` cannot be factored
+    are solved densely (:func:`solve_dense`).
+
+    Cost per instance: one ``n x n`` Cholesky and inverse, the product ``A' M A``, and (with SOC / PSD / exp
+    rows) one inverse of the nonlinear cones' ``(m - lin)``-square block of ``D``.
     """
-    n = d.A.shape[2]
-    if jac.block is not None:
-        return solve_dense(kkt_matrix(d, jac), rhs, n, transpose=transpose)
     A = d.A.detach()
     P = None if d.P is None else d.P.detach()
-    active = jac.diag > 0.5
-    rx, rw = rhs[:, :n], rhs[:, n:]
-    if transpose:
-        zx, zs = active_set_solve(P, A, active, rx + matvec(A.mT, torch.where(active, 0.0, rw)), rw)
-        return torch.cat([zx, torch.where(active, zs, -rw)], dim=1)
-    zx, zs = active_set_solve(P, A, active, rx, rw)
-    return torch.cat([zx, torch.where(active, zs, matvec(A, zx) - rw)], dim=1)
-
-
-def active_set_solve(P: torch.Tensor | None, A: torch.Tensor, active: torch.Tensor, rx: torch.Tensor,
-                     rs: torch.Tensor, *, delta: float = 1e-7, passes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve ``[[P, A_S'], [A_S, 0]] [x; y_S] = [rx; rs_S]`` per instance (``S`` = the ``active`` rows).
-
-    Dense and batched: the regularized quasi-definite system ``[[P + delta I, A_S'], [A_S, -delta I]]`` is
-    reduced to its Schur complement ``S = P + delta I + A_S' A_S / delta`` (``n x n``, positive definite, one
-    Cholesky per instance; one GEMM over the batch when ``A`` is shared), and ``passes`` steps of iterative
-    refinement against the unregularized system remove the regularization (exact for a nonsingular KKT
-    system; for a singular one, a regularized least-squares answer). Returns ``x`` (B, n) and ``y`` (B, m),
-    zero off ``S``; NaN for an instance whose ``S`` cannot be factored.
-    """
-    on = active.to(A.dtype)
-    n = rx.shape[1]
+    n = A.shape[2]
+    D = jac.transposed() if transpose else jac
+    R, M = _elimination_weights(D, delta)
     At = A.mT
-    weighted = At * (on / delta)[:, None, :]  # (B, n, m)
-    S = weighted @ A[0] if A.shape[0] == 1 else weighted @ A
+    AtM = At * M.diag[:, None, :]
+    if M.block is not None:
+        AtM[:, :, M.lin:] = At[..., M.lin:] @ M.block
+    S = AtM @ A[0] if A.shape[0] == 1 else AtM @ A
     S = S + delta * torch.eye(n, dtype=A.dtype, device=A.device)
     if P is not None:
         S = S + P
+    if M.block is not None:  # M is symmetric up to rounding: the refinement passes absorb the difference
+        S = 0.5 * (S + S.mT)
     L, info = torch.linalg.cholesky_ex(S)
     S_inv = torch.cholesky_inverse(L)  # batched products are much faster than batched triangular solves
-    rs = torch.where(active, rs, 0.0)
+    to_x = R if transpose else M
 
-    def reg_solve(ex: torch.Tensor, ey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = ex + matvec(At, on * ey) / delta
-        u = matvec(S_inv, t)
-        return u, on * (matvec(A, u) - ey) / delta
+    def reg_solve(r: torch.Tensor) -> torch.Tensor:
+        rx, rw = r[:, :n], r[:, n:]
+        zx = matvec(S_inv, rx + matvec(At, to_x.matvec(rw)))
+        ax = matvec(A, zx)
+        zw = M.matvec(ax) - R.matvec(rw) if transpose else R.matvec(ax - rw)
+        return torch.cat([zx, zw], dim=1)
 
-    x, y = reg_solve(rx, rs)
+    def apply(z: torch.Tensor) -> torch.Tensor:  # the unregularized J z (or J' z)
+        zx, zw = z[:, :n], z[:, n:]
+        top = matvec(At, zw if transpose else D.matvec(zw))
+        if P is not None:
+            top = top + matvec(P, zx)
+        ax = matvec(A, zx)
+        bottom = D.matvec(ax + zw) - zw if transpose else ax + D.matvec(zw) - zw
+        return torch.cat([top, bottom], dim=1)
+
+    z = reg_solve(rhs)
+    tol = 1e-14 * (1.0 + rhs.abs().amax(dim=1))
     for _ in range(passes):
-        ex = rx - matvec(At, y) - (0.0 if P is None else matvec(P, x))
-        ey = rs - on * matvec(A, x)
-        dx, dy = reg_solve(ex, ey)
-        x, y = x + dx, y + dy
-    bad = info != 0
+        r = rhs - apply(z)
+        if bool((r.abs().amax(dim=1) <= tol).all()):
+            break
+        z = z + reg_solve(r)
+    bad = (info != 0) | ~torch.isfinite(z).all(dim=1)
     if bool(bad.any()):
-        x = torch.where(bad[:, None], torch.nan, x)
-        y = torch.where(bad[:, None], torch.nan, y)
-    return x, y
+        idx = torch.nonzero(bad).flatten()
+        sub = take(d, idx)
+        z[idx] = solve_dense(kkt_matrix(sub, _take_jacobian(jac, idx)), rhs[idx], n, transpose=transpose)
+    return z
+
+
+def _elimination_weights(D: DualJacobian, delta: float) -> tuple[DualJacobian, DualJacobian]:
+    """``R = ((1 + delta) I - D)^-1`` and ``M = D R``, block diagonal like ``D``."""
+    r_diag = 1.0 / (1.0 + delta - D.diag)
+    if D.block is None:
+        return DualJacobian(r_diag, None, D.lin), DualJacobian(D.diag * r_diag, None, D.lin)
+    eye = torch.eye(D.block.shape[-1], dtype=D.block.dtype, device=D.block.device)
+    r_block = torch.linalg.inv_ex((1.0 + delta) * eye - D.block)[0]
+    return DualJacobian(r_diag, r_block, D.lin), DualJacobian(D.diag * r_diag, D.block @ r_block, D.lin)
+
+
+def take(d: Dense, idx: torch.Tensor) -> Dense:
+    """The instances ``idx`` of a batch (tensors shared by the batch stay shared)."""
+    def pick(t):
+        return t if not isinstance(t, torch.Tensor) or t.shape[0] == 1 else t[idx]
+    return Dense(*(pick(t) for t in d[:-1]), d.data)
+
+
+def _take_jacobian(jac: DualJacobian, idx: torch.Tensor) -> DualJacobian:
+    return DualJacobian(jac.diag[idx], None if jac.block is None else jac.block[idx], jac.lin)
 
 
 def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-12,
                   damping: tuple[float, ...] = (1.0, 0.5, 0.25)) -> tuple[Point, torch.Tensor]:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
-    Each step tries the step lengths in ``damping`` and keeps, per instance, the one with the smallest
-    ``||F||_inf`` (a full step is exact on the active set of an LP / QP; shorter ones help from looser points of
-    cone programs). Stops early once every instance has ``||F||_inf <= tol (1 + scale)``. Returns the point and
+    Each step works on the instances not yet converged (``||F||_inf > tol (1 + scale)``), tries the step lengths
+    in ``damping`` and keeps, per instance, the one with the smallest ``||F||_inf`` (a full step is exact on the
+    active set of an LP / QP; shorter ones help from looser points of cone programs). Returns the point and
     ``||F||_inf``.
     """
     with torch.no_grad():
@@ -334,21 +377,24 @@ def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-12,
         scale = 1.0 + d.lin.abs().amax(dim=1) + (d.b.abs().amax(dim=1) if d.b is not None else 0.0)
         n = pt.x.shape[1]
         for _ in range(steps):
-            todo = torch.isfinite(norm) & (norm > tol * scale)
-            if not bool(todo.any()):
+            idx = torch.nonzero(torch.isfinite(norm) & (norm > tol * scale)).flatten()
+            if idx.numel() == 0:
                 break
-            f1, f2 = residual(d, pt)
-            delta = solve_kkt(d, dual_jacobian(d, pt.w), torch.cat([f1, f2], dim=1))
-            best, best_norm = pt, norm
+            sub = take(d, idx)
+            start, start_norm = Point(pt.x[idx], pt.w[idx]), norm[idx]
+            f1, f2 = residual(sub, start)
+            delta = solve_kkt(sub, dual_jacobian(sub, start.w), torch.cat([f1, f2], dim=1))
+            best, best_norm = start, start_norm
             for t in damping:
-                cand = Point(pt.x - t * delta[:, :n], pt.w - t * delta[:, n:])
-                cnorm = residual_norm(d, cand)
-                better = todo & torch.isfinite(cnorm) & (cnorm < best_norm)
+                cand = Point(start.x - t * delta[:, :n], start.w - t * delta[:, n:])
+                cnorm = residual_norm(sub, cand)
+                better = torch.isfinite(cnorm) & (cnorm < best_norm)
                 best = Point(torch.where(better[:, None], cand.x, best.x), torch.where(better[:, None], cand.w, best.w))
                 best_norm = torch.where(better, cnorm, best_norm)
-            if not bool((best_norm < norm).any()):
+            if not bool((best_norm < start_norm).any()):
                 break
-            pt, norm = best, best_norm
+            pt = Point(pt.x.index_copy(0, idx, best.x), pt.w.index_copy(0, idx, best.w))
+            norm = norm.index_copy(0, idx, best_norm)
     return pt, norm
 
 

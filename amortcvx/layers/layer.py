@@ -34,7 +34,7 @@ from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run_to_tolerance, unroll
 from amortcvx.iterations.registry import make_algorithm
-from amortcvx.layers.kkt import Data, ImplicitSolution, Point, dense, dual_of, newton_refine, slack_of
+from amortcvx.layers.kkt import Data, ImplicitSolution, Point, dense, dual_of, newton_refine, slack_of, take
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.solvers import get_solver
 
@@ -43,9 +43,9 @@ WARM_STARTS = ("cold", "previous", "learned")
 GRADIENTS = ("implicit", "unrolled")
 FAILURES = ("nan", "raise")
 LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps")
+"""Keys of ``solver_args`` the layer reads itself; every other key is a setting of the C solver."""
 REFINED = 1e-9
 """A refinement has converged when ``||F||_inf <= REFINED (1 + ||c||_inf)`` (see :mod:`amortcvx.layers.kkt`)."""
-"""Keys of ``solver_args`` the layer reads itself; every other key is a setting of the C solver."""
 
 
 class SolverFailure(RuntimeError):
@@ -237,6 +237,15 @@ class CvxpyLayer(nn.Module):
     # ------------------------------------------------------------------ solving
     def _solve(self, data: Data, theta: torch.Tensor, eps: float, method: str, warm_mode: str, max_steps: int,
                c_args: Mapping[str, Any]) -> Solution:
+        """Candidates in stages, each on the instances not answered yet, then the C solver at ``eps`` for the rest.
+
+        Stages (with refinement): the previous call's solution itself (when the parameters moved little it lies
+        where Newton's method converges: no solver run at all; a learned point is not tried this way: on the
+        benchmark problems fewer than half of them converged and the attempt cost more than it saved), then the
+        torch iterations (``method="torch"``) or a loose C solve (``presolve_eps``). A stage's candidate is
+        Newton-refined and kept where it passes the solver's test at ``eps``; the others carry the stage's point as
+        the warm start of the next stage.
+        """
         B = data.batch_size
         device = theta.device
         d = dense(data)
@@ -244,31 +253,32 @@ class CvxpyLayer(nn.Module):
         x = torch.zeros(B, data.n, dtype=torch.float64, device=device)
         w = torch.zeros(B, data.m, dtype=torch.float64, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        certified = torch.zeros(B, dtype=torch.bool, device=device)
         status = [Status.SOLVER_ERROR] * B
-        pt = None
-        if method == "torch":  # stage 1: a candidate from the batched torch iterations
-            alg = make_algorithm(self.solver, data, cache=self._cache)
-            state = alg.init(**warm) if warm is not None else alg.init()
-            loose = max(eps, self.presolve_eps) if self.refine_steps else eps  # refinement does the rest
-            res = run_to_tolerance(alg, state, tol=loose, max_steps=max_steps)
-            warm = output_space(self.solver).warm_start(alg, res.state)
-            pt = _point_from_solver(self.form, data, warm["x"], warm["y"], warm.get("s"))
-        elif self.refine_steps and self.presolve_eps > eps:  # stage 1: a candidate from a loose C solve
-            xs, ys, ss, _ = self._c_solve(data, warm, self.presolve_eps, c_args, retry=False)
-            fields = {"x": xs, "y": ys} if ss is None else {"x": xs, "y": ys, "s": ss}
-            finite = torch.stack([torch.isfinite(v).all(dim=1) for v in fields.values()]).all(dim=0)
-            warm = {k: torch.where(finite[:, None], v, torch.zeros_like(v)) for k, v in fields.items()}
-            pt = _point_from_solver(self.form, data, warm["x"], warm["y"], warm.get("s"))
-        if pt is not None:  # refine, and keep what passes the solver's own test at eps
-            if self.refine_steps:
-                pt, norm = newton_refine(d, pt, steps=self.refine_steps)
-            ok = torch.as_tensor(_certify(self.form, data, d, pt, eps), device=device)
-            if self.refine_steps:  # keep only converged refinements: the others are solved at eps and refined again
-                ok = ok & (norm <= REFINED * (1.0 + d.lin.abs().amax(dim=1)))
-            x, w = torch.where(ok[:, None], pt.x, x), torch.where(ok[:, None], pt.w, w)
-            done, certified = ok.clone(), ok.clone()
-            status = [Status.OPTIMAL if o else s for o, s in zip(ok.tolist(), status)]
+        stages = []
+        if self.refine_steps and warm is not None and warm_mode == "previous":
+            stages.append(lambda sub, start: start)
+        if method == "torch":
+            stages.append(lambda sub, start: self._torch_candidate(sub, start, eps, max_steps))
+        elif self.refine_steps and self.presolve_eps > eps:
+            stages.append(lambda sub, start: self._loose_candidate(sub, start, c_args))
+        for stage in stages:
+            todo = torch.nonzero(~done).flatten()
+            if todo.numel() == 0:
+                break
+            sub = data.take(todo.cpu().numpy())
+            start = None if warm is None else {k: v[todo] for k, v in warm.items()}
+            cand = stage(sub, start)
+            pt = _point_from_solver(self.form, sub, cand["x"], cand["y"], cand.get("s"))
+            ok, pt = self._refined(sub, take(d, todo), pt, eps)
+            x[todo], w[todo] = torch.where(ok[:, None], pt.x, x[todo]), torch.where(ok[:, None], pt.w, w[todo])
+            done[todo] = ok
+            for i in todo[ok].tolist():
+                status[i] = Status.OPTIMAL
+            warm = ({k: v.new_zeros(B, v.shape[1]) for k, v in cand.items()} if warm is None
+                    else {k: v.clone() for k, v in warm.items()})
+            for k, v in cand.items():
+                warm[k][todo] = v
+        certified = done.clone()
         todo = torch.nonzero(~done).flatten()
         if todo.numel():
             sub = data.take(todo.cpu().numpy())
@@ -279,14 +289,14 @@ class CvxpyLayer(nn.Module):
             pt = Point(torch.nan_to_num(pt.x), torch.nan_to_num(pt.w))
             final = pt
             if self.refine_steps:
-                d_sub = dense(sub)
+                d_sub = take(d, todo)
                 ref, _ = newton_refine(d_sub, pt, steps=self.refine_steps)
                 ok = torch.as_tensor(_certify(self.form, sub, d_sub, ref, eps), device=device)
                 final = Point(torch.where(ok[:, None], ref.x, pt.x), torch.where(ok[:, None], ref.w, pt.w))
                 good = has & (ok | torch.tensor([s == Status.OPTIMAL for s in st], device=device))
             else:
                 good = torch.tensor([s == Status.OPTIMAL for s in st], dtype=torch.bool, device=device) | (
-                    has & torch.as_tensor(_certify(self.form, sub, dense(sub), pt, eps), device=device))
+                    has & torch.as_tensor(_certify(self.form, sub, take(d, todo), pt, eps), device=device))
             x[todo], w[todo], done[todo] = final.x, final.w, good
             for j, i in enumerate(todo.tolist()):
                 status[i] = st[j] if not (bool(good[j]) and st[j] == Status.OPTIMAL_INACCURATE) else Status.OPTIMAL
@@ -294,6 +304,32 @@ class CvxpyLayer(nn.Module):
         x = torch.where(failed[:, None], torch.zeros_like(x), x)
         w = torch.where(failed[:, None], torch.zeros_like(w), w)
         return Solution(x, w, failed, status, certified)
+
+    def _refined(self, data: Data, d, pt: Point, eps: float) -> tuple[torch.Tensor, Point]:
+        """Newton-refine a candidate; True where the refined point converged and passes the solver's test."""
+        if self.refine_steps:
+            pt, norm = newton_refine(d, pt, steps=self.refine_steps)
+        ok = torch.as_tensor(_certify(self.form, data, d, pt, eps), device=pt.x.device)
+        if self.refine_steps:  # keep only converged refinements: the others are solved at eps and refined again
+            ok = ok & (norm <= REFINED * (1.0 + d.lin.abs().amax(dim=1)))
+        return ok, pt
+
+    def _torch_candidate(self, data: Data, warm: Mapping[str, torch.Tensor] | None, eps: float,
+                         max_steps: int) -> dict[str, torch.Tensor]:
+        """The batched torch iterations to ``max(eps, presolve_eps)`` (refinement does the rest)."""
+        alg = make_algorithm(self.solver, data, cache=self._cache)
+        state = alg.init(**warm) if warm is not None else alg.init()
+        loose = max(eps, self.presolve_eps) if self.refine_steps else eps
+        res = run_to_tolerance(alg, state, tol=loose, max_steps=max_steps)
+        return output_space(self.solver).warm_start(alg, res.state)
+
+    def _loose_candidate(self, data: Data, warm: Mapping[str, torch.Tensor] | None,
+                         c_args: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The C solver at ``presolve_eps`` (non-finite answers replaced by zeros)."""
+        xs, ys, ss, _ = self._c_solve(data, warm, self.presolve_eps, c_args, retry=False)
+        fields = {"x": xs, "y": ys} if ss is None else {"x": xs, "y": ys, "s": ss}
+        finite = torch.stack([torch.isfinite(v).all(dim=1) for v in fields.values()]).all(dim=0)
+        return {k: torch.where(finite[:, None], v, torch.zeros_like(v)) for k, v in fields.items()}
 
     def _c_solve(self, data: Data, warm: Mapping[str, torch.Tensor] | None, eps: float,
                  c_args: Mapping[str, Any], *, retry: bool = True,
@@ -333,7 +369,8 @@ class CvxpyLayer(nn.Module):
             if self.predictor is None:
                 raise ValueError("warm_start='learned' needs a predictor")
             with torch.no_grad():  # the predictor's fixed-point variable is scaled by its algorithm settings
-                alg = make_algorithm(self.solver, data, settings=self.predictor.meta.algorithm_settings())
+                alg = make_algorithm(self.solver, data, settings=self.predictor.meta.algorithm_settings(),
+                                     cache=self._cache)
                 z = self.predictor(theta.to(next(self.predictor.parameters()).dtype))
                 ws = output_space(self.solver).prediction_warm_start(alg, z.to(torch.float64))
             ok = torch.stack([torch.isfinite(v).all(dim=1) for v in ws.values()]).all(dim=0)

@@ -1,0 +1,61 @@
+"""The optimality-condition Jacobian solve of the layer (amortcvx.layers.kkt) against the dense matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from amortcvx.layers import CvxpyLayer, kkt
+from tests.test_layer import expcone, lp_param_a, qp, qp_param_p, sdp, socp
+
+CASES = {"qp": (qp, None), "lp_scs": (lp_param_a, "scs"), "qp_param_P": (qp_param_p, None), "qp_scs": (qp, "scs"),
+         "socp": (socp, None), "sdp": (sdp, None), "exp": (expcone, None)}
+
+
+def _setup(case: str, point: str, B: int = 6):
+    make, solver = CASES[case]
+    prob, params, variables, sample = make()
+    layer = CvxpyLayer(prob, params, variables, solver=solver, eps=1e-8)
+    values = sample(B, np.random.default_rng(0))
+    layer(*values)
+    theta = layer._theta(values)[0]
+    data = layer.pp.canonicalize_vector(theta)
+    d = kkt.dense(data)
+    w = layer.last_solution.w
+    if point == "random":  # a generic point: D has fractional blocks and mixed 0/1 diagonals
+        w = w + torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=w.dtype)
+    return d, kkt.dual_jacobian(d, w)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("point", ["solution", "random"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reduced_solve_matches_the_dense_system(case, point, transpose):
+    d, jac = _setup(case, point)
+    J = kkt.kkt_matrix(d, jac)
+    mat = J.mT if transpose else J
+    n = d.A.shape[2]
+    # a right-hand side in the range of the matrix: singular systems (CVXPY's non-unique auxiliaries) stay solvable
+    z_true = torch.randn(J.shape[:2], generator=torch.Generator().manual_seed(2), dtype=J.dtype)
+    rhs = (mat @ z_true.unsqueeze(-1)).squeeze(-1)
+    z = kkt.solve_kkt(d, jac, rhs, transpose=transpose)
+    residual = (mat @ z.unsqueeze(-1)).squeeze(-1) - rhs
+    scale = 1.0 + rhs.abs().amax(dim=1)
+    assert (residual.abs().amax(dim=1) / scale).max() < 1e-8
+    full_rank = torch.linalg.matrix_rank(J) == J.shape[-1]
+    if bool(full_rank.any()):  # the solution is unique there: it must be z_true
+        err = (z - z_true)[full_rank].abs().amax(dim=1) / (1.0 + z_true[full_rank].abs().amax(dim=1))
+        assert err.max() < 1e-6
+    dense = kkt.solve_dense(J, rhs, n, transpose=transpose)
+    if bool(full_rank.any()):
+        assert torch.allclose(z[full_rank], dense[full_rank], atol=1e-6, rtol=1e-6)
+
+
+def test_dual_jacobian_products_match_its_matrix():
+    d, jac = _setup("socp", "random")
+    g = torch.randn(jac.diag.shape, dtype=torch.float64)
+    D = jac.matrix()
+    assert torch.allclose(jac.matvec(g), (D @ g.unsqueeze(-1)).squeeze(-1))
+    assert torch.allclose(jac.rmatvec(g), (D.mT @ g.unsqueeze(-1)).squeeze(-1))
+    assert torch.equal(jac.transposed().matrix(), D.mT)
