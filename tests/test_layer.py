@@ -8,6 +8,7 @@ import warnings
 import cvxpy as cp
 import numpy as np
 import pytest
+import scipy.sparse as sps
 import torch
 
 from amortcvx.layers import CvxpyLayer, SolverFailure
@@ -308,6 +309,47 @@ def test_previous_solution_is_refined_without_a_solver_run_when_the_parameters_b
     far = [3.0 * v for v in values]  # far away: Newton from the old point may fail; the solver answers the rest
     (xf,) = layer(*far)
     np.testing.assert_allclose(xf.numpy(), CvxpyLayer(prob, params, variables, eps=1e-8)(*far)[0].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["qp", "socp", "sdp", "exp", "lp_param_A_scs"])
+def test_krylov_linear_algebra_agrees_with_dense(case):
+    make, solver = CASES[case]
+    prob, params, variables, sample = make()
+    values = [v.requires_grad_(True) for v in sample(4, np.random.default_rng(14))]
+    got = {}
+    for algebra in ("dense", "krylov"):
+        layer = CvxpyLayer(prob, params, variables, solver=solver, eps=1e-8, linear_algebra=algebra)
+        (x,) = layer(*values)
+        weights = torch.linspace(-1.0, 1.0, x[0].numel(), dtype=torch.float64).reshape(x.shape[1:])
+        got[algebra] = (x.detach(), torch.autograd.grad((x * weights).sum(), values))
+    np.testing.assert_allclose(got["krylov"][0].numpy(), got["dense"][0].numpy(), atol=1e-8)
+    for gk, gd in zip(got["krylov"][1], got["dense"][1]):
+        np.testing.assert_allclose(gk.numpy(), gd.numpy(), atol=1e-6, rtol=1e-6)
+
+
+def test_a_large_sparse_problem_is_solved_and_differentiated_matrix_free():
+    N = 700  # n + m = 3500 after CVXPY's lifting: "auto" picks the matrix-free path
+    D = sps.diags([np.ones(N), -np.ones(N - 1)], [0, 1], shape=(N, N)).tocsc()
+    b, q, x = cp.Parameter(N, name="b"), cp.Parameter(N, name="q"), cp.Variable(N, name="x")
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(D @ x - b) + q @ x), [x >= -1, x <= 1])
+    layer = CvxpyLayer(prob, [b, q], [x], eps=1e-8)
+    assert layer.linear_algebra == "krylov"
+    rng = np.random.default_rng(15)
+    vb = torch.tensor(rng.normal(size=(1, N)), requires_grad=True)
+    vq = torch.tensor(0.5 * rng.normal(size=(1, N)))
+    weights = torch.linspace(-1.0, 1.0, N, dtype=torch.float64)
+    (xs,) = layer(vb, vq)
+    (xs * weights).sum().backward()
+    (xstar,), _ = clarabel(prob, [b, q], [x], [vb, vq], 0)
+    np.testing.assert_allclose(xs[0].detach().numpy(), xstar, atol=1e-6)
+    direction = torch.tensor(rng.normal(size=(1, N)))
+    fd = finite_difference_along(lambda v: (layer(v, vq)[0] * weights).sum(), vb.detach(), direction)
+    assert abs(float((vb.grad * direction).sum()) - fd) <= 1e-5 * (1 + abs(fd))
+
+
+def finite_difference_along(fn, value, direction, h=1e-6):
+    with torch.no_grad():
+        return float((fn(value + h * direction) - fn(value - h * direction)) / (2 * h))
 
 
 @pytest.mark.parametrize("make", [qp, socp])

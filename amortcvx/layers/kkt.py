@@ -21,8 +21,9 @@ Newton's method on ``F`` (semismooth; on LPs and QPs one step is an exact solve 
 ``w``) refines a solver's point to machine accuracy, and the implicit function theorem at the refined point
 gives the derivative of the solution: ``d(x, w) = -J^-1 dF/d data``. :class:`ImplicitSolution` is the autograd
 function that returns a solution and back-propagates through it with one batched ``J'`` solve per backward.
-Dense, batched: every solve eliminates ``w`` and factors one ``(B, n, n)`` matrix (:func:`solve_kkt`; small and
-medium problems).
+Batched. A :func:`dense` batch eliminates ``w`` and factors one ``(B, n, n)`` matrix per solve
+(:func:`solve_kkt`; small and medium problems); a :func:`sparse` batch keeps the canonical sparse matrices and
+solves matrix-free by preconditioned GMRES (:mod:`amortcvx.layers.krylov`; large sparse problems).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from typing import NamedTuple
 
 import torch
 
-from amortcvx.canon.data import ConeData, QPData
+from amortcvx.canon.data import ConeData, QPData, SparseBatch
 from amortcvx.iterations.cones import project_dual_cone
-from amortcvx.iterations.linalg import dense_batch, matvec
+from amortcvx.iterations.linalg import dense_batch, matvec, rmatvec, sparse_operator
+from amortcvx.layers.krylov import solve_kkt_krylov
 
 Data = ConeData | QPData
 
@@ -46,55 +48,82 @@ class Point(NamedTuple):
     w: torch.Tensor
 
 
-class Dense(NamedTuple):
-    """The data of a batch as dense float64 tensors (leading dimension 1 when shared by the batch).
+class Batch(NamedTuple):
+    """The data of a batch as the functions of this module use it (float64).
 
-    ``lin`` is ``c`` (cone form) or ``q`` (QP form); ``b`` is set in the cone form, ``l``/``u`` in the QP form.
+    ``P`` and ``A`` are dense tensors (leading dimension 1 when shared by the batch; built by :func:`dense`:
+    factorized solves) or the canonical :class:`~amortcvx.canon.data.SparseBatch` es (built by :func:`sparse`:
+    matrix-free Krylov solves, for large problems). ``lin`` is ``c`` (cone form) or ``q`` (QP form); ``b`` is set
+    in the cone form, ``l``/``u`` in the QP form.
     """
 
-    P: torch.Tensor | None
-    A: torch.Tensor
+    P: torch.Tensor | SparseBatch | None
+    A: torch.Tensor | SparseBatch
     lin: torch.Tensor
     b: torch.Tensor | None
     l: torch.Tensor | None
     u: torch.Tensor | None
     data: Data
 
+    @property
+    def n(self) -> int:
+        """Number of primal variables."""
+        return int(self.A.shape[-1])
 
-def dense(data: Data, dtype: torch.dtype = torch.float64) -> Dense:
-    """Dense copies of a batch (differentiable with respect to the data)."""
-    P = None if data.P is None else dense_batch(data.P, dtype=dtype)
-    A = dense_batch(data.A, dtype=dtype)
+
+def _vectors(data: Data, dtype: torch.dtype) -> tuple:
     if isinstance(data, ConeData):
-        return Dense(P, A, data.c.to(dtype), data.b.to(dtype), None, None, data)
-    return Dense(P, A, data.q.to(dtype), None, data.l.to(dtype), data.u.to(dtype), data)
+        return data.c.to(dtype), data.b.to(dtype), None, None
+    return data.q.to(dtype), None, data.l.to(dtype), data.u.to(dtype)
 
 
-def dual_of(d: Dense, w: torch.Tensor) -> torch.Tensor:
+def dense(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
+    """A batch with dense copies of ``P`` and ``A`` (differentiable with respect to the data)."""
+    P = None if data.P is None else dense_batch(data.P, dtype=dtype)
+    return Batch(P, dense_batch(data.A, dtype=dtype), *_vectors(data, dtype), data)
+
+
+def sparse(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
+    """A batch that keeps the sparse ``P`` and ``A``: every product is sparse and every solve matrix-free
+    (:mod:`amortcvx.layers.krylov`); nothing of size ``(B, m, n)`` is formed."""
+    return Batch(data.P, data.A, *_vectors(data, dtype), data)
+
+
+def _mv(mat: torch.Tensor | SparseBatch, x: torch.Tensor) -> torch.Tensor:
+    """``M_i x_i`` for a dense ``(1 or B, r, c)`` tensor or a :class:`SparseBatch`."""
+    return sparse_operator(mat, x.dtype).matvec(x) if isinstance(mat, SparseBatch) else matvec(mat, x)
+
+
+def _rmv(mat: torch.Tensor | SparseBatch, y: torch.Tensor) -> torch.Tensor:
+    """``M_i' y_i`` for a dense ``(1 or B, r, c)`` tensor or a :class:`SparseBatch`."""
+    return sparse_operator(mat, y.dtype).rmatvec(y) if isinstance(mat, SparseBatch) else rmatvec(mat, y)
+
+
+def dual_of(d: Batch, w: torch.Tensor) -> torch.Tensor:
     """``y(w)``: ``Pi_K*(w)`` (cone form) or ``w - clip(w, l, u)`` (QP form)."""
     if d.b is not None:
         return project_dual_cone(w, d.data.cones)
     return w - torch.minimum(torch.maximum(w, d.l), d.u)
 
 
-def slack_of(d: Dense, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def slack_of(d: Batch, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The cone form's slack ``s = y - w``, or the QP form's ``z = clip(w, l, u)`` (``= w - y``; computed as the
     projection so that ``l <= z <= u`` holds exactly and ``z`` sits exactly on the bound where ``y != 0``)."""
     return y - w if d.b is not None else torch.minimum(torch.maximum(w, d.l), d.u)
 
 
-def residual(d: Dense, pt: Point) -> tuple[torch.Tensor, torch.Tensor]:
+def residual(d: Batch, pt: Point) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F1, F2)`` of the module docstring, batched; differentiable in the data and the point."""
     y = dual_of(d, pt.w)
-    f1 = matvec(d.A.mT, y) + d.lin
+    f1 = _rmv(d.A, y) + d.lin
     if d.P is not None:
-        f1 = f1 + matvec(d.P, pt.x)
-    ax = matvec(d.A, pt.x)
+        f1 = f1 + _mv(d.P, pt.x)
+    ax = _mv(d.A, pt.x)
     f2 = ax - (d.b - (y - pt.w)) if d.b is not None else ax - (pt.w - y)
     return f1, f2
 
 
-def residual_norm(d: Dense, pt: Point) -> torch.Tensor:
+def residual_norm(d: Batch, pt: Point) -> torch.Tensor:
     """``||F||_inf`` per instance (B,)."""
     f1, f2 = residual(d, pt)
     return torch.cat([f1, f2], dim=1).abs().amax(dim=1)
@@ -163,7 +192,7 @@ def soc_jacobian(z: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, full_eye, torch.where(polar, torch.zeros_like(mixed), mixed))
 
 
-def dual_jacobian(d: Dense, w: torch.Tensor) -> DualJacobian:
+def dual_jacobian(d: Batch, w: torch.Tensor) -> DualJacobian:
     """``D = dy/dw`` at ``w`` (block diagonal by cone).
 
     Zero-cone rows: 1; nonnegative rows: ``[w > 0]``; QP form: 1 where the box projection is clipped (an
@@ -202,7 +231,7 @@ def dual_jacobian(d: Dense, w: torch.Tensor) -> DualJacobian:
     return DualJacobian(diag, block, lin)
 
 
-def kkt_matrix(d: Dense, jac: DualJacobian) -> torch.Tensor:
+def kkt_matrix(d: Batch, jac: DualJacobian) -> torch.Tensor:
     """``J = [[P, A' D], [A, D - I]]``, dense ``(B, n + m, n + m)``."""
     B, m = jac.diag.shape
     A = d.A
@@ -266,7 +295,7 @@ def _least_squares(mat: torch.Tensor, rhs: torch.Tensor, *, rel: float = 1e-10, 
     return z
 
 
-def solve_kkt(d: Dense, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False, delta: float = 1e-4,
+def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False, delta: float = 1e-4,
               passes: int = 4) -> torch.Tensor:
     """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance, by one ``n x n``
     Cholesky.
@@ -291,7 +320,13 @@ def solve_kkt(d: Dense, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
 
     Cost per instance: one ``n x n`` Cholesky and inverse, the product ``A' M A``, and (with SOC / PSD / exp
     rows) one inverse of the nonlinear cones' ``(m - lin)``-square block of ``D``.
+
+    For a :func:`sparse` batch the solve is matrix-free (:func:`~amortcvx.layers.krylov.solve_kkt_krylov`); an
+    instance it does not solve keeps its best iterate (a Newton step from it is then rejected, and a gradient
+    from it is that of the least residual the iteration found).
     """
+    if isinstance(d.A, SparseBatch):
+        return solve_kkt_krylov(d.data, jac, rhs, transpose=transpose).z
     A = d.A.detach()
     P = None if d.P is None else d.P.detach()
     n = A.shape[2]
@@ -352,18 +387,20 @@ def _elimination_weights(D: DualJacobian, delta: float) -> tuple[DualJacobian, D
     return DualJacobian(r_diag, r_block, D.lin), DualJacobian(D.diag * r_diag, D.block @ r_block, D.lin)
 
 
-def take(d: Dense, idx: torch.Tensor) -> Dense:
+def take(d: Batch, idx: torch.Tensor) -> Batch:
     """The instances ``idx`` of a batch (tensors shared by the batch stay shared)."""
     def pick(t):
+        if isinstance(t, SparseBatch):
+            return t.take(idx)
         return t if not isinstance(t, torch.Tensor) or t.shape[0] == 1 else t[idx]
-    return Dense(*(pick(t) for t in d[:-1]), d.data)
+    return Batch(*(pick(t) for t in d[:-1]), d.data.take(idx.cpu().numpy()))
 
 
 def _take_jacobian(jac: DualJacobian, idx: torch.Tensor) -> DualJacobian:
     return DualJacobian(jac.diag[idx], None if jac.block is None else jac.block[idx], jac.lin)
 
 
-def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-12,
+def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
                   damping: tuple[float, ...] = (1.0, 0.5, 0.25)) -> tuple[Point, torch.Tensor]:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
@@ -401,7 +438,8 @@ def newton_refine(d: Dense, pt: Point, *, steps: int = 4, tol: float = 1e-12,
 class ImplicitSolution(torch.autograd.Function):
     """``theta -> (x, y, slack)`` at a given solution, differentiated implicitly through ``F = 0``.
 
-    Forward returns the solution given to it (computed without autograd). Backward, for output gradients
+    Forward returns the solution given to it (computed without autograd); ``build`` (:func:`dense` or
+    :func:`sparse`) chooses the linear algebra of the backward. Backward, for output gradients
     ``(gx, gy, gs)``: ``g_w = D' gy + (dslack/dw)' gs``, ``lam = J'^-1 [gx; g_w]``, and the parameter gradient
     ``-(dF/dtheta)' lam`` by autograd through ``canonicalize(theta)`` and ``F`` at the fixed point. Failed
     instances (``failed``) get NaN gradients.
@@ -409,11 +447,12 @@ class ImplicitSolution(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                canonicalize: Callable[[torch.Tensor], Data], failed: torch.Tensor):  # noqa: D102
-        ctx.canonicalize = canonicalize
+                canonicalize: Callable[[torch.Tensor], Data], failed: torch.Tensor,
+                build: Callable[[Data], Batch] = dense):  # noqa: D102
+        ctx.canonicalize, ctx.build = canonicalize, build
         ctx.save_for_backward(theta, x, w, failed)
         with torch.no_grad():
-            d = dense(canonicalize(theta.detach()))
+            d = build(canonicalize(theta.detach()))
             y = dual_of(d, w)
             slack = slack_of(d, w, y)
         nan = torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
@@ -427,7 +466,7 @@ class ImplicitSolution(torch.autograd.Function):
         w0 = torch.where(failed[:, None], torch.zeros_like(w), w)
         with torch.enable_grad():
             th = theta.detach().requires_grad_(True)
-            d = dense(ctx.canonicalize(th))
+            d = ctx.build(ctx.canonicalize(th))
             with torch.no_grad():
                 jac = dual_jacobian(d, w0)
                 sign = 1.0 if d.b is not None else -1.0  # slack = y - w (cone) or w - y (QP): ds = sign (D - I) dw
@@ -448,8 +487,12 @@ class ImplicitSolution(torch.autograd.Function):
         if grad is None:
             grad = torch.zeros_like(theta)
         grad = torch.where(failed[:, None], torch.full_like(grad, float("nan")), grad)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def _detached(d: Dense) -> Dense:
-    return Dense(*(t.detach() if isinstance(t, torch.Tensor) else t for t in d))
+def _detached(d: Batch) -> Batch:
+    def cut(t):
+        if isinstance(t, SparseBatch):
+            return SparseBatch(t.indices, t.indptr, t.shape, t.values.detach(), t.shared)
+        return t.detach() if isinstance(t, torch.Tensor) else t
+    return Batch(*(cut(t) for t in d))

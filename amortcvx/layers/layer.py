@@ -34,7 +34,7 @@ from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run_to_tolerance, unroll
 from amortcvx.iterations.registry import make_algorithm
-from amortcvx.layers.kkt import Data, ImplicitSolution, Point, dense, dual_of, newton_refine, slack_of, take
+from amortcvx.layers.kkt import Data, ImplicitSolution, Point, dense, dual_of, newton_refine, slack_of, sparse, take
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.solvers import get_solver
 
@@ -42,6 +42,11 @@ METHODS = ("auto", "c", "torch")
 WARM_STARTS = ("cold", "previous", "learned")
 GRADIENTS = ("implicit", "unrolled")
 FAILURES = ("nan", "raise")
+LINEAR_ALGEBRA = {"dense": dense, "krylov": sparse}
+"""How refinement and backward solve with the optimality conditions' Jacobian (see :mod:`amortcvx.layers.kkt`)."""
+KRYLOV_SIZE = 2000
+"""``linear_algebra="auto"`` solves matrix-free when ``n + m`` of the canonical problem exceeds this: the dense
+path stores ``(B, m, n)`` copies of ``A`` and factors ``(B, n, n)`` matrices."""
 LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps")
 """Keys of ``solver_args`` the layer reads itself; every other key is a setting of the C solver."""
 REFINED = 1e-9
@@ -126,6 +131,8 @@ class CvxpyLayer(nn.Module):
             the others are solved by the C solver at ``eps`` (warm-started from the loose point). Set it to
             ``eps`` (or below) to always solve at ``eps``.
         max_torch_steps: limit of the torch iterations (``method="torch"``).
+        linear_algebra: ``"dense"`` (batched factorizations), ``"krylov"`` (matrix-free GMRES on the sparse
+            canonical data) or ``"auto"`` (Krylov when ``n + m`` exceeds ``KRYLOV_SIZE``).
         solver_args: default per-call arguments (see :meth:`forward`).
 
     Raises:
@@ -137,7 +144,7 @@ class CvxpyLayer(nn.Module):
                  warm_start: str = "cold", eps: float = 1e-6, gradients: str = "implicit",
                  unroll_steps: int = 50, return_duals: bool = False, on_failure: str = "nan",
                  refine_steps: int = 4, presolve_eps: float = 1e-3, max_torch_steps: int = 5000,
-                 solver_args: Mapping[str, Any] | None = None):
+                 linear_algebra: str = "auto", solver_args: Mapping[str, Any] | None = None):
         super().__init__()
         if not isinstance(problem, cp.Problem):
             raise TypeError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}")
@@ -145,6 +152,7 @@ class CvxpyLayer(nn.Module):
         _check_choice("gradients", gradients, GRADIENTS)
         _check_choice("on_failure", on_failure, FAILURES)
         _check_choice("warm_start", warm_start, WARM_STARTS)
+        _check_choice("linear_algebra", linear_algebra, ("auto", *LINEAR_ALGEBRA))
         if not eps > 0:
             raise ValueError(f"eps must be positive; got {eps!r}")
         self.parameters_order = _check_parameters(problem, parameters)
@@ -170,6 +178,10 @@ class CvxpyLayer(nn.Module):
         self.on_failure, self.refine_steps, self.max_torch_steps = on_failure, int(refine_steps), int(max_torch_steps)
         self.solver_args = dict(solver_args or {})
         self.presolve_eps = float(presolve_eps)
+        if linear_algebra == "auto":
+            linear_algebra = "krylov" if pp.n + pp.m > KRYLOV_SIZE else "dense"
+        self.linear_algebra = linear_algebra
+        self._batch = LINEAR_ALGEBRA[linear_algebra]
         self._var_maps: list[AffineOutput] = variable_maps(pp, self.variables)
         self._dual_maps: list[AffineOutput] | None = dual_maps(pp) if return_duals else None
         self._solvers: dict[tuple, PersistentSolver] = {}
@@ -201,7 +213,7 @@ class CvxpyLayer(nn.Module):
         self.last_solution = sol
         self._report(sol)
         if self.gradients == "implicit":
-            x, y, _ = ImplicitSolution.apply(theta, sol.x, sol.w, self.pp.canonicalize_vector, sol.failed)
+            x, y, _ = ImplicitSolution.apply(theta, sol.x, sol.w, self.pp.canonicalize_vector, sol.failed, self._batch)
         else:
             x, y = self._unrolled(theta, sol)
         self._previous = self._warm_dict(data, sol)
@@ -248,7 +260,7 @@ class CvxpyLayer(nn.Module):
         """
         B = data.batch_size
         device = theta.device
-        d = dense(data)
+        d = self._batch(data)
         warm = self._warm(data, theta, warm_mode)
         x = torch.zeros(B, data.n, dtype=torch.float64, device=device)
         w = torch.zeros(B, data.m, dtype=torch.float64, device=device)
@@ -379,7 +391,7 @@ class CvxpyLayer(nn.Module):
 
     def _warm_dict(self, data: Data, sol: Solution) -> dict[str, torch.Tensor]:
         """The solution as warm-start fields for the next call (failed instances start cold)."""
-        d = dense(data)
+        d = self._batch(data)
         y = dual_of(d, sol.w)
         other = slack_of(d, sol.w, y)
         out = {"x": sol.x, "y": y} if self.form == "qp" else {"x": sol.x, "y": y, "s": other}
