@@ -26,7 +26,8 @@ def _pp(name: str, alg: str) -> tuple:
 
 
 @pytest.mark.parametrize("name, alg", [("portfolio", "scs"), ("portfolio", "osqp"), ("mpc", "osqp"),
-                                       ("mpc_param_dyn", "osqp"), ("robust_ls", "scs"), ("kalman", "scs")])
+                                       ("mpc_param_dyn", "osqp"), ("mpc_param_dyn", "scs"), ("robust_ls", "scs"),
+                                       ("kalman", "scs")])
 def test_persistent_solver_matches_fresh_solves_in_any_order(name, alg):
     fam, pp = _pp(name, alg)
     params = fam.sample(12, seed=1)
@@ -63,11 +64,36 @@ def test_persistent_scs_rebuilds_only_when_state_could_leak():
     warm = {"x": np.stack([r.x for r in opt]), "y": np.stack([r.y for r in opt]), "s": np.stack([r.s for r in opt])}
     adaptive = PersistentSolver("scs", data.instance(0), TOL)
     adaptive.solve(data, warm)
-    assert adaptive.builds == 1 + 5  # adaptive scale on: every solve on a freshly built object
+    assert adaptive.builds == 5  # adaptive scale on: every solve on a new object (the first: the one set up at start)
     fixed = PersistentSolver("scs", data.instance(0), {**TOL, "adaptive_scale": False})
     out = fixed.solve(data, warm)
     assert all(r.iterations == 1 for r in out)  # started at the optimum: stops at the first check ...
     assert fixed.builds == 1  # ... so nothing could leak and the object is reused
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_adaptive_scale_scs_solves_on_an_object_built_ahead_on_the_reference(ahead, monkeypatch):
+    import scs
+
+    from amortcvx.backends import scs as scs_backend
+
+    monkeypatch.setattr(scs_backend, "AHEAD_SETUP_SECONDS", 0.0 if ahead else float("inf"))
+    fam, pp = _pp("portfolio", "scs")
+    data = pp.canonicalize(fam.sample(4, seed=6))
+    ref = data.instance(0)
+    solver = PersistentSolver("scs", ref, TOL)
+    out = solver.solve(data)
+    spare = solver._session._spare  # the next solve's object, built (or being built) on the background thread
+    assert (spare is not None and spare[0] == "reference") == ahead
+    assert solver.builds == (1 + 4 if ahead else 4)  # setups started: one per solve, plus the next one ahead
+    by_hand = []
+    for i in range(4):  # what the protocol says: a new object on the reference, updated with the instance's b, c
+        obj = scs.SCS(solver._session._ref, ref.cones.to_scs(), **solver.settings)
+        obj.update(b=data.b[i].numpy(), c=data.c[i].numpy())
+        by_hand.append(obj.solve(warm_start=False))
+    for r, h in zip(out, by_hand):
+        np.testing.assert_array_equal(r.x, h["x"])
+        assert r.iterations == h["info"]["iter"] + 1
 
 
 def test_noncontiguous_vectors_give_correct_answers():

@@ -11,9 +11,10 @@ A result must not depend on which instances the object solved before. Each backe
 :class:`~amortcvx.backends.scs.Session` / :class:`~amortcvx.backends.osqp.Session` documents how it gets
 there: OSQP resets its adapted ``rho`` after a solve that changed it and starts every solve from the given
 point (zeros for cold); SCS, whose Python API cannot reset its adaptive scale or Anderson memory, rebuilds the
-object whenever a solve may have left such state. Results then depend on the instance and on the reference
-instance only (the solvers scale the data once at setup): fix the reference (for example the mean
-parameter of a training set) and a batch gives the same answers in any order.
+object whenever a solve may have left such state (where a setup is costly, the next object is built ahead on
+a background thread). Results then depend on the instance and on the reference instance only (the solvers
+scale the data once at setup): fix the reference (for example the mean parameter of a training set) and a
+batch gives the same answers in any order.
 
 Fresh-object solves (:func:`amortcvx.backends.solve_batch`) stay the tool for exact iteration counts; the
 counts here are those the solver reports (SCS: executed iterations ``info['iter'] + 1``, a multiple of its check

@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any
 
@@ -335,7 +338,11 @@ class Session:
     fresh object). So the object is rebuilt (setup and factorization; the data were converted once) before any
     solve that would otherwise see such state:
 
-    * ``adaptive_scale=True`` (SCS's default): before every solve; each solve is then exactly a fresh solve.
+    * ``adaptive_scale=True`` (SCS's default): before every solve. The object is built on the reference
+      instance and updated with the instance's ``b``, ``c`` (as in the next case), so that it can be built
+      ahead: where the reference's setup took at least :data:`AHEAD_SETUP_SECONDS`, the next solve's object is
+      built on a background thread (SCS releases the GIL in its setup) while the caller works or the current
+      instance solves, and the setup leaves the critical path where there is a free core or time between calls.
     * ``adaptive_scale=False``: only after a solve that ran past its first check (``info['iter'] > 0``; the
       Anderson step first acts at iteration ``acceleration_interval``); otherwise ``update(b=, c=)`` and solve
       on the same object. The object is built on the reference instance's ``b``, ``c`` (SCS normalizes ``b``,
@@ -343,6 +350,8 @@ class Session:
     * ``adaptive_scale=False, acceleration_lookback=0`` (:data:`STATELESS_SETTINGS`): never; SCS then keeps
       no state between solves (``stateless``), and one object serves the whole stream.
     * Parameters in ``A`` or ``P``: SCS has no matrix update, so every instance gets a new setup.
+      Where setups are costly, the object of instance ``i + 1`` of a batch is built on the background thread
+      while instance ``i`` solves.
     """
 
     def __init__(self, reference: ConeInstance, settings: Mapping[str, Any] | None):
@@ -362,20 +371,57 @@ class Session:
         self.stateless = self._reuse and int(opts.get("acceleration_lookback", 10)) == 0
         self._solver = None
         self._clean = False
+        self._spare: tuple[tuple[int, int], Future] | None = None
         self.builds = 0
+        start = time.perf_counter()
         self._build(self._ref)  # raises ValueError for bad settings now, not at the first solve
+        self._ahead = time.perf_counter() - start >= AHEAD_SETUP_SECONDS
         self._clean = self._reuse
+        if not self._reuse:  # the first solve's object (built on the reference, never solved)
+            ready: Future = Future()
+            ready.set_result(self._solver)
+            self._spare = ("reference", ready)
 
-    def _build(self, data: dict[str, Any]) -> None:
+    def _new(self, data: dict[str, Any]) -> Any:
         try:
-            self._solver = self._scs.SCS(data, self._cone, **self.opts)
+            return self._scs.SCS(data, self._cone, **self.opts)
         except TypeError as e:
             raise ValueError(f"invalid SCS settings {sorted(self.opts)}: {e}") from None
+
+    def _build(self, data: dict[str, Any]) -> None:
+        self._solver = self._new(data)
         self.builds += 1
+
+    def _instance_data(self, batch: dict[str, Any], i: int) -> dict[str, Any]:
+        """The solver data of instance ``i``: its own ``b``, ``c`` (and ``A``, ``P`` where parameters enter them)."""
+        data = self._matrices(batch, i)
+        data["b"], data["c"] = batch["b"][i], batch["c"][i]
+        return data
+
+    def _fresh(self, batch: dict[str, Any], i: int) -> None:
+        """A freshly built object for instance ``i``: the one built in the background, where it is ready or being
+        built, else one built now; then, where setups are costly, start building the next one (on the reference
+        instance, or, with parameters in ``A``/``P``, for instance ``i + 1`` of the batch)."""
+        matrices = batch["A"] is not None or batch["P"] is not None
+        key = (batch["token"], i) if matrices else "reference"
+        spare, self._spare = self._spare, None
+        if spare is not None and spare[0] == key:
+            self._solver = spare[1].result()  # raises what the build raised
+        else:
+            self._build(self._instance_data(batch, i) if matrices else self._ref)
+        if not matrices:
+            self._solver.update(b=batch["b"][i], c=batch["c"][i])
+            if self._ahead:
+                self._spare = ("reference", _setup_pool().submit(self._new, self._ref))
+                self.builds += 1
+        elif self._ahead and i + 1 < batch["b"].shape[0]:
+            self._spare = ((batch["token"], i + 1),
+                           _setup_pool().submit(lambda: self._new(self._instance_data(batch, i + 1))))
+            self.builds += 1
 
     def prepare(self, data: ConeData) -> dict[str, Any]:
         """Host arrays of a batch: ``b``, ``c`` and, where parameters enter them, the values of ``A``, ``P``."""
-        out = {"b": host(data.b), "c": host(data.c), "A": None, "P": None}
+        out = {"b": host(data.b), "c": host(data.c), "A": None, "P": None, "token": next(_TOKENS)}
         if not data.A.shared:
             out["A"] = host(data.A.values)
             out["A_pattern"] = (data.A.indices.astype(self._int), data.A.indptr.astype(self._int))
@@ -399,14 +445,11 @@ class Session:
         b, c = batch["b"][i], batch["c"][i]
         matrices = batch["A"] is not None or batch["P"] is not None
         try:
-            if matrices:
-                data = self._matrices(batch, i)
-                data["b"], data["c"] = b, c
-                self._build(data)
+            if matrices or not self._reuse:
+                self._fresh(batch, i)
             elif self._solver is None or not self._clean:
-                self._build({**self._ref, "b": b, "c": c} if not self._reuse else self._ref)
-                if self._reuse:
-                    self._solver.update(b=b, c=c)
+                self._build(self._ref)
+                self._solver.update(b=b, c=c)
             else:
                 self._solver.update(b=b, c=c)
         except ValueError:
@@ -433,6 +476,20 @@ class Session:
                         float(info["solve_time"]) / 1e3, str(info.get("status", "")),
                         {"scale": float(info.get("scale", np.nan)),
                          "scale_updates": float(info.get("scale_updates", 0))})
+
+
+AHEAD_SETUP_SECONDS = 1e-3
+"""Setups at least this long are done ahead on a background thread (shorter ones cost less than the hand-off)."""
+_TOKENS = itertools.count()
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _setup_pool() -> ThreadPoolExecutor:
+    """One background thread per process for the setups of the next instances (a new one after a fork)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="amortcvx-scs-setup"))
+    return _POOL[1]
 
 
 INFO = BackendInfo(
