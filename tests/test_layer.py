@@ -327,6 +327,18 @@ def test_krylov_linear_algebra_agrees_with_dense(case):
         np.testing.assert_allclose(gk.numpy(), gd.numpy(), atol=1e-6, rtol=1e-6)
 
 
+def test_scs_presolve_keeps_one_object_for_every_instance():
+    prob, params, variables, sample = qp()  # no parameter in A or P: nothing forces a new setup
+    values = sample(6, np.random.default_rng(16))
+    layer = CvxpyLayer(prob, params, variables, solver="scs", eps=1e-8)
+    (x,) = layer(*values)
+    loose = [s for s in layer._solvers.values() if s.settings["eps_abs"] == layer.presolve_eps]
+    assert len(loose) == 1 and loose[0].settings["adaptive_scale"] is False and loose[0].builds == 1
+    for i in range(6):
+        (want,), _ = clarabel(prob, params, variables, values, i)
+        np.testing.assert_allclose(x[i].numpy(), want, atol=1e-6)
+
+
 def test_a_large_sparse_problem_is_solved_and_differentiated_matrix_free():
     N = 700  # n + m = 3500 after CVXPY's lifting: "auto" picks the matrix-free path
     D = sps.diags([np.ones(N), -np.ones(N - 1)], [0, 1], shape=(N, N)).tocsc()

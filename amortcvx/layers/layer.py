@@ -44,6 +44,11 @@ GRADIENTS = ("implicit", "unrolled")
 FAILURES = ("nan", "raise")
 LINEAR_ALGEBRA = {"dense": dense, "krylov": sparse}
 """How refinement and backward solve with the optimality conditions' Jacobian (see :mod:`amortcvx.layers.kkt`)."""
+PRESOLVE_SETTINGS: dict[str, Mapping[str, Any]] = {"scs": scs_backend.STATELESS_SETTINGS}
+"""C settings of the loose solve (``presolve_eps``) by solver, under the caller's: SCS without adaptive scale or
+Anderson memory keeps one object for every instance instead of a new setup per solve (the answers are refined and
+certified, so only speed changes; SOCP batch 1024: 0.53 against 0.84 s per forward, SDP batch 64: 0.20 against
+0.29 s)."""
 KRYLOV_SIZE = 2000
 """``linear_algebra="auto"`` solves matrix-free when ``n + m`` of the canonical problem exceeds this: the dense
 path stores ``(B, m, n)`` copies of ``A`` and factors ``(B, n, n)`` matrices."""
@@ -337,8 +342,9 @@ class CvxpyLayer(nn.Module):
 
     def _loose_candidate(self, data: Data, warm: Mapping[str, torch.Tensor] | None,
                          c_args: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The C solver at ``presolve_eps`` (non-finite answers replaced by zeros)."""
-        xs, ys, ss, _ = self._c_solve(data, warm, self.presolve_eps, c_args, retry=False)
+        """The C solver at ``presolve_eps`` with :data:`PRESOLVE_SETTINGS` (non-finite answers replaced by zeros)."""
+        args = {**PRESOLVE_SETTINGS.get(self.solver, {}), **c_args}
+        xs, ys, ss, _ = self._c_solve(data, warm, self.presolve_eps, args, retry=False)
         fields = {"x": xs, "y": ys} if ss is None else {"x": xs, "y": ys, "s": ss}
         finite = torch.stack([torch.isfinite(v).all(dim=1) for v in fields.values()]).all(dim=0)
         return {k: torch.where(finite[:, None], v, torch.zeros_like(v)) for k, v in fields.items()}
