@@ -59,3 +59,20 @@ def test_dual_jacobian_products_match_its_matrix():
     assert torch.allclose(jac.matvec(g), (D @ g.unsqueeze(-1)).squeeze(-1))
     assert torch.allclose(jac.rmatvec(g), (D.mT @ g.unsqueeze(-1)).squeeze(-1))
     assert torch.equal(jac.transposed().matrix(), D.mT)
+
+
+def test_closed_form_cone_jacobians_match_autograd():
+    from amortcvx.canon.data import ConeDims
+    from amortcvx.iterations.cones import project_dual_cone
+
+    cones = ConeDims(zero=2, nonneg=3, soc=(3, 4), psd=(3, 2))
+    rng = torch.Generator().manual_seed(3)
+    w = torch.randn(5, cones.size, generator=rng, dtype=torch.float64)
+    lin = cones.zero + cones.nonneg
+    data = type("Cones", (), {"cones": cones})()
+    jac = kkt.dual_jacobian(kkt.Batch(None, None, None, torch.zeros(5, 1), None, None, data), w)
+    for i in range(5):
+        want = torch.autograd.functional.jacobian(lambda v: project_dual_cone(v, cones), w[i])
+        torch.testing.assert_close(jac.matrix()[i], want, atol=1e-10, rtol=1e-10)
+        assert bool((jac.block[i, 7:, 7:] - jac.block[i, 7:, 7:].mT).abs().max() < 1e-12)  # PSD part: symmetric
+    assert jac.lin == lin

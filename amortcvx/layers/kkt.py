@@ -33,8 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from amortcvx.canon.data import ConeData, QPData, SparseBatch
-from amortcvx.iterations.cones import project_dual_cone
+from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
+from amortcvx.iterations.cones import project_dual_cone, smat, svec
 from amortcvx.iterations.linalg import dense_batch, matvec, rmatvec, sparse_operator
 from amortcvx.layers.krylov import solve_kkt_krylov
 
@@ -192,12 +192,34 @@ def soc_jacobian(z: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, full_eye, torch.where(polar, torch.zeros_like(mixed), mixed))
 
 
+def psd_jacobian(z: torch.Tensor, order: int) -> torch.Tensor:
+    """Jacobian of :func:`~amortcvx.iterations.cones.project_psd` at ``z`` (..., k(k+1)/2), in svec coordinates:
+    (..., k(k+1)/2, k(k+1)/2), symmetric.
+
+    With ``smat(z) = V diag(l) V'``, the derivative applied to a symmetric ``H`` is ``V (Gamma o (V' H V)) V'``
+    with ``Gamma_ij = 1`` where both eigenvalues are positive, 0 where both are ``<= 0`` and the divided
+    difference ``(l_i^+ - l_j^+) / (l_i - l_j)`` otherwise (the one-sided choices of the projection's own
+    backward). Column ``j`` is that derivative at ``H = smat(e_j)``.
+    """
+    size = z.shape[-1]
+    eig, V = torch.linalg.eigh(smat(z, order))
+    wi, wj = eig.unsqueeze(-1), eig.unsqueeze(-2)
+    pi, pj = wi > 0, wj > 0
+    mixed = pi ^ pj
+    divided = (wi.clamp_min(0) - wj.clamp_min(0)) / torch.where(mixed, wi - wj, torch.ones_like(wi - wj))
+    gamma = torch.where(pi & pj, torch.ones_like(divided), torch.where(mixed, divided, torch.zeros_like(divided)))
+    basis = smat(torch.eye(size, dtype=z.dtype, device=z.device), order)  # (N, k, k): smat of unit vectors
+    Vb, Vtb = V.unsqueeze(-3), V.mT.unsqueeze(-3)
+    columns = svec(Vb @ (gamma.unsqueeze(-3) * (Vtb @ basis @ Vb)) @ Vtb)  # (..., N, N): [j] = column j
+    return columns.mT
+
+
 def dual_jacobian(d: Batch, w: torch.Tensor) -> DualJacobian:
     """``D = dy/dw`` at ``w`` (block diagonal by cone).
 
     Zero-cone rows: 1; nonnegative rows: ``[w > 0]``; QP form: 1 where the box projection is clipped (an
-    active bound), else 0. SOC blocks (when they are the only nonlinear cones): :func:`soc_jacobian`; with PSD or
-    exp blocks, the Jacobian of the projection by one batched vector-Jacobian product per nonlinear row.
+    active bound), else 0. SOC and PSD blocks (without exp cones): :func:`soc_jacobian`, :func:`psd_jacobian`;
+    with exp blocks, the Jacobian of the projection by one batched vector-Jacobian product per nonlinear row.
     """
     B, m = w.shape
     if d.b is None:
@@ -211,12 +233,15 @@ def dual_jacobian(d: Batch, w: torch.Tensor) -> DualJacobian:
     if lin == m:
         return DualJacobian(diag, None, lin)
     rows = m - lin
-    if not cones.psd and not cones.exp:  # SOC blocks only: closed form, block by block
+    if not cones.exp:  # SOC and PSD blocks: closed form, block by block
         block = w.new_zeros(B, rows, rows)
-        start = 0
-        for size in cones.soc:
-            block[:, start:start + size, start:start + size] = soc_jacobian(w[:, lin + start:lin + start + size])
-            start += size
+        start = lin
+        for kind, size in [("soc", k) for k in cones.soc] + [("psd", k) for k in cones.psd]:
+            rows_k = size if kind == "soc" else size * (size + 1) // 2
+            seg = slice(start - lin, start - lin + rows_k)
+            z = w[:, start:start + rows_k]
+            block[:, seg, seg] = soc_jacobian(z) if kind == "soc" else psd_jacobian(z, size)
+            start += rows_k
         return DualJacobian(diag, block, lin)
     with torch.enable_grad():
         wv = w.detach().requires_grad_(True)
@@ -333,11 +358,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     D = jac.transposed() if transpose else jac
     R, M = _elimination_weights(D, delta)
     At = A.mT
-    AtM = At * M.diag[:, None, :]
-    if M.block is not None:
-        AtM[:, :, M.lin:] = At[..., M.lin:] @ M.block
-    S = AtM @ A[0] if A.shape[0] == 1 else AtM @ A
-    S = S + delta * torch.eye(n, dtype=A.dtype, device=A.device)
+    S = _schur(d, A, M, delta) + delta * torch.eye(n, dtype=A.dtype, device=A.device)
     if P is not None:
         S = S + P
     if M.block is not None:  # M is symmetric up to rounding: the refinement passes absorb the difference
@@ -375,6 +396,27 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
         sub = take(d, idx)
         z[idx] = solve_dense(kkt_matrix(sub, _take_jacobian(jac, idx)), rhs[idx], n, transpose=transpose)
     return z
+
+
+def _schur(d: Batch, A: torch.Tensor, M: DualJacobian, delta: float) -> torch.Tensor:
+    """``A' M A``. The zero cone's rows have ``M = 1 / delta`` whatever the point, so for a shared ``A`` their
+    part ``A_z' A_z / delta`` is computed once per problem (memoized on the canonical ``A``), and only the other
+    rows are multiplied per instance."""
+    zero = d.data.cones.zero if isinstance(d.data, ConeData) and d.data.A.shared else 0
+    At = A.mT[..., zero:]
+    AtM = At * M.diag[:, None, zero:]
+    if M.block is not None:
+        AtM[:, :, M.lin - zero:] = At[..., M.lin - zero:] @ M.block
+    S = AtM @ A[0, zero:] if A.shape[0] == 1 else AtM @ A
+    if zero:
+        def gram() -> torch.Tensor:
+            Az = A[0, :zero]
+            return Az.mT @ Az
+        S = S + _GRAMS.get(d.data.A, ("zero-rows", zero, A.dtype, str(A.device)), gram) / delta
+    return S
+
+
+_GRAMS = SharedMemo()
 
 
 def _elimination_weights(D: DualJacobian, delta: float) -> tuple[DualJacobian, DualJacobian]:
