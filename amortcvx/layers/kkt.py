@@ -358,11 +358,12 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     D = jac.transposed() if transpose else jac
     R, M = _elimination_weights(D, delta)
     At = A.mT
-    S = _schur(d, A, M, delta) + delta * torch.eye(n, dtype=A.dtype, device=A.device)
+    S = _schur(d, A, M, delta)  # a new tensor: updated in place below (these (B, n, n) passes are memory-bound)
+    S.diagonal(dim1=-2, dim2=-1).add_(delta)
     if P is not None:
-        S = S + P
-    if M.block is not None:  # M is symmetric up to rounding: the refinement passes absorb the difference
-        S = 0.5 * (S + S.mT)
+        S.add_(P)
+    # M, and so S, is symmetric up to rounding; the Cholesky reads the lower triangle and the refinement passes
+    # absorb the difference
     L, info = torch.linalg.cholesky_ex(S)
     S_inv = torch.cholesky_inverse(L)  # batched products are much faster than batched triangular solves
     to_x = R if transpose else M
@@ -412,7 +413,7 @@ def _schur(d: Batch, A: torch.Tensor, M: DualJacobian, delta: float) -> torch.Te
         def gram() -> torch.Tensor:
             Az = A[0, :zero]
             return Az.mT @ Az
-        S = S + _GRAMS.get(d.data.A, ("zero-rows", zero, A.dtype, str(A.device)), gram) / delta
+        S.add_(_GRAMS.get(d.data.A, ("zero-rows", zero, A.dtype, str(A.device)), gram), alpha=1.0 / delta)
     return S
 
 
