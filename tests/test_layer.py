@@ -311,6 +311,25 @@ def test_previous_solution_is_refined_without_a_solver_run_when_the_parameters_b
     np.testing.assert_allclose(xf.numpy(), CvxpyLayer(prob, params, variables, eps=1e-8)(*far)[0].numpy(), atol=1e-6)
 
 
+def test_previous_solution_stage_pauses_when_consecutive_batches_are_unrelated(monkeypatch):
+    from amortcvx.layers import layer as layer_module
+
+    prob, params, variables, sample = socp()
+    layer = CvxpyLayer(prob, params, variables, eps=1e-8, warm_start="previous")
+    kinds = []
+    original = layer._refined
+    monkeypatch.setattr(layer, "_refined", lambda *a: kinds.append(len(kinds)) or original(*a))
+    for seed in range(3):  # unrelated batches: the previous solution is far from the new ones
+        values = sample(16, np.random.default_rng(100 + seed))
+        (x,) = layer(*values)
+        np.testing.assert_allclose(x.numpy(), CvxpyLayer(prob, params, variables, eps=1e-8)(*values)[0].numpy(),
+                                   atol=1e-7)
+    # call 1: cold (loose stage only); call 2: previous-solution stage tried, fails, then the loose stage;
+    # call 3: the previous-solution stage is skipped
+    assert len(kinds) == 1 + 2 + 1
+    assert layer._previous_skip == layer_module.PREVIOUS_RETRY - 2
+
+
 @pytest.mark.parametrize("case", ["qp", "socp", "sdp", "exp", "lp_param_A_scs"])
 def test_krylov_linear_algebra_agrees_with_dense(case):
     make, solver = CASES[case]

@@ -56,6 +56,10 @@ LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps")
 """Keys of ``solver_args`` the layer reads itself; every other key is a setting of the C solver."""
 REFINED = 1e-9
 """A refinement has converged when ``||F||_inf <= REFINED (1 + ||c||_inf)`` (see :mod:`amortcvx.layers.kkt`)."""
+PREVIOUS_RETRY = 8
+"""``warm_start="previous"``: after a call in which the previous solution, refined, answered fewer than half of
+the instances, the next ``PREVIOUS_RETRY - 1`` calls skip that stage (the solver still starts from it): where
+consecutive batches are unrelated (e.g. a training loop over shuffled samples) the attempt only costs."""
 
 
 class SolverFailure(RuntimeError):
@@ -192,6 +196,7 @@ class CvxpyLayer(nn.Module):
         self._solvers: dict[tuple, PersistentSolver] = {}
         self._cache = FactorCache()
         self._previous: dict[str, torch.Tensor] | None = None
+        self._previous_skip = 0
         self.last_solution: Solution | None = None
 
     # ------------------------------------------------------------------ forward
@@ -257,11 +262,11 @@ class CvxpyLayer(nn.Module):
         """Candidates in stages, each on the instances not answered yet, then the C solver at ``eps`` for the rest.
 
         Stages (with refinement): the previous call's solution itself (when the parameters moved little it lies
-        where Newton's method converges: no solver run at all; a learned point is not tried this way: on the
-        benchmark problems fewer than half of them converged and the attempt cost more than it saved), then the
-        torch iterations (``method="torch"``) or a loose C solve (``presolve_eps``). A stage's candidate is
-        Newton-refined and kept where it passes the solver's test at ``eps``; the others carry the stage's point as
-        the warm start of the next stage.
+        where Newton's method converges: no solver run at all; see :data:`PREVIOUS_RETRY` for when it is skipped;
+        a learned point is not tried this way: on the benchmark problems fewer than half of them converged and
+        the attempt cost more than it saved), then the torch iterations (``method="torch"``) or a loose C solve
+        (``presolve_eps``). A stage's candidate is Newton-refined and kept where it passes the solver's test at
+        ``eps``; the others carry the stage's point as the warm start of the next stage.
         """
         B = data.batch_size
         device = theta.device
@@ -273,12 +278,15 @@ class CvxpyLayer(nn.Module):
         status = [Status.SOLVER_ERROR] * B
         stages = []
         if self.refine_steps and warm is not None and warm_mode == "previous":
-            stages.append(lambda sub, start: start)
+            if self._previous_skip:
+                self._previous_skip -= 1
+            else:
+                stages.append((lambda sub, start: start, "previous"))
         if method == "torch":
-            stages.append(lambda sub, start: self._torch_candidate(sub, start, eps, max_steps))
+            stages.append((lambda sub, start: self._torch_candidate(sub, start, eps, max_steps), "torch"))
         elif self.refine_steps and self.presolve_eps > eps:
-            stages.append(lambda sub, start: self._loose_candidate(sub, start, c_args))
-        for stage in stages:
+            stages.append((lambda sub, start: self._loose_candidate(sub, start, c_args), "loose"))
+        for stage, kind in stages:
             todo = torch.nonzero(~done).flatten()
             if todo.numel() == 0:
                 break
@@ -287,6 +295,8 @@ class CvxpyLayer(nn.Module):
             cand = stage(sub, start)
             pt = _point_from_solver(self.form, sub, cand["x"], cand["y"], cand.get("s"))
             ok, pt = self._refined(sub, take(d, todo), pt, eps)
+            if kind == "previous" and 2 * int(ok.sum()) < ok.numel():
+                self._previous_skip = PREVIOUS_RETRY - 1
             x[todo], w[todo] = torch.where(ok[:, None], pt.x, x[todo]), torch.where(ok[:, None], pt.w, w[todo])
             done[todo] = ok
             for i in todo[ok].tolist():
