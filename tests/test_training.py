@@ -210,3 +210,24 @@ def test_calibration_chooses_the_refinement_that_needs_fewer_c_iterations(name, 
     assert cal.learned_median == medians[expected]
     with pytest.raises(ValueError, match="at least one"):
         solver.calibrate(fam.sample(2, seed=12), refinements=())
+
+
+@pytest.mark.parametrize("weights, per_epoch", [(LossWeights(1.0, 0.0, 0.0), False),
+                                                (LossWeights(1.0, 0.1, 0.0), True)])
+def test_regression_training_builds_the_algorithm_only_for_the_targets(weights, per_epoch, monkeypatch):
+    from amortcvx.training import trainer
+
+    fam = problems.make("mpc_param_dyn")  # the dynamics enter A: every algorithm built factors per instance
+    pp = ParametricProblem(fam.problem, "cone")
+    tr, va = solved(pp, fam.sample(40, seed=2), "scs"), solved(pp, fam.sample(10, seed=3), "scs")
+    calls = []
+    original = trainer.make_algorithm
+    monkeypatch.setattr(trainer, "make_algorithm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    epochs, batch = 3, 16
+    cfg = TrainConfig(k=2, weights=weights, epochs=epochs, batch_size=batch, hidden=(16,), progress=False,
+                      patience=epochs)
+    result = train(pp, "scs", tr, va, cfg)
+    once = 3 + 1  # the targets of the training set (3 chunks) and of the validation set (1), once
+    per = epochs * (3 + 1)  # each epoch's training mini-batches and validation pass
+    assert len(calls) == once + (per if per_epoch else 0)
+    assert np.isfinite(result.history[-1]["val_total"])

@@ -43,7 +43,15 @@ from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
 from amortcvx.predictors.neighbor import NeighborCorrection
 from amortcvx.training.losses import LossWeights, losses
-from amortcvx.training.trainer import SolvedSet, TrainConfig, _batch_losses, evaluate_losses, settings_dict, train
+from amortcvx.training.trainer import (
+    SolvedSet,
+    TrainConfig,
+    _batch_losses,
+    evaluate_losses,
+    settings_dict,
+    targets,
+    train,
+)
 
 KINDS = ("mlp", "neighbor_correction")
 """Predictor kinds the recipe chooses among."""
@@ -269,10 +277,11 @@ def _probe_rate(pp, algorithm, settings, config: TrainConfig, core: nn.Module | 
     batch = train_part.subset(torch.arange(min(config.batch_size, len(train_part)))).to(config.device, dtype)
     opt = torch.optim.Adam(model.parameters(), lr=0.0)
     factors = FactorCache()
+    target = targets(pp, algorithm, settings, batch, len(batch), factors)  # once per training, as in train()
     elapsed = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
-        out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors)
+        out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors, target)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
         opt.step()

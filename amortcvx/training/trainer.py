@@ -136,13 +136,33 @@ def settings_dict(settings) -> dict:
 
 
 def _batch_losses(pp, algorithm, settings, space, model, batch: SolvedSet, config: TrainConfig,
-                  factors: FactorCache | None = None):
-    data = pp.canonicalize_vector(batch.theta)
-    alg = make_algorithm(algorithm, data, settings, cache=factors)
-    target = space.target(alg, batch.x, batch.y, batch.s).detach()
+                  factors: FactorCache | None = None, target: torch.Tensor | None = None):
+    """The losses of one mini-batch. ``target``: the batch's fixed-point targets where computed beforehand
+    (:func:`targets`); the algorithm (and, where parameters enter ``A`` or ``P``, its factorization) is then
+    built only when a loss unrolls steps."""
+    alg = None
+    if target is None or config.weights.needs_unroll:
+        alg = make_algorithm(algorithm, pp.canonicalize_vector(batch.theta), settings, cache=factors)
+    if target is None:
+        target = space.target(alg, batch.x, batch.y, batch.s)
     z0 = model(batch.theta)
-    return losses(alg, space, z0, target, model.out_std, config.k, config.weights,
+    return losses(alg, space, z0, target.detach(), model.out_std, config.k, config.weights,
                   checkpoint=config.unroll_checkpoint)
+
+
+@torch.no_grad()
+def targets(pp: ParametricProblem, algorithm: str, settings, solved: SolvedSet, batch_size: int,
+            factors: FactorCache | None = None) -> torch.Tensor:
+    """The fixed-point targets ``z*`` of a solved set (B, d), computed once, in chunks of ``batch_size``: they
+    do not change during training, and building the algorithm for them factors ``A`` / ``P`` where parameters
+    enter them."""
+    space = output_space(algorithm)
+    out = []
+    for start in range(0, len(solved), batch_size):
+        part = solved.subset(torch.arange(start, min(start + batch_size, len(solved))))
+        alg = make_algorithm(algorithm, pp.canonicalize_vector(part.theta), settings, cache=factors)
+        out.append(space.target(alg, part.x, part.y, part.s))
+    return torch.cat(out)
 
 
 def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: SolvedSet,
@@ -179,11 +199,10 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
         torch.manual_seed(config.seed)
         model = WarmStartPredictor(meta, core=core, hidden=config.hidden)
     model = model.to(device=device, dtype=dtype)
-    with torch.no_grad():  # normalization from the training targets
-        data = pp.canonicalize_vector(train_set.theta)
-        factors = FactorCache()  # A and P without parameters: one factorization for the whole training
-        alg = make_algorithm(algorithm, data, settings, cache=factors)
-        model.fit_normalization(train_set.theta, space.target(alg, train_set.x, train_set.y, train_set.s))
+    factors = FactorCache()  # A and P without parameters: one factorization for the whole training
+    train_targets = targets(pp, algorithm, settings, train_set, config.batch_size, factors)
+    val_targets = targets(pp, algorithm, settings, val_set, config.batch_size, factors)
+    model.fit_normalization(train_set.theta, train_targets)  # normalization from the training targets
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
@@ -210,8 +229,10 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
         perm = torch.randperm(len(train_set), generator=gen)
         sums: dict[str, float] = {}
         for start in range(0, len(train_set), config.batch_size):
-            batch = train_set.subset(perm[start:start + config.batch_size])
-            out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors)
+            idx = perm[start:start + config.batch_size]
+            batch = train_set.subset(idx)
+            out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors,
+                                train_targets[idx.to(train_targets.device)])
             opt.zero_grad(set_to_none=True)
             out["total"].backward()
             opt.step()
@@ -219,7 +240,7 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
                 sums[key] = sums.get(key, 0.0) + float(val.detach()) * len(batch)
         record = {f"train_{k}": v / len(train_set) for k, v in sums.items()}
         record.update({f"val_{k}": v for k, v in evaluate_losses(pp, algorithm, settings, model, val_set,
-                                                                 config, factors).items()})
+                                                                 config, factors, val_targets).items()})
         record["epoch"] = epoch
         history.append(record)
         val = record["val_total"]
@@ -245,15 +266,19 @@ def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: 
 
 @torch.no_grad()
 def evaluate_losses(pp: ParametricProblem, algorithm: str, settings, model: WarmStartPredictor, solved: SolvedSet,
-                    config: TrainConfig, factors: FactorCache | None = None) -> dict[str, float]:
+                    config: TrainConfig, factors: FactorCache | None = None,
+                    solved_targets: torch.Tensor | None = None) -> dict[str, float]:
     """Mean losses of ``model`` on ``solved`` (in mini-batches, no gradients; ``factors`` keeps the
-    parameter-independent factorizations across batches and calls)."""
+    parameter-independent factorizations across batches and calls; ``solved_targets``: the set's
+    :func:`targets`, where computed beforehand)."""
     model.eval()
     space = output_space(algorithm)
     sums: dict[str, float] = {}
     for start in range(0, len(solved), config.batch_size):
-        batch = solved.subset(torch.arange(start, min(start + config.batch_size, len(solved))))
-        out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors)
+        idx = torch.arange(start, min(start + config.batch_size, len(solved)))
+        batch = solved.subset(idx)
+        target = None if solved_targets is None else solved_targets[idx.to(solved_targets.device)]
+        out = _batch_losses(pp, algorithm, settings, space, model, batch, config, factors, target)
         for key, val in out.items():
             sums[key] = sums.get(key, 0.0) + float(val) * len(batch)
     return {k: v / len(solved) for k, v in sums.items()}
