@@ -34,7 +34,7 @@ import itertools
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any
@@ -371,7 +371,7 @@ class Session:
         self.stateless = self._reuse and int(opts.get("acceleration_lookback", 10)) == 0
         self._solver = None
         self._clean = False
-        self._spare: tuple[tuple[int, int], Future] | None = None
+        self._spare: tuple[Hashable, Future] | None = None  # (what it was built for, the build)
         self.builds = 0
         start = time.perf_counter()
         self._build(self._ref)  # raises ValueError for bad settings now, not at the first solve
