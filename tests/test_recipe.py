@@ -8,7 +8,14 @@ import torch
 
 from amortcvx import problems
 from amortcvx.canon import ParametricProblem
-from amortcvx.predictors import NeighborCorrection, PredictorMeta, WarmStartPredictor, output_space
+from amortcvx.predictors import (
+    Ensemble,
+    NeighborCorrection,
+    PredictorMeta,
+    WarmStartPredictor,
+    ensemble_predictor,
+    output_space,
+)
 from amortcvx.training.recipe import (
     Candidate,
     RecipeSettings,
@@ -52,6 +59,14 @@ def test_recipe_searches_chooses_on_validation_and_reports_a_curve(fitted, portf
     best = min((t.val_median_iterations, t.val_mean_iterations) for t in eligible)
     chosen = [t for t in eligible if t.candidate == res.candidate and t.num_train == res.num_train]
     assert (chosen[0].val_median_iterations, chosen[0].val_mean_iterations) == best
+    # the ensemble: the configuration chosen before it, again with other seeds, and the members' average
+    joined = [t for t in res.trials if t.candidate.ensemble == TINY.ensemble]
+    assert len(joined) == 1
+    members = [t for t in res.trials if t.candidate.member > 0]
+    assert sorted(t.candidate.member for t in members) == list(range(1, TINY.ensemble))
+    assert all(t.num_train == joined[0].num_train for t in members)
+    if res.candidate.ensemble > 1:
+        assert isinstance(res.model.core, Ensemble) and len(res.model.core.members) == TINY.ensemble
     # the learning curve: the chosen configuration at increasing training-set sizes, one of them the search size
     sizes = [p.num_train for p in res.curve]
     assert sizes == sorted(sizes) and TINY.search_size in sizes and len(sizes) >= 2
@@ -135,3 +150,26 @@ def test_neighbor_predictor_saves_and_loads_without_code(tmp_path):
     x = torch.randn(4, 3, generator=g)
     assert isinstance(loaded.core, NeighborCorrection)
     torch.testing.assert_close(loaded.eval()(x), model(x))
+
+
+def test_ensemble_averages_its_members_and_saves_without_code(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    models = []
+    for j in range(3):
+        core = NeighborCorrection(torch.randn(20, 3, generator=g), torch.randn(20, 5, generator=g), hidden=(8,)) \
+            if j == 2 else None
+        model = WarmStartPredictor(_meta(3, 5), core=core, hidden=(8, 8))
+        with torch.no_grad():
+            model.out_mean.fill_(0.5)
+            model.out_std.fill_(2.0)
+        models.append(model.eval())
+    joined = ensemble_predictor(models).eval()
+    x = torch.randn(4, 3, generator=g)
+    torch.testing.assert_close(joined(x), torch.stack([m(x) for m in models]).mean(0))
+    joined.save(tmp_path / "e.pt")
+    loaded = WarmStartPredictor.load(tmp_path / "e.pt", fingerprint="f", algorithm="scs")
+    assert isinstance(loaded.core, Ensemble) and isinstance(loaded.core.members[2], NeighborCorrection)
+    torch.testing.assert_close(loaded.eval()(x), joined(x))
+    other = WarmStartPredictor(_meta(3, 5), hidden=(8, 8))  # another normalization: trained on other data
+    with pytest.raises(ValueError, match="normalization"):
+        ensemble_predictor([models[0], other])

@@ -1,5 +1,6 @@
 """Predictors layer: torch modules mapping parameters to an algorithm's fixed-point variable."""
 
+from amortcvx.predictors.ensemble import Ensemble, ensemble_predictor
 from amortcvx.predictors.fixed_point import OUTPUT_SPACES, OutputSpace, output_space
 from amortcvx.predictors.model import (
     CORE_KINDS,
@@ -11,5 +12,5 @@ from amortcvx.predictors.model import (
 )
 from amortcvx.predictors.neighbor import NeighborCorrection
 
-__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "NeighborCorrection", "OutputSpace", "PredictorMeta",
-           "WarmStartPredictor", "atomic_torch_save", "mlp", "output_space"]
+__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "Ensemble", "NeighborCorrection", "OutputSpace", "PredictorMeta",
+           "WarmStartPredictor", "atomic_torch_save", "ensemble_predictor", "mlp", "output_space"]

@@ -124,14 +124,7 @@ class WarmStartPredictor(nn.Module):
         :meth:`load` reads it with ``weights_only=True``, so loading a file never runs code from it. A
         custom core is stored as its weights only; :meth:`load` needs ``core=`` or ``core_factory=`` for it.
         """
-        kind = getattr(self.core, "core_kind", None)
-        if kind in CORE_KINDS:
-            core = {"kind": kind, "config": self.core.config()}
-        elif _is_default_mlp(self.core):
-            core = {"kind": "mlp", "hidden": list(_mlp_hidden(self.core))}
-        else:
-            core = {"kind": "custom", "class": f"{type(self.core).__module__}.{type(self.core).__qualname__}"}
-        meta = {"meta": dataclasses.asdict(self.meta), "core": core}
+        meta = {"meta": dataclasses.asdict(self.meta), "core": describe_core(self.core)}
         state = {"format": FILE_FORMAT, "version": FILE_VERSION,
                  "meta": json.dumps(meta, sort_keys=True, allow_nan=False),
                  "state_dict": {k: v.detach() for k, v in self.state_dict().items()}}
@@ -302,6 +295,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def describe_core(core: nn.Module) -> dict:
+    """How a saved file names a core: ``{"kind": "mlp", "hidden": [...]}``, ``{"kind": k, "config": {...}}`` for a
+    registered kind (:data:`CORE_KINDS`), or ``{"kind": "custom", "class": ...}`` (weights only)."""
+    kind = getattr(core, "core_kind", None)
+    if kind in CORE_KINDS:
+        return {"kind": kind, "config": core.config()}
+    if _is_default_mlp(core):
+        return {"kind": "mlp", "hidden": list(_mlp_hidden(core))}
+    return {"kind": "custom", "class": f"{type(core).__module__}.{type(core).__qualname__}"}
+
+
+def core_from_description(description: dict, num_params: int, out_dim: int) -> nn.Module:
+    """A new core (untrained weights) of the kind :func:`describe_core` wrote; a custom core is a ValueError."""
+    kind = description.get("kind")
+    if kind == "mlp":
+        return mlp(num_params, out_dim, tuple(int(h) for h in description["hidden"]))
+    if kind in CORE_KINDS:
+        return CORE_KINDS[kind](description["config"])
+    raise ValueError(f"a core of kind {kind!r} cannot be rebuilt from its description (its code is not stored)")
 
 
 def _is_default_mlp(core: nn.Module) -> bool:

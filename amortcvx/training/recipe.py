@@ -16,7 +16,9 @@ the rest the training set), it
 3. trains the chosen configuration on more instances (``sizes``) while the budget allows and more data still
    pays (fewer validation iterations, or a validation loss 5% lower than at the previous size), and keeps the
    best; every size trained gives a point of the learning curve (validation regression
-   loss and median C iterations against the training-set size), which :class:`RecipeResult` prints.
+   loss and median C iterations against the training-set size), which :class:`RecipeResult` prints;
+4. where the budget allows, trains the choice again with ``ensemble - 1`` other seeds and keeps the best of
+   the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation iterations.
 
 Nothing in the recipe looks at the problem family: the same candidates and rules run on every problem, and the
 choice is made on the validation instances only (never on the test set the caller measures on).
@@ -39,6 +41,7 @@ from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run
 from amortcvx.iterations.registry import make_algorithm
+from amortcvx.predictors.ensemble import ensemble_predictor
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
 from amortcvx.predictors.neighbor import NeighborCorrection
@@ -67,21 +70,29 @@ class Candidate:
         weight_decay: Adam weight decay.
         residual: add the fixed-point residual after ``k`` unrolled steps to the regression loss (weighted so that
             both terms are 1 at the mean prediction).
+        member: seed offset of the training (the members of an ensemble differ only in it).
+        ensemble: members averaged (:func:`~amortcvx.predictors.ensemble_predictor`); 1: a single network.
     """
 
     kind: str = "mlp"
     hidden: tuple[int, ...] = (256, 256)
     weight_decay: float = 0.0
     residual: bool = False
+    member: int = 0
+    ensemble: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
+        if self.ensemble < 1 or self.member < 0:
+            raise ValueError(f"ensemble must be >= 1 and member >= 0; got {self.ensemble}, {self.member}")
 
     def label(self) -> str:
         width = "x".join(str(h) for h in self.hidden)
         loss = "regression+residual" if self.residual else "regression"
-        return f"{self.kind} {width} wd={self.weight_decay:g} {loss}"
+        extra = (f" seed+{self.member}" if self.member else "") + (f" ensemble of {self.ensemble}"
+                                                                   if self.ensemble > 1 else "")
+        return f"{self.kind} {width} wd={self.weight_decay:g} {loss}{extra}"
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,8 @@ class RecipeSettings:
         sizes: training-set sizes of the learning curve (those above ``search_size`` are tried in order while
             the budget allows and the last one paid).
         alternatives: the one-change-at-a-time steps of the search, in order.
+        ensemble: members of the ensemble tried last (the chosen configuration and size, trained again with
+            other seeds and averaged; the best of the members and the average is kept); 1: none.
         epochs, patience, batch_size, lr: training limits (epochs are also capped by the time left; early
             stopping on the validation loss usually ends a training first).
         dtype: training precision.
@@ -106,6 +119,7 @@ class RecipeSettings:
     sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000, 8000, 16000)
     alternatives: tuple[dict, ...] = ({"kind": "neighbor_correction", "hidden": (128, 128)},
                                       {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True})
+    ensemble: int = 3
     epochs: int = 1000
     patience: int = 20
     batch_size: int = 64
@@ -118,6 +132,8 @@ class RecipeSettings:
                              f"{self.eval_size}")
         if self.search_size < 2 or any(n < 2 for n in self.sizes):
             raise ValueError("training-set sizes must be at least 2")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be at least 1; got {self.ensemble}")
 
 
 @dataclass(frozen=True)
@@ -362,7 +378,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                               if cand.residual else 0.0)
         config = TrainConfig(k=k if cand.residual else 0, weights=weights, epochs=recipe.epochs,
                              patience=recipe.patience, batch_size=recipe.batch_size, lr=recipe.lr,
-                             weight_decay=cand.weight_decay, seed=seed, device=device, dtype=recipe.dtype,
+                             weight_decay=cand.weight_decay, seed=seed + cand.member, device=device,
+                             dtype=recipe.dtype,
                              hidden=cand.hidden, progress=False)
         core = _core(cand, pp, algorithm, settings, train_part)
         rate = rates.get((cand.kind, cand.residual))
@@ -374,13 +391,18 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         model = out.model.to("cpu").eval()
         ran = len(out.history)
         rates[(cand.kind, cand.residual)] = (time.perf_counter() - t0) / max(ran, 1) / len(train_part)
+        return judged(cand, model, len(train_part), out.best_epoch, ran, t0)
+
+    def judged(cand: Candidate, model: WarmStartPredictor, num_train: int, best_epoch: int, ran: int,
+               t0: float) -> TrialResult:
+        """Validation loss and exact C iterations of a trained model, recorded as a trial."""
         reg = evaluate_losses(pp, algorithm, settings, model, val.to(device, dtype), loss_cfg, factors)["regression"]
         its = c_iterations(pp, algorithm, model, eval_set, settings=settings, solver_settings=solver_settings)
-        result = TrialResult(cand, len(train_part), float(reg), float(np.median(its)), float(np.mean(its)),
-                             out.best_epoch, ran, time.perf_counter() - t0)
+        result = TrialResult(cand, num_train, float(reg), float(np.median(its)), float(np.mean(its)),
+                             best_epoch, ran, time.perf_counter() - t0)
         trials.append(result)
         models[len(trials) - 1] = model
-        say(f"  {cand.label():48s} n={len(train_part):5d}  val loss {reg:8.3g}  median C it "
+        say(f"  {cand.label():48s} n={num_train:5d}  val loss {reg:8.3g}  median C it "
             f"{result.val_median_iterations:g} (mean {result.val_mean_iterations:.1f})  epochs {ran}  "
             f"{result.seconds:.1f} s")
         return result
@@ -426,6 +448,28 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                 best_i = len(trials) - 1
     curve = tuple(sorted((CurvePoint(t.num_train, t.val_regression, t.val_median_iterations)
                           for t in trials if t.candidate == chosen), key=lambda p: p.num_train))
+
+    # 3. an ensemble: the chosen configuration at the chosen size trained again with other seeds and averaged
+    # with the chosen model; the best of the members and their average by validation iterations is kept
+    if recipe.ensemble > 1:
+        base = trials[best_i]
+        extra = recipe.ensemble - 1
+        if time.perf_counter() + extra * estimate(base.candidate, base.num_train) > deadline:
+            say(f"  (budget: no ensemble of {recipe.ensemble})")
+        else:
+            t0 = time.perf_counter()
+            _, part = data(base.num_train)
+            tried = [best_i]
+            for j in range(1, recipe.ensemble):
+                trial(dataclasses.replace(base.candidate, member=j), part)
+                tried.append(len(trials) - 1)
+            judged(dataclasses.replace(base.candidate, ensemble=recipe.ensemble),
+                   ensemble_predictor([models[i] for i in tried]).eval(), base.num_train, base.best_epoch,
+                   base.epochs, t0)
+            tried.append(len(trials) - 1)
+            for i in tried:  # the members alone are candidates too
+                if better(trials[i], trials[best_i]):
+                    best_i = i
     best = trials[best_i]
     result = RecipeResult(model=models[best_i], candidate=best.candidate, num_train=best.num_train,
                           val_median_iterations=best.val_median_iterations, cold_median_iterations=cold_median,
