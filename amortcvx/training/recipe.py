@@ -454,7 +454,9 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     if recipe.ensemble > 1:
         base = trials[best_i]
         extra = recipe.ensemble - 1
-        if time.perf_counter() + extra * estimate(base.candidate, base.num_train) > deadline:
+        # members trained for fewer epochs than the choice (capped by the time left) only weaken the average:
+        # start only when the measured cost of the choice, once per member, fits
+        if time.perf_counter() + extra * max(base.seconds, estimate(base.candidate, base.num_train)) > deadline:
             say(f"  (budget: no ensemble of {recipe.ensemble})")
         else:
             t0 = time.perf_counter()
