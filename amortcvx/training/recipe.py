@@ -364,6 +364,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     rates: dict[tuple, float] = {}  # seconds per epoch per training instance, by (kind, residual)
     trials: list[TrialResult] = []
     models: dict[int, WarmStartPredictor] = {}
+    parts: dict[int, SolvedSet] = {}  # the training set of each trial (an ensemble's members share one)
 
     def estimate(cand: Candidate, n: int) -> float:
         """Seconds for new instances up to ``n`` plus a training of ``cand`` on ``n`` (to ~3 patience windows)."""
@@ -391,7 +392,9 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         model = out.model.to("cpu").eval()
         ran = len(out.history)
         rates[(cand.kind, cand.residual)] = (time.perf_counter() - t0) / max(ran, 1) / len(train_part)
-        return judged(cand, model, len(train_part), out.best_epoch, ran, t0)
+        result = judged(cand, model, len(train_part), out.best_epoch, ran, t0)
+        parts[len(trials) - 1] = train_part
+        return result
 
     def judged(cand: Candidate, model: WarmStartPredictor, num_train: int, best_epoch: int, ran: int,
                t0: float) -> TrialResult:
@@ -460,7 +463,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             say(f"  (budget: no ensemble of {recipe.ensemble})")
         else:
             t0 = time.perf_counter()
-            _, part = data(base.num_train)
+            part = parts[best_i]
             tried = [best_i]
             for j in range(1, recipe.ensemble):
                 trial(dataclasses.replace(base.candidate, member=j), part)
