@@ -108,7 +108,7 @@ def test_operator_equals_the_dense_kkt_matrix(case):
             got = kkt_operator(data, jac, transpose=transpose, delta=delta)(z)
             want = apply_dense(mat + delta * torch.diag(sign), z)
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(kkt_operator(d, jac)(z), apply_dense(J, z), rtol=1e-12, atol=1e-12)  # a Dense works
+    torch.testing.assert_close(kkt_operator(d, jac)(z), apply_dense(J, z), rtol=1e-12, atol=1e-12)  # a kkt.Batch works
 
 
 def test_operator_with_a_nonlinear_cone_block_differs_from_its_transpose():

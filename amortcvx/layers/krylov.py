@@ -6,8 +6,8 @@ Jacobian
     J = [[P, A' D], [A, D - I]],        D = dy/dw (a :class:`~amortcvx.layers.kkt.DualJacobian`),
 
 and solves ``J z = r`` (Newton refinement) and ``J' z = r`` (the backward pass) with dense batched linear
-algebra: ``(B, m, n)`` copies of ``A`` and, for cone programs, ``(B, n + m, n + m)`` LU factorizations. This
-module solves the same systems without forming any dense matrix:
+algebra: ``(B, m, n)`` copies of ``A`` and one ``(B, n, n)`` Cholesky per solve. This module solves the same
+systems without forming any dense matrix:
 
 * :func:`kkt_operator`: ``z -> J z`` (or ``J' z``) from sparse products with the canonical data
   (:class:`~amortcvx.iterations.linalg.SparseOperator`, built once per operator, gives both ``A v`` and
@@ -30,9 +30,9 @@ Cost: each GMRES iteration is one product with ``J`` per instance, i.e. one prod
 the ``j``-th basis vector (``restart`` bounds ``j``). Memory is ``O(B restart (n + m))`` for the basis.
 
 When to prefer it to the dense path: large ``n + m`` with a sparse ``A`` (a few thousand rows and columns and
-up): the dense path stores ``(B, m, n)`` and factors ``(B, n + m, n + m)`` (or ``(B, n, n)`` Schur
-complements) at ``O((n + m)^3)`` per instance, while a preconditioned Krylov solve usually needs a few tens to
-a few hundreds of sparse products. For small problems (``n + m`` in the hundreds) the dense factorization is
+up): the dense path stores ``(B, m, n)`` and factors ``(B, n, n)`` Schur complements (``O(n^2 m + n^3)`` per
+instance), while a preconditioned Krylov solve usually needs a few tens to a few hundreds of sparse products.
+For small problems (``n + m`` in the hundreds) the dense factorization is
 faster and more robust: it does not depend on the conditioning of ``J``, and it handles singular ``J``
 (CVXPY's non-unique auxiliary variables) by construction; GMRES on a singular but consistent system usually
 still finds a solution, but an ill-conditioned ``J`` can need many iterations. Everything runs on any device
@@ -61,29 +61,11 @@ __all__ = ["GmresResult", "KrylovResult", "gmres", "kkt_operator", "kkt_precondi
 
 # ---------------------------------------------------------------------------------------------- the operator
 def _canonical(data) -> Data:
-    """The canonical data of ``data``: a :class:`ConeData` / :class:`QPData`, or the ``.data`` of a ``kkt.Dense``."""
+    """The canonical data of ``data``: a :class:`ConeData` / :class:`QPData`, or the ``.data`` of a ``kkt.Batch``."""
     inner = data if isinstance(data, (ConeData, QPData)) else getattr(data, "data", None)
     if not isinstance(inner, (ConeData, QPData)):
-        raise TypeError(f"expected ConeData, QPData or kkt.Dense; got {type(data).__name__}")
+        raise TypeError(f"expected ConeData, QPData or kkt.Batch; got {type(data).__name__}")
     return inner
-
-
-def dual_matvec(jac: DualJacobian, v: torch.Tensor) -> torch.Tensor:
-    """``D v`` for ``v`` (B, m): the diagonal on the first ``jac.lin`` rows, the dense block on the rest."""
-    out = jac.diag * v
-    if jac.block is None:
-        return out
-    tail = torch.matmul(jac.block, v[:, jac.lin:].unsqueeze(-1)).squeeze(-1)
-    return torch.cat([out[:, :jac.lin], tail], dim=1)
-
-
-def dual_rmatvec(jac: DualJacobian, v: torch.Tensor) -> torch.Tensor:
-    """``D' v`` for ``v`` (B, m)."""
-    out = jac.diag * v
-    if jac.block is None:
-        return out
-    tail = torch.matmul(v[:, jac.lin:].unsqueeze(1), jac.block).squeeze(1)
-    return torch.cat([out[:, :jac.lin], tail], dim=1)
 
 
 class _Products(NamedTuple):
@@ -108,11 +90,11 @@ def _apply(ops: _Products, jac: DualJacobian, z: torch.Tensor, transpose: bool, 
     zx, zw = z[:, :n], z[:, n:]
     if transpose:  # J' = [[P', A'], [D' A, D' - I]]
         top = ops.A.rmatvec(zw)
-        bottom = dual_rmatvec(jac, ops.A.matvec(zx) + zw) - zw
+        bottom = jac.rmatvec(ops.A.matvec(zx) + zw) - zw
         if ops.P is not None:
             top = top + ops.P.rmatvec(zx)
     else:
-        dw = dual_matvec(jac, zw)
+        dw = jac.matvec(zw)
         top = ops.A.rmatvec(dw)
         bottom = ops.A.matvec(zx) + dw - zw
         if ops.P is not None:
@@ -131,7 +113,7 @@ def kkt_operator(data, jac: DualJacobian, *, transpose: bool = False, delta: flo
 
     Args:
         data: the batch: :class:`~amortcvx.canon.data.ConeData` / :class:`~amortcvx.canon.data.QPData` (or a
-            ``kkt.Dense``, whose canonical ``.data`` is used). ``A`` and ``P`` may be shared by the batch.
+            ``kkt.Batch``, whose canonical ``.data`` is used). ``A`` and ``P`` may be shared by the batch.
         jac: ``D = dy/dw`` per instance (:func:`amortcvx.layers.kkt.dual_jacobian`); its dtype is the working
             dtype of the products.
         transpose: apply ``J'`` instead of ``J``.
@@ -365,7 +347,7 @@ def solve_kkt_krylov(data, jac: DualJacobian, rhs: torch.Tensor, *, transpose: b
     ``rhs`` are cast to it).
 
     Args:
-        data: the batch (:class:`ConeData` / :class:`QPData`, or a ``kkt.Dense``).
+        data: the batch (:class:`ConeData` / :class:`QPData`, or a ``kkt.Batch``).
         jac: ``D = dy/dw`` per instance.
         rhs: (B, n + m).
         transpose: solve ``J' z = rhs``.
