@@ -495,7 +495,7 @@ class ImplicitSolution(torch.autograd.Function):
         ctx.canonicalize, ctx.build = canonicalize, build
         ctx.save_for_backward(theta, x, w, failed)
         with torch.no_grad():
-            d = build(canonicalize(theta.detach()))
+            d = sparse(canonicalize(theta.detach()))  # only the vectors and cones are read: no dense copy of A
             y = dual_of(d, w)
             slack = slack_of(d, w, y)
         nan = torch.tensor(float("nan"), dtype=x.dtype, device=x.device)

@@ -290,11 +290,12 @@ class CvxpyLayer(nn.Module):
             todo = torch.nonzero(~done).flatten()
             if todo.numel() == 0:
                 break
-            sub = data.take(todo.cpu().numpy())
+            d_sub = take(d, todo)
+            sub = d_sub.data
             start = None if warm is None else {k: v[todo] for k, v in warm.items()}
             cand = stage(sub, start)
             pt = _point_from_solver(self.form, sub, cand["x"], cand["y"], cand.get("s"))
-            ok, pt = self._refined(sub, take(d, todo), pt, eps)
+            ok, pt = self._refined(sub, d_sub, pt, eps)
             if kind == "previous" and 2 * int(ok.sum()) < ok.numel():
                 self._previous_skip = PREVIOUS_RETRY - 1
             x[todo], w[todo] = torch.where(ok[:, None], pt.x, x[todo]), torch.where(ok[:, None], pt.w, w[todo])
@@ -308,7 +309,8 @@ class CvxpyLayer(nn.Module):
         certified = done.clone()
         todo = torch.nonzero(~done).flatten()
         if todo.numel():
-            sub = data.take(todo.cpu().numpy())
+            d_sub = take(d, todo)
+            sub = d_sub.data
             starts = None if warm is None else {k: v[todo] for k, v in warm.items()}
             xs, ys, ss, st = self._c_solve(sub, starts, eps, c_args)
             has = torch.tensor([s.has_solution for s in st], dtype=torch.bool, device=device)
@@ -316,14 +318,13 @@ class CvxpyLayer(nn.Module):
             pt = Point(torch.nan_to_num(pt.x), torch.nan_to_num(pt.w))
             final = pt
             if self.refine_steps:
-                d_sub = take(d, todo)
                 ref, _ = newton_refine(d_sub, pt, steps=self.refine_steps)
                 ok = torch.as_tensor(_certify(self.form, sub, d_sub, ref, eps), device=device)
                 final = Point(torch.where(ok[:, None], ref.x, pt.x), torch.where(ok[:, None], ref.w, pt.w))
                 good = has & (ok | torch.tensor([s == Status.OPTIMAL for s in st], device=device))
             else:
                 good = torch.tensor([s == Status.OPTIMAL for s in st], dtype=torch.bool, device=device) | (
-                    has & torch.as_tensor(_certify(self.form, sub, take(d, todo), pt, eps), device=device))
+                    has & torch.as_tensor(_certify(self.form, sub, d_sub, pt, eps), device=device))
             x[todo], w[todo], done[todo] = final.x, final.w, good
             for j, i in enumerate(todo.tolist()):
                 status[i] = st[j] if not (bool(good[j]) and st[j] == Status.OPTIMAL_INACCURATE) else Status.OPTIMAL
@@ -407,7 +408,7 @@ class CvxpyLayer(nn.Module):
 
     def _warm_dict(self, data: Data, sol: Solution) -> dict[str, torch.Tensor]:
         """The solution as warm-start fields for the next call (failed instances start cold)."""
-        d = self._batch(data)
+        d = sparse(data)  # only the vectors and cones are read: no dense copy of A
         y = dual_of(d, sol.w)
         other = slack_of(d, sol.w, y)
         out = {"x": sol.x, "y": y} if self.form == "qp" else {"x": sol.x, "y": y, "s": other}
