@@ -243,26 +243,22 @@ def c_iterations(pp: ParametricProblem, algorithm: str, model: nn.Module | None,
     return np.array([r.iterations for r in results], dtype=float)
 
 
-def _normalization(pp, algorithm, settings, train_set: SolvedSet) -> WarmStartPredictor:
-    """A predictor shell whose normalization is the one :func:`train` will fit on ``train_set``."""
+def _normalization(pp, algorithm, settings, train_set: SolvedSet) -> tuple[WarmStartPredictor, torch.Tensor]:
+    """A predictor shell whose normalization is the one :func:`train` will fit on ``train_set``, and the
+    set's :func:`~amortcvx.training.trainer.targets` it was fitted on."""
     space = output_space(algorithm)
     meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm=algorithm, settings=settings_dict(settings),
                          num_params=pp.num_params, out_dim=space.dim(pp.n, pp.m))
     shell = WarmStartPredictor(meta, core=nn.Identity()).to(train_set.theta.dtype)
-    with torch.no_grad():
-        alg = make_algorithm(algorithm, pp.canonicalize_vector(train_set.theta), settings)
-        shell.fit_normalization(train_set.theta, space.target(alg, train_set.x, train_set.y, train_set.s))
-    return shell
+    target = targets(pp, algorithm, settings, train_set, len(train_set))
+    shell.fit_normalization(train_set.theta, target)
+    return shell, target
 
 
 def _core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet) -> nn.Module | None:
     if cand.kind == "mlp":
         return None  # train() builds its MLP with cand.hidden
-    shell = _normalization(pp, algorithm, settings, train_set)
-    space = output_space(algorithm)
-    with torch.no_grad():
-        alg = make_algorithm(algorithm, pp.canonicalize_vector(train_set.theta), settings)
-        target = space.target(alg, train_set.x, train_set.y, train_set.s)
+    shell, target = _normalization(pp, algorithm, settings, train_set)
     keys = (train_set.theta - shell.in_mean) / shell.in_std
     values = (target - shell.out_mean) / shell.out_std
     return NeighborCorrection(keys, values, hidden=cand.hidden)
@@ -270,7 +266,7 @@ def _core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet) -> nn.
 
 def _residual_weight(pp, algorithm, settings, train_set: SolvedSet, k: int) -> float:
     """``1 / residual`` of the mean prediction after ``k`` steps: both loss terms start near 1."""
-    shell = _normalization(pp, algorithm, settings, train_set)
+    shell, _ = _normalization(pp, algorithm, settings, train_set)
     space = output_space(algorithm)
     sub = train_set.subset(torch.arange(min(len(train_set), 256)))
     with torch.no_grad():
