@@ -76,3 +76,43 @@ def test_closed_form_cone_jacobians_match_autograd():
         torch.testing.assert_close(jac.matrix()[i], want, atol=1e-10, rtol=1e-10)
         assert bool((jac.block[i, 7:, 7:] - jac.block[i, 7:, 7:].mT).abs().max() < 1e-12)  # PSD part: symmetric
     assert jac.lin == lin
+
+
+@pytest.mark.parametrize("case", ["qp", "socp"])
+def test_a_given_factor_is_used_only_where_it_was_built_from_the_same_jacobian(case):
+    d, jac = _setup(case, "random")
+    other = kkt.dual_jacobian(d, torch.randn(jac.diag.shape, dtype=torch.float64,
+                                             generator=torch.Generator().manual_seed(3)))
+    mixed = kkt.DualJacobian(torch.cat([jac.diag[:3], other.diag[3:]]),
+                             None if jac.block is None else torch.cat([jac.block[:3], other.block[3:]]), jac.lin)
+    factor = kkt.factorize(d, mixed)
+    assert kkt.reusable(factor, jac)[:3].all() and not kkt.reusable(factor, jac)[3:].any()
+    rhs = torch.randn(jac.diag.shape[0], d.A.shape[2] + jac.diag.shape[1], dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(kkt.solve_kkt(d, jac, rhs, factor=factor), kkt.solve_kkt(d, jac, rhs), atol=1e-9, rtol=1e-9)
+    assert torch.equal(factor.S_inv, kkt.factorize(d, mixed).S_inv)  # the caller's factor is not changed
+
+
+def test_the_backward_reuses_the_forward_refinement_factorization(monkeypatch):
+    prob, params, variables, sample = qp()
+    layer = CvxpyLayer(prob, params, variables, eps=1e-8)
+    values = [torch.as_tensor(v).requires_grad_(True) for v in sample(8, np.random.default_rng(0))]
+    out = layer(*values)
+    assert layer.last_solution.factor is not None
+    calls = []
+    real = kkt.factorize
+    monkeypatch.setattr(kkt, "factorize", lambda *a, **k: calls.append(a[1].diag.shape[0]) or real(*a, **k))
+    sum(o.sum() for o in out).backward()
+    assert calls == []  # a QP's D is the same at the last Newton step and at the solution
+    grads = [v.grad.clone() for v in values]
+    for v in values:
+        v.grad = None
+    layer.last_solution = None
+    sol = layer._solve(layer.pp.canonicalize_vector(layer._theta(values)[0].detach()),
+                       layer._theta(values)[0].detach(), 1e-8, "c", "cold", 100, {})
+    theta = layer._theta(values)[0]
+    x, _, _ = kkt.ImplicitSolution.apply(theta, sol.x, sol.w, layer.pp.canonicalize_vector, sol.failed, kkt.dense)
+    sum(m.apply(x).sum() for m in layer._var_maps).backward()  # a new factorization in the backward
+    assert calls
+    for g, v in zip(grads, values):
+        assert torch.allclose(g, v.grad, atol=1e-8, rtol=1e-6)

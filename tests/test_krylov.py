@@ -80,7 +80,7 @@ def build(case: str):
         theta = pp.parameter_vector(sample(4, np.random.default_rng(0)), dtype=torch.float64)
         data = pp.canonicalize_vector(theta)
         d = kkt.dense(data)
-        pt, _ = kkt.newton_refine(d, solution_point(data, form))
+        pt = kkt.newton_refine(d, solution_point(data, form)).point
         jac = kkt.dual_jacobian(d, pt.w)
         _BUILT[case] = (data, d, jac, kkt.kkt_matrix(d, jac))
     return _BUILT[case]

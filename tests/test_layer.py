@@ -394,6 +394,25 @@ def test_torch_iterations_agree_with_c(make):
     assert bool(layer.last_solution.certified.any())  # answered without a C solve
 
 
+@pytest.mark.parametrize("make, expected", [(qp, "torch"), (qp_param_p, "c"), (socp, "c")])
+def test_auto_method_on_the_cpu_takes_torch_steps_only_for_qps_with_fixed_matrices(make, expected, monkeypatch):
+    from amortcvx.layers import layer as layer_module
+
+    prob, params, variables, sample = make()
+    values = sample(8, np.random.default_rng(13))
+    layer = CvxpyLayer(prob, params, variables, eps=1e-7)
+    seen = []
+    real = layer._solve
+    monkeypatch.setattr(layer, "_solve", lambda data, theta, eps, method, *rest: seen.append((method, rest[1]))
+                        or real(data, theta, eps, method, *rest))
+    (xa,) = layer(*values)
+    assert seen[0][0] == expected
+    if expected == "torch":
+        assert seen[0][1] == layer_module.CPU_TORCH_STEPS
+    (xc,) = CvxpyLayer(prob, params, variables, eps=1e-7, method="c")(*values)
+    np.testing.assert_allclose(xa.numpy(), xc.numpy(), atol=1e-6)
+
+
 def untrained_predictor(pp, algorithm):
     from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
 

@@ -320,8 +320,70 @@ def _least_squares(mat: torch.Tensor, rhs: torch.Tensor, *, rel: float = 1e-10, 
     return z
 
 
+class Factor(NamedTuple):
+    """The factorized regularized system of :func:`solve_kkt` for a dense batch, reusable by later solves.
+
+    Attributes:
+        S_inv: (B, n, n) ``(P + delta I + A' M A)^-1`` (see :func:`solve_kkt`).
+        jac: the ``D`` it was built from (for a transposed solve, ``D'``).
+        R, M: ``((1 + delta) I - D)^-1`` and ``D R``.
+        ok: (B,) bool: the Cholesky factorization succeeded.
+        delta: the regularization.
+    """
+
+    S_inv: torch.Tensor
+    jac: DualJacobian
+    R: DualJacobian
+    M: DualJacobian
+    ok: torch.Tensor
+    delta: float
+
+
+def factorize(d: Batch, jac: DualJacobian, *, delta: float = 1e-4) -> Factor:
+    """The :class:`Factor` of ``J = [[P, A' D], [A, D - I]]`` for a dense batch: one ``n x n`` Cholesky and
+    inverse per instance (see :func:`solve_kkt`)."""
+    A = d.A.detach()
+    R, M = _elimination_weights(jac, delta)
+    S = _schur(d, A, M, delta)  # a new tensor: updated in place below (these (B, n, n) passes are memory-bound)
+    S.diagonal(dim1=-2, dim2=-1).add_(delta)
+    if d.P is not None:
+        S.add_(d.P.detach())
+    # M, and so S, is symmetric up to rounding; the Cholesky reads the lower triangle and the refinement passes
+    # absorb the difference
+    L, info = torch.linalg.cholesky_ex(S)
+    return Factor(torch.cholesky_inverse(L), jac, R, M, info == 0, delta)  # products beat triangular solves
+
+
+def reusable(factor: Factor, jac: DualJacobian) -> torch.Tensor:
+    """(B,) bool: where ``factor`` was built from exactly ``jac`` (so that it is the factorization a new one would
+    give). On LPs and QPs ``D`` is a 0/1 diagonal that stays the same from the last Newton step to the refined
+    point, so the backward solve reuses the forward's factorization there."""
+    same = factor.ok & (factor.jac.diag == jac.diag).all(dim=1)
+    if (factor.jac.block is None) != (jac.block is None):
+        return torch.zeros_like(same)
+    if jac.block is not None:
+        same = same & (factor.jac.block == jac.block).flatten(1).all(dim=1)
+    return same
+
+
+def take_factor(factor: Factor, idx: torch.Tensor) -> Factor:
+    """The instances ``idx`` of a factor."""
+    return Factor(factor.S_inv[idx], *(_take_jacobian(j, idx) for j in factor[1:4]), factor.ok[idx], factor.delta)
+
+
+def put_factor_(factor: Factor, idx: torch.Tensor, part: Factor) -> Factor:
+    """Write ``part`` into the instances ``idx`` of ``factor``, in place (the caller owns ``factor``); returns it."""
+    factor.S_inv.index_copy_(0, idx, part.S_inv)
+    for j, p in zip(factor[1:4], part[1:4]):
+        j.diag.index_copy_(0, idx, p.diag)
+        if j.block is not None:
+            j.block.index_copy_(0, idx, p.block)
+    factor.ok.index_copy_(0, idx, part.ok)
+    return factor
+
+
 def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False, delta: float = 1e-4,
-              passes: int = 4) -> torch.Tensor:
+              passes: int = 4, factor: Factor | None = None) -> torch.Tensor:
     """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance, by one ``n x n``
     Cholesky.
 
@@ -343,8 +405,10 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     ``J``, which holds when the returned CVXPY variables are unique. Instances whose ``S`` cannot be factored
     are solved densely (:func:`solve_dense`).
 
-    Cost per instance: one ``n x n`` Cholesky and inverse, the product ``A' M A``, and (with SOC / PSD / exp
-    rows) one inverse of the nonlinear cones' ``(m - lin)``-square block of ``D``.
+    ``factor`` (from :func:`factorize`, e.g. a Newton step's) is used on the instances where it was built from
+    the same ``D`` (:func:`reusable`; the answer is then the same as with a new factorization); the others are
+    factored anew. Cost per new factorization: one ``n x n`` Cholesky and inverse, the product ``A' M A``, and
+    (with SOC / PSD / exp rows) one inverse of the nonlinear cones' ``(m - lin)``-square block of ``D``.
 
     For a :func:`sparse` batch the solve is matrix-free (:func:`~amortcvx.layers.krylov.solve_kkt_krylov`); an
     instance it does not solve keeps its best iterate (a Newton step from it is then rejected, and a gradient
@@ -356,16 +420,15 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     P = None if d.P is None else d.P.detach()
     n = A.shape[2]
     D = jac.transposed() if transpose else jac
-    R, M = _elimination_weights(D, delta)
+    same = reusable(factor, D) if factor is not None and factor.delta == delta else None
+    if same is None or not bool(same.any()):
+        factor = factorize(d, D, delta=delta)
+    elif not bool(same.all()):  # into a copy: the caller's factor is not changed
+        fresh = torch.nonzero(~same).flatten()
+        factor = put_factor_(take_factor(factor, torch.arange(same.shape[0], device=same.device)), fresh,
+                             factorize(take(d, fresh), _take_jacobian(D, fresh), delta=delta))
+    S_inv, R, M = factor.S_inv, factor.R, factor.M
     At = A.mT
-    S = _schur(d, A, M, delta)  # a new tensor: updated in place below (these (B, n, n) passes are memory-bound)
-    S.diagonal(dim1=-2, dim2=-1).add_(delta)
-    if P is not None:
-        S.add_(P)
-    # M, and so S, is symmetric up to rounding; the Cholesky reads the lower triangle and the refinement passes
-    # absorb the difference
-    L, info = torch.linalg.cholesky_ex(S)
-    S_inv = torch.cholesky_inverse(L)  # batched products are much faster than batched triangular solves
     to_x = R if transpose else M
 
     def reg_solve(r: torch.Tensor) -> torch.Tensor:
@@ -391,7 +454,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
         if bool((r.abs().amax(dim=1) <= tol).all()):
             break
         z = z + reg_solve(r)
-    bad = (info != 0) | ~torch.isfinite(z).all(dim=1)
+    bad = ~factor.ok | ~torch.isfinite(z).all(dim=1)
     if bool(bad.any()):
         idx = torch.nonzero(bad).flatten()
         sub = take(d, idx)
@@ -443,15 +506,43 @@ def _take_jacobian(jac: DualJacobian, idx: torch.Tensor) -> DualJacobian:
     return DualJacobian(jac.diag[idx], None if jac.block is None else jac.block[idx], jac.lin)
 
 
+
+
+class Refined(NamedTuple):
+    """The result of :func:`newton_refine`.
+
+    Attributes:
+        point: the refined point.
+        norm: (B,) ``||F||_inf`` there.
+        factor: for a dense batch, each instance's factorization from its last Newton step (None for a sparse
+            batch or when no step was taken); instances without a step are marked not ``ok``.
+    """
+
+    point: Point
+    norm: torch.Tensor
+    factor: Factor | None
+
+
+def blank_factor(like: Factor, batch: int) -> Factor:
+    """A factor for ``batch`` instances, none of them usable (``ok`` False, ``D`` NaN), shaped like ``like``."""
+    def blank(j: DualJacobian) -> DualJacobian:
+        block = None if j.block is None else j.block.new_zeros(batch, *j.block.shape[1:])
+        return DualJacobian(j.diag.new_full((batch, j.diag.shape[1]), float("nan")), block, j.lin)
+    return Factor(like.S_inv.new_zeros(batch, *like.S_inv.shape[1:]), *(blank(j) for j in like[1:4]),
+                  like.ok.new_zeros(batch), like.delta)
+
+
 def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
-                  damping: tuple[float, ...] = (1.0, 0.5, 0.25)) -> tuple[Point, torch.Tensor]:
+                  damping: tuple[float, ...] = (1.0, 0.5, 0.25)) -> Refined:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
     Each step works on the instances not yet converged (``||F||_inf > tol (1 + scale)``), tries the step lengths
     in ``damping`` and keeps, per instance, the one with the smallest ``||F||_inf`` (a full step is exact on the
-    active set of an LP / QP; shorter ones help from looser points of cone programs). Returns the point and
-    ``||F||_inf``.
+    active set of an LP / QP; shorter ones help from looser points of cone programs). Returns the point,
+    ``||F||_inf`` and the last factorization of each instance (which the backward solve reuses where ``D`` has not
+    changed, see :func:`reusable`).
     """
+    factor = None
     with torch.no_grad():
         norm = residual_norm(d, pt)
         scale = 1.0 + d.lin.abs().amax(dim=1) + (d.b.abs().amax(dim=1) if d.b is not None else 0.0)
@@ -463,7 +554,13 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
             sub = take(d, idx)
             start, start_norm = Point(pt.x[idx], pt.w[idx]), norm[idx]
             f1, f2 = residual(sub, start)
-            delta = solve_kkt(sub, dual_jacobian(sub, start.w), torch.cat([f1, f2], dim=1))
+            jac = dual_jacobian(sub, start.w)
+            part = None if isinstance(sub.A, SparseBatch) else factorize(sub, jac)
+            delta = solve_kkt(sub, jac, torch.cat([f1, f2], dim=1), factor=part)
+            if part is not None and factor is None and idx.numel() == norm.shape[0]:
+                factor = part  # the first step ran on every instance: its factorization is the base (no copy)
+            elif part is not None:
+                factor = put_factor_(factor if factor is not None else blank_factor(part, norm.shape[0]), idx, part)
             best, best_norm = start, start_norm
             for t in damping:
                 cand = Point(start.x - t * delta[:, :n], start.w - t * delta[:, n:])
@@ -475,7 +572,7 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
                 break
             pt = Point(pt.x.index_copy(0, idx, best.x), pt.w.index_copy(0, idx, best.w))
             norm = norm.index_copy(0, idx, best_norm)
-    return pt, norm
+    return Refined(pt, norm, factor)
 
 
 class ImplicitSolution(torch.autograd.Function):
@@ -485,14 +582,15 @@ class ImplicitSolution(torch.autograd.Function):
     :func:`sparse`) chooses the linear algebra of the backward. Backward, for output gradients
     ``(gx, gy, gs)``: ``g_w = D' gy + (dslack/dw)' gs``, ``lam = J'^-1 [gx; g_w]``, and the parameter gradient
     ``-(dF/dtheta)' lam`` by autograd through ``canonicalize(theta)`` and ``F`` at the fixed point. Failed
-    instances (``failed``) get NaN gradients.
+    instances (``failed``) get NaN gradients. ``factor`` (the forward's Newton factorizations, see
+    :class:`Refined`) is reused where ``D`` at the solution is the one it was built from.
     """
 
     @staticmethod
     def forward(ctx, theta: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                 canonicalize: Callable[[torch.Tensor], Data], failed: torch.Tensor,
-                build: Callable[[Data], Batch] = dense):  # noqa: D102
-        ctx.canonicalize, ctx.build = canonicalize, build
+                build: Callable[[Data], Batch] = dense, factor: Factor | None = None):  # noqa: D102
+        ctx.canonicalize, ctx.build, ctx.factor = canonicalize, build, factor
         ctx.save_for_backward(theta, x, w, failed)
         with torch.no_grad():
             d = sparse(canonicalize(theta.detach()))  # only the vectors and cones are read: no dense copy of A
@@ -520,7 +618,7 @@ class ImplicitSolution(torch.autograd.Function):
                 if gs0 is not None:
                     gw = gw + sign * (jac.rmatvec(gs0) - gs0)
                 rhs = torch.cat([gx0 if gx0 is not None else torch.zeros_like(x0), gw], dim=1)
-                lam = solve_kkt(_detached(d), jac, rhs, transpose=True)
+                lam = solve_kkt(_detached(d), jac, rhs, transpose=True, factor=ctx.factor)
             f1, f2 = residual(d, Point(x0, w0))
             n = x.shape[1]
             pairs = [(f, -g) for f, g in ((f1, lam[:, :n]), (f2, lam[:, n:])) if f.requires_grad]
@@ -530,7 +628,7 @@ class ImplicitSolution(torch.autograd.Function):
         if grad is None:
             grad = torch.zeros_like(theta)
         grad = torch.where(failed[:, None], torch.full_like(grad, float("nan")), grad)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _detached(d: Batch) -> Batch:
