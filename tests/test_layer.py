@@ -413,6 +413,20 @@ def test_auto_method_on_the_cpu_takes_torch_steps_only_for_qps_with_fixed_matric
     np.testing.assert_allclose(xa.numpy(), xc.numpy(), atol=1e-6)
 
 
+def test_auto_race_takes_the_faster_method_and_probes_the_other():
+    from amortcvx.layers.layer import AUTO_PROBE, _Race
+
+    race = _Race(("torch", "c"))
+    picks = []
+    for _ in range(2 * AUTO_PROBE):
+        method = race.pick()
+        picks.append(method)
+        race.record(method, 1.0 if method == "c" else 2.0)
+    assert picks[:2] == ["torch", "c"]  # each timed once
+    assert picks.count("torch") == 3  # the first call, then one probe per AUTO_PROBE calls
+    assert picks[AUTO_PROBE - 1] == "torch" and picks[2 * AUTO_PROBE - 1] == "torch"
+
+
 def untrained_predictor(pp, algorithm):
     from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
 

@@ -16,6 +16,7 @@ replaces a point by one that also passes that test.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -51,12 +52,17 @@ Anderson memory keeps one object for every instance instead of a new setup per s
 certified, so only speed changes; SOCP batch 1024: 0.53 against 0.84 s per forward, SDP batch 64: 0.20 against
 0.29 s)."""
 CPU_TORCH_STEPS = 15
-"""``method="auto"`` on the CPU runs this many torch iterations (then Newton refinement, then the C solver for the
-uncertified rest) where one torch step is a few batched products: the QP form with ``P`` and ``A`` shared by the
-batch (one factorization for every instance). QP n = 20, m = 40, batch 1024, forward+backward: 0.39 s against
-0.86 s for the loose C solve; 10 to 25 steps cost about the same, 5 too few (66% certified). Cone programs and
-batch-dependent matrices keep the C solver on the CPU (SOCP batch 1024: 0.78-0.83 s with 10-25 torch steps against
-0.68-0.73 s)."""
+"""``method="auto"`` on the CPU: the number of torch iterations of the torch candidate (then Newton refinement,
+then the C solver for the uncertified rest), where a torch step is a few batched products with matrices
+shared by the batch (QP form, ``P`` and ``A`` parameter-free: one factorization for every instance). QP n = 20,
+m = 40, batch 1024, forward+backward: 0.39 s against 0.86 s for the loose C solve; 10 to 25 steps cost about
+the same, 5 are too few (66% certified)."""
+AUTO_PROBE = 16
+"""``method="auto"`` on the CPU where both the torch steps and the loose C solve apply: each is timed on its
+first call (per batch size, by powers of two); then each call takes the one whose last forward was faster per
+instance, and every ``AUTO_PROBE``-th call the other (its time changes as the parameters move). Measured: the
+torch steps win on the QP benchmark (batch 64 and 1024), the C solve on a 20-asset portfolio at batch 64 (a
+training loop: 1.22 s against 1.04 s)."""
 KRYLOV_SIZE = 2000
 """``linear_algebra="auto"`` solves matrix-free when ``n + m`` of the canonical problem exceeds this: the dense
 path stores ``(B, m, n)`` copies of ``A`` and factors ``(B, n, n)`` matrices."""
@@ -68,6 +74,32 @@ PREVIOUS_RETRY = 8
 """``warm_start="previous"``: after a call in which the previous solution, refined, answered fewer than half of
 the instances, the next ``PREVIOUS_RETRY - 1`` calls skip that stage (the solver still starts from it): where
 consecutive batches are unrelated (e.g. a training loop over shuffled samples) the attempt only costs."""
+
+
+class _Race:
+    """The faster of a few interchangeable methods, by their last measured seconds per instance (see
+    :data:`AUTO_PROBE`)."""
+
+    def __init__(self, options: tuple[str, ...]):
+        self.options = options
+        self.seconds: dict[str, float] = {}
+        self.calls = 0
+
+    def pick(self) -> str:
+        """The method for the next call: an untimed one first, then the fastest, and every :data:`AUTO_PROBE`-th
+        call the one timed longest ago."""
+        self.calls += 1
+        untimed = [o for o in self.options if o not in self.seconds]
+        if untimed:
+            return untimed[0]
+        if self.calls % AUTO_PROBE == 0:
+            return next(iter(self.seconds))  # insertion order: the one recorded longest ago
+        return min(self.options, key=self.seconds.__getitem__)
+
+    def record(self, option: str, seconds: float) -> None:
+        """The seconds per instance of a call that used ``option``."""
+        self.seconds.pop(option, None)
+        self.seconds[option] = seconds
 
 
 class SolverFailure(RuntimeError):
@@ -133,8 +165,8 @@ class CvxpyLayer(nn.Module):
             QP, else SCS.
         method: ``"c"`` (persistent C solver objects, on the host), ``"torch"`` (batched torch iterations on
             the parameters' device until certified; the rest by the C solver), or ``"auto"`` (torch on CUDA;
-            on the CPU, :data:`CPU_TORCH_STEPS` torch iterations for QPs whose ``P`` and ``A`` do not depend on
-            the parameters, C otherwise).
+            on the CPU, C, or for QPs whose ``P`` and ``A`` do not depend on the parameters whichever of C and
+            :data:`CPU_TORCH_STEPS` torch iterations was faster, timed as it runs: :data:`AUTO_PROBE`).
         predictor: a :class:`~amortcvx.predictors.WarmStartPredictor` trained for this problem and solver.
         warm_start: ``"cold"``, ``"previous"`` (the last call's solution, when the batch size matches; for
             training loops whose parameters move slowly) or ``"learned"`` (needs ``predictor``).
@@ -209,6 +241,7 @@ class CvxpyLayer(nn.Module):
         self._cache = FactorCache()
         self._previous: dict[str, torch.Tensor] | None = None
         self._previous_skip = 0
+        self._races: dict[int, _Race] = {}
         self.last_solution: Solution | None = None
 
     # ------------------------------------------------------------------ forward
@@ -229,9 +262,13 @@ class CvxpyLayer(nn.Module):
         _check_choice("warm_start", warm_mode, WARM_STARTS)
         theta, batched, out_dtype = self._theta(values)
         data = self.pp.canonicalize_vector(theta.detach())
+        race = None
         if method == "auto":
-            method, max_steps = self._auto_method(data, theta.device, max_steps)
+            method, max_steps, race = self._auto_method(data, theta.device, max_steps)
+        start = time.perf_counter()
         sol = self._solve(data, theta.detach(), eps, method, warm_mode, max_steps, args)
+        if race is not None:
+            race.record(method, (time.perf_counter() - start) / data.batch_size)
         self.last_solution = sol
         self._report(sol)
         if self.gradients == "implicit":
@@ -248,15 +285,18 @@ class CvxpyLayer(nn.Module):
             outs = [o.squeeze(0) for o in outs]
         return tuple(outs)
 
-    def _auto_method(self, data: Data, device: torch.device, max_steps: int) -> tuple[str, int]:
-        """``method="auto"``: torch on CUDA; on the CPU, :data:`CPU_TORCH_STEPS` torch steps where a step is a few
-        products with matrices shared by the batch (QP form, ``P`` and ``A`` parameter-free), else C."""
+    def _auto_method(self, data: Data, device: torch.device, max_steps: int) -> tuple[str, int, _Race | None]:
+        """``method="auto"``: torch on CUDA; on the CPU, C, or where a torch step is a few products with matrices
+        shared by the batch (QP form, ``P`` and ``A`` parameter-free) the faster of C and :data:`CPU_TORCH_STEPS`
+        torch steps (a :class:`_Race` per batch-size bucket, returned to be told the time)."""
         if device.type == "cuda":
-            return "torch", max_steps
+            return "torch", max_steps, None
         shared = data.A.shared and (data.P is None or data.P.shared)
-        if self.form == "qp" and shared and self.refine_steps:
-            return "torch", min(max_steps, CPU_TORCH_STEPS)
-        return "c", max_steps
+        if not (self.form == "qp" and shared and self.refine_steps):
+            return "c", max_steps, None
+        race = self._races.setdefault(int(data.batch_size).bit_length(), _Race(("torch", "c")))
+        method = race.pick()
+        return method, (min(max_steps, CPU_TORCH_STEPS) if method == "torch" else max_steps), race
 
     def _theta(self, values: Sequence[Any]) -> tuple[torch.Tensor, bool, torch.dtype]:
         order = self.parameters_order
