@@ -312,3 +312,58 @@ def test_unbounded_instances_are_never_certified(alg):
     assert not out.certified[1]
     assert out.results[1].status in (Status.UNBOUNDED, Status.UNBOUNDED_INACCURATE)
     assert out.results[0].status == out.results[2].status == Status.OPTIMAL
+
+
+@pytest.mark.parametrize("name, alg", [("mpc", "scs"), ("portfolio", "osqp"), ("huber_fit", "scs")])
+def test_newton_finish_certifies_more_and_the_c_solver_agrees(name, alg):
+    fam, pp = _pp(name, alg)
+    params = fam.sample(12, seed=8)
+    plain = AmortizedSolver(pp, algorithm=alg, k=10, solver_settings=TOL).solve(params)
+    out = AmortizedSolver(pp, algorithm=alg, k=10, newton=4, solver_settings=TOL).solve(params, exact_iterations=True)
+    assert out.certified.sum() > plain.certified.sum()
+    assert all(r.status == Status.OPTIMAL for r in out.results)
+    data = pp.canonicalize(params)
+    cold = solve_batch(data.instances(), alg, settings=TOL, workers=1)
+    for r, c in zip(out.results, cold):
+        want = pp.objective_sign * c.objective
+        assert abs(r.objective - want) <= 1e-2 * max(1.0, abs(want)), (r.objective, want)
+    idx = np.flatnonzero(out.certified)
+    assert all(out.results[i].iterations == 0 for i in idx)
+    starts = [WarmStart(out.results[i].x, out.results[i].y, out.results[i].s) for i in idx]
+    restarted = solve_batch([data.instance(int(i)) for i in idx], alg, warm_starts=starts, settings=TOL,
+                            exact_iterations=True, workers=1)
+    assert all(r.status == Status.OPTIMAL and r.iterations == 1 for r in restarted)  # the C solver agrees at once
+
+
+@pytest.mark.parametrize("alg", ["scs", "osqp"])
+def test_newton_finish_never_certifies_an_infeasible_instance(alg):
+    p = cp.Parameter(3, name="p")
+    x = cp.Variable(3, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.sum(x)), [x >= p, x <= 1])
+    pp = ParametricProblem(prob, FORMS[alg])
+    params = {"p": np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.5, 0.2, 0.1]])}
+    out = AmortizedSolver(pp, algorithm=alg, k=10, newton=4, solver_settings=TOL).solve(params)
+    assert not out.certified[1]
+    assert out.results[1].status in (Status.INFEASIBLE, Status.INFEASIBLE_INACCURATE)
+    assert out.results[0].status == out.results[2].status == Status.OPTIMAL
+
+
+def test_calibration_chooses_newton_steps_and_saving_keeps_them(tmp_path):
+    from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
+    from amortcvx.predictors.fixed_point import output_space
+
+    fam, pp = _pp("portfolio", "osqp")
+    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm="osqp", settings={}, num_params=pp.num_params,
+                         out_dim=output_space("osqp").dim(pp.n, pp.m))
+    model = WarmStartPredictor(meta, hidden=(8,)).double()
+    solver = AmortizedSolver(pp, model, k=10, solver_settings=TOL)
+    cal = solver.calibrate(fam.sample(16, seed=9), newton_steps=(0, 4), timed=False)
+    labels = dict(cal.candidates)
+    assert set(labels) == {"plain", "plain + newton 4"}
+    assert labels["plain + newton 4"] < labels["plain"]  # the Newton finish certifies: 0 C iterations
+    assert cal.newton == solver.newton == 4
+    solver.save(tmp_path / "s")
+    again = AmortizedSolver.load(tmp_path / "s", fam.problem)
+    assert again.newton == 4 and again.calibration.newton == 4
+    with pytest.raises(ValueError, match="newton"):
+        AmortizedSolver(pp, model, k=10, newton=-1)

@@ -27,6 +27,7 @@ import torch
 
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.datasets import generate_dataset
+from amortcvx.deploy.solver import newton_choices
 from amortcvx.iterations.loop import AndersonSettings
 from amortcvx.solvers import get_solver
 from amortcvx.training import SolvedSet, TrainConfig, train
@@ -200,7 +201,7 @@ def fit(cls, problem: cp.Problem, data: Sampler | Mapping[str, Any], *, solver: 
     model = train(pp, solver, train_set, val_set, config).model
     out = cls(pp, model, k=k, solver_settings=settings, device=device, **solver_options)
     if calibrate:
-        out.calibrate(val_ds.params, refinements=(None, AndersonSettings()))
+        out.calibrate(val_ds.params, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp))
     return out
 
 
@@ -219,7 +220,8 @@ def _fit_recipe(cls, pp: ParametricProblem, solver: str, data, *, k: int, settin
     out = cls(pp, result.model, k=k, solver_settings=settings, device=device, **solver_options)
     out.recipe = result
     if calibrate:
-        out.calibrate(source.params(recipe.val_size), refinements=(None, AndersonSettings()))
+        out.calibrate(source.params(recipe.val_size), refinements=(None, AndersonSettings()),
+                      newton_steps=newton_choices(pp))
     return out
 
 

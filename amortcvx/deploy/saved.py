@@ -45,7 +45,7 @@ def save(solver, path: str | os.PathLike) -> None:
         "format": FORMAT, "version": VERSION, "fingerprint": solver.pp.fingerprint, "algorithm": solver.algorithm,
         "model": solver.model is not None,
         "settings": None if solver.settings is None else dataclasses.asdict(solver.settings),
-        "k": solver.k, "anderson": _anderson(solver.anderson), "polish": solver.polish,
+        "k": solver.k, "anderson": _anderson(solver.anderson), "polish": solver.polish, "newton": solver.newton,
         "solver_settings": solver.solver_settings, "safeguard": solver.safeguard,
         "safeguard_ratio": solver.safeguard_ratio, "safeguard_reference": solver.safeguard_reference,
         "finish": solver.finish, "dtype": str(solver.dtype).removeprefix("torch."), "workers": solver.workers,
@@ -107,7 +107,8 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
         solver_settings=state["solver_settings"], safeguard=state["safeguard"],
         safeguard_ratio=state["safeguard_ratio"], safeguard_reference=state["safeguard_reference"],
         finish=state["finish"], dtype=getattr(torch, state["dtype"]), workers=state["workers"],
-        check_termination=state["check_termination_given"], c_modes=state["c_modes_given"], device=device)
+        check_termination=state["check_termination_given"], c_modes=state["c_modes_given"], device=device,
+        newton=state.get("newton", 0))
     kwargs.update(overrides)
     solver = cls(pp, model, **kwargs)
     decided = state["decisions"]

@@ -20,6 +20,15 @@ dual residual, duality gap, and cone membership, which the point is projected on
 step gives exactly). Instances that pass are answered with that point, status ``optimal`` and
 ``certified=True``; no C solve runs for them. ``finish="c"`` always runs the C solver.
 
+With ``newton=N`` (any cone) each warm start is then refined by up to ``N`` semismooth Newton steps on the
+optimality conditions (:func:`amortcvx.layers.kkt.newton_refine`, the layer's refinement): where they converge
+(an LP / QP with the right active set in one step; cone programs quadratically near the solution) the refined
+point, a solution to about ``1e-9``, replaces the warm start, and the certificate answers the instance with no C
+iteration at all; where they do not, the warm start is left as it was. A warm start, refined or not, changes
+only the speed: answers still pass the certificate or come from the C solver. One batched ``n x n`` factorization per step and instance (float64; matrix-free GMRES above
+``n + m = 2000``, :data:`amortcvx.layers.kkt.KRYLOV_SIZE`). :meth:`AmortizedSolver.fit` lets calibration choose
+between 0 and :data:`NEWTON_STEPS` steps up to that size (:func:`newton_choices`).
+
 With ``polish=True`` (LPs and QPs) each refined point is also solved exactly on its guessed active set
 (:mod:`amortcvx.iterations.polish`), and each instance keeps whichever of the two points gives the smaller
 fixed-point residual at the C solver's first step (:func:`start_residual`).
@@ -67,6 +76,7 @@ from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
 from amortcvx.iterations.polish import check_polishable
 from amortcvx.iterations.registry import make_algorithm
+from amortcvx.layers import kkt
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import WarmStartPredictor
 from amortcvx.solvers import get_solver
@@ -74,6 +84,17 @@ from amortcvx.solvers import get_solver
 SAFEGUARD_REFERENCES = ("cold", "refined_cold")
 """What a refined prediction's residual is compared with (see the module docstring, safeguard 1); the first is
 the default."""
+
+NEWTON_STEPS = 4
+"""The Newton steps of the certified finish that :meth:`AmortizedSolver.fit` offers calibration (next to none)."""
+
+
+def newton_choices(pp: ParametricProblem) -> tuple[int, ...]:
+    """The Newton steps calibration chooses among by default: ``(0, NEWTON_STEPS)`` where the dense refinement
+    applies (``n + m <= KRYLOV_SIZE``; beyond, a batch of matrix-free solves costs more than it is likely to
+    save), else ``(0,)``."""
+    return (0, NEWTON_STEPS) if pp.n + pp.m <= kkt.KRYLOV_SIZE else (0,)
+
 
 FINISHES = ("certify", "c")
 """How a warm start becomes an answer: certified where it passes the solver's own test, else the C solver
@@ -137,6 +158,7 @@ class Calibration(NamedTuple):
         check_termination: OSQP's termination-check interval of warm-started timed solves (None: 25).
         timing_batch: the batch size of the second timing (the validation batch); with ``seconds`` it gives each
             call the strategy that is fastest at its batch size (:meth:`strategy_for`).
+        newton: the Newton steps of the certified finish kept (0: none).
     """
 
     learned_median: float
@@ -151,6 +173,7 @@ class Calibration(NamedTuple):
     osqp_rho: float | None = None
     check_termination: int | None = None
     timing_batch: int | None = None
+    newton: int = 0
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
@@ -220,6 +243,11 @@ def refinement_label(anderson: AndersonSettings | None) -> str:
     return "plain" if anderson is None else f"anderson(memory={anderson.memory})"
 
 
+def option_label(anderson: AndersonSettings | None, newton: int) -> str:
+    """:func:`refinement_label`, with ``" + newton N"`` where the certified finish takes ``N`` Newton steps."""
+    return refinement_label(anderson) + (f" + newton {newton}" if newton else "")
+
+
 class AmortizedSolver:
     """Warm-started solves of a parametric problem with a trained predictor.
 
@@ -255,6 +283,8 @@ class AmortizedSolver:
         c_modes: ``{"warm": mode, "cold": mode}``, the mode (:data:`C_MODES`) of the persistent C solver objects
             for warm-started and for cold solves (SCS; default :data:`DEFAULT_C_MODES`); :meth:`calibrate`
             chooses them by measured wall time unless given.
+        newton: Newton steps on the point offered to the certified finish (0: none; see the module docstring);
+            :meth:`calibrate` chooses among ``newton_steps`` when given.
     """
 
     def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
@@ -263,7 +293,8 @@ class AmortizedSolver:
                  safeguard: bool = True, safeguard_ratio: float = 1.0, safeguard_reference: str = "cold",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, workers: int | None = 1,
                  finish: str = "certify", reference_params: Mapping | None = None,
-                 check_termination: int | None = None, c_modes: Mapping[str, str] | None = None):
+                 check_termination: int | None = None, c_modes: Mapping[str, str] | None = None,
+                 newton: int = 0):
         if model is not None:
             if model.meta.fingerprint != pp.fingerprint:
                 raise ValueError(f"the predictor was trained for problem {model.meta.fingerprint}, not for this "
@@ -279,12 +310,15 @@ class AmortizedSolver:
                              f"got {pp.form!r}")
         if k < 0:
             raise ValueError(f"k must be nonnegative; got {k}")
+        if isinstance(newton, bool) or not isinstance(newton, int) or newton < 0:
+            raise ValueError(f"newton must be a nonnegative int (Newton steps of the certified finish); got {newton!r}")
         if anderson is not None and not isinstance(anderson, AndersonSettings):
             raise TypeError(f"anderson must be None or an AndersonSettings; got {type(anderson).__name__}")
         if polish and pp.form == "cone":
             check_polishable(pp.cones)
         self.pp, self.algorithm, self.settings, self.k, self.anderson = pp, algorithm, settings, k, anderson
         self.polish = bool(polish)
+        self.newton = newton
         self.backend = description.backend.name
         self.description = description
         self.solver_settings = dict(solver_settings or {})
@@ -577,10 +611,26 @@ class AmortizedSolver:
             point = {"x": sol.x, "z": sol.z, "y": sol.y}
         return {k: v.detach().to("cpu", torch.float64).numpy() for k, v in point.items()}
 
+    def _newton(self, data: ConeData | QPData, ws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The warm starts with the instances where ``newton`` Newton steps from them converge replaced by the
+        refined point (:func:`amortcvx.layers.kkt.newton_refine`; float64); the others are left as they are."""
+        d = kkt.auto(data)
+        x, y = ws["x"].to(torch.float64), ws["y"].to(torch.float64)
+        s = ws["s"].to(torch.float64) if "s" in ws else None
+        ref = kkt.newton_refine(d, kkt.point_from_solution(d, x, y, s), steps=self.newton)
+        done = kkt.converged(d, ref.norm)[:, None]
+        dual = kkt.dual_of(d, ref.point.w)
+        refined = {"x": ref.point.x, "y": dual}
+        if s is not None:
+            refined["s"] = kkt.slack_of(d, ref.point.w, dual)
+        return {k: torch.where(done, refined[k], v.to(torch.float64)).to(v.dtype) for k, v in ws.items()}
+
     def _package(self, alg, theta, data, ws, fallback, res, cold_res, t0, plain_cold=None) -> _Prediction:
         """Host-side warm starts; ``plain_cold`` marks instances that get no warm start at all."""
         fallback = fallback.cpu().numpy()
         plain = np.zeros_like(fallback) if plain_cold is None else plain_cold.cpu().numpy()
+        if ws is not None and self.newton:
+            ws = self._newton(data, ws)
         host = None if ws is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in ws.items()}
         candidates = None
         if ws is not None and self.finish == "certify":
@@ -596,13 +646,15 @@ class AmortizedSolver:
         return _Prediction(batch, theta, data, candidates, ~plain if host is not None else np.zeros_like(plain))
 
     def calibrate(self, params: Mapping, *, margin: float = 1.0,
-                  refinements: Sequence[AndersonSettings | None] | None = None, timed: bool = True) -> Calibration:
+                  refinements: Sequence[AndersonSettings | None] | None = None, timed: bool = True,
+                  newton_steps: Sequence[int] | None = None) -> Calibration:
         """``self.configure(self.calibrated(params, ...))``: compute the configuration and apply it; returns it."""
-        return self.configure(self.calibrated(params, margin=margin, refinements=refinements, timed=timed))
+        return self.configure(self.calibrated(params, margin=margin, refinements=refinements, timed=timed,
+                                              newton_steps=newton_steps))
 
     def calibrated(self, params: Mapping, *, margin: float = 1.0,
                    refinements: Sequence[AndersonSettings | None] | None = None,
-                   timed: bool = True) -> Calibration:
+                   timed: bool = True, newton_steps: Sequence[int] | None = None) -> Calibration:
         """The configuration of this solver for its problem, measured on ``params``; the solver is left unchanged.
 
         ``params`` are held-out validation instances (not the test set). In order:
@@ -610,10 +662,11 @@ class AmortizedSolver:
         1. OSQP: the initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it; every
            measurement below uses it.
         2. With a predictor: each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
-           one) is tried with the learned warm starts, exact C iteration counts (certified instances count 0);
-           the lowest median (ties: the lowest mean, then the first) is kept: whether acceleration helps depends
-           on the problem (it can cost iterations, see docs/iterations.md). The predictor passes when
-           ``median(learned) <= margin * median(cold)``, the cold start refined the same way.
+           one), with each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current ``newton``), is tried with
+           the learned warm starts, exact C iteration counts (certified instances count 0); the lowest median
+           (ties: the lowest mean, then the first) is kept: whether acceleration helps depends on the problem (it
+           can cost iterations, see docs/iterations.md). The predictor passes when ``median(learned) <= margin *
+           median(cold)``, the cold start refined the same way (and finished with the same Newton steps).
         3. OSQP without an explicit ``check_termination``: warm-started timed solves check every ``ceil(median)``
            iterations (at most 25) of the C iterations the kept start needed where it was not certified.
            SCS without explicit ``c_modes``: the modes of the persistent objects and the stateless scale
@@ -626,19 +679,23 @@ class AmortizedSolver:
         Returns the :class:`Calibration`: every decision and the numbers behind it (``describe()``);
         :meth:`configure` applies it (and :meth:`save` keeps it).
         """
-        options = [self.anderson] if refinements is None else list(refinements)
-        if not options:
+        refinement = [self.anderson] if refinements is None else list(refinements)
+        if not refinement:
             raise ValueError("refinements must name at least one refinement (None: plain steps)")
-        for opt in options:
+        for opt in refinement:
             if opt is not None and not isinstance(opt, AndersonSettings):
                 raise TypeError(f"refinements must hold None or AndersonSettings; got {type(opt).__name__}")
-        saved = (self.anderson, self.enabled, self.cold_refine, self.by_batch, dict(self.c_modes), self.scs_scale,
-                 self.osqp_rho, self.check_termination, dict(self._persistent))
+        steps = [self.newton] if newton_steps is None else list(newton_steps)
+        if not steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in steps):
+            raise ValueError(f"newton_steps must hold nonnegative ints; got {newton_steps!r}")
+        options = [(a, n) for n in steps for a in refinement]
+        saved = (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, dict(self.c_modes),
+                 self.scs_scale, self.osqp_rho, self.check_termination, dict(self._persistent))
         try:
             self.by_batch = False  # every measurement runs the strategy it sets
             return self._measure(params, margin, options, timed)
         finally:
-            (self.anderson, self.enabled, self.cold_refine, self.by_batch, self.c_modes, self.scs_scale,
+            (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, self.c_modes, self.scs_scale,
              self.osqp_rho, self.check_termination, self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool) -> Calibration:
@@ -650,11 +707,11 @@ class AmortizedSolver:
         if self.model is not None:
             self.enabled = True
             for opt in options:
-                self.anderson = opt
+                self.anderson, self.newton = opt
                 out = self.solve(params, exact_iterations=True)
                 its = [r.iterations for r in out.results]
                 candidates.append((opt, float(np.median(its)), float(np.mean(its)), out))
-            self.anderson, learned, _, kept = min(candidates, key=lambda c: c[1:3])  # min keeps the first of ties
+            (self.anderson, self.newton), learned, _, kept = min(candidates, key=lambda c: c[1:3])  # first of ties
         self.enabled, self.cold_refine = False, True
         cold_out = self.solve(params, exact_iterations=True)
         cold = float(np.median([r.iterations for r in cold_out.results]))
@@ -675,8 +732,9 @@ class AmortizedSolver:
             strategy, seconds = self.choose_strategy(params, allowed)
         timing_batch = int(self.pp.parameter_vector(params).shape[0]) if timed else None
         return Calibration(learned, cold, strategy == "learned", self.anderson,
-                           tuple((refinement_label(a), med) for a, med, _, _ in candidates), dict(self.c_modes),
-                           strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination, timing_batch)
+                           tuple((option_label(a, n), med) for (a, n), med, _, _ in candidates), dict(self.c_modes),
+                           strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination, timing_batch,
+                           self.newton)
 
     def configure(self, calibration: Calibration) -> Calibration:
         """Apply a :class:`Calibration` (from :meth:`calibrated`, possibly of a saved solver): refinement, strategy,
@@ -684,6 +742,7 @@ class AmortizedSolver:
         if not isinstance(calibration, Calibration):
             raise TypeError(f"configure takes a Calibration; got {type(calibration).__name__}")
         self.anderson = calibration.anderson
+        self.newton = calibration.newton
         self.use_strategy(calibration.strategy or ("learned" if calibration.enabled else "refined_cold"))
         if calibration.c_modes is not None:
             self.c_modes = dict(calibration.c_modes)

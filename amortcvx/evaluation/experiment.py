@@ -37,7 +37,7 @@ import torch
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import Dataset, generate_dataset
 from amortcvx.deploy import AmortizedSolver, Calibration
-from amortcvx.deploy.solver import refinement_label
+from amortcvx.deploy.solver import newton_choices, option_label, refinement_label
 from amortcvx.evaluation.baselines import (
     NearestNeighbor,
     cold_warm_starts,
@@ -375,7 +375,7 @@ def format_report(*, title: str, comparison: Comparison, fallback: Mapping[str, 
     if calibration:
         text += "\ncalibration on the validation set (median C iterations, learned vs refined cold): " + ", ".join(
             f"{k}: {c.learned_median:g} vs {c.cold_median:g} ({'SWITCHED OFF' if predictor_off(c) else 'kept'}"
-            + (f"; refinement {refinement_label(c.anderson)} of {dict(c.candidates)}" if len(c.candidates) > 1
+            + (f"; refinement {option_label(c.anderson, c.newton)} of {dict(c.candidates)}" if len(c.candidates) > 1
                else "") + ")"
             for k, c in calibration.items())
     if timings:
@@ -426,11 +426,11 @@ def evaluate(config: ExperimentConfig, *, log: Callable[[str], None] | None = No
     solvers: dict[str, AmortizedSolver] = {}
     val_params = params_rows(ok_train.params, prep.val_rows)
 
-    def make_solver(model_or_none, k: int, procs: int | None, anderson) -> AmortizedSolver:
+    def make_solver(model_or_none, k: int, procs: int | None, anderson, newton: int = 0) -> AmortizedSolver:
         return AmortizedSolver(pp, model_or_none, algorithm=backend, k=k, anderson=anderson, polish=config.polish,
                                solver_settings=config.solver_settings, safeguard=config.safeguard,
                                safeguard_reference=config.safeguard_reference, device=config.device, dtype=dtype,
-                               workers=procs)
+                               workers=procs, newton=newton)
 
     for k in config.refine_steps:
         name = learned_name(k)
@@ -441,10 +441,12 @@ def evaluate(config: ExperimentConfig, *, log: Callable[[str], None] | None = No
         if config.safeguard and config.calibrate:
             # with acceleration asked for, the validation medians also choose plain or accelerated refinement
             choices = (None, config.anderson) if config.anderson is not None and k > 2 else None
-            cal = calibration[name] = solver.calibrate(val_params, refinements=choices)
+            # and the Newton steps of the certified finish (none, or NEWTON_STEPS on problems of dense size)
+            cal = calibration[name] = solver.calibrate(val_params, refinements=choices, newton_steps=newton_choices(pp))
             emit(f"calibration of {name} on {len(prep.val_rows)} validation instances: median {cal.learned_median:g} "
                  f"vs {cal.cold_median:g} from the (refined) cold start -> predictor "
-                 f"{'kept' if cal.enabled else 'SWITCHED OFF'}; refinement {refinement_label(solver.anderson)}"
+                 f"{'kept' if cal.enabled else 'SWITCHED OFF'}; refinement "
+                 f"{option_label(solver.anderson, solver.newton)}"
                  + (f" (medians {dict(cal.candidates)})" if len(cal.candidates) > 1 else ""))
         pred = solver.predict_warm_start(test_params)
         strategies[name] = pred.warm_starts
@@ -454,8 +456,8 @@ def evaluate(config: ExperimentConfig, *, log: Callable[[str], None] | None = No
         for k in (k for k in config.refine_steps if k > 0):
             name = cold_refined_name(k)
             emit(f"building warm starts: {name} (control: {k} torch {backend} steps from the cold start, no model)")
-            # the same refinement as the learned strategy with this k
-            control = make_solver(None, k, workers, solvers[learned_name(k)].anderson)
+            # the same refinement (and Newton finish) as the learned strategy with this k
+            control = make_solver(None, k, workers, solvers[learned_name(k)].anderson, solvers[learned_name(k)].newton)
             pred = control.predict_warm_start(test_params)
             strategies[name] = pred.warm_starts
             fallback[name] = int(np.sum(pred.fallback))
@@ -531,7 +533,7 @@ def _title(config: ExperimentConfig, kind: str, num_test: int, num_train: int, n
 
 
 def _calibration_dict(c: Calibration) -> dict[str, Any]:
-    return {**c.to_dict(), "refinement": refinement_label(c.anderson)}
+    return {**c.to_dict(), "refinement": option_label(c.anderson, c.newton)}
 
 
 def _calibration_from_dict(d: Mapping[str, Any]) -> Calibration:

@@ -77,6 +77,17 @@ def _vectors(data: Data, dtype: torch.dtype) -> tuple:
     return data.q.to(dtype), None, data.l.to(dtype), data.u.to(dtype)
 
 
+KRYLOV_SIZE = 2000
+"""``auto`` (:func:`auto`, the layer's ``linear_algebra="auto"``) solves matrix-free when ``n + m`` of the
+canonical problem exceeds this: the dense path stores ``(B, m, n)`` copies of ``A`` and factors ``(B, n, n)``
+matrices."""
+
+
+def auto(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
+    """:func:`dense` up to :data:`KRYLOV_SIZE`, :func:`sparse` beyond."""
+    return (sparse if data.n + data.m > KRYLOV_SIZE else dense)(data, dtype)
+
+
 def dense(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
     """A batch with dense copies of ``P`` and ``A`` (differentiable with respect to the data)."""
     P = None if data.P is None else dense_batch(data.P, dtype=dtype)
@@ -110,6 +121,14 @@ def slack_of(d: Batch, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The cone form's slack ``s = y - w``, or the QP form's ``z = clip(w, l, u)`` (``= w - y``; computed as the
     projection so that ``l <= z <= u`` holds exactly and ``z`` sits exactly on the bound where ``y != 0``)."""
     return y - w if d.b is not None else torch.minimum(torch.maximum(w, d.l), d.u)
+
+
+def point_from_solution(d: Batch, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None) -> Point:
+    """The normal-map point of a solver's answer: ``w = y - s`` (cone form), ``w = clip(Ax, l, u) + y`` (QP form;
+    ``s`` unused)."""
+    if d.b is not None:
+        return Point(x, y - s)
+    return Point(x, torch.minimum(torch.maximum(_mv(d.A, x), d.l), d.u) + y)
 
 
 def residual(d: Batch, pt: Point) -> tuple[torch.Tensor, torch.Tensor]:
@@ -506,6 +525,15 @@ def _take_jacobian(jac: DualJacobian, idx: torch.Tensor) -> DualJacobian:
     return DualJacobian(jac.diag[idx], None if jac.block is None else jac.block[idx], jac.lin)
 
 
+
+
+REFINED = 1e-9
+"""A refinement has converged when ``||F||_inf <= REFINED (1 + ||c||_inf)`` (:func:`converged`)."""
+
+
+def converged(d: Batch, norm: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: ``||F||_inf`` (``norm``, from :func:`newton_refine`) is at the level of a refined solution."""
+    return norm <= REFINED * (1.0 + d.lin.abs().amax(dim=1))
 
 
 class Refined(NamedTuple):

@@ -35,8 +35,8 @@ from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run_to_tolerance, unroll
 from amortcvx.iterations.registry import make_algorithm
-from amortcvx.layers.kkt import (Data, Factor, ImplicitSolution, Point, blank_factor, dense, dual_of, newton_refine,
-                                 put_factor_, slack_of, sparse, take, take_factor)
+from amortcvx.layers.kkt import (KRYLOV_SIZE, Data, Factor, ImplicitSolution, Point, blank_factor, converged, dense, dual_of,
+                                 newton_refine, point_from_solution, put_factor_, slack_of, sparse, take, take_factor)
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.solvers import get_solver
 
@@ -63,13 +63,8 @@ first call (per batch size, by powers of two); then each call takes the one whos
 instance, and every ``AUTO_PROBE``-th call the other (its time changes as the parameters move). Measured: the
 torch steps win on the QP benchmark (batch 64 and 1024), the C solve on a 20-asset portfolio at batch 64 (a
 training loop: 1.22 s against 1.04 s)."""
-KRYLOV_SIZE = 2000
-"""``linear_algebra="auto"`` solves matrix-free when ``n + m`` of the canonical problem exceeds this: the dense
-path stores ``(B, m, n)`` copies of ``A`` and factors ``(B, n, n)`` matrices."""
 LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps")
 """Keys of ``solver_args`` the layer reads itself; every other key is a setting of the C solver."""
-REFINED = 1e-9
-"""A refinement has converged when ``||F||_inf <= REFINED (1 + ||c||_inf)`` (see :mod:`amortcvx.layers.kkt`)."""
 PREVIOUS_RETRY = 8
 """``warm_start="previous"``: after a call in which the previous solution, refined, answered fewer than half of
 the instances, the next ``PREVIOUS_RETRY - 1`` calls skip that stage (the solver still starts from it): where
@@ -126,17 +121,6 @@ class Solution(NamedTuple):
     status: list[Status]
     certified: torch.Tensor
     factor: Factor | None = None
-
-
-def _point_from_solver(form: str, data: Data, x: torch.Tensor, y: torch.Tensor,
-                       s: torch.Tensor | None) -> Point:
-    """The normal-map point of a solver's answer: ``w = y - s`` (cone), ``w = clip(Ax, l, u) + y`` (QP)."""
-    if form == "cone":
-        return Point(x, y - s)
-    from amortcvx.iterations.linalg import spmv
-
-    z = torch.minimum(torch.maximum(spmv(data.A, x), data.l), data.u)
-    return Point(x, z + y)
 
 
 def _certify(form: str, data: Data, d, pt: Point, eps: float) -> np.ndarray:
@@ -232,7 +216,7 @@ class CvxpyLayer(nn.Module):
         self.solver_args = dict(solver_args or {})
         self.presolve_eps = float(presolve_eps)
         if linear_algebra == "auto":
-            linear_algebra = "krylov" if pp.n + pp.m > KRYLOV_SIZE else "dense"
+            linear_algebra = "krylov" if pp.n + pp.m > KRYLOV_SIZE else "dense"  # as kkt.auto
         self.linear_algebra = linear_algebra
         self._batch = LINEAR_ALGEBRA[linear_algebra]
         self._var_maps: list[AffineOutput] = variable_maps(pp, self.variables)
@@ -358,7 +342,7 @@ class CvxpyLayer(nn.Module):
             sub = d_sub.data
             start = None if warm is None else {k: v[todo] for k, v in warm.items()}
             cand = stage(sub, start)
-            pt = _point_from_solver(self.form, sub, cand["x"], cand["y"], cand.get("s"))
+            pt = point_from_solution(d_sub, cand["x"], cand["y"], cand.get("s"))
             ok, pt, part = self._refined(sub, d_sub, pt, eps)
             if kind == "previous" and 2 * int(ok.sum()) < ok.numel():
                 self._previous_skip = PREVIOUS_RETRY - 1
@@ -379,7 +363,7 @@ class CvxpyLayer(nn.Module):
             starts = None if warm is None else {k: v[todo] for k, v in warm.items()}
             xs, ys, ss, st = self._c_solve(sub, starts, eps, c_args)
             has = torch.tensor([s.has_solution for s in st], dtype=torch.bool, device=device)
-            pt = _point_from_solver(self.form, sub, xs, ys, ss)
+            pt = point_from_solution(d_sub, xs, ys, ss)
             pt = Point(torch.nan_to_num(pt.x), torch.nan_to_num(pt.w))
             final = pt
             if self.refine_steps:
@@ -407,7 +391,7 @@ class CvxpyLayer(nn.Module):
             pt, norm, factor = newton_refine(d, pt, steps=self.refine_steps)
         ok = torch.as_tensor(_certify(self.form, data, d, pt, eps), device=pt.x.device)
         if self.refine_steps:  # keep only converged refinements: the others are solved at eps and refined again
-            ok = ok & (norm <= REFINED * (1.0 + d.lin.abs().amax(dim=1)))
+            ok = ok & converged(d, norm)
         return ok, pt, factor
 
     def _torch_candidate(self, data: Data, warm: Mapping[str, torch.Tensor] | None, eps: float,
