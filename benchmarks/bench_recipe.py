@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -110,14 +111,16 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
                    "strategy": strategy, "val_learned_median": cal.learned_median, "val_cold_median": cal.cold_median},
         "learned_refined": refined, "control": control,
     }
+    def over(a: float, b: float) -> float:  # a / b, with 0 / 0 = 1 (both certified at once) and a / 0 = inf
+        return 1.0 if a == b else (a / b if b > 0 else math.inf)
+
     out["ratios"] = {"k0_vs_cold": learned0 / cold, "k0_vs_nn": learned0 / max(nn_med, 1e-12),
                      "refined_vs_cold": refined / cold,
                      # both 0 (each certified at once): the model adds nothing over the control, ratio 1
-                     "control_over_refined": 1.0 if control == refined else control / max(refined, 1e-12)}
+                     "control_over_refined": over(control, refined)}
     if learned0n is not None:
         out["ratios"].update({"k0_newton_vs_cold": learned0n / cold, "k0_newton_vs_nn": learned0n / max(nn_med, 1e-12),
-                              "control_over_k0_newton": 1.0 if control0n == learned0n
-                              else control0n / max(learned0n, 1e-12)})
+                              "control_over_k0_newton": over(control0n, learned0n)})
     out["met"] = {key: (val <= TARGETS[key]) if not key.startswith("control_over") else (val >= TARGETS[key])
                   for key, val in out["ratios"].items()}
     return out

@@ -24,7 +24,8 @@ With ``newton=N`` (any cone) each warm start is then refined by up to ``N`` semi
 optimality conditions (:func:`amortcvx.layers.kkt.newton_refine`, the layer's refinement): where they converge
 (an LP / QP with the right active set in one step; cone programs quadratically near the solution) the refined
 point, a solution to about ``1e-9``, replaces the warm start, and the certificate answers the instance with no C
-iteration at all; where they do not, the warm start is left as it was. A warm start, refined or not, changes
+iteration at all; where they do not, the warm start is left as it was. A learned point that the Newton steps
+solve is kept even where the safeguard (below) would have replaced it. A warm start, refined or not, changes
 only the speed: answers still pass the certificate or come from the C solver. One batched ``n x n`` factorization per step and instance (float64; matrix-free GMRES above
 ``n + m = 2000``, :data:`amortcvx.layers.kkt.KRYLOV_SIZE`). :meth:`AmortizedSolver.fit` lets calibration choose
 between 0 and :data:`NEWTON_STEPS` steps up to that size (:func:`newton_choices`).
@@ -552,6 +553,7 @@ class AmortizedSolver:
         cold = run(alg, alg.init(), cold_steps, anderson=self.anderson).state
         if cold_steps > 0:
             cold_ws, cold_res = self._finish(alg, cold, self.space.warm_start(alg, cold))
+            cold_ws = self._newton(data, cold_ws)[0]
         else:  # the plain cold start and its first step's residual
             cold_ws, cold_res = None, alg.residual(cold, alg.step(cold))
         if not use_model:  # nothing to choose between
@@ -570,9 +572,10 @@ class AmortizedSolver:
         else:
             ws = self.space.prediction_warm_start(alg, z0)
         ws, res = self._finish(alg, state, ws, nxt)
+        ws, solved = self._newton(data, ws)
         bad = ~torch.isfinite(res)
-        if self.safeguard:
-            bad |= res > self.safeguard_ratio * cold_res
+        if self.safeguard:  # a point the Newton steps solved is kept whatever its residual before them
+            bad |= (res > self.safeguard_ratio * cold_res) & ~solved
         if cold_ws is not None:
             ws = {key: torch.where(bad.unsqueeze(1), cold_ws[key], v) for key, v in ws.items()}
             return self._package(alg, theta, data, ws, bad, res, cold_res, t0)
@@ -611,26 +614,28 @@ class AmortizedSolver:
             point = {"x": sol.x, "z": sol.z, "y": sol.y}
         return {k: v.detach().to("cpu", torch.float64).numpy() for k, v in point.items()}
 
-    def _newton(self, data: ConeData | QPData, ws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _newton(self, data: ConeData | QPData, ws: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The warm starts with the instances where ``newton`` Newton steps from them converge replaced by the
-        refined point (:func:`amortcvx.layers.kkt.newton_refine`; float64); the others are left as they are."""
+        refined point (:func:`amortcvx.layers.kkt.newton_refine`; float64), and where that happened; the others are
+        left as they are. Without ``newton``: ``ws`` unchanged, nothing solved."""
+        if not self.newton:
+            return ws, torch.zeros(ws["x"].shape[0], dtype=torch.bool, device=ws["x"].device)
         d = kkt.auto(data)
         x, y = ws["x"].to(torch.float64), ws["y"].to(torch.float64)
         s = ws["s"].to(torch.float64) if "s" in ws else None
         ref = kkt.newton_refine(d, kkt.point_from_solution(d, x, y, s), steps=self.newton)
-        done = kkt.converged(d, ref.norm)[:, None]
+        done = kkt.converged(d, ref.norm)
         dual = kkt.dual_of(d, ref.point.w)
         refined = {"x": ref.point.x, "y": dual}
         if s is not None:
             refined["s"] = kkt.slack_of(d, ref.point.w, dual)
-        return {k: torch.where(done, refined[k], v.to(torch.float64)).to(v.dtype) for k, v in ws.items()}
+        return {k: torch.where(done[:, None], refined[k], v.to(torch.float64)).to(v.dtype) for k, v in ws.items()}, done
 
     def _package(self, alg, theta, data, ws, fallback, res, cold_res, t0, plain_cold=None) -> _Prediction:
         """Host-side warm starts; ``plain_cold`` marks instances that get no warm start at all."""
         fallback = fallback.cpu().numpy()
         plain = np.zeros_like(fallback) if plain_cold is None else plain_cold.cpu().numpy()
-        if ws is not None and self.newton:
-            ws = self._newton(data, ws)
         host = None if ws is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in ws.items()}
         candidates = None
         if ws is not None and self.finish == "certify":
