@@ -91,12 +91,22 @@ def check_matrices(owner: str, A: SparseBatch, P: SparseBatch | None, m: int, n:
 def dense_batch(mat: SparseBatch, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense copy of a :class:`SparseBatch`: shape ``(1, r, c)`` when it is shared, else ``(B, r, c)``.
 
-    Differentiable with respect to ``mat.values``.
+    Differentiable with respect to ``mat.values``. The copy of a shared matrix without gradient is memoized
+    (read-only for the caller).
     """
-    values = mat.values[:1] if mat.shared else mat.values
-    if dtype is not None:
-        values = values.to(dtype)
-    return SparseBatch(mat.indices, mat.indptr, mat.shape, values, mat.shared).to_dense()
+    def build() -> torch.Tensor:
+        values = mat.values[:1] if mat.shared else mat.values
+        if dtype is not None:
+            values = values.to(dtype)
+        return SparseBatch(mat.indices, mat.indptr, mat.shape, values, mat.shared).to_dense()
+    if mat.shared and not mat.values.requires_grad:  # a constant matrix: one dense copy per problem and dtype
+        return _DENSE.get(mat, ("dense", dtype, str(mat.values.device)), build)
+    return build()
+
+
+_DENSE = SharedMemo()
+"""Dense copies of shared (parameter-independent) matrices, by :func:`dense_batch`; callers must not write to
+them."""
 
 
 def matvec(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -590,12 +590,15 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
             elif part is not None:
                 factor = put_factor_(factor if factor is not None else blank_factor(part, norm.shape[0]), idx, part)
             best, best_norm = start, start_norm
+            goal = tol * scale[idx]
             for t in damping:
                 cand = Point(start.x - t * delta[:, :n], start.w - t * delta[:, n:])
                 cnorm = residual_norm(sub, cand)
                 better = torch.isfinite(cnorm) & (cnorm < best_norm)
                 best = Point(torch.where(better[:, None], cand.x, best.x), torch.where(better[:, None], cand.w, best.w))
                 best_norm = torch.where(better, cnorm, best_norm)
+                if bool((best_norm <= goal).all()):  # every instance converged: no shorter step can do better
+                    break
             if not bool((best_norm < start_norm).any()):
                 break
             pt = Point(pt.x.index_copy(0, idx, best.x), pt.w.index_copy(0, idx, best.w))
