@@ -367,3 +367,15 @@ def test_calibration_chooses_newton_steps_and_saving_keeps_them(tmp_path):
     assert again.newton == 4 and again.calibration.newton == 4
     with pytest.raises(ValueError, match="newton"):
         AmortizedSolver(pp, model, k=10, newton=-1)
+
+
+def test_newton_finish_in_chunks_gives_the_same_warm_starts(monkeypatch):
+    from amortcvx.deploy import solver as solver_module
+
+    fam, pp = _pp("portfolio", "osqp")
+    params = fam.sample(7, seed=10)
+    whole = AmortizedSolver(pp, algorithm="osqp", k=10, newton=4, solver_settings=TOL).predict_warm_start(params)
+    monkeypatch.setattr(solver_module, "NEWTON_CHUNK_BYTES", 8 * pp.n * (pp.n + pp.m) * 3)  # chunks of 3 instances
+    parts = AmortizedSolver(pp, algorithm="osqp", k=10, newton=4, solver_settings=TOL).predict_warm_start(params)
+    for key in whole.arrays:
+        np.testing.assert_allclose(parts.arrays[key], whole.arrays[key], rtol=1e-9, atol=1e-9)

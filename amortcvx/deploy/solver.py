@@ -88,6 +88,9 @@ the default."""
 
 NEWTON_STEPS = 4
 """The Newton steps of the certified finish that :meth:`AmortizedSolver.fit` offers calibration (next to none)."""
+NEWTON_CHUNK_BYTES = 2 ** 28
+"""The Newton finish refines a batch in chunks of about this many bytes of ``(n, n + m)`` float64 work per chunk
+(the dense factorizations hold ``(chunk, n, n)`` matrices)."""
 
 
 def newton_choices(pp: ParametricProblem) -> tuple[int, ...]:
@@ -619,8 +622,17 @@ class AmortizedSolver:
         """The warm starts with the instances where ``newton`` Newton steps from them converge replaced by the
         refined point (:func:`amortcvx.layers.kkt.newton_refine`; float64), and where that happened; the others are
         left as they are. Without ``newton``: ``ws`` unchanged, nothing solved."""
+        size = ws["x"].shape[0]
         if not self.newton:
-            return ws, torch.zeros(ws["x"].shape[0], dtype=torch.bool, device=ws["x"].device)
+            return ws, torch.zeros(size, dtype=torch.bool, device=ws["x"].device)
+        chunk = max(1, NEWTON_CHUNK_BYTES // (8 * self.pp.n * (self.pp.n + self.pp.m)))  # bounds the (B, n, n) work
+        parts = [self._newton_part(data.take(np.arange(i, min(size, i + chunk))) if size > chunk else data,
+                                   {k: v[i:i + chunk] for k, v in ws.items()}) for i in range(0, size, chunk)]
+        done = torch.cat([p[1] for p in parts])
+        return {k: torch.cat([p[0][k] for p in parts]) for k in ws}, done
+
+    def _newton_part(self, data: ConeData | QPData, ws: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         d = kkt.auto(data)
         x, y = ws["x"].to(torch.float64), ws["y"].to(torch.float64)
         s = ws["s"].to(torch.float64) if "s" in ws else None
