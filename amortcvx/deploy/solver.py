@@ -26,9 +26,10 @@ optimality conditions (:func:`amortcvx.layers.kkt.newton_refine`, the layer's re
 point, a solution to about ``1e-9``, replaces the warm start, and the certificate answers the instance with no C
 iteration at all; where they do not, the warm start is left as it was. A learned point that the Newton steps
 solve is kept even where the safeguard (below) would have replaced it. A warm start, refined or not, changes
-only the speed: answers still pass the certificate or come from the C solver. One batched ``n x n`` factorization per step and instance (float64; matrix-free GMRES above
-``n + m = 2000``, :data:`amortcvx.layers.kkt.KRYLOV_SIZE`). :meth:`AmortizedSolver.fit` lets calibration choose
-between 0 and :data:`NEWTON_STEPS` steps up to that size (:func:`newton_choices`).
+only the speed: answers still pass the certificate or come from the C solver. Cost: one batched ``n x n``
+factorization per step and instance (float64, in chunks of bounded memory; matrix-free GMRES above ``n + m =
+2000``, :data:`amortcvx.layers.kkt.KRYLOV_SIZE`). :meth:`AmortizedSolver.fit` lets calibration choose between 0
+and :data:`NEWTON_STEPS` steps up to that size (:func:`newton_choices`).
 
 With ``polish=True`` (LPs and QPs) each refined point is also solved exactly on its guessed active set
 (:mod:`amortcvx.iterations.polish`), and each instance keeps whichever of the two points gives the smaller
@@ -287,8 +288,8 @@ class AmortizedSolver:
         c_modes: ``{"warm": mode, "cold": mode}``, the mode (:data:`C_MODES`) of the persistent C solver objects
             for warm-started and for cold solves (SCS; default :data:`DEFAULT_C_MODES`); :meth:`calibrate`
             chooses them by measured wall time unless given.
-        newton: Newton steps on the point offered to the certified finish (0: none; see the module docstring);
-            :meth:`calibrate` chooses among ``newton_steps`` when given.
+        newton: Newton steps on each warm start before the certified finish (0: none; see the module
+            docstring); :meth:`calibrate` chooses among ``newton_steps`` when given.
     """
 
     def __init__(self, pp: ParametricProblem, model: WarmStartPredictor | None = None, *,
