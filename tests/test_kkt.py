@@ -98,7 +98,6 @@ def test_the_backward_reuses_the_forward_refinement_factorization(monkeypatch):
     layer = CvxpyLayer(prob, params, variables, eps=1e-8)
     values = [torch.as_tensor(v).requires_grad_(True) for v in sample(8, np.random.default_rng(0))]
     out = layer(*values)
-    assert layer.last_solution.factor is not None
     calls = []
     real = kkt.factorize
     monkeypatch.setattr(kkt, "factorize", lambda *a, **k: calls.append(a[1].diag.shape[0]) or real(*a, **k))

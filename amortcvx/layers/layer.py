@@ -112,7 +112,8 @@ class Solution(NamedTuple):
         certified: (B,) bool: answered with a refined point that passed the solver's test at ``eps`` (no C
             solve at ``eps`` was needed: the point came from the torch iterations or from a looser C solve).
         factor: the refinement's last factorization per instance (dense linear algebra; reused by the backward
-            where the Jacobian at the solution is the one it was built from), or None.
+            where the Jacobian at the solution is the one it was built from), or None; ``last_solution`` does
+            not keep it (the autograd graph does, until the backward).
     """
 
     x: torch.Tensor
@@ -253,7 +254,7 @@ class CvxpyLayer(nn.Module):
         sol = self._solve(data, theta.detach(), eps, method, warm_mode, max_steps, args)
         if race is not None:
             race.record(method, (time.perf_counter() - start) / data.batch_size)
-        self.last_solution = sol
+        self.last_solution = sol._replace(factor=None)  # the factorizations live only as long as the graph
         self._report(sol)
         if self.gradients == "implicit":
             x, y, _ = ImplicitSolution.apply(theta, sol.x, sol.w, self.pp.canonicalize_vector, sol.failed, self._batch,
