@@ -649,7 +649,8 @@ class ImplicitSolution(torch.autograd.Function):
                 if gs0 is not None:
                     gw = gw + sign * (jac.rmatvec(gs0) - gs0)
                 rhs = torch.cat([gx0 if gx0 is not None else torch.zeros_like(x0), gw], dim=1)
-                lam = solve_kkt(_detached(d), jac, rhs, transpose=True, factor=ctx.factor)
+                factor, ctx.factor = ctx.factor, None  # released once used (a second backward factors anew)
+                lam = solve_kkt(_detached(d), jac, rhs, transpose=True, factor=factor)
             f1, f2 = residual(d, Point(x0, w0))
             n = x.shape[1]
             pairs = [(f, -g) for f, g in ((f1, lam[:, :n]), (f2, lam[:, n:])) if f.requires_grad]
