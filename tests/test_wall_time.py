@@ -379,3 +379,21 @@ def test_newton_finish_in_chunks_gives_the_same_warm_starts(monkeypatch):
     parts = AmortizedSolver(pp, algorithm="osqp", k=10, newton=4, solver_settings=TOL).predict_warm_start(params)
     for key in whole.arrays:
         np.testing.assert_allclose(parts.arrays[key], whole.arrays[key], rtol=1e-9, atol=1e-9)
+
+
+def test_newton_finish_retries_from_the_cold_start_where_a_bad_prediction_fails():
+    from amortcvx.predictors.fixed_point import output_space
+    from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
+
+    fam, pp = _pp("mpc", "scs")
+    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm="scs", settings={}, num_params=pp.num_params,
+                         out_dim=output_space("scs").dim(pp.n, pp.m))
+    torch.manual_seed(0)
+    model = WarmStartPredictor(meta, hidden=(8,)).double()
+    with torch.no_grad():  # a prediction far from every solution
+        for p in model.parameters():
+            p.add_(10.0 * torch.randn_like(p))
+    params = fam.sample(10, seed=11)
+    out = AmortizedSolver(pp, model, k=0, newton=4, solver_settings=TOL).solve(params, exact_iterations=True)
+    assert out.certified.all()  # from the cold start: the Newton steps converge on this MPC (n = 88, m = 232)
+    assert all(r.status == Status.OPTIMAL and r.iterations == 0 for r in out.results)

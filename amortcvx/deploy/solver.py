@@ -24,8 +24,10 @@ With ``newton=N`` (any cone) each warm start is then refined by up to ``N`` semi
 optimality conditions (:func:`amortcvx.layers.kkt.newton_refine`, the layer's refinement): where they converge
 (an LP / QP with the right active set in one step; cone programs quadratically near the solution) the refined
 point, a solution to about ``1e-9``, replaces the warm start, and the certificate answers the instance with no C
-iteration at all; where they do not, the warm start is left as it was. A learned point that the Newton steps
-solve is kept even where the safeguard (below) would have replaced it. A warm start, refined or not, changes
+iteration at all; where they do not, the warm start is left as it was. Newton's method is local: where the
+steps from a learned point do not converge, they are tried from the cold start (refined, where the strategy
+refines it) too. A point the Newton steps solve is kept even where the safeguard (below) would have replaced
+the learned start. A warm start, refined or not, changes
 only the speed: answers still pass the certificate or come from the C solver. Cost: one batched ``n x n``
 factorization per step and instance (float64, in chunks of bounded memory; matrix-free GMRES above ``n + m =
 2000``, :data:`amortcvx.layers.kkt.KRYLOV_SIZE`). :meth:`AmortizedSolver.fit` lets calibration choose between 0
@@ -555,9 +557,10 @@ class AmortizedSolver:
         refined_reference = self.safeguard and self.safeguard_reference == "refined_cold"
         cold_steps = self.k if (not use_model or refined_reference) else 0
         cold = run(alg, alg.init(), cold_steps, anderson=self.anderson).state
+        cold_solved = None
         if cold_steps > 0:
             cold_ws, cold_res = self._finish(alg, cold, self.space.warm_start(alg, cold))
-            cold_ws = self._newton(data, cold_ws)[0]
+            cold_ws, cold_solved = self._newton(data, cold_ws)
         else:  # the plain cold start and its first step's residual
             cold_ws, cold_res = None, alg.residual(cold, alg.step(cold))
         if not use_model:  # nothing to choose between
@@ -577,6 +580,18 @@ class AmortizedSolver:
             ws = self.space.prediction_warm_start(alg, z0)
         ws, res = self._finish(alg, state, ws, nxt)
         ws, solved = self._newton(data, ws)
+        if self.newton and not bool(solved.all()):  # Newton is local: from the cold start where it failed here
+            if cold_ws is None:
+                idx = torch.nonzero(~solved).flatten()
+                start = {k: v[idx] for k, v in self.space.warm_start(alg, cold).items()}
+                part, part_solved = self._newton(data.take(idx.cpu().numpy()), start)
+                cold_solved = torch.zeros_like(solved).index_copy(0, idx, part_solved)
+                alt = {k: v.index_copy(0, idx, part[k]) for k, v in ws.items()}
+            else:
+                alt = cold_ws
+            use = cold_solved & ~solved
+            ws = {k: torch.where(use[:, None], alt[k], v) for k, v in ws.items()}
+            solved = solved | use
         bad = ~torch.isfinite(res)
         if self.safeguard:  # a point the Newton steps solved is kept whatever its residual before them
             bad |= (res > self.safeguard_ratio * cold_res) & ~solved
