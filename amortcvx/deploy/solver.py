@@ -25,9 +25,9 @@ optimality conditions (:func:`amortcvx.layers.kkt.newton_refine`, the layer's re
 (an LP / QP with the right active set in one step; cone programs quadratically near the solution) the refined
 point, a solution to about ``1e-9``, replaces the warm start, and the certificate answers the instance with no C
 iteration at all; where they do not, the warm start is left as it was. Newton's method is local: where the
-steps from a learned point do not converge, they are tried from the cold start (refined, where the strategy
-refines it) too. A point the Newton steps solve is kept even where the safeguard (below) would have replaced
-the learned start. A warm start, refined or not, changes
+steps from a learned point do not converge, they are tried from the cold start too (refined by the strategy's
+``k`` steps, or by the one step the safeguard's reference takes anyway). A point the Newton steps solve is kept
+even where the safeguard (below) would have replaced the learned start. A warm start, refined or not, changes
 only the speed: answers still pass the certificate or come from the C solver. Cost: one batched ``n x n``
 factorization per step and instance (float64, in chunks of bounded memory; matrix-free GMRES above ``n + m =
 2000``, :data:`amortcvx.layers.kkt.KRYLOV_SIZE`). :meth:`AmortizedSolver.fit` lets calibration choose between 0
@@ -562,7 +562,8 @@ class AmortizedSolver:
             cold_ws, cold_res = self._finish(alg, cold, self.space.warm_start(alg, cold))
             cold_ws, cold_solved = self._newton(data, cold_ws)
         else:  # the plain cold start and its first step's residual
-            cold_ws, cold_res = None, alg.residual(cold, alg.step(cold))
+            cold_next = alg.step(cold)
+            cold_ws, cold_res = None, alg.residual(cold, cold_next)
         if not use_model:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
             return self._package(alg, theta, data, cold_ws, fallback, cold_res, cold_res, t0)
@@ -581,9 +582,9 @@ class AmortizedSolver:
         ws, res = self._finish(alg, state, ws, nxt)
         ws, solved = self._newton(data, ws)
         if self.newton and not bool(solved.all()):  # Newton is local: from the cold start where it failed here
-            if cold_ws is None:
+            if cold_ws is None:  # from the cold start's first step (computed above for the reference residual)
                 idx = torch.nonzero(~solved).flatten()
-                start = {k: v[idx] for k, v in self.space.warm_start(alg, cold).items()}
+                start = {k: v[idx] for k, v in self.space.warm_start(alg, cold_next).items()}
                 part, part_solved = self._newton(data.take(idx.cpu().numpy()), start)
                 cold_solved = torch.zeros_like(solved).index_copy(0, idx, part_solved)
                 alt = {k: v.index_copy(0, idx, part[k]) for k, v in ws.items()}
