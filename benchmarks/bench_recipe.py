@@ -107,8 +107,9 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
         "curve": [(p.num_train, p.val_regression, p.val_median_iterations) for p in res.curve],
         "cold": cold, "nearest_neighbor": nn_med, "learned_k0": learned0,
         "learned_k0_newton": learned0n, "control_k0_newton": control0n, "newton_steps": newton,
-        "refine": {"k": k, "anderson": solver.anderson is not None, "newton": solver.newton, "enabled": bool(cal.enabled),
-                   "strategy": strategy, "val_learned_median": cal.learned_median, "val_cold_median": cal.cold_median},
+        "refine": {"k": k, "anderson": solver.anderson is not None, "newton": solver.newton,
+                   "enabled": bool(cal.enabled), "strategy": strategy, "val_learned_median": cal.learned_median,
+                   "val_cold_median": cal.cold_median},
         "learned_refined": refined, "control": control,
     }
     def over(a: float, b: float) -> float:  # a / b, with 0 / 0 = 1 (both certified at once) and a / 0 = inf
@@ -140,8 +141,9 @@ def format_row(r: dict) -> str:
         ref += f"; kept: {r['refine']['strategy']}"
     newton = "not offered (n + m > 2000)"
     if r.get("learned_k0_newton") is not None:
-        newton = (f"{r['learned_k0_newton']:g} (control {r['control_k0_newton']:g}): /cold {cell('k0_newton_vs_cold')}, "
-                  f"/NN {cell('k0_newton_vs_nn')}, control/k0 {cell('control_over_k0_newton')}")
+        newton = (f"{r['learned_k0_newton']:g} (control {r['control_k0_newton']:g}): "
+                  f"/cold {cell('k0_newton_vs_cold')}, /NN {cell('k0_newton_vs_nn')}, "
+                  f"control/k0 {cell('control_over_k0_newton')}")
     return (f"| {r['family']}{' (check)' if r['check_family'] else ''} | {r['cold']:g} | {r['nearest_neighbor']:g} | "
             f"{r['learned_k0']:g} | {r['learned_refined']:g} ({ref}) | {r['control']:g} | {cell('k0_vs_cold')} | "
             f"{cell('k0_vs_nn')} | {cell('refined_vs_cold')} | {cell('control_over_refined')} | {newton} | "

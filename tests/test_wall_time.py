@@ -349,8 +349,8 @@ def test_newton_finish_never_certifies_an_infeasible_instance(alg):
 
 
 def test_calibration_chooses_newton_steps_and_saving_keeps_them(tmp_path):
-    from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
     from amortcvx.predictors.fixed_point import output_space
+    from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
 
     fam, pp = _pp("portfolio", "osqp")
     meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm="osqp", settings={}, num_params=pp.num_params,

@@ -37,7 +37,7 @@ import torch
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import Dataset, generate_dataset
 from amortcvx.deploy import AmortizedSolver, Calibration
-from amortcvx.deploy.solver import newton_choices, option_label, refinement_label
+from amortcvx.deploy.solver import newton_choices, option_label
 from amortcvx.evaluation.baselines import (
     NearestNeighbor,
     cold_warm_starts,

@@ -35,8 +35,24 @@ from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run_to_tolerance, unroll
 from amortcvx.iterations.registry import make_algorithm
-from amortcvx.layers.kkt import (KRYLOV_SIZE, Data, Factor, ImplicitSolution, Point, blank_factor, converged, dense, dual_of,
-                                 newton_refine, point_from_solution, put_factor_, slack_of, sparse, take, take_factor)
+from amortcvx.layers.kkt import (
+    KRYLOV_SIZE,
+    Data,
+    Factor,
+    ImplicitSolution,
+    Point,
+    blank_factor,
+    converged,
+    dense,
+    dual_of,
+    newton_refine,
+    point_from_solution,
+    put_factor_,
+    slack_of,
+    sparse,
+    take,
+    take_factor,
+)
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.solvers import get_solver
 
