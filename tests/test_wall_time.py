@@ -152,14 +152,15 @@ def test_certificate_is_used_on_easy_problems():
     assert not out.certified.any() and all(r.status == Status.OPTIMAL for r in out.results)
 
 
+@pytest.mark.parametrize("newton", [0, 4])
 @pytest.mark.parametrize("alg", ["scs", "osqp"])
-def test_infeasible_instances_are_never_certified(alg):
+def test_infeasible_instances_are_never_certified(alg, newton):
     p = cp.Parameter(3, name="p")
     x = cp.Variable(3, name="x")
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.sum(x)), [x >= p, x <= 1])
     pp = ParametricProblem(prob, FORMS[alg])
     params = {"p": np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.5, 0.2, 0.1]])}  # the middle one is infeasible
-    out = AmortizedSolver(pp, algorithm=alg, k=60, solver_settings=TOL).solve(params)
+    out = AmortizedSolver(pp, algorithm=alg, k=60, newton=newton, solver_settings=TOL).solve(params)
     assert not out.certified[1]
     assert out.results[1].status in (Status.INFEASIBLE, Status.INFEASIBLE_INACCURATE)
     assert out.results[0].status == out.results[2].status == Status.OPTIMAL
@@ -301,14 +302,15 @@ def test_persistent_solver_with_a_parameter_in_p(alg):
         assert abs(r.objective - f.objective) <= 1e-3 * max(1.0, abs(f.objective))
 
 
+@pytest.mark.parametrize("newton", [0, 4])
 @pytest.mark.parametrize("alg", ["scs", "osqp"])
-def test_unbounded_instances_are_never_certified(alg):
+def test_unbounded_instances_are_never_certified(alg, newton):
     p = cp.Parameter(2, name="p")
     x = cp.Variable(2, name="x")
     prob = cp.Problem(cp.Minimize(p @ x), [x >= -1, x[0] <= 3])  # unbounded when p[1] < 0
     pp = ParametricProblem(prob, FORMS[alg])
     params = {"p": np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 2.0]])}
-    out = AmortizedSolver(pp, algorithm=alg, k=60, solver_settings=TOL).solve(params)
+    out = AmortizedSolver(pp, algorithm=alg, k=60, newton=newton, solver_settings=TOL).solve(params)
     assert not out.certified[1]
     assert out.results[1].status in (Status.UNBOUNDED, Status.UNBOUNDED_INACCURATE)
     assert out.results[0].status == out.results[2].status == Status.OPTIMAL
@@ -335,27 +337,18 @@ def test_newton_finish_certifies_more_and_the_c_solver_agrees(name, alg):
     assert all(r.status == Status.OPTIMAL and r.iterations == 1 for r in restarted)  # the C solver agrees at once
 
 
-@pytest.mark.parametrize("alg", ["scs", "osqp"])
-def test_newton_finish_never_certifies_an_infeasible_instance(alg):
-    p = cp.Parameter(3, name="p")
-    x = cp.Variable(3, name="x")
-    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.sum(x)), [x >= p, x <= 1])
-    pp = ParametricProblem(prob, FORMS[alg])
-    params = {"p": np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.5, 0.2, 0.1]])}
-    out = AmortizedSolver(pp, algorithm=alg, k=10, newton=4, solver_settings=TOL).solve(params)
-    assert not out.certified[1]
-    assert out.results[1].status in (Status.INFEASIBLE, Status.INFEASIBLE_INACCURATE)
-    assert out.results[0].status == out.results[2].status == Status.OPTIMAL
-
-
-def test_calibration_chooses_newton_steps_and_saving_keeps_them(tmp_path):
+def _untrained_predictor(pp, alg: str):
     from amortcvx.predictors.fixed_point import output_space
     from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
 
+    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm=alg, settings={}, num_params=pp.num_params,
+                         out_dim=output_space(alg).dim(pp.n, pp.m))
+    return WarmStartPredictor(meta, hidden=(8,)).double()
+
+
+def test_calibration_chooses_newton_steps_and_saving_keeps_them(tmp_path):
     fam, pp = _pp("portfolio", "osqp")
-    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm="osqp", settings={}, num_params=pp.num_params,
-                         out_dim=output_space("osqp").dim(pp.n, pp.m))
-    model = WarmStartPredictor(meta, hidden=(8,)).double()
+    model = _untrained_predictor(pp, "osqp")
     solver = AmortizedSolver(pp, model, k=10, solver_settings=TOL)
     cal = solver.calibrate(fam.sample(16, seed=9), newton_steps=(0, 4), timed=False)
     labels = dict(cal.candidates)
@@ -382,14 +375,9 @@ def test_newton_finish_in_chunks_gives_the_same_warm_starts(monkeypatch):
 
 
 def test_newton_finish_retries_from_the_cold_start_where_a_bad_prediction_fails():
-    from amortcvx.predictors.fixed_point import output_space
-    from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
-
     fam, pp = _pp("mpc", "scs")
-    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm="scs", settings={}, num_params=pp.num_params,
-                         out_dim=output_space("scs").dim(pp.n, pp.m))
     torch.manual_seed(0)
-    model = WarmStartPredictor(meta, hidden=(8,)).double()
+    model = _untrained_predictor(pp, "scs")
     with torch.no_grad():  # a prediction far from every solution
         for p in model.parameters():
             p.add_(10.0 * torch.randn_like(p))

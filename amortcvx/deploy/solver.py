@@ -100,7 +100,7 @@ def newton_choices(pp: ParametricProblem) -> tuple[int, ...]:
     """The Newton steps calibration chooses among by default: ``(0, NEWTON_STEPS)`` where the dense refinement
     applies (``n + m <= KRYLOV_SIZE``; beyond, a batch of matrix-free solves costs more than it is likely to
     save), else ``(0,)``."""
-    return (0, NEWTON_STEPS) if pp.n + pp.m <= kkt.KRYLOV_SIZE else (0,)
+    return (0, NEWTON_STEPS) if kkt.linear_algebra(pp.n, pp.m) == "dense" else (0,)
 
 
 FINISHES = ("certify", "c")
@@ -655,10 +655,7 @@ class AmortizedSolver:
         s = ws["s"].to(torch.float64) if "s" in ws else None
         ref = kkt.newton_refine(d, kkt.point_from_solution(d, x, y, s), steps=self.newton)
         done = kkt.converged(d, ref.norm)
-        dual = kkt.dual_of(d, ref.point.w)
-        refined = {"x": ref.point.x, "y": dual}
-        if s is not None:
-            refined["s"] = kkt.slack_of(d, ref.point.w, dual)
+        refined = kkt.warm_start_fields(d, ref.point)
         return {k: torch.where(done[:, None], refined[k], v.to(torch.float64)).to(v.dtype) for k, v in ws.items()}, done
 
     def _package(self, alg, theta, data, ws, fallback, res, cold_res, t0, plain_cold=None) -> _Prediction:

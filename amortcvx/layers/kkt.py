@@ -78,14 +78,19 @@ def _vectors(data: Data, dtype: torch.dtype) -> tuple:
 
 
 KRYLOV_SIZE = 2000
-"""``auto`` (:func:`auto`, the layer's ``linear_algebra="auto"``) solves matrix-free when ``n + m`` of the
-canonical problem exceeds this: the dense path stores ``(B, m, n)`` copies of ``A`` and factors ``(B, n, n)``
-matrices."""
+""":func:`linear_algebra` chooses matrix-free solves when ``n + m`` of the canonical problem exceeds this: the
+dense path stores ``(B, m, n)`` copies of ``A`` and factors ``(B, n, n)`` matrices."""
+
+
+def linear_algebra(n: int, m: int) -> str:
+    """``"dense"`` up to :data:`KRYLOV_SIZE` (``n + m``), ``"krylov"`` beyond: the key of :data:`BATCHES` that
+    ``"auto"`` (the layer's ``linear_algebra``, :func:`auto`) means for a problem of this size."""
+    return "krylov" if n + m > KRYLOV_SIZE else "dense"
 
 
 def auto(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
-    """:func:`dense` up to :data:`KRYLOV_SIZE`, :func:`sparse` beyond."""
-    return (sparse if data.n + data.m > KRYLOV_SIZE else dense)(data, dtype)
+    """The :data:`BATCHES` builder :func:`linear_algebra` chooses for ``data``."""
+    return BATCHES[linear_algebra(data.n, data.m)](data, dtype)
 
 
 def dense(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
@@ -98,6 +103,10 @@ def sparse(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
     """A batch that keeps the sparse ``P`` and ``A``: every product is sparse and every solve matrix-free
     (:mod:`amortcvx.layers.krylov`); nothing of size ``(B, m, n)`` is formed."""
     return Batch(data.P, data.A, *_vectors(data, dtype), data)
+
+
+BATCHES = {"dense": dense, "krylov": sparse}
+"""How refinement and backward solve with the Jacobian: batched factorizations, or matrix-free Krylov solves."""
 
 
 def _mv(mat: torch.Tensor | SparseBatch, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +130,15 @@ def slack_of(d: Batch, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The cone form's slack ``s = y - w``, or the QP form's ``z = clip(w, l, u)`` (``= w - y``; computed as the
     projection so that ``l <= z <= u`` holds exactly and ``z`` sits exactly on the bound where ``y != 0``)."""
     return y - w if d.b is not None else torch.minimum(torch.maximum(w, d.l), d.u)
+
+
+def warm_start_fields(d: Batch, pt: Point) -> dict[str, torch.Tensor]:
+    """A point as a solver's warm-start fields: ``x``, ``y = y(w)`` and, in the cone form, ``s = y - w``
+    (the inverse of :func:`point_from_solution`)."""
+    y = dual_of(d, pt.w)
+    if d.b is None:
+        return {"x": pt.x, "y": y}
+    return {"x": pt.x, "y": y, "s": slack_of(d, pt.w, y)}
 
 
 def point_from_solution(d: Batch, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None) -> Point:
@@ -377,6 +395,8 @@ def reusable(factor: Factor, jac: DualJacobian) -> torch.Tensor:
     """(B,) bool: where ``factor`` was built from exactly ``jac`` (so that it is the factorization a new one would
     give). On LPs and QPs ``D`` is a 0/1 diagonal that stays the same from the last Newton step to the refined
     point, so the backward solve reuses the forward's factorization there."""
+    if factor.jac is jac:  # built from this very Jacobian (e.g. by the Newton step that solves with it)
+        return factor.ok
     same = factor.ok & (factor.jac.diag == jac.diag).all(dim=1)
     if (factor.jac.block is None) != (jac.block is None):
         return torch.zeros_like(same)

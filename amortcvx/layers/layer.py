@@ -36,14 +36,13 @@ from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run_to_tolerance, unroll
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.layers.kkt import (
-    KRYLOV_SIZE,
+    BATCHES,
     Data,
     Factor,
     ImplicitSolution,
     Point,
     blank_factor,
     converged,
-    dense,
     dual_of,
     newton_refine,
     point_from_solution,
@@ -52,7 +51,9 @@ from amortcvx.layers.kkt import (
     sparse,
     take,
     take_factor,
+    warm_start_fields,
 )
+from amortcvx.layers.kkt import linear_algebra as choose_linear_algebra
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.solvers import get_solver
 
@@ -60,8 +61,8 @@ METHODS = ("auto", "c", "torch")
 WARM_STARTS = ("cold", "previous", "learned")
 GRADIENTS = ("implicit", "unrolled")
 FAILURES = ("nan", "raise")
-LINEAR_ALGEBRA = {"dense": dense, "krylov": sparse}
-"""How refinement and backward solve with the optimality conditions' Jacobian (see :mod:`amortcvx.layers.kkt`)."""
+LINEAR_ALGEBRA = BATCHES
+"""How refinement and backward solve with the optimality conditions' Jacobian (:data:`amortcvx.layers.kkt.BATCHES`)."""
 PRESOLVE_SETTINGS: dict[str, Mapping[str, Any]] = {"scs": scs_backend.STATELESS_SETTINGS}
 """C settings of the loose solve (``presolve_eps``) by solver, under the caller's: SCS without adaptive scale or
 Anderson memory keeps one object for every instance instead of a new setup per solve (the answers are refined and
@@ -233,7 +234,7 @@ class CvxpyLayer(nn.Module):
         self.solver_args = dict(solver_args or {})
         self.presolve_eps = float(presolve_eps)
         if linear_algebra == "auto":
-            linear_algebra = "krylov" if pp.n + pp.m > KRYLOV_SIZE else "dense"  # as kkt.auto
+            linear_algebra = choose_linear_algebra(pp.n, pp.m)
         self.linear_algebra = linear_algebra
         self._batch = LINEAR_ALGEBRA[linear_algebra]
         self._var_maps: list[AffineOutput] = variable_maps(pp, self.variables)
@@ -477,10 +478,7 @@ class CvxpyLayer(nn.Module):
 
     def _warm_dict(self, data: Data, sol: Solution) -> dict[str, torch.Tensor]:
         """The solution as warm-start fields for the next call (failed instances start cold)."""
-        d = sparse(data)  # only the vectors and cones are read: no dense copy of A
-        y = dual_of(d, sol.w)
-        other = slack_of(d, sol.w, y)
-        out = {"x": sol.x, "y": y} if self.form == "qp" else {"x": sol.x, "y": y, "s": other}
+        out = warm_start_fields(sparse(data), Point(sol.x, sol.w))  # sparse: only vectors and cones are read
         return {k: torch.where(sol.failed[:, None], torch.zeros_like(v), v).detach() for k, v in out.items()}
 
     def _unrolled(self, theta: torch.Tensor, sol: Solution) -> tuple[torch.Tensor, torch.Tensor]:
