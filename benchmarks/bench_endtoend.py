@@ -40,6 +40,7 @@ from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import generate_dataset
 from amortcvx.deploy import AmortizedSolver
+from amortcvx.deploy.solver import NEWTON_STEPS, newton_choices, option_label
 from amortcvx.evaluation import NearestNeighbor, PersistentColdLoop
 from amortcvx.evaluation.options import add_dataclass_arguments, config_from_args
 from amortcvx.iterations import AndersonSettings
@@ -108,9 +109,11 @@ def bench_pair(name, alg, args, tol):
     learned = {}
     for k in sorted({0, args.k}):
         solver = AmortizedSolver(pp, model, k=k, solver_settings=tol)
-        cal = solver.calibrate(val_params, refinements=(None, AndersonSettings()) if k > 2 else None)
+        cal = solver.calibrate(val_params, refinements=(None, AndersonSettings()) if k > 2 else None,
+                               newton_steps=newton_choices(pp))
         learned[f"learned k={k}"] = (solver, cal)
-    control = AmortizedSolver(pp, algorithm=alg, k=args.k, anderson=learned[f"learned k={args.k}"][0].anderson,
+    chosen = learned[f"learned k={args.k}"][0]
+    control = AmortizedSolver(pp, algorithm=alg, k=args.k, anderson=chosen.anderson, newton=chosen.newton,
                               solver_settings=tol, reference_params=ref)
     package = AmortizedSolver(pp, algorithm=alg, k=0, solver_settings=tol, finish="c", reference_params=ref)
     package.calibrate(val_params)  # what fit gives without a predictor: OSQP's rho and interval, SCS's modes
@@ -173,7 +176,8 @@ def bench_pair(name, alg, args, tol):
             out = solver.solve(_rows(test, 0, calls * batch))
             extra[label] = {"certified": float(np.mean(out.certified)),
                             "median C iterations (timed)": float(np.median([r.iterations for r in out.results])),
-                            "enabled": cal.enabled, "refinement": "anderson" if solver.anderson else "plain",
+                            "enabled": cal.enabled, "strategy": cal.strategy,
+                            "refinement": option_label(solver.anderson, solver.newton),
                             "c_modes": cal.c_modes, "check_termination": solver.check_termination}
         yield {"family": name, "algorithm": alg, "size": args.size, "n": pp.n, "m": pp.m, "batch": batch,
                "instances": calls * batch, "ms_per_instance": med, "train_seconds": train_seconds,
@@ -211,7 +215,8 @@ def main() -> None:
           f"{args.eps:g}, other settings default (SCS qdldl, OSQP adaptive_rho_interval 50); size {args.size}; "
           f"{args.instances} held-out instances; medians of {args.rounds} interleaved rounds; predictor: MLP "
           f"{args.hidden}, regression loss, {args.train} solved instances (10% validation), {args.epochs} epochs; "
-          f"refinement k = {args.k}; SCS checks termination every 25 iterations (compiled in)", flush=True)
+          f"refinement k = {args.k}; Newton finish: calibration chooses among {NEWTON_STEPS} steps and none (dense "
+          f"linear algebra only); SCS checks termination every 25 iterations (compiled in)", flush=True)
     rows = []
     for name in args.families:
         for alg in args.solvers:

@@ -90,7 +90,7 @@ def test_a_given_factor_is_used_only_where_it_was_built_from_the_same_jacobian(c
     rhs = torch.randn(jac.diag.shape[0], d.A.shape[2] + jac.diag.shape[1], dtype=torch.float64,
                       generator=torch.Generator().manual_seed(4))
     assert torch.allclose(kkt.solve_kkt(d, jac, rhs, factor=factor), kkt.solve_kkt(d, jac, rhs), atol=1e-9, rtol=1e-9)
-    assert torch.equal(factor.S_inv, kkt.factorize(d, mixed).S_inv)  # the caller's factor is not changed
+    assert torch.equal(factor.L, kkt.factorize(d, mixed).L)  # the caller's factor is not changed
 
 
 def test_the_backward_reuses_the_forward_refinement_factorization(monkeypatch):
@@ -115,3 +115,65 @@ def test_the_backward_reuses_the_forward_refinement_factorization(monkeypatch):
     assert calls
     for g, v in zip(grads, values):
         assert torch.allclose(g, v.grad, atol=1e-8, rtol=1e-6)
+
+
+def _equality_problem(form: str, B: int = 5):
+    """A QP with equality rows, one of them redundant (rank-deficient ``A_e``), and inequalities; shared ``A``."""
+    import cvxpy as cp
+
+    from amortcvx.canon.parametric import ParametricProblem
+
+    rng = np.random.default_rng(5)
+    n = 6
+    E = rng.normal(size=(2, n))
+    c, t = cp.Parameter(n, name="c"), cp.Parameter(2, name="t")
+    x = cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - c)),
+                      [E @ x == t, 2 * (E[0] @ x) == 2 * t[0], x >= -0.3, cp.sum(x) <= 1])
+    pp = ParametricProblem(prob, form)
+    values = {"c": rng.normal(size=(B, n)), "t": rng.normal(scale=0.3, size=(B, 2))}
+    return prob, pp, values, x
+
+
+@pytest.mark.parametrize("form", ["cone", "qp"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_equality_rows_are_kept_exact_through_their_null_space(form, transpose):
+    _, pp, values, _ = _equality_problem(form)
+    data = pp.canonicalize(values)
+    d = kkt.dense(data)
+    ns = kkt.null_space(d)
+    assert ns is not None and ns.rows == kkt.equality_rows(data) >= 3
+    n = pp.n
+    rank = int(np.linalg.matrix_rank(d.A[0, :ns.rows].numpy()))
+    assert rank < ns.rows and ns.Z.shape[1] == n - rank  # the redundant equality row does not cut a dimension
+    assert torch.allclose(d.A[0, :ns.rows] @ ns.Z, torch.zeros(ns.rows, ns.Z.shape[1], dtype=torch.float64),
+                          atol=1e-12)
+    w = torch.randn(data.batch_size, pp.m, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    jac = kkt.dual_jacobian(d, w)
+    J = kkt.kkt_matrix(d, jac)
+    mat = J.mT if transpose else J
+    z_true = torch.randn(J.shape[:2], generator=torch.Generator().manual_seed(7), dtype=J.dtype)
+    rhs = (mat @ z_true.unsqueeze(-1)).squeeze(-1)  # in the range: the redundant row keeps J singular
+    z = kkt.solve_kkt(d, jac, rhs, transpose=transpose)
+    residual = (mat @ z.unsqueeze(-1)).squeeze(-1) - rhs
+    assert (residual.abs().amax(dim=1) / (1.0 + rhs.abs().amax(dim=1))).max() < 1e-9
+    assert kkt.factorize(d, jac).L.shape[1:] == (n - rank, n - rank)
+
+
+@pytest.mark.parametrize("form", ["cone", "qp"])
+def test_newton_refinement_with_equality_rows_reaches_the_solution(form):
+    import cvxpy as cp
+
+    prob, pp, values, x = _equality_problem(form)
+    data = pp.canonicalize(values)
+    d = kkt.dense(data)
+    start = kkt.Point(torch.zeros(data.batch_size, pp.n, dtype=torch.float64),
+                      torch.zeros(data.batch_size, pp.m, dtype=torch.float64))
+    ref = kkt.newton_refine(d, start, steps=20)
+    assert kkt.converged(d, ref.norm).all()
+    for i in range(data.batch_size):
+        for name, p in prob.param_dict.items():
+            p.value = values[name][i]
+        prob.solve(solver=cp.CLARABEL)
+        got = pp.recover(ref.point.x[i].numpy(), kkt.dual_of(d, ref.point.w)[i].numpy())
+        assert np.allclose(got.variables["x"], x.value, atol=1e-6)

@@ -385,3 +385,21 @@ def test_newton_finish_retries_from_the_cold_start_where_a_bad_prediction_fails(
     out = AmortizedSolver(pp, model, k=0, newton=4, solver_settings=TOL).solve(params, exact_iterations=True)
     assert out.certified.all()  # from the cold start: the Newton steps converge on this MPC (n = 88, m = 232)
     assert all(r.status == Status.OPTIMAL and r.iterations == 0 for r in out.results)
+
+
+@pytest.mark.parametrize("name, alg", [("mpc", "scs"), ("portfolio", "osqp")])
+def test_without_steps_the_refined_cold_start_is_the_first_step_newton_refined(name, alg):
+    fam, pp = _pp(name, alg)
+    params = fam.sample(8, seed=12)
+    solver = AmortizedSolver(pp, algorithm=alg, k=0, newton=4, solver_settings=TOL)
+    assert solver.strategy == "refined_cold"  # no predictor: the cold start, refined by the Newton steps
+    out = solver.solve(params, exact_iterations=True)
+    assert out.certified.sum() >= 6 and all(r.status == Status.OPTIMAL for r in out.results)
+    cold = solve_batch(pp.canonicalize(params).instances(), alg, settings=TOL, workers=1)
+    for r, c in zip(out.results, cold):
+        want = pp.objective_sign * c.objective
+        assert abs(r.objective - want) <= 1e-2 * max(1.0, abs(want)), (r.objective, want)
+    assert AmortizedSolver(pp, algorithm=alg, k=0, solver_settings=TOL).strategy == "cold"
+    plain = AmortizedSolver(pp, algorithm=alg, k=0, newton=4, solver_settings=TOL)
+    plain.use_strategy("cold")
+    assert not plain.solve(params).certified.any()  # the plain cold start: no torch work, nothing certified

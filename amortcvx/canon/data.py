@@ -214,6 +214,8 @@ class QPData:
         l: tensor ``(B, m)``.
         u: tensor ``(B, m)``.
         offset: tensor ``(B,)``, constant added to the objective to get CVXPY's optimal value.
+        eq: the first ``eq`` rows are CVXPY's equality constraints (``l == u`` for every parameter value; the
+            cone form's zero cone).
     """
 
     P: SparseBatch | None
@@ -222,6 +224,7 @@ class QPData:
     l: torch.Tensor
     u: torch.Tensor
     offset: torch.Tensor
+    eq: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -248,7 +251,7 @@ class QPData:
         """The sub-batch of the instances at ``index`` (integer positions)."""
         index = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.q.device)
         return QPData(P=None if self.P is None else self.P.take(index), q=self.q[index], A=self.A.take(index),
-                      l=self.l[index], u=self.u[index], offset=self.offset[index])
+                      l=self.l[index], u=self.u[index], offset=self.offset[index], eq=self.eq)
 
 
 class ConeInstance(NamedTuple):

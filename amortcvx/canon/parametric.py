@@ -332,7 +332,7 @@ class ParametricProblem:
         self._check_finite(theta, {key[0]: t for key, t in pieces.items() if not key[1].shared})
         if self.form == "cone":
             return ConeData(P=p, A=a, b=bvec, c=vec, cones=self.cones, offset=offset)
-        return QPData(P=p, q=vec, A=a, l=self._l_map(theta), u=bvec, offset=offset)
+        return QPData(P=p, q=vec, A=a, l=self._l_map(theta), u=bvec, offset=offset, eq=self.cones.zero)
 
     def _check_finite(self, theta: torch.Tensor, pieces: dict[str, torch.Tensor]) -> None:
         """Refuse finite parameter values whose canonical data overflow (e.g. ``p = 1e155`` in ``p**2``).

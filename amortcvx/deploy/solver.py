@@ -109,7 +109,8 @@ FINISHES = ("certify", "c")
 
 STRATEGIES = ("learned", "refined_cold", "cold")
 """The start :meth:`AmortizedSolver.calibrate` chooses by wall time: the prediction (refined by ``k`` steps), the
-cold start refined by the same ``k`` steps (predictor off), or the plain cold start (no torch work at all)."""
+cold start refined the same way (predictor off: ``k`` steps, or with ``k = 0`` its first step, then the Newton
+steps when ``newton`` is set), or the plain cold start (no torch work at all)."""
 
 C_MODES = ("adaptive", "stateless")
 """How the persistent C solver objects run (see :meth:`AmortizedSolver.persistent_solver`)."""
@@ -564,6 +565,8 @@ class AmortizedSolver:
         else:  # the plain cold start and its first step's residual
             cold_next = alg.step(cold)
             cold_ws, cold_res = None, alg.residual(cold, cold_next)
+            if not use_model and self.newton:  # k = 0: the refined cold start is the first step, Newton-refined
+                cold_ws, cold_solved = self._newton(data, self.space.warm_start(alg, cold_next))
         if not use_model:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
             return self._package(alg, theta, data, cold_ws, fallback, cold_res, cold_res, t0)
@@ -757,9 +760,10 @@ class AmortizedSolver:
             self.c_modes, self.scs_scale = self.choose_c_modes(params)
             self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
         seconds = None
-        strategy = "learned" if passed else ("refined_cold" if self.k > 0 else "cold")
+        strategy = "learned" if passed else ("refined_cold" if self.k > 0 or self.newton else "cold")
         if timed:
-            allowed = (["learned"] if passed else []) + (["refined_cold"] if self.k > 0 else []) + ["cold"]
+            refined = self.k > 0 or self.newton
+            allowed = (["learned"] if passed else []) + (["refined_cold"] if refined else []) + ["cold"]
             strategy, seconds = self.choose_strategy(params, allowed)
         timing_batch = int(self.pp.parameter_vector(params).shape[0]) if timed else None
         return Calibration(learned, cold, strategy == "learned", self.anderson,
@@ -799,7 +803,7 @@ class AmortizedSolver:
         """The start instances get now (:data:`STRATEGIES`), from ``enabled``, ``cold_refine`` and ``k``."""
         if self.model is not None and self.enabled:
             return "learned"
-        return "refined_cold" if self.k > 0 and self.cold_refine else "cold"
+        return "refined_cold" if (self.k > 0 or self.newton) and self.cold_refine else "cold"
 
     def use_strategy(self, strategy: str) -> None:
         """Set ``enabled`` and ``cold_refine`` so that instances get ``strategy`` (:data:`STRATEGIES`)."""

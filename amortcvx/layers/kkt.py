@@ -21,9 +21,10 @@ Newton's method on ``F`` (semismooth; on LPs and QPs one step is an exact solve 
 ``w``) refines a solver's point to machine accuracy, and the implicit function theorem at the refined point
 gives the derivative of the solution: ``d(x, w) = -J^-1 dF/d data``. :class:`ImplicitSolution` is the autograd
 function that returns a solution and back-propagates through it with one batched ``J'`` solve per backward.
-Batched. A :func:`dense` batch eliminates ``w`` and factors one ``(B, n, n)`` matrix per solve
-(:func:`solve_kkt`; small and medium problems); a :func:`sparse` batch keeps the canonical sparse matrices and
-solves matrix-free by preconditioned GMRES (:mod:`amortcvx.layers.krylov`; large sparse problems).
+Batched. A :func:`dense` batch eliminates ``w`` and factors one ``(B, k, k)`` matrix per solve, ``k`` the
+dimension left free by the equality constraints (:func:`solve_kkt`, :class:`NullSpace`; small and medium
+problems); a :func:`sparse` batch keeps the canonical sparse matrices and solves matrix-free by preconditioned
+GMRES (:mod:`amortcvx.layers.krylov`; large sparse problems).
 """
 
 from __future__ import annotations
@@ -357,18 +358,67 @@ def _least_squares(mat: torch.Tensor, rhs: torch.Tensor, *, rel: float = 1e-10, 
     return z
 
 
+class NullSpace(NamedTuple):
+    """The equality rows of a dense batch whose ``A`` is shared, computed once per problem (memoized on ``A``).
+
+    The first ``rows`` rows of ``A`` are equalities in both forms (the cone form's zero cone; the QP form's rows
+    with ``l == u``, :attr:`~amortcvx.canon.data.QPData.eq`), where ``D = 1`` at every point. :func:`solve_kkt`
+    keeps them exact, as constraints ``A_e z_x = r_e``, instead of penalizing them: ``z_x = A_e^+ r_e + Z u``
+    with ``u`` from the reduced system ``Z' H Z``, of size ``n - rank(A_e)`` rather than ``n`` (CVXPY's
+    canonical problems have many equalities: the MPC family's 88 variables reduce to 16).
+
+    Attributes:
+        rows: the number of equality rows ``e``.
+        Z: (n, k) an orthonormal basis of the null space of ``A_e`` (``k = n - rank(A_e)``).
+        pinv: (n, e) ``A_e^+`` (its transpose is ``(A_e')^+``, which gives the equality rows' multipliers).
+        AoZ: (m - e, k) ``A_o Z`` for the other rows ``A_o``.
+    """
+
+    rows: int
+    Z: torch.Tensor
+    pinv: torch.Tensor
+    AoZ: torch.Tensor
+
+
+def equality_rows(data: Data) -> int:
+    """The number of leading equality rows of the canonical data (zero cone / ``l == u`` rows)."""
+    return data.cones.zero if isinstance(data, ConeData) else data.eq
+
+
+def null_space(d: Batch) -> NullSpace | None:
+    """The :class:`NullSpace` of a dense batch whose ``A`` is shared and has equality rows (memoized on the
+    canonical ``A``), else None (the equality rows are then penalized like active inequalities)."""
+    e = equality_rows(d.data)
+    if e == 0 or isinstance(d.A, SparseBatch) or d.A.shape[0] != 1:
+        return None
+    A = d.A.detach()[0]
+
+    def build() -> NullSpace:
+        U, sig, Vh = torch.linalg.svd(A[:e], full_matrices=True)
+        tol = max(A.shape) * torch.finfo(A.dtype).eps * (float(sig[0]) if sig.numel() else 0.0)
+        rank = int((sig > tol).sum())
+        Z = Vh[rank:].mT.contiguous()
+        pinv = (Vh[:rank].mT / sig[:rank]) @ U[:, :rank].mT
+        return NullSpace(e, Z, pinv.contiguous(), (A[e:] @ Z).contiguous())
+    return _NULL_SPACES.get(d.data.A, ("null-space", e, A.dtype, str(A.device)), build)
+
+
+_NULL_SPACES = SharedMemo()
+
+
 class Factor(NamedTuple):
     """The factorized regularized system of :func:`solve_kkt` for a dense batch, reusable by later solves.
 
     Attributes:
-        S_inv: (B, n, n) ``(P + delta I + A' M A)^-1`` (see :func:`solve_kkt`).
+        L: (B, k, k) the Cholesky factor of the reduced Schur complement ``Z'(P + delta I + A_o' M_o A_o) Z``
+            (see :func:`solve_kkt`; ``k = n`` and ``Z = I`` without a :class:`NullSpace`).
         jac: the ``D`` it was built from (for a transposed solve, ``D'``).
         R, M: ``((1 + delta) I - D)^-1`` and ``D R``.
         ok: (B,) bool: the Cholesky factorization succeeded.
         delta: the regularization.
     """
 
-    S_inv: torch.Tensor
+    L: torch.Tensor
     jac: DualJacobian
     R: DualJacobian
     M: DualJacobian
@@ -377,18 +427,45 @@ class Factor(NamedTuple):
 
 
 def factorize(d: Batch, jac: DualJacobian, *, delta: float = 1e-4) -> Factor:
-    """The :class:`Factor` of ``J = [[P, A' D], [A, D - I]]`` for a dense batch: one ``n x n`` Cholesky and
-    inverse per instance (see :func:`solve_kkt`)."""
-    A = d.A.detach()
+    """The :class:`Factor` of ``J = [[P, A' D], [A, D - I]]`` for a dense batch: one Cholesky of the reduced
+    Schur complement per instance (see :func:`solve_kkt`)."""
+    ns = null_space(d)
     R, M = _elimination_weights(jac, delta)
-    S = _schur(d, A, M, delta)  # a new tensor: updated in place below (these (B, n, n) passes are memory-bound)
-    S.diagonal(dim1=-2, dim2=-1).add_(delta)
-    if d.P is not None:
-        S.add_(d.P.detach())
-    # M, and so S, is symmetric up to rounding; the Cholesky reads the lower triangle and the refinement passes
+    K = _reduced_schur(d, ns, M, delta)
+    # M, and so K, is symmetric up to rounding; the Cholesky reads the lower triangle and the refinement passes
     # absorb the difference
-    L, info = torch.linalg.cholesky_ex(S)
-    return Factor(torch.cholesky_inverse(L), jac, R, M, info == 0, delta)  # products beat triangular solves
+    L, info = torch.linalg.cholesky_ex(K)
+    return Factor(L, jac, R, M, info == 0, delta)
+
+
+def _reduced_schur(d: Batch, ns: NullSpace | None, M: DualJacobian, delta: float) -> torch.Tensor:
+    """``Z'(P + delta I + A_o' M_o A_o) Z`` (without a null space: ``P + delta I + A' M A``), a new (B, k, k)
+    tensor."""
+    if ns is None:
+        AZ, Mo, Z = d.A.detach(), M, None
+    else:
+        AZ, Mo, Z = ns.AoZ.unsqueeze(0), _rows(M, ns.rows), ns.Z
+    AtM = AZ.mT * Mo.diag[:, None, :]
+    if Mo.block is not None:
+        AtM[:, :, Mo.lin:] = AZ.mT[..., Mo.lin:] @ Mo.block
+    K = AtM @ AZ[0] if AZ.shape[0] == 1 else AtM @ AZ
+    K.diagonal(dim1=-2, dim2=-1).add_(delta)  # Z'Z = I
+    if d.P is not None:
+        P = d.P.detach()
+        K.add_(P if Z is None else Z.mT @ P @ Z)
+    return K
+
+
+def _rows(jac: DualJacobian, start: int) -> DualJacobian:
+    """The rows (and columns) from ``start`` on of a block-diagonal ``D`` (``start <= jac.lin``)."""
+    return DualJacobian(jac.diag[:, start:], jac.block, jac.lin - start)
+
+
+def _cholesky_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(L L')^-1 b`` per instance for ``b`` (B, k) (two triangular solves: faster than ``cholesky_solve`` or
+    an explicit inverse for these batched small systems)."""
+    y = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
 
 
 def reusable(factor: Factor, jac: DualJacobian) -> torch.Tensor:
@@ -407,12 +484,12 @@ def reusable(factor: Factor, jac: DualJacobian) -> torch.Tensor:
 
 def take_factor(factor: Factor, idx: torch.Tensor) -> Factor:
     """The instances ``idx`` of a factor."""
-    return Factor(factor.S_inv[idx], *(_take_jacobian(j, idx) for j in factor[1:4]), factor.ok[idx], factor.delta)
+    return Factor(factor.L[idx], *(_take_jacobian(j, idx) for j in factor[1:4]), factor.ok[idx], factor.delta)
 
 
 def put_factor_(factor: Factor, idx: torch.Tensor, part: Factor) -> Factor:
     """Write ``part`` into the instances ``idx`` of ``factor``, in place (the caller owns ``factor``); returns it."""
-    factor.S_inv.index_copy_(0, idx, part.S_inv)
+    factor.L.index_copy_(0, idx, part.L)
     for j, p in zip(factor[1:4], part[1:4]):
         j.diag.index_copy_(0, idx, p.diag)
         if j.block is not None:
@@ -423,8 +500,8 @@ def put_factor_(factor: Factor, idx: torch.Tensor, part: Factor) -> Factor:
 
 def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False, delta: float = 1e-4,
               passes: int = 4, factor: Factor | None = None) -> torch.Tensor:
-    """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance, by one ``n x n``
-    Cholesky.
+    """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance, by one Cholesky of
+    size ``k <= n``.
 
     The ``w`` block is eliminated. With ``D`` replaced by ``D'`` for the transposed system, the regularized
     system ``J + delta diag(I_n, -I_m)`` has, for ``R = ((1 + delta) I - D)^-1`` and ``M = D R`` (block diagonal
@@ -444,9 +521,16 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     ``J``, which holds when the returned CVXPY variables are unique. Instances whose ``S`` cannot be factored
     are solved densely (:func:`solve_dense`).
 
+    Equality rows (the first :func:`equality_rows`; ``D = 1`` there at every point) are kept exact rather than
+    penalized when ``A`` is shared (:class:`NullSpace`): with ``H = P + delta I + A_o' M_o A_o`` over the other
+    rows ``o`` and ``g = r_x + A_o' M_o r_o`` (``A_o' R_o r_o`` transposed), ``z_x = A_e^+ r_e + Z u`` with
+    ``Z'HZ u = Z'(g - H A_e^+ r_e)``, and the equality rows' ``z_w = (A_e')^+ (g - H z_x)``: the factored matrix
+    is ``(n - rank A_e)``-square (the MPC family: 16 instead of 88), and the rest of the solve is products with
+    constant matrices.
+
     ``factor`` (from :func:`factorize`, e.g. a Newton step's) is used on the instances where it was built from
     the same ``D`` (:func:`reusable`; the answer is then the same as with a new factorization); the others are
-    factored anew. Cost per new factorization: one ``n x n`` Cholesky and inverse, the product ``A' M A``, and
+    factored anew. Cost per new factorization: one ``k x k`` Cholesky, the product ``(A_o Z)' M_o (A_o Z)``, and
     (with SOC / PSD / exp rows) one inverse of the nonlinear cones' ``(m - lin)``-square block of ``D``.
 
     For a :func:`sparse` batch the solve is matrix-free (:func:`~amortcvx.layers.krylov.solve_kkt_krylov`); an
@@ -466,16 +550,36 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
         fresh = torch.nonzero(~same).flatten()
         factor = put_factor_(take_factor(factor, torch.arange(same.shape[0], device=same.device)), fresh,
                              factorize(take(d, fresh), _take_jacobian(D, fresh), delta=delta))
-    S_inv, R, M = factor.S_inv, factor.R, factor.M
+    ns = null_space(d)
+    e = 0 if ns is None else ns.rows
+    L, R, M = factor.L, _rows(factor.R, e), _rows(factor.M, e)
     At = A.mT
+    Ao = A[:, e:]
     to_x = R if transpose else M
+    delta_ = factor.delta
 
     def reg_solve(r: torch.Tensor) -> torch.Tensor:
-        rx, rw = r[:, :n], r[:, n:]
-        zx = matvec(S_inv, rx + matvec(At, to_x.matvec(rw)))
-        ax = matvec(A, zx)
-        zw = M.matvec(ax) - R.matvec(rw) if transpose else R.matvec(ax - rw)
-        return torch.cat([zx, zw], dim=1)
+        rx, re, ro = r[:, :n], r[:, n:n + e], r[:, n + e:]
+        if ns is None:
+            zx = _cholesky_solve(L, rx + matvec(Ao.mT, to_x.matvec(ro)))
+            ax, ze = matvec(Ao, zx), re[:, :0]
+        else:
+            # z_x = xp + Z u with xp = A_e^+ r_e; Z'HZ u = Z'(g - H xp) for H = P + delta I + A_o' M_o A_o and
+            # g = r_x + A_o' (M or R) r_o; the equality rows' multipliers (A_e')^+ (g - H z_x)
+            xp = re @ ns.pinv.mT
+            ax = matvec(Ao, xp)
+            top = rx - delta_ * xp + matvec(Ao.mT, to_x.matvec(ro) - M.matvec(ax))  # g - H xp
+            if P is not None:
+                top = top - matvec(P, xp)
+            u = _cholesky_solve(L, top @ ns.Z)
+            zu = u @ ns.Z.mT
+            azu = u @ ns.AoZ.mT
+            h_zu = delta_ * zu + matvec(Ao.mT, M.matvec(azu))
+            if P is not None:
+                h_zu = h_zu + matvec(P, zu)
+            zx, ax, ze = xp + zu, ax + azu, (top - h_zu) @ ns.pinv
+        zo = M.matvec(ax) - R.matvec(ro) if transpose else R.matvec(ax - ro)
+        return torch.cat([zx, ze, zo], dim=1)
 
     def apply(z: torch.Tensor) -> torch.Tensor:  # the unregularized J z (or J' z)
         zx, zw = z[:, :n], z[:, n:]
@@ -499,27 +603,6 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
         sub = take(d, idx)
         z[idx] = solve_dense(kkt_matrix(sub, _take_jacobian(jac, idx)), rhs[idx], n, transpose=transpose)
     return z
-
-
-def _schur(d: Batch, A: torch.Tensor, M: DualJacobian, delta: float) -> torch.Tensor:
-    """``A' M A``. The zero cone's rows have ``M = 1 / delta`` whatever the point, so for a shared ``A`` their
-    part ``A_z' A_z / delta`` is computed once per problem (memoized on the canonical ``A``), and only the other
-    rows are multiplied per instance."""
-    zero = d.data.cones.zero if isinstance(d.data, ConeData) and d.data.A.shared else 0
-    At = A.mT[..., zero:]
-    AtM = At * M.diag[:, None, zero:]
-    if M.block is not None:
-        AtM[:, :, M.lin - zero:] = At[..., M.lin - zero:] @ M.block
-    S = AtM @ A[0, zero:] if A.shape[0] == 1 else AtM @ A
-    if zero:
-        def gram() -> torch.Tensor:
-            Az = A[0, :zero]
-            return Az.mT @ Az
-        S.add_(_GRAMS.get(d.data.A, ("zero-rows", zero, A.dtype, str(A.device)), gram), alpha=1.0 / delta)
-    return S
-
-
-_GRAMS = SharedMemo()
 
 
 def _elimination_weights(D: DualJacobian, delta: float) -> tuple[DualJacobian, DualJacobian]:
@@ -576,23 +659,30 @@ def blank_factor(like: Factor, batch: int) -> Factor:
     def blank(j: DualJacobian) -> DualJacobian:
         block = None if j.block is None else j.block.new_zeros(batch, *j.block.shape[1:])
         return DualJacobian(j.diag.new_full((batch, j.diag.shape[1]), float("nan")), block, j.lin)
-    return Factor(like.S_inv.new_zeros(batch, *like.S_inv.shape[1:]), *(blank(j) for j in like[1:4]),
+    return Factor(like.L.new_zeros(batch, *like.L.shape[1:]), *(blank(j) for j in like[1:4]),
                   like.ok.new_zeros(batch), like.delta)
 
 
+NEWTON_PASSES = 1
+"""Refinement passes of each Newton step's linear solve (:func:`solve_kkt`): the steps correct each other, so
+one pass (an error of about ``delta^2`` relative to the step) is enough; the backward solve keeps more."""
+
+
 def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
-                  damping: tuple[float, ...] = (1.0, 0.5, 0.25)) -> Refined:
+                  damping: tuple[float, ...] = (1.0, 0.5, 0.25), decrease: float = 0.5) -> Refined:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
-    Each step works on the instances not yet converged (``||F||_inf > tol (1 + scale)``), tries the step lengths
-    in ``damping`` and keeps, per instance, the one with the smallest ``||F||_inf`` (a full step is exact on the
-    active set of an LP / QP; shorter ones help from looser points of cone programs). Returns the point,
-    ``||F||_inf`` and the last factorization of each instance (which the backward solve reuses where ``D`` has not
-    changed, see :func:`reusable`).
+    Each step works on the instances not yet converged (``||F||_inf > tol (1 + scale)``) and tries the step
+    lengths in ``damping`` in turn, each on the instances where no longer one has yet converged or cut
+    ``||F||_inf`` by the factor ``decrease``; each instance keeps the step with the smallest ``||F||_inf`` (a full
+    step is exact on the active set of an LP / QP; shorter ones help from looser points of cone programs).
+    Returns the point, ``||F||_inf`` and the last factorization of each instance (which the backward solve reuses
+    where ``D`` has not changed, see :func:`reusable`).
     """
     factor = None
     with torch.no_grad():
-        norm = residual_norm(d, pt)
+        f = torch.cat(residual(d, pt), dim=1)
+        norm = f.abs().amax(dim=1)
         scale = 1.0 + d.lin.abs().amax(dim=1) + (d.b.abs().amax(dim=1) if d.b is not None else 0.0)
         n = pt.x.shape[1]
         for _ in range(steps):
@@ -601,27 +691,32 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
                 break
             sub = take(d, idx)
             start, start_norm = Point(pt.x[idx], pt.w[idx]), norm[idx]
-            f1, f2 = residual(sub, start)
             jac = dual_jacobian(sub, start.w)
             part = None if isinstance(sub.A, SparseBatch) else factorize(sub, jac)
-            delta = solve_kkt(sub, jac, torch.cat([f1, f2], dim=1), factor=part)
+            delta = solve_kkt(sub, jac, f[idx], factor=part, passes=NEWTON_PASSES)
             if part is not None and factor is None and idx.numel() == norm.shape[0]:
                 factor = part  # the first step ran on every instance: its factorization is the base (no copy)
             elif part is not None:
                 factor = put_factor_(factor if factor is not None else blank_factor(part, norm.shape[0]), idx, part)
-            best, best_norm = start, start_norm
-            goal = tol * scale[idx]
+            best_x, best_w, best_f, best_norm = start.x.clone(), start.w.clone(), f[idx], start_norm.clone()
+            enough = torch.maximum(tol * scale[idx], decrease * start_norm)
+            todo = torch.arange(idx.numel(), device=idx.device)
             for t in damping:
-                cand = Point(start.x - t * delta[:, :n], start.w - t * delta[:, n:])
-                cnorm = residual_norm(sub, cand)
-                better = torch.isfinite(cnorm) & (cnorm < best_norm)
-                best = Point(torch.where(better[:, None], cand.x, best.x), torch.where(better[:, None], cand.w, best.w))
-                best_norm = torch.where(better, cnorm, best_norm)
-                if bool((best_norm <= goal).all()):  # every instance converged: no shorter step can do better
+                part_d = sub if todo.numel() == idx.numel() else take(sub, todo)
+                cand = Point(start.x[todo] - t * delta[todo, :n], start.w[todo] - t * delta[todo, n:])
+                cf = torch.cat(residual(part_d, cand), dim=1)
+                cnorm = cf.abs().amax(dim=1)
+                better = torch.isfinite(cnorm) & (cnorm < best_norm[todo])
+                won = todo[better]
+                best_x[won], best_w[won], best_f[won], best_norm[won] = (cand.x[better], cand.w[better], cf[better],
+                                                                         cnorm[better])
+                todo = todo[best_norm[todo] > enough[todo]]
+                if todo.numel() == 0:
                     break
             if not bool((best_norm < start_norm).any()):
                 break
-            pt = Point(pt.x.index_copy(0, idx, best.x), pt.w.index_copy(0, idx, best.w))
+            pt = Point(pt.x.index_copy(0, idx, best_x), pt.w.index_copy(0, idx, best_w))
+            f = f.index_copy(0, idx, best_f)
             norm = norm.index_copy(0, idx, best_norm)
     return Refined(pt, norm, factor)
 
