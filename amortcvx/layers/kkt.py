@@ -663,21 +663,19 @@ def blank_factor(like: Factor, batch: int) -> Factor:
                   like.ok.new_zeros(batch), like.delta)
 
 
-NEWTON_PASSES = 1
-"""Refinement passes of each Newton step's linear solve (:func:`solve_kkt`): the steps correct each other, so
-one pass (an error of about ``delta^2`` relative to the step) is enough; the backward solve keeps more."""
-
-
 def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
-                  damping: tuple[float, ...] = (1.0, 0.5, 0.25), decrease: float = 0.5) -> Refined:
+                  damping: tuple[float, ...] = (1.0, 0.5, 0.25), decrease: float = 0.5, passes: int = 4) -> Refined:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
     Each step works on the instances not yet converged (``||F||_inf > tol (1 + scale)``) and tries the step
     lengths in ``damping`` in turn, each on the instances where no longer one has yet converged or cut
     ``||F||_inf`` by the factor ``decrease``; each instance keeps the step with the smallest ``||F||_inf`` (a full
     step is exact on the active set of an LP / QP; shorter ones help from looser points of cone programs).
-    Returns the point, ``||F||_inf`` and the last factorization of each instance (which the backward solve reuses
-    where ``D`` has not changed, see :func:`reusable`).
+    ``passes``: the iterative-refinement passes of each step's linear solve (:func:`solve_kkt`); fewer make a
+    step cheaper and less exact (one pass leaves an error of about ``delta^2`` relative to the step, which later
+    steps correct; the last point is then less accurate than with more). Returns the point, ``||F||_inf`` and the
+    last factorization of each instance (which the backward solve reuses where ``D`` has not changed, see
+    :func:`reusable`).
     """
     factor = None
     with torch.no_grad():
@@ -693,7 +691,7 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
             start, start_norm = Point(pt.x[idx], pt.w[idx]), norm[idx]
             jac = dual_jacobian(sub, start.w)
             part = None if isinstance(sub.A, SparseBatch) else factorize(sub, jac)
-            delta = solve_kkt(sub, jac, f[idx], factor=part, passes=NEWTON_PASSES)
+            delta = solve_kkt(sub, jac, f[idx], factor=part, passes=passes)
             if part is not None and factor is None and idx.numel() == norm.shape[0]:
                 factor = part  # the first step ran on every instance: its factorization is the base (no copy)
             elif part is not None:
