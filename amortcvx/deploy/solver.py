@@ -230,16 +230,24 @@ class Calibration(NamedTuple):
         """One paragraph for reports: what was chosen and the numbers it was chosen on."""
         times = "; ".join(f"{k}: {a:.3g} ms at batch 1, {b:.3g} ms at the validation batch"
                           for k, (a, b) in (self.seconds or {}).items())
-        head = ("predictor ON" if self.strategy == "learned" else
-                f"PREDICTOR OFF: every instance starts from the {'refined ' if self.strategy == 'refined_cold' else ''}"
-                "cold start")
+        sizes = [1, 4, 16, 64, 256, 1024, 4096]
+        used = {self.strategy_for(b) for b in sizes} if self.cost_model() else {self.strategy}
+        if used == {"learned"}:
+            head = "predictor ON"
+        elif "learned" in used:
+            head = "predictor ON for some batch sizes (below)"
+        elif used == {"refined_cold"}:
+            head = "PREDICTOR OFF: every instance starts from the refined cold start"
+        elif used == {"cold"}:
+            head = "PREDICTOR OFF: every instance starts from the cold start"
+        else:
+            head = "PREDICTOR OFF: every instance starts from the cold start, refined at the batch sizes below"
         learned = ("no predictor" if math.isnan(self.learned_median)
                    else f"learned {self.learned_median:g}")
         why = (f"median exact C iterations {learned} vs cold {self.cold_median:g}"
                + (f"; wall time per instance {times}" if times else ""))
         by_batch = ""
         if self.cost_model():
-            sizes = [1, 4, 16, 64, 256, 1024, 4096]
             by_batch = "; per call by batch size: " + ", ".join(f"{b}: {self.strategy_for(b)}" for b in sizes)
         return f"{head} ({why}){by_batch}"
 
