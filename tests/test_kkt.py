@@ -177,3 +177,39 @@ def test_newton_refinement_with_equality_rows_reaches_the_solution(form):
         prob.solve(solver=cp.CLARABEL)
         got = pp.recover(ref.point.x[i].numpy(), kkt.dual_of(d, ref.point.w)[i].numpy())
         assert np.allclose(got.variables["x"], x.value, atol=1e-6)
+
+
+def test_sparse_products_and_the_gathered_schur_complement_match_the_dense_formulas():
+    from amortcvx import problems
+    from amortcvx.canon.parametric import ParametricProblem
+
+    fam = problems.make("mpc", "small")
+    pp = ParametricProblem(fam.problem, "cone")
+    data = pp.canonicalize(fam.sample(6, seed=3))
+    d = kkt.dense(data)
+    e = kkt.equality_rows(data)
+    for start in (0, e):
+        r = kkt.rows(d, start)
+        assert r.csr is not None  # MPC's A is about 4% nonzero: CSR products
+        x = torch.randn(6, pp.n, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+        y = torch.randn(6, pp.m - start, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+        torch.testing.assert_close(r.mv(x), x @ d.A[0, start:].mT)
+        torch.testing.assert_close(r.rmv(y), y @ d.A[0, start:])
+    # few active bounds (the gathered rows) and many (the full product): both equal Z'(P + dI + A_o'M_o A_o)Z
+    for scale in (0.1, 10.0):
+        w = scale * torch.randn(6, pp.m, dtype=torch.float64, generator=torch.Generator().manual_seed(10)) - 1.0
+        jac = kkt.dual_jacobian(d, w)
+        L = kkt.factorize(d, jac).L
+        ns = kkt.null_space(d)
+        _, M = kkt._elimination_weights(jac, 1e-4)
+        Ao = d.A[0, e:]
+        H = Ao.mT @ (M.diag[:, e:, None] * Ao) + 1e-4 * torch.eye(pp.n, dtype=torch.float64) + d.P[0]
+        torch.testing.assert_close(L @ L.mT, ns.Z.mT @ H @ ns.Z, rtol=1e-9, atol=1e-6)
+
+
+def test_the_reduced_dense_path_is_chosen_beyond_the_krylov_size_only_for_shared_equalities():
+    assert kkt.linear_algebra(100, 200) == "dense"
+    assert kkt.linear_algebra(624, 1704) == "krylov"
+    assert kkt.linear_algebra(624, 1704, equalities=504, shared=True) == "dense"
+    assert kkt.linear_algebra(624, 1704, equalities=504, shared=False) == "krylov"
+    assert kkt.linear_algebra(3030, 3031, equalities=1, shared=True) == "krylov"  # too large for one dense SVD

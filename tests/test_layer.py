@@ -359,12 +359,13 @@ def test_scs_presolve_keeps_one_object_for_every_instance():
 
 
 def test_a_large_sparse_problem_is_solved_and_differentiated_matrix_free():
-    N = 700  # n + m = 3500 after CVXPY's lifting: "auto" picks the matrix-free path
+    N = 700  # n + m = 3500 after CVXPY's lifting
     D = sps.diags([np.ones(N), -np.ones(N - 1)], [0, 1], shape=(N, N)).tocsc()
     b, q, x = cp.Parameter(N, name="b"), cp.Parameter(N, name="q"), cp.Variable(N, name="x")
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(D @ x - b) + q @ x), [x >= -1, x <= 1])
-    layer = CvxpyLayer(prob, [b, q], [x], eps=1e-8)
-    assert layer.linear_algebra == "krylov"
+    # "auto" keeps the reduced dense path here (a shared A with 700 equality rows); the matrix-free one is asked for
+    assert CvxpyLayer(prob, [b, q], [x]).linear_algebra == "dense"
+    layer = CvxpyLayer(prob, [b, q], [x], eps=1e-8, linear_algebra="krylov")
     rng = np.random.default_rng(15)
     vb = torch.tensor(rng.normal(size=(1, N)), requires_grad=True)
     vq = torch.tensor(0.5 * rng.normal(size=(1, N)))

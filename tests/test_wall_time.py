@@ -368,7 +368,7 @@ def test_newton_finish_in_chunks_gives_the_same_warm_starts(monkeypatch):
     fam, pp = _pp("portfolio", "osqp")
     params = fam.sample(7, seed=10)
     whole = AmortizedSolver(pp, algorithm="osqp", k=10, newton=4, solver_settings=TOL).predict_warm_start(params)
-    monkeypatch.setattr(solver_module, "NEWTON_CHUNK_BYTES", 8 * pp.n * (pp.n + pp.m) * 3)  # chunks of 3 instances
+    monkeypatch.setattr(solver_module, "NEWTON_CHUNK_BYTES", 8 * pp.n * pp.n * 3)  # chunks of 3 instances (shared A)
     parts = AmortizedSolver(pp, algorithm="osqp", k=10, newton=4, solver_settings=TOL).predict_warm_start(params)
     for key in whole.arrays:
         np.testing.assert_allclose(parts.arrays[key], whole.arrays[key], rtol=1e-9, atol=1e-9)

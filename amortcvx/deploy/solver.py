@@ -96,15 +96,17 @@ NEWTON_PASSES = 1
 user's tolerance, not the machine accuracy the layer refines to (its default, 4 passes), so one pass is enough
 and makes each step cheaper."""
 NEWTON_CHUNK_BYTES = 2 ** 28
-"""The Newton finish refines a batch in chunks of about this many bytes of ``(n, n + m)`` float64 work per chunk
-(the dense factorizations hold ``(chunk, n, n)`` matrices)."""
+"""The Newton finish refines a batch in chunks of about this many bytes of float64 work: ``n x n`` per instance
+(the dense factorizations), ``n x (n + m)`` where ``A`` depends on the parameters (a copy per instance)."""
 
 
 def newton_choices(pp: ParametricProblem) -> tuple[int, ...]:
     """The Newton steps calibration chooses among by default: ``(0, NEWTON_STEPS)`` where the dense refinement
-    applies (``n + m <= KRYLOV_SIZE``; beyond, a batch of matrix-free solves costs more than it is likely to
-    save), else ``(0,)``."""
-    return (0, NEWTON_STEPS) if kkt.linear_algebra(pp.n, pp.m) == "dense" else (0,)
+    applies (:func:`amortcvx.layers.kkt.linear_algebra`: ``n + m <= KRYLOV_SIZE``, or a shared ``A`` whose
+    equality rows keep the reduced system small; beyond, a batch of matrix-free solves costs more than it is
+    likely to save), else ``(0,)``."""
+    dense = kkt.linear_algebra(pp.n, pp.m, equalities=pp.cones.zero, shared=not pp.dependent["A"]) == "dense"
+    return (0, NEWTON_STEPS) if dense else (0,)
 
 
 FINISHES = ("certify", "c")
@@ -657,7 +659,9 @@ class AmortizedSolver:
         size = ws["x"].shape[0]
         if not self.newton:
             return ws, torch.zeros(size, dtype=torch.bool, device=ws["x"].device)
-        chunk = max(1, NEWTON_CHUNK_BYTES // (8 * self.pp.n * (self.pp.n + self.pp.m)))  # bounds the (B, n, n) work
+        n, m = self.pp.n, self.pp.m
+        per_instance = n * n if not self.pp.dependent["A"] else n * (n + m)  # (B, n, n) factors; per-instance A
+        chunk = max(1, NEWTON_CHUNK_BYTES // (8 * per_instance))
         parts = [self._newton_part(data.take(np.arange(i, min(size, i + chunk))) if size > chunk else data,
                                    {k: v[i:i + chunk] for k, v in ws.items()}) for i in range(0, size, chunk)]
         done = torch.cat([p[1] for p in parts])

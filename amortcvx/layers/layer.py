@@ -187,7 +187,8 @@ class CvxpyLayer(nn.Module):
             ``eps`` (or below) to always solve at ``eps``.
         max_torch_steps: limit of the torch iterations (``method="torch"``).
         linear_algebra: ``"dense"`` (batched factorizations), ``"krylov"`` (matrix-free GMRES on the sparse
-            canonical data) or ``"auto"`` (Krylov when ``n + m`` exceeds ``KRYLOV_SIZE``).
+            canonical data) or ``"auto"`` (:func:`~amortcvx.layers.kkt.linear_algebra`: Krylov when ``n + m`` exceeds
+            ``KRYLOV_SIZE``, unless shared equality rows keep the reduced dense path small).
         solver_args: default per-call arguments (see :meth:`forward`).
 
     Raises:
@@ -234,7 +235,7 @@ class CvxpyLayer(nn.Module):
         self.solver_args = dict(solver_args or {})
         self.presolve_eps = float(presolve_eps)
         if linear_algebra == "auto":
-            linear_algebra = choose_linear_algebra(pp.n, pp.m)
+            linear_algebra = choose_linear_algebra(pp.n, pp.m, equalities=pp.cones.zero, shared=not pp.dependent["A"])
         self.linear_algebra = linear_algebra
         self._batch = LINEAR_ALGEBRA[linear_algebra]
         self._var_maps: list[AffineOutput] = variable_maps(pp, self.variables)
