@@ -300,3 +300,25 @@ def test_preconditioner_is_diagonal_and_helps_on_the_sparse_qp():
     without = solve_kkt_krylov(data, jac, rhs, max_iters=2000, precondition=False)
     assert bool(with_pc.converged.all()) and bool(without.converged.all())
     assert int(with_pc.iterations[0]) < 0.8 * int(without.iterations[0])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_sparse_operator_products_and_their_gradients_match_the_dense_matrix(shared):
+    from amortcvx.canon.data import SparseBatch
+    from amortcvx.iterations.linalg import SparseOperator
+
+    rng = np.random.default_rng(21)
+    B, r, c = 4, 7, 5
+    pattern = sp.random(r, c, density=0.4, random_state=3, format="csc")
+    values = torch.tensor(rng.normal(size=(1 if shared else B, pattern.nnz)))
+    mat = SparseBatch(pattern.indices.astype(np.int64), pattern.indptr.astype(np.int64), (r, c), values, shared)
+    op = SparseOperator(mat, torch.float64)
+    assert (op.csr is not None) == shared  # one constant matrix: the CSR products
+    dense = mat.to_dense().expand(B, r, c)
+    x = torch.tensor(rng.normal(size=(B, c)), requires_grad=True)
+    y = torch.tensor(rng.normal(size=(B, r)), requires_grad=True)
+    torch.testing.assert_close(op.matvec(x), (dense @ x.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(op.rmatvec(y), (dense.mT @ y.unsqueeze(-1)).squeeze(-1))
+    (op.matvec(x).sum() + op.rmatvec(y).sum()).backward()
+    torch.testing.assert_close(x.grad, dense.sum(dim=1))
+    torch.testing.assert_close(y.grad, dense.sum(dim=2))

@@ -28,10 +28,10 @@ iteration at all; where they do not, the warm start is left as it was. Newton's 
 steps from a learned point do not converge, they are tried from the cold start too (refined by the strategy's
 ``k`` steps, or by the one step the safeguard's reference takes anyway). A point the Newton steps solve is kept
 even where the safeguard (below) would have replaced the learned start. A warm start, refined or not, changes
-only the speed: answers still pass the certificate or come from the C solver. Cost: one batched ``n x n``
-factorization per step and instance (float64, in chunks of bounded memory; matrix-free GMRES above ``n + m =
-2000``, :data:`amortcvx.layers.kkt.KRYLOV_SIZE`). :meth:`AmortizedSolver.fit` lets calibration choose between 0
-and :data:`NEWTON_STEPS` steps up to that size (:func:`newton_choices`).
+only the speed: answers still pass the certificate or come from the C solver. Cost: one batched Cholesky per
+step and instance, of the size the equality rows leave free (float64, in chunks of bounded memory; matrix-free
+GMRES where :func:`amortcvx.layers.kkt.linear_algebra` says so). :meth:`AmortizedSolver.fit` lets calibration
+choose between 0 and :data:`NEWTON_STEPS` steps where the dense path applies (:func:`newton_choices`).
 
 With ``polish=True`` (LPs and QPs) each refined point is also solved exactly on its guessed active set
 (:mod:`amortcvx.iterations.polish`), and each instance keeps whichever of the two points gives the smaller

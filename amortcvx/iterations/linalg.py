@@ -36,6 +36,8 @@ of the dense paths (``n = 4000`` is 128 MB per factorization in float64).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
@@ -152,14 +154,26 @@ class SparseOperator:
         k = torch.arange(nnz, device=device)
         self.sum_rows = _ones_coo(self.rows, k, ones, (self.shape[0], nnz))
         self.sum_cols = _ones_coo(self.cols, k, ones, (self.shape[1], nnz))
+        self.csr = self.csr_t = None
+        if mat.shared and not mat.values.requires_grad:  # one constant matrix: CSR products (5-20x faster here)
+            values = self.values_t[:, 0]
+            with warnings.catch_warnings():  # torch calls its CSR support beta; the tests check these products
+                warnings.simplefilter("ignore", UserWarning)
+                coo = torch.sparse_coo_tensor(torch.stack([self.rows, self.cols]), values, self.shape).coalesce()
+                self.csr = coo.to_sparse_csr()
+                self.csr_t = coo.t().coalesce().to_sparse_csr()
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``M_i x_i`` for ``x`` (B, c) -> (B, r)."""
+        if self.csr is not None and x.dtype == self.csr.dtype:
+            return (self.csr @ x.mT).mT
         prod = x.mT.contiguous().index_select(0, self.cols) * self.values_t
         return torch.sparse.mm(self.sum_rows, prod).mT
 
     def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         """``M_i' y_i`` for ``y`` (B, r) -> (B, c)."""
+        if self.csr_t is not None and y.dtype == self.csr_t.dtype:
+            return (self.csr_t @ y.mT).mT
         prod = y.mT.contiguous().index_select(0, self.rows) * self.values_t
         return torch.sparse.mm(self.sum_cols, prod).mT
 
