@@ -11,6 +11,7 @@ import torch
 
 import amortcvx as ac
 from amortcvx.deploy.fit import draw, params_digest
+from amortcvx.deploy.solver import REPORTED_BATCHES
 
 N = 8
 
@@ -168,7 +169,7 @@ def test_calibration_chooses_the_strategy_by_wall_time(fitted):
     worst = {k: max(v[j] / fastest[j] for j in range(2)) for k, v in cal.seconds.items()}
     assert worst[cal.strategy] == min(worst.values())
     text = cal.describe()
-    used = {cal.strategy_for(b) for b in (1, 4, 16, 64, 256, 1024, 4096)} if cal.cost_model() else {cal.strategy}
+    used = {cal.strategy_for(b) for b in REPORTED_BATCHES} if cal.cost_model() else {cal.strategy}
     assert ("PREDICTOR OFF" in text) == ("learned" not in used) and f"{cal.learned_median:g}" in text
     saved = solver.strategy
     try:

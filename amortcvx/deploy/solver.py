@@ -118,6 +118,9 @@ STRATEGIES = ("learned", "refined_cold", "cold")
 cold start refined the same way (predictor off: ``k`` steps, or with ``k = 0`` its first step, then the Newton
 steps when ``newton`` is set), or the plain cold start (no torch work at all)."""
 
+REPORTED_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
+"""The batch sizes :meth:`Calibration.describe` reports the per-call strategy of."""
+
 C_MODES = ("adaptive", "stateless")
 """How the persistent C solver objects run (see :meth:`AmortizedSolver.persistent_solver`)."""
 
@@ -232,8 +235,7 @@ class Calibration(NamedTuple):
         """One paragraph for reports: what was chosen and the numbers it was chosen on."""
         times = "; ".join(f"{k}: {a:.3g} ms at batch 1, {b:.3g} ms at the validation batch"
                           for k, (a, b) in (self.seconds or {}).items())
-        sizes = [1, 4, 16, 64, 256, 1024, 4096]
-        used = {self.strategy_for(b) for b in sizes} if self.cost_model() else {self.strategy}
+        used = {self.strategy_for(b) for b in REPORTED_BATCHES} if self.cost_model() else {self.strategy}
         if used == {"learned"}:
             head = "predictor ON"
         elif "learned" in used:
@@ -250,7 +252,8 @@ class Calibration(NamedTuple):
                + (f"; wall time per instance {times}" if times else ""))
         by_batch = ""
         if self.cost_model():
-            by_batch = "; per call by batch size: " + ", ".join(f"{b}: {self.strategy_for(b)}" for b in sizes)
+            chosen = ", ".join(f"{b}: {self.strategy_for(b)}" for b in REPORTED_BATCHES)
+            by_batch = f"; per call by batch size: {chosen}"
         return f"{head} ({why}){by_batch}"
 
 
@@ -776,10 +779,9 @@ class AmortizedSolver:
             self.c_modes, self.scs_scale = self.choose_c_modes(params)
             self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
         seconds = None
-        strategy = "learned" if passed else ("refined_cold" if self.k > 0 or self.newton else "cold")
+        strategy = "learned" if passed else ("refined_cold" if self.cold_refinable else "cold")
         if timed:
-            refined = self.k > 0 or self.newton
-            allowed = (["learned"] if passed else []) + (["refined_cold"] if refined else []) + ["cold"]
+            allowed = (["learned"] if passed else []) + (["refined_cold"] if self.cold_refinable else []) + ["cold"]
             strategy, seconds = self.choose_strategy(params, allowed)
         timing_batch = int(self.pp.parameter_vector(params).shape[0]) if timed else None
         return Calibration(learned, cold, strategy == "learned", self.anderson,
@@ -819,7 +821,12 @@ class AmortizedSolver:
         """The start instances get now (:data:`STRATEGIES`), from ``enabled``, ``cold_refine`` and ``k``."""
         if self.model is not None and self.enabled:
             return "learned"
-        return "refined_cold" if (self.k > 0 or self.newton) and self.cold_refine else "cold"
+        return "refined_cold" if self.cold_refinable and self.cold_refine else "cold"
+
+    @property
+    def cold_refinable(self) -> bool:
+        """Whether the refined cold start differs from the plain one: ``k`` torch steps, or the Newton finish."""
+        return self.k > 0 or self.newton > 0
 
     def use_strategy(self, strategy: str) -> None:
         """Set ``enabled`` and ``cold_refine`` so that instances get ``strategy`` (:data:`STRATEGIES`)."""

@@ -156,8 +156,7 @@ def rows(d: Batch, start: int = 0) -> Rows:
     A = d.A[:, start:] if start else d.A
     if A.shape[0] != 1 or A.requires_grad or not d.data.A.shared:
         return Rows(A, None, None)
-    m, n = A.shape[1:]
-    if d.data.A.values.shape[-1] > SPARSE_DENSITY * d.A.shape[1] * n:
+    if d.data.A.values.shape[-1] > SPARSE_DENSITY * d.A.shape[1] * d.A.shape[2]:  # the whole A's density
         return Rows(A, None, None)
 
     def build() -> Rows:
