@@ -88,8 +88,8 @@ REDUCED_LIMITS = (2000, 4_000_000)
 """Beyond :data:`KRYLOV_SIZE`, a problem whose ``A`` is shared and has equality rows keeps the dense path while
 ``n`` and ``m n`` are at most these: its factored size is ``n - rank(A_e)`` (:class:`NullSpace`, one SVD of at
 most ``2000`` columns per problem), its products are CSR (:class:`Rows`), and a single dense copy of ``A`` is
-kept (MPC large, ``n = 624``, ``m = 1704``: 120 free dimensions; a Newton step 1-1.5 ms per instance at batch 32
-against 0.2-0.3 s matrix-free)."""
+kept (MPC large, ``n = 624``, ``m = 1704``: 120 free dimensions; a Newton step about 1 ms per instance at batch
+32 against 0.15 s matrix-free)."""
 
 
 def linear_algebra(n: int, m: int, *, equalities: int = 0, shared: bool = False) -> str:
