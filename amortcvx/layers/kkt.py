@@ -140,13 +140,13 @@ class Rows(NamedTuple):
 
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         """``A_rows x`` for ``x`` (B, n)."""
-        if self.csr is None or x.requires_grad:
+        if self.csr is None or x.requires_grad or x.dtype != self.csr.dtype:
             return matvec(self.mat, x)
         return (self.csr @ x.mT).mT
 
     def rmv(self, y: torch.Tensor) -> torch.Tensor:
         """``A_rows' y`` for ``y`` (B, rows)."""
-        if self.csr_t is None or y.requires_grad:
+        if self.csr_t is None or y.requires_grad or y.dtype != self.csr_t.dtype:
             return rmatvec(self.mat, y)
         return (self.csr_t @ y.mT).mT
 
