@@ -12,9 +12,10 @@ Per family (small size, SCS, C tolerance eps 1e-4 abs/rel, exact C iteration cou
    turned it off, which the table says); and the control (the cold start with that same refinement, no model);
 3. the ratios against the targets: k=0 <= 1/2 cold and <= 2/3 nearest neighbour; refined <= 1/5 cold; the
    model's own share, control / refined, >= 2. Calibration also chooses the Newton steps of the certified finish
-   (none or ``NEWTON_STEPS``, where ``n + m <= 2000``; the control gets the same), and a last column gives the
-   learned k = 0 start with that Newton finish (certified instances count 0 C iterations) against cold, the
-   nearest neighbour (without Newton) and its own control (the cold start after one torch step, with Newton).
+   (none or ``NEWTON_STEPS``, where the dense linear algebra applies: ``newton_choices``; the control gets the
+   same), and a last column gives the learned k = 0 start with that Newton finish (certified instances count 0
+   C iterations) against cold, the nearest neighbour (without Newton) and its own control (the cold start after
+   one torch step, with Newton).
 
 Prints the machine, load, torch threads, dtype, sizes, solver settings and budget beside the numbers.
 Usage: ``python benchmarks/bench_recipe.py [--families a,b] [--budget 600] [--smoke] [--json out.json]``.
@@ -139,7 +140,7 @@ def format_row(r: dict) -> str:
         ref += "; calibration switched the predictor off"
     if r["refine"]["strategy"] != "learned":
         ref += f"; kept: {r['refine']['strategy']}"
-    newton = "not offered (n + m > 2000)"
+    newton = "not offered (matrix-free size: newton_choices)"
     if r.get("learned_k0_newton") is not None:
         newton = (f"{r['learned_k0_newton']:g} (control {r['control_k0_newton']:g}): "
                   f"/cold {cell('k0_newton_vs_cold')}, /NN {cell('k0_newton_vs_nn')}, "

@@ -105,8 +105,12 @@ def newton_choices(pp: ParametricProblem) -> tuple[int, ...]:
     applies (:func:`amortcvx.layers.kkt.linear_algebra`: ``n + m <= KRYLOV_SIZE``, or a shared ``A`` whose
     equality rows keep the reduced system small; beyond, a batch of matrix-free solves costs more than it is
     likely to save), else ``(0,)``."""
-    dense = kkt.linear_algebra(pp.n, pp.m, equalities=pp.cones.zero, shared=not pp.dependent["A"]) == "dense"
-    return (0, NEWTON_STEPS) if dense else (0,)
+    return (0, NEWTON_STEPS) if kkt.problem_linear_algebra(pp) == "dense" else (0,)
+
+
+def _step_count(n: Any) -> bool:
+    """Whether ``n`` is a number of Newton steps: a nonnegative int (not a bool)."""
+    return not isinstance(n, bool) and isinstance(n, int) and n >= 0
 
 
 FINISHES = ("certify", "c")
@@ -335,7 +339,7 @@ class AmortizedSolver:
                              f"got {pp.form!r}")
         if k < 0:
             raise ValueError(f"k must be nonnegative; got {k}")
-        if isinstance(newton, bool) or not isinstance(newton, int) or newton < 0:
+        if not _step_count(newton):
             raise ValueError(f"newton must be a nonnegative int (Newton steps of the certified finish); got {newton!r}")
         if anderson is not None and not isinstance(anderson, AndersonSettings):
             raise TypeError(f"anderson must be None or an AndersonSettings; got {type(anderson).__name__}")
@@ -739,7 +743,7 @@ class AmortizedSolver:
             if opt is not None and not isinstance(opt, AndersonSettings):
                 raise TypeError(f"refinements must hold None or AndersonSettings; got {type(opt).__name__}")
         steps = [self.newton] if newton_steps is None else list(newton_steps)
-        if not steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in steps):
+        if not steps or not all(_step_count(n) for n in steps):
             raise ValueError(f"newton_steps must hold nonnegative ints; got {newton_steps!r}")
         options = [(a, n) for n in steps for a in refinement]
         saved = (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, dict(self.c_modes),

@@ -29,7 +29,6 @@ GMRES (:mod:`amortcvx.layers.krylov`; large sparse problems).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,7 +36,7 @@ import torch
 
 from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
 from amortcvx.iterations.cones import project_dual_cone, smat, svec
-from amortcvx.iterations.linalg import dense_batch, matvec, rmatvec, sparse_operator
+from amortcvx.iterations.linalg import csr_pair, dense_batch, matvec, rmatvec, sparse_operator
 from amortcvx.layers.krylov import solve_kkt_krylov
 
 Data = ConeData | QPData
@@ -102,6 +101,12 @@ def linear_algebra(n: int, m: int, *, equalities: int = 0, shared: bool = False)
     return "dense" if reducible else "krylov"
 
 
+def problem_linear_algebra(pp) -> str:
+    """:func:`linear_algebra` of a compiled problem (a :class:`~amortcvx.canon.parametric.ParametricProblem`): its
+    sizes, its equality rows and whether its ``A`` depends on the parameters."""
+    return linear_algebra(pp.n, pp.m, equalities=pp.cones.zero, shared=not pp.dependent["A"])
+
+
 def auto(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
     """The :data:`BATCHES` builder :func:`linear_algebra` chooses for ``data``."""
     choice = linear_algebra(data.n, data.m, equalities=equality_rows(data), shared=data.A.shared)
@@ -160,10 +165,7 @@ def rows(d: Batch, start: int = 0) -> Rows:
         return Rows(A, None, None)
 
     def build() -> Rows:
-        dense = A[0].detach()
-        with warnings.catch_warnings():  # torch calls its CSR support beta; these products are checked by the tests
-            warnings.simplefilter("ignore", UserWarning)
-            return Rows(A, dense.to_sparse_csr(), dense.mT.contiguous().to_sparse_csr())
+        return Rows(A, *csr_pair(A[0].detach()))
     return _CSR.get(d.data.A, ("csr", start, A.dtype, str(A.device)), build)
 
 
@@ -180,12 +182,7 @@ def _a_mv(d: Batch, x: torch.Tensor) -> torch.Tensor:
 
 
 def _a_rmv(d: Batch, y: torch.Tensor) -> torch.Tensor:
-    return _rmv(d.A, y) if isinstance(d.A, SparseBatch) else rows(d).rmv(y)
-
-
-def _rmv(mat: torch.Tensor | SparseBatch, y: torch.Tensor) -> torch.Tensor:
-    """``M_i' y_i`` for a dense ``(1 or B, r, c)`` tensor or a :class:`SparseBatch`."""
-    return sparse_operator(mat, y.dtype).rmatvec(y) if isinstance(mat, SparseBatch) else rmatvec(mat, y)
+    return sparse_operator(d.A, y.dtype).rmatvec(y) if isinstance(d.A, SparseBatch) else rows(d).rmv(y)
 
 
 def dual_of(d: Batch, w: torch.Tensor) -> torch.Tensor:
@@ -517,7 +514,7 @@ def _reduced_schur(d: Batch, ns: NullSpace | None, M: DualJacobian, delta: float
     if ns is None:
         AZ, Mo, Z = d.A.detach(), M, None
     else:
-        AZ, Mo, Z = ns.AoZ.unsqueeze(0), _rows(M, ns.rows), ns.Z
+        AZ, Mo, Z = ns.AoZ.unsqueeze(0), _jacobian_rows(M, ns.rows), ns.Z
     lin = Mo.lin
     if AZ.shape[0] == 1 and lin > 0:
         weights = Mo.diag[:, :lin]
@@ -541,7 +538,7 @@ def _reduced_schur(d: Batch, ns: NullSpace | None, M: DualJacobian, delta: float
     return K
 
 
-def _rows(jac: DualJacobian, start: int) -> DualJacobian:
+def _jacobian_rows(jac: DualJacobian, start: int) -> DualJacobian:
     """The rows (and columns) from ``start`` on of a block-diagonal ``D`` (``start <= jac.lin``)."""
     return DualJacobian(jac.diag[:, start:], jac.block, jac.lin - start)
 
@@ -637,7 +634,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
                              factorize(take(d, fresh), _take_jacobian(D, fresh), delta=delta))
     ns = null_space(d)
     e = 0 if ns is None else ns.rows
-    L, R, M = factor.L, _rows(factor.R, e), _rows(factor.M, e)
+    L, R, M = factor.L, _jacobian_rows(factor.R, e), _jacobian_rows(factor.M, e)
     full, Ao = rows(d), rows(d, e)
     to_x = R if transpose else M
     delta_ = factor.delta
@@ -779,13 +776,14 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
             start, start_norm = Point(pt.x[idx], pt.w[idx]), norm[idx]
             jac = dual_jacobian(sub, start.w)
             part = None if isinstance(sub.A, SparseBatch) else factorize(sub, jac)
-            delta = solve_kkt(sub, jac, f[idx], factor=part, passes=passes)
+            fs = f[idx]
+            delta = solve_kkt(sub, jac, fs, factor=part, passes=passes)
             if part is not None and factor is None and idx.numel() == norm.shape[0]:
                 factor = part  # the first step ran on every instance: its factorization is the base (no copy)
             elif part is not None:
                 factor = put_factor_(factor if factor is not None else blank_factor(part, norm.shape[0]), idx, part)
-            best_x, best_w, best_f, best_norm = start.x.clone(), start.w.clone(), f[idx], start_norm.clone()
-            start_merit = f[idx].norm(dim=1)
+            best_x, best_w, best_f, best_norm = start.x.clone(), start.w.clone(), fs.clone(), start_norm.clone()
+            start_merit = fs.norm(dim=1)
             best_merit = start_merit.clone()
             goal = tol * scale[idx]
             todo = torch.arange(idx.numel(), device=idx.device)

@@ -46,6 +46,7 @@ from amortcvx.layers.kkt import (
     dual_of,
     newton_refine,
     point_from_solution,
+    problem_linear_algebra,
     put_factor_,
     slack_of,
     sparse,
@@ -53,7 +54,6 @@ from amortcvx.layers.kkt import (
     take_factor,
     warm_start_fields,
 )
-from amortcvx.layers.kkt import linear_algebra as choose_linear_algebra
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.solvers import get_solver
 
@@ -235,7 +235,7 @@ class CvxpyLayer(nn.Module):
         self.solver_args = dict(solver_args or {})
         self.presolve_eps = float(presolve_eps)
         if linear_algebra == "auto":
-            linear_algebra = choose_linear_algebra(pp.n, pp.m, equalities=pp.cones.zero, shared=not pp.dependent["A"])
+            linear_algebra = problem_linear_algebra(pp)
         self.linear_algebra = linear_algebra
         self._batch = LINEAR_ALGEBRA[linear_algebra]
         self._var_maps: list[AffineOutput] = variable_maps(pp, self.variables)
