@@ -8,7 +8,8 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * (a) ``package cold``: ``AmortizedSolver`` without predictor, ``k = 0``, ``finish="c"``, calibrated on the
   validation instances (OSQP's initial rho and check interval, SCS's object modes and scale).
 * (c) ``nearest neighbour``: the solution of the nearest training instance (standardized parameters) as a warm
-  start on a persistent solver object (SCS: the stateless object, as the package uses for warm starts).
+  start on a persistent solver object (SCS: the stateless object at the scale calibrated for (a), as the package
+  uses for warm starts; (d) and the floor too).
 * ``learned k=0`` and ``learned k=K``: ``AmortizedSolver`` with the trained predictor (certified finish, the
   rest warm-started on the persistent objects; calibrated: predictor on/off, plain/Anderson refinement, SCS
   object modes, OSQP check interval).
@@ -55,8 +56,10 @@ def _rows(params, start, stop):
 class WarmLoop:
     """Persistent solver object warm-started from given solutions (nearest neighbour, optimum)."""
 
-    def __init__(self, pp, alg, tol, reference, lookup):
+    def __init__(self, pp, alg, tol, reference, lookup, scale=None):
         settings = {**tol, **STATELESS_SETTINGS} if alg == "scs" else tol
+        if scale is not None:  # the package's calibrated stateless scale: the same object the package warm-starts
+            settings = {**settings, "scale": scale}
         self.pp, self.lookup = pp, lookup
         self.solver = PersistentSolver(alg, pp.canonicalize(reference).instance(0), settings)
 
@@ -72,8 +75,10 @@ class PreviousLoop:
     ``i % episode_length == 0`` and then starts cold, as it does when the previous answer has no solution.
     """
 
-    def __init__(self, pp, alg, tol, reference, episode_length):
+    def __init__(self, pp, alg, tol, reference, episode_length, scale=None):
         settings = {**tol, **STATELESS_SETTINGS} if alg == "scs" else tol
+        if scale is not None:
+            settings = {**settings, "scale": scale}
         self.pp, self.length, self.row, self.prev = pp, episode_length, 0, None
         self.fields = ("x", "y", "s") if alg == "scs" else ("x", "y")
         self.solver = PersistentSolver(alg, pp.canonicalize(reference).instance(0), settings)
@@ -142,15 +147,15 @@ def bench_pair(name, alg, args, tol):
         return {k: v[s:s + size] for k, v in opt_arrays.items()}
 
     strategies = {"loop (b)": loop.solve, "package cold (a)": package.solve,
-                  "nearest neighbour (c)": WarmLoop(pp, alg, tol, ref, nn_lookup).solve}
+                  "nearest neighbour (c)": WarmLoop(pp, alg, tol, ref, nn_lookup, package.scs_scale).solve}
     strategies.update({label: s.solve for label, (s, _) in learned.items()})
     strategies[f"control k={args.k}"] = control.solve
     system = fam.extras.get("system")
     previous = None
     if system is not None and getattr(system, "episode_length", None):
-        previous = PreviousLoop(pp, alg, tol, ref, system.episode_length)
+        previous = PreviousLoop(pp, alg, tol, ref, system.episode_length, package.scs_scale)
         strategies["previous solution (d)"] = previous.solve
-    strategies["floor (optimum)"] = WarmLoop(pp, alg, tol, ref, opt_lookup).solve
+    strategies["floor (optimum)"] = WarmLoop(pp, alg, tol, ref, opt_lookup, package.scs_scale).solve
 
     def rewind():  # the lookups that follow the rows in order start again at row 0
         position["start"] = 0

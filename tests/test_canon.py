@@ -124,6 +124,27 @@ def test_recover_matches_solve():
         np.testing.assert_allclose(xc[col:col + 3], xs[col:col + 3], atol=1e-12)
 
 
+def test_batched_variable_views_project_attributes_as_cvxpy_does():
+    from amortcvx.canon.recover import project_recovered, variable_maps
+
+    c = cp.Parameter(3, name="c")
+    t = cp.Variable(nonneg=True, name="t")
+    u = cp.Variable(3, bounds=[-1.0, 2.0], name="u")
+    v = cp.Variable(2, name="v")
+    prob = cp.Problem(cp.Minimize(c @ u + t + cp.sum_squares(v)), [t >= cp.norm1(u) - 1, cp.sum(v) == 1])
+    pp = ParametricProblem(prob, "cone")
+    x = np.random.default_rng(0).normal(scale=3.0, size=(6, pp.n))  # values outside the attributes' sets
+    maps = variable_maps(pp, prob.variables())
+    for var, amap in zip(prob.variables(), maps):
+        batched = project_recovered(var, amap.apply(torch.from_numpy(x)).numpy())
+        for i in range(6):
+            expected = pp.recover(x[i], np.zeros(pp.m)).variables[var.name()]
+            np.testing.assert_array_equal(batched[i], expected)
+    assert (project_recovered(t, np.array([-1.0, 2.0])) == [0.0, 2.0]).all()
+    free = np.array([[-5.0, 5.0]])
+    assert project_recovered(v, free) is free  # no attribute: left as it is
+
+
 def test_fingerprint_stable_and_sensitive():
     p1, *_ = _toy()
     p2, *_ = _toy()

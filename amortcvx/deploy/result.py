@@ -5,7 +5,8 @@ and presents the batch the way a CVXPY user reads it: ``result.variables["w"]`` 
 the ``cp.Variable``) is an array with the batch dimension first, ``result.duals[constraint]`` likewise,
 ``result.objective`` carries CVXPY's sign, and ``status``, ``iterations``, times and how each instance ended
 (warm-started, certified, fell back, retried) are arrays over the batch. The CVXPY-space views are computed on
-first use, not in the timed solve, by the batched affine maps of :mod:`amortcvx.canon.recover`.
+first use, not in the timed solve, by the batched affine maps of :mod:`amortcvx.canon.recover` (and, for variables
+with nonneg / nonpos / bounds attributes, CVXPY's projection onto them: :func:`~amortcvx.canon.recover.project_recovered`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from amortcvx.backends import SolveResult, Status
 from amortcvx.canon.parametric import CvxpySolution, ParametricProblem
-from amortcvx.canon.recover import dual_maps, variable_maps
+from amortcvx.canon.recover import dual_maps, project_recovered, variable_maps
 
 
 class ByKey(Mapping):
@@ -139,7 +140,7 @@ class AmortizedResult:
         variables = pp.problem.variables()
         maps = variable_maps(pp, variables)
         x = torch.from_numpy(np.ascontiguousarray(self.x, dtype=np.float64))
-        values = {v.name(): amap.apply(x).numpy() for v, amap in zip(variables, maps)}
+        values = {v.name(): project_recovered(v, amap.apply(x).numpy()) for v, amap in zip(variables, maps)}
         return ByKey(values, {v.id: v.name() for v in variables}, "variable")
 
     @cached_property

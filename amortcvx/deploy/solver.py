@@ -71,6 +71,7 @@ import torch
 
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
 from amortcvx.backends.batched import objectives
+from amortcvx.backends.persistent import stateless_scale
 from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
@@ -881,9 +882,9 @@ class AmortizedSolver:
     def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> tuple[dict[str, str], float | None]:
         """The faster mode (:data:`C_MODES`) for warm-started and for cold timed SCS solves, measured on ``params``.
 
-        First, cold solves on an adaptive object give the scale SCS's adaptation ends at on these instances; its
-        geometric median becomes the fixed scale of the stateless object (a stateless SCS object keeps its
-        scale, so it should start at a good one). Then warm: ``solve(params)`` (timed mode) with each mode for
+        First, the fixed scale of the stateless object: the one of fewest cold iterations on these instances
+        (:func:`~amortcvx.backends.persistent.stateless_scale`; a stateless SCS object keeps its scale, so it should
+        start at a good one). Then warm: ``solve(params)`` (timed mode) with each mode for
         the warm-started instances; cold: cold solves of the same instances on each mode's object. Best of
         ``repeats`` wall times each (both modes answer at the same tolerance; only speed differs). Returns
         ``(modes, scale)``; sets neither.
@@ -891,8 +892,8 @@ class AmortizedSolver:
         saved, saved_scale = dict(self.c_modes), self.scs_scale
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         data = self.pp.canonicalize_vector(theta)
-        adaptive = self.persistent_solver(theta, "adaptive").solve(data)
-        scale = _geometric_median_stat(adaptive, "scale")
+        reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
+        scale, _ = stateless_scale(reference, data, self.c_settings())
         self.scs_scale = scale
         self._persistent.pop("stateless", None)
         best = {}
@@ -1009,7 +1010,7 @@ class AmortizedSolver:
 
 def _geometric_median_stat(results: Sequence[SolveResult], key: str) -> float | None:
     """The geometric median of ``r.stats[key]`` over the results that report it finite and positive (the value an
-    adaptive solver setting ends at: SCS's scale, OSQP's rho), or None when none does."""
+    adaptive solver setting ends at: OSQP's rho), or None when none does."""
     values = [r.stats[key] for r in results
               if r.stats and np.isfinite(r.stats.get(key, np.nan)) and r.stats[key] > 0]
     return float(np.exp(np.median(np.log(values)))) if values else None

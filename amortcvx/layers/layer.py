@@ -29,6 +29,7 @@ from torch import nn
 from amortcvx.backends import PersistentSolver, Status
 from amortcvx.backends import osqp as osqp_backend
 from amortcvx.backends import scs as scs_backend
+from amortcvx.backends.persistent import stateless_scale
 from amortcvx.canon.data import ConeData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
@@ -67,7 +68,9 @@ PRESOLVE_SETTINGS: dict[str, Mapping[str, Any]] = {"scs": scs_backend.STATELESS_
 """C settings of the loose solve (``presolve_eps``) by solver, under the caller's: SCS without adaptive scale or
 Anderson memory keeps one object for every instance instead of a new setup per solve (the answers are refined and
 certified, so only speed changes; SOCP batch 1024: 0.53 against 0.84 s per forward, SDP batch 64: 0.20 against
-0.29 s)."""
+0.29 s). Unless the caller sets ``scale``, that object's fixed scale is the one of fewest iterations on the first
+batch it solves (:func:`~amortcvx.backends.persistent.stateless_scale`, up to 64 instances; the benchmark's SDP at
+``1e-3``: 69 -> 26 mean iterations)."""
 CPU_TORCH_STEPS = 15
 """``method="auto"`` on the CPU: the number of torch iterations of the torch candidate (then Newton refinement,
 then the C solver for the uncertified rest), where a torch step is a few batched products with matrices
@@ -440,6 +443,10 @@ class CvxpyLayer(nn.Module):
         key = tuple(sorted((k, repr(v)) for k, v in settings.items()))
         solver = self._solvers.get(key)
         if solver is None:
+            fixed = scs_backend.STATELESS_SETTINGS
+            stateless = self.solver == "scs" and all(settings.get(k) == v for k, v in fixed.items())
+            if stateless and "scale" not in settings:  # a fixed scale is kept for every call: pick it on this batch
+                settings["scale"], _ = stateless_scale(data.instance(0), data, settings)
             solver = self._solvers[key] = PersistentSolver(self.solver, data.instance(0), settings)
         starts = None if warm is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in warm.items()}
         results = solver.solve(data, starts)
