@@ -8,8 +8,8 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * (a) ``package cold``: ``AmortizedSolver`` without predictor, ``k = 0``, ``finish="c"``, calibrated on the
   validation instances (OSQP's initial rho and check interval, SCS's object modes and scale).
 * (c) ``nearest neighbour``: the solution of the nearest training instance (standardized parameters) as a warm
-  start on a persistent solver object (SCS: the stateless object at the scale calibrated for (a), as the package
-  uses for warm starts; (d) and the floor too).
+  start on a persistent solver object: the stateless object calibrated for (a) (SCS: fixed scale, no
+  acceleration; OSQP: fixed rho), as the package uses for warm starts; (d) and the floor too.
 * ``learned k=0`` and ``learned k=K``: ``AmortizedSolver`` with the trained predictor (certified finish, the
   rest warm-started on the persistent objects; calibrated: predictor on/off, plain/Anderson refinement, SCS
   object modes, OSQP check interval).
@@ -37,7 +37,6 @@ import torch
 
 from amortcvx import problems
 from amortcvx.backends import PersistentSolver, solve_batch
-from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import generate_dataset
 from amortcvx.deploy import AmortizedSolver
@@ -56,10 +55,7 @@ def _rows(params, start, stop):
 class WarmLoop:
     """Persistent solver object warm-started from given solutions (nearest neighbour, optimum)."""
 
-    def __init__(self, pp, alg, tol, reference, lookup, scale=None):
-        settings = {**tol, **STATELESS_SETTINGS} if alg == "scs" else tol
-        if scale is not None:  # the package's calibrated stateless scale: the same object the package warm-starts
-            settings = {**settings, "scale": scale}
+    def __init__(self, pp, alg, settings, reference, lookup):
         self.pp, self.lookup = pp, lookup
         self.solver = PersistentSolver(alg, pp.canonicalize(reference).instance(0), settings)
 
@@ -75,10 +71,7 @@ class PreviousLoop:
     ``i % episode_length == 0`` and then starts cold, as it does when the previous answer has no solution.
     """
 
-    def __init__(self, pp, alg, tol, reference, episode_length, scale=None):
-        settings = {**tol, **STATELESS_SETTINGS} if alg == "scs" else tol
-        if scale is not None:
-            settings = {**settings, "scale": scale}
+    def __init__(self, pp, alg, settings, reference, episode_length):
         self.pp, self.length, self.row, self.prev = pp, episode_length, 0, None
         self.fields = ("x", "y", "s") if alg == "scs" else ("x", "y")
         self.solver = PersistentSolver(alg, pp.canonicalize(reference).instance(0), settings)
@@ -123,6 +116,7 @@ def bench_pair(name, alg, args, tol):
     package = AmortizedSolver(pp, algorithm=alg, k=0, solver_settings=tol, finish="c", reference_params=ref)
     package.calibrate(val_params)  # what fit gives without a predictor: OSQP's rho and interval, SCS's modes
     loop = PersistentColdLoop(pp, alg, tol)
+    warm_settings = package.object_settings("stateless")  # the baselines' warm starts: the package's stateless object
     near = NearestNeighbor(tr.theta.numpy(), tr.x.numpy(), tr.y.numpy(), None if tr.s is None else tr.s.numpy())
 
     def nn_lookup(params):
@@ -147,15 +141,15 @@ def bench_pair(name, alg, args, tol):
         return {k: v[s:s + size] for k, v in opt_arrays.items()}
 
     strategies = {"loop (b)": loop.solve, "package cold (a)": package.solve,
-                  "nearest neighbour (c)": WarmLoop(pp, alg, tol, ref, nn_lookup, package.scs_scale).solve}
+                  "nearest neighbour (c)": WarmLoop(pp, alg, warm_settings, ref, nn_lookup).solve}
     strategies.update({label: s.solve for label, (s, _) in learned.items()})
     strategies[f"control k={args.k}"] = control.solve
     system = fam.extras.get("system")
     previous = None
     if system is not None and getattr(system, "episode_length", None):
-        previous = PreviousLoop(pp, alg, tol, ref, system.episode_length, package.scs_scale)
+        previous = PreviousLoop(pp, alg, warm_settings, ref, system.episode_length)
         strategies["previous solution (d)"] = previous.solve
-    strategies["floor (optimum)"] = WarmLoop(pp, alg, tol, ref, opt_lookup, package.scs_scale).solve
+    strategies["floor (optimum)"] = WarmLoop(pp, alg, warm_settings, ref, opt_lookup).solve
 
     def rewind():  # the lookups that follow the rows in order start again at row 0
         position["start"] = 0

@@ -257,6 +257,41 @@ def test_calibration_chooses_scs_object_modes_by_time_and_keeps_answers():
         AmortizedSolver(pp, algorithm="scs", c_modes={"warm": "fast"})
 
 
+def test_osqp_stateless_objects_fix_rho_and_do_not_depend_on_order():
+    fam, pp = _pp("mpc", "osqp")
+    solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, c_modes={"cold": "stateless"})
+    solver.osqp_rho = 0.7
+    settings = solver.object_settings("stateless")
+    assert settings["adaptive_rho"] is False and settings["rho"] == 0.7
+    assert "adaptive_rho" not in solver.object_settings("adaptive")
+    params = fam.sample(8, seed=4)
+    ref = solve_batch(pp.canonicalize(params).instances(), "osqp", settings=TOL, workers=1)
+    first = solver.solve(params)
+    perm = np.arange(8)[::-1].copy()
+    again = solver.solve({k: v[perm] for k, v in params.items()})
+    assert solver.persistent_solver(mode="stateless").builds == 1
+    for j, i in enumerate(perm):
+        r = first.results[i]
+        assert r.status == Status.OPTIMAL and r.stats["rho_updates"] == 0
+        assert abs(r.objective - ref[i].objective) <= 1e-2 * max(1.0, abs(ref[i].objective))
+        assert again.results[j].iterations == r.iterations
+        np.testing.assert_array_equal(again.results[j].x, r.x)
+    with pytest.raises(ValueError, match="mode"):
+        solver.object_settings("fast")
+
+
+def test_calibration_chooses_osqp_object_modes():
+    from amortcvx.deploy.solver import C_MODES
+
+    fam, pp = _pp("portfolio", "osqp")
+    solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL)
+    assert solver.c_modes == {"warm": "adaptive", "cold": "adaptive"}  # OSQP's default before calibration
+    cal = solver.calibrate(fam.sample(16, seed=9))
+    assert set(cal.c_modes.values()) <= set(C_MODES) and cal.scs_scale is None and cal.osqp_rho > 0
+    out = solver.solve(fam.sample(4, seed=10))
+    assert out.optimal.all()
+
+
 def test_auto_linear_system_is_sparse_for_large_shared_constant_data():
     import scipy.sparse as sp
 

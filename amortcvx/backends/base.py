@@ -152,6 +152,9 @@ class BackendInfo:
             problem (see :mod:`amortcvx.backends.persistent`).
         certify: ``certify(data, *point, eps_abs=, eps_rel=) -> bool (B,)``, the solver's own optimality test
             evaluated in float64 on a batch of candidate points (the certified finish).
+        stateless_settings: settings under which a solve leaves no state that the next solve on the same
+            persistent object reads, so one object serves a whole stream with no reset (SCS: fixed scale, no
+            Anderson memory; OSQP: fixed ``rho``).
     """
 
     name: str
@@ -165,6 +168,7 @@ class BackendInfo:
     run: Callable[..., SolveResult] = field(repr=False, compare=False)
     session: Callable[..., Any] = field(repr=False, compare=False)
     certify: Callable[..., np.ndarray] = field(repr=False, compare=False)
+    stateless_settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------

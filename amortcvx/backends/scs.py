@@ -495,4 +495,4 @@ def _setup_pool() -> ThreadPoolExecutor:
 INFO = BackendInfo(
     name="scs", form="cone", cones=CONE_KINDS, warm_start_fields=("x", "y", "s"), supports_derivatives=False,
     status_map=STATUS_MAP, default_settings=DEFAULT_SETTINGS, validate=validate, run=run, session=Session,
-    certify=certify)
+    certify=certify, stateless_settings=STATELESS_SETTINGS)

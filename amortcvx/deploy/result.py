@@ -5,8 +5,9 @@ and presents the batch the way a CVXPY user reads it: ``result.variables["w"]`` 
 the ``cp.Variable``) is an array with the batch dimension first, ``result.duals[constraint]`` likewise,
 ``result.objective`` carries CVXPY's sign, and ``status``, ``iterations``, times and how each instance ended
 (warm-started, certified, fell back, retried) are arrays over the batch. The CVXPY-space views are computed on
-first use, not in the timed solve, by the batched affine maps of :mod:`amortcvx.canon.recover` (and, for variables
-with nonneg / nonpos / bounds attributes, CVXPY's projection onto them: :func:`~amortcvx.canon.recover.project_recovered`).
+first use, not in the timed solve, by the batched affine maps of :mod:`amortcvx.canon.recover` (and, for
+variables with nonneg / nonpos / bounds attributes, CVXPY's projection onto them:
+:func:`~amortcvx.canon.recover.project_recovered`).
 """
 
 from __future__ import annotations

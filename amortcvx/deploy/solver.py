@@ -72,7 +72,6 @@ import torch
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
 from amortcvx.backends.batched import objectives
 from amortcvx.backends.persistent import stateless_scale
-from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.deploy.result import AmortizedResult
@@ -127,13 +126,14 @@ REPORTED_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 """The batch sizes :meth:`Calibration.describe` reports the per-call strategy of."""
 
 C_MODES = ("adaptive", "stateless")
-"""How the persistent C solver objects run (see :meth:`AmortizedSolver.persistent_solver`)."""
+"""How the persistent C solver objects run (see :meth:`AmortizedSolver.object_settings`)."""
 
-DEFAULT_C_MODES = {"warm": "stateless", "cold": "adaptive"}
-"""The mode of warm-started and of cold C solves until :meth:`AmortizedSolver.calibrate` times both. Measured
-(SCS, small families, 100 instances, against a hand-written persistent loop): from a start within 1e-3 of the
-optimum, stateless objects took 0.10-0.82x of the loop's time and adaptive ones (rebuilt per solve) 0.15-2.7x;
-cold, stateless took 0.63-3.0x (no acceleration: sparse_pca 789 iterations against 264) and adaptive 0.46-3.5x."""
+DEFAULT_C_MODES = {"scs": {"warm": "stateless", "cold": "adaptive"}, "osqp": {"warm": "adaptive", "cold": "adaptive"}}
+"""By backend, the mode of warm-started and of cold C solves until :meth:`AmortizedSolver.calibrate` times both.
+Measured (SCS, small families, 100 instances, against a hand-written persistent loop, SCS's default scale): from
+a start within 1e-3 of the optimum, stateless objects took 0.10-0.82x of the loop's time and adaptive ones
+(rebuilt per solve) 0.15-2.7x; cold, stateless took 0.63-3.0x (no acceleration: sparse_pca 789 iterations
+against 264) and adaptive 0.46-3.5x. OSQP keeps its adaptive ``rho`` until calibration has fitted the fixed one."""
 
 OSQP_CHECK_INTERVAL = 25
 """OSQP's default ``check_termination``: the interval of warm-started OSQP solves before calibration."""
@@ -311,7 +311,7 @@ class AmortizedSolver:
         check_termination: OSQP's termination-check interval for warm-started timed solves (cold solves keep
             the backend's); None: 25 until :meth:`calibrate` sets it from the validation C iterations.
         c_modes: ``{"warm": mode, "cold": mode}``, the mode (:data:`C_MODES`) of the persistent C solver objects
-            for warm-started and for cold solves (SCS; default :data:`DEFAULT_C_MODES`); :meth:`calibrate`
+            for warm-started and for cold solves (default :data:`DEFAULT_C_MODES` of the backend); :meth:`calibrate`
             chooses them by measured wall time unless given.
         newton: Newton steps on each warm start before the certified finish (0: none; see the module
             docstring); :meth:`calibrate` chooses among ``newton_steps`` when given.
@@ -393,8 +393,9 @@ class AmortizedSolver:
         if self._reference is None and self.model is not None and hasattr(self.model, "in_mean"):
             self._reference = self.model.in_mean.detach().to("cpu", torch.float64).reshape(1, -1)
         self._persistent: dict[str, PersistentSolver] = {}
-        modes = {**DEFAULT_C_MODES, **dict(c_modes or {})}
-        bad = {k: v for k, v in modes.items() if k not in DEFAULT_C_MODES or v not in C_MODES}
+        defaults = DEFAULT_C_MODES[self.backend]
+        modes = {**defaults, **dict(c_modes or {})}
+        bad = {k: v for k, v in modes.items() if k not in defaults or v not in C_MODES}
         if bad:
             raise ValueError(f"c_modes maps 'warm' and 'cold' to one of {C_MODES}; got {bad}")
         self.c_modes = modes
@@ -527,27 +528,31 @@ class AmortizedSolver:
             self._reference = theta.detach().to("cpu", torch.float64).mean(dim=0, keepdim=True)
         return self._reference.to(torch.float64)
 
-    def persistent_solver(self, theta: torch.Tensor | None = None, mode: str = "adaptive") -> PersistentSolver:
-        """The persistent C solver object of this problem for ``mode`` (set up on first use).
-
-        ``mode`` (see :data:`C_MODES`): ``"adaptive"`` runs the C solver with ``solver_settings`` as given;
-        ``"stateless"`` (SCS only; the same as ``"adaptive"`` for OSQP) adds
-        :data:`~amortcvx.backends.scs.STATELESS_SETTINGS` (fixed scale, no Anderson acceleration), under which
-        one SCS object serves every instance without a new setup. The object is set up on the reference instance
-        (see ``reference_params``); without one, on the mean of the flattened parameters ``theta`` (B, p) of the
-        first batch solved, which is then kept for later calls.
-        """
+    def object_settings(self, mode: str) -> dict:
+        """The C settings of the persistent object for ``mode`` (see :data:`C_MODES`): ``"adaptive"``, the C
+        solver's settings (:meth:`c_settings`) as given; ``"stateless"``, those plus the backend's
+        :attr:`~amortcvx.backends.BackendInfo.stateless_settings`, under which one object serves every instance with
+        no setup or reset between solves: SCS with a fixed scale (:attr:`scs_scale` when calibrated) and no Anderson
+        acceleration, OSQP with ``rho`` fixed (at the fitted :attr:`osqp_rho` when calibrated)."""
         if mode not in C_MODES:
             raise ValueError(f"mode must be one of {C_MODES}; got {mode!r}")
-        if self.algorithm != "scs":
-            mode = "adaptive"
+        settings = self.c_settings()
+        if mode == "stateless":
+            settings.update(get_backend(self.backend).stateless_settings)
+            if self.algorithm == "scs" and self.scs_scale is not None:
+                settings["scale"] = self.scs_scale
+        return settings
+
+    def persistent_solver(self, theta: torch.Tensor | None = None, mode: str = "adaptive") -> PersistentSolver:
+        """The persistent C solver object of this problem for ``mode`` (set up on first use, with
+        :meth:`object_settings`).
+
+        The object is set up on the reference instance (see ``reference_params``); without one, on the mean of the
+        flattened parameters ``theta`` (B, p) of the first batch solved, which is then kept for later calls.
+        """
         if mode not in self._persistent:
+            settings = self.object_settings(mode)
             ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
-            settings = self.c_settings()
-            if mode == "stateless":
-                settings.update(STATELESS_SETTINGS)
-                if self.scs_scale is not None:
-                    settings["scale"] = self.scs_scale
             self._persistent[mode] = PersistentSolver(self.backend, ref, settings)
         return self._persistent[mode]
 
@@ -727,8 +732,8 @@ class AmortizedSolver:
            median(cold)``, the cold start refined the same way (and finished with the same Newton steps).
         3. OSQP without an explicit ``check_termination``: warm-started timed solves check every ``ceil(median)``
            iterations (at most 25) of the C iterations the kept start needed where it was not certified.
-           SCS without explicit ``c_modes``: the modes of the persistent objects and the stateless scale
-           (:meth:`choose_c_modes`).
+           Without explicit ``c_modes``: the modes of the persistent objects (and SCS's stateless scale;
+           :meth:`choose_c_modes`).
         4. ``timed=True``: fewer C iterations do not always mean less time (the prediction and the ``k`` torch
            steps cost time too): the strategies still allowed (the learned start if it passed 2, the cold start
            refined by ``k`` steps, the plain cold start) are timed and the fastest is kept
@@ -780,7 +785,7 @@ class AmortizedSolver:
             c_its = [r.iterations for r, cert in zip(used.results, used.certified) if not cert]
             self.check_termination = None if not c_its else int(
                 min(OSQP_CHECK_INTERVAL, max(1, math.ceil(float(np.median(c_its))))))
-        if self.algorithm == "scs" and self._modes_given is None:
+        if self._modes_given is None:
             self.c_modes, self.scs_scale = self.choose_c_modes(params)
             self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
         seconds = None
@@ -880,20 +885,23 @@ class AmortizedSolver:
         return choice, out
 
     def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> tuple[dict[str, str], float | None]:
-        """The faster mode (:data:`C_MODES`) for warm-started and for cold timed SCS solves, measured on ``params``.
+        """The faster mode (:data:`C_MODES`) for warm-started and for cold timed C solves, measured on ``params``.
 
-        First, the fixed scale of the stateless object: the one of fewest cold iterations on these instances
+        First (SCS), the fixed scale of the stateless object: the one of fewest cold iterations on these instances
         (:func:`~amortcvx.backends.persistent.stateless_scale`; a stateless SCS object keeps its scale, so it should
-        start at a good one). Then warm: ``solve(params)`` (timed mode) with each mode for
-        the warm-started instances; cold: cold solves of the same instances on each mode's object. Best of
-        ``repeats`` wall times each (both modes answer at the same tolerance; only speed differs). Returns
-        ``(modes, scale)``; sets neither.
+        start at a good one); OSQP's stateless object keeps ``rho`` where :meth:`choose_osqp_rho` put it. Then
+        warm: ``solve(params)`` (timed mode) with each mode for the warm-started instances; cold: cold solves of the
+        same instances on each mode's object. Best of ``repeats`` wall times each (both modes answer at the same
+        tolerance; only speed differs). Returns
+        ``(modes, scale)`` (``scale`` None for OSQP); sets neither.
         """
         saved, saved_scale = dict(self.c_modes), self.scs_scale
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         data = self.pp.canonicalize_vector(theta)
-        reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
-        scale, _ = stateless_scale(reference, data, self.c_settings())
+        scale = None
+        if self.algorithm == "scs":
+            reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
+            scale, _ = stateless_scale(reference, data, self.c_settings())
         self.scs_scale = scale
         self._persistent.pop("stateless", None)
         best = {}
