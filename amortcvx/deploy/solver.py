@@ -400,7 +400,7 @@ class AmortizedSolver:
             raise ValueError(f"c_modes maps 'warm' and 'cold' to one of {C_MODES}; got {bad}")
         self.c_modes = modes
         self._modes_given = c_modes
-        self.scs_scale: float | None = None  # the fixed scale of stateless SCS objects (see choose_c_modes)
+        self.scs_scale: float | None = None  # the fixed scale of stateless SCS objects (see choose_scs_scale)
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
         self.calibration: Calibration | None = None  # the last calibrate()'s outcome
         self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
@@ -540,7 +540,7 @@ class AmortizedSolver:
         if mode == "stateless":
             settings.update(get_backend(self.backend).stateless_settings)
             if self.algorithm == "scs" and self.scs_scale is not None:
-                settings["scale"] = self.scs_scale
+                settings.setdefault("scale", self.scs_scale)
         return settings
 
     def persistent_solver(self, theta: torch.Tensor | None = None, mode: str = "adaptive") -> PersistentSolver:
@@ -732,8 +732,8 @@ class AmortizedSolver:
            median(cold)``, the cold start refined the same way (and finished with the same Newton steps).
         3. OSQP without an explicit ``check_termination``: warm-started timed solves check every ``ceil(median)``
            iterations (at most 25) of the C iterations the kept start needed where it was not certified.
-           Without explicit ``c_modes``: the modes of the persistent objects (and SCS's stateless scale;
-           :meth:`choose_c_modes`).
+           SCS without a ``scale`` in ``solver_settings``: the stateless object's scale (:meth:`choose_scs_scale`).
+           Without explicit ``c_modes``: the modes of the persistent objects (:meth:`choose_c_modes`).
         4. ``timed=True``: fewer C iterations do not always mean less time (the prediction and the ``k`` torch
            steps cost time too): the strategies still allowed (the learned start if it passed 2, the cold start
            refined by ``k`` steps, the plain cold start) are timed and the fastest is kept
@@ -785,9 +785,11 @@ class AmortizedSolver:
             c_its = [r.iterations for r, cert in zip(used.results, used.certified) if not cert]
             self.check_termination = None if not c_its else int(
                 min(OSQP_CHECK_INTERVAL, max(1, math.ceil(float(np.median(c_its))))))
-        if self._modes_given is None:
-            self.c_modes, self.scs_scale = self.choose_c_modes(params)
+        if self.algorithm == "scs" and "scale" not in self.solver_settings:
+            self.scs_scale = self.choose_scs_scale(params)
             self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
+        if self._modes_given is None:
+            self.c_modes = self.choose_c_modes(params)
         seconds = None
         strategy = "learned" if passed else ("refined_cold" if self.cold_refinable else "cold")
         if timed:
@@ -884,26 +886,28 @@ class AmortizedSolver:
         choice = min(out, key=lambda k: max(out[k][j] / fastest[j] for j in range(2)))
         return choice, out
 
-    def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> tuple[dict[str, str], float | None]:
-        """The faster mode (:data:`C_MODES`) for warm-started and for cold timed C solves, measured on ``params``.
+    def choose_scs_scale(self, params: Mapping) -> float:
+        """The fixed scale of the stateless SCS object: the one of fewest cold iterations on ``params`` (validation
+        instances; :func:`~amortcvx.backends.persistent.stateless_scale`, starting from the settings' scale). A
+        stateless object keeps its scale for every solve, so it should start at a good one. Sets nothing."""
+        if self.algorithm != "scs":
+            raise ValueError(f"the stateless scale is SCS's; this solver runs {self.algorithm!r}")
+        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
+        reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
+        return stateless_scale(reference, self.pp.canonicalize_vector(theta), self.c_settings())[0]
 
-        First (SCS), the fixed scale of the stateless object: the one of fewest cold iterations on these instances
-        (:func:`~amortcvx.backends.persistent.stateless_scale`; a stateless SCS object keeps its scale, so it should
-        start at a good one); OSQP's stateless object keeps ``rho`` where :meth:`choose_osqp_rho` put it. Then
-        warm: ``solve(params)`` (timed mode) with each mode for the warm-started instances; cold: cold solves of the
+    def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> dict[str, str]:
+        """The faster mode (:data:`C_MODES`) for warm-started and for cold timed C solves, measured on ``params``
+        with the current settings (SCS's stateless scale: :meth:`choose_scs_scale`; OSQP's fixed ``rho``:
+        :meth:`choose_osqp_rho`).
+
+        Warm: ``solve(params)`` (timed mode) with each mode for the warm-started instances; cold: cold solves of the
         same instances on each mode's object. Best of ``repeats`` wall times each (both modes answer at the same
-        tolerance; only speed differs). Returns
-        ``(modes, scale)`` (``scale`` None for OSQP); sets neither.
+        tolerance; only speed differs). Returns the modes; sets nothing.
         """
-        saved, saved_scale = dict(self.c_modes), self.scs_scale
+        saved = dict(self.c_modes)
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         data = self.pp.canonicalize_vector(theta)
-        scale = None
-        if self.algorithm == "scs":
-            reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
-            scale, _ = stateless_scale(reference, data, self.c_settings())
-        self.scs_scale = scale
-        self._persistent.pop("stateless", None)
         best = {}
         try:
             for kind in ("warm", "cold"):
@@ -921,9 +925,8 @@ class AmortizedSolver:
                     times[mode] = min(elapsed)
                 best[kind] = min(times, key=times.get)
         finally:
-            self.c_modes, self.scs_scale = saved, saved_scale
-            self._persistent.pop("stateless", None)
-        return best, scale
+            self.c_modes = saved
+        return best
 
     def solve(self, params: Mapping, *, exact_iterations: bool = False) -> AmortizedResult:
         """Predict, refine, certify, and solve the rest with the C solver at ``solver_settings``.
