@@ -9,6 +9,7 @@ import torch
 
 from amortcvx import problems
 from amortcvx.backends import PersistentSolver, Status, WarmStart, solve_batch
+from amortcvx.backends.base import objective_value
 from amortcvx.canon import ParametricProblem
 from amortcvx.canon.data import QPData
 from amortcvx.deploy import AmortizedSolver
@@ -36,9 +37,13 @@ def test_persistent_solver_matches_fresh_solves_in_any_order(name, alg):
     ref = pp.canonicalize(fam.sample(1, seed=99)).instance(0)
     solver = PersistentSolver(alg, ref, TOL)
     first = solver.solve(data)
-    for r, f in zip(first, fresh):
+    for i, (r, f) in enumerate(zip(first, fresh)):
         assert r.status == f.status == Status.OPTIMAL
         assert abs(r.objective - f.objective) <= 1e-3 * max(1.0, abs(f.objective))
+        # the solver's own objective plus the offset: the objective of the returned point, to rounding
+        inst = data.instance(i)
+        exact = objective_value(inst.P, inst.c if alg == "scs" else inst.q, r.x, inst.offset)
+        assert abs(r.objective - exact) <= 1e-12 * max(1.0, abs(exact))
     # another order on the same object: the same results (nothing leaks between instances; OSQP's update of A
     # rescales the matrix, which leaves rounding-level differences)
     perm = np.random.default_rng(0).permutation(12)

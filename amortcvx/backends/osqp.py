@@ -293,7 +293,7 @@ class Session:
         status = STATUS_MAP.get(int(info.status_val), Status.SOLVER_ERROR)
         return RawSolve(status, np.array(res.x, dtype=np.float64), np.array(res.y, dtype=np.float64), None,
                         int(info.iter), float(info.update_time), float(info.solve_time) + float(info.polish_time),
-                        str(info.status), stats)
+                        str(info.status), stats, float(info.obj_val))
 
 
 INFO = BackendInfo(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from amortcvx.backends.base import RawSolve, SolveResult, Status
-from amortcvx.backends.batched import objectives
+from amortcvx.backends.batched import host
 from amortcvx.backends.registry import get_backend
 from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon.data import ConeData, ConeInstance, QPData, QPInstance
@@ -105,13 +105,13 @@ class PersistentSolver:
         return self._results(data, raw)
 
     def _results(self, data: ConeData | QPData, raw: list[RawSolve]) -> list[SolveResult]:
-        """SolveResults with objectives computed for the whole batch at once."""
-        objective = objectives(data, np.stack([r.x for r in raw]))
+        """SolveResults; each objective is the solver's own value plus the instance's offset."""
+        offset = host(data.offset)
         return [SolveResult(x=r.x, y=r.y, s=r.s, status=r.status, iterations=int(r.iterations),
                             setup_time=r.setup_time, solve_time=r.solve_time,
-                            objective=float(obj) if r.status.has_solution else float("nan"), message=r.message,
-                            stats=r.stats)
-                for r, obj in zip(raw, objective)]
+                            objective=float(r.value + off) if r.status.has_solution else float("nan"),
+                            message=r.message, stats=r.stats)
+                for r, off in zip(raw, offset)]
 
 
 SCALE_STEP = 10 ** 0.5

@@ -475,7 +475,7 @@ class Session:
                         np.asarray(raw["s"], dtype=np.float64), executed, float(info["setup_time"]) / 1e3,
                         float(info["solve_time"]) / 1e3, str(info.get("status", "")),
                         {"scale": float(info.get("scale", np.nan)),
-                         "scale_updates": float(info.get("scale_updates", 0))})
+                         "scale_updates": float(info.get("scale_updates", 0))}, float(info.get("pobj", np.nan)))
 
 
 AHEAD_SETUP_SECONDS = 1e-3
