@@ -114,7 +114,7 @@ def bench_pair(name, alg, args, tol):
     control = AmortizedSolver(pp, algorithm=alg, k=args.k, anderson=chosen.anderson, newton=chosen.newton,
                               solver_settings=tol, reference_params=ref)
     package = AmortizedSolver(pp, algorithm=alg, k=0, solver_settings=tol, finish="c", reference_params=ref)
-    package.calibrate(val_params)  # what fit gives without a predictor: OSQP's rho and interval, SCS's modes
+    package.calibrate(val_params)  # what fit gives without a predictor: rho / scale, check interval, modes
     loop = PersistentColdLoop(pp, alg, tol)
     warm_settings = package.object_settings("stateless")  # the baselines' warm starts: the package's stateless object
     near = NearestNeighbor(tr.theta.numpy(), tr.x.numpy(), tr.y.numpy(), None if tr.s is None else tr.s.numpy())

@@ -230,8 +230,8 @@ def test_stateless_scale_walks_to_the_scale_of_fewest_iterations(name, direction
     fam, pp = _pp(name, "scs")
     data = pp.canonicalize(fam.sample(16, seed=3))
     scale, tried = stateless_scale(data.instance(0), data, TOL)
-    # SCS's default 0.1 is a poor fixed scale on both (100 instances: kalman 106 -> 26 iterations at scale 1;
-    # transport 803 -> 695 at 0.03): the walk leaves it, in the direction that helps
+    # SCS's default 0.1 is a poor fixed scale on both (measured in docs/backends.md: kalman best at 1, transport at
+    # 0.03): the walk leaves it, in the direction that helps
     assert tried[scale] == min(tried.values()) and tried[scale] < tried[0.1]
     assert scale > 0.1 if direction == "up" else scale < 0.1
     out = PersistentSolver("scs", data.instance(0), {**TOL, **STATELESS_SETTINGS, "scale": scale}).solve(data)
