@@ -144,16 +144,17 @@ def stateless_scale(reference: ConeInstance, data: ConeData, settings: Mapping[s
     sub = data if data.batch_size <= instances else data.take(np.arange(instances))
     limit = int(base.get("max_iters", get_backend("scs").default_settings["max_iters"]))
     tried: dict[float, float] = {}
-    cap = {"iters": limit}
+    cap = limit
 
     def cost(candidate: float) -> float:
+        nonlocal cap
         if candidate not in tried:
-            iters = min(limit, cap["iters"])
+            iters = min(limit, cap)
             out = PersistentSolver("scs", reference, {**base, "scale": candidate, "max_iters": iters}).solve(sub)
             counts = [r.iterations if r.status == Status.OPTIMAL else iters for r in out]
             tried[candidate] = float(np.mean(counts))
             if tried[candidate] <= min(tried.values()):
-                cap["iters"] = 3 * max(counts) + 25
+                cap = 3 * max(counts) + 25
         return tried[candidate]
 
     best = cost(scale)

@@ -115,6 +115,12 @@ def _variable_maps(pp: ParametricProblem, variables: list[cp.Variable]) -> list[
     return out  # type: ignore[return-value]
 
 
+BOUND_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "bounds")
+"""The variable attributes whose sets CVXPY projects a recovered value onto (:func:`project_recovered`)."""
+REBUILT_ATTRIBUTES = ("symmetric", "PSD", "NSD", "diag", "sparsity")
+"""The variable attributes CVXPY rebuilds a recovered value from a reduced form for, with no projection."""
+
+
 def project_recovered(var: cp.Variable, values: np.ndarray) -> np.ndarray:
     """``values`` ``(B, *shape)`` of ``var`` projected as CVXPY projects a recovered value: a variable with an
     elementwise attribute (nonneg, nonpos, pos, neg, bounds), which CVXPY replaced by a free one plus constraints,
@@ -122,15 +128,11 @@ def project_recovered(var: cp.Variable, values: np.ndarray) -> np.ndarray:
     symmetric, PSD, NSD, diag and sparse variables are rebuilt from their reduced form instead, and left as they are
     here too. The projection is not affine, so :func:`variable_maps` leaves it out; this applies it per instance."""
     attrs = var.attributes
-    if any(attrs.get(k) for k in ("symmetric", "PSD", "NSD", "diag", "sparsity")):
+    if any(attrs.get(k) for k in REBUILT_ATTRIBUTES):
         return values
-    if not any(attrs.get(k) is not None and attrs.get(k) is not False for k in BOUND_ATTRIBUTES):
+    if all(attrs.get(k) is None or attrs.get(k) is False for k in BOUND_ATTRIBUTES):  # bounds: None or a list
         return values
     return np.stack([np.asarray(var.project(v), dtype=np.float64).reshape(var.shape) for v in values])
-
-
-BOUND_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "bounds")
-"""The variable attributes whose sets CVXPY projects a recovered value onto (:func:`project_recovered`)."""
 
 
 def dual_maps(pp: ParametricProblem) -> list[AffineOutput]:

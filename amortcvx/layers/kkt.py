@@ -178,7 +178,7 @@ def _mv(mat: torch.Tensor | SparseBatch, x: torch.Tensor) -> torch.Tensor:
 
 
 def _a_mv(d: Batch, x: torch.Tensor) -> torch.Tensor:
-    return _mv(d.A, x) if isinstance(d.A, SparseBatch) else rows(d).mv(x)
+    return sparse_operator(d.A, x.dtype).matvec(x) if isinstance(d.A, SparseBatch) else rows(d).mv(x)
 
 
 def _a_rmv(d: Batch, y: torch.Tensor) -> torch.Tensor:

@@ -443,8 +443,7 @@ class CvxpyLayer(nn.Module):
         key = tuple(sorted((k, repr(v)) for k, v in settings.items()))
         solver = self._solvers.get(key)
         if solver is None:
-            fixed = scs_backend.STATELESS_SETTINGS
-            stateless = self.solver == "scs" and all(settings.get(k) == v for k, v in fixed.items())
+            stateless = self.solver == "scs" and scs_backend.STATELESS_SETTINGS.items() <= settings.items()
             if stateless and "scale" not in settings:  # a fixed scale is kept for every call: pick it on this batch
                 settings["scale"], _ = stateless_scale(data.instance(0), data, settings)
             solver = self._solvers[key] = PersistentSolver(self.solver, data.instance(0), settings)
