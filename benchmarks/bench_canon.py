@@ -1,7 +1,9 @@
 """Parameter batch -> canonical data: amortcvx's batched map against CVXPY's get_problem_data per instance.
 
-Prints, per family and form, the time to canonicalize N instances in one batched call and the time per instance
-of ``problem.get_problem_data`` (set parameter values, call, repeated over ``--ref`` instances), and their ratio.
+Prints, per family and form, the time to canonicalize N instances in one batched call, the latency of one call
+with one instance given as numpy arrays (the low-latency path an MPC loop takes; median over ``--ref`` calls), and
+the time per instance of ``problem.get_problem_data`` (set parameter values, call, repeated over ``--ref``
+instances), and their ratio.
 
     python benchmarks/bench_canon.py                      # all families, 10,000 instances, small size
     python benchmarks/bench_canon.py --families lasso --batch 1000 --ref 200
@@ -37,8 +39,8 @@ def main() -> None:
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"cvxpy {cp.__version__}; device {args.device}, dtype {args.dtype}, batch {args.batch}, "
           f"get_problem_data reference over {args.ref} instances (time per instance scaled to the batch)")
-    print(f"{'family':<14}{'form':<6}{'batched [s]':>12}{'per inst [us]':>15}{'cvxpy/inst [us]':>17}{'ratio':>9}"
-          f"  dependent")
+    print(f"{'family':<14}{'form':<6}{'batched [s]':>12}{'per inst [us]':>15}{'one call [us]':>15}"
+          f"{'cvxpy/inst [us]':>17}{'ratio':>9}  dependent")
     for name in args.families or problems.names():
         fam = problems.make(name, args.size)
         forms = tuple(dict.fromkeys(d.form for d in SOLVERS.values() if d.accepts(fam.problem)))
@@ -58,6 +60,12 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             batched = statistics.median(times)
             nref = min(args.ref, args.batch)
+            single = []
+            for i in range(nref):
+                one = {k: v[i] for k, v in params.items()}
+                t0 = time.perf_counter()
+                pp.canonicalize(one)
+                single.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             for i in range(nref):
                 for pname, par in fam.parameters.items():
@@ -66,7 +74,8 @@ def main() -> None:
             ref = (time.perf_counter() - t0) / nref
             per = batched / args.batch
             dep = ",".join(k for k, v in pp.dependent.items() if v)
-            print(f"{name:<14}{form:<6}{batched:>12.4f}{per * 1e6:>15.2f}{ref * 1e6:>17.1f}{ref / per:>9.0f}  {dep}")
+            print(f"{name:<14}{form:<6}{batched:>12.4f}{per * 1e6:>15.2f}{statistics.median(single) * 1e6:>15.1f}"
+                  f"{ref * 1e6:>17.1f}{ref / per:>9.0f}  {dep}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
 
 def host(t: torch.Tensor) -> np.ndarray:
     """A tensor as a C-contiguous float64 numpy array on the host."""
-    return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
+    if t.device.type != "cpu" or t.dtype != torch.float64:
+        t = t.to("cpu", torch.float64)
+    return np.ascontiguousarray(t.detach().numpy())
 
 
 class HostMatrix:

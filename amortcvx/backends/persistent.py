@@ -90,6 +90,8 @@ class PersistentSolver:
         size = data.batch_size
         vectors = ("b", "c") if expected is ConeData else ("q",)
         for name in vectors:
+            if np.isfinite(batch[name]).all():
+                continue
             bad = ~np.isfinite(batch[name]).all(axis=1)
             if bad.any():
                 raise ValueError(f"instance {int(np.flatnonzero(bad)[0])}: {name} has non-finite entries")

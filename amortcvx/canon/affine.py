@@ -53,17 +53,30 @@ class AffineMap:
             t = sp.csr_array(sp.diags_array(np.asarray(scale, dtype=np.float64)) @ t)
         t.sum_duplicates()
         t.eliminate_zeros()
-        self.size, p1 = t.shape
-        self.num_params = p1 - 1
-        self.const = t[:, [p1 - 1]].toarray().ravel()
+        p1 = t.shape[1]
+        const = t[:, [p1 - 1]].toarray().ravel()
         if mask is not None:
-            self.const[~np.asarray(mask, dtype=bool)] = fill
-        params = sp.csr_array(t[:, : p1 - 1])
-        row_nnz = np.diff(params.indptr)
-        self.dependent = np.flatnonzero(row_nnz > 0)
+            const[~np.asarray(mask, dtype=bool)] = fill
+        self._set(sp.csr_array(t[:, : p1 - 1]), const)
+
+    def _set(self, params: sp.csr_array, const: np.ndarray) -> None:
+        self.size, self.num_params = params.shape
+        self.const = const
+        self.dependent = np.flatnonzero(np.diff(params.indptr) > 0)
         self._dep = params  # (k, p); rows that do not depend on parameters are empty
         self._dep_t = sp.csr_array(params.T)
         self._cache: dict = {}
+        self._expanded: tuple | None = None
+
+    @classmethod
+    def stack(cls, maps: list[AffineMap]) -> AffineMap:
+        """One map whose output is the outputs of ``maps`` side by side (one product for all of them)."""
+        if not maps:
+            raise ValueError("stack needs at least one map")
+        out = cls.__new__(cls)
+        out._set(sp.csr_array(sp.vstack([m._dep for m in maps], format="csr")),
+                 np.concatenate([m.const for m in maps]))
+        return out
 
     @property
     def shared(self) -> bool:
@@ -93,10 +106,13 @@ class AffineMap:
         """
         if theta.device.type == "cpu":
             mat = self._dep_t if transpose else self._dep
-            out = mat @ theta.detach().to(torch.float64).numpy().T
+            host = theta.detach()
+            host = host if host.dtype == torch.float64 else host.to(torch.float64)
+            out = mat @ host.numpy().T
             if add_const:
                 out += self.const[:, None]
-            return torch.from_numpy(out).T.to(theta.dtype)
+            out = torch.from_numpy(out).T
+            return out if theta.dtype == torch.float64 else out.to(theta.dtype)
         const, mats = self._device_data(theta.device, theta.dtype)
         mat = mats[1] if transpose else mats[0]
         out = (mat @ theta.T).T
@@ -104,7 +120,12 @@ class AffineMap:
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         """Apply to a batch of flattened parameter vectors ``theta`` (B, p); returns (B, k)."""
-        if self.shared:
-            const, _ = self._device_data(theta.device, theta.dtype)
-            return const.expand(theta.shape[0], self.size)
+        if self.shared:  # the constant, as a view per batch size (the last one kept: repeated calls reuse it)
+            key = (str(theta.device), theta.dtype, theta.shape[0])
+            if self._expanded is None or self._expanded[0] != key:
+                const, _ = self._device_data(theta.device, theta.dtype)
+                self._expanded = (key, const.expand(theta.shape[0], self.size))
+            return self._expanded[1]
+        if not theta.requires_grad:  # no graph to record: skip autograd's bookkeeping (batch-1 latency)
+            return self._product(theta, transpose=False, add_const=True)
         return _SparseAffineProduct.apply(theta, self)

@@ -61,12 +61,29 @@ class CvxpySolution(NamedTuple):
                 con.dual_value = dual
 
 
-def _fortran_flat(value: torch.Tensor, batch: int) -> torch.Tensor:
-    """Flatten each instance of a (B, *shape) tensor in column-major order (CVXPY's vec)."""
+def _fortran_flat(value: Any, batch: int) -> Any:
+    """Flatten each instance of a (B, *shape) tensor or array in column-major order (CVXPY's vec)."""
     if value.ndim <= 2:
         return value.reshape(batch, -1)
     perm = (0, *range(value.ndim - 1, 0, -1))
-    return value.permute(perm).reshape(batch, -1)
+    moved = value.permute(perm) if isinstance(value, torch.Tensor) else value.transpose(perm)
+    return moved.reshape(batch, -1)
+
+
+def _present(value: Any, name: str) -> Any:
+    if value is None:
+        raise ValueError(f"parameter {name!r} has no value (None)")
+    return value
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every entry of a tensor or array is finite (on the CPU by numpy on the same memory, cheaper than
+    torch at small sizes; elsewhere the sum first: one reduction when all are)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64):
+            return bool(np.isfinite(value.detach().numpy()).all())
+        return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+    return bool(np.isfinite(value).all())
 
 
 class ParametricProblem:
@@ -106,6 +123,8 @@ class ParametricProblem:
         self.problem = problem
         self.form = form
         self._params = {p.name(): p for p in params}
+        # parameters whose values are checked against attributes (nonneg, PSD, bounds, ...): the others skip it
+        self._attributed = {p.name() for p in params if _attribute_checks(p, torch.float64, torch.device("cpu"))}
 
         saved = {p.id: p.value for p in params}
         try:
@@ -180,8 +199,7 @@ class ParametricProblem:
             a_sign = np.where(eq[a_rows], 1.0, -1.0)
             b_sign = np.where(eq, -1.0, 1.0)
         self._a_map = AffineMap(a[in_a], scale=a_sign)
-        self._b_map = AffineMap(a[b_idx], scale=b_sign)  # cone form: b; QP form: u
-        self._l_map = AffineMap(a[b_idx], scale=b_sign, mask=eq, fill=-np.inf)  # QP form only
+        self._b_map = AffineMap(a[b_idx], scale=b_sign)  # cone form: b; QP form: u (and l = u on equality rows)
         self._a_pattern = _csc_pattern(a_rows, a_cols, (m, n))
 
         self._p_map = None
@@ -191,6 +209,16 @@ class ParametricProblem:
             prow = np.unique(sp.coo_array(pt).row)
             self._p_map = AffineMap(pt[prow])
             self._p_pattern = _csc_pattern(prow % n, prow // n, (n, n))
+        # every parameter-dependent piece through one stacked map: one sparse product and one finiteness test per
+        # call instead of one per piece (most of canonicalize's cost at batch 1)
+        maps = {"c": self._c_map, "offset": self._offset_map, "A": self._a_map, "b": self._b_map}
+        if self._p_map is not None:
+            maps["P"] = self._p_map
+        self._maps = maps
+        dependent = [name for name, amap in maps.items() if not amap.shared]
+        self._stack = AffineMap.stack([maps[name] for name in dependent]) if dependent else None
+        ends = np.cumsum([maps[name].size for name in dependent])
+        self._slices = {name: slice(int(end - maps[name].size), int(end)) for name, end in zip(dependent, ends)}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -269,22 +297,32 @@ class ParametricProblem:
             dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float64
         if device is None:
             device = ref.device if ref is not None else torch.device("cpu")
-        tensors: dict[str, torch.Tensor] = {}
-        batch = None
-        for name, shape, _, _ in self._layout:
-            val = given[name]
-            if val is None:
-                raise ValueError(f"parameter {name!r} has no value (None)")
+        if ref is None:  # numpy values (the low-latency path): validated and flattened in numpy, one tensor made
+            host = {name: real_array(_present(given[name], name), name) for name, _, _, _ in self._layout}
+            theta = torch.from_numpy(self._flatten(host, np))
+            return theta.to(device=device, dtype=dtype)
+        values = {}
+        for name, _, _, _ in self._layout:
+            val = _present(given[name], name)
             if isinstance(val, torch.Tensor):
                 if val.is_complex():
                     raise ValueError(f"parameter {name!r} has complex values (dtype {val.dtype}); amortcvx "
                                      "supports real parameters only")
-                t = val.to(device=device, dtype=dtype)
+                values[name] = val.to(device=device, dtype=dtype)
             else:
-                t = torch.tensor(real_array(val, name), dtype=dtype, device=device)  # a copy: inputs may be read-only
-            shape = tuple(shape)
+                values[name] = torch.tensor(real_array(val, name), dtype=dtype, device=device)  # a copy
+        return self._flatten(values, torch)
+
+    def _flatten(self, values: dict[str, Any], xp: Any) -> Any:
+        """Check every parameter's shape, batch size, finiteness and attributes, and flatten the batch to
+        ``theta`` (B, num_params) in CVXPY's (column-major) order; ``xp`` is ``np`` for numpy values (the result is
+        a new array, never a view of the caller's) or ``torch`` for tensors (differentiable)."""
+        batch = None
+        batched = {}
+        for name, shape, _, _ in self._layout:
+            t, shape = values[name], tuple(shape)
             if tuple(t.shape) == shape:
-                t = t.unsqueeze(0)
+                t = t[None]
             elif t.ndim == len(shape) + 1 and tuple(t.shape[1:]) == shape:
                 if batch is not None and t.shape[0] != batch:
                     raise ValueError(f"parameter {name!r} has batch size {t.shape[0]}, but another parameter has "
@@ -292,20 +330,25 @@ class ParametricProblem:
                 batch = int(t.shape[0])
             else:
                 raise ValueError(f"parameter {name!r} expects shape {shape} or (B, *{shape}); got {tuple(t.shape)}")
-            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            if not _all_finite(t):
                 raise ValueError(f"parameter {name!r} contains NaN or inf values")
-            _check_attributes(self._params[name], t)
-            tensors[name] = t
+            if name in self._attributed:
+                _check_attributes(self._params[name], t if xp is torch else torch.tensor(t))
+            batched[name] = t
         batch = 1 if batch is None else batch
         if batch == 0:
             raise ValueError("empty batch (batch size 0)")
         cols = []
         for name, _, _, _ in self._layout:
-            flat = _fortran_flat(tensors[name].expand(batch, *tensors[name].shape[1:]), batch)
+            t = batched[name]
+            if t.shape[0] != batch:
+                t = t.expand(batch, *t.shape[1:]) if xp is torch else np.broadcast_to(t, (batch, *t.shape[1:]))
+            flat = _fortran_flat(t, batch)
             if name in self._gather:  # the entries CVXPY's reduced parameter keeps (e.g. the upper triangle)
-                flat = flat[:, torch.as_tensor(self._gather[name], device=flat.device)]
+                index = self._gather[name]
+                flat = flat[:, torch.as_tensor(index, device=flat.device) if xp is torch else index]
             cols.append(flat)
-        return torch.cat(cols, dim=1)
+        return torch.cat(cols, dim=1) if xp is torch else np.concatenate(cols, axis=1)
 
     def canonicalize(self, params: Mapping[str | cp.Parameter, ParamValue], *,
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ConeData | QPData:
@@ -319,43 +362,44 @@ class ParametricProblem:
         """Canonical data for flattened parameter vectors ``theta`` of shape (B, num_params)."""
         if theta.ndim != 2 or theta.shape[1] != self.num_params:
             raise ValueError(f"theta must have shape (B, {self.num_params}); got {tuple(theta.shape)}")
-        vec = self._c_map(theta)
-        offset = self._offset_map(theta)[:, 0]
-        a = self._sparse(self._a_map, self._a_pattern, (self.m, self.n), theta)
-        bvec = self._b_map(theta)
-        p = None if self._p_map is None else self._sparse(self._p_map, self._p_pattern, (self.n, self.n), theta)
-        lin, rhs = ("c", "b") if self.form == "cone" else ("q", "u")
-        pieces = {(lin, self._c_map): vec, ("A", self._a_map): a.values, (rhs, self._b_map): bvec,
-                  ("offset", self._offset_map): offset[:, None]}
-        if p is not None:
-            pieces[("P", self._p_map)] = p.values
-        self._check_finite(theta, {key[0]: t for key, t in pieces.items() if not key[1].shared})
+        out = None if self._stack is None else self._stack(theta)
+        if out is not None:
+            self._check_finite(theta, out)
+        v = {name: out[:, self._slices[name]] if name in self._slices else amap(theta)
+             for name, amap in self._maps.items()}
+        offset = v["offset"][:, 0]
+        a = SparseBatch(indices=self._a_pattern[0], indptr=self._a_pattern[1], shape=(self.m, self.n),
+                        values=v["A"], shared=self._a_map.shared)
+        p = None
+        if self._p_map is not None:
+            p = SparseBatch(indices=self._p_pattern[0], indptr=self._p_pattern[1], shape=(self.n, self.n),
+                            values=v["P"], shared=self._p_map.shared)
         if self.form == "cone":
-            return ConeData(P=p, A=a, b=bvec, c=vec, cones=self.cones, offset=offset)
-        return QPData(P=p, q=vec, A=a, l=self._l_map(theta), u=bvec, offset=offset, eq=self.cones.zero)
+            return ConeData(P=p, A=a, b=v["b"], c=v["c"], cones=self.cones, offset=offset)
+        u, zero = v["b"], self.cones.zero  # equality rows first: l = u there, -inf on the inequality rows
+        lower = torch.cat([u[:, :zero], u.new_full((u.shape[0], self.m - zero), -torch.inf)], dim=1)
+        return QPData(P=p, q=v["c"], A=a, l=lower, u=u, offset=offset, eq=zero)
 
-    def _check_finite(self, theta: torch.Tensor, pieces: dict[str, torch.Tensor]) -> None:
-        """Refuse finite parameter values whose canonical data overflow (e.g. ``p = 1e155`` in ``p**2``).
+    def _check_finite(self, theta: torch.Tensor, out: torch.Tensor) -> None:
+        """Refuse finite parameter values whose canonical data ``out`` (the stacked parameter-dependent pieces)
+        overflow (e.g. ``p = 1e155`` in ``p**2``).
 
         Names the instance, the canonical piece and the parameter of largest magnitude in that instance.
         """
-        for piece, t in pieces.items():  # parameter-dependent pieces only: the constants do not change
-            with torch.no_grad():
-                bad = ~torch.isfinite(t.detach()).all(dim=1)
-                if not bool(bad.any()):
-                    continue
-                i = int(torch.nonzero(bad)[0, 0])
-                row = theta[i].detach().abs()
-                col = int(torch.argmax(row))
-            name = next(nm for nm, _, size, start in self._layout if start <= col < start + size)
-            raise ValueError(f"instance {i}: the canonical data ({piece}) are not finite although the parameter "
-                             f"values are: they overflow; the largest value is in parameter {name!r} "
-                             f"(|value| = {float(row[col]):.3g})")
-
-    @staticmethod
-    def _sparse(amap: AffineMap, pattern, shape, theta) -> SparseBatch:
-        return SparseBatch(indices=pattern[0], indptr=pattern[1], shape=shape, values=amap(theta),
-                           shared=amap.shared)
+        if _all_finite(out):
+            return
+        with torch.no_grad():
+            finite = torch.isfinite(out.detach())
+            i = int(torch.nonzero(~finite.all(dim=1))[0, 0])
+            j = int(torch.nonzero(~finite[i])[0, 0])
+            row = theta[i].detach().abs()
+            col = int(torch.argmax(row))
+        piece = next(nm for nm, sl in self._slices.items() if sl.start <= j < sl.stop)
+        piece = {"c": "q", "b": "u"}.get(piece, piece) if self.form == "qp" else piece
+        name = next(nm for nm, _, size, start in self._layout if start <= col < start + size)
+        raise ValueError(f"instance {i}: the canonical data ({piece}) are not finite although the parameter "
+                         f"values are: they overflow; the largest value is in parameter {name!r} "
+                         f"(|value| = {float(row[col]):.3g})")
 
     # ------------------------------------------------------------------ inverse maps
     def recover(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, *,
@@ -488,6 +532,25 @@ def _check_attributes(p: cp.Parameter, t: torch.Tensor) -> None:
     One vectorized test per attribute over the whole batch; a violation is a ValueError naming the parameter,
     the attribute and the batch positions at fault.
     """
+    checks = _attribute_checks(p, t.dtype, t.device)
+    if not checks or t.shape[0] == 0:  # an empty batch is refused by the caller with its own message
+        return
+    with torch.no_grad():
+        v = t.detach()
+        masks = torch.stack([fn(v).reshape(v.shape[0], -1).any(dim=1) for _, fn in checks])  # (checks, B)
+        if not bool(masks.any()):
+            return
+        masks = masks.cpu()
+    for (what, _), mask in zip(checks, masks):
+        bad = torch.nonzero(mask).flatten().tolist()
+        if bad:
+            shown = bad[:10] + (["..."] if len(bad) > 10 else [])
+            raise ValueError(f"parameter {p.name()!r} is declared {what}, but its value breaks this in "
+                             f"{len(bad)} instance(s), at batch position(s) {shown}")
+
+
+def _attribute_checks(p: cp.Parameter, dtype: torch.dtype, device: torch.device) -> list:
+    """``(description, violation mask of a batch)`` of every attribute of ``p`` that a value can break."""
     attrs = p.attributes
     checks = []  # (description, mask of violating entries)
     if attrs.get("nonneg"):
@@ -521,25 +584,12 @@ def _check_attributes(p: cp.Parameter, t: torch.Tensor) -> None:
                        lambda v: (v.abs() > SYMMETRY_TOL) & outside.to(v.device)))
     lower, upper = _bounds(p)
     if lower is not None:
-        lo = torch.as_tensor(lower, dtype=t.dtype, device=t.device)
+        lo = torch.as_tensor(lower, dtype=dtype, device=device)
         checks.append(("bounds= (values >= the lower bound)", lambda v: v < lo))
     if upper is not None:
-        hi = torch.as_tensor(upper, dtype=t.dtype, device=t.device)
+        hi = torch.as_tensor(upper, dtype=dtype, device=device)
         checks.append(("bounds= (values <= the upper bound)", lambda v: v > hi))
-    if not checks or t.shape[0] == 0:  # an empty batch is refused by the caller with its own message
-        return
-    with torch.no_grad():
-        v = t.detach()
-        masks = torch.stack([fn(v).reshape(v.shape[0], -1).any(dim=1) for _, fn in checks])  # (checks, B)
-        if not bool(masks.any()):
-            return
-        masks = masks.cpu()
-    for (what, _), mask in zip(checks, masks):
-        bad = torch.nonzero(mask).flatten().tolist()
-        if bad:
-            shown = bad[:10] + (["..."] if len(bad) > 10 else [])
-            raise ValueError(f"parameter {p.name()!r} is declared {what}, but its value breaks this in "
-                             f"{len(bad)} instance(s), at batch position(s) {shown}")
+    return checks
 
 
 SYMMETRY_TOL = 1e-10

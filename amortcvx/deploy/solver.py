@@ -564,20 +564,24 @@ class AmortizedSolver:
         """
         return self._predict(params).batch
 
-    @torch.no_grad()
     def _predict(self, params: Mapping) -> _Prediction:
         """:meth:`predict_warm_start`, the data it was computed from, and the points to certify."""
         t0 = time.perf_counter()
-        theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
+        theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device).detach()
         data = self.pp.canonicalize_vector(theta)
         strategy = self.strategy_for(theta.shape[0])
-        use_model = strategy == "learned"
         if strategy == "cold":  # plain cold starts: no torch work at all
             size = data.batch_size
             nan = np.full(size, np.nan)
             batch = WarmStartBatch([None] * size, np.full(size, self.model is not None), nan, nan,
                                    time.perf_counter() - t0)
-            return _Prediction(batch, theta, data, None, np.zeros(size, dtype=bool))
+            return _Prediction(batch, theta, data, None, np.zeros(size, dtype=bool), strategy)
+        return self._predict_torch(theta, data, strategy, t0)
+
+    @torch.no_grad()
+    def _predict_torch(self, theta: torch.Tensor, data: ConeData | QPData, strategy: str, t0: float) -> _Prediction:
+        """The torch path of :meth:`_predict`: the predictor's or the (refined) cold start's warm starts."""
+        use_model = strategy == "learned"
         alg = make_algorithm(self.algorithm, data, self.settings, cache=self.factors)
         # the cold start refined by k steps: what every instance gets without a predictor, and the reference of
         # the "refined_cold" safeguard; the "cold" reference (and no safeguard) needs only the cold start's
@@ -596,7 +600,7 @@ class AmortizedSolver:
                 cold_ws, cold_solved = self._newton(data, self.space.warm_start(alg, cold_next))
         if not use_model:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
-            return self._package(alg, theta, data, cold_ws, fallback, cold_res, cold_res, t0)
+            return self._package(alg, theta, data, strategy, cold_ws, fallback, cold_res, cold_res, t0)
         z0 = self.model(theta)
         state = run(alg, self.space.to_state(alg, z0), self.k, anderson=self.anderson).state
         # the step from the refined state gives the residual (without polishing) and, for a bare SCS
@@ -628,8 +632,8 @@ class AmortizedSolver:
             bad |= (res > self.safeguard_ratio * cold_res) & ~solved
         if cold_ws is not None:
             ws = {key: torch.where(bad.unsqueeze(1), cold_ws[key], v) for key, v in ws.items()}
-            return self._package(alg, theta, data, ws, bad, res, cold_res, t0)
-        return self._package(alg, theta, data, ws, bad, res, cold_res, t0, plain_cold=bad)
+            return self._package(alg, theta, data, strategy, ws, bad, res, cold_res, t0)
+        return self._package(alg, theta, data, strategy, ws, bad, res, cold_res, t0, plain_cold=bad)
 
     def _finish(self, alg, state, ws: dict[str, torch.Tensor],
                 nxt=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -690,7 +694,7 @@ class AmortizedSolver:
         refined = kkt.warm_start_fields(d, ref.point)
         return {k: torch.where(done[:, None], refined[k], v.to(torch.float64)).to(v.dtype) for k, v in ws.items()}, done
 
-    def _package(self, alg, theta, data, ws, fallback, res, cold_res, t0, plain_cold=None) -> _Prediction:
+    def _package(self, alg, theta, data, strategy, ws, fallback, res, cold_res, t0, plain_cold=None) -> _Prediction:
         """Host-side warm starts; ``plain_cold`` marks instances that get no warm start at all."""
         fallback = fallback.cpu().numpy()
         plain = np.zeros_like(fallback) if plain_cold is None else plain_cold.cpu().numpy()
@@ -706,7 +710,8 @@ class AmortizedSolver:
             torch.cuda.synchronize(self.device)
         batch = WarmStartBatch(warm, fallback, res.cpu().numpy(), cold_res.cpu().numpy(), time.perf_counter() - t0,
                                host)
-        return _Prediction(batch, theta, data, candidates, ~plain if host is not None else np.zeros_like(plain))
+        warm_mask = ~plain if host is not None else np.zeros_like(plain)
+        return _Prediction(batch, theta, data, candidates, warm_mask, strategy)
 
     def calibrate(self, params: Mapping, *, margin: float = 1.0,
                   refinements: Sequence[AndersonSettings | None] | None = None, timed: bool = True,
@@ -975,7 +980,7 @@ class AmortizedSolver:
         if sign != 1.0:  # CVXPY's sign: a maximization's canonical problem minimizes -f
             results = [r._replace(objective=sign * r.objective) for r in results]
         return AmortizedResult(results, pred.batch.fallback, retried, pred.batch.seconds, time.perf_counter() - t0,
-                               certified, pred.warm.copy(), self.strategy_for(size) == "learned", self.pp)
+                               certified, pred.warm.copy(), pred.strategy == "learned", self.pp)
 
     def _c_solve(self, pred: _Prediction, data: ConeData | QPData, index: np.ndarray, warm: np.ndarray,
                  exact_iterations: bool) -> list[SolveResult]:
@@ -1046,3 +1051,4 @@ class _Prediction(NamedTuple):
     data: ConeData | QPData
     candidates: dict[str, np.ndarray] | None
     warm: np.ndarray
+    strategy: str
