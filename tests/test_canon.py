@@ -227,6 +227,45 @@ def test_parameters_with_dimension_reducing_attributes(form):
             pp.parameter_vector({**good, name: bad})
 
 
+@pytest.mark.parametrize("form", ["cone", "qp"])
+def test_numpy_and_tensor_values_give_the_same_parameter_vector(form):
+    """Numpy values take the numpy path (validation and flattening in numpy, one tensor at the end), tensors the
+    torch path: the same vector, also with reduced (PSD, diag, symmetric) parameters, a mix of batched and
+    unbatched values, and a copy that later changes to the caller's arrays do not reach."""
+    n = 4
+    prob, _ = _attribute_problem(n)
+    pp = ParametricProblem(prob, form=form)
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(3, n, n))
+    values = {"S": G @ G.transpose(0, 2, 1), "D": np.diag(rng.uniform(1, 2, n)), "Y": G + G.transpose(0, 2, 1),
+              "q": rng.uniform(0, 1, n)}
+    from_numpy = pp.parameter_vector(values)
+    from_torch = pp.parameter_vector({k: torch.as_tensor(v) for k, v in values.items()})
+    assert from_numpy.shape == (3, pp.num_params) and from_numpy.dtype == torch.float64
+    torch.testing.assert_close(from_numpy, from_torch, rtol=0, atol=0)
+    kept = from_numpy.clone()
+    values["q"][:] = 7.0
+    torch.testing.assert_close(from_numpy, kept, rtol=0, atol=0)
+    bad = {**values, "S": -np.eye(n)}
+    with pytest.raises(ValueError, match="parameter 'S' is declared PSD=True"):
+        pp.parameter_vector(bad)
+    with pytest.raises(ValueError, match="parameter 'q' contains NaN"):
+        pp.parameter_vector({**values, "q": np.full(n, np.nan)})
+
+
+def test_overflowing_qp_data_name_the_piece_and_lower_bounds_stay_infinite():
+    x = cp.Variable(2)
+    p = cp.Parameter(2, name="p")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x)), [x <= 1e10 * p, cp.sum(x) == p[0]])
+    pp = ParametricProblem(prob, form="qp")
+    data = pp.canonicalize({"p": np.array([[1.0, 2.0], [3.0, 4.0]])})
+    eq = data.eq
+    assert eq == 1 and np.isinf(data.l[:, eq:].numpy()).all() and (data.l[:, eq:] < 0).all()
+    np.testing.assert_array_equal(data.l[:, :eq].numpy(), data.u[:, :eq].numpy())
+    with pytest.raises(ValueError, match=r"instance 1: the canonical data \(u\) are not finite.*parameter 'p'"):
+        pp.canonicalize({"p": np.array([[1.0, 2.0], [1.0, 1e300]])})
+
+
 def test_sparse_parameter():
     A = cp.Parameter((3, 3), sparsity=([0, 1, 2], [0, 2, 1]), name="A")
     x = cp.Variable(3)

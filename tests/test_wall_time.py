@@ -293,6 +293,24 @@ def test_osqp_stateless_objects_fix_rho_and_do_not_depend_on_order():
         solver.object_settings("fast")
 
 
+def test_osqp_cold_and_warm_solves_on_one_object_do_not_see_each_other():
+    # cold starts switch OSQP's warm_starting setting off (zeros), warm starts switch it back on: alternating the
+    # two on one object gives, bit for bit, what an object of each kind alone gives
+    fam, pp = _pp("lasso", "osqp")
+    data = pp.canonicalize(fam.sample(8, seed=5))
+    ref, fixed = data.instance(0), {**TOL, "adaptive_rho": False}
+    cold = PersistentSolver("osqp", ref, fixed).solve(data)
+    starts = {"x": np.stack([r.x for r in cold]) + 0.1, "y": np.stack([r.y for r in cold])}
+    warm_alone = PersistentSolver("osqp", ref, fixed).solve(data, starts)
+    mask = np.arange(8) % 2 == 0
+    mixed = PersistentSolver("osqp", ref, fixed).solve(data, starts, mask)
+    for i in range(8):
+        alone = warm_alone[i] if mask[i] else cold[i]
+        assert mixed[i].status == Status.OPTIMAL and mixed[i].iterations == alone.iterations
+        np.testing.assert_array_equal(mixed[i].x, alone.x)
+    assert any(warm_alone[i].iterations != cold[i].iterations for i in range(8))  # the starts do matter
+
+
 def test_calibration_chooses_osqp_object_modes():
     from amortcvx.deploy.solver import C_MODES
 

@@ -218,12 +218,13 @@ class Session:
 
     Set up once on the reference instance (OSQP's Ruiz scaling, including its cost scaling, which reads ``q``,
     is computed there); each instance then calls ``update(q=, l=, u=)`` (and ``update(Px=, Ax=)`` where
-    parameters enter ``P`` or ``A``), sets its start with ``warm_start(x=, y=)`` (zeros for a cold start: OSQP
-    would otherwise continue from the previous instance's iterate) and solves. Reset protocol: the only other
-    state a solve leaves is the adapted ``rho``; after a solve that changed it (``info.rho_updates > 0``) it is
-    set back with ``update_settings(rho=)`` (a numeric refactorization, no new setup). A result therefore depends
-    on the instance and the reference only. Vectors are passed as contiguous float64 arrays (OSQP 1.1.3 silently
-    returns wrong solutions for non-contiguous views).
+    parameters enter ``P`` or ``A``), sets its start and solves: a warm start with ``warm_start(x=, y=)``, a cold
+    start with OSQP's ``warm_starting`` setting off (OSQP then starts from zeros instead of continuing from the
+    previous instance's iterate; the setting is switched only when the kind of start changes). Reset protocol:
+    the only other state a solve leaves is the adapted ``rho``; after a solve that changed it
+    (``info.rho_updates > 0``) it is set back with ``update_settings(rho=)`` (a numeric refactorization, no new
+    setup). A result therefore depends on the instance and the reference only. Vectors are passed as contiguous
+    float64 arrays (OSQP 1.1.3 silently returns wrong solutions for non-contiguous views).
     """
 
     def __init__(self, reference: QPInstance, settings: Mapping[str, Any] | None):
@@ -249,13 +250,13 @@ class Session:
         self.rho0 = float(solver.settings.rho)
         self.check0 = int(solver.settings.check_termination)
         self._check = self.check0
+        self._warm_starting = bool(solver.settings.warm_starting)  # the setting now on the object
         self.check_dualgap = bool(getattr(solver.settings, "check_dualgap", True))
         self.builds = 1
         self._p_upper = None
         if reference.P is not None:
             full = sp.csc_matrix(reference.P)
             self._p_upper = upper_mask(full.indices, full.indptr)
-        self._zeros = (np.zeros(self.n), np.zeros(self.m))
 
     def prepare(self, data: QPData) -> dict[str, Any]:
         """Host arrays of a batch: ``q``, ``l``, ``u`` and, where parameters enter them, the values of ``A``, ``P``."""
@@ -276,12 +277,18 @@ class Session:
             if batch["A"] is not None or batch["P"] is not None:
                 s.update(**({} if batch["A"] is None else {"Ax": batch["A"][i]}),
                          **({} if batch["P"] is None else {"Px": batch["P"][i]}))
-            x0, y0 = self._zeros if warm is None else (warm["x"], warm["y"])
-            s.warm_start(x=x0, y=y0)
             check = self.check0 if check_termination is None else int(check_termination)
+            warm_starting = warm is not None
+            changed = {}
             if check != self._check:
-                s.update_settings(check_termination=check)
-                self._check = check
+                changed["check_termination"] = check
+            if warm_starting != self._warm_starting:
+                changed["warm_starting"] = warm_starting
+            if changed:
+                s.update_settings(**changed)
+                self._check, self._warm_starting = check, warm_starting
+            if warm is not None:
+                s.warm_start(x=warm["x"], y=warm["y"])
             res = s.solve(raise_error=False)
         except Exception as e:  # noqa: BLE001 - a failing instance never stops the stream
             return RawSolve(Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), None, 0, np.nan, np.nan,

@@ -199,7 +199,7 @@ class ParametricProblem:
             a_sign = np.where(eq[a_rows], 1.0, -1.0)
             b_sign = np.where(eq, -1.0, 1.0)
         self._a_map = AffineMap(a[in_a], scale=a_sign)
-        self._b_map = AffineMap(a[b_idx], scale=b_sign)  # cone form: b; QP form: u (and l = u on equality rows)
+        self._b_map = AffineMap(a[b_idx], scale=b_sign)  # cone form: b; QP form: u
         self._a_pattern = _csc_pattern(a_rows, a_cols, (m, n))
 
         self._p_map = None
@@ -214,11 +214,14 @@ class ParametricProblem:
         maps = {"c": self._c_map, "offset": self._offset_map, "A": self._a_map, "b": self._b_map}
         if self._p_map is not None:
             maps["P"] = self._p_map
+        if self.form == "qp":  # last: l is -inf on the inequality rows, so the finiteness test stops before it
+            maps["l"] = AffineMap(a[b_idx], scale=b_sign, mask=eq, fill=-np.inf)
         self._maps = maps
         dependent = [name for name, amap in maps.items() if not amap.shared]
         self._stack = AffineMap.stack([maps[name] for name in dependent]) if dependent else None
         ends = np.cumsum([maps[name].size for name in dependent])
         self._slices = {name: slice(int(end - maps[name].size), int(end)) for name, end in zip(dependent, ends)}
+        self._finite_end = self._slices["l"].start if "l" in self._slices else int(ends[-1]) if dependent else 0
 
     # ------------------------------------------------------------------ public API
     @property
@@ -364,7 +367,7 @@ class ParametricProblem:
             raise ValueError(f"theta must have shape (B, {self.num_params}); got {tuple(theta.shape)}")
         out = None if self._stack is None else self._stack(theta)
         if out is not None:
-            self._check_finite(theta, out)
+            self._check_finite(theta, out if self._finite_end == out.shape[1] else out[:, :self._finite_end])
         v = {name: out[:, self._slices[name]] if name in self._slices else amap(theta)
              for name, amap in self._maps.items()}
         offset = v["offset"][:, 0]
@@ -376,9 +379,7 @@ class ParametricProblem:
                             values=v["P"], shared=self._p_map.shared)
         if self.form == "cone":
             return ConeData(P=p, A=a, b=v["b"], c=v["c"], cones=self.cones, offset=offset)
-        u, zero = v["b"], self.cones.zero  # equality rows first: l = u there, -inf on the inequality rows
-        lower = torch.cat([u[:, :zero], u.new_full((u.shape[0], self.m - zero), -torch.inf)], dim=1)
-        return QPData(P=p, q=v["c"], A=a, l=lower, u=u, offset=offset, eq=zero)
+        return QPData(P=p, q=v["c"], A=a, l=v["l"], u=v["b"], offset=offset, eq=self.cones.zero)
 
     def _check_finite(self, theta: torch.Tensor, out: torch.Tensor) -> None:
         """Refuse finite parameter values whose canonical data ``out`` (the stacked parameter-dependent pieces)
