@@ -90,11 +90,9 @@ class PersistentSolver:
         size = data.batch_size
         vectors = ("b", "c") if expected is ConeData else ("q",)
         for name in vectors:
-            if np.isfinite(batch[name]).all():
-                continue
-            bad = ~np.isfinite(batch[name]).all(axis=1)
-            if bad.any():
-                raise ValueError(f"instance {int(np.flatnonzero(bad)[0])}: {name} has non-finite entries")
+            if not np.isfinite(batch[name]).all():  # one test of the whole batch; the instance only on failure
+                first = int(np.flatnonzero(~np.isfinite(batch[name]).all(axis=1))[0])
+                raise ValueError(f"instance {first}: {name} has non-finite entries")
         warm = None
         if warm_starts is not None:
             warm = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float64)) for k, v in warm_starts.items()

@@ -211,7 +211,8 @@ class ParametricProblem:
             self._p_pattern = _csc_pattern(prow % n, prow // n, (n, n))
         # every parameter-dependent piece through one stacked map: one sparse product and one finiteness test per
         # call instead of one per piece (most of canonicalize's cost at batch 1)
-        maps = {"c": self._c_map, "offset": self._offset_map, "A": self._a_map, "b": self._b_map}
+        lin, rhs = ("c", "b") if self.form == "cone" else ("q", "u")  # the pieces' names in this form
+        maps = {lin: self._c_map, "offset": self._offset_map, "A": self._a_map, rhs: self._b_map}
         if self._p_map is not None:
             maps["P"] = self._p_map
         if self.form == "qp":  # last: l is -inf on the inequality rows, so the finiteness test stops before it
@@ -221,7 +222,7 @@ class ParametricProblem:
         self._stack = AffineMap.stack([maps[name] for name in dependent]) if dependent else None
         ends = np.cumsum([maps[name].size for name in dependent])
         self._slices = {name: slice(int(end - maps[name].size), int(end)) for name, end in zip(dependent, ends)}
-        self._finite_end = self._slices["l"].start if "l" in self._slices else int(ends[-1]) if dependent else 0
+        self._finite_end = self._slices["l"].start if "l" in self._slices else None  # the columns tested finite
 
     # ------------------------------------------------------------------ public API
     @property
@@ -367,7 +368,7 @@ class ParametricProblem:
             raise ValueError(f"theta must have shape (B, {self.num_params}); got {tuple(theta.shape)}")
         out = None if self._stack is None else self._stack(theta)
         if out is not None:
-            self._check_finite(theta, out if self._finite_end == out.shape[1] else out[:, :self._finite_end])
+            self._check_finite(theta, out if self._finite_end is None else out[:, :self._finite_end])
         v = {name: out[:, self._slices[name]] if name in self._slices else amap(theta)
              for name, amap in self._maps.items()}
         offset = v["offset"][:, 0]
@@ -379,7 +380,7 @@ class ParametricProblem:
                             values=v["P"], shared=self._p_map.shared)
         if self.form == "cone":
             return ConeData(P=p, A=a, b=v["b"], c=v["c"], cones=self.cones, offset=offset)
-        return QPData(P=p, q=v["c"], A=a, l=v["l"], u=v["b"], offset=offset, eq=self.cones.zero)
+        return QPData(P=p, q=v["q"], A=a, l=v["l"], u=v["u"], offset=offset, eq=self.cones.zero)
 
     def _check_finite(self, theta: torch.Tensor, out: torch.Tensor) -> None:
         """Refuse finite parameter values whose canonical data ``out`` (the stacked parameter-dependent pieces)
@@ -396,7 +397,6 @@ class ParametricProblem:
             row = theta[i].detach().abs()
             col = int(torch.argmax(row))
         piece = next(nm for nm, sl in self._slices.items() if sl.start <= j < sl.stop)
-        piece = {"c": "q", "b": "u"}.get(piece, piece) if self.form == "qp" else piece
         name = next(nm for nm, _, size, start in self._layout if start <= col < start + size)
         raise ValueError(f"instance {i}: the canonical data ({piece}) are not finite although the parameter "
                          f"values are: they overflow; the largest value is in parameter {name!r} "
