@@ -309,6 +309,11 @@ def test_each_call_gets_the_strategy_fastest_at_its_batch_size(fitted):
         assert not solver.solve({"mu": np.ones((1, N))}).predictor_enabled
         assert solver.solve({"mu": np.ones((64, N))}).predictor_enabled
         assert "per call by batch size: 1: cold" in cal.describe()
+        # the choice per batch size is remembered; a new calibration replaces it
+        solver.configure(cal._replace(seconds={"learned": (0.5, 0.1), "cold": (1.0, 0.5)}))
+        assert solver.strategy_for(1) == "learned" and solver.strategy_for(64) == "learned"
+        solver.calibration = cal
+        assert solver.strategy_for(1) == "cold"
         solver.use_strategy("cold")  # an explicit choice holds for every batch size
         assert solver.strategy_for(64) == "cold"
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import cvxpy as cp
 import numpy as np
@@ -260,11 +259,10 @@ def test_large_sparse_qp_converges_without_dense_matrices():
     try:
         for transpose in (False, True):
             rhs = torch.randn(2, n + m, dtype=torch.float64, generator=gen)
-            start = time.perf_counter()
             out = solve_kkt_krylov(data, jac, rhs, transpose=transpose, max_iters=1500)
-            elapsed = time.perf_counter() - start
             assert bool(out.converged.all()), out.residual
-            assert elapsed < 15.0, elapsed
+            # work, not wall time: about 470 iterations with the preconditioner, about 900 without it
+            assert int(out.iterations.max()) <= 700, out.iterations
             # memory: every allocation of a short run (operator, preconditioner, a GMRES cycle, the refinement
             # residuals; the later iterations allocate the same) is small; a dense (2, m, n) alone is 96 MB
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:

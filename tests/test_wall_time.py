@@ -114,6 +114,26 @@ def test_noncontiguous_vectors_give_correct_answers():
         np.testing.assert_allclose(r.x, f.x, atol=1e-3)
 
 
+@pytest.mark.parametrize("alg, piece", [("scs", "b"), ("scs", "c"), ("osqp", "q")])
+def test_persistent_solver_refuses_non_finite_vectors_and_names_the_instance(alg, piece):
+    import dataclasses
+
+    fam, pp = _pp("portfolio", alg)
+    data = pp.canonicalize(fam.sample(3, seed=5))
+    solver = PersistentSolver(alg, data.instance(0), TOL)
+    for bad in (np.nan, np.inf):
+        values = getattr(data, piece).clone()
+        values[2, 1] = bad
+        with pytest.raises(ValueError, match=f"instance 2: {piece} has non-finite entries"):
+            solver.solve(dataclasses.replace(data, **{piece: values}))
+    # huge finite entries are accepted
+    values = getattr(data, piece).clone()
+    values[:, :2] = 1e308
+    short = PersistentSolver(alg, data.instance(0), {**TOL, "max_iter" if alg == "osqp" else "max_iters": 50})
+    out = short.solve(dataclasses.replace(data, **{piece: values}))
+    assert len(out) == 3
+
+
 def test_parameter_independent_factorizations_are_computed_once():
     fam, pp = _pp("portfolio", "scs")
     solver = AmortizedSolver(pp, algorithm="scs", k=3, solver_settings=TOL)

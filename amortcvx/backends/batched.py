@@ -16,9 +16,9 @@ from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
 
 def host(t: torch.Tensor) -> np.ndarray:
     """A tensor as a C-contiguous float64 numpy array on the host."""
-    if t.device.type != "cpu" or t.dtype != torch.float64:
+    if not t.is_cpu or t.dtype is not torch.float64:
         t = t.to("cpu", torch.float64)
-    return np.ascontiguousarray(t.detach().numpy())
+    return np.ascontiguousarray((t.detach() if t.requires_grad else t).numpy())
 
 
 class HostMatrix:

@@ -56,6 +56,8 @@ class PersistentSolver:
         self._session = info.session(reference, settings)
         self.settings = dict(self._session.opts)
         self.n, self.m = self._session.n, self._session.m
+        self._data_type = ConeData if info.form == "cone" else QPData
+        self._vectors = ("b", "c") if info.form == "cone" else ("q",)  # the vectors the solvers do not check
 
     @property
     def builds(self) -> int:
@@ -80,24 +82,23 @@ class PersistentSolver:
         Raises:
             ValueError: a batch of another size, or with non-finite vectors (naming the instance).
         """
-        expected = ConeData if self._info.form == "cone" else QPData
-        if not isinstance(data, expected):
-            raise ValueError(f"backend {self.backend!r} takes {expected.__name__}, got {type(data).__name__}")
+        if not isinstance(data, self._data_type):
+            raise ValueError(f"backend {self.backend!r} takes {self._data_type.__name__}, got {type(data).__name__}")
         if (data.n, data.m) != (self.n, self.m):
             raise ValueError(f"the batch has (n, m) = {(data.n, data.m)}; this solver was set up for "
                              f"{(self.n, self.m)}")
         batch = self._session.prepare(data)
         size = data.batch_size
-        vectors = ("b", "c") if expected is ConeData else ("q",)
-        for name in vectors:
-            if not np.isfinite(batch[name]).all():  # one test of the whole batch; the instance only on failure
-                first = int(np.flatnonzero(~np.isfinite(batch[name]).all(axis=1))[0])
+        for name in self._vectors:
+            values = batch[name]
+            if not np.isfinite(values).all():  # one test of the whole batch; the instance only on failure
+                first = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
                 raise ValueError(f"instance {first}: {name} has non-finite entries")
-        warm = None
+        warm, mask = None, None
         if warm_starts is not None:
             warm = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float64)) for k, v in warm_starts.items()
                     if k in self._info.warm_start_fields}
-        mask = np.ones(size, dtype=bool) if warm_mask is None else np.asarray(warm_mask, dtype=bool)
+            mask = np.ones(size, dtype=bool) if warm_mask is None else np.asarray(warm_mask, dtype=bool)
         raw = []
         for i in range(size):
             start = None if warm is None or not mask[i] else {k: v[i] for k, v in warm.items()}

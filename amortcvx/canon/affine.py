@@ -104,9 +104,9 @@ class AffineMap:
         The result is computed as its transpose (one sparse-times-dense product) and returned as a
         transposed view, which avoids a scatter into a (B, k) array.
         """
-        if theta.device.type == "cpu":
+        if theta.is_cpu:
             mat = self._dep_t if transpose else self._dep
-            host = theta.detach()
+            host = theta.detach() if theta.requires_grad else theta
             host = host if host.dtype == torch.float64 else host.to(torch.float64)
             out = mat @ host.numpy().T
             if add_const:
@@ -121,7 +121,7 @@ class AffineMap:
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         """Apply to a batch of flattened parameter vectors ``theta`` (B, p); returns (B, k)."""
         if self.shared:  # the constant, as a view per batch size (the last one kept: repeated calls reuse it)
-            key = (str(theta.device), theta.dtype, theta.shape[0])
+            key = (theta.device, theta.dtype, theta.shape[0])
             if self._expanded is None or self._expanded[0] != key:
                 const, _ = self._device_data(theta.device, theta.dtype)
                 self._expanded = (key, const.expand(theta.shape[0], self.size))

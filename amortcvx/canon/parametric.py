@@ -80,8 +80,8 @@ def _all_finite(value: Any) -> bool:
     """Whether every entry of a tensor or array is finite (on the CPU by numpy on the same memory, cheaper than
     torch at small sizes; elsewhere the sum first: one reduction when all are)."""
     if isinstance(value, torch.Tensor):
-        if value.device.type == "cpu" and value.dtype in (torch.float32, torch.float64):
-            return bool(np.isfinite(value.detach().numpy()).all())
+        if value.is_cpu and value.dtype in (torch.float32, torch.float64):
+            return bool(np.isfinite((value.detach() if value.requires_grad else value).numpy()).all())
         return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
     return bool(np.isfinite(value).all())
 
@@ -122,6 +122,7 @@ class ParametricProblem:
             raise ValueError(f"parameter names must be unique; duplicated: {dup}")
         self.problem = problem
         self.form = form
+        self._sign = -1.0 if isinstance(problem.objective, cp.Maximize) else 1.0
         self._params = {p.name(): p for p in params}
         # parameters whose values are checked against attributes (nonneg, PSD, bounds, ...): the others skip it
         self._attributed = {p.name() for p in params if _attribute_checks(p, torch.float64, torch.device("cpu"))}
@@ -242,7 +243,7 @@ class ParametricProblem:
         canonical optimal value ``1/2 x'Px + c'x + offset`` (what the backends report) is ``-f*``, and CVXPY's
         value is ``objective_sign * canonical value``.
         """
-        return -1.0 if isinstance(self.problem.objective, cp.Maximize) else 1.0
+        return self._sign
 
     @property
     def dependent(self) -> dict[str, bool]:

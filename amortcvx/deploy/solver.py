@@ -402,7 +402,7 @@ class AmortizedSolver:
         self._modes_given = c_modes
         self.scs_scale: float | None = None  # the fixed scale of stateless SCS objects (see choose_scs_scale)
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
-        self.calibration: Calibration | None = None  # the last calibrate()'s outcome
+        self.calibration = None  # the last calibrate()'s outcome (a Calibration)
         self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
         self.by_batch = False  # per call, the strategy calibration found fastest at its batch size
 
@@ -824,11 +824,26 @@ class AmortizedSolver:
         self.by_batch = calibration.cost_model() != {}
         return calibration
 
+    @property
+    def calibration(self) -> Calibration | None:
+        """The last :meth:`calibrate`'s (or :meth:`configure`'s) outcome; None before."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, calibration: Calibration | None) -> None:
+        self._calibration = calibration
+        self._fastest: dict[int, str | None] = {}  # batch size -> calibration.strategy_for(batch size)
+
     def strategy_for(self, batch: int) -> str:
         """The start a call of ``batch`` instances gets: after :meth:`configure` with a timed calibration, the
-        strategy fastest at that batch size (:meth:`Calibration.strategy_for`); else :attr:`strategy`."""
-        if self.by_batch and self.calibration is not None:
-            chosen = self.calibration.strategy_for(batch)
+        strategy fastest at that batch size (:meth:`Calibration.strategy_for`, computed once per batch size); else
+        :attr:`strategy`."""
+        if self.by_batch and self._calibration is not None:
+            chosen = self._fastest.get(batch)
+            if chosen is None and batch not in self._fastest:
+                if len(self._fastest) >= 64:  # many batch sizes: keep the memo small
+                    self._fastest.clear()
+                chosen = self._fastest[batch] = self._calibration.strategy_for(batch)
             if chosen is not None and (chosen != "learned" or self.model is not None):
                 return chosen
         return self.strategy
@@ -954,12 +969,13 @@ class AmortizedSolver:
         size = data.batch_size
         certified = np.zeros(size, dtype=bool)
         results: list[SolveResult | None] = [None] * size
+        rest = np.arange(size)
         if pred.candidates is not None:
             info = get_backend(self.backend)
             certified = pred.warm & info.certify(data, **pred.candidates, eps_abs=self._eps[0], eps_rel=self._eps[1])
             for i, r in zip(np.flatnonzero(certified), self._certified_results(data, pred.candidates, certified)):
                 results[i] = r
-        rest = np.flatnonzero(~certified)
+            rest = np.flatnonzero(~certified)
         retried = np.zeros(size, dtype=bool)
         if rest.size:
             warm = pred.warm[rest]
@@ -989,9 +1005,11 @@ class AmortizedSolver:
             starts = [pred.batch.warm_starts[i] if w else None for i, w in zip(index, warm)]
             return solve_batch([data.instance(int(i)) for i in index], self.backend, warm_starts=starts,
                                settings=self.c_settings(), exact_iterations=True, workers=self.workers)
+        sub = data if index.size == data.batch_size else data.take(index)
+        if not warm.any():  # every instance cold: one call on the cold object
+            return self.persistent_solver(pred.theta, self.c_modes["cold"]).solve(sub)
         arrays = None if pred.batch.arrays is None else {k: v[index] for k, v in pred.batch.arrays.items()}
         check = self.check_termination if self.algorithm == "osqp" else None
-        sub = data if index.size == data.batch_size else data.take(index)
         out: list[SolveResult | None] = [None] * index.size
         for kind, mask in (("warm", warm), ("cold", ~warm)):  # each on its own object, with its own interval
             pos = np.flatnonzero(mask)
