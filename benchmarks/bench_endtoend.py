@@ -20,8 +20,10 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * ``floor``: warm-started at the optimum (solved beforehand at eps 1e-9) on the warm-start object.
 
 Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small|large] [--batch 1 256]
-[--instances 256] [--rounds 3] [--k 10] [--train 1000] [--epochs 60] [--json PATH] [--smoke]``.
-Prints machine, load, sizes, dtype and settings beside the numbers.
+[--instances 256] [--rounds 3] [--k 10] [--train 1000] [--epochs 60] [--json PATH] [--plot PATH.png] [--smoke]``;
+``--from-json PATH --plot PATH.png`` redraws the plot of a saved run without running anything.
+Prints machine, load, sizes, dtype and settings beside the numbers. The plot (matplotlib) shows, per batch size,
+each pair's time per instance as a ratio to (b) on a log axis, with the targets 1/2 and 1/3 of (b) marked.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from amortcvx.deploy import AmortizedSolver
 from amortcvx.deploy.solver import NEWTON_STEPS, newton_choices, option_label
 from amortcvx.evaluation import NearestNeighbor, PersistentColdLoop
 from amortcvx.evaluation.options import add_dataclass_arguments, config_from_args
+from amortcvx.evaluation.reports import new_figure, save_figure
 from amortcvx.iterations import AndersonSettings
 from amortcvx.solvers import NAMES, get_solver
 from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
@@ -184,6 +187,45 @@ def bench_pair(name, alg, args, tol):
                "ratio_to_nn": {s: med[s] / med["nearest neighbour (c)"] for s in med}, "learned": extra}
 
 
+PLOTTED = (("package cold (a)", "o"), ("nearest neighbour (c)", "s"), ("learned k=0", "D"),
+           ("floor (optimum)", "|"))
+"""The strategies of the plot and their markers (the learned one is the package's calibrated path)."""
+
+
+def plot_ratios(rows: list[dict], path: str) -> None:
+    """Per batch size, one panel: each (family, solver) pair's time per instance of :data:`PLOTTED`, as a ratio
+    to (b), on a log axis; the ratio 1 and the targets 1/2 and 1/3 are marked."""
+    batches = sorted({r["batch"] for r in rows})
+    pairs = list(dict.fromkeys(f"{r['family']} {r['algorithm'].upper()}" for r in rows))
+    fig = new_figure((4.0 * len(batches) + 2.6, 0.3 * len(pairs) + 1.7))
+    first = None
+    for j, batch in enumerate(batches):
+        ax = fig.add_subplot(1, len(batches), j + 1)
+        first = first or ax
+        for k, (label, marker) in enumerate(PLOTTED):
+            points = [(r["ratio_to_loop"][label], pairs.index(f"{r['family']} {r['algorithm'].upper()}"))
+                      for r in rows if r["batch"] == batch and label in r["ratio_to_loop"]]
+            if points:
+                xs, ys = zip(*points)
+                ax.scatter(xs, ys, marker=marker, s=28, color=f"C{k}", label=label, zorder=3)
+        ax.axvline(1.0, color="black", linewidth=1.0)
+        for target, style in ((0.5, "--"), (1 / 3, ":")):
+            ax.axvline(target, color="grey", linestyle=style, linewidth=0.9)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(pairs)))
+        ax.set_yticklabels(pairs if j == 0 else [], fontsize=8)
+        ax.set_ylim(len(pairs) - 0.5, -0.5)
+        ax.grid(True, axis="x", which="both", alpha=0.25)
+        ax.set_xlabel("time per instance / hand-written loop (b)", fontsize=8)
+        ax.set_title(f"batch {batch}", fontsize=9)
+    size = sorted({r["size"] for r in rows})
+    fig.suptitle(f"End to end, {', '.join(size)} sizes (lines: 1, 1/2, 1/3 of (b))", fontsize=10)
+    handles, labels = first.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    save_figure(fig, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=problems.names())
@@ -202,8 +244,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="processes for the dataset solves")
     ap.add_argument("--data-root", default="data/bench_endtoend")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="draw the ratios to (b) into this PNG (needs matplotlib)")
+    ap.add_argument("--from-json", default=None, help="with --plot: redraw a saved run (--json) and stop")
     ap.add_argument("--smoke", action="store_true", help="portfolio only, tiny sizes, 1 round (for CI)")
     args = ap.parse_args()
+    if args.from_json:
+        if not args.plot:
+            ap.error("--from-json needs --plot")
+        with open(args.from_json) as fh:
+            plot_ratios(json.load(fh), args.plot)
+        return
     if args.smoke:
         args.families, args.instances, args.rounds, args.batch = ["portfolio"], 16, 1, [1, 16]
         args.train, args.epochs, args.k = 120, 5, 3
@@ -233,6 +283,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
+    if args.plot and rows:
+        plot_ratios(rows, args.plot)
 
 
 if __name__ == "__main__":

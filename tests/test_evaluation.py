@@ -243,6 +243,26 @@ def test_plots_are_png(synthetic_comparison, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_end_to_end_benchmark_redraws_its_plot_from_a_saved_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    labels = ("loop (b)", "package cold (a)", "nearest neighbour (c)", "learned k=0", "floor (optimum)")
+    rows = [{"family": fam, "algorithm": alg, "size": "small", "batch": batch,
+             "ratio_to_loop": {s: 0.2 + 0.3 * j + 0.1 * i for j, s in enumerate(labels)}}
+            for i, (fam, alg) in enumerate((("mpc", "scs"), ("lasso", "osqp"))) for batch in (1, 256)]
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(rows))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_endtoend.py"
+    out = subprocess.run([sys.executable, str(script), "--from-json", str(saved), "--plot", str(tmp_path / "e.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = (tmp_path / "e.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown solver 'ecos'; known solvers: scs, osqp"):

@@ -213,3 +213,26 @@ def test_the_reduced_dense_path_is_chosen_beyond_the_krylov_size_only_for_shared
     assert kkt.linear_algebra(624, 1704, equalities=504, shared=True) == "dense"
     assert kkt.linear_algebra(624, 1704, equalities=504, shared=False) == "krylov"
     assert kkt.linear_algebra(3030, 3031, equalities=1, shared=True) == "krylov"  # too large for one dense SVD
+
+
+def test_a_part_of_a_batch_with_per_instance_a_is_factored_like_the_batch():
+    # later Newton steps work on the unconverged instances only; one instance of a batch whose A depends on the
+    # parameters must not be taken for a shared A (that gave a null-space factor of another size, which could
+    # not be written back into the batch's factor)
+    from amortcvx import problems
+    from amortcvx.canon.parametric import ParametricProblem
+
+    fam = problems.make("mpc_param_dyn", "small")
+    pp = ParametricProblem(fam.problem, "cone")
+    data = pp.canonicalize(fam.sample(3, seed=1))
+    assert not data.A.shared and kkt.equality_rows(data) > 0
+    d = kkt.dense(data)
+    w = torch.randn(3, pp.m, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    jac = kkt.dual_jacobian(d, w)
+    whole = kkt.factorize(d, jac)
+    one = torch.tensor([1])
+    part = kkt.factorize(kkt.take(d, one), kkt._take_jacobian(jac, one))
+    assert kkt.null_space(kkt.take(d, one)) is None
+    assert part.L.shape[1:] == whole.L.shape[1:] == (pp.n, pp.n)
+    merged = kkt.put_factor_(kkt.blank_factor(whole, 3), one, part)
+    torch.testing.assert_close(merged.L[1], whole.L[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import cvxpy as cp
 import numpy as np
 import osqp

@@ -6,7 +6,8 @@
   instance);
 * :func:`plot_iterations_cdf`: empirical CDF of the iteration counts per strategy, ``F(k) = #{i : k_i <= k} / N``,
   on a log x axis;
-* :func:`plot_medians`: bar chart of the median iterations with whiskers up to the 90th percentile.
+* :func:`plot_medians`: bar chart of the median iterations with whiskers up to the 90th percentile;
+* :func:`new_figure` / :func:`save_figure`: the figure and PNG helpers these use (also for the benchmarks' plots).
 
 Plots need matplotlib (``pip install 'amortcvx[bench]'``); it is imported when a plot is made, and only its
 object-oriented API is used (no pyplot, so the caller's backend and global state are left alone).
@@ -103,7 +104,8 @@ def _csv_value(v):
     return v
 
 
-def _figure(figsize: tuple[float, float]):
+def new_figure(figsize: tuple[float, float]):
+    """A matplotlib ``Figure`` (object-oriented API, Agg canvas; pyplot's global state is left alone)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -115,7 +117,8 @@ def _figure(figsize: tuple[float, float]):
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save ``fig`` as a PNG at ``path`` (folders made as needed); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", bbox_inches="tight")
@@ -127,7 +130,7 @@ def plot_iterations_cdf(comparison: Comparison, path: str | os.PathLike, *, titl
 
     ``F_s(k) = #{i : k_s,i <= k} / N``. Counts below 1 (failed solves report 0) are drawn at 1.
     """
-    fig = _figure((6.4, 4.2))
+    fig = new_figure((6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     top = 1
     for j, (name, r) in enumerate(comparison.strategies.items()):
@@ -145,13 +148,13 @@ def plot_iterations_cdf(comparison: Comparison, path: str | os.PathLike, *, titl
     ax.grid(True, which="minor", alpha=0.12)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_title(title or f"{comparison.backend.upper()} iterations, {_count(comparison)} instances", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_medians(comparison: Comparison, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Bar chart of the median exact iterations per strategy, whiskers from the median to the p90; PNG."""
     sums = comparison.summaries
-    fig = _figure((max(4.8, 1.1 * len(sums) + 2.0), 4.2))
+    fig = new_figure((max(4.8, 1.1 * len(sums) + 2.0), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     pos = np.arange(len(sums))
     med = np.array([s.median for s in sums])
@@ -170,7 +173,7 @@ def plot_medians(comparison: Comparison, path: str | os.PathLike, *, title: str 
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title or f"{comparison.backend.upper()}: median iterations, {_count(comparison)} instances",
                  fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _count(comparison: Comparison) -> int:

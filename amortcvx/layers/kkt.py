@@ -452,9 +452,12 @@ def equality_rows(data: Data) -> int:
 
 def null_space(d: Batch) -> NullSpace | None:
     """The :class:`NullSpace` of a dense batch whose ``A`` is shared and has equality rows (memoized on the
-    canonical ``A``), else None (the equality rows are then penalized like active inequalities)."""
+    canonical ``A``), else None (the equality rows are then penalized like active inequalities). Whether ``A`` is
+    shared is the canonical data's fact (``d.data.A.shared``), not the dense batch's leading dimension: a
+    one-instance part of a batch with per-instance ``A`` (a later Newton step's unconverged instances) must get
+    the factor shape of the whole batch."""
     e = equality_rows(d.data)
-    if e == 0 or isinstance(d.A, SparseBatch) or d.A.shape[0] != 1:
+    if e == 0 or isinstance(d.A, SparseBatch) or not d.data.A.shared:
         return None
     A = d.A.detach()[0]
 
