@@ -270,14 +270,17 @@ def test_calibrated_returns_a_configuration_and_leaves_the_solver_alone():
     fam = problems.make("lasso")
     pp = ac.ParametricProblem(fam.problem, form="qp")
     solver = ac.AmortizedSolver(pp, algorithm="osqp", k=3, solver_settings={"eps_abs": 1e-4, "eps_rel": 1e-4})
-    before = (solver.strategy, solver.osqp_rho, solver.check_termination, solver.anderson, solver.calibration)
-    cal = solver.calibrated(fam.sample(12, seed=1))  # without a predictor: rho, interval and the cold strategy
-    assert (solver.strategy, solver.osqp_rho, solver.check_termination, solver.anderson, solver.calibration) == before
+    before = (solver.strategy, solver.osqp_rho, solver.check_termination, solver.cold_check_termination,
+              solver.anderson, solver.calibration)
+    cal = solver.calibrated(fam.sample(12, seed=1))  # without a predictor: rho, intervals and the cold strategy
+    assert (solver.strategy, solver.osqp_rho, solver.check_termination, solver.cold_check_termination,
+            solver.anderson, solver.calibration) == before
+    assert cal.cold_check_termination >= 1
     assert cal.strategy in ("refined_cold", "cold") and not cal.enabled and np.isnan(cal.learned_median)
     assert cal.osqp_rho is not None and "no predictor" in cal.describe()
     assert solver.configure(cal) is cal and solver.calibration is cal
-    assert (solver.strategy, solver.osqp_rho, solver.check_termination) == (cal.strategy, cal.osqp_rho,
-                                                                          cal.check_termination)
+    assert (solver.strategy, solver.osqp_rho, solver.check_termination, solver.cold_check_termination) == (
+        cal.strategy, cal.osqp_rho, cal.check_termination, cal.cold_check_termination)
     with pytest.raises(TypeError, match="Calibration"):
         solver.configure({"strategy": "cold"})
 

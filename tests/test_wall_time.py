@@ -343,6 +343,44 @@ def test_calibration_chooses_osqp_object_modes():
     assert out.optimal.all()
 
 
+def test_osqp_check_interval_minimizes_iterations_plus_checks():
+    from amortcvx.backends.osqp import check_interval
+
+    assert check_interval([29] * 10) == 29  # one check at the count itself
+    assert check_interval([28, 29] * 10) == 29
+    assert check_interval([1, 1, 1]) == 1
+    # spread counts: ceil(k / c) * (c + cost), averaged, by brute force over c
+    its = [30, 31, 45, 60, 90, 100]
+    work = {c: np.mean([np.ceil(k / c) * (c + 2.0) for k in its]) for c in range(1, 101)}
+    assert check_interval(its, check_cost=2.0) == min(work, key=work.get)
+    assert check_interval(its, check_cost=0.0) == 1  # free checks: check every iteration
+    with pytest.raises(ValueError, match=">= 1"):
+        check_interval([])
+    with pytest.raises(ValueError, match=">= 1"):
+        check_interval([0, 5])
+
+
+def test_calibrated_osqp_check_intervals_end_the_timed_solves_and_keep_the_answers(tmp_path):
+    fam, pp = _pp("portfolio", "osqp")
+    solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, finish="c", c_modes={
+        "warm": "stateless", "cold": "stateless"})
+    test = fam.sample(12, seed=10)
+    before = solver.solve(test)  # OSQP's default interval: the timed counts are multiples of 25
+    assert all(r.iterations % 25 == 0 for r in before.results)
+    cal = solver.calibrate(fam.sample(24, seed=9))
+    cold = cal.cold_check_termination
+    assert solver.cold_check_termination == cold and cold != 25  # portfolio small: every count is 28-30
+    after = solver.solve(test)
+    assert solver.strategy_for(12) == "cold" and after.optimal.all()
+    assert all(r.iterations % cold == 0 for r in after.results)
+    assert np.mean([r.iterations for r in after.results]) < np.mean([r.iterations for r in before.results])
+    for a, b in zip(after.results, before.results):  # the same answers to the tolerance
+        assert abs(a.objective - b.objective) <= 1e-3 * max(1.0, abs(b.objective))
+    solver.save(tmp_path / "s")
+    again = AmortizedSolver.load(tmp_path / "s", fam.problem)
+    assert (again.check_termination, again.cold_check_termination) == (solver.check_termination, cold)
+
+
 def test_auto_linear_system_is_sparse_for_large_shared_constant_data():
     import scipy.sparse as sp
 

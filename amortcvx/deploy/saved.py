@@ -52,7 +52,8 @@ def save(solver, path: str | os.PathLike) -> None:
         "check_termination_given": solver._check_given, "c_modes_given": solver._modes_given,
         "decisions": {
             "enabled": solver.enabled, "cold_refine": solver.cold_refine, "by_batch": solver.by_batch,
-            "check_termination": solver.check_termination, "c_modes": solver.c_modes,
+            "check_termination": solver.check_termination, "cold_check_termination": solver.cold_check_termination,
+            "c_modes": solver.c_modes,
             "scs_scale": solver.scs_scale, "osqp_rho": solver.osqp_rho,
             "reference": None if solver._reference is None else solver._reference.reshape(-1).tolist(),
             "calibration": None if cal is None else cal.to_dict(),
@@ -116,6 +117,7 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
     solver.cold_refine = bool(decided["cold_refine"])
     if "check_termination" not in overrides:
         solver.check_termination = decided["check_termination"]
+        solver.cold_check_termination = decided.get("cold_check_termination")  # absent in older files
     if "c_modes" not in overrides:
         solver.c_modes = dict(decided["c_modes"])
     solver.scs_scale = decided["scs_scale"]

@@ -71,6 +71,7 @@ import torch
 
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
 from amortcvx.backends.batched import objectives
+from amortcvx.backends.osqp import check_interval
 from amortcvx.backends.persistent import stateless_scale
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
@@ -135,8 +136,6 @@ a start within 1e-3 of the optimum, stateless objects took 0.10-0.82x of the loo
 (rebuilt per solve) 0.15-2.7x; cold, stateless took 0.63-3.0x (no acceleration: sparse_pca 789 iterations
 against 264) and adaptive 0.46-3.5x. OSQP keeps its adaptive ``rho`` until calibration has fitted the fixed one."""
 
-OSQP_CHECK_INTERVAL = 25
-"""OSQP's default ``check_termination``: the interval of warm-started OSQP solves before calibration."""
 
 
 class WarmStartBatch(NamedTuple):
@@ -181,6 +180,7 @@ class Calibration(NamedTuple):
         timing_batch: the batch size of the second timing (the validation batch); with ``seconds`` it gives each
             call the strategy that is fastest at its batch size (:meth:`strategy_for`).
         newton: the Newton steps of the certified finish kept (0: none).
+        cold_check_termination: OSQP's termination-check interval of cold timed solves (None: 25).
     """
 
     learned_median: float
@@ -196,6 +196,7 @@ class Calibration(NamedTuple):
     check_termination: int | None = None
     timing_batch: int | None = None
     newton: int = 0
+    cold_check_termination: int | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
@@ -308,8 +309,10 @@ class AmortizedSolver:
         reference_params: the parameter values (one instance) on which the persistent C solver objects are set
             up; default: the predictor's training mean (its input normalization), without a predictor the mean
             parameter of the first batch solved.
-        check_termination: OSQP's termination-check interval for warm-started timed solves (cold solves keep
-            the backend's); None: 25 until :meth:`calibrate` sets it from the validation C iterations.
+        check_termination: OSQP's termination-check interval for warm-started timed solves; None: 25 until
+            :meth:`calibrate` sets it from the validation C iterations (:func:`amortcvx.backends.osqp.check_interval`),
+            and then also the interval of cold solves (:attr:`cold_check_termination`). Given, cold solves keep the
+            backend's 25.
         c_modes: ``{"warm": mode, "cold": mode}``, the mode (:data:`C_MODES`) of the persistent C solver objects
             for warm-started and for cold solves (default :data:`DEFAULT_C_MODES` of the backend); :meth:`calibrate`
             chooses them by measured wall time unless given.
@@ -384,6 +387,7 @@ class AmortizedSolver:
         self.finish = finish
         self.check_termination = check_termination
         self._check_given = check_termination
+        self.cold_check_termination: int | None = None  # OSQP's interval of cold timed solves (None: 25)
         self.factors = FactorCache()  # parameter-independent torch factorizations, reused by every call
         self._eps = self._tolerances()
         self._reference = None if reference_params is None else self.pp.parameter_vector(
@@ -735,8 +739,10 @@ class AmortizedSolver:
            (ties: the lowest mean, then the first) is kept: whether acceleration helps depends on the problem (it
            can cost iterations, see docs/iterations.md). The predictor passes when ``median(learned) <= margin *
            median(cold)``, the cold start refined the same way (and finished with the same Newton steps).
-        3. OSQP without an explicit ``check_termination``: warm-started timed solves check every ``ceil(median)``
-           iterations (at most 25) of the C iterations the kept start needed where it was not certified.
+        3. OSQP without an explicit ``check_termination``: the termination-check intervals of timed solves
+           (:func:`~amortcvx.backends.osqp.check_interval`: the least expected iterations plus checks), for
+           warm-started solves from the C iterations the kept start needed where it was not certified, for cold
+           solves from exact counts of plain cold solves of ``params``.
            SCS without a ``scale`` in ``solver_settings``: the stateless object's scale (:meth:`choose_scs_scale`).
            Without explicit ``c_modes``: the modes of the persistent objects (:meth:`choose_c_modes`).
         4. ``timed=True``: fewer C iterations do not always mean less time (the prediction and the ``k`` torch
@@ -758,13 +764,14 @@ class AmortizedSolver:
             raise ValueError(f"newton_steps must hold nonnegative ints; got {newton_steps!r}")
         options = [(a, n) for n in steps for a in refinement]
         saved = (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, dict(self.c_modes),
-                 self.scs_scale, self.osqp_rho, self.check_termination, dict(self._persistent))
+                 self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
+                 dict(self._persistent))
         try:
             self.by_batch = False  # every measurement runs the strategy it sets
             return self._measure(params, margin, options, timed)
         finally:
             (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, self.c_modes, self.scs_scale,
-             self.osqp_rho, self.check_termination, self._persistent) = saved
+             self.osqp_rho, self.check_termination, self.cold_check_termination, self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool) -> Calibration:
         """:meth:`calibrated`'s measurements; changes the solver (the caller restores it)."""
@@ -787,9 +794,9 @@ class AmortizedSolver:
         self.enabled = passed
         if self.algorithm == "osqp" and self._check_given is None:
             used = kept if passed else cold_out
-            c_its = [r.iterations for r, cert in zip(used.results, used.certified) if not cert]
-            self.check_termination = None if not c_its else int(
-                min(OSQP_CHECK_INTERVAL, max(1, math.ceil(float(np.median(c_its))))))
+            c_its = [max(1, r.iterations) for r, cert in zip(used.results, used.certified) if not cert]
+            self.check_termination = None if not c_its else check_interval(c_its)
+            self.cold_check_termination = check_interval(self._plain_cold_iterations(params))
         if self.algorithm == "scs" and "scale" not in self.solver_settings:
             self.scs_scale = self.choose_scs_scale(params)
             self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
@@ -804,7 +811,14 @@ class AmortizedSolver:
         return Calibration(learned, cold, strategy == "learned", self.anderson,
                            tuple((option_label(a, n), med) for (a, n), med, _, _ in candidates), dict(self.c_modes),
                            strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination, timing_batch,
-                           self.newton)
+                           self.newton, self.cold_check_termination)
+
+    def _plain_cold_iterations(self, params: Mapping) -> list[int]:
+        """Exact C iterations (at least 1) of plain cold solves of ``params``: fresh objects, :meth:`c_settings`."""
+        data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
+        out = solve_batch(data.instances(), self.backend, settings=self.c_settings(), exact_iterations=True,
+                          workers=self.workers)
+        return [max(1, r.iterations) for r in out]
 
     def configure(self, calibration: Calibration) -> Calibration:
         """Apply a :class:`Calibration` (from :meth:`calibrated`, possibly of a saved solver): refinement, strategy,
@@ -819,6 +833,7 @@ class AmortizedSolver:
         self.scs_scale, self.osqp_rho = calibration.scs_scale, calibration.osqp_rho
         if self._check_given is None:
             self.check_termination = calibration.check_termination
+            self.cold_check_termination = calibration.cold_check_termination
         self._persistent.clear()
         self.calibration = calibration
         self.by_batch = calibration.cost_model() != {}
@@ -1006,10 +1021,12 @@ class AmortizedSolver:
             return solve_batch([data.instance(int(i)) for i in index], self.backend, warm_starts=starts,
                                settings=self.c_settings(), exact_iterations=True, workers=self.workers)
         sub = data if index.size == data.batch_size else data.take(index)
+        osqp = self.algorithm == "osqp"
+        checks = {"warm": self.check_termination if osqp else None,
+                  "cold": self.cold_check_termination if osqp else None}
         if not warm.any():  # every instance cold: one call on the cold object
-            return self.persistent_solver(pred.theta, self.c_modes["cold"]).solve(sub)
+            return self.persistent_solver(pred.theta, self.c_modes["cold"]).solve(sub, check_termination=checks["cold"])
         arrays = None if pred.batch.arrays is None else {k: v[index] for k, v in pred.batch.arrays.items()}
-        check = self.check_termination if self.algorithm == "osqp" else None
         out: list[SolveResult | None] = [None] * index.size
         for kind, mask in (("warm", warm), ("cold", ~warm)):  # each on its own object, with its own interval
             pos = np.flatnonzero(mask)
@@ -1019,9 +1036,9 @@ class AmortizedSolver:
             part_data = sub if pos.size == index.size else sub.take(pos)
             if kind == "warm":
                 part_arrays = arrays if pos.size == index.size else {k: v[pos] for k, v in arrays.items()}
-                part = solver.solve(part_data, part_arrays, check_termination=check)
+                part = solver.solve(part_data, part_arrays, check_termination=checks[kind])
             else:
-                part = solver.solve(part_data)
+                part = solver.solve(part_data, check_termination=checks[kind])
             for j, r in zip(pos, part):
                 out[j] = r
         return out
