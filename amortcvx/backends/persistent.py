@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from amortcvx.backends import scs
 from amortcvx.backends.base import RawSolve, SolveResult, Status
-from amortcvx.backends.batched import host
+from amortcvx.backends.batched import host, objectives
 from amortcvx.backends.registry import get_backend
 from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon.data import ConeData, ConeInstance, QPData, QPInstance
@@ -115,6 +116,63 @@ class PersistentSolver:
                 for r, off in zip(raw, offset)]
 
 
+class StopPointSolver:
+    """SCS with a stop point (:func:`~amortcvx.backends.scs.stop_point`): :class:`PersistentSolver`'s interface,
+    two stateless objects.
+
+    SCS tests termination only at iterations 0, 25, 50, ... (compiled in), so a solve whose test holds after 14
+    iterations runs 26. Here each instance first runs at most ``stop`` iterations on one object (its
+    ``max_iters``); the iterate it returns is checked by :func:`~amortcvx.backends.scs.certify`, SCS's own test
+    in float64, and answered where it passes (status ``optimal``, message ``"certified at the stop point"``); the
+    rest continue on the second object, with the full settings, warm-started from that iterate, to SCS's own
+    test. Every answer meets the tolerance by SCS's test; the iterations, setup and solve times of both runs add
+    up.
+
+    Args:
+        reference: as for :class:`PersistentSolver`.
+        settings: the settings of both objects (the short one's ``max_iters`` is ``stop``); they must be stateless
+            (:data:`~amortcvx.backends.scs.STATELESS_SETTINGS`), so that nothing leaks between instances.
+        stop: the short run's ``max_iters`` (positive).
+    """
+
+    def __init__(self, reference: ConeInstance, settings: Mapping[str, Any], stop: int):
+        if not (isinstance(stop, (int, np.integer)) and stop >= 1):
+            raise ValueError(f"stop must be a positive int (SCS iterations); got {stop!r}")
+        bad = {k: v for k, v in STATELESS_SETTINGS.items() if settings.get(k) != v}
+        if bad:
+            raise ValueError(f"a stop point needs stateless SCS settings {dict(STATELESS_SETTINGS)}; got "
+                             f"{ {k: settings.get(k) for k in bad} }")
+        self._full = PersistentSolver("scs", reference, settings)
+        self._short = PersistentSolver("scs", reference, {**settings, "max_iters": int(stop)})
+        self.stop = int(stop)
+        self.backend, self.settings, self.n, self.m = "scs", self._full.settings, self._full.n, self._full.m
+        self._eps = (float(self.settings["eps_abs"]), float(self.settings["eps_rel"]))
+
+    @property
+    def builds(self) -> int:
+        return self._full.builds + self._short.builds
+
+    def solve(self, data: ConeData, warm_starts: Mapping[str, np.ndarray] | None = None,
+              warm_mask: np.ndarray | None = None, *, check_termination: int | None = None) -> list[SolveResult]:
+        """:meth:`PersistentSolver.solve` (``check_termination`` is OSQP's: ignored)."""
+        first = self._short.solve(data, warm_starts, warm_mask)
+        point = {k: np.stack([getattr(r, k) for r in first]) for k in ("x", "y", "s")}
+        passed = scs.certify(data, **point, eps_abs=self._eps[0], eps_rel=self._eps[1])
+        value = objectives(data, point["x"])  # SCS reports no objective for a run that hit max_iters
+        out = [r._replace(status=Status.OPTIMAL, message="certified at the stop point", objective=float(f))
+               if ok else r for r, ok, f in zip(first, passed, value)]
+        rest = np.flatnonzero(~passed)
+        if rest.size:
+            usable = np.isfinite(point["x"][rest]).all(axis=1)  # a failed short run continues from the cold start
+            more = self._full.solve(data.take(rest), {k: v[rest] for k, v in point.items()}, usable)
+            for i, r in zip(rest, more):
+                short = first[i]
+                out[i] = r._replace(iterations=short.iterations + r.iterations,
+                                    setup_time=short.setup_time + r.setup_time,
+                                    solve_time=short.solve_time + r.solve_time)
+        return out
+
+
 SCALE_STEP = 10 ** 0.5
 """The ratio between neighbouring scales tried by :func:`stateless_scale` (half a decade)."""
 SCALE_RANGE = (1e-6, 1e6)
@@ -171,4 +229,4 @@ def stateless_scale(reference: ConeInstance, data: ConeData, settings: Mapping[s
     return scale, tried
 
 
-__all__ = ["PersistentSolver", "stateless_scale"]
+__all__ = ["PersistentSolver", "StopPointSolver", "stateless_scale"]

@@ -34,7 +34,7 @@ import itertools
 import os
 import tempfile
 import time
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any
@@ -327,6 +327,47 @@ def certify(data: ConeData, x: np.ndarray, y: np.ndarray, s: np.ndarray, *, eps_
     A = host_matrix(data.A)
     px = host_matrix(data.P).matvec(x) if data.P is not None else np.zeros_like(x)
     return _optimality_test(A.matvec(x), A.rmatvec(y), px, host(data.b), host(data.c), x, y, s, eps_abs, eps_rel)
+
+
+CHECK_INTERVAL = 25
+"""SCS 3.3's ``CONVERGED_INTERVAL`` (compiled in): it tests termination at iterations 0, 25, 50, ..."""
+CERTIFY_COST = 2.0
+"""The cost of :func:`certify` per instance in SCS iterations, at batch sizes of tens or more (mpc small, the
+stateless object, batch 64: 0.02 ms against 0.011 ms per iteration)."""
+
+
+def timed_iterations(k: int) -> int:
+    """The iterations a timed SCS solve executes when its test first holds after ``k`` (SCS stops at the first
+    check at or after iteration ``k - 1``; residuals are not monotone, so this is the usual case, not a bound)."""
+    return 1 if k <= 1 else CHECK_INTERVAL * -(-(k - 1) // CHECK_INTERVAL) + 1
+
+
+def stop_point(iterations: Sequence[int], certify_cost: float = CERTIFY_COST) -> int | None:
+    """The ``max_iters`` of a first, short SCS run whose iterate :func:`certify` checks (SCS's own test between
+    its checks), chosen to minimize the expected iterations over solves whose test first holds after
+    ``iterations`` (exact counts, e.g. of validation instances); None where no stop point beats SCS alone.
+
+    A solve that passes after ``k`` iterations costs, with stop point ``c``: ``c`` iterations plus the
+    certificate, and where ``k > c`` a continuation warm-started from the iterate, which SCS tests at its
+    iterations 0 (failing: the certificate just did), 25, ... (``timed_iterations(k - c + 1)``, at least 26).
+    Without a stop point it costs ``timed_iterations(k)``. Returns the ``c`` of least mean cost when that is
+    below the mean without one.
+
+    Raises:
+        ValueError: no counts, or a count below 1.
+    """
+    its = np.asarray(list(iterations), dtype=np.int64)
+    if its.size == 0 or its.min() < 1:
+        raise ValueError(f"stop_point needs iteration counts >= 1; got {its.tolist()[:10]}")
+    plain = float(np.mean([timed_iterations(int(k)) for k in its]))
+    best, best_cost = None, plain
+    for c in range(1, int(its.max()) + 1):
+        rest = its[its > c]
+        cont = sum(max(CHECK_INTERVAL + 1, timed_iterations(int(k - c + 1))) for k in rest)
+        cost = c + certify_cost + cont / its.size
+        if cost < best_cost:
+            best, best_cost = c, cost
+    return best
 
 
 class Session:
