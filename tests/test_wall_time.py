@@ -282,12 +282,75 @@ def test_calibration_chooses_scs_object_modes_by_time_and_keeps_answers():
     for cold_mode in C_MODES:
         s = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings=TOL, c_modes={"cold": cold_mode})
         s.scs_scale = scale
+        if cold_mode == "stop":
+            with pytest.raises(ValueError, match=r"c_modes\['cold'\] = 'stop' needs a stop point"):
+                s.solve(params)
+            s.scs_stops = {"warm": None, "cold": 15}
         out = s.solve(params)
         for r, c in zip(out.results, ref):
             assert r.status == Status.OPTIMAL
             assert abs(r.objective - c.objective) <= 1e-2 * max(1.0, abs(c.objective))
     with pytest.raises(ValueError, match="c_modes"):
         AmortizedSolver(pp, algorithm="scs", c_modes={"warm": "fast"})
+    with pytest.raises(ValueError, match=r"\(osqp\)"):  # OSQP has check intervals instead of stop points
+        AmortizedSolver(ParametricProblem(fam.problem, "qp"), algorithm="osqp", c_modes={"cold": "stop"})
+
+
+@pytest.mark.parametrize("name", ["mpc", "portfolio", "sparse_pca", "kalman"])
+def test_stop_point_solver_answers_by_scs_own_test(name):
+    from amortcvx.backends.persistent import StopPointSolver
+    from amortcvx.backends.scs import STATELESS_SETTINGS, converged
+
+    fam, pp = _pp(name, "scs")
+    settings = {**TOL, **STATELESS_SETTINGS, "scale": 1.0}
+    val = pp.canonicalize(fam.sample(24, seed=3))
+    exact = solve_batch(val.instances(), "scs", settings=settings, exact_iterations=True, workers=1)
+    stop = int(np.median([r.iterations for r in exact]))  # about half pass at the stop point
+    data = pp.canonicalize(fam.sample(16, seed=4))
+    ref = data.instance(0)
+    full = PersistentSolver("scs", ref, settings)
+    solver = StopPointSolver(ref, full.settings, stop)
+    out, plain = solver.solve(data), full.solve(data)
+    certified = [r.message == "certified at the stop point" for r in out]
+    for r, p, cert in zip(out, plain, certified):
+        assert r.status == Status.OPTIMAL
+        assert abs(r.objective - p.objective) <= 1e-2 * max(1.0, abs(p.objective))
+        assert r.iterations <= stop if cert else r.iterations > stop
+    assert any(certified) and not all(certified)
+    # a certified answer passes SCS's test, evaluated per instance on scipy matrices (that SCS's own test holds
+    # on the iterate it returns at max_iters exactly when this one does: test_backends'
+    # test_scs_exact_count_is_the_first_passing_iterate)
+    for i, (r, cert) in enumerate(zip(out, certified)):
+        assert converged(data.instance(i), r.x, r.y, r.s, **TOL) or not cert
+    # a batch below min_batch: the full object alone (the certificate's fixed cost would exceed the saving)
+    few = solver.solve(data.take(np.arange(2)))
+    assert [r.iterations for r in few] == [r.iterations for r in plain[:2]]
+    assert all(r.message != "certified at the stop point" for r in few) and solver.min_batch > 2
+    # warm-started: the same protocol, every answer optimal
+    again = solver.solve(data, {k: np.stack([getattr(r, k) for r in out]) for k in ("x", "y", "s")})
+    assert all(r.status == Status.OPTIMAL for r in again)
+    with pytest.raises(ValueError, match="stateless"):
+        StopPointSolver(ref, TOL, stop)
+    with pytest.raises(ValueError, match="positive int"):
+        StopPointSolver(ref, full.settings, 0)
+
+
+def test_calibration_sets_scs_stop_points_that_cut_timed_iterations(tmp_path):
+    fam, pp = _pp("mpc", "scs")
+    solver = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings=TOL, finish="c")
+    test = fam.sample(32, seed=10)
+    cal = solver.calibrate(fam.sample(48, seed=9))
+    assert cal.scs_stops == solver.scs_stops and solver.scs_stops["cold"] is not None
+    solver.c_modes = {"warm": "stateless", "cold": "stateless"}
+    plain = solver.solve(test)
+    solver.c_modes = {"warm": "stateless", "cold": "stop"}
+    stopped = solver.solve(test)
+    assert stopped.optimal.all() and plain.optimal.all()
+    assert np.mean([r.iterations for r in stopped.results]) < np.mean([r.iterations for r in plain.results])
+    for a, b in zip(stopped.results, plain.results):
+        assert abs(a.objective - b.objective) <= 1e-2 * max(1.0, abs(b.objective))
+    solver.save(tmp_path / "s")
+    assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_stops == solver.scs_stops
 
 
 def test_osqp_stateless_objects_fix_rho_and_do_not_depend_on_order():

@@ -54,7 +54,7 @@ def save(solver, path: str | os.PathLike) -> None:
             "enabled": solver.enabled, "cold_refine": solver.cold_refine, "by_batch": solver.by_batch,
             "check_termination": solver.check_termination, "cold_check_termination": solver.cold_check_termination,
             "c_modes": solver.c_modes,
-            "scs_scale": solver.scs_scale, "osqp_rho": solver.osqp_rho,
+            "scs_scale": solver.scs_scale, "scs_stops": solver.scs_stops, "osqp_rho": solver.osqp_rho,
             "reference": None if solver._reference is None else solver._reference.reshape(-1).tolist(),
             "calibration": None if cal is None else cal.to_dict(),
         },
@@ -121,6 +121,7 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
     if "c_modes" not in overrides:
         solver.c_modes = dict(decided["c_modes"])
     solver.scs_scale = decided["scs_scale"]
+    solver.scs_stops = dict(decided.get("scs_stops") or {"warm": None, "cold": None})  # absent in older files
     solver.osqp_rho = decided["osqp_rho"]
     if decided["reference"] is not None and "reference_params" not in overrides:
         solver._reference = torch.tensor(decided["reference"], dtype=torch.float64).reshape(1, -1)

@@ -72,7 +72,8 @@ import torch
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
 from amortcvx.backends.batched import objectives
 from amortcvx.backends.osqp import check_interval
-from amortcvx.backends.persistent import stateless_scale
+from amortcvx.backends.persistent import StopPointSolver, stateless_scale
+from amortcvx.backends.scs import stop_point
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.deploy.result import AmortizedResult
@@ -126,8 +127,12 @@ steps when ``newton`` is set), or the plain cold start (no torch work at all).""
 REPORTED_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 """The batch sizes :meth:`Calibration.describe` reports the per-call strategy of."""
 
-C_MODES = ("adaptive", "stateless")
-"""How the persistent C solver objects run (see :meth:`AmortizedSolver.object_settings`)."""
+C_MODES = ("adaptive", "stateless", "stop")
+"""How the persistent C solver objects run (see :meth:`AmortizedSolver.object_settings`); ``"stop"`` (SCS only) is
+the stateless object behind a calibrated stop point (:class:`~amortcvx.backends.persistent.StopPointSolver`)."""
+
+BACKEND_C_MODES = {"scs": C_MODES, "osqp": ("adaptive", "stateless")}
+"""The modes each backend offers."""
 
 DEFAULT_C_MODES = {"scs": {"warm": "stateless", "cold": "adaptive"}, "osqp": {"warm": "adaptive", "cold": "adaptive"}}
 """By backend, the mode of warm-started and of cold C solves until :meth:`AmortizedSolver.calibrate` times both.
@@ -181,6 +186,8 @@ class Calibration(NamedTuple):
             call the strategy that is fastest at its batch size (:meth:`strategy_for`).
         newton: the Newton steps of the certified finish kept (0: none).
         cold_check_termination: OSQP's termination-check interval of cold timed solves (None: 25).
+        scs_stops: SCS's stop points of the ``"stop"`` mode for warm-started and cold solves (``{"warm": c or None,
+            "cold": c or None}``, :func:`~amortcvx.backends.scs.stop_point`).
     """
 
     learned_median: float
@@ -197,6 +204,7 @@ class Calibration(NamedTuple):
     timing_batch: int | None = None
     newton: int = 0
     cold_check_termination: int | None = None
+    scs_stops: dict[str, int | None] | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
@@ -399,12 +407,15 @@ class AmortizedSolver:
         self._persistent: dict[str, PersistentSolver] = {}
         defaults = DEFAULT_C_MODES[self.backend]
         modes = {**defaults, **dict(c_modes or {})}
-        bad = {k: v for k, v in modes.items() if k not in defaults or v not in C_MODES}
+        offered = BACKEND_C_MODES[self.backend]
+        bad = {k: v for k, v in modes.items() if k not in defaults or v not in offered}
         if bad:
-            raise ValueError(f"c_modes maps 'warm' and 'cold' to one of {C_MODES}; got {bad}")
+            raise ValueError(f"c_modes maps 'warm' and 'cold' to one of {offered} ({self.backend}); got {bad}")
         self.c_modes = modes
         self._modes_given = c_modes
         self.scs_scale: float | None = None  # the fixed scale of stateless SCS objects (see choose_scs_scale)
+        # the stop points of the "stop" mode, by kind (scs.stop_point; set by calibrate)
+        self.scs_stops: dict[str, int | None] = {"warm": None, "cold": None}
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
         self.calibration = None  # the last calibrate()'s outcome (a Calibration)
         self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
@@ -537,28 +548,40 @@ class AmortizedSolver:
         solver's settings (:meth:`c_settings`) as given; ``"stateless"``, those plus the backend's
         :attr:`~amortcvx.backends.BackendInfo.stateless_settings`, under which one object serves every instance with
         no setup or reset between solves: SCS with a fixed scale (:attr:`scs_scale` when calibrated) and no Anderson
-        acceleration, OSQP with ``rho`` fixed (at the fitted :attr:`osqp_rho` when calibrated)."""
-        if mode not in C_MODES:
-            raise ValueError(f"mode must be one of {C_MODES}; got {mode!r}")
+        acceleration, OSQP with ``rho`` fixed (at the fitted :attr:`osqp_rho` when calibrated); ``"stop"`` (SCS),
+        the stateless settings (the short run adds ``max_iters``, :meth:`persistent_solver`)."""
+        if mode not in BACKEND_C_MODES[self.backend]:
+            raise ValueError(f"mode must be one of {BACKEND_C_MODES[self.backend]}; got {mode!r}")
         settings = self.c_settings()
-        if mode == "stateless":
+        if mode in ("stateless", "stop"):
             settings.update(get_backend(self.backend).stateless_settings)
             if self.algorithm == "scs" and self.scs_scale is not None:
                 settings.setdefault("scale", self.scs_scale)
         return settings
 
-    def persistent_solver(self, theta: torch.Tensor | None = None, mode: str = "adaptive") -> PersistentSolver:
+    def persistent_solver(self, theta: torch.Tensor | None = None, mode: str = "adaptive",
+                          kind: str = "cold") -> PersistentSolver | StopPointSolver:
         """The persistent C solver object of this problem for ``mode`` (set up on first use, with
-        :meth:`object_settings`).
+        :meth:`object_settings`); for ``"stop"``, the :class:`~amortcvx.backends.persistent.StopPointSolver` at
+        the stop point of ``kind`` (``"warm"`` or ``"cold"``, :attr:`scs_stops`).
 
         The object is set up on the reference instance (see ``reference_params``); without one, on the mean of the
         flattened parameters ``theta`` (B, p) of the first batch solved, which is then kept for later calls.
+
+        Raises:
+            ValueError: ``"stop"`` without a stop point for ``kind`` (calibrate first, or set :attr:`scs_stops`).
         """
-        if mode not in self._persistent:
+        stop = self.scs_stops.get(kind) if mode == "stop" else None
+        if mode == "stop" and stop is None:
+            raise ValueError(f"c_modes[{kind!r}] = 'stop' needs a stop point: calibrate, or set "
+                             f"scs_stops[{kind!r}] (SCS iterations of the short run)")
+        key = mode if stop is None else f"stop:{stop}"
+        if key not in self._persistent:
             settings = self.object_settings(mode)
             ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
-            self._persistent[mode] = PersistentSolver(self.backend, ref, settings)
-        return self._persistent[mode]
+            self._persistent[key] = (PersistentSolver(self.backend, ref, settings) if stop is None
+                                     else StopPointSolver(ref, settings, stop))
+        return self._persistent[key]
 
     def predict_warm_start(self, params: Mapping) -> WarmStartBatch:
         """Warm starts for the C solver: prediction, ``k`` refinement steps, safeguard, conversion.
@@ -765,13 +788,14 @@ class AmortizedSolver:
         options = [(a, n) for n in steps for a in refinement]
         saved = (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, dict(self.c_modes),
                  self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
-                 dict(self._persistent))
+                 dict(self.scs_stops), dict(self._persistent))
         try:
             self.by_batch = False  # every measurement runs the strategy it sets
             return self._measure(params, margin, options, timed)
         finally:
             (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, self.c_modes, self.scs_scale,
-             self.osqp_rho, self.check_termination, self.cold_check_termination, self._persistent) = saved
+             self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
+             self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool) -> Calibration:
         """:meth:`calibrated`'s measurements; changes the solver (the caller restores it)."""
@@ -799,7 +823,12 @@ class AmortizedSolver:
             self.cold_check_termination = check_interval(self._plain_cold_iterations(params))
         if self.algorithm == "scs" and "scale" not in self.solver_settings:
             self.scs_scale = self.choose_scs_scale(params)
-            self._persistent.pop("stateless", None)  # rebuilt with the chosen scale on first use
+            self._persistent = {k: v for k, v in self._persistent.items() if k == "adaptive"}  # the scale changed
+        if self.algorithm == "scs":
+            used = kept if passed else cold_out
+            warm_its = [max(1, r.iterations) for r, cert in zip(used.results, used.certified) if not cert]
+            cold_its = self._plain_cold_iterations(params, self.object_settings("stateless"))
+            self.scs_stops = {"warm": stop_point(warm_its) if warm_its else None, "cold": stop_point(cold_its)}
         if self._modes_given is None:
             self.c_modes = self.choose_c_modes(params)
         seconds = None
@@ -811,13 +840,14 @@ class AmortizedSolver:
         return Calibration(learned, cold, strategy == "learned", self.anderson,
                            tuple((option_label(a, n), med) for (a, n), med, _, _ in candidates), dict(self.c_modes),
                            strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination, timing_batch,
-                           self.newton, self.cold_check_termination)
+                           self.newton, self.cold_check_termination, dict(self.scs_stops))
 
-    def _plain_cold_iterations(self, params: Mapping) -> list[int]:
-        """Exact C iterations (at least 1) of plain cold solves of ``params``: fresh objects, :meth:`c_settings`."""
+    def _plain_cold_iterations(self, params: Mapping, settings: Mapping | None = None) -> list[int]:
+        """Exact C iterations (at least 1) of plain cold solves of ``params``: fresh objects with ``settings``
+        (default :meth:`c_settings`)."""
         data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
-        out = solve_batch(data.instances(), self.backend, settings=self.c_settings(), exact_iterations=True,
-                          workers=self.workers)
+        out = solve_batch(data.instances(), self.backend, settings=self.c_settings() if settings is None else settings,
+                          exact_iterations=True, workers=self.workers)
         return [max(1, r.iterations) for r in out]
 
     def configure(self, calibration: Calibration) -> Calibration:
@@ -831,6 +861,8 @@ class AmortizedSolver:
         if calibration.c_modes is not None:
             self.c_modes = dict(calibration.c_modes)
         self.scs_scale, self.osqp_rho = calibration.scs_scale, calibration.osqp_rho
+        if calibration.scs_stops is not None:
+            self.scs_stops = dict(calibration.scs_stops)
         if self._check_given is None:
             self.check_termination = calibration.check_termination
             self.cold_check_termination = calibration.cold_check_termination
@@ -947,10 +979,12 @@ class AmortizedSolver:
         try:
             for kind in ("warm", "cold"):
                 times = {}
-                for mode in C_MODES:
+                for mode in BACKEND_C_MODES[self.backend]:
+                    if mode == "stop" and self.scs_stops.get(kind) is None:
+                        continue
                     self.c_modes = {**saved, kind: mode}
                     run_once = (lambda: self.solve(params)) if kind == "warm" else (
-                        lambda mode=mode: self.persistent_solver(theta, mode).solve(data))
+                        lambda mode=mode: self.persistent_solver(theta, mode, "cold").solve(data))
                     run_once()  # first use sets the object up
                     elapsed = []
                     for _ in range(repeats):
@@ -1025,14 +1059,15 @@ class AmortizedSolver:
         checks = {"warm": self.check_termination if osqp else None,
                   "cold": self.cold_check_termination if osqp else None}
         if not warm.any():  # every instance cold: one call on the cold object
-            return self.persistent_solver(pred.theta, self.c_modes["cold"]).solve(sub, check_termination=checks["cold"])
+            return self.persistent_solver(pred.theta, self.c_modes["cold"], "cold").solve(
+                sub, check_termination=checks["cold"])
         arrays = None if pred.batch.arrays is None else {k: v[index] for k, v in pred.batch.arrays.items()}
         out: list[SolveResult | None] = [None] * index.size
         for kind, mask in (("warm", warm), ("cold", ~warm)):  # each on its own object, with its own interval
             pos = np.flatnonzero(mask)
             if not pos.size:
                 continue
-            solver = self.persistent_solver(pred.theta, self.c_modes[kind])
+            solver = self.persistent_solver(pred.theta, self.c_modes[kind], kind)
             part_data = sub if pos.size == index.size else sub.take(pos)
             if kind == "warm":
                 part_arrays = arrays if pos.size == index.size else {k: v[pos] for k, v in arrays.items()}
