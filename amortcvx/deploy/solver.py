@@ -141,6 +141,9 @@ a start within 1e-3 of the optimum, stateless objects took 0.10-0.82x of the loo
 (rebuilt per solve) 0.15-2.7x; cold, stateless took 0.63-3.0x (no acceleration: sparse_pca 789 iterations
 against 264) and adaptive 0.46-3.5x. OSQP keeps its adaptive ``rho`` until calibration has fitted the fixed one."""
 
+COLD_COUNT_SAMPLE = 64
+"""At most this many validation instances are solved cold in exact mode for the cold solves' OSQP check interval
+and SCS stop point (exact mode costs 2x (OSQP) to 4x (SCS, its log) a timed solve)."""
 
 
 class WarmStartBatch(NamedTuple):
@@ -843,9 +846,10 @@ class AmortizedSolver:
                            self.newton, self.cold_check_termination, dict(self.scs_stops))
 
     def _plain_cold_iterations(self, params: Mapping, settings: Mapping | None = None) -> list[int]:
-        """Exact C iterations (at least 1) of plain cold solves of ``params``: fresh objects with ``settings``
-        (default :meth:`c_settings`)."""
+        """Exact C iterations (at least 1) of plain cold solves of the first :data:`COLD_COUNT_SAMPLE` instances of
+        ``params``: fresh objects with ``settings`` (default :meth:`c_settings`)."""
         data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
+        data = data if data.batch_size <= COLD_COUNT_SAMPLE else data.take(np.arange(COLD_COUNT_SAMPLE))
         out = solve_batch(data.instances(), self.backend, settings=self.c_settings() if settings is None else settings,
                           exact_iterations=True, workers=self.workers)
         return [max(1, r.iterations) for r in out]
