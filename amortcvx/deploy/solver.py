@@ -407,7 +407,7 @@ class AmortizedSolver:
             raise ValueError("reference_params must be one instance (no batch dimension, or a batch of one)")
         if self._reference is None and self.model is not None and hasattr(self.model, "in_mean"):
             self._reference = self.model.in_mean.detach().to("cpu", torch.float64).reshape(1, -1)
-        self._persistent: dict[str, PersistentSolver] = {}
+        self._persistent: dict[str, PersistentSolver | StopPointSolver] = {}
         defaults = DEFAULT_C_MODES[self.backend]
         modes = {**defaults, **dict(c_modes or {})}
         offered = BACKEND_C_MODES[self.backend]
@@ -769,7 +769,9 @@ class AmortizedSolver:
            (:func:`~amortcvx.backends.osqp.check_interval`: the least expected iterations plus checks), for
            warm-started solves from the C iterations the kept start needed where it was not certified, for cold
            solves from exact counts of plain cold solves of ``params``.
-           SCS without a ``scale`` in ``solver_settings``: the stateless object's scale (:meth:`choose_scs_scale`).
+           SCS without a ``scale`` in ``solver_settings``: the stateless object's scale (:meth:`choose_scs_scale`);
+           SCS: the stop points of the ``"stop"`` mode (:func:`~amortcvx.backends.scs.stop_point`; warm from the
+           kept start's counts, cold from exact counts of plain cold solves on the stateless object).
            Without explicit ``c_modes``: the modes of the persistent objects (:meth:`choose_c_modes`).
         4. ``timed=True``: fewer C iterations do not always mean less time (the prediction and the ``k`` torch
            steps cost time too): the strategies still allowed (the learned start if it passed 2, the cold start
