@@ -460,3 +460,26 @@ def test_bad_input_errors_name_the_fault():
         solve_batch([cinst, cinst], "scs", warm_starts=[None, WarmStart(np.zeros(1), None)], workers=1)
     with pytest.raises(ValueError, match="workers"):
         solve_batch([cinst], "scs", workers=0)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_host_matrix_products_match_the_dense_matrices(shared):
+    import torch
+
+    from amortcvx.backends.batched import HostMatrix
+    from amortcvx.canon.data import SparseBatch
+
+    rng = np.random.default_rng(0)
+    dense = [sp.random(7, 5, density=0.4, random_state=i, format="csc") for i in range(3)]
+    pattern = sum(abs(d) for d in dense).tocsc()  # the union pattern, shared by every instance
+    pattern.sort_indices()
+    values = np.stack([np.asarray(d[pattern.nonzero()]).ravel() for d in dense])
+    if shared:
+        values = np.broadcast_to(values[:1], values.shape)
+    mats = SparseBatch(indices=pattern.indices.astype(np.int64), indptr=pattern.indptr.astype(np.int64),
+                       shape=(7, 5), values=torch.tensor(np.ascontiguousarray(values)), shared=shared)
+    full = [mats.matrix(i).toarray() for i in range(3)]
+    x, y = rng.normal(size=(3, 5)), rng.normal(size=(3, 7))
+    host = HostMatrix(mats)
+    np.testing.assert_allclose(host.matvec(x), np.stack([full[i] @ x[i] for i in range(3)]), atol=1e-12)
+    np.testing.assert_allclose(host.rmatvec(y), np.stack([full[i].T @ y[i] for i in range(3)]), atol=1e-12)

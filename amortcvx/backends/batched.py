@@ -24,6 +24,11 @@ def host(t: torch.Tensor) -> np.ndarray:
 class HostMatrix:
     """A :class:`SparseBatch` on the host, applied to ``(B, .)`` arrays in ``O(B nnz)``.
 
+    A shared batch (one matrix) is a scipy CSR matrix and its transpose: one sparse product for the whole batch.
+    Per-instance matrices (one pattern, ``B`` value rows) gather the columns, multiply by the values and sum into
+    the rows with a constant 0/1 matrix. (Measured, SCS's certificate at batch 256 before the shared case had its
+    own path: 343 us per instance on mpc large, 1.9 ms on portfolio large.)
+
     Attributes:
         shape: ``(rows, cols)``.
         values: ``(1 or B, nnz)`` float64.
@@ -35,6 +40,11 @@ class HostMatrix:
         self.rows, self.cols = rows, cols
         vals = mat.values[:1] if mat.shared else mat.values
         self.values = host(vals)
+        if mat.shared:
+            self._csr = sp.csr_array((self.values[0], (rows, cols)), shape=self.shape)
+            self._csr_t = sp.csr_array(self._csr.T)
+            return
+        self._csr = None
         nnz = rows.shape[0]
         k = np.arange(nnz)
         ones = np.ones(nnz)
@@ -43,10 +53,14 @@ class HostMatrix:
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """``M_i x_i`` for ``x`` of shape ``(B, cols)``; returns ``(B, rows)``."""
+        if self._csr is not None:
+            return (self._csr @ x.T).T
         return (self._sum_rows @ (x[:, self.cols] * self.values).T).T
 
     def rmatvec(self, y: np.ndarray) -> np.ndarray:
         """``M_i' y_i`` for ``y`` of shape ``(B, rows)``; returns ``(B, cols)``."""
+        if self._csr is not None:
+            return (self._csr_t @ y.T).T
         return (self._sum_cols @ (y[:, self.rows] * self.values).T).T
 
 
