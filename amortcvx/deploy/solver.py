@@ -821,17 +821,15 @@ class AmortizedSolver:
         cold = float(np.median([r.iterations for r in cold_out.results]))
         passed = self.model is not None and bool(learned <= margin * cold)
         self.enabled = passed
+        used = kept if passed else cold_out  # the C iterations of the kept start where it was not certified
+        warm_its = [max(1, r.iterations) for r, cert in zip(used.results, used.certified) if not cert]
         if self.algorithm == "osqp" and self._check_given is None:
-            used = kept if passed else cold_out
-            c_its = [max(1, r.iterations) for r, cert in zip(used.results, used.certified) if not cert]
-            self.check_termination = None if not c_its else check_interval(c_its)
+            self.check_termination = None if not warm_its else check_interval(warm_its)
             self.cold_check_termination = check_interval(self._plain_cold_iterations(params))
         if self.algorithm == "scs" and "scale" not in self.solver_settings:
             self.scs_scale = self.choose_scs_scale(params)
             self._persistent = {k: v for k, v in self._persistent.items() if k == "adaptive"}  # the scale changed
         if self.algorithm == "scs":
-            used = kept if passed else cold_out
-            warm_its = [max(1, r.iterations) for r, cert in zip(used.results, used.certified) if not cert]
             cold_its = self._plain_cold_iterations(params, self.object_settings("stateless"))
             self.scs_stops = {"warm": stop_point(warm_its) if warm_its else None, "cold": stop_point(cold_its)}
         if self._modes_given is None:
