@@ -23,6 +23,7 @@ torch threads, dtype and solver settings beside the numbers.
     python benchmarks/bench_layer.py                 # batches 64 and 1024, 3 repeats
     python benchmarks/bench_layer.py --smoke         # batch 16, 1 repeat, a small predictor (CI)
     python benchmarks/bench_layer.py --json out.json
+    python benchmarks/bench_layer.py --problems socp --batches 1024 --train 0   # one problem, no predictor
 """
 
 from __future__ import annotations
@@ -206,9 +207,13 @@ def machine() -> dict:
             "load_average": os.getloadavg(), "dtype": "float64"}
 
 
-def run(batches: list[int], repeats: int, train: int, epochs: int) -> list[dict]:
+PROBLEMS = {"qp": qp_problem, "socp": socp_problem, "sdp": sdp_problem}
+
+
+def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tuple[str, ...] = tuple(PROBLEMS),
+        ) -> list[dict]:
     rows = []
-    for make in (qp_problem, socp_problem, sdp_problem):
+    for make in (PROBLEMS[p] for p in problems):
         name, prob, params, variables, sample = make()
         learned = None
         if train > 0:
@@ -255,6 +260,7 @@ def run(batches: list[int], repeats: int, train: int, epochs: int) -> list[dict]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -269,7 +275,7 @@ def main() -> None:
     info = machine()
     print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"medians of {repeats} interleaved repeats; forward+backward = backward of the sum of the outputs")
-    rows = run(batches, repeats, train, epochs)
+    rows = run(batches, repeats, train, epochs, args.problems)
     info["load_average_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as fh:

@@ -113,9 +113,10 @@ def test_operator_with_a_nonlinear_cone_block_differs_from_its_transpose():
     """The SOC block makes ``A' D`` differ from ``(D A)'`` only through ``D``'s off-diagonal entries; a test that
     would pass with the block ignored must fail here."""
     data, _, jac, J = build("socp")
-    assert jac.block is not None and bool((jac.block - torch.diag_embed(jac.block.diagonal(0, 1, 2))).abs().max() > 0)
+    D = jac.matrix()
+    assert jac.soc and bool((D - torch.diag_embed(D.diagonal(0, 1, 2))).abs().max() > 0)
     z = torch.randn(4, J.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    no_block = jac._replace(block=torch.zeros_like(jac.block))
+    no_block = jac._replace(soc=tuple(g._replace(C=torch.zeros_like(g.C)) for g in jac.soc))  # the cones' alpha I only
     assert float((kkt_operator(data, no_block)(z) - apply_dense(J, z)).abs().max()) > 1e-3
 
 
@@ -169,7 +170,7 @@ def test_zero_rhs_and_float32():
     rhs[1] = 0.0
     out = solve_kkt_krylov(data, jac, rhs)
     assert bool((out.z[1] == 0).all()) and int(out.iterations[1]) == 0 and bool(out.converged.all())
-    jac32 = kkt.DualJacobian(jac.diag.float(), None if jac.block is None else jac.block.float(), jac.lin)
+    jac32 = jac.map(lambda t: t.float())
     out32 = solve_kkt_krylov(data, jac32, rhs.float(), tol=1e-5)
     assert out32.z.dtype == torch.float32 and bool(out32.converged.all())
     assert float(relres(J, out32.z.double(), rhs)[[0, 2, 3]].max()) < 1e-4

@@ -11,8 +11,8 @@ systems without forming any dense matrix:
 
 * :func:`kkt_operator`: ``z -> J z`` (or ``J' z``) from sparse products with the canonical data
   (:class:`~amortcvx.iterations.linalg.SparseOperator`, built once per operator, gives both ``A v`` and
-  ``A' v``) and ``D`` (a diagonal on the first ``D.lin`` rows, a batched product with the dense nonlinear-cone
-  block on the rest).
+  ``A' v``) and ``D`` (a diagonal on the first ``D.lin`` rows, ``O(k)`` structured products on the
+  second-order cones, a batched product with the dense PSD / exp block on the rest).
 * :func:`gmres`: restarted GMRES, batched: every instance of the batch advances together (one batched product
   per iteration), each with its own Krylov basis, Hessenberg matrix and convergence test. Arnoldi uses
   classical Gram-Schmidt applied twice (four batched GEMVs per step instead of a loop over the basis); the
@@ -25,8 +25,8 @@ systems without forming any dense matrix:
   saddle-point matrix), inside a few passes of iterative refinement against the *unregularized* ``J``.
 
 Cost: each GMRES iteration is one product with ``J`` per instance, i.e. one product with ``A`` and one with
-``A'`` (``2 nnz(A)`` multiply-adds), one with ``P`` (``nnz(P)``), ``O(m)`` for a diagonal ``D`` (plus a
-``k x k`` product per second-order / PSD / exp block), and ``O(j (n + m))`` for the orthogonalization of
+``A'`` (``2 nnz(A)`` multiply-adds), one with ``P`` (``nnz(P)``), ``O(m)`` for a diagonal ``D`` and the
+second-order cones (plus a ``k x k`` product per PSD / exp block), and ``O(j (n + m))`` for the orthogonalization of
 the ``j``-th basis vector (``restart`` bounds ``j``). Memory is ``O(B restart (n + m))`` for the basis.
 
 When to prefer it to the dense path: large ``n + m`` with a sparse ``A`` (a few thousand rows and columns and
@@ -127,13 +127,6 @@ def kkt_operator(data, jac: DualJacobian, *, transpose: bool = False, delta: flo
 
 
 # ---------------------------------------------------------------------------------------------- preconditioner
-def _dual_diagonal(jac: DualJacobian) -> torch.Tensor:
-    """The diagonal of ``D``, (B, m)."""
-    if jac.block is None:
-        return jac.diag
-    return torch.cat([jac.diag[:, :jac.lin], jac.block.diagonal(dim1=-2, dim2=-1)], dim=1)
-
-
 def _matrix_diagonal(mat: SparseBatch, dtype: torch.dtype) -> torch.Tensor:
     """The diagonal of a square :class:`SparseBatch`, (B or 1, n), from its stored entries."""
     rows, cols = mat.coo()
@@ -169,7 +162,7 @@ def kkt_preconditioner(data, jac: DualJacobian, *, delta: float = 0.0, floor: fl
     """
     data = _canonical(data)
     dtype = jac.diag.dtype
-    dd = _dual_diagonal(jac)
+    dd = jac.diagonal()
     sq = data.A.values[:1] if data.A.shared else data.A.values
     squares = SparseOperator(SparseBatch(data.A.indices, data.A.indptr, data.A.shape, sq.to(dtype) ** 2,
                                          data.A.shared), dtype)
