@@ -705,9 +705,21 @@ def _reduced_schur(d: Batch, ns: NullSpace | None, M: DualJacobian, delta: float
         K = K + (Ab.mT @ Mo.block) @ Ab
     K.diagonal(dim1=-2, dim2=-1).add_(delta)  # Z'Z = I
     if d.P is not None:
-        P = d.P.detach()
-        K.add_(P if Z is None else Z.mT @ P @ Z)
+        K.add_(_reduced_p(d, ns))
     return K
+
+
+def _reduced_p(d: Batch, ns: NullSpace | None) -> torch.Tensor:
+    """``Z' P Z`` (``P`` without a null space), memoized per problem where ``P`` is shared (kalman large:
+    ``252 x 548`` times ``548 x 548``, 4 ms per factorization at batch 1)."""
+    P = d.P.detach()
+    if ns is None:
+        return P
+    if P.shape[0] != 1 or not d.data.P.shared:
+        return ns.Z.mT @ P @ ns.Z
+    A = d.data.A.values
+    return _NULL_SPACES.get(d.data.P, ("ZPZ", A.data_ptr(), ns.rows, P.dtype, str(P.device)),
+                            lambda: ns.Z.mT @ P @ ns.Z)
 
 
 def _soc_schur(As: torch.Tensor, soc: tuple[SocGroup, ...]) -> torch.Tensor:
