@@ -75,8 +75,11 @@ def test_closed_form_cone_jacobians_match_autograd():
     for i in range(5):
         want = torch.autograd.functional.jacobian(lambda v: project_dual_cone(v, cones), w[i])
         torch.testing.assert_close(jac.matrix()[i], want, atol=1e-10, rtol=1e-10)
-        assert bool((jac.block[i] - jac.block[i].mT).abs().max() < 1e-12)  # the dense block: the PSD cones, symmetric
-    assert jac.lin == lin and jac.block.shape[-1] == 6 + 3 and [g.index.shape for g in jac.soc] == [(1, 3), (1, 4)]
+    for grp in jac.psd:  # the PSD cones: Q orthogonal, D symmetric
+        eye = torch.eye(grp.Q.shape[-1], dtype=torch.float64)
+        torch.testing.assert_close(grp.Q.mT @ grp.Q, eye.expand_as(grp.Q), atol=1e-13, rtol=0)
+    assert jac.lin == lin and jac.block is None
+    assert [g.index.shape for g in jac.soc] == [(1, 3), (1, 4)] and [g.index.shape for g in jac.psd] == [(1, 6), (1, 3)]
 
 
 @pytest.mark.parametrize("case", ["qp", "socp"])

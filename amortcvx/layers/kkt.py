@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
-from amortcvx.iterations.cones import cone_layout, project_dual_cone, smat, svec
+from amortcvx.iterations.cones import cone_layout, project_dual_cone, smat
 from amortcvx.iterations.linalg import csr_pair, dense_batch, matvec, rmatvec, sparse_operator
 from amortcvx.layers.krylov import solve_kkt_krylov
 
@@ -233,13 +233,30 @@ def residual_norm(d: Batch, pt: Point) -> torch.Tensor:
     return torch.cat([f1, f2], dim=1).abs().amax(dim=1)
 
 
+def _gather(start: int | None, index: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A cone group's entries of ``g`` (B, rows from ``lin`` on) as (B, count, k) (:class:`SocGroup`)."""
+    count, k = index.shape
+    if start is not None:
+        return g[:, start:start + count * k].reshape(g.shape[0], count, k)
+    return g[:, index]
+
+
+def _scatter_(start: int | None, index: torch.Tensor, out: torch.Tensor, value: torch.Tensor) -> None:
+    """Write ``value`` (B, count, k) into a cone group's entries of ``out`` (B, rows from ``lin`` on)."""
+    if start is not None:
+        out[:, start:start + index.numel()] = value.reshape(value.shape[0], -1)
+    else:
+        out[:, index] = value
+
+
 class SocGroup(NamedTuple):
     """``D`` on the second-order cones of one size ``k``: per cone ``alpha I + V C V'`` with ``V = [e_0, (0, u)]``
     (``k x 2``), the closed form of the projection's Jacobian (:func:`soc_parts`).
 
     Attributes:
-        start: the first row of the group, relative to the first SOC row, when its cones are contiguous, else None.
-        index: (count, k) int64: each cone's rows, relative to the first SOC row.
+        start: the group's first row, counted from the first row after the diagonal ones (``lin``), when its
+            cones are contiguous, else None.
+        index: (count, k) int64: each cone's rows, counted from ``lin``.
         alpha: (B, count).
         u: (B, count, k), ``u[..., 0] = 0``: ``(0, x / ||x||)`` of each cone's ``z = (t, x)`` (0 where ``x = 0``).
         C: (B, count, 2, 2).
@@ -250,24 +267,6 @@ class SocGroup(NamedTuple):
     alpha: torch.Tensor
     u: torch.Tensor
     C: torch.Tensor
-
-    @property
-    def rows(self) -> int:
-        return int(self.index.numel())
-
-    def gather(self, g: torch.Tensor) -> torch.Tensor:
-        """The group's entries of ``g`` (B, soc rows) as (B, count, k)."""
-        count, k = self.index.shape
-        if self.start is not None:
-            return g[:, self.start:self.start + count * k].reshape(g.shape[0], count, k)
-        return g[:, self.index]
-
-    def scatter_(self, out: torch.Tensor, value: torch.Tensor) -> None:
-        """Write ``value`` (B, count, k) into the group's entries of ``out`` (B, soc rows)."""
-        if self.start is not None:
-            out[:, self.start:self.start + self.rows] = value.reshape(value.shape[0], -1)
-        else:
-            out[:, self.index] = value
 
     def apply(self, g: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``(alpha I + V C V') g`` per cone (``C'`` with ``transpose``) for ``g`` (B, count, k): O(k) per cone."""
@@ -287,6 +286,93 @@ class SocGroup(NamedTuple):
     def gram11(self) -> torch.Tensor:
         """``||u||^2`` per cone (1, or 0 where ``x = 0``): ``V'V = diag(1, ||u||^2)``."""
         return (self.u * self.u).sum(dim=-1)
+
+    def diagonal(self) -> torch.Tensor:
+        """Each cone's diagonal, (B, count, k)."""
+        out = self.alpha.unsqueeze(-1) + self.C[..., 1, 1].unsqueeze(-1) * self.u * self.u
+        out[..., 0] = self.alpha + self.C[..., 0, 0]
+        return out
+
+    def transposed(self) -> SocGroup:
+        return self._replace(C=self.C.mT)
+
+    def weights(self, delta: float) -> tuple[SocGroup, SocGroup]:
+        """``R = ((1 + delta) I - D)^-1`` and ``M = D R`` on these cones, of the same form: with ``a = 1 + delta -
+        alpha``, ``(a I - V C V')^-1 = (I + V C X V') / a`` for ``X = (a I - V'V C)^-1`` (Woodbury; ``2 x 2``), and
+        ``D R = alpha / a I + V (alpha C_r + C / a + C V'V C_r) V'``."""
+        a = 1.0 + delta - self.alpha
+        C, g11 = self.C, self.gram11()
+
+        def gram_times(X: torch.Tensor) -> torch.Tensor:  # V'V X, V'V = diag(1, g11)
+            return torch.stack([X[..., 0, :], g11.unsqueeze(-1) * X[..., 1, :]], dim=-2)
+        X = _inverse2(a[..., None, None] * torch.eye(2, dtype=C.dtype, device=C.device) - gram_times(C))
+        C_r = (C @ X) / a[..., None, None]
+        C_m = self.alpha[..., None, None] * C_r + C / a[..., None, None] + C @ gram_times(C_r)
+        return self._replace(alpha=1.0 / a, C=C_r), self._replace(alpha=self.alpha / a, C=C_m)
+
+    def schur(self, Ag: torch.Tensor) -> torch.Tensor:
+        """``A_g' (alpha I + V C V') A_g`` summed over the cones, for their rows ``Ag`` (1 or B, count, k, dim) of a
+        matrix: ``sum alpha_i a_i a_i'`` over the rows plus, per cone, the rank-two ``W' C W``, ``W = V' A_cone``."""
+        count, k = self.index.shape
+        flat = Ag.reshape(Ag.shape[0], count * k, -1)
+        out = (flat.mT * self.alpha.repeat_interleave(k, dim=1)[:, None, :]) @ flat
+        W = torch.stack([Ag[..., 0, :].expand(self.u.shape[0], -1, -1), (self.u.unsqueeze(-2) @ Ag).squeeze(-2)],
+                        dim=2)  # (B, count, 2, dim)
+        return out + W.reshape(W.shape[0], 2 * count, -1).mT @ (self.C @ W).reshape(W.shape[0], 2 * count, -1)
+
+
+class PsdGroup(NamedTuple):
+    """``D`` on the PSD cones of one order: per cone ``Q diag(gamma) Q'`` in svec coordinates, ``Q`` orthogonal
+    (:func:`psd_parts`), so that ``(c I - D)^-1`` is ``Q diag(1 / (c - gamma)) Q'``: no inverse to compute.
+
+    Attributes:
+        start, index: the cones' rows (see :class:`SocGroup`), ``k = order (order + 1) / 2`` each.
+        Q: (B, count, k, k).
+        gamma: (B, count, k).
+    """
+
+    start: int | None
+    index: torch.Tensor
+    Q: torch.Tensor
+    gamma: torch.Tensor
+
+    def apply(self, g: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``Q (gamma * (Q' g))`` per cone for ``g`` (B, count, k) (``D`` is symmetric)."""
+        return (self.Q @ (self.gamma * (g.unsqueeze(-2) @ self.Q).squeeze(-2)).unsqueeze(-1)).squeeze(-1)
+
+    def dense(self) -> torch.Tensor:
+        """Each cone's ``D`` as a dense (B, count, k, k) tensor."""
+        return (self.Q * self.gamma.unsqueeze(-2)) @ self.Q.mT
+
+    def diagonal(self) -> torch.Tensor:
+        """Each cone's diagonal, (B, count, k)."""
+        return (self.Q * self.Q * self.gamma.unsqueeze(-2)).sum(dim=-1)
+
+    def transposed(self) -> PsdGroup:
+        return self
+
+    def weights(self, delta: float) -> tuple[PsdGroup, PsdGroup]:
+        """``R = ((1 + delta) I - D)^-1`` and ``M = D R``: the same ``Q``, eigenvalues ``1 / (1 + delta - gamma)``
+        and ``gamma / (1 + delta - gamma)``."""
+        r = 1.0 / (1.0 + delta - self.gamma)
+        return self._replace(gamma=r), self._replace(gamma=self.gamma * r)
+
+    def schur(self, Ag: torch.Tensor) -> torch.Tensor:
+        """``A_g' D A_g`` summed over the cones (see :meth:`SocGroup.schur`): ``W' diag(gamma) W``, ``W = Q' A_cone``."""
+        count, k = self.index.shape
+        W = (self.Q.mT @ Ag).reshape(self.Q.shape[0], count * k, -1)
+        return (W.mT * self.gamma.reshape(self.Q.shape[0], 1, count * k)) @ W
+
+
+@functools.lru_cache(maxsize=32)
+def _psd_pairs(order: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The svec entries' rows and columns ``(r, c)`` (lower triangle, column by column) and the coefficients
+    ``w_p w_q / 2`` (``w = sqrt 2`` off the diagonal, 1 on it) of :func:`psd_parts`."""
+    pairs = [(i, j) for j in range(order) for i in range(j, order)]
+    r = torch.tensor([i for i, _ in pairs], device=device)
+    c = torch.tensor([j for _, j in pairs], device=device)
+    w = torch.where(r == c, torch.ones((), dtype=dtype), torch.full((), 2.0, dtype=dtype).sqrt()).to(device)
+    return r, c, w[:, None] * w[None, :] / 2
 
 
 def soc_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -312,47 +398,73 @@ def soc_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return alpha, u, C
 
 
+def psd_parts(z: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Jacobian of :func:`~amortcvx.iterations.cones.project_psd` at ``z`` (..., k(k+1)/2) as ``Q diag(gamma)
+    Q'`` in svec coordinates: returns ``Q`` (..., N, N), orthogonal, and ``gamma`` (..., N).
+
+    With ``smat(z) = V diag(l) V'``, the derivative applied to a symmetric ``H`` is ``V (Gamma o (V' H V)) V'``
+    with ``Gamma_ij = 1`` where both eigenvalues are positive, 0 where both are ``<= 0`` and the divided
+    difference ``(l_i^+ - l_j^+) / (l_i - l_j)`` otherwise (the one-sided choices of the projection's own
+    backward): diagonal in the orthonormal basis ``v_i v_i'``, ``(v_i v_j' + v_j v_i') / sqrt 2`` of the symmetric
+    matrices, whose svec vectors are the columns of ``Q``: ``Q[(a, b), (i, j)] = w_ab w_ij / 2 (V_ai V_bj +
+    V_aj V_bi)`` (``w = sqrt 2`` off the diagonal, 1 on it).
+    """
+    eig, V = torch.linalg.eigh(smat(z, order))
+    wi, wj = eig.unsqueeze(-1), eig.unsqueeze(-2)
+    pi, pj = wi > 0, wj > 0
+    mixed = pi ^ pj
+    divided = (wi.clamp_min(0) - wj.clamp_min(0)) / torch.where(mixed, wi - wj, torch.ones_like(wi - wj))
+    Gamma = torch.where(pi & pj, torch.ones_like(divided), torch.where(mixed, divided, torch.zeros_like(divided)))
+    r, c, coef = _psd_pairs(order, z.device, z.dtype)
+    Vr, Vc = V[..., r, :], V[..., c, :]  # (..., N, order): the rows a and b of each svec entry (a, b)
+    Q = coef * (Vr[..., r] * Vc[..., c] + Vr[..., c] * Vc[..., r])
+    return Q, Gamma[..., r, c]
+
+
 class DualJacobian(NamedTuple):
-    """``D = dy/dw`` per instance: a diagonal on the first ``lin`` rows, the second-order cones' structured
-    blocks on the next rows, a dense block on the rest.
+    """``D = dy/dw`` per instance: a diagonal on the first ``lin`` rows, the second-order and PSD cones'
+    structured blocks on the next rows, a dense block on the rest.
 
     Attributes:
         diag: (B, m): the diagonal on rows ``< lin`` (0 beyond).
-        block: (B, r, r) Jacobian of the projection onto the last ``r`` rows (PSD and exp cones; every nonlinear
-            row when there are exp cones), or None.
+        block: (B, r, r) Jacobian of the projection onto the last ``r`` rows (with exp cones: every nonlinear
+            row), or None.
         lin: the number of rows with a diagonal Jacobian (zero and nonnegative cones; all rows of a QP).
-        soc: the second-order cones' rows (from ``lin`` on), one :class:`SocGroup` per cone size: products with
-            them cost O(k) per cone, not O(k^2) (a SOCP's Newton step and backward 40% faster than with a dense
-            block: docs/layers.md).
+        soc: the second-order cones' rows, one :class:`SocGroup` per cone size: products cost O(k) per cone, not
+            O(k^2) (the SOCP layer's forward+backward 2.4x faster than with a dense block: docs/layers.md).
+        psd: the PSD cones' rows, one :class:`PsdGroup` per order (its eigenbasis: the elimination weights
+            without an inverse).
     """
 
     diag: torch.Tensor
     block: torch.Tensor | None
     lin: int
     soc: tuple[SocGroup, ...] = ()
+    psd: tuple[PsdGroup, ...] = ()
 
     @property
-    def soc_rows(self) -> int:
-        return sum(g.rows for g in self.soc)
+    def groups(self) -> tuple[SocGroup | PsdGroup, ...]:
+        return self.soc + self.psd
 
     @property
     def block_start(self) -> int:
         """The first row of the dense block."""
-        return self.lin + self.soc_rows
+        return self.lin + sum(int(g.index.numel()) for g in self.groups)
 
     def _tensors(self) -> list[torch.Tensor]:
         """The per-instance tensors (leading dimension B), in a fixed order (see :meth:`_rebuild`)."""
         out = [self.diag] + ([] if self.block is None else [self.block])
-        for g in self.soc:
-            out += [g.alpha, g.u, g.C]
+        for g in self.groups:
+            out += list(g[2:])
         return out
 
     def _rebuild(self, tensors: list[torch.Tensor]) -> DualJacobian:
         it = iter(tensors)
         diag = next(it)
         block = None if self.block is None else next(it)
-        soc = tuple(g._replace(alpha=next(it), u=next(it), C=next(it)) for g in self.soc)
-        return DualJacobian(diag, block, self.lin, soc)
+        soc, psd = (tuple(type(g)(g.start, g.index, *(next(it) for _ in g[2:])) for g in part)
+                    for part in (self.soc, self.psd))
+        return DualJacobian(diag, block, self.lin, soc, psd)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DualJacobian:
         """``fn`` applied to every per-instance tensor (e.g. ``lambda t: t[idx]``, ``lambda t: t.float()``)."""
@@ -375,15 +487,15 @@ class DualJacobian(NamedTuple):
 
     def _nonlinear(self, g: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``D g`` (``D' g``) on the rows from ``lin`` on, for ``g`` (B, m): (B, m - lin)."""
-        out = torch.empty_like(g[:, self.lin:])
-        if self.soc:
-            seg, part = g[:, self.lin:self.block_start], out[:, :self.soc_rows]
-            for grp in self.soc:
-                grp.scatter_(part, grp.apply(grp.gather(seg), transpose))
+        seg = g[:, self.lin:]
+        out = torch.empty_like(seg)
+        for grp in self.groups:
+            _scatter_(grp.start, grp.index, out, grp.apply(_gather(grp.start, grp.index, seg), transpose))
         if self.block is not None:
-            rest = g[:, self.block_start:]
-            out[:, self.soc_rows:] = ((rest.unsqueeze(1) @ self.block).squeeze(1) if transpose
-                                      else (self.block @ rest.unsqueeze(-1)).squeeze(-1))
+            start = self.block_start - self.lin
+            rest = seg[:, start:]
+            out[:, start:] = ((rest.unsqueeze(1) @ self.block).squeeze(1) if transpose
+                              else (self.block @ rest.unsqueeze(-1)).squeeze(-1))
         return out
 
     def matvec(self, g: torch.Tensor) -> torch.Tensor:
@@ -406,13 +518,14 @@ class DualJacobian(NamedTuple):
         if self.lin == m:
             return None
         out = self.diag.new_zeros(B, m - self.lin, m - self.lin)
-        for grp in self.soc:
+        for grp in self.groups:
             dense = grp.dense()
+            k = grp.index.shape[1]
             for j, first in enumerate(grp.index[:, 0].tolist()):  # a cone's rows are consecutive
-                k = grp.index.shape[1]
                 out[:, first:first + k, first:first + k] = dense[:, j]
         if self.block is not None:
-            out[:, self.soc_rows:, self.soc_rows:] = self.block
+            start = self.block_start - self.lin
+            out[:, start:, start:] = self.block
         return out
 
     def matrix(self) -> torch.Tensor:
@@ -425,55 +538,30 @@ class DualJacobian(NamedTuple):
 
     def diagonal(self) -> torch.Tensor:
         """The diagonal of ``D``, (B, m)."""
-        parts = [self.diag[:, :self.lin]]
-        if self.soc:
-            soc = self.diag.new_empty(self.diag.shape[0], self.soc_rows)
-            for grp in self.soc:
-                value = grp.alpha.unsqueeze(-1) + grp.C[..., 1, 1].unsqueeze(-1) * grp.u * grp.u
-                value[..., 0] = grp.alpha + grp.C[..., 0, 0]
-                grp.scatter_(soc, value)
-            parts.append(soc)
+        out = self.diag.clone()
+        if self.groups:
+            seg = out[:, self.lin:]
+            for grp in self.groups:
+                _scatter_(grp.start, grp.index, seg, grp.diagonal())
         if self.block is not None:
-            parts.append(self.block.diagonal(dim1=-2, dim2=-1))
-        return torch.cat(parts, dim=1)
+            out[:, self.block_start:] = self.block.diagonal(dim1=-2, dim2=-1)
+        return out
 
     def transposed(self) -> DualJacobian:
         """``D'`` (the same diagonal, the transposed blocks)."""
         if self.block is None and not self.soc:
             return self
         return DualJacobian(self.diag, None if self.block is None else self.block.mT, self.lin,
-                            tuple(g._replace(C=g.C.mT) for g in self.soc))
-
-
-def psd_jacobian(z: torch.Tensor, order: int) -> torch.Tensor:
-    """Jacobian of :func:`~amortcvx.iterations.cones.project_psd` at ``z`` (..., k(k+1)/2), in svec coordinates:
-    (..., k(k+1)/2, k(k+1)/2), symmetric.
-
-    With ``smat(z) = V diag(l) V'``, the derivative applied to a symmetric ``H`` is ``V (Gamma o (V' H V)) V'``
-    with ``Gamma_ij = 1`` where both eigenvalues are positive, 0 where both are ``<= 0`` and the divided
-    difference ``(l_i^+ - l_j^+) / (l_i - l_j)`` otherwise (the one-sided choices of the projection's own
-    backward). Column ``j`` is that derivative at ``H = smat(e_j)``.
-    """
-    size = z.shape[-1]
-    eig, V = torch.linalg.eigh(smat(z, order))
-    wi, wj = eig.unsqueeze(-1), eig.unsqueeze(-2)
-    pi, pj = wi > 0, wj > 0
-    mixed = pi ^ pj
-    divided = (wi.clamp_min(0) - wj.clamp_min(0)) / torch.where(mixed, wi - wj, torch.ones_like(wi - wj))
-    gamma = torch.where(pi & pj, torch.ones_like(divided), torch.where(mixed, divided, torch.zeros_like(divided)))
-    basis = smat(torch.eye(size, dtype=z.dtype, device=z.device), order)  # (N, k, k): smat of unit vectors
-    Vb, Vtb = V.unsqueeze(-3), V.mT.unsqueeze(-3)
-    columns = svec(Vb @ (gamma.unsqueeze(-3) * (Vtb @ basis @ Vb)) @ Vtb)  # (..., N, N): [j] = column j
-    return columns.mT
+                            tuple(g.transposed() for g in self.soc), self.psd)
 
 
 def dual_jacobian(d: Batch, w: torch.Tensor) -> DualJacobian:
     """``D = dy/dw`` at ``w`` (block diagonal by cone).
 
     Zero-cone rows: 1; nonnegative rows: ``[w > 0]``; QP form: 1 where the box projection is clipped (an
-    active bound), else 0. Without exp cones, SOC rows in closed form as :class:`SocGroup` s
-    (:func:`soc_parts`) and PSD blocks in closed form (:func:`psd_jacobian`) in the dense block; with exp cones,
-    the Jacobian of the projection on every nonlinear row by one batched vector-Jacobian product per row, dense.
+    active bound), else 0. Without exp cones, the SOC and PSD rows in closed form, structured
+    (:class:`SocGroup`, :func:`soc_parts`; :class:`PsdGroup`, :func:`psd_parts`); with exp cones, the Jacobian
+    of the projection on every nonlinear row by one batched vector-Jacobian product per row, dense.
     """
     B, m = w.shape
     if d.b is None:
@@ -487,22 +575,13 @@ def dual_jacobian(d: Batch, w: torch.Tensor) -> DualJacobian:
     if lin == m:
         return DualJacobian(diag, None, lin)
     rows = m - lin
-    if not cones.exp:  # SOC groups in closed form, structured; PSD blocks in closed form, dense
-        soc = []
-        for start, index in _soc_groups(cones, w.device):
-            alpha, u, C = soc_parts(w[:, lin:][:, index])
-            soc.append(SocGroup(start, index, alpha, u, C))
-        soc_rows = sum(cones.soc)
-        block = None
-        if cones.psd:
-            block = w.new_zeros(B, rows - soc_rows, rows - soc_rows)
-            start = 0
-            for size in cones.psd:
-                width = size * (size + 1) // 2
-                seg = slice(start, start + width)
-                block[:, seg, seg] = psd_jacobian(w[:, lin + soc_rows + start:lin + soc_rows + start + width], size)
-                start += width
-        return DualJacobian(diag, block, lin, tuple(soc))
+    if not cones.exp:  # SOC and PSD cones in closed form, structured
+        soc_groups, psd_groups = _cone_groups(cones, w.device)
+        rest = w[:, lin:]
+        soc = tuple(SocGroup(start, index, *soc_parts(_gather(start, index, rest))) for start, index in soc_groups)
+        psd = tuple(PsdGroup(start, index, *psd_parts(_gather(start, index, rest), order))
+                    for start, index, order in psd_groups)
+        return DualJacobian(diag, None, lin, soc, psd)
     with torch.enable_grad():
         wv = w.detach().requires_grad_(True)
         out = project_dual_cone(wv, cones)[:, lin:]
@@ -517,12 +596,16 @@ def dual_jacobian(d: Batch, w: torch.Tensor) -> DualJacobian:
 
 
 @functools.lru_cache(maxsize=64)
-def _soc_groups(cones, device: torch.device) -> tuple[tuple[int | None, torch.Tensor], ...]:
-    """Per SOC size of ``cones``: the group's first row (when contiguous) and its (count, k) rows, relative to the
-    first SOC row (cached per cones and device)."""
+def _cone_groups(cones, device: torch.device) -> tuple[tuple, tuple]:
+    """Per SOC size and per PSD order of ``cones``: the group's first row (when contiguous) and its (count, k)
+    rows, counted from the first row after the zero and nonnegative cones; PSD groups also their order (cached per
+    cones and device)."""
     lin = cones.zero + cones.nonneg
-    return tuple((None if b.start is None else b.start - lin, torch.as_tensor(b.rows - lin, device=device))
-                 for b in cone_layout(cones).soc)
+    layout = cone_layout(cones)
+
+    def group(b) -> tuple:
+        return None if b.start is None else b.start - lin, torch.as_tensor(b.rows - lin, device=device)
+    return tuple(group(b) for b in layout.soc), tuple((*group(b), b.size) for b in layout.psd)
 
 
 def kkt_matrix(d: Batch, jac: DualJacobian) -> torch.Tensor:
@@ -698,8 +781,8 @@ def _reduced_schur(d: Batch, ns: NullSpace | None, M: DualJacobian, delta: float
             K = (AZ[0, :lin].mT * weights[:, None, :]) @ AZ[0, :lin]
     else:
         K = (AZ[..., :lin, :].mT * Mo.diag[:, None, :lin]) @ AZ[..., :lin, :]
-    if Mo.soc:
-        K = K + _soc_schur(AZ[..., lin:Mo.block_start, :], Mo.soc)
+    if Mo.groups:
+        K = K + _structured_schur(AZ[..., lin:, :], Mo.groups)
     if Mo.block is not None:
         Ab = AZ[..., Mo.block_start:, :]
         K = K + (Ab.mT @ Mo.block) @ Ab
@@ -722,21 +805,14 @@ def _reduced_p(d: Batch, ns: NullSpace | None) -> torch.Tensor:
                             lambda: ns.Z.mT @ P @ ns.Z)
 
 
-def _soc_schur(As: torch.Tensor, soc: tuple[SocGroup, ...]) -> torch.Tensor:
-    """``As' M_s As`` for the SOC rows ``As`` (1 or B, soc rows, k) of ``A Z`` and ``M_s`` their part of ``M``
-    (per cone ``alpha I + V C V'``): ``sum alpha_i a_i a_i'`` over the rows plus, per cone, the rank-two
-    ``W' C W`` with ``W = V' A_cone`` (2 x k)."""
+def _structured_schur(As: torch.Tensor, groups: tuple[SocGroup | PsdGroup, ...]) -> torch.Tensor:
+    """``As' M_g As`` over the structured cones' rows (``As``: (1 or B, rows from ``lin`` on, k) of ``A Z``; ``M_g``
+    their part of ``M``), each group by its own :meth:`SocGroup.schur` / :meth:`PsdGroup.schur`."""
     K = None
-    for grp in soc:
+    for grp in groups:
         count, k = grp.index.shape
         Ag = As[..., grp.index.reshape(-1), :] if grp.start is None else As[..., grp.start:grp.start + count * k, :]
-        Ag = Ag.reshape(Ag.shape[0], count, k, Ag.shape[-1])  # (1 or B, count, k, dim)
-        weights = grp.alpha.repeat_interleave(k, dim=1)  # (B, count k)
-        flat = Ag.reshape(Ag.shape[0], count * k, -1)
-        part = (flat.mT * weights[:, None, :]) @ flat
-        W = torch.stack([Ag[..., 0, :].expand(grp.u.shape[0], -1, -1), (grp.u.unsqueeze(-2) @ Ag).squeeze(-2)],
-                        dim=2)  # (B, count, 2, dim)
-        part = part + W.reshape(W.shape[0], 2 * count, -1).mT @ (grp.C @ W).reshape(W.shape[0], 2 * count, -1)
+        part = grp.schur(Ag.reshape(Ag.shape[0], count, k, Ag.shape[-1]))
         K = part if K is None else K + part
     return K
 
@@ -885,25 +961,15 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
 def _elimination_weights(D: DualJacobian, delta: float) -> tuple[DualJacobian, DualJacobian]:
     """``R = ((1 + delta) I - D)^-1`` and ``M = D R``, block diagonal like ``D``."""
     r_diag = 1.0 / (1.0 + delta - D.diag)
-    r_soc, m_soc = [], []
-    for grp in D.soc:  # (a I - V C V')^-1 = (I + V C X V') / a with X = (a I - V'V C)^-1, a = 1 + delta - alpha
-        a = 1.0 + delta - grp.alpha
-        C = grp.C
-        g11 = grp.gram11()
-        GC = torch.stack([C[..., 0, :], g11.unsqueeze(-1) * C[..., 1, :]], dim=-2)  # V'V C, V'V = diag(1, g11)
-        X = _inverse2(a[..., None, None] * torch.eye(2, dtype=C.dtype, device=C.device) - GC)
-        C_r = (C @ X) / a[..., None, None]
-        r_soc.append(grp._replace(alpha=1.0 / a, C=C_r))
-        # M = D R = alpha/a I + V (alpha C_r + C / a + C V'V C_r) V'
-        m_soc.append(grp._replace(alpha=grp.alpha / a, C=grp.alpha[..., None, None] * C_r + C / a[..., None, None]
-                                  + C @ (torch.stack([C_r[..., 0, :], g11.unsqueeze(-1) * C_r[..., 1, :]], dim=-2))))
+    r_groups, m_groups = zip(*(g.weights(delta) for g in D.groups)) if D.groups else ((), ())
+    ns = len(D.soc)
     r_block = m_block = None
     if D.block is not None:
         eye = torch.eye(D.block.shape[-1], dtype=D.block.dtype, device=D.block.device)
         r_block = torch.linalg.inv_ex((1.0 + delta) * eye - D.block)[0]
         m_block = D.block @ r_block
-    return (DualJacobian(r_diag, r_block, D.lin, tuple(r_soc)),
-            DualJacobian(D.diag * r_diag, m_block, D.lin, tuple(m_soc)))
+    return (DualJacobian(r_diag, r_block, D.lin, tuple(r_groups[:ns]), tuple(r_groups[ns:])),
+            DualJacobian(D.diag * r_diag, m_block, D.lin, tuple(m_groups[:ns]), tuple(m_groups[ns:])))
 
 
 def _inverse2(X: torch.Tensor) -> torch.Tensor:
