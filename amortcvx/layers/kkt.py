@@ -358,7 +358,8 @@ class PsdGroup(NamedTuple):
         return self._replace(gamma=r), self._replace(gamma=self.gamma * r)
 
     def schur(self, Ag: torch.Tensor) -> torch.Tensor:
-        """``A_g' D A_g`` summed over the cones (see :meth:`SocGroup.schur`): ``W' diag(gamma) W``, ``W = Q' A_cone``."""
+        """``A_g' D A_g`` summed over the cones (see :meth:`SocGroup.schur`): ``W' diag(gamma) W`` with
+        ``W = Q' A_cone``."""
         count, k = self.index.shape
         W = (self.Q.mT @ Ag).reshape(self.Q.shape[0], count * k, -1)
         return (W.mT * self.gamma.reshape(self.Q.shape[0], 1, count * k)) @ W
@@ -765,9 +766,9 @@ def _reduced_schur(d: Batch, ns: NullSpace | None, M: DualJacobian, delta: float
     the batch) when that is at most half of them: at a solution few bounds are active (MPC: none for the median
     instance, against 1200 rows of the large size)."""
     if ns is None:
-        AZ, Mo, Z = d.A.detach(), M, None
+        AZ, Mo = d.A.detach(), M
     else:
-        AZ, Mo, Z = ns.AoZ.unsqueeze(0), _jacobian_rows(M, ns.rows), ns.Z
+        AZ, Mo = ns.AoZ.unsqueeze(0), _jacobian_rows(M, ns.rows)
     lin = Mo.lin
     if AZ.shape[0] == 1 and lin > 0:
         weights = Mo.diag[:, :lin]
