@@ -82,6 +82,33 @@ def test_closed_form_cone_jacobians_match_autograd():
     assert [g.index.shape for g in jac.soc] == [(1, 3), (1, 4)] and [g.index.shape for g in jac.psd] == [(1, 6), (1, 3)]
 
 
+def test_structured_cone_jacobians_match_their_dense_matrices():
+    """SOC and PSD cones of repeated sizes, interleaved (groups whose rows are not contiguous): products, the
+    diagonal, the transpose and the elimination weights ``R = ((1 + delta) I - D)^-1``, ``M = D R`` of the
+    structured form against the dense matrices."""
+    from amortcvx.canon.data import ConeDims
+
+    cones = ConeDims(zero=1, nonneg=2, soc=(3, 4, 3), psd=(2, 3, 2))
+    w = torch.randn(6, cones.size, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    w[0, 3:6] = torch.tensor([5.0, 1.0, 1.0])  # one cone strictly inside, one in the polar cone
+    w[1, 3:6] = torch.tensor([-5.0, 1.0, 1.0])
+    data = type("Cones", (), {"cones": cones})()
+    jac = kkt.dual_jacobian(kkt.Batch(None, None, None, torch.zeros(6, 1), None, None, data), w)
+    assert [g.start for g in jac.soc] == [None, 3] and [g.start for g in jac.psd] == [None, 13]
+    D = jac.matrix()
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    torch.testing.assert_close(jac.matvec(g), (D @ g.unsqueeze(-1)).squeeze(-1), rtol=0, atol=1e-13)
+    torch.testing.assert_close(jac.rmatvec(g), (D.mT @ g.unsqueeze(-1)).squeeze(-1), rtol=0, atol=1e-13)
+    torch.testing.assert_close(jac.diagonal(), D.diagonal(dim1=-2, dim2=-1), rtol=0, atol=1e-13)
+    delta = 1e-3
+    eye = torch.eye(cones.size, dtype=torch.float64)
+    for jd, Dd in ((jac, D), (jac.transposed(), D.mT)):
+        R, M = kkt._elimination_weights(jd, delta)
+        want = torch.linalg.inv((1 + delta) * eye - Dd)
+        torch.testing.assert_close(R.matrix(), want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(M.matrix(), Dd @ want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("case", ["qp", "socp"])
 def test_a_given_factor_is_used_only_where_it_was_built_from_the_same_jacobian(case):
     d, jac = _setup(case, "random")
