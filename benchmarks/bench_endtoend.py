@@ -13,6 +13,9 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * ``learned k=0`` and ``learned k=K``: ``AmortizedSolver`` with the trained predictor (certified finish, the
   rest warm-started on the persistent objects; calibrated: predictor on/off, plain/Anderson refinement, SCS
   object modes, OSQP check interval).
+* ``learned k=0, 1 thread``: the same calibrated path with its C solves on one thread (shown when the package
+  uses more: ``--threads``, default every core; a batch of 16 or more is then cut into parts solved
+  concurrently, :class:`amortcvx.backends.persistent.ThreadedSolver`), to separate what the threads add.
 * ``control k=K``: the same refinement from the cold start, no predictor.
 * (d) ``previous solution`` (sequential families, e.g. MPC, whose held-out rows are closed-loop episodes): each
   instance warm-started, on one persistent solver object, from the answer the same object returned for the
@@ -20,7 +23,8 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * ``floor``: warm-started at the optimum (solved beforehand at eps 1e-9) on the warm-start object.
 
 Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small|large] [--batch 1 256]
-[--instances 256] [--rounds 3] [--k 10] [--train 1000] [--epochs 60] [--json PATH] [--plot PATH.png] [--smoke]``;
+[--instances 256] [--rounds 3] [--k 10] [--train 1000] [--epochs 60] [--threads N] [--json PATH] [--plot PATH.png]
+[--smoke]``;
 ``--from-json PATH --plot PATH.png`` redraws the plot of a saved run without running anything.
 Prints machine, load, sizes, dtype and settings beside the numbers. The plot (matplotlib) shows, per batch size,
 each pair's time per instance as a ratio to (b) on a log axis, with the targets 1/2 and 1/3 of (b) marked.
@@ -39,6 +43,7 @@ import torch
 
 from amortcvx import problems
 from amortcvx.backends import PersistentSolver, solve_batch
+from amortcvx.backends.persistent import default_threads
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import generate_dataset
 from amortcvx.deploy import AmortizedSolver
@@ -108,15 +113,21 @@ def bench_pair(name, alg, args, tol):
 
     ref = {k: v.mean(axis=0) for k, v in train_params.items()}
     learned = {}
+    threads = {"threads": args.threads}
     for k in sorted({0, args.k}):
-        solver = AmortizedSolver(pp, model, k=k, solver_settings=tol)
+        solver = AmortizedSolver(pp, model, k=k, solver_settings=tol, **threads)
         cal = solver.calibrate(val_params, refinements=(None, AndersonSettings()) if k > 2 else None,
                                newton_steps=newton_choices(pp))
         learned[f"learned k={k}"] = (solver, cal)
     chosen = learned[f"learned k={args.k}"][0]
+    one_thread = None
+    if chosen.threads > 1:  # the same calibrated path on one thread: what the threads add, apart
+        one_thread = AmortizedSolver(pp, model, k=0, solver_settings=tol, threads=1)
+        one_thread.configure(learned["learned k=0"][1])
     control = AmortizedSolver(pp, algorithm=alg, k=args.k, anderson=chosen.anderson, newton=chosen.newton,
-                              solver_settings=tol, reference_params=ref)
-    package = AmortizedSolver(pp, algorithm=alg, k=0, solver_settings=tol, finish="c", reference_params=ref)
+                              solver_settings=tol, reference_params=ref, **threads)
+    package = AmortizedSolver(pp, algorithm=alg, k=0, solver_settings=tol, finish="c", reference_params=ref,
+                              **threads)
     package.calibrate(val_params)  # what fit gives without a predictor: rho / scale, check interval, modes
     loop = PersistentColdLoop(pp, alg, tol)
     warm_settings = package.object_settings("stateless")  # the baselines' warm starts: the package's stateless object
@@ -146,6 +157,8 @@ def bench_pair(name, alg, args, tol):
     strategies = {"loop (b)": loop.solve, "package cold (a)": package.solve,
                   "nearest neighbour (c)": WarmLoop(pp, alg, warm_settings, ref, nn_lookup).solve}
     strategies.update({label: s.solve for label, (s, _) in learned.items()})
+    if one_thread is not None:
+        strategies["learned k=0, 1 thread"] = one_thread.solve
     strategies[f"control k={args.k}"] = control.solve
     system = fam.extras.get("system")
     previous = None
@@ -241,6 +254,9 @@ def main() -> None:
                             only=("epochs", "batch_size", "lr", "patience", "hidden"),
                             defaults={"epochs": 60, "batch_size": 64, "patience": 15})
     ap.add_argument("--eps", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of the package's C solves (default: every core); the loops (b), (c), (d) and the "
+                         "floor run on one object, as a hand-written loop does")
     ap.add_argument("--workers", type=int, default=2, help="processes for the dataset solves")
     ap.add_argument("--data-root", default="data/bench_endtoend")
     ap.add_argument("--json", default=None)
@@ -265,7 +281,9 @@ def main() -> None:
           f"{args.instances} held-out instances; medians of {args.rounds} interleaved rounds; predictor: MLP "
           f"{args.hidden}, regression loss, {args.train} solved instances (10% validation), {args.epochs} epochs; "
           f"refinement k = {args.k}; Newton finish: calibration chooses among {NEWTON_STEPS} steps and none (dense "
-          f"linear algebra only); SCS checks termination every 25 iterations (compiled in)", flush=True)
+          f"linear algebra only); SCS checks termination every 25 iterations (compiled in); the package's C solves "
+          f"on {args.threads or default_threads()} thread(s) (batches of 16 and more are cut into parts), the loops "
+          f"on one object", flush=True)
     rows = []
     for name in args.families:
         for alg in args.solvers:

@@ -358,6 +358,23 @@ def test_scs_presolve_keeps_one_object_for_every_instance():
         np.testing.assert_allclose(x[i].numpy(), want, atol=1e-6)
 
 
+def test_threads_give_the_same_outputs_and_gradients():
+    prob, params, variables, sample = socp()
+    values = sample(40, np.random.default_rng(17))  # cut into parts on 2 threads (16 and more)
+    got = {}
+    for threads in (1, 2):
+        layer = CvxpyLayer(prob, params, variables, eps=1e-8, threads=threads)
+        inputs = [v.clone().requires_grad_(True) for v in values]
+        (x,) = layer(*inputs)
+        got[threads] = (x.detach(), torch.autograd.grad(x.sum(), inputs))
+        assert all(s.threads == threads for s in layer._solvers.values())
+    torch.testing.assert_close(got[2][0], got[1][0], rtol=0, atol=1e-12)
+    for a, b in zip(got[2][1], got[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="threads"):
+        CvxpyLayer(prob, params, variables, threads=0)
+
+
 def test_a_large_sparse_problem_is_solved_and_differentiated_matrix_free():
     N = 700  # n + m = 3500 after CVXPY's lifting
     D = sps.diags([np.ones(N), -np.ones(N - 1)], [0, 1], shape=(N, N)).tocsc()

@@ -609,3 +609,68 @@ def test_without_steps_the_refined_cold_start_is_the_first_step_newton_refined(n
     plain = AmortizedSolver(pp, algorithm=alg, k=0, newton=4, solver_settings=TOL)
     plain.use_strategy("cold")
     assert not plain.solve(params).certified.any()  # the plain cold start: no torch work, nothing certified
+
+
+@pytest.mark.parametrize("name, alg", [("mpc", "osqp"), ("kalman", "scs"), ("mpc_param_dyn", "scs")])
+def test_threaded_solver_gives_one_objects_answers(name, alg):
+    """Parts of a batch on their own objects and threads: the answers (and counts) of one object, cold and
+    warm-started with a mask; batches too small to cut run on the first object alone."""
+    from amortcvx.backends.persistent import THREAD_MIN_PART, ThreadedSolver, default_threads
+
+    fam, pp = _pp(name, alg)
+    data = pp.canonicalize(fam.sample(3 * THREAD_MIN_PART + 5, seed=6))
+    ref = data.instance(0)
+    settings = {**TOL, "adaptive_scale": False, "acceleration_lookback": 0} if alg == "scs" else TOL
+    one = PersistentSolver(alg, ref, settings)
+    made = []
+    threaded = ThreadedSolver(lambda: made.append(1) or PersistentSolver(alg, ref, settings), 3)
+    want, got = one.solve(data), threaded.solve(data)
+    assert len(made) == 3 and threaded.builds >= 3
+    for r, w in zip(got, want, strict=True):
+        assert r.status == w.status and r.iterations == w.iterations
+        np.testing.assert_array_equal(r.x, w.x)
+    fields = ("x", "y", "s") if alg == "scs" else ("x", "y")
+    warm = {k: np.stack([getattr(r, k) for r in want]) for k in fields}
+    mask = np.arange(data.batch_size) % 3 != 0
+    for r, w in zip(threaded.solve(data, warm, mask), one.solve(data, warm, mask), strict=True):
+        assert r.iterations == w.iterations
+        np.testing.assert_array_equal(r.x, w.x)
+    small = ThreadedSolver(lambda: made.append(1) or PersistentSolver(alg, ref, settings), 4)
+    count = len(made)
+    small.solve(data.take(np.arange(2 * THREAD_MIN_PART - 1)))
+    assert len(made) == count  # not cut: no more objects
+    assert default_threads() >= 1
+    with pytest.raises(ValueError, match="positive int"):
+        ThreadedSolver(lambda: one, 0)
+
+
+def test_threaded_solver_names_the_instance_of_the_whole_batch():
+    import dataclasses
+
+    from amortcvx.backends.persistent import THREAD_MIN_PART, ThreadedSolver
+
+    fam, pp = _pp("portfolio", "scs")
+    data = pp.canonicalize(fam.sample(4 * THREAD_MIN_PART, seed=7))
+    threaded = ThreadedSolver(lambda: PersistentSolver("scs", data.instance(0), TOL), 2)
+    values = data.b.clone()
+    last = data.batch_size - 1  # in the second part
+    values[last, 0] = np.nan
+    with pytest.raises(ValueError, match=f"instance {last}: b has non-finite entries"):
+        threaded.solve(dataclasses.replace(data, b=values))
+
+
+def test_amortized_solver_threads_keep_the_answers():
+    fam, pp = _pp("mpc", "scs")
+    params = fam.sample(40, seed=8)
+    ref = {k: v.mean(axis=0) for k, v in params.items()}
+    out = {}
+    for threads in (1, 2):
+        solver = AmortizedSolver(pp, algorithm="scs", solver_settings=TOL, reference_params=ref, threads=threads,
+                                 c_modes={"warm": "stateless", "cold": "stateless"})
+        assert solver.threads == threads
+        out[threads] = solver.solve(params)
+    for a, b in zip(out[1].results, out[2].results, strict=True):
+        assert a.status == b.status == Status.OPTIMAL and a.iterations == b.iterations
+        np.testing.assert_array_equal(a.x, b.x)
+    with pytest.raises(ValueError, match="threads"):
+        AmortizedSolver(pp, algorithm="scs", threads=0)

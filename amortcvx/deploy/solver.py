@@ -72,7 +72,7 @@ import torch
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
 from amortcvx.backends.batched import objectives
 from amortcvx.backends.osqp import check_interval
-from amortcvx.backends.persistent import StopPointSolver, stateless_scale
+from amortcvx.backends.persistent import StopPointSolver, ThreadedSolver, default_threads, stateless_scale
 from amortcvx.backends.scs import stop_point
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
@@ -315,7 +315,10 @@ class AmortizedSolver:
         device: where prediction and refinement run.
         dtype: the precision of prediction and refinement (certificates and C solves are float64).
         workers: processes for the C solves of ``exact_iterations=True`` (``backends.solve_batch``); timed solves
-            run in this process on the persistent solver object.
+            run in this process on the persistent solver objects.
+        threads: threads for the timed C solves (None: every core this process may use): a batch of at least
+            16 instances is cut into up to ``threads`` parts, each solved on its own copy of the persistent object
+            (:class:`~amortcvx.backends.persistent.ThreadedSolver`; the same answers as one object).
         finish: ``"certify"`` (default) or ``"c"`` (see the module docstring).
         reference_params: the parameter values (one instance) on which the persistent C solver objects are set
             up; default: the predictor's training mean (its input normalization), without a predictor the mean
@@ -338,7 +341,7 @@ class AmortizedSolver:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, workers: int | None = 1,
                  finish: str = "certify", reference_params: Mapping | None = None,
                  check_termination: int | None = None, c_modes: Mapping[str, str] | None = None,
-                 newton: int = 0):
+                 newton: int = 0, threads: int | None = None):
         if model is not None:
             if model.meta.fingerprint != pp.fingerprint:
                 raise ValueError(f"the predictor was trained for problem {model.meta.fingerprint}, not for this "
@@ -377,6 +380,9 @@ class AmortizedSolver:
         self.safeguard, self.safeguard_ratio = safeguard, float(safeguard_ratio)
         self.safeguard_reference = safeguard_reference
         self.device, self.dtype, self.workers = torch.device(device), dtype, workers
+        if threads is not None and not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"threads must be None or a positive int; got {threads!r}")
+        self.threads = default_threads() if threads is None else threads
         # a copy: the caller's module keeps its device, dtype and train/eval mode
         self.model = None if model is None else copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         self.space = output_space(algorithm)
@@ -407,7 +413,7 @@ class AmortizedSolver:
             raise ValueError("reference_params must be one instance (no batch dimension, or a batch of one)")
         if self._reference is None and self.model is not None and hasattr(self.model, "in_mean"):
             self._reference = self.model.in_mean.detach().to("cpu", torch.float64).reshape(1, -1)
-        self._persistent: dict[str, PersistentSolver | StopPointSolver] = {}
+        self._persistent: dict[str, ThreadedSolver] = {}
         defaults = DEFAULT_C_MODES[self.backend]
         modes = {**defaults, **dict(c_modes or {})}
         offered = BACKEND_C_MODES[self.backend]
@@ -563,10 +569,12 @@ class AmortizedSolver:
         return settings
 
     def persistent_solver(self, theta: torch.Tensor | None = None, mode: str = "adaptive",
-                          kind: str = "cold") -> PersistentSolver | StopPointSolver:
-        """The persistent C solver object of this problem for ``mode`` (set up on first use, with
-        :meth:`object_settings`); for ``"stop"``, the :class:`~amortcvx.backends.persistent.StopPointSolver` at
-        the stop point of ``kind`` (``"warm"`` or ``"cold"``, :attr:`scs_stops`).
+                          kind: str = "cold") -> ThreadedSolver:
+        """The persistent C solver objects of this problem for ``mode`` (set up on first use, with
+        :meth:`object_settings`), one per thread (:attr:`threads`, :class:`~amortcvx.backends.persistent.
+        ThreadedSolver`): :class:`~amortcvx.backends.PersistentSolver` s, or for ``"stop"``
+        :class:`~amortcvx.backends.persistent.StopPointSolver` s at the stop point of ``kind`` (``"warm"`` or
+        ``"cold"``, :attr:`scs_stops`).
 
         The object is set up on the reference instance (see ``reference_params``); without one, on the mean of the
         flattened parameters ``theta`` (B, p) of the first batch solved, which is then kept for later calls.
@@ -582,8 +590,11 @@ class AmortizedSolver:
         if key not in self._persistent:
             settings = self.object_settings(mode)
             ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
-            self._persistent[key] = (PersistentSolver(self.backend, ref, settings) if stop is None
-                                     else StopPointSolver(ref, settings, stop))
+
+            def make() -> PersistentSolver | StopPointSolver:
+                return (PersistentSolver(self.backend, ref, settings) if stop is None
+                        else StopPointSolver(ref, settings, stop))
+            self._persistent[key] = ThreadedSolver(make, self.threads)
         return self._persistent[key]
 
     def predict_warm_start(self, params: Mapping) -> WarmStartBatch:

@@ -29,7 +29,7 @@ from torch import nn
 from amortcvx.backends import PersistentSolver, Status
 from amortcvx.backends import osqp as osqp_backend
 from amortcvx.backends import scs as scs_backend
-from amortcvx.backends.persistent import stateless_scale
+from amortcvx.backends.persistent import ThreadedSolver, default_threads, stateless_scale
 from amortcvx.canon.data import ConeData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
@@ -193,6 +193,8 @@ class CvxpyLayer(nn.Module):
             canonical data) or ``"auto"`` (:func:`~amortcvx.layers.kkt.linear_algebra`: Krylov when ``n + m`` exceeds
             ``KRYLOV_SIZE``, unless shared equality rows keep the reduced dense path small).
         solver_args: default per-call arguments (see :meth:`forward`).
+        threads: threads for the C solves (None: every core this process may use; a batch of at least 16 is cut
+            into parts solved concurrently, :class:`~amortcvx.backends.persistent.ThreadedSolver`).
 
     Raises:
         TypeError / ValueError: naming the problem, parameter or variable at fault.
@@ -203,7 +205,8 @@ class CvxpyLayer(nn.Module):
                  warm_start: str = "cold", eps: float = 1e-6, gradients: str = "implicit",
                  unroll_steps: int = 50, return_duals: bool = False, on_failure: str = "nan",
                  refine_steps: int = 4, presolve_eps: float = 1e-3, max_torch_steps: int = 5000,
-                 linear_algebra: str = "auto", solver_args: Mapping[str, Any] | None = None):
+                 linear_algebra: str = "auto", solver_args: Mapping[str, Any] | None = None,
+                 threads: int | None = None):
         super().__init__()
         if not isinstance(problem, cp.Problem):
             raise TypeError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}")
@@ -237,13 +240,16 @@ class CvxpyLayer(nn.Module):
         self.on_failure, self.refine_steps, self.max_torch_steps = on_failure, int(refine_steps), int(max_torch_steps)
         self.solver_args = dict(solver_args or {})
         self.presolve_eps = float(presolve_eps)
+        if threads is not None and not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"threads must be None or a positive int; got {threads!r}")
+        self.threads = default_threads() if threads is None else threads
         if linear_algebra == "auto":
             linear_algebra = problem_linear_algebra(pp)
         self.linear_algebra = linear_algebra
         self._batch = LINEAR_ALGEBRA[linear_algebra]
         self._var_maps: list[AffineOutput] = variable_maps(pp, self.variables)
         self._dual_maps: list[AffineOutput] | None = dual_maps(pp) if return_duals else None
-        self._solvers: dict[tuple, PersistentSolver] = {}
+        self._solvers: dict[tuple, ThreadedSolver] = {}
         self._cache = FactorCache()
         self._previous: dict[str, torch.Tensor] | None = None
         self._previous_skip = 0
@@ -446,7 +452,9 @@ class CvxpyLayer(nn.Module):
             stateless = self.solver == "scs" and scs_backend.STATELESS_SETTINGS.items() <= settings.items()
             if stateless and "scale" not in settings:  # a fixed scale is kept for every call: pick it on this batch
                 settings["scale"], _ = stateless_scale(data.instance(0), data, settings)
-            solver = self._solvers[key] = PersistentSolver(self.solver, data.instance(0), settings)
+            ref = data.instance(0)
+            solver = self._solvers[key] = ThreadedSolver(lambda: PersistentSolver(self.solver, ref, settings),
+                                                         self.threads)
         starts = None if warm is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in warm.items()}
         results = solver.solve(data, starts)
         if starts is not None and retry:
@@ -516,13 +524,13 @@ class CvxpyLayer(nn.Module):
                     **options: Any) -> CvxpyLayer:
         """A layer for an :class:`~amortcvx.deploy.AmortizedSolver`'s problem and solver, warm-started by its
         predictor (``warm_start="learned"``; cold without one or when calibration switched it off), at its
-        tolerance (``eps_abs``) and with its C solver settings (``c_settings()``, calibration's included);
-        ``options`` override any of these."""
+        tolerance (``eps_abs``), with its C solver settings (``c_settings()``, calibration's included) and its
+        ``threads``; ``options`` override any of these."""
         c_settings = dict(solver.c_settings())
         eps = c_settings.pop("eps_abs", None)
         c_settings.pop("eps_rel", None)
         model = solver.model if solver.model is not None and solver.enabled else None
-        opts: dict[str, Any] = {"solver": solver.algorithm, "predictor": model,
+        opts: dict[str, Any] = {"solver": solver.algorithm, "predictor": model, "threads": solver.threads,
                                 "warm_start": "learned" if model is not None else "cold", "solver_args": c_settings}
         if eps is not None:
             opts["eps"] = float(eps)
