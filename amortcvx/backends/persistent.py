@@ -209,12 +209,25 @@ to a thread costs tens of microseconds, a whole small solve about as much). Part
 :class:`StopPointSolver`'s choice (:data:`STOP_MIN_BATCH`) the one the whole batch would get."""
 
 
+def thread_parts(size: int, threads: int) -> int:
+    """The parts :class:`ThreadedSolver` cuts a batch of ``size`` instances into with ``threads`` threads (1: not
+    cut)."""
+    return max(1, min(threads, size // THREAD_MIN_PART))
+
+
+MAX_DEFAULT_THREADS = 8
+"""The most threads :func:`default_threads` gives: each thread's object holds its own copy of the solver's
+factorization, which on large problems is tens of megabytes."""
+
+
 def default_threads() -> int:
-    """The cores this process may run on (``os.sched_getaffinity``, else ``os.cpu_count()``)."""
+    """The cores this process may run on (``os.sched_getaffinity``, else ``os.cpu_count()``), at most
+    :data:`MAX_DEFAULT_THREADS`."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_THREADS, cores))
 
 
 _THREADS: tuple[int, int, ThreadPoolExecutor] | None = None
@@ -267,8 +280,8 @@ class ThreadedSolver:
         """:meth:`PersistentSolver.solve`, the parts of the batch on their own threads (errors name the instance
         in the whole batch)."""
         size = data.batch_size
-        parts = min(self.threads, size // THREAD_MIN_PART)
-        if parts <= 1:
+        parts = thread_parts(size, self.threads)
+        if parts == 1:
             return self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
         self.check(data)
         while len(self._objects) < parts:
@@ -347,4 +360,5 @@ def stateless_scale(reference: ConeInstance, data: ConeData, settings: Mapping[s
     return scale, tried
 
 
-__all__ = ["PersistentSolver", "StopPointSolver", "ThreadedSolver", "default_threads", "stateless_scale"]
+__all__ = ["PersistentSolver", "StopPointSolver", "ThreadedSolver", "default_threads", "stateless_scale",
+           "thread_parts"]

@@ -316,8 +316,9 @@ class AmortizedSolver:
         dtype: the precision of prediction and refinement (certificates and C solves are float64).
         workers: processes for the C solves of ``exact_iterations=True`` (``backends.solve_batch``); timed solves
             run in this process on the persistent solver objects.
-        threads: threads for the timed C solves (None: every core this process may use): a batch of at least
-            16 instances is cut into up to ``threads`` parts, each solved on its own copy of the persistent object
+        threads: threads for the timed C solves (None: :func:`~amortcvx.backends.persistent.default_threads`,
+            every core this process may use, at most 8): a batch of at least 16 instances is cut into up to
+            ``threads`` parts, each solved on its own copy of the persistent object
             (:class:`~amortcvx.backends.persistent.ThreadedSolver`; the same answers as one object).
         finish: ``"certify"`` (default) or ``"c"`` (see the module docstring).
         reference_params: the parameter values (one instance) on which the persistent C solver objects are set

@@ -484,14 +484,14 @@ def evaluate(config: ExperimentConfig, *, log: Callable[[str], None] | None = No
         timing_params = params_rows(prep.source.sample(n_timing, 2 * config.seed + 1), slice(None))
     else:
         timing_params = test_params
-    for batch, count, procs in ((1, config.timing_single, 1), (config.timing_batch, config.timing_batch, workers)):
+    for batch, count in ((1, config.timing_single), (config.timing_batch, config.timing_batch)):
         if batch < 1 or count < 1:
             continue
-        emit(f"timing end to end at batch {batch} ({count} instances, {procs} solver process(es))")
+        emit(f"timing end to end at batch {batch} ({count} instances)")
         # the calibrated solvers themselves: every decision calibration took applies (timed solves run in this
-        # process on their persistent C objects whatever their ``workers``)
+        # process on their persistent C objects, on their threads, whatever their ``workers``)
         timings += measure_end_to_end(pp, timing_params, solvers, backend, settings=config.solver_settings,
-                                      batch_size=batch, instances=count, workers=procs)
+                                      batch_size=batch, instances=count)
     seconds["timing"] = time.perf_counter() - t0
 
     # outputs --------------------------------------------------------------------------------------------

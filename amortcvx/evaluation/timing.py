@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from amortcvx.backends.persistent import thread_parts
 from amortcvx.canon import ParametricProblem
 from amortcvx.deploy import AmortizedSolver
 from amortcvx.evaluation.baselines import PersistentColdLoop
@@ -33,7 +34,8 @@ class TimingResult(NamedTuple):
         predict_ms: of which prediction + refinement + conversion (0 for cold).
         solve_ms: of which the C solves (``solve_batch``, timed mode).
         speedup: cold ``total_ms`` / this ``total_ms``.
-        workers: processes of the C solves.
+        threads: threads of the C solves (the hand-written loop: 1; the package: the parts its
+            :class:`~amortcvx.backends.persistent.ThreadedSolver` cuts a batch of this size into).
     """
 
     strategy: str
@@ -43,7 +45,7 @@ class TimingResult(NamedTuple):
     predict_ms: float
     solve_ms: float
     speedup: float
-    workers: int
+    threads: int
 
 
 def _time_cold(loop: PersistentColdLoop, params) -> tuple[float, float]:
@@ -61,15 +63,16 @@ def _time_learned(solver: AmortizedSolver, params) -> tuple[float, float, float]
 
 
 def measure_end_to_end(pp: ParametricProblem, params: Mapping[str, np.ndarray], solvers: Mapping[str, AmortizedSolver],
-                       backend: str, *, settings: Mapping[str, Any], batch_size: int, instances: int,
-                       workers: int) -> list[TimingResult]:
+                       backend: str, *, settings: Mapping[str, Any], batch_size: int,
+                       instances: int) -> list[TimingResult]:
     """Wall time per instance of cold starts and of each learned solver, in calls of ``batch_size`` instances.
 
     Each call starts from parameter values and ends with answers at the tolerance (timed mode,
     ``exact_iterations=False``): cold = canonicalize + the hand-written persistent loop on the solver's own API
     (:class:`~amortcvx.evaluation.baselines.PersistentColdLoop`, the best a user has without amortcvx);
     learned = ``AmortizedSolver.solve`` (parameter vector, canonicalization, prediction, ``k`` torch steps,
-    safeguard, certificate, C solves on the persistent solver object, cold retry of failures).
+    safeguard, certificate, C solves on the persistent solver objects, on the solver's ``threads``, cold retry of
+    failures).
     The first ``instances`` rows of ``params`` are used, in ``instances // batch_size`` calls; one untimed
     warm-up call of each path comes first (imports, worker pool start, first-touch allocations), and within
     each call index the paths run back to back so that machine load affects them alike.
@@ -98,17 +101,18 @@ def measure_end_to_end(pp: ParametricProblem, params: Mapping[str, np.ndarray], 
     out = []
     for name, (total, predict, solve) in sums.items():
         ms = total / count * 1e3
+        threads = 1 if name == "cold" else thread_parts(batch_size, solvers[name].threads)
         out.append(TimingResult(strategy=name, batch_size=batch_size, instances=count, total_ms=ms,
                                 predict_ms=predict / count * 1e3, solve_ms=solve / count * 1e3,
-                                speedup=cold_ms / ms if ms > 0 else float("nan"), workers=workers))
+                                speedup=cold_ms / ms if ms > 0 else float("nan"), threads=threads))
     return out
 
 
 def format_timings(timings: tuple[TimingResult, ...] | list[TimingResult], title: str | None = None) -> str:
     """Aligned text table of :class:`TimingResult` rows."""
-    header = ("strategy", "batch", "instances", "workers", "total ms/inst", "predict ms", "C solve ms",
+    header = ("strategy", "batch", "instances", "threads", "total ms/inst", "predict ms", "C solve ms",
               "speedup vs cold")
-    rows = [(t.strategy, str(t.batch_size), str(t.instances), str(t.workers), f"{t.total_ms:.3f}",
+    rows = [(t.strategy, str(t.batch_size), str(t.instances), str(t.threads), f"{t.total_ms:.3f}",
              f"{t.predict_ms:.3f}", f"{t.solve_ms:.3f}", f"{t.speedup:.2f}x") for t in timings]
     return format_rows(header, rows, title=title)
 
@@ -130,6 +134,8 @@ def read_timings_csv(path: str | os.PathLike) -> list[TimingResult]:
     path = Path(path)
     if not path.is_file():
         return []
-    types = {"strategy": str, "batch_size": int, "instances": int, "workers": int}
+    types = {"strategy": str, "batch_size": int, "instances": int, "threads": int}
+    renamed = {"workers": "threads"}  # files written before the C solves ran on threads
     with open(path, newline="") as fh:
-        return [TimingResult(**{k: types.get(k, float)(v) for k, v in row.items()}) for row in csv.DictReader(fh)]
+        return [TimingResult(**{renamed.get(k, k): types.get(renamed.get(k, k), float)(v) for k, v in row.items()})
+                for row in csv.DictReader(fh)]

@@ -193,8 +193,8 @@ class CvxpyLayer(nn.Module):
             canonical data) or ``"auto"`` (:func:`~amortcvx.layers.kkt.linear_algebra`: Krylov when ``n + m`` exceeds
             ``KRYLOV_SIZE``, unless shared equality rows keep the reduced dense path small).
         solver_args: default per-call arguments (see :meth:`forward`).
-        threads: threads for the C solves (None: every core this process may use; a batch of at least 16 is cut
-            into parts solved concurrently, :class:`~amortcvx.backends.persistent.ThreadedSolver`).
+        threads: threads for the C solves (None: every core this process may use, at most 8; a batch of at least
+            16 is cut into parts solved concurrently, :class:`~amortcvx.backends.persistent.ThreadedSolver`).
 
     Raises:
         TypeError / ValueError: naming the problem, parameter or variable at fault.
