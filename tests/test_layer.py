@@ -432,9 +432,10 @@ def test_auto_method_on_the_cpu_takes_torch_steps_only_for_qps_with_fixed_matric
 
 
 def test_auto_race_takes_the_faster_method_and_probes_the_other():
-    from amortcvx.layers.layer import AUTO_PROBE, _Race
+    from amortcvx.backends.race import Race
+    from amortcvx.layers.layer import AUTO_PROBE
 
-    race = _Race(("torch", "c"))
+    race = Race(("torch", "c"), AUTO_PROBE)
     picks = []
     for _ in range(2 * AUTO_PROBE):
         method = race.pick()

@@ -632,9 +632,11 @@ def test_threaded_solver_gives_one_objects_answers(name, alg):
     fields = ("x", "y", "s") if alg == "scs" else ("x", "y")
     warm = {k: np.stack([getattr(r, k) for r in want]) for k in fields}
     mask = np.arange(data.batch_size) % 3 != 0
-    for r, w in zip(threaded.solve(data, warm, mask), one.solve(data, warm, mask), strict=True):
-        assert r.iterations == w.iterations
-        np.testing.assert_array_equal(r.x, w.x)
+    for _ in range(2):  # the race: the first call cut into parts, the second on one object, the same answers
+        for r, w in zip(threaded.solve(data, warm, mask), one.solve(data, warm, mask), strict=True):
+            assert r.iterations == w.iterations
+            np.testing.assert_array_equal(r.x, w.x)
+    assert set(threaded._races[data.batch_size.bit_length()].seconds) == {"parts", "one"}
     small = ThreadedSolver(lambda: made.append(1) or PersistentSolver(alg, ref, settings), 4)
     count = len(made)
     small.solve(data.take(np.arange(2 * THREAD_MIN_PART - 1)))

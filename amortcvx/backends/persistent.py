@@ -28,6 +28,7 @@ interval 25 plus one; OSQP: a multiple of ``check_termination``).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
@@ -37,6 +38,7 @@ import numpy as np
 from amortcvx.backends import scs
 from amortcvx.backends.base import RawSolve, SolveResult, Status
 from amortcvx.backends.batched import host, objectives
+from amortcvx.backends.race import Race
 from amortcvx.backends.registry import get_backend
 from amortcvx.backends.scs import STATELESS_SETTINGS
 from amortcvx.canon.data import ConeData, ConeInstance, QPData, QPInstance
@@ -203,6 +205,12 @@ class StopPointSolver:
         return out
 
 
+THREAD_PROBE = 16
+""":class:`ThreadedSolver` races one object against the parts on threads per batch size (by powers of two): each is
+timed once, then the faster is used, and every ``THREAD_PROBE``-th call the other (:class:`~amortcvx.backends.
+race.Race`). Measured on 2 cores (package path, calibrated objects, batch 256): the parts took 0.5-0.7x of one
+object's time on most small families, but 1.27x on portfolio small with OSQP (solves of about 15 us, where the
+Python around each solve holds the GIL) and 1.0x on robust_ls small with SCS."""
 THREAD_MIN_PART = 8
 """The fewest instances :class:`ThreadedSolver` gives one thread (smaller batches run on one object: a hand-off
 to a thread costs tens of microseconds, a whole small solve about as much). Parts this large also keep
@@ -249,6 +257,8 @@ class ThreadedSolver:
     each solved on its own object, concurrently: SCS and OSQP release the GIL while they iterate, so the parts run
     on separate cores (measured on 2 cores, stateless objects, eps 1e-4: kalman large SCS batch 64 0.51x of one
     object's time, mpc large OSQP 0.55x, mpc small SCS and OSQP batch 256 0.52x and 0.54x; docs/backends.md).
+    Where the solves are so short that the Python around them dominates, the parts gain nothing or lose, so
+    whether to cut is raced per batch size against one object (:data:`THREAD_PROBE`).
     The objects are alike (made by ``make``, on the same reference instance and settings) and each answers an
     instance independently of what it solved before (the objects' reset protocols), so the answers are those of
     one object, whatever the split.
@@ -264,6 +274,7 @@ class ThreadedSolver:
             raise ValueError(f"threads must be a positive int; got {threads!r}")
         self._make, self.threads = make, int(threads)
         self._objects = [make()]
+        self._races: dict[int, Race] = {}
         first = self._objects[0]
         self.backend, self.settings, self.n, self.m = first.backend, first.settings, first.n, first.m
 
@@ -283,6 +294,19 @@ class ThreadedSolver:
         parts = thread_parts(size, self.threads)
         if parts == 1:
             return self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
+        race = self._races.setdefault(size.bit_length(), Race(("parts", "one"), THREAD_PROBE))
+        choice = race.pick()
+        start = time.perf_counter()
+        if choice == "one":
+            out = self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
+        else:
+            out = self._solve_parts(data, warm_starts, warm_mask, check_termination, parts)
+        race.record(choice, (time.perf_counter() - start) / size)
+        return out
+
+    def _solve_parts(self, data: ConeData | QPData, warm_starts: Mapping[str, np.ndarray] | None,
+                     warm_mask: np.ndarray | None, check_termination: int | None, parts: int) -> list[SolveResult]:
+        size = data.batch_size
         self.check(data)
         while len(self._objects) < parts:
             self._objects.append(self._make())

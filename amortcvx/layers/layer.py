@@ -30,6 +30,7 @@ from amortcvx.backends import PersistentSolver, Status
 from amortcvx.backends import osqp as osqp_backend
 from amortcvx.backends import scs as scs_backend
 from amortcvx.backends.persistent import ThreadedSolver, default_threads, stateless_scale
+from amortcvx.backends.race import Race
 from amortcvx.canon.data import ConeData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
@@ -89,32 +90,6 @@ PREVIOUS_RETRY = 8
 """``warm_start="previous"``: after a call in which the previous solution, refined, answered fewer than half of
 the instances, the next ``PREVIOUS_RETRY - 1`` calls skip that stage (the solver still starts from it): where
 consecutive batches are unrelated (e.g. a training loop over shuffled samples) the attempt only costs."""
-
-
-class _Race:
-    """The faster of a few interchangeable methods, by their last measured seconds per instance (see
-    :data:`AUTO_PROBE`)."""
-
-    def __init__(self, options: tuple[str, ...]):
-        self.options = options
-        self.seconds: dict[str, float] = {}
-        self.calls = 0
-
-    def pick(self) -> str:
-        """The method for the next call: an untimed one first, then the fastest, and every :data:`AUTO_PROBE`-th
-        call the one timed longest ago."""
-        self.calls += 1
-        untimed = [o for o in self.options if o not in self.seconds]
-        if untimed:
-            return untimed[0]
-        if self.calls % AUTO_PROBE == 0:
-            return next(iter(self.seconds))  # insertion order: the one recorded longest ago
-        return min(self.options, key=self.seconds.__getitem__)
-
-    def record(self, option: str, seconds: float) -> None:
-        """The seconds per instance of a call that used ``option``."""
-        self.seconds.pop(option, None)
-        self.seconds[option] = seconds
 
 
 class SolverFailure(RuntimeError):
@@ -253,7 +228,7 @@ class CvxpyLayer(nn.Module):
         self._cache = FactorCache()
         self._previous: dict[str, torch.Tensor] | None = None
         self._previous_skip = 0
-        self._races: dict[int, _Race] = {}
+        self._races: dict[int, Race] = {}
         self.last_solution: Solution | None = None
 
     # ------------------------------------------------------------------ forward
@@ -297,16 +272,16 @@ class CvxpyLayer(nn.Module):
             outs = [o.squeeze(0) for o in outs]
         return tuple(outs)
 
-    def _auto_method(self, data: Data, device: torch.device, max_steps: int) -> tuple[str, int, _Race | None]:
+    def _auto_method(self, data: Data, device: torch.device, max_steps: int) -> tuple[str, int, Race | None]:
         """``method="auto"``: torch on CUDA; on the CPU, C, or where a torch step is a few products with matrices
         shared by the batch (QP form, ``P`` and ``A`` parameter-free) the faster of C and :data:`CPU_TORCH_STEPS`
-        torch steps (a :class:`_Race` per batch-size bucket, returned to be told the time)."""
+        torch steps (a :class:`~amortcvx.backends.race.Race` per batch-size bucket, returned to be told the time)."""
         if device.type == "cuda":
             return "torch", max_steps, None
         shared = data.A.shared and (data.P is None or data.P.shared)
         if not (self.form == "qp" and shared and self.refine_steps):
             return "c", max_steps, None
-        race = self._races.setdefault(int(data.batch_size).bit_length(), _Race(("torch", "c")))
+        race = self._races.setdefault(int(data.batch_size).bit_length(), Race(("torch", "c"), AUTO_PROBE))
         method = race.pick()
         return method, (min(max_steps, CPU_TORCH_STEPS) if method == "torch" else max_steps), race
 
