@@ -296,6 +296,8 @@ class ThreadedSolver:
             return self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
         race = self._races.setdefault(size.bit_length(), Race(("parts", "one"), THREAD_PROBE))
         choice = race.pick()
+        while choice == "parts" and len(self._objects) < parts:  # set up before the clock starts
+            self._objects.append(self._make())
         start = time.perf_counter()
         if choice == "one":
             out = self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
@@ -308,8 +310,6 @@ class ThreadedSolver:
                      warm_mask: np.ndarray | None, check_termination: int | None, parts: int) -> list[SolveResult]:
         size = data.batch_size
         self.check(data)
-        while len(self._objects) < parts:
-            self._objects.append(self._make())
         bounds = np.linspace(0, size, parts + 1).round().astype(int)
 
         def part(j: int) -> list[SolveResult]:
