@@ -296,14 +296,16 @@ class ThreadedSolver:
             return self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
         race = self._races.setdefault(size.bit_length(), Race(("parts", "one"), THREAD_PROBE))
         choice = race.pick()
-        while choice == "parts" and len(self._objects) < parts:  # set up before the clock starts
+        fresh = choice == "parts" and len(self._objects) < parts
+        while choice == "parts" and len(self._objects) < parts:
             self._objects.append(self._make())
         start = time.perf_counter()
         if choice == "one":
             out = self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
         else:
             out = self._solve_parts(data, warm_starts, warm_mask, check_termination, parts)
-        race.record(choice, (time.perf_counter() - start) / size)
+        if not fresh:  # a new object's first solve (first touches, lazy set-up in the solver) is not its pace
+            race.record(choice, (time.perf_counter() - start) / size)
         return out
 
     def _solve_parts(self, data: ConeData | QPData, warm_starts: Mapping[str, np.ndarray] | None,
