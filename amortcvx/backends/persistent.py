@@ -27,6 +27,7 @@ interval 25 plus one; OSQP: a multiple of ``check_termination``).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -207,7 +208,8 @@ class StopPointSolver:
 
 THREAD_PROBE = 16
 """:class:`ThreadedSolver` races one object against the parts on threads per batch size (by powers of two): each is
-timed once, then the faster is used, and every ``THREAD_PROBE``-th call the other (:class:`~amortcvx.backends.
+timed (its best time per instance kept; a call that set up new objects is not timed), then the faster is used,
+and every ``THREAD_PROBE``-th call the other (:class:`~amortcvx.backends.
 race.Race`). Measured on 2 cores (package path, calibrated objects, batch 256): the parts took 0.5-0.7x of one
 object's time on most small families, but 1.27x on portfolio small with OSQP (solves of about 15 us, where the
 Python around each solve holds the GIL) and 1.0x on robust_ls small with SCS."""
@@ -305,7 +307,9 @@ class ThreadedSolver:
         else:
             out = self._solve_parts(data, warm_starts, warm_mask, check_termination, parts)
         if not fresh:  # a new object's first solve (first touches, lazy set-up in the solver) is not its pace
-            race.record(choice, (time.perf_counter() - start) / size)
+            # the best time seen: which way is faster depends on the problem and the machine, little on the call,
+            # and single calls are noisy
+            race.record(choice, min((time.perf_counter() - start) / size, race.seconds.get(choice, math.inf)))
         return out
 
     def _solve_parts(self, data: ConeData | QPData, warm_starts: Mapping[str, np.ndarray] | None,
