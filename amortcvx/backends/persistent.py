@@ -208,8 +208,8 @@ class StopPointSolver:
 
 THREAD_PROBE = 16
 """:class:`ThreadedSolver` races one object against the parts on threads per batch size (by powers of two): each is
-timed (its best time per instance kept; a call that set up new objects is not timed), then the faster is used,
-and every ``THREAD_PROBE``-th call the other (:class:`~amortcvx.backends.
+timed (its best time per instance over at least two calls; a call that set up new objects is not timed), then the
+faster is used, and every ``THREAD_PROBE``-th call the other (:class:`~amortcvx.backends.
 race.Race`). Measured on 2 cores (package path, calibrated objects, batch 256): the parts took 0.5-0.7x of one
 object's time on most small families, but 1.27x on portfolio small with OSQP (solves of about 15 us, where the
 Python around each solve holds the GIL) and 1.0x on robust_ls small with SCS."""
@@ -277,6 +277,7 @@ class ThreadedSolver:
         self._make, self.threads = make, int(threads)
         self._objects = [make()]
         self._races: dict[int, Race] = {}
+        self._first: dict[tuple[int, str], float] = {}  # a way's first timing, until its second
         first = self._objects[0]
         self.backend, self.settings, self.n, self.m = first.backend, first.settings, first.n, first.m
 
@@ -307,9 +308,14 @@ class ThreadedSolver:
         else:
             out = self._solve_parts(data, warm_starts, warm_mask, check_termination, parts)
         if not fresh:  # a new object's first solve (first touches, lazy set-up in the solver) is not its pace
-            # the best time seen: which way is faster depends on the problem and the machine, little on the call,
-            # and single calls are noisy
-            race.record(choice, min((time.perf_counter() - start) / size, race.seconds.get(choice, math.inf)))
+            # the best time seen, and none before two: which way is faster depends on the problem and the machine,
+            # little on the call, and single calls are noisy
+            seconds = (time.perf_counter() - start) / size
+            key = (size.bit_length(), choice)
+            if choice in race.seconds or key in self._first:
+                race.record(choice, min(seconds, self._first.pop(key, math.inf), race.seconds.get(choice, math.inf)))
+            else:
+                self._first[key] = seconds
         return out
 
     def _solve_parts(self, data: ConeData | QPData, warm_starts: Mapping[str, np.ndarray] | None,
