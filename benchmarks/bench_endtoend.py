@@ -23,8 +23,8 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * ``floor``: warm-started at the optimum (solved beforehand at eps 1e-9) on the warm-start object.
 
 Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small|large] [--batch 1 256]
-[--instances 256] [--rounds 3] [--k 10] [--train 1000] [--epochs 60] [--threads N] [--json PATH] [--plot PATH.png]
-[--smoke]``;
+[--instances 256] [--rounds 3] [--warmup 5] [--k 10] [--train 1000] [--epochs 60] [--threads N] [--json PATH]
+[--plot PATH.png] [--smoke]``;
 ``--from-json PATH --plot PATH.png`` redraws the plot of a saved run without running anything.
 Prints machine, load, sizes, dtype and settings beside the numbers. The plot (matplotlib) shows, per batch size,
 each pair's time per instance as a ratio to (b) on a log axis, with the targets 1/2 and 1/3 of (b) marked.
@@ -174,9 +174,10 @@ def bench_pair(name, alg, args, tol):
 
     for batch in args.batch:
         times = {s: [] for s in strategies}
-        for fn in strategies.values():  # warm-up: first setups, caches
-            rewind()
-            fn(_rows(test, 0, batch))
+        for fn in strategies.values():  # warm-up: first setups, caches, and the threads' race (docs/backends.md)
+            for _ in range(args.warmup):
+                rewind()
+                fn(_rows(test, 0, batch))
         calls = max(1, args.instances // batch)
         for _ in range(args.rounds):
             for label, fn in strategies.items():
@@ -247,6 +248,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--instances", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="untimed calls per strategy and batch size first (setups, caches, the threads' race: a stream "
+                         "of calls is what is measured)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--train", type=int, default=1000, help="instances solved for training (10%% validation)")
     # training options: TrainConfig's fields (flags, help), at this benchmark's scale
@@ -271,7 +275,7 @@ def main() -> None:
             plot_ratios(json.load(fh), args.plot)
         return
     if args.smoke:
-        args.families, args.instances, args.rounds, args.batch = ["portfolio"], 16, 1, [1, 16]
+        args.families, args.instances, args.rounds, args.batch, args.warmup = ["portfolio"], 16, 1, [1, 16], 1
         args.train, args.epochs, args.k = 120, 5, 3
     torch.set_num_threads(1)
     tol = {"eps_abs": args.eps, "eps_rel": args.eps}
