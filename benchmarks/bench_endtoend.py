@@ -43,7 +43,7 @@ import torch
 
 from amortcvx import problems
 from amortcvx.backends import PersistentSolver, solve_batch
-from amortcvx.backends.persistent import default_threads
+from amortcvx.backends.persistent import RACE_CALLS, default_threads
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import generate_dataset
 from amortcvx.deploy import AmortizedSolver
@@ -248,7 +248,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--instances", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=5,
+    ap.add_argument("--warmup", type=int, default=RACE_CALLS,
                     help="untimed calls per strategy and batch size first (setups, caches, the threads' race: a stream "
                          "of calls is what is measured)")
     ap.add_argument("--k", type=int, default=10)

@@ -213,6 +213,10 @@ faster is used, and every ``THREAD_PROBE``-th call the other (:class:`~amortcvx.
 race.Race`). Measured on 2 cores (package path, calibrated objects, batch 256): the parts took 0.5-0.7x of one
 object's time on most small families, but 1.27x on portfolio small with OSQP (solves of about 15 us, where the
 Python around each solve holds the GIL) and 1.0x on robust_ls small with SCS."""
+RACE_CALLS = 5
+"""Calls of one batch size after which :class:`ThreadedSolver`'s race has timed both ways (the parts' first call,
+which sets their objects up, is not timed; then two calls each): what a measurement of its settled pace runs
+first (``AmortizedSolver.choose_c_modes``, ``benchmarks/bench_endtoend.py``)."""
 THREAD_MIN_PART = 8
 """The fewest instances :class:`ThreadedSolver` gives one thread (smaller batches run on one object: a hand-off
 to a thread costs tens of microseconds, a whole small solve about as much). Parts this large also keep
@@ -396,5 +400,5 @@ def stateless_scale(reference: ConeInstance, data: ConeData, settings: Mapping[s
     return scale, tried
 
 
-__all__ = ["PersistentSolver", "StopPointSolver", "ThreadedSolver", "default_threads", "stateless_scale",
-           "thread_parts"]
+__all__ = ["RACE_CALLS", "PersistentSolver", "StopPointSolver", "ThreadedSolver", "default_threads",
+           "stateless_scale", "thread_parts"]

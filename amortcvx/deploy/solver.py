@@ -72,7 +72,13 @@ import torch
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
 from amortcvx.backends.batched import objectives
 from amortcvx.backends.osqp import check_interval
-from amortcvx.backends.persistent import StopPointSolver, ThreadedSolver, default_threads, stateless_scale
+from amortcvx.backends.persistent import (
+    RACE_CALLS,
+    StopPointSolver,
+    ThreadedSolver,
+    default_threads,
+    stateless_scale,
+)
 from amortcvx.backends.scs import stop_point
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
@@ -985,8 +991,10 @@ class AmortizedSolver:
         :meth:`choose_osqp_rho`).
 
         Warm: ``solve(params)`` (timed mode) with each mode for the warm-started instances; cold: cold solves of the
-        same instances on each mode's object. Best of ``repeats`` wall times each (both modes answer at the same
-        tolerance; only speed differs). Returns the modes; sets nothing.
+        same instances on each mode's object. Best of ``repeats`` wall times each, after :data:`~amortcvx.backends.
+        persistent.RACE_CALLS` untimed calls (the objects set up, the threads' race settled: each mode is timed at
+        its own best of one object and parts on threads). Both modes answer at the same tolerance; only speed
+        differs. Returns the modes; sets nothing.
         """
         saved = dict(self.c_modes)
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
@@ -1001,7 +1009,8 @@ class AmortizedSolver:
                     self.c_modes = {**saved, kind: mode}
                     run_once = (lambda: self.solve(params)) if kind == "warm" else (
                         lambda mode=mode: self.persistent_solver(theta, mode, "cold").solve(data))
-                    run_once()  # first use sets the object up
+                    for _ in range(RACE_CALLS):  # set up, and the threads' race settled
+                        run_once()
                     elapsed = []
                     for _ in range(repeats):
                         t0 = time.perf_counter()
