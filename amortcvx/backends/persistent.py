@@ -244,6 +244,15 @@ def default_threads() -> int:
     return max(1, min(MAX_DEFAULT_THREADS, cores))
 
 
+def resolve_threads(threads: int | None) -> int:
+    """A ``threads`` option: :func:`default_threads` for None, else a positive int (ValueError otherwise)."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be None or a positive int; got {threads!r}")
+    return int(threads)
+
+
 _THREADS: tuple[int, int, ThreadPoolExecutor] | None = None
 
 
@@ -401,4 +410,4 @@ def stateless_scale(reference: ConeInstance, data: ConeData, settings: Mapping[s
 
 
 __all__ = ["RACE_CALLS", "PersistentSolver", "StopPointSolver", "ThreadedSolver", "default_threads",
-           "stateless_scale", "thread_parts"]
+           "resolve_threads", "stateless_scale", "thread_parts"]

@@ -76,7 +76,7 @@ from amortcvx.backends.persistent import (
     RACE_CALLS,
     StopPointSolver,
     ThreadedSolver,
-    default_threads,
+    resolve_threads,
     stateless_scale,
 )
 from amortcvx.backends.scs import stop_point
@@ -387,9 +387,7 @@ class AmortizedSolver:
         self.safeguard, self.safeguard_ratio = safeguard, float(safeguard_ratio)
         self.safeguard_reference = safeguard_reference
         self.device, self.dtype, self.workers = torch.device(device), dtype, workers
-        if threads is not None and not (isinstance(threads, int) and threads >= 1):
-            raise ValueError(f"threads must be None or a positive int; got {threads!r}")
-        self.threads = default_threads() if threads is None else threads
+        self.threads = resolve_threads(threads)
         # a copy: the caller's module keeps its device, dtype and train/eval mode
         self.model = None if model is None else copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         self.space = output_space(algorithm)

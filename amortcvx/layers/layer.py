@@ -29,7 +29,7 @@ from torch import nn
 from amortcvx.backends import PersistentSolver, Status
 from amortcvx.backends import osqp as osqp_backend
 from amortcvx.backends import scs as scs_backend
-from amortcvx.backends.persistent import ThreadedSolver, default_threads, stateless_scale
+from amortcvx.backends.persistent import ThreadedSolver, resolve_threads, stateless_scale
 from amortcvx.backends.race import Race
 from amortcvx.canon.data import ConeData
 from amortcvx.canon.parametric import ParametricProblem
@@ -215,9 +215,7 @@ class CvxpyLayer(nn.Module):
         self.on_failure, self.refine_steps, self.max_torch_steps = on_failure, int(refine_steps), int(max_torch_steps)
         self.solver_args = dict(solver_args or {})
         self.presolve_eps = float(presolve_eps)
-        if threads is not None and not (isinstance(threads, int) and threads >= 1):
-            raise ValueError(f"threads must be None or a positive int; got {threads!r}")
-        self.threads = default_threads() if threads is None else threads
+        self.threads = resolve_threads(threads)
         if linear_algebra == "auto":
             linear_algebra = problem_linear_algebra(pp)
         self.linear_algebra = linear_algebra
