@@ -233,12 +233,13 @@ def residual_norm(d: Batch, pt: Point) -> torch.Tensor:
     return torch.cat([f1, f2], dim=1).abs().amax(dim=1)
 
 
-def _gather(start: int | None, index: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """A cone group's entries of ``g`` (B, rows from ``lin`` on) as (B, count, k) (:class:`SocGroup`)."""
+def _gather(start: int | None, index: torch.Tensor, g: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """A cone group's rows of ``g`` along ``dim`` (rows counted from ``lin``; :class:`SocGroup`), that dimension
+    split into (count, k): (B, count, k) for vectors (B, rows), (., count, k, c) for matrices (., rows, c) with
+    ``dim=-2``."""
     count, k = index.shape
-    if start is not None:
-        return g[:, start:start + count * k].reshape(g.shape[0], count, k)
-    return g[:, index]
+    part = g.narrow(dim, start, count * k) if start is not None else g.index_select(dim, index.reshape(-1))
+    return part.unflatten(dim, (count, k))
 
 
 def _scatter_(start: int | None, index: torch.Tensor, out: torch.Tensor, value: torch.Tensor) -> None:
@@ -549,11 +550,11 @@ class DualJacobian(NamedTuple):
         return out
 
     def transposed(self) -> DualJacobian:
-        """``D'`` (the same diagonal, the transposed blocks)."""
+        """``D'`` (the same diagonal, the transposed blocks; the PSD groups are symmetric)."""
         if self.block is None and not self.soc:
             return self
         return DualJacobian(self.diag, None if self.block is None else self.block.mT, self.lin,
-                            tuple(g.transposed() for g in self.soc), self.psd)
+                            tuple(g.transposed() for g in self.soc), tuple(g.transposed() for g in self.psd))
 
 
 def dual_jacobian(d: Batch, w: torch.Tensor) -> DualJacobian:
@@ -811,9 +812,7 @@ def _structured_schur(As: torch.Tensor, groups: tuple[SocGroup | PsdGroup, ...])
     their part of ``M``), each group by its own :meth:`SocGroup.schur` / :meth:`PsdGroup.schur`."""
     K = None
     for grp in groups:
-        count, k = grp.index.shape
-        Ag = As[..., grp.index.reshape(-1), :] if grp.start is None else As[..., grp.start:grp.start + count * k, :]
-        part = grp.schur(Ag.reshape(Ag.shape[0], count, k, Ag.shape[-1]))
+        part = grp.schur(_gather(grp.start, grp.index, As, dim=-2))
         K = part if K is None else K + part
     return K
 
@@ -962,15 +961,18 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
 def _elimination_weights(D: DualJacobian, delta: float) -> tuple[DualJacobian, DualJacobian]:
     """``R = ((1 + delta) I - D)^-1`` and ``M = D R``, block diagonal like ``D``."""
     r_diag = 1.0 / (1.0 + delta - D.diag)
-    r_groups, m_groups = zip(*(g.weights(delta) for g in D.groups)) if D.groups else ((), ())
-    ns = len(D.soc)
+
+    def weights(groups: tuple) -> tuple[tuple, tuple]:  # each group's (R, M), as the R groups and the M groups
+        pairs = [g.weights(delta) for g in groups]
+        return tuple(r for r, _ in pairs), tuple(m for _, m in pairs)
+    (r_soc, m_soc), (r_psd, m_psd) = weights(D.soc), weights(D.psd)
     r_block = m_block = None
     if D.block is not None:
         eye = torch.eye(D.block.shape[-1], dtype=D.block.dtype, device=D.block.device)
         r_block = torch.linalg.inv_ex((1.0 + delta) * eye - D.block)[0]
         m_block = D.block @ r_block
-    return (DualJacobian(r_diag, r_block, D.lin, tuple(r_groups[:ns]), tuple(r_groups[ns:])),
-            DualJacobian(D.diag * r_diag, m_block, D.lin, tuple(m_groups[:ns]), tuple(m_groups[ns:])))
+    return (DualJacobian(r_diag, r_block, D.lin, r_soc, r_psd),
+            DualJacobian(D.diag * r_diag, m_block, D.lin, m_soc, m_psd))
 
 
 def _inverse2(X: torch.Tensor) -> torch.Tensor:
