@@ -18,17 +18,25 @@ layer at ``eps = 1e-9``, whose answers the accuracy columns check against Clarab
 parameters move by a small step between repeats (as in a training loop), which is what the "previous" warm
 start of our layer uses; the learned warm start comes from a predictor that ``AmortizedSolver.fit`` trains on
 ``--train`` instances of the same distribution (its fit time is printed, not counted). Prints the machine,
-torch threads, dtype and solver settings beside the numbers.
+torch threads, device, dtype and solver settings beside the numbers.
+
+On a GPU (``--device cuda``) the parameters live on the device, so our layer takes its CUDA path (the batched
+torch iterations, then Newton refinement, then the C solver for what is left) and cvxpylayers' MOREAU its CUDA
+solver; DIFFCP solves on the host. Large batches: ``--check`` caps the instances checked against Clarabel (the
+first ones of the batch), and ``--diffcp-max-batch`` skips DIFFCP above that batch (its time per instance does
+not fall with the batch size: it solves instance by instance on the host's cores).
 
     python benchmarks/bench_layer.py                 # batches 64 and 1024, 3 repeats
     python benchmarks/bench_layer.py --smoke         # batch 16, 1 repeat, a small predictor (CI)
     python benchmarks/bench_layer.py --json out.json
     python benchmarks/bench_layer.py --problems socp --batches 1024 --train 0   # one problem, no predictor
+    python benchmarks/bench_layer.py --device cuda --batches 1024 16384 65536 --check 256 --diffcp-max-batch 4096
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -36,6 +44,7 @@ import platform
 import statistics
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 
@@ -122,7 +131,7 @@ def objective_excess(prob, params, variables, values, x: np.ndarray, best: np.nd
     return float(max(excess)), float(max(violation))
 
 
-def learned_layer(prob, params, variables, sample, train: int, epochs: int, root: str):
+def learned_layer(prob, params, variables, sample, train: int, epochs: int, root: str, device: str = "cpu"):
     """Our layer warm-started by a predictor that ``AmortizedSolver.fit`` trains on ``train`` sampled instances."""
     from amortcvx.deploy import AmortizedSolver
 
@@ -135,33 +144,45 @@ def learned_layer(prob, params, variables, sample, train: int, epochs: int, root
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         amortized = AmortizedSolver.fit(prob, sampler, solver=solver, num=train, eps=EPS, epochs=epochs, root=root,
-                                        calibrate=False, progress=False)
+                                        calibrate=False, progress=False, device=device)
     seconds = time.perf_counter() - start
     layer = CvxpyLayer.from_solver(amortized, params, variables, eps=EPS)
-    settings = f"{solver} C, eps {EPS:g}, learned warm start ({train} instances, {epochs} epochs, fit {seconds:.0f} s)"
+    path = "torch iterations on CUDA, then " if device.startswith("cuda") else ""
+    settings = (f"{path}{solver} C, eps {EPS:g}, learned warm start ({train} instances, {epochs} epochs, trained on "
+                f"{device} in {seconds:.0f} s)")
     return layer, settings
 
 
-def methods(prob, params, variables, learned=None) -> dict[str, tuple[Callable, str]]:
+def methods(prob, params, variables, learned=None, device: str = "cpu", diffcp: bool = True,
+            ) -> dict[str, tuple[Callable, str]]:
     """name -> (callable(*values) -> tuple of outputs, settings description); cvxpylayers' MOREAU only where
-    its interface passes every cone of the problem to moreau (not PSD cones)."""
+    its interface passes every cone of the problem to moreau (not PSD cones); DIFFCP where ``diffcp``, given host
+    copies of the values (it solves on the host; the copies are timed with it)."""
     from cvxpylayers.torch import CvxpyLayer as Reference
 
     out = {}
+    path = "torch iterations on CUDA, then " if device.startswith("cuda") else ""
     ours_cold = CvxpyLayer(prob, params, variables, eps=EPS)
-    out["ours cold"] = (ours_cold, f"{ours_cold.solver} C, eps {EPS:g}, presolve_eps {ours_cold.presolve_eps:g}")
+    out["ours cold"] = (ours_cold, f"{path}{ours_cold.solver} C, eps {EPS:g}, presolve_eps {ours_cold.presolve_eps:g}")
     ours_prev = CvxpyLayer(prob, params, variables, eps=EPS, warm_start="previous")
-    out["ours previous"] = (ours_prev, f"{ours_prev.solver} C, eps {EPS:g}, warm start: previous call")
+    out["ours previous"] = (ours_prev, f"{path}{ours_prev.solver} C, eps {EPS:g}, warm start: previous call")
     if learned is not None:
         out["ours learned"] = learned
-    diffcp = Reference(prob, params, variables)
-    out["cvxpylayers DIFFCP"] = (diffcp, "SCS via diffcp, cvxpylayers defaults")
+    if diffcp:
+        reference_layer = Reference(prob, params, variables)
+        out["cvxpylayers DIFFCP"] = (lambda *v: reference_layer(*[t.cpu() for t in v]),
+                                     "SCS via diffcp (host), cvxpylayers defaults")
     psd = any(isinstance(c, cp.constraints.PSD) for c in prob.constraints)
-    if importlib.util.find_spec("moreau") is not None and not psd:
-        moreau = Reference(prob, params, variables, solver="MOREAU")
-        out["cvxpylayers MOREAU"] = (moreau, "moreau (CPU), cvxpylayers defaults")
+    cuda = device.startswith("cuda")
+    if importlib.util.find_spec("moreau") is None:
+        print("cvxpylayers MOREAU: skipped, moreau is not installed (the bench extra)")
     elif psd:
         print("cvxpylayers MOREAU: skipped, its interface passes no PSD cones to moreau (cvxpylayers 1.2)")
+    elif cuda and not importlib.import_module("moreau").device_available("cuda"):
+        print("cvxpylayers MOREAU: skipped, moreau has no CUDA backend here (moreau-cuda12/13 not installed)")
+    else:
+        moreau = Reference(prob, params, variables, solver="MOREAU")
+        out["cvxpylayers MOREAU"] = (moreau, f"moreau ({'CUDA' if cuda else 'CPU'}), cvxpylayers defaults")
     return out
 
 
@@ -169,14 +190,21 @@ def timed(fn: Callable, values: list[torch.Tensor], backward: bool,
           ) -> tuple[float, np.ndarray, list[torch.Tensor] | None]:
     """Seconds of one call (with the backward of the sum of the outputs), the first output, the gradients."""
     vals = [v.clone().requires_grad_(backward) for v in values]
+    synchronize(vals[0].device)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outs = fn(*vals)
         if backward:
             sum(o.sum() for o in outs).backward()
+    synchronize(vals[0].device)
     seconds = time.perf_counter() - start
-    return seconds, outs[0].detach().numpy(), [v.grad for v in vals] if backward else None
+    return seconds, outs[0].detach().cpu().numpy(), [v.grad for v in vals] if backward else None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def finite_differences(prob, params, variables, values: list[torch.Tensor], direction: list[torch.Tensor],
@@ -188,7 +216,7 @@ def finite_differences(prob, params, variables, values: list[torch.Tensor], dire
     def total(sign: float) -> np.ndarray:
         with torch.no_grad():
             outs = exact(*[v[:k] + sign * FD_STEP * d[:k] for v, d in zip(values, direction)])
-        return sum(o.reshape(k, -1).sum(dim=1) for o in outs).numpy()
+        return sum(o.reshape(k, -1).sum(dim=1) for o in outs).cpu().numpy()
     return (total(1.0) - total(-1.0)) / (2 * FD_STEP)
 
 
@@ -197,64 +225,88 @@ def gradient_error(grads: list[torch.Tensor] | None, direction: list[torch.Tenso
     if grads is None or any(g is None for g in grads):
         return float("nan")
     k = GRAD_INSTANCES
-    dd = sum((g[:k] * d[:k]).reshape(k, -1).sum(dim=1) for g, d in zip(grads, direction)).numpy()
+    dd = sum((g[:k] * d[:k]).reshape(k, -1).sum(dim=1) for g, d in zip(grads, direction)).cpu().numpy()
     return float(np.max(np.abs(dd - fd) / (1 + np.abs(fd))))
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(), "dtype": "float64"}
+            "load_average": os.getloadavg(), "device": f"{device} ({name})", "dtype": "float64"}
 
 
 PROBLEMS = {"qp": qp_problem, "socp": socp_problem, "sdp": sdp_problem}
 
 
 def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tuple[str, ...] = tuple(PROBLEMS),
-        ) -> list[dict]:
+        device: str = "cpu", check: int | None = None, diffcp_max_batch: int | None = None,
+        save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Every row; ``save(rows)`` after each batch size (an interrupted run keeps what it measured)."""
     rows = []
     for make in (PROBLEMS[p] for p in problems):
         name, prob, params, variables, sample = make()
         learned = None
         if train > 0:
             with tempfile.TemporaryDirectory() as root:
-                learned = learned_layer(prob, params, variables, sample, train, epochs, root)
+                try:
+                    learned = learned_layer(prob, params, variables, sample, train, epochs, root, device)
+                except Exception:  # a failed fit on the device: say so, train on the host instead
+                    traceback.print_exc()
+                    print(f"{name}: training on {device} failed (above); training on the host", flush=True)
+                    learned = learned_layer(prob, params, variables, sample, train, epochs, root, "cpu")
         for B in batches:
             rng = np.random.default_rng(B)
-            base = sample(B, rng)
-            direction = sample(B, rng)
-            impls = methods(prob, params, variables, learned)
+            base = [t.to(device) for t in sample(B, rng)]
+            direction = [t.to(device) for t in sample(B, rng)]
+            with_diffcp = diffcp_max_batch is None or B <= diffcp_max_batch
+            impls = methods(prob, params, variables, learned, device, with_diffcp)
             times = {k: {"fwd": [], "fwdbwd": []} for k in impls}
             last, grads = {}, {}
             for r in range(repeats + 1):  # repeat 0 warms up (and gives "previous" its first solution)
                 # every call sees new parameters (one step further), so "previous" never starts at the answer
                 fwd_values = [b + STEP * (2 * r + 1) * d for b, d in zip(base, direction)]
                 values = [b + STEP * (2 * r + 2) * d for b, d in zip(base, direction)]
-                for key, (fn, _) in impls.items():
-                    tf, _, _ = timed(fn, fwd_values, backward=False)
-                    tb, x, g = timed(fn, values, backward=True)
+                for key, (fn, _) in list(impls.items()):
+                    try:
+                        tf, _, _ = timed(fn, fwd_values, backward=False)
+                        tb, x, g = timed(fn, values, backward=True)
+                    except Exception as exc:  # e.g. a baseline that fails at this batch size: the others go on
+                        print(f"{name:24s} B={B:5d} {key}: failed, dropped for this batch: "
+                              f"{type(exc).__name__}: {exc}", flush=True)
+                        del impls[key], times[key]
+                        last.pop(key, None)
+                        grads.pop(key, None)
+                        continue
                     if r > 0:
                         times[key]["fwd"].append(tf)
                         times[key]["fwdbwd"].append(tb)
                     last[key], grads[key] = x, g
-            xstar, fstar = reference(prob, params, variables, values)
-            probe = sample(B, rng)
+            k = B if check is None else min(B, check)  # instances checked against the reference
+            checked = [v[:k].cpu() for v in values]
+            xstar, fstar = reference(prob, params, variables, checked)
+            probe = [p.to(device) for p in sample(B, rng)]
             probe = [p / (1 + p.abs().amax()) for p in probe]  # a random direction of each parameter's shape
             fd = finite_differences(prob, params, variables, values, probe)
             for key, (_, settings) in impls.items():
-                row = {"problem": name, "batch": B, "method": key, "settings": settings,
+                row = {"problem": name, "batch": B, "method": key, "settings": settings, "device": device,
                        "fwd_ms": 1e3 * statistics.median(times[key]["fwd"]),
                        "fwdbwd_ms": 1e3 * statistics.median(times[key]["fwdbwd"]),
-                       "max_err": float(np.abs(last[key] - xstar).max()),
+                       "max_err": float(np.abs(last[key][:k] - xstar).max()), "checked": k,
                        "grad_err": gradient_error(grads[key], probe, fd), "repeats": repeats}
-                row["objective_excess"], row["violation"] = objective_excess(prob, params, variables, values,
-                                                                             last[key], fstar)
+                row["objective_excess"], row["violation"] = objective_excess(prob, params, variables, checked,
+                                                                             last[key][:k], fstar)
                 rows.append(row)
                 print(f"{name:24s} B={B:5d} {key:20s} fwd {row['fwd_ms']:9.1f} ms  fwd+bwd {row['fwdbwd_ms']:9.1f} ms"
                       f"  max|x-x*| {row['max_err']:.1e}  f-f* {row['objective_excess']:+.1e}"
                       f"  grad err {row['grad_err']:.1e}"
                       f"  viol {row['violation']:.1e}   [{settings}]",
                       flush=True)
+            if not with_diffcp:
+                print(f"{name:24s} B={B:5d} cvxpylayers DIFFCP: skipped above batch {diffcp_max_batch} "
+                      "(--diffcp-max-batch)", flush=True)
+            save(rows)
     return rows
 
 
@@ -268,18 +320,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--smoke", action="store_true", help="batch 16, 1 repeat, a 100-instance predictor")
     parser.add_argument("--json", type=str, default=None, help="write the rows and the machine to this file")
+    parser.add_argument("--device", default="cpu", help="where the parameters live: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--check", type=int, default=None,
+                        help="instances of each batch checked against Clarabel (the first ones; default: all)")
+    parser.add_argument("--diffcp-max-batch", type=int, default=None, help="skip DIFFCP above this batch size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches, repeats = ([16], 1) if args.smoke else (args.batches, args.repeats)
     train, epochs = (min(args.train, 100), min(args.epochs, 3)) if args.smoke else (args.train, args.epochs)
-    info = machine()
+    info = machine(args.device)
     print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"medians of {repeats} interleaved repeats; forward+backward = backward of the sum of the outputs")
-    rows = run(batches, repeats, train, epochs, args.problems)
-    info["load_average_end"] = os.getloadavg()
+
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            info["load_average_end"] = os.getloadavg()
+            with open(args.json + ".tmp", "w") as fh:
+                json.dump({"machine": info, "rows": rows}, fh, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+
+    run(batches, repeats, train, epochs, args.problems, args.device, args.check, args.diffcp_max_batch, save)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "rows": rows}, fh, indent=2)
         print("wrote", args.json)
 
 

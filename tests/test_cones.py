@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from amortcvx.canon.data import ConeDims
+from amortcvx.iterations import cones
 from amortcvx.iterations.cones import (
     cone_layout,
     dual_cone_distance,
@@ -466,6 +467,28 @@ def test_gradients_finite_at_special_points():
 
 # ----------------------------------------------------------------------------------------------------------
 # device
+
+
+def test_eigh_in_chunks_matches_one_call(monkeypatch):
+    """Batches beyond EIGH_CHUNK matrices are cut (one cuSOLVER call on 65,536 matrices failed on a GPU): the
+    projection and its gradient are those of one call."""
+    rng = np.random.default_rng(23)
+    M = torch.tensor(rng.normal(size=(5, 2, 4, 4)))
+    X = (M + M.mT).requires_grad_()
+    whole = cones.project_psd(cones.svec(X), 4)
+    (g_whole,) = torch.autograd.grad(whole.square().sum(), X)
+    monkeypatch.setattr(cones, "EIGH_CHUNK", 3)  # 10 matrices -> calls of 3, 3, 3 and 1
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda A: calls.append(A.shape[0]) or real(A))
+    cut = cones.project_psd(cones.svec(X), 4)
+    (g_cut,) = torch.autograd.grad(cut.square().sum(), X)
+    assert calls == [3, 3, 3, 1]
+    torch.testing.assert_close(cut, whole, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_cut, g_whole, rtol=0, atol=1e-12)
+    w, V = cones.eigh(X.detach())
+    assert w.shape == (5, 2, 4) and V.shape == (5, 2, 4, 4)
+    torch.testing.assert_close(V @ torch.diag_embed(w) @ V.mT, X.detach(), rtol=0, atol=1e-12)
 
 
 @pytest.mark.cuda

@@ -197,6 +197,24 @@ def test_run_to_tolerance_freezes_finished_instances():
         assert float(res.residuals[i, -1]) == float(res.residuals[i, k - 1])
 
 
+def test_run_to_tolerance_stops_at_a_fraction_of_the_batch():
+    """``stopped=f``: the loop ends at the first check where at least a fraction f of the instances have stopped;
+    the stopped ones are those of the full run, the others keep stepping until then."""
+    _, data = family_data("portfolio", batch=8)
+    alg = make_scs(data)
+    full = run_to_tolerance(alg, alg.init(), tol=1e-6, max_steps=5000, check_every=1)
+    its = sorted(full.iterations.tolist())
+    assert its[5] < its[-1]  # a tail to cut
+    part = run_to_tolerance(alg, alg.init(), tol=1e-6, max_steps=5000, check_every=1, stopped=0.75)
+    assert part.residuals.shape[1] == its[5]  # 6 of 8 stopped at the 6th smallest count
+    assert int(part.converged.sum()) >= 6 and int((~part.converged).sum()) >= 1
+    done = part.converged
+    assert torch.equal(part.iterations[done], full.iterations[done])
+    assert float((part.state.v[done] - full.state.v[done]).abs().max()) < 1e-12
+    with pytest.raises(ValueError, match="stopped"):
+        run_to_tolerance(alg, alg.init(), tol=1e-6, max_steps=10, stopped=0.0)
+
+
 def test_residuals_are_the_step_lengths():
     _, data = family_data("lasso")
     alg = make_scs(data)

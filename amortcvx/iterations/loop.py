@@ -15,6 +15,7 @@ All three report the residual of every instance at every step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -275,12 +276,14 @@ def unroll(alg: FixedPointAlgorithm, state: State, num_steps: int, *,
 
 
 def run_to_tolerance(alg: FixedPointAlgorithm, state: State, *, tol: float, max_steps: int,
-                     check_every: int = 10) -> LoopResult:
+                     check_every: int = 10, stopped: float = 1.0) -> LoopResult:
     """Step until each instance's residual ``||T(z) - z||_2 <= tol`` or ``max_steps`` steps, without autograd.
 
     An instance stops at the first step whose residual is at most ``tol``; its state keeps that step's result.
-    The loop ends when every instance has stopped, checked every ``check_every`` steps (the only host
-    synchronizations), or after ``max_steps``.
+    The loop ends when at least the fraction ``stopped`` of the instances has stopped (default: every one),
+    checked every ``check_every`` steps (the only host synchronizations), or after ``max_steps``. A fraction below
+    1 leaves the slowest instances to whoever comes next (the layer's Newton refinement and C solver): the whole
+    batch steps until its slowest instance stops, so a long tail costs every instance.
 
     Returns:
         :class:`LoopResult` with the per-instance step counts and the convergence flags.
@@ -290,7 +293,10 @@ def run_to_tolerance(alg: FixedPointAlgorithm, state: State, *, tol: float, max_
         raise ValueError(f"tol must be positive; got {tol!r}")
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every must be a positive int; got {check_every!r}")
+    if not 0 < stopped <= 1:
+        raise ValueError(f"stopped must be a fraction in (0, 1]; got {stopped!r}")
     batch = _batch_size(state)
+    allowed = int(batch - math.ceil(stopped * batch - 1e-9))  # instances that may still be active at the end
     ref = next(v for v in state if isinstance(v, torch.Tensor))
     active = torch.ones(batch, dtype=torch.bool, device=ref.device)
     iterations = torch.zeros(batch, dtype=torch.int64, device=ref.device)
@@ -305,7 +311,7 @@ def run_to_tolerance(alg: FixedPointAlgorithm, state: State, *, tol: float, max_
             iterations += active
             active = active & ~(res <= tol)
             history.append(last)
-            if (t + 1) % check_every == 0 and not bool(active.any()):
+            if (t + 1) % check_every == 0 and int(active.sum()) <= allowed:
                 break
     residuals = torch.stack(history, dim=1) if history else ref.new_zeros((batch, 0))
     return LoopResult(state, residuals, iterations, last <= tol)

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
-from amortcvx.iterations.cones import cone_layout, project_dual_cone, smat
+from amortcvx.iterations.cones import cone_layout, eigh, project_dual_cone, smat
 from amortcvx.iterations.linalg import csr_pair, dense_batch, matvec, rmatvec, sparse_operator
 from amortcvx.layers.krylov import solve_kkt_krylov
 
@@ -411,7 +411,7 @@ def psd_parts(z: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
     matrices, whose svec vectors are the columns of ``Q``: ``Q[(a, b), (i, j)] = w_ab w_ij / 2 (V_ai V_bj +
     V_aj V_bi)`` (``w = sqrt 2`` off the diagonal, 1 on it).
     """
-    eig, V = torch.linalg.eigh(smat(z, order))
+    eig, V = eigh(smat(z, order))
     wi, wj = eig.unsqueeze(-1), eig.unsqueeze(-2)
     pi, pj = wi > 0, wj > 0
     mixed = pi ^ pj
