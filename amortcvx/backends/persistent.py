@@ -92,8 +92,9 @@ class PersistentSolver:
         Raises:
             ValueError: a batch of another size, or with non-finite vectors (naming the instance).
         """
-        self.check(data)
+        self._check_form(data)
         batch = self._session.prepare(data)
+        self._check_finite(batch)
         size = data.batch_size
         warm, mask = None, None
         if warm_starts is not None:
@@ -109,13 +110,20 @@ class PersistentSolver:
     def check(self, data: ConeData | QPData) -> None:
         """Raise ValueError for a batch this object cannot solve: another form or size, or non-finite vectors
         (naming the instance; the solvers do not check these)."""
+        self._check_form(data)
+        self._check_finite({name: host(getattr(data, name)) for name in self._vectors})
+
+    def _check_form(self, data: ConeData | QPData) -> None:
         if not isinstance(data, self._data_type):
             raise ValueError(f"backend {self.backend!r} takes {self._data_type.__name__}, got {type(data).__name__}")
         if (data.n, data.m) != (self.n, self.m):
             raise ValueError(f"the batch has (n, m) = {(data.n, data.m)}; this solver was set up for "
                              f"{(self.n, self.m)}")
+
+    def _check_finite(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """The vectors the solvers do not check, as host arrays (a prepared batch, :meth:`check`)."""
         for name in self._vectors:
-            values = host(getattr(data, name))
+            values = arrays[name]
             if not np.isfinite(values).all():  # one test of the whole batch; the instance only on failure
                 first = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
                 raise ValueError(f"instance {first}: {name} has non-finite entries")
