@@ -351,7 +351,7 @@ def test_scs_presolve_keeps_one_object_for_every_instance():
     values = sample(6, np.random.default_rng(16))
     layer = CvxpyLayer(prob, params, variables, solver="scs", eps=1e-8)
     (x,) = layer(*values)
-    loose = [s for s in layer._solvers.values() if s.settings["eps_abs"] == layer.presolve_eps]
+    loose = [s for s in layer._solvers.values() if s.settings["eps_abs"] == layer.loose_eps("c")]
     assert len(loose) == 1 and loose[0].settings["adaptive_scale"] is False and loose[0].builds == 1
     for i in range(6):
         (want,), _ = clarabel(prob, params, variables, values, i)
@@ -548,3 +548,17 @@ def test_symmetric_parameter():
     bad[1, 0, 2] += 1.0
     with pytest.raises(ValueError, match="parameter 'C' is declared symmetric.*position\\(s\\) \\[1\\]"):
         layer(bad)
+
+
+def test_refine_passes_trade_speed_for_machine_precision():
+    prob, params, variables, sample = qp()
+    values = sample(8, np.random.default_rng(29))
+    (fast,) = CvxpyLayer(prob, params, variables, eps=1e-8)(*values)
+    (exact,) = CvxpyLayer(prob, params, variables, eps=1e-8, refine_passes=4)(*values)
+    np.testing.assert_allclose(fast.numpy(), exact.numpy(), atol=1e-10)
+    for i in range(2):
+        (want,), _ = clarabel(prob, params, variables, values, i)
+        np.testing.assert_allclose(exact[i].numpy(), want, atol=1e-6)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="refine_passes"):
+            CvxpyLayer(prob, params, variables, refine_passes=bad)

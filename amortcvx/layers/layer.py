@@ -72,6 +72,20 @@ certified, so only speed changes; SOCP batch 1024: 0.53 against 0.84 s per forwa
 0.29 s). Unless the caller sets ``scale``, that object's fixed scale is the one of fewest iterations on the first
 batch it solves (:func:`~amortcvx.backends.persistent.stateless_scale`, up to 64 instances; the benchmark's SDP at
 ``1e-3``: 69 -> 26 mean iterations)."""
+PRESOLVE_EPS = {"c": 3e-4, "torch": 1e-3}
+"""The tolerance of the first stage by method, unless ``presolve_eps`` is given: the loose C solve, and the
+torch iterations (both then refined by Newton steps and certified at ``eps``). Measured for the C solve
+(forward+backward, CPU, 1 thread, interleaved medians of 10, with :data:`REFINE_PASSES` 2 / 4): SOCP batch 64
+10.0 / 10.7 ms at ``3e-4`` against 10.3 / 11.4 ms at ``1e-3``, batch 1024 97 / 105 against 116 / 126 ms; QP and
+SDP within 2% (``1e-4``: as ``3e-4``). The torch stage keeps ``1e-3``: on a GPU its steps are launch-bound
+(about 0.5 ms each), and a tighter tolerance there is unmeasured."""
+REFINE_PASSES = 2
+"""The default ``refine_passes``: iterative-refinement passes of each Newton step's linear solve
+(:func:`~amortcvx.layers.kkt.newton_refine`'s ``passes``). Two cut the forward at batch 64 (CPU, 1 thread): SOCP
+7.2 -> 6.7 ms, QP 8.8 -> 8.0 ms, SDP 21.6 -> 21.2 ms; the refined points stay at about ``1e-12`` of the exact
+solution (the QP's were at ``1e-15`` with four: pass 4 where a solution at machine precision matters, e.g. as a
+finite-difference reference). One pass cut the SOCP further (6.2 ms) but left the QP's points at ``1e-10`` and made
+it no faster."""
 CPU_TORCH_STEPS = 15
 """``method="auto"`` on the CPU: the number of torch iterations of the torch candidate (then Newton refinement,
 then the C solver for the uncertified rest), where a torch step is a few batched products with matrices
@@ -166,10 +180,12 @@ class CvxpyLayer(nn.Module):
             naming it) or ``"raise"`` (:class:`SolverFailure`).
         refine_steps: Newton steps on the optimality conditions after the solve (0: none); they make the
             gradients accurate beyond ``eps``.
-        presolve_eps: ``method="c"`` with refinement: the C solver first runs to this looser tolerance; the
-            instances whose Newton-refined point then passes the solver's test at ``eps`` are answered with it,
-            the others are solved by the C solver at ``eps`` (warm-started from the loose point). Set it to
-            ``eps`` (or below) to always solve at ``eps``.
+        refine_passes: iterative-refinement passes of each Newton step's linear solve (:data:`REFINE_PASSES`).
+        presolve_eps: with refinement, the first stage's tolerance (the C solver's with ``method="c"``, the torch
+            iterations' with ``method="torch"``; None: :data:`PRESOLVE_EPS` by method); the instances whose
+            Newton-refined point then passes the solver's test at ``eps`` are answered with it, the others are
+            solved by the C solver at ``eps`` (warm-started from the loose point). Set it to ``eps`` (or below)
+            to always solve at ``eps``.
         max_torch_steps: limit of the torch iterations (``method="torch"``).
         linear_algebra: ``"dense"`` (batched factorizations), ``"krylov"`` (matrix-free GMRES on the sparse
             canonical data) or ``"auto"`` (:func:`~amortcvx.layers.kkt.linear_algebra`: Krylov when ``n + m`` exceeds
@@ -186,7 +202,8 @@ class CvxpyLayer(nn.Module):
                  *, solver: str | None = None, method: str = "auto", predictor: nn.Module | None = None,
                  warm_start: str = "cold", eps: float = 1e-6, gradients: str = "implicit",
                  unroll_steps: int = 50, return_duals: bool = False, on_failure: str = "nan",
-                 refine_steps: int = 4, presolve_eps: float = 1e-3, max_torch_steps: int = 5000,
+                 refine_steps: int = 4, refine_passes: int = REFINE_PASSES, presolve_eps: float | None = None,
+                 max_torch_steps: int = 5000,
                  linear_algebra: str = "auto", solver_args: Mapping[str, Any] | None = None,
                  threads: int | None = None):
         super().__init__()
@@ -220,8 +237,11 @@ class CvxpyLayer(nn.Module):
         self.method, self.warm_start, self.eps = method, warm_start, float(eps)
         self.gradients, self.unroll_steps, self.return_duals = gradients, int(unroll_steps), bool(return_duals)
         self.on_failure, self.refine_steps, self.max_torch_steps = on_failure, int(refine_steps), int(max_torch_steps)
+        if isinstance(refine_passes, bool) or not isinstance(refine_passes, int) or refine_passes < 1:
+            raise ValueError(f"refine_passes must be a positive int; got {refine_passes!r}")
+        self.refine_passes = refine_passes
         self.solver_args = dict(solver_args or {})
-        self.presolve_eps = float(presolve_eps)
+        self.presolve_eps = None if presolve_eps is None else float(presolve_eps)
         self.threads = resolve_threads(threads)
         if linear_algebra == "auto":
             linear_algebra = problem_linear_algebra(pp)
@@ -290,6 +310,11 @@ class CvxpyLayer(nn.Module):
         method = race.pick()
         return method, (min(max_steps, CPU_TORCH_STEPS) if method == "torch" else max_steps), race
 
+    def loose_eps(self, method: str) -> float:
+        """The first stage's tolerance for ``method`` (``"c"`` or ``"torch"``): ``presolve_eps``, or
+        :data:`PRESOLVE_EPS` by method when it is None."""
+        return PRESOLVE_EPS[method] if self.presolve_eps is None else self.presolve_eps
+
     def _theta(self, values: Sequence[Any]) -> tuple[torch.Tensor, bool, torch.dtype]:
         order = self.parameters_order
         if len(values) != len(order):
@@ -340,7 +365,7 @@ class CvxpyLayer(nn.Module):
                 stages.append((lambda sub, start: start, "previous"))
         if method == "torch":
             stages.append((lambda sub, start: self._torch_candidate(sub, start, eps, max_steps), "torch"))
-        elif self.refine_steps and self.presolve_eps > eps:
+        elif self.refine_steps and self.loose_eps("c") > eps:
             stages.append((lambda sub, start: self._loose_candidate(sub, start, c_args), "loose"))
         for stage, kind in stages:
             todo = torch.nonzero(~done).flatten()
@@ -375,7 +400,7 @@ class CvxpyLayer(nn.Module):
             pt = Point(torch.nan_to_num(pt.x), torch.nan_to_num(pt.w))
             final = pt
             if self.refine_steps:
-                ref, _, part = newton_refine(d_sub, pt, steps=self.refine_steps)
+                ref, _, part = newton_refine(d_sub, pt, steps=self.refine_steps, passes=self.refine_passes)
                 ok = torch.as_tensor(_certify(self.form, sub, d_sub, ref, eps), device=device)
                 final = Point(torch.where(ok[:, None], ref.x, pt.x), torch.where(ok[:, None], ref.w, pt.w))
                 factor = _with_part(factor, todo, part, ok, B)
@@ -396,7 +421,7 @@ class CvxpyLayer(nn.Module):
         refinement's factorizations."""
         factor = None
         if self.refine_steps:
-            pt, norm, factor = newton_refine(d, pt, steps=self.refine_steps)
+            pt, norm, factor = newton_refine(d, pt, steps=self.refine_steps, passes=self.refine_passes)
         ok = torch.as_tensor(_certify(self.form, data, d, pt, eps), device=pt.x.device)
         if self.refine_steps:  # keep only converged refinements: the others are solved at eps and refined again
             ok = ok & converged(d, norm)
@@ -404,18 +429,19 @@ class CvxpyLayer(nn.Module):
 
     def _torch_candidate(self, data: Data, warm: Mapping[str, torch.Tensor] | None, eps: float,
                          max_steps: int) -> dict[str, torch.Tensor]:
-        """The batched torch iterations to ``max(eps, presolve_eps)`` (refinement does the rest)."""
+        """The batched torch iterations to ``max(eps, loose_eps("torch"))`` (refinement does the rest)."""
         alg = make_algorithm(self.solver, data, cache=self._cache)
         state = alg.init(**warm) if warm is not None else alg.init()
-        loose = max(eps, self.presolve_eps) if self.refine_steps else eps
+        loose = max(eps, self.loose_eps("torch")) if self.refine_steps else eps
         res = run_to_tolerance(alg, state, tol=loose, max_steps=max_steps, stopped=TORCH_STOPPED)
         return output_space(self.solver).warm_start(alg, res.state)
 
     def _loose_candidate(self, data: Data, warm: Mapping[str, torch.Tensor] | None,
                          c_args: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The C solver at ``presolve_eps`` with :data:`PRESOLVE_SETTINGS` (non-finite answers replaced by zeros)."""
+        """The C solver at ``loose_eps("c")`` with :data:`PRESOLVE_SETTINGS` (non-finite answers replaced by
+        zeros)."""
         args = {**PRESOLVE_SETTINGS.get(self.solver, {}), **c_args}
-        xs, ys, ss, _ = self._c_solve(data, warm, self.presolve_eps, args, retry=False)
+        xs, ys, ss, _ = self._c_solve(data, warm, self.loose_eps("c"), args, retry=False)
         fields = {"x": xs, "y": ys} if ss is None else {"x": xs, "y": ys, "s": ss}
         finite = torch.stack([torch.isfinite(v).all(dim=1) for v in fields.values()]).all(dim=0)
         return {k: torch.where(finite[:, None], v, torch.zeros_like(v)) for k, v in fields.items()}
