@@ -60,6 +60,10 @@ def _rows(params, start, stop):
     return {k: v[start:stop] for k, v in params.items()}
 
 
+class TooFewSolved(RuntimeError):
+    """A pair whose training instances the solver could not solve: reported and skipped."""
+
+
 class WarmLoop:
     """Persistent solver object warm-started from given solutions (nearest neighbour, optimum)."""
 
@@ -105,6 +109,9 @@ def bench_pair(name, alg, args, tol):
                           progress=False)
     solved = SolvedSet.from_dataset(pp, ds)
     n_val = max(8, len(solved) // 10)
+    if len(solved) < 2 * n_val:
+        raise TooFewSolved(f"{name} {alg}: only {len(solved)} of {args.train} training instances were solved to the "
+                           f"dataset's tolerance; training and validation need at least {2 * n_val}: skipped")
     tr, va = solved.subset(range(n_val, len(solved))), solved.subset(range(n_val))
     cfg = config_from_args(TrainConfig, args, k=0, weights=LossWeights(regression=1.0), progress=False)
     model = train(pp, alg, tr, va, cfg).model
@@ -293,18 +300,22 @@ def main() -> None:
         for alg in args.solvers:
             if not get_solver(alg).accepts(problems.make(name).problem):
                 continue
-            for r in bench_pair(name, alg, args, tol):
-                rows.append(r)
-                print(f"{name} {alg} n={r['n']} m={r['m']} batch {r['batch']} ({r['instances']} instances; "
-                      f"training {r['train_seconds']:.0f} s):", flush=True)
-                for s, v in r["ms_per_instance"].items():
-                    print(f"    {s:24s} {v:9.3f} ms  {r['ratio_to_loop'][s]:6.2f}x loop  "
-                          f"{r['ratio_to_nn'][s]:6.2f}x NN", flush=True)
-                for label, e in r["learned"].items():
-                    print(f"    {label}: {e}", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+            try:
+                for r in bench_pair(name, alg, args, tol):
+                    rows.append(r)
+                    print(f"{name} {alg} n={r['n']} m={r['m']} batch {r['batch']} ({r['instances']} instances; "
+                          f"training {r['train_seconds']:.0f} s):", flush=True)
+                    for s, v in r["ms_per_instance"].items():
+                        print(f"    {s:24s} {v:9.3f} ms  {r['ratio_to_loop'][s]:6.2f}x loop  "
+                              f"{r['ratio_to_nn'][s]:6.2f}x NN", flush=True)
+                    for label, e in r["learned"].items():
+                        print(f"    {label}: {e}", flush=True)
+            except TooFewSolved as e:
+                print(e, flush=True)
+            if args.json:  # after every pair, atomically: an interrupted run keeps what it measured
+                with open(args.json + ".tmp", "w") as fh:
+                    json.dump(rows, fh, indent=1)
+                os.replace(args.json + ".tmp", args.json)
     if args.plot and rows:
         plot_ratios(rows, args.plot)
 

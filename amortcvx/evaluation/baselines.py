@@ -92,7 +92,7 @@ class NearestNeighbor:
     Args:
         theta: training parameter vectors (N, p) (``ParametricProblem.parameter_vector``).
         x, y, s: their optimal solutions (N, n), (N, m), (N, m) or None.
-        chunk_size: test rows per ``torch.cdist`` block (memory ``chunk_size * N`` floats).
+        chunk_size: test rows per block of distances (memory ``chunk_size * N`` floats).
 
     Raises:
         ValueError: inconsistent shapes, or no usable training row.
@@ -114,6 +114,7 @@ class NearestNeighbor:
         std = theta.std(axis=0)
         self.scale = np.where(std > 1e-12, std, 1.0)
         self._train = torch.as_tensor((theta - self.mean) / self.scale)
+        self._train_sq = (self._train ** 2).sum(dim=1)
         self.x, self.y, self.s = x, y, s
         self.chunk_size = int(chunk_size)
 
@@ -139,10 +140,14 @@ class NearestNeighbor:
         q = torch.as_tensor((q - self.mean) / self.scale)
         rows, dists = [], []
         for start in range(0, q.shape[0], self.chunk_size):
-            d = torch.cdist(q[start:start + self.chunk_size], self._train)
-            best = torch.min(d, dim=1)
-            rows.append(best.indices.numpy())
-            dists.append(best.values.numpy())
+            # squared distances by one matrix product, then the chosen row's distance exactly (torch.cdist took
+            # 43 ms for one query row against 270 rows of 20,200 parameters, robust_ls large, 1 ms per row in
+            # blocks of 64: its small-batch path does not use a matrix product)
+            block = q[start:start + self.chunk_size]
+            d2 = (block ** 2).sum(dim=1, keepdim=True) - 2.0 * (block @ self._train.mT) + self._train_sq
+            best = d2.argmin(dim=1)  # the first of equal minima: ties go to the lowest row
+            rows.append(best.numpy())
+            dists.append(torch.linalg.vector_norm(block - self._train[best], dim=1).numpy())
         if not rows:
             return np.empty(0, dtype=np.int64), np.empty(0)
         return self.index[np.concatenate(rows)], np.concatenate(dists)
