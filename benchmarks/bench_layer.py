@@ -24,14 +24,16 @@ torch threads, device, dtype and solver settings beside the numbers.
 On a GPU (``--device cuda``) the parameters live on the device, so our layer takes its CUDA path (the batched
 torch iterations, then Newton refinement, then the C solver for what is left) and cvxpylayers' MOREAU its CUDA
 solver; DIFFCP solves on the host. Large batches: ``--check`` caps the instances checked against Clarabel (the
-first ones of the batch), and ``--diffcp-max-batch`` skips DIFFCP above that batch (its time per instance does
-not fall with the batch size: it solves instance by instance on the host's cores).
+first ones of the batch), and ``--baseline-max-batch DIFFCP=4096 MOREAU=16384`` skips a baseline above that
+batch (DIFFCP's time per instance does not fall with the batch size: it solves instance by instance on the host's
+cores; MOREAU's CUDA solver took 16 s per forward on the SOCP at 16384 and failed on the QP at 65536).
 
     python benchmarks/bench_layer.py                 # batches 64 and 1024, 3 repeats
     python benchmarks/bench_layer.py --smoke         # batch 16, 1 repeat, a small predictor (CI)
     python benchmarks/bench_layer.py --json out.json
     python benchmarks/bench_layer.py --problems socp --batches 1024 --train 0   # one problem, no predictor
-    python benchmarks/bench_layer.py --device cuda --batches 1024 16384 65536 --check 256 --diffcp-max-batch 4096
+    python benchmarks/bench_layer.py --device cuda --batches 1024 16384 65536 --check 256 \
+        --baseline-max-batch DIFFCP=4096 MOREAU=16384
 """
 
 from __future__ import annotations
@@ -154,11 +156,12 @@ def learned_layer(prob, params, variables, sample, train: int, epochs: int, root
     return layer, settings
 
 
-def methods(prob, params, variables, learned=None, device: str = "cpu", diffcp: bool = True,
+def methods(prob, params, variables, learned=None, device: str = "cpu", skip: frozenset = frozenset(),
             ) -> dict[str, tuple[Callable, str]]:
-    """name -> (callable(*values) -> tuple of outputs, settings description); cvxpylayers' MOREAU only where
-    its interface passes every cone of the problem to moreau (not PSD cones); DIFFCP where ``diffcp``, given host
-    copies of the values (it solves on the host; the copies are timed with it)."""
+    """name -> (callable(*values) -> tuple of outputs, settings description); the cvxpylayers baselines not in
+    ``skip`` (``"DIFFCP"``, ``"MOREAU"``): MOREAU only where its interface passes every cone of the problem to
+    moreau (not PSD cones); DIFFCP given host copies of the values (it solves on the host; the copies are timed
+    with it)."""
     from cvxpylayers.torch import CvxpyLayer as Reference
 
     out = {}
@@ -170,21 +173,26 @@ def methods(prob, params, variables, learned=None, device: str = "cpu", diffcp: 
     out["ours previous"] = (ours_prev, f"{path}{ours_prev.solver} C, eps {EPS:g}, warm start: previous call")
     if learned is not None:
         out["ours learned"] = learned
-    if diffcp:
+    if "DIFFCP" not in skip:
         reference_layer = Reference(prob, params, variables)
         out["cvxpylayers DIFFCP"] = (lambda *v: reference_layer(*[t.cpu() for t in v]),
                                      "SCS via diffcp (host), cvxpylayers defaults")
     psd = any(isinstance(c, cp.constraints.PSD) for c in prob.constraints)
     cuda = device.startswith("cuda")
+    if "MOREAU" in skip:
+        return out
+    why = None
     if importlib.util.find_spec("moreau") is None:
-        print("cvxpylayers MOREAU: skipped, moreau is not installed (the bench extra)")
+        why = "moreau is not installed (the bench extra)"
     elif psd:
-        print("cvxpylayers MOREAU: skipped, its interface passes no PSD cones to moreau (cvxpylayers 1.2)")
+        why = "its interface passes no PSD cones to moreau (cvxpylayers 1.2)"
     elif cuda and not importlib.import_module("moreau").device_available("cuda"):
-        print("cvxpylayers MOREAU: skipped, moreau has no CUDA backend here (moreau-cuda12/13 not installed)")
-    else:
-        moreau = Reference(prob, params, variables, solver="MOREAU")
-        out["cvxpylayers MOREAU"] = (moreau, f"moreau ({'CUDA' if cuda else 'CPU'}), cvxpylayers defaults")
+        why = "moreau has no CUDA backend here (moreau-cuda12/13 not installed)"
+    if why is not None:
+        print(f"cvxpylayers MOREAU: skipped, {why}")
+        return out
+    moreau = Reference(prob, params, variables, solver="MOREAU")
+    out["cvxpylayers MOREAU"] = (moreau, f"moreau ({'CUDA' if cuda else 'CPU'}), cvxpylayers defaults")
     return out
 
 
@@ -243,7 +251,7 @@ PROBLEMS = {"qp": qp_problem, "socp": socp_problem, "sdp": sdp_problem}
 
 
 def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tuple[str, ...] = tuple(PROBLEMS),
-        device: str = "cpu", check: int | None = None, diffcp_max_batch: int | None = None,
+        device: str = "cpu", check: int | None = None, max_batch: dict[str, int] | None = None,
         save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     """Every row; ``save(rows)`` after each batch size (an interrupted run keeps what it measured)."""
     rows = []
@@ -262,8 +270,8 @@ def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tup
             rng = np.random.default_rng(B)
             base = [t.to(device) for t in sample(B, rng)]
             direction = [t.to(device) for t in sample(B, rng)]
-            with_diffcp = diffcp_max_batch is None or B <= diffcp_max_batch
-            impls = methods(prob, params, variables, learned, device, with_diffcp)
+            skip = frozenset(k for k, v in (max_batch or {}).items() if B > v)
+            impls = methods(prob, params, variables, learned, device, skip)
             times = {k: {"fwd": [], "fwdbwd": []} for k in impls}
             last, grads = {}, {}
             for r in range(repeats + 1):  # repeat 0 warms up (and gives "previous" its first solution)
@@ -305,9 +313,9 @@ def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tup
                       f"  grad err {row['grad_err']:.1e}"
                       f"  viol {row['violation']:.1e}   [{settings}]",
                       flush=True)
-            if not with_diffcp:
-                print(f"{name:24s} B={B:5d} cvxpylayers DIFFCP: skipped above batch {diffcp_max_batch} "
-                      "(--diffcp-max-batch)", flush=True)
+            for k in sorted(skip):
+                print(f"{name:24s} B={B:5d} cvxpylayers {k}: skipped above batch {max_batch[k]} "
+                      "(--baseline-max-batch)", flush=True)
             save(rows)
     return rows
 
@@ -325,8 +333,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the parameters live: cpu, cuda, cuda:1, ...")
     parser.add_argument("--check", type=int, default=None,
                         help="instances of each batch checked against Clarabel (the first ones; default: all)")
-    parser.add_argument("--diffcp-max-batch", type=int, default=None, help="skip DIFFCP above this batch size")
+    parser.add_argument("--baseline-max-batch", nargs="*", default=[], metavar="NAME=B",
+                        help="skip a cvxpylayers baseline (DIFFCP, MOREAU) above batch size B")
     args = parser.parse_args()
+    max_batch = {}
+    for item in args.baseline_max_batch:
+        name, _, size = item.partition("=")
+        if name not in ("DIFFCP", "MOREAU") or not size.isdigit():
+            parser.error(f"--baseline-max-batch takes DIFFCP=B or MOREAU=B (B a batch size); got {item!r}")
+        max_batch[name] = int(size)
     torch.set_num_threads(args.threads)
     batches, repeats = ([16], 1) if args.smoke else (args.batches, args.repeats)
     train, epochs = (min(args.train, 100), min(args.epochs, 3)) if args.smoke else (args.train, args.epochs)
@@ -341,7 +356,7 @@ def main() -> None:
                 json.dump({"machine": info, "rows": rows}, fh, indent=2)
             os.replace(args.json + ".tmp", args.json)
 
-    run(batches, repeats, train, epochs, args.problems, args.device, args.check, args.diffcp_max_batch, save)
+    run(batches, repeats, train, epochs, args.problems, args.device, args.check, max_batch, save)
     if args.json:
         print("wrote", args.json)
 
