@@ -1050,9 +1050,9 @@ class AmortizedSolver:
             rest = np.flatnonzero(~certified)
         retried = np.zeros(size, dtype=bool)
         if rest.size:
-            warm = pred.warm[rest]
+            warm = pred.warm if rest.size == size else pred.warm[rest]
             solved = self._c_solve(pred, data, rest, warm, exact_iterations)
-            if self.safeguard:
+            if self.safeguard and warm.any():
                 redo = [j for j, r in enumerate(solved) if warm[j] and r.status != Status.OPTIMAL]
                 if redo:
                     again = self._c_solve(pred, data, rest[redo], np.zeros(len(redo), dtype=bool), exact_iterations)
@@ -1062,8 +1062,11 @@ class AmortizedSolver:
                                                setup_time=first.setup_time + r.setup_time,
                                                solve_time=first.solve_time + r.solve_time)
                         retried[rest[j]] = True
-            for i, r in zip(rest, solved):
-                results[i] = r
+            if rest.size == size:  # every instance went to the C solver, in order
+                results = solved
+            else:
+                for i, r in zip(rest.tolist(), solved):
+                    results[i] = r
         sign = self.pp.objective_sign
         if sign != 1.0:  # CVXPY's sign: a maximization's canonical problem minimizes -f
             results = [r._replace(objective=sign * r.objective) for r in results]
