@@ -134,6 +134,11 @@ def objective_excess(prob, params, variables, values, x: np.ndarray, best: np.nd
     return float(max(excess)), float(max(violation))
 
 
+def ours_path(device: str) -> str:
+    """The start of our layers' settings label: on CUDA the torch iterations come first (``method="auto"``)."""
+    return "torch iterations on CUDA, then " if device.startswith("cuda") else ""
+
+
 def learned_layer(prob, params, variables, sample, train: int, epochs: int, root: str, device: str = "cpu"):
     """Our layer warm-started by a predictor that ``AmortizedSolver.fit`` trains on ``train`` sampled instances."""
     from amortcvx.deploy import AmortizedSolver
@@ -150,9 +155,8 @@ def learned_layer(prob, params, variables, sample, train: int, epochs: int, root
                                         calibrate=False, progress=False, device=device)
     seconds = time.perf_counter() - start
     layer = CvxpyLayer.from_solver(amortized, params, variables, eps=EPS)
-    path = "torch iterations on CUDA, then " if device.startswith("cuda") else ""
-    settings = (f"{path}{solver} C, eps {EPS:g}, learned warm start ({train} instances, {epochs} epochs, trained on "
-                f"{device} in {seconds:.0f} s)")
+    settings = (f"{ours_path(device)}{solver} C, eps {EPS:g}, learned warm start ({train} instances, {epochs} "
+                f"epochs, trained on {device} in {seconds:.0f} s)")
     return layer, settings
 
 
@@ -165,7 +169,7 @@ def methods(prob, params, variables, learned=None, device: str = "cpu", skip: fr
     from cvxpylayers.torch import CvxpyLayer as Reference
 
     out = {}
-    path = "torch iterations on CUDA, then " if device.startswith("cuda") else ""
+    path = ours_path(device)
     ours_cold = CvxpyLayer(prob, params, variables, eps=EPS)
     loose = ours_cold.loose_eps("torch" if path else "c")
     out["ours cold"] = (ours_cold, f"{path}{ours_cold.solver} C, eps {EPS:g}, first stage to {loose:g}")

@@ -289,13 +289,11 @@ class ThreadedSolver:
     Args:
         make: builds one solver object (:class:`PersistentSolver` or :class:`StopPointSolver`); called once here
             and again, up to ``threads`` times in all, the first time a batch is cut into that many parts.
-        threads: the most parts (and threads) per batch (at least 1).
+        threads: the most parts (and threads) per batch (a positive int; None: :func:`default_threads`).
     """
 
-    def __init__(self, make: Callable[[], PersistentSolver | StopPointSolver], threads: int):
-        if not (isinstance(threads, (int, np.integer)) and threads >= 1):
-            raise ValueError(f"threads must be a positive int; got {threads!r}")
-        self._make, self.threads = make, int(threads)
+    def __init__(self, make: Callable[[], PersistentSolver | StopPointSolver], threads: int | None):
+        self._make, self.threads = make, resolve_threads(threads)
         self._objects = [make()]
         self._races: dict[int, Race] = {}
         self._first: dict[tuple[int, str], float] = {}  # a way's first timing, until its second
