@@ -14,6 +14,11 @@ CASES = {"qp": (qp, None), "lp_scs": (lp_param_a, "scs"), "qp_param_P": (qp_para
 
 
 def _setup(case: str, point: str, B: int = 6):
+    d, w = _setup_point(case, point, B)
+    return d, kkt.dual_jacobian(d, w)
+
+
+def _setup_point(case: str, point: str, B: int = 6):
     make, solver = CASES[case]
     prob, params, variables, sample = make()
     layer = CvxpyLayer(prob, params, variables, solver=solver, eps=1e-8)
@@ -25,7 +30,7 @@ def _setup(case: str, point: str, B: int = 6):
     w = layer.last_solution.w
     if point == "random":  # a generic point: D has fractional blocks and mixed 0/1 diagonals
         w = w + torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=w.dtype)
-    return d, kkt.dual_jacobian(d, w)
+    return d, w
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -123,6 +128,67 @@ def test_a_given_factor_is_used_only_where_it_was_built_from_the_same_jacobian(c
                       generator=torch.Generator().manual_seed(4))
     assert torch.allclose(kkt.solve_kkt(d, jac, rhs, factor=factor), kkt.solve_kkt(d, jac, rhs), atol=1e-9, rtol=1e-9)
     assert torch.equal(factor.L, kkt.factorize(d, mixed).L)  # the caller's factor is not changed
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("case", ["socp", "sdp", "exp", "qp"])
+def test_a_nearby_factor_preconditions_the_solve_to_the_asked_accuracy(case, transpose, monkeypatch):
+    d, w = _setup_point(case, "random")
+    jac = kkt.dual_jacobian(d, w)
+    _, far = _setup(case, "solution")  # another point (on the QP and the SOCP another active set)
+    gen = torch.Generator().manual_seed(4)
+    K = kkt.kkt_matrix(d, jac)
+    K = K.mT if transpose else K
+    # a right-hand side J z can reach (J is singular on the cone problems: CVXPY's auxiliary variables)
+    rhs = (K @ torch.randn(K.shape[:2], dtype=torch.float64, generator=gen).unsqueeze(-1)).squeeze(-1)
+    # D at a point close by (as from one Newton step to the next)
+    near = kkt.dual_jacobian(d, w + 1e-7 * torch.randn(w.shape, dtype=w.dtype, generator=gen))
+    calls = []
+    real = kkt.factorize
+    monkeypatch.setattr(kkt, "factorize", lambda *a, **k: calls.append(a[1].diag.shape[0]) or real(*a, **k))
+    for other in (near, far):
+        factor = real(d, other.transposed() if transpose else other)
+        calls.clear()
+        got = kkt.solve_kkt(d, jac, rhs, transpose=transpose, factor=factor, near=1e-10)
+        residual = (rhs - (K @ got.unsqueeze(-1)).squeeze(-1)).abs().amax(dim=1)
+        assert (residual <= 1e-10 * rhs.abs().amax(dim=1) + 1e-12).all()
+        usable = kkt.near_reuse(factor, jac)
+        assert sum(calls) <= jac.diag.shape[0]  # at most one new factorization per instance
+        if other is near:  # the nearby factor was enough
+            assert calls == []
+        if not bool(usable.any()):
+            assert sum(calls) == jac.diag.shape[0]
+
+
+def test_newton_steps_and_the_backward_reuse_a_nearby_factorization(monkeypatch):
+    prob, params, variables, sample = socp()
+    layer = CvxpyLayer(prob, params, variables, eps=1e-8)
+    values = [torch.as_tensor(v).requires_grad_(True) for v in sample(8, np.random.default_rng(0))]
+    calls = []
+    real = kkt.factorize
+    monkeypatch.setattr(kkt, "factorize", lambda *a, **k: calls.append(a[1].diag.shape[0]) or real(*a, **k))
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return (x * torch.arange(1.0, x.shape[1] + 1, dtype=x.dtype)).sum()
+
+    (x,) = layer(*values)
+    forward = len(calls)
+    loss(x).backward(retain_graph=True)
+    assert len(calls) == forward  # the cones' D moved a little since the last factorization: reused
+    first = [v.grad.clone() for v in values]
+    for v in values:
+        v.grad = None
+    loss(x).backward()
+    for a, v in zip(first, values):  # a second backward (retained graph) gives the same gradient
+        assert torch.equal(a, v.grad)
+    monkeypatch.setattr(kkt, "near_reuse", lambda f, j: torch.zeros_like(f.ok))  # every solve factored anew
+    fresh = [v.detach().requires_grad_(True) for v in values]
+    calls.clear()
+    (x,) = layer(*fresh)
+    loss(x).backward()
+    assert len(calls) > forward + 1  # more Newton factorizations, and one in the backward
+    for a, v in zip(first, fresh):
+        torch.testing.assert_close(a, v.grad, rtol=1e-8, atol=1e-9)
 
 
 def test_the_backward_reuses_the_forward_refinement_factorization(monkeypatch):

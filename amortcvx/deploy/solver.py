@@ -735,7 +735,8 @@ class AmortizedSolver:
         d = kkt.auto(data)
         x, y = ws["x"].to(torch.float64), ws["y"].to(torch.float64)
         s = ws["s"].to(torch.float64) if "s" in ws else None
-        ref = kkt.newton_refine(d, kkt.point_from_solution(d, x, y, s), steps=self.newton, passes=NEWTON_PASSES)
+        ref = kkt.newton_refine(d, kkt.point_from_solution(d, x, y, s), steps=self.newton, passes=NEWTON_PASSES,
+                                near=None)
         done = kkt.converged(d, ref.norm)
         refined = kkt.warm_start_fields(d, ref.point)
         return {k: torch.where(done[:, None], refined[k], v.to(torch.float64)).to(v.dtype) for k, v in ws.items()}, done
