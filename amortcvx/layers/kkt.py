@@ -271,9 +271,10 @@ class SocGroup(NamedTuple):
 
     def apply(self, g: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``(alpha I + V C V') g`` per cone (``C'`` with ``transpose``) for ``g`` (B, count, k): O(k) per cone."""
-        p = torch.stack([g[..., 0], (self.u * g).sum(dim=-1)], dim=-1)
-        q = ((self.C.mT if transpose else self.C) @ p.unsqueeze(-1)).squeeze(-1)
-        out = self.alpha.unsqueeze(-1) * g + q[..., 1:] * self.u
+        p0, p1 = g[..., :1], (self.u * g).sum(dim=-1, keepdim=True)  # V' g
+        C = self.C.mT if transpose else self.C
+        q = C[..., 0] * p0 + C[..., 1] * p1  # C V' g, (B, count, 2), without a batched 2 x 2 product
+        out = torch.addcmul(self.alpha.unsqueeze(-1) * g, q[..., 1:], self.u)
         out[..., 0] += q[..., 0]
         return out
 
