@@ -15,7 +15,9 @@ derivative of the sum of the outputs along a random direction, from each method'
 differences (step ``FD_STEP``) of forward solutions refined to an optimality residual of ``1e-12`` (our cold
 layer at ``eps = 1e-9`` with 4 refinement passes per Newton step, whose answers the accuracy columns check against
 Clarabel), as
-``|g'd - fd| / (1 + |fd|)``. The
+``|g'd - fd| / (1 + |fd|)``. ``--warmup`` rounds (5: a training loop's steady state, once the layer's races
+between the torch iterations and the C solver and between one solver object and threads have been timed, see
+docs/layers.md) run before the timed ones, untimed, the same for every method. The
 parameters move by a small step between repeats (as in a training loop), which is what the "previous" warm
 start of our layer uses; the learned warm start comes from a predictor that ``AmortizedSolver.fit`` trains on
 ``--train`` instances of the same distribution (its fit time is printed, not counted). Prints the machine,
@@ -28,7 +30,7 @@ first ones of the batch), and ``--baseline-max-batch DIFFCP=4096 MOREAU=16384`` 
 batch (DIFFCP's time per instance does not fall with the batch size: it solves instance by instance on the host's
 cores; MOREAU's CUDA solver took 16 s per forward on the SOCP at 16384 and failed on the QP at 65536).
 
-    python benchmarks/bench_layer.py                 # batches 64 and 1024, 3 repeats
+    python benchmarks/bench_layer.py                 # batches 64 and 1024, 5 warm-up rounds, 3 repeats
     python benchmarks/bench_layer.py --smoke         # batch 16, 1 repeat, a small predictor (CI)
     python benchmarks/bench_layer.py --json out.json
     python benchmarks/bench_layer.py --problems socp --batches 1024 --train 0   # one problem, no predictor
@@ -256,7 +258,7 @@ PROBLEMS = {"qp": qp_problem, "socp": socp_problem, "sdp": sdp_problem}
 
 def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tuple[str, ...] = tuple(PROBLEMS),
         device: str = "cpu", check: int | None = None, max_batch: dict[str, int] | None = None,
-        save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+        save: Callable[[list[dict]], None] = lambda rows: None, warmup: int = 1) -> list[dict]:
     """Every row; ``save(rows)`` after each batch size (an interrupted run keeps what it measured)."""
     rows = []
     for make in (PROBLEMS[p] for p in problems):
@@ -278,7 +280,7 @@ def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tup
             impls = methods(prob, params, variables, learned, device, skip)
             times = {k: {"fwd": [], "fwdbwd": []} for k in impls}
             last, grads = {}, {}
-            for r in range(repeats + 1):  # repeat 0 warms up (and gives "previous" its first solution)
+            for r in range(warmup + repeats):  # the first warm up (and give "previous" its first solution)
                 # every call sees new parameters (one step further), so "previous" never starts at the answer
                 fwd_values = [b + STEP * (2 * r + 1) * d for b, d in zip(base, direction)]
                 values = [b + STEP * (2 * r + 2) * d for b, d in zip(base, direction)]
@@ -293,7 +295,7 @@ def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tup
                         last.pop(key, None)
                         grads.pop(key, None)
                         continue
-                    if r > 0:
+                    if r >= warmup:
                         times[key]["fwd"].append(tf)
                         times[key]["fwdbwd"].append(tb)
                     last[key], grads[key] = x, g
@@ -308,7 +310,7 @@ def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tup
                        "fwd_ms": 1e3 * statistics.median(times[key]["fwd"]),
                        "fwdbwd_ms": 1e3 * statistics.median(times[key]["fwdbwd"]),
                        "max_err": float(np.abs(last[key][:k] - xstar).max()), "checked": k,
-                       "grad_err": gradient_error(grads[key], probe, fd), "repeats": repeats}
+                       "grad_err": gradient_error(grads[key], probe, fd), "repeats": repeats, "warmup": warmup}
                 row["objective_excess"], row["violation"] = objective_excess(prob, params, variables, checked,
                                                                              last[key][:k], fstar)
                 rows.append(row)
@@ -329,6 +331,7 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1024])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (at least 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train", type=int, default=1000, help="instances to train the predictor on (0: none)")
     parser.add_argument("--epochs", type=int, default=30)
@@ -347,11 +350,14 @@ def main() -> None:
             parser.error(f"--baseline-max-batch takes DIFFCP=B or MOREAU=B (B a batch size); got {item!r}")
         max_batch[name] = int(size)
     torch.set_num_threads(args.threads)
-    batches, repeats = ([16], 1) if args.smoke else (args.batches, args.repeats)
+    if args.warmup < 1:
+        parser.error(f"--warmup must be at least 1 (the first call sets the layers up); got {args.warmup}")
+    batches, repeats, warmup = ([16], 1, 1) if args.smoke else (args.batches, args.repeats, args.warmup)
     train, epochs = (min(args.train, 100), min(args.epochs, 3)) if args.smoke else (args.train, args.epochs)
     info = machine(args.device)
     print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(f"medians of {repeats} interleaved repeats; forward+backward = backward of the sum of the outputs")
+    print(f"medians of {repeats} interleaved repeats after {warmup} untimed; forward+backward = backward of the "
+          "sum of the outputs")
 
     def save(rows: list[dict]) -> None:
         if args.json:
@@ -360,7 +366,7 @@ def main() -> None:
                 json.dump({"machine": info, "rows": rows}, fh, indent=2)
             os.replace(args.json + ".tmp", args.json)
 
-    run(batches, repeats, train, epochs, args.problems, args.device, args.check, max_batch, save)
+    run(batches, repeats, train, epochs, args.problems, args.device, args.check, max_batch, save, warmup)
     if args.json:
         print("wrote", args.json)
 
