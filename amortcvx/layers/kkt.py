@@ -864,7 +864,16 @@ def reusable(factor: Factor, jac: DualJacobian) -> torch.Tensor:
     point, so the backward solve reuses the forward's factorization there."""
     if factor.jac is jac:  # built from this very Jacobian (e.g. by the Newton step that solves with it)
         return factor.ok
-    return factor.ok & factor.jac.same_as(jac)
+    return _serves(factor.jac, factor.ok, jac, False)
+
+
+def _serves(built: DualJacobian, ok: torch.Tensor, jac: DualJacobian, nearby: torch.Tensor | bool) -> torch.Tensor:
+    """(B,) bool: where factors built from ``built`` (factored where ``ok``) serve solves with ``jac``: the same
+    ``D``, or, where ``nearby``, the same diagonal rows (:func:`reusable`, :func:`near_reuse`)."""
+    out = ok & built.same_as(jac)
+    if nearby is True or (isinstance(nearby, torch.Tensor) and bool(nearby.any())):
+        out = out | (ok & nearby & built.same_diagonal(jac))
+    return out
 
 
 NEAR_PASSES = 2
@@ -890,7 +899,7 @@ def near_reuse(factor: Factor, jac: DualJacobian) -> torch.Tensor:
     factored, and its ``D`` has the same diagonal rows. A changed active set (a 0/1 entry that flipped) makes a
     poor preconditioner, so those instances are factored anew at once; the cones' blocks change continuously
     with the point, and the refinement absorbs a small change."""
-    return factor.ok & factor.jac.same_diagonal(jac)
+    return _serves(factor.jac, factor.ok, jac, True)
 
 
 def take_factor(factor: Factor, idx: torch.Tensor) -> Factor:
@@ -1179,8 +1188,12 @@ def _step_factor(sub: Batch, jac: DualJacobian, factor: Factor | None, idx: torc
         part = factorize(sub, jac)
         # the first step ran on every instance: its factorization is the base (no copy)
         return part, part if idx.numel() == batch else put_factor_(blank_factor(part, batch), idx, part)
+    keep = _serves(factor.jac.map(lambda t: t[idx]), factor.ok[idx], jac, local)
+    if not bool(keep.any()):  # every instance anew (cone programs from afar): no copy of the old factors
+        part = factorize(sub, jac)
+        return part, put_factor_(factor, idx, part)
     part = take_factor(factor, idx)
-    new = torch.nonzero(~(reusable(part, jac) | (local & near_reuse(part, jac)))).flatten()
+    new = torch.nonzero(~keep).flatten()
     if new.numel():
         fresh = factorize(take(sub, new), jac.map(lambda t: t[new]))
         put_factor_(part, new, fresh)
