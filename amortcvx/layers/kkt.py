@@ -495,10 +495,9 @@ class DualJacobian(NamedTuple):
         for a, b in zip(self._tensors(), part._tensors()):
             a.index_copy_(0, idx, b)
 
-    def _nonlinear(self, g: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """``D g`` (``D' g``) on the rows from ``lin`` on, for ``g`` (B, m): (B, m - lin)."""
+    def _nonlinear(self, g: torch.Tensor, transpose: bool, out: torch.Tensor) -> None:
+        """``D g`` (``D' g``) on the rows from ``lin`` on, for ``g`` (B, m), written into ``out`` (B, m - lin)."""
         seg = g[:, self.lin:]
-        out = torch.empty_like(seg)
         for grp in self.groups:
             _scatter_(grp.start, grp.index, out, grp.apply(_gather(grp.start, grp.index, seg), transpose))
         if self.block is not None:
@@ -506,20 +505,19 @@ class DualJacobian(NamedTuple):
             rest = seg[:, start:]
             out[:, start:] = ((rest.unsqueeze(1) @ self.block).squeeze(1) if transpose
                               else (self.block @ rest.unsqueeze(-1)).squeeze(-1))
-        return out
 
     def matvec(self, g: torch.Tensor) -> torch.Tensor:
         """``D g`` for ``g`` (B, m)."""
         out = self.diag * g
         if self.lin < g.shape[1]:
-            out[:, self.lin:] = self._nonlinear(g, False)
+            self._nonlinear(g, False, out[:, self.lin:])
         return out
 
     def rmatvec(self, g: torch.Tensor) -> torch.Tensor:
         """``D' g`` for ``g`` (B, m)."""
         out = self.diag * g
         if self.lin < g.shape[1]:
-            out[:, self.lin:] = self._nonlinear(g, True)
+            self._nonlinear(g, True, out[:, self.lin:])
         return out
 
     def nonlinear_matrix(self) -> torch.Tensor | None:
