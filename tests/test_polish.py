@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from amortcvx import problems
-from amortcvx.backends import Status, WarmStart, solve_batch
+from amortcvx.backends import Status, WarmStart, get_backend, solve_batch
 from amortcvx.canon import ParametricProblem, SparseBatch
 from amortcvx.datasets import DEFAULT_SETTINGS as DATASET_SETTINGS
 from amortcvx.deploy import AmortizedSolver
 from amortcvx.deploy.solver import start_residual
 from amortcvx.iterations import KKTSolver, check_polishable, equality_qp, make_algorithm, run
-from amortcvx.iterations.polish import guess_active
+from amortcvx.iterations.polish import candidate_active_sets, guess_active, scs_polish
 from amortcvx.predictors import output_space
 from amortcvx.solvers import FORMS
 
@@ -110,6 +110,56 @@ def test_polish_near_the_optimum_recovers_it(algo, name):
     assert max(r.iterations for r in res) <= 2
 
 
+def test_candidate_active_sets_are_the_guess_and_its_swaps_near_the_cut():
+    gen = torch.Generator().manual_seed(2)
+    B, m, n, band = 4, 9, 4, 2
+    score = torch.randn(B, m, dtype=torch.float64, generator=gen)
+    forced = torch.zeros(m, dtype=torch.bool)
+    forced[0] = True  # an equality row: in every candidate
+    cands = candidate_active_sets(score, forced, n, band)
+    assert cands.shape == (1 + band ** 2 + 1, B, m)  # the guess, 1 swap (band^2), 2 swaps (1 way each)
+    assert torch.equal(cands[0], guess_active(score, forced, n))
+    assert cands[:, :, 0].all() and (cands.sum(dim=2) == n).all()  # forced row in, always n active rows
+    ranked = torch.where(forced, -torch.inf, score).argsort(dim=1, descending=True)
+    taken = n - 1  # free rows in the guess
+    band_rows = ranked[:, taken - band:taken + band]
+    for c in cands[1:]:
+        changed = c ^ cands[0]
+        assert changed.sum(dim=1).tolist() in ([2] * B, [4] * B)  # one or two swaps
+        for i in range(B):  # only rows within the band of the cut move
+            assert set(changed[i].nonzero().flatten().tolist()) <= set(band_rows[i].tolist())
+    assert len({tuple(c.flatten().tolist()) for c in cands}) == cands.shape[0]  # all different
+    assert candidate_active_sets(score, forced, None, band).shape == (1, B, m)  # a QP: the guess alone
+    assert candidate_active_sets(score, forced, n, 0).shape == (1, B, m)
+
+
+def test_a_swap_away_from_the_guess_polishes_to_the_vertex():
+    # the optimum's scores with the weakest active row pushed just below the strongest inactive one: the one
+    # guess misses the vertex, the candidates one swap away contain it and polishing picks it
+    pp, params, data, opt = _solved("transport", "cone")
+    alg = make_algorithm("scs", data)
+    exact = {k: torch.tensor(np.stack([getattr(r, k) for r in opt])) for k in ("x", "y", "s")}
+    y, s = exact["y"].clone(), exact["s"].clone()
+    n = pp.n
+    for i in range(y.shape[0]):
+        order = (y[i] - s[i]).argsort(descending=True)
+        weakest_in, strongest_out = order[n - 1], order[n]
+        # now it scores just below the strongest inactive row: the guess swaps the two
+        y[i, weakest_in], s[i, weakest_in] = 0.0, s[i, strongest_out] * (1 + 1e-6) + 1e-9
+    one = scs_polish(alg.work, exact["x"], y, s, band=0)
+    many = scs_polish(alg.work, exact["x"], y, s, band=3)
+    scale = 1.0 + exact["x"].abs().max()
+    assert float((one["x"] - exact["x"]).abs().amax(dim=1).min()) > 1e-6 * scale  # every single guess is off
+    # an optimal vertex (optima need not be unique: compare objectives), and the duals pass with it: SCS's own test
+    c = alg.work.c.expand_as(exact["x"])
+    torch.testing.assert_close((c * many["x"]).sum(dim=1), (c * exact["x"]).sum(dim=1), rtol=1e-8, atol=1e-8 * scale)
+    def certified(point, eps):  # SCS's test on the point projected onto the cones (nonnegative rows only here)
+        return get_backend("scs").certify(data, x=point["x"].numpy(), y=point["y"].clamp_min(0).numpy(),
+                                          s=point["s"].clamp_min(0).numpy(), eps_abs=eps, eps_rel=eps)
+    assert certified(many, 1e-8).all()
+    assert not certified(one, 1e-4).any()
+
+
 def test_polished_refinement_of_an_lp_needs_fewer_c_iterations():
     # transport: 60 torch steps from cold leave SCS most of its work; polishing them finds the optimal vertex
     # on most instances (measured: median 1 vs 76 over 200 instances)
@@ -129,18 +179,18 @@ def test_polished_refinement_of_an_lp_needs_fewer_c_iterations():
 @pytest.mark.parametrize("algo", ["scs", "osqp"])
 def test_polish_keeps_the_better_point_per_instance(algo):
     # each instance keeps whichever of the refined and the polished point starts the C solver with the smaller
-    # residual: polishing never makes the starting point worse, also where the active-set guess is wrong
+    # residual: polishing never makes the starting point worse, also where the active-set guesses are wrong
     pp, params, data, _ = _solved("transport", FORMS[algo], 24)
     alg = make_algorithm(algo, data)
     space = output_space(algo)
-    plain_ws = space.warm_start(alg, run(alg, alg.init(), 20).state)
+    plain_ws = space.warm_start(alg, run(alg, alg.init(), 10).state)
     plain = start_residual(alg, plain_ws)
-    pred = AmortizedSolver(pp, None, algorithm=algo, k=20, polish=True).predict_warm_start(params)
+    pred = AmortizedSolver(pp, None, algorithm=algo, k=10, polish=True).predict_warm_start(params)
     assert np.all(pred.residual <= plain.numpy() * (1 + 1e-9))
     kept = np.array([np.array_equal(w.x, plain_ws["x"][i].numpy()) and np.array_equal(w.y, plain_ws["y"][i].numpy())
                      for i, w in enumerate(pred.warm_starts)])
     np.testing.assert_array_equal(~kept, pred.residual < plain.numpy())
-    assert 0 < kept.sum() < len(kept)  # some guesses right, some wrong after 20 steps: both paths are used
+    assert 0 < kept.sum() < len(kept)  # some guesses right, some wrong after 10 steps: both paths are used
 
 
 def test_polish_is_refused_for_other_cones():

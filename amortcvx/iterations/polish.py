@@ -24,6 +24,14 @@ QP (``P`` given): the rows with a positive score. LP (no ``P``): the ``n`` rows 
 nondegenerate optimal vertex has exactly ``n`` active constraints; counting is far more robust than the sign
 of a score when the point is still inexact). Forced rows are always in.
 
+An LP's guess is often a swap or two away from the optimal vertex: with ``band > 0`` the active sets one or
+two swaps away, between the last ``band`` rows in and the first ``band`` rows out, are solved too (``1 + band^2
++ (band (band - 1) / 2)^2`` candidates: 19 for ``band = 3``), and each instance keeps the candidate whose point
+violates primal and dual feasibility least (none: an optimal vertex, complementary by construction). On the
+transport family's small size, from the bare learned prediction, the one guess was the optimal vertex on 24%
+of the instances and the 19 candidates contained it on 66% (``benchmarks/explore_active_set.py`` and
+docs/training.md).
+
 The KKT system (inactive rows of ``A`` zeroed, ``-y_i = 0`` there) is solved with the regularized
 quasi-definite matrix ``[[P + delta I, A_S'], [A_S, -D]]`` of :class:`~amortcvx.iterations.linalg.KKTSolver`
 (``D = delta`` on active rows, 1 off them), followed by ``passes`` steps of iterative refinement against the
@@ -37,13 +45,18 @@ says so with the cones at fault.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from amortcvx.canon.data import ConeDims, SparseBatch
-from amortcvx.iterations.linalg import KKTSolver, SparseOperator, batch_rows, spmv
+from amortcvx.iterations.linalg import KKTSolver, SparseOperator, batch_rows, sparse_operator, spmv
 
 POLISHABLE_CONES = frozenset({"zero", "nonneg"})
 """Cone kinds a polishable cone program may have."""
+
+BAND = 3
+"""The rows on each side of an LP's cut whose swaps are tried as well (:func:`candidate_active_sets`)."""
 
 DELTA = 1e-6
 """Regularization of the polishing KKT system (OSQP's ``delta`` default)."""
@@ -74,6 +87,60 @@ def guess_active(score: torch.Tensor, forced: torch.Tensor, vertex: int | None) 
     ranked = torch.where(forced, torch.inf, torch.nan_to_num(score, nan=-torch.inf))
     top = ranked.topk(min(vertex, score.shape[1]), dim=1).indices
     return forced | torch.zeros_like(forced).scatter(1, top, True)
+
+
+def candidate_active_sets(score: torch.Tensor, forced: torch.Tensor, vertex: int | None, band: int) -> torch.Tensor:
+    """The guess of :func:`guess_active` and, for an LP, the active sets one or two swaps away from it within
+    ``band`` rows of the cut: bool ``(C, B, m)``, the guess first. A QP (``vertex`` None) or ``band = 0``: the
+    guess alone."""
+    guess = guess_active(score, forced, vertex)
+    forced = forced.expand_as(score)
+    free = int((~forced).sum(dim=1).min())  # rows that can move in or out
+    taken = max(0, vertex - int(forced.sum(dim=1).max())) if vertex is not None else 0
+    band = min(band, taken, free - taken) if vertex is not None else 0
+    if band <= 0:
+        return guess.unsqueeze(0)
+    ranked = torch.where(forced, -torch.inf, torch.nan_to_num(score, nan=-torch.inf)).argsort(dim=1, descending=True)
+    last_in, first_out = ranked[:, taken - band:taken], ranked[:, taken:taken + band]  # free rows, by score
+    rows = torch.arange(score.shape[0], device=score.device)
+    out = [guess]
+    for k in (1, 2):
+        for a in itertools.combinations(range(band), k):
+            for b in itertools.combinations(range(band), k):
+                c = guess.clone()
+                c[rows.unsqueeze(1), last_in[:, list(a)]] = False
+                c[rows.unsqueeze(1), first_out[:, list(b)]] = True
+                out.append(c)
+    return torch.stack(out)
+
+
+def _tiled(t, copies: int, batch: int):
+    """A batch tensor (or :class:`SparseBatch`) of ``batch`` instances repeated ``copies`` times along the batch
+    (candidate-major); shared matrices stay shared."""
+    if t is None or copies == 1:
+        return t
+    if isinstance(t, SparseBatch):
+        values = t.values[:1].expand(copies * batch, -1) if t.shared else t.values.repeat(copies, 1)
+        return SparseBatch(t.indices, t.indptr, t.shape, values, t.shared)
+    return t.expand(batch, *t.shape[1:]).repeat(copies, *([1] * (t.dim() - 1)))
+
+
+def _stationarity(A: SparseBatch, P: SparseBatch | None, q: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                  ) -> torch.Tensor:
+    """``||P x + q + A' y||_inf`` per instance: what an active set whose KKT system is singular leaves (the
+    regularized solve then is no solution of it)."""
+    grad = q + sparse_operator(A, q.dtype).rmatvec(y)
+    if P is not None:
+        grad = grad + spmv(P, x)
+    return grad.abs().amax(dim=1)
+
+
+def _best(points: dict[str, torch.Tensor], violation: torch.Tensor, copies: int) -> dict[str, torch.Tensor]:
+    """Per instance, the candidate of least ``violation`` ((C B,), candidate-major; NaN counts as infinite)."""
+    batch = violation.shape[0] // copies
+    pick = torch.nan_to_num(violation, nan=torch.inf).reshape(copies, batch).argmin(dim=0)
+    index = pick * batch + torch.arange(batch, device=pick.device)
+    return {k: v[index] for k, v in points.items()}
 
 
 def equality_qp(A: SparseBatch, P: SparseBatch | None, q: torch.Tensor, rhs: torch.Tensor, active: torch.Tensor,
@@ -115,26 +182,40 @@ def equality_qp(A: SparseBatch, P: SparseBatch | None, q: torch.Tensor, rhs: tor
 
 
 def scs_polish(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, *, delta: float = DELTA,
-               passes: int = PASSES) -> dict[str, torch.Tensor]:
+               passes: int = PASSES, band: int = BAND) -> dict[str, torch.Tensor]:
     """Polish a cone-form warm start ``(x, y, s)``; returns the polished ``{"x", "y", "s"}`` (``s = b - Ax``).
 
-    ``work`` is the :class:`~amortcvx.iterations.scs.ScsWork` of the batch (its data and cones).
+    ``work`` is the :class:`~amortcvx.iterations.scs.ScsWork` of the batch (its data and cones). LPs: the
+    candidates of :func:`candidate_active_sets` within ``band``, the least infeasible kept (``s`` and ``y``
+    negative on nonnegative rows, relative to ``1 + ||b||_inf``).
     """
     check_polishable(work.cones)
     n, m, batch = work.n, work.m, work.batch_size
     x, y, s = (batch_rows(t, size, batch, name, work.b) for t, size, name in ((x, n, "x"), (y, m, "y"), (s, m, "s")))
     forced = torch.arange(m, device=y.device) < work.cones.zero
-    active = guess_active(y - s, forced, None if work.P is not None else n)
-    xp, yp = equality_qp(work.A, work.P, work.c, work.b, active, delta=delta, passes=passes)
-    sp = torch.where(active, 0.0, work.b - spmv(work.A, xp))
-    return {"x": xp, "y": yp, "s": sp}
+    actives = candidate_active_sets(y - s, forced, None if work.P is not None else n, band)
+    copies = actives.shape[0]
+    active = actives.reshape(copies * batch, m)
+    A, b = _tiled(work.A, copies, batch), _tiled(work.b, copies, batch)
+    xp, yp = equality_qp(A, _tiled(work.P, copies, batch), _tiled(work.c, copies, batch), b, active, delta=delta,
+                         passes=passes)
+    sp = torch.where(active, 0.0, b - spmv(A, xp))
+    if copies == 1:
+        return {"x": xp, "y": yp, "s": sp}
+    nonneg = ~forced
+    c = _tiled(work.c, copies, batch)
+    worst = torch.stack([(-sp[:, nonneg]).amax(dim=1), (-yp[:, nonneg]).amax(dim=1),
+                         _stationarity(A, _tiled(work.P, copies, batch), c, xp, yp)], dim=1).amax(dim=1)
+    return _best({"x": xp, "y": yp, "s": sp}, worst / (1.0 + b.abs().amax(dim=1) + c.abs().amax(dim=1)), copies)
 
 
 def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
-                passes: int = PASSES) -> dict[str, torch.Tensor]:
+                passes: int = PASSES, band: int = BAND) -> dict[str, torch.Tensor]:
     """Polish a QP-form warm start ``(x, y)``; returns the polished ``{"x", "y"}``.
 
-    ``work`` is the :class:`~amortcvx.iterations.osqp.OsqpWork` of the batch (its data).
+    ``work`` is the :class:`~amortcvx.iterations.osqp.OsqpWork` of the batch (its data). LPs: the candidates of
+    :func:`candidate_active_sets` within ``band``, the least infeasible kept (``Ax`` outside ``[l, u]``, ``y``
+    of the wrong sign for its bound, relative to ``1 + ||q||_inf``).
     """
     n, m, batch = work.n, work.m, work.batch_size
     x, y = batch_rows(x, n, batch, "x", work.q), batch_rows(y, m, batch, "y", work.q)
@@ -143,7 +224,21 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     upper = y - (work.u - z)
     use_upper = upper > lower
     forced = (work.u - work.l) < work.settings.rho_tol  # equality rows, as osqp_rho counts them
-    active = guess_active(torch.where(use_upper, upper, lower), forced, None if work.P is not None else n)
+    actives = candidate_active_sets(torch.where(use_upper, upper, lower), forced, None if work.P is not None else n,
+                                    band)
+    copies = actives.shape[0]
+    active = actives.reshape(copies * batch, m)
     rhs = torch.where(use_upper & ~forced, work.u, work.l)
-    xp, yp = equality_qp(work.A, work.P, work.q, rhs, active, delta=delta, passes=passes)
-    return {"x": xp, "y": yp}
+    A, q = _tiled(work.A, copies, batch), _tiled(work.q, copies, batch)
+    xp, yp = equality_qp(A, _tiled(work.P, copies, batch), q, _tiled(rhs, copies, batch), active, delta=delta,
+                         passes=passes)
+    if copies == 1:
+        return {"x": xp, "y": yp}
+    zp, l, u, up = (spmv(A, xp), _tiled(work.l, copies, batch), _tiled(work.u, copies, batch),
+                    _tiled(use_upper, copies, batch))
+    primal = torch.maximum(l - zp, zp - u).clamp_min(0.0).nan_to_num(nan=0.0, posinf=0.0)  # infinite bounds
+    free = ~_tiled(forced.expand_as(rhs), copies, batch)
+    dual = torch.where(active & free, torch.where(up, -yp, yp), 0.0).clamp_min(0.0)
+    stationary = _stationarity(A, _tiled(work.P, copies, batch), q, xp, yp)
+    worst = torch.stack([primal.amax(dim=1), dual.amax(dim=1), stationary], dim=1).amax(dim=1)
+    return _best({"x": xp, "y": yp}, worst / (1.0 + q.abs().amax(dim=1)), copies)
