@@ -47,7 +47,7 @@ from amortcvx.backends.persistent import RACE_CALLS, default_threads
 from amortcvx.canon import ParametricProblem
 from amortcvx.datasets import generate_dataset
 from amortcvx.deploy import AmortizedSolver
-from amortcvx.deploy.solver import NEWTON_STEPS, newton_choices, option_label
+from amortcvx.deploy.solver import NEWTON_STEPS, newton_choices, option_label, polish_choices
 from amortcvx.evaluation import NearestNeighbor, PersistentColdLoop
 from amortcvx.evaluation.options import add_dataclass_arguments, config_from_args
 from amortcvx.evaluation.reports import new_figure, save_figure
@@ -124,7 +124,7 @@ def bench_pair(name, alg, args, tol):
     for k in sorted({0, args.k}):
         solver = AmortizedSolver(pp, model, k=k, solver_settings=tol, **threads)
         cal = solver.calibrate(val_params, refinements=(None, AndersonSettings()) if k > 2 else None,
-                               newton_steps=newton_choices(pp))
+                               newton_steps=newton_choices(pp), polish=polish_choices(pp))
         learned[f"learned k={k}"] = (solver, cal)
     chosen = learned[f"learned k={args.k}"][0]
     one_thread = None
@@ -200,7 +200,7 @@ def bench_pair(name, alg, args, tol):
             extra[label] = {"certified": float(np.mean(out.certified)),
                             "median C iterations (timed)": float(np.median([r.iterations for r in out.results])),
                             "enabled": cal.enabled, "strategy": cal.strategy,
-                            "refinement": option_label(solver.anderson, solver.newton),
+                            "refinement": option_label(solver.anderson, solver.newton, solver.polish),
                             "c_modes": cal.c_modes, "check_termination": solver.check_termination}
         yield {"family": name, "algorithm": alg, "size": args.size, "n": pp.n, "m": pp.m, "batch": batch,
                "instances": calls * batch, "ms_per_instance": med, "train_seconds": train_seconds,

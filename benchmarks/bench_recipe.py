@@ -12,10 +12,11 @@ Per family (small size, SCS, C tolerance eps 1e-4 abs/rel, exact C iteration cou
    turned it off, which the table says); and the control (the cold start with that same refinement, no model);
 3. the ratios against the targets: k=0 <= 1/2 cold and <= 2/3 nearest neighbour; refined <= 1/5 cold; the
    model's own share, control / refined, >= 2. Calibration also chooses the Newton steps of the certified finish
-   (none or ``NEWTON_STEPS``, where the dense linear algebra applies: ``newton_choices``; the control gets the
-   same), and a last column gives the learned k = 0 start with that Newton finish (certified instances count 0
-   C iterations) against cold, the nearest neighbour (without Newton) and its own control (the cold start after
-   one torch step, with Newton).
+   (none or ``NEWTON_STEPS``, where the dense linear algebra applies: ``newton_choices``) and, on LPs and QPs of
+   that size, whether to polish (``polish_choices``); the control gets the same. A last column gives the
+   learned k = 0 start with that finish (Newton steps and, where offered, polishing; certified instances count
+   0 C iterations) against cold, the nearest neighbour (without it) and its own control (the cold start after
+   one torch step, with the same finish).
 
 Prints the machine, load, torch threads, dtype, sizes, solver settings and budget beside the numbers.
 Usage: ``python benchmarks/bench_recipe.py [--families a,b] [--budget 600] [--smoke] [--json out.json]``.
@@ -36,7 +37,7 @@ import torch
 from amortcvx import problems
 from amortcvx.backends import solve_batch
 from amortcvx.canon import ParametricProblem
-from amortcvx.deploy.solver import AmortizedSolver, newton_choices
+from amortcvx.deploy.solver import AmortizedSolver, newton_choices, polish_choices
 from amortcvx.evaluation.baselines import NearestNeighbor
 from amortcvx.iterations.loop import AndersonSettings
 from amortcvx.training.recipe import RecipeSettings, fit_predictor, solved_source
@@ -80,18 +81,19 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
     learned0 = medians(AmortizedSolver(pp, res.model, k=0, solver_settings=EPS).solve(test, exact_iterations=True))
     # the certified finish with Newton steps (where the problem is of dense size): the prediction alone, and the
     # control for it, the cold start after one torch step (the plain cold start offers no point to refine)
-    newton = max(newton_choices(pp))
+    newton, polish = max(newton_choices(pp)), max(polish_choices(pp))
     learned0n = control0n = None
-    if newton:
-        learned0n = medians(AmortizedSolver(pp, res.model, k=0, newton=newton, solver_settings=EPS).solve(
-            test, exact_iterations=True))
-        control0n = medians(AmortizedSolver(pp, None, algorithm="scs", k=1, newton=newton, solver_settings=EPS).solve(
-            test, exact_iterations=True))
+    if newton or polish:
+        learned0n = medians(AmortizedSolver(pp, res.model, k=0, newton=newton, polish=polish,
+                                            solver_settings=EPS).solve(test, exact_iterations=True))
+        control0n = medians(AmortizedSolver(pp, None, algorithm="scs", k=1, newton=newton, polish=polish,
+                                            solver_settings=EPS).solve(test, exact_iterations=True))
 
     best = None
     for k in refine:  # the refinement calibration picks, by the validation median (ties: fewer steps)
         solver = AmortizedSolver(pp, res.model, k=k, solver_settings=EPS)
-        cal = solver.calibrate(val, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp))
+        cal = solver.calibrate(val, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp),
+                               polish=polish_choices(pp))
         if best is None or cal.learned_median < best[1].learned_median:
             best = (solver, cal, k)
     solver, cal, k = best
@@ -99,7 +101,7 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
     solver.use_strategy("learned")  # the model with the refinement calibration picked, even where it was turned off
     refined = medians(solver.solve(test, exact_iterations=True))
     control = medians(AmortizedSolver(pp, None, algorithm="scs", k=k, anderson=solver.anderson, newton=solver.newton,
-                                      solver_settings=EPS).solve(test, exact_iterations=True))
+                                      polish=solver.polish, solver_settings=EPS).solve(test, exact_iterations=True))
     nn_med = float(np.median(nn_its))
     out = {
         "family": name, "kind": fam.kind, "n": pp.n, "m": pp.m, "num_params": pp.num_params,
@@ -107,8 +109,8 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
         "chosen": res.candidate.label(), "num_train": res.num_train, "trainings": len(res.trials),
         "curve": [(p.num_train, p.val_regression, p.val_median_iterations) for p in res.curve],
         "cold": cold, "nearest_neighbor": nn_med, "learned_k0": learned0,
-        "learned_k0_newton": learned0n, "control_k0_newton": control0n, "newton_steps": newton,
-        "refine": {"k": k, "anderson": solver.anderson is not None, "newton": solver.newton,
+        "learned_k0_newton": learned0n, "control_k0_newton": control0n, "newton_steps": newton, "polish": polish,
+        "refine": {"k": k, "anderson": solver.anderson is not None, "newton": solver.newton, "polish": solver.polish,
                    "enabled": bool(cal.enabled), "strategy": strategy, "val_learned_median": cal.learned_median,
                    "val_cold_median": cal.cold_median},
         "learned_refined": refined, "control": control,
@@ -135,6 +137,7 @@ def format_row(r: dict) -> str:
         return f"{rt[key]:.2f} {'met' if met[key] else 'MISSED'}"
 
     ref = (f"k={r['refine']['k']}{' anderson' if r['refine']['anderson'] else ''}"
+           f"{' + polish' if r['refine'].get('polish') else ''}"
            f"{' + newton ' + str(r['refine']['newton']) if r['refine'].get('newton') else ''}")
     if not r["refine"]["enabled"]:
         ref += "; calibration switched the predictor off"
@@ -142,7 +145,9 @@ def format_row(r: dict) -> str:
         ref += f"; kept: {r['refine']['strategy']}"
     newton = "not offered (matrix-free size: newton_choices)"
     if r.get("learned_k0_newton") is not None:
-        newton = (f"{r['learned_k0_newton']:g} (control {r['control_k0_newton']:g}): "
+        finish = (f"newton {r['newton_steps']}" if r["newton_steps"] else "") + (
+            (" + " if r["newton_steps"] else "") + "polish" if r.get("polish") else "")
+        newton = (f"{r['learned_k0_newton']:g} with {finish} (control {r['control_k0_newton']:g}): "
                   f"/cold {cell('k0_newton_vs_cold')}, /NN {cell('k0_newton_vs_nn')}, "
                   f"control/k0 {cell('control_over_k0_newton')}")
     return (f"| {r['family']}{' (check)' if r['check_family'] else ''} | {r['cold']:g} | {r['nearest_neighbor']:g} | "
@@ -182,8 +187,8 @@ def main() -> None:
             with open(args.json, "w") as fh:
                 json.dump({"env": env, "results": results}, fh, indent=1)
     print("| family | cold | nearest neighbour | learned k=0 | learned refined (calibrated) | control | k0/cold <= 0.5 "
-          "| k0/NN <= 0.67 | refined/cold <= 0.2 | control/refined >= 2 | learned k=0 + Newton finish (control: cold "
-          "+ 1 step + Newton) | chosen |")
+          "| k0/NN <= 0.67 | refined/cold <= 0.2 | control/refined >= 2 | learned k=0 + finish: Newton, polish on "
+          "LPs / QPs (control: cold + 1 step + the same) | chosen |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(format_row(r))

@@ -568,6 +568,36 @@ def test_calibration_chooses_newton_steps_and_saving_keeps_them(tmp_path):
         AmortizedSolver(pp, model, k=10, newton=-1)
 
 
+def test_polish_choices_follow_the_cones_and_the_size(monkeypatch):
+    from amortcvx.deploy.solver import polish_choices
+    from amortcvx.layers import kkt
+
+    lp = _pp("transport", "scs")[1]
+    assert polish_choices(lp) == (False, True)  # an LP
+    assert polish_choices(_pp("portfolio", "osqp")[1]) == (False, True)  # a QP
+    assert polish_choices(_pp("kalman", "scs")[1]) == (False,)  # second-order cones
+    monkeypatch.setattr(kkt, "problem_linear_algebra", lambda pp: "krylov")  # beyond the dense size (the large LP)
+    assert polish_choices(lp) == (False,)
+
+
+def test_calibration_chooses_polishing_and_saving_keeps_it(tmp_path):
+    fam, pp = _pp("transport", "scs")
+    model = _untrained_predictor(pp, "scs")
+    solver = AmortizedSolver(pp, model, k=10, solver_settings=TOL)
+    cal = solver.calibrate(fam.sample(16, seed=9), polish=(False, True), timed=False)
+    labels = dict(cal.candidates)
+    assert set(labels) == {"plain", "plain + polish"}
+    assert labels["plain + polish"] < labels["plain"]  # the polished vertices are certified: 0 C iterations
+    assert cal.polish is True and solver.polish is True
+    solver.save(tmp_path / "s")
+    again = AmortizedSolver.load(tmp_path / "s", fam.problem)
+    assert again.polish is True and again.calibration.polish is True
+    with pytest.raises(ValueError, match="soc"):  # kalman has second-order cones: nothing to polish
+        fam_k, pp_k = _pp("kalman", "scs")
+        AmortizedSolver(pp_k, _untrained_predictor(pp_k, "scs"), k=10).calibrate(fam_k.sample(4, seed=9),
+                                                                                  polish=(False, True), timed=False)
+
+
 def test_newton_finish_in_chunks_gives_the_same_warm_starts(monkeypatch):
     from amortcvx.deploy import solver as solver_module
 

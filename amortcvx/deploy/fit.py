@@ -27,7 +27,7 @@ import torch
 
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.datasets import generate_dataset
-from amortcvx.deploy.solver import newton_choices
+from amortcvx.deploy.solver import newton_choices, polish_choices
 from amortcvx.iterations.loop import AndersonSettings
 from amortcvx.solvers import get_solver
 from amortcvx.training import SolvedSet, TrainConfig, train
@@ -201,8 +201,14 @@ def fit(cls, problem: cp.Problem, data: Sampler | Mapping[str, Any], *, solver: 
     model = train(pp, solver, train_set, val_set, config).model
     out = cls(pp, model, k=k, solver_settings=settings, device=device, **solver_options)
     if calibrate:
-        out.calibrate(val_ds.params, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp))
+        out.calibrate(val_ds.params, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp),
+                      polish=_polish_options(pp, solver_options))
     return out
+
+
+def _polish_options(pp: ParametricProblem, solver_options: dict) -> tuple[bool, ...] | None:
+    """What calibration chooses ``polish`` among: :func:`polish_choices`, unless the caller set ``polish``."""
+    return None if "polish" in solver_options else polish_choices(pp)
 
 
 def _fit_recipe(cls, pp: ParametricProblem, solver: str, data, *, k: int, settings: dict, budget: float, root: Path,
@@ -221,7 +227,7 @@ def _fit_recipe(cls, pp: ParametricProblem, solver: str, data, *, k: int, settin
     out.recipe = result
     if calibrate:
         out.calibrate(source.params(recipe.val_size), refinements=(None, AndersonSettings()),
-                      newton_steps=newton_choices(pp))
+                      newton_steps=newton_choices(pp), polish=_polish_options(pp, solver_options))
     return out
 
 

@@ -86,7 +86,7 @@ from amortcvx.deploy.result import AmortizedResult
 from amortcvx.iterations.cones import project_cone, project_dual_cone
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
-from amortcvx.iterations.polish import check_polishable
+from amortcvx.iterations.polish import POLISHABLE_CONES, check_polishable
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.layers import kkt
 from amortcvx.predictors.fixed_point import output_space
@@ -114,6 +114,14 @@ def newton_choices(pp: ParametricProblem) -> tuple[int, ...]:
     equality rows keep the reduced system small; beyond, a batch of matrix-free solves costs more than it is
     likely to save), else ``(0,)``."""
     return (0, NEWTON_STEPS) if kkt.problem_linear_algebra(pp) == "dense" else (0,)
+
+
+def polish_choices(pp: ParametricProblem) -> tuple[bool, ...]:
+    """Whether to polish, as calibration chooses by default: ``(False, True)`` for LPs and QPs whose dense
+    refinement applies (the same size rule as :func:`newton_choices`: polishing solves a dense ``n x n`` system
+    per instance, and per candidate on LPs), else ``(False,)``."""
+    polishable = pp.form == "qp" or all(kind in POLISHABLE_CONES for kind in pp.cones.kinds)
+    return (False, True) if polishable and kkt.problem_linear_algebra(pp) == "dense" else (False,)
 
 
 def _step_count(n: Any) -> bool:
@@ -197,6 +205,8 @@ class Calibration(NamedTuple):
         cold_check_termination: OSQP's termination-check interval of cold timed solves (None: 25).
         scs_stops: SCS's stop points of the ``"stop"`` mode for warm-started and cold solves (``{"warm": c or None,
             "cold": c or None}``, :func:`~amortcvx.backends.scs.stop_point`).
+        polish: whether the refined warm starts are polished (None: the solver's own setting; files written before
+            calibration chose it).
     """
 
     learned_median: float
@@ -214,6 +224,7 @@ class Calibration(NamedTuple):
     newton: int = 0
     cold_check_termination: int | None = None
     scs_stops: dict[str, int | None] | None = None
+    polish: bool | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
@@ -291,9 +302,10 @@ def refinement_label(anderson: AndersonSettings | None) -> str:
     return "plain" if anderson is None else f"anderson(memory={anderson.memory})"
 
 
-def option_label(anderson: AndersonSettings | None, newton: int) -> str:
-    """:func:`refinement_label`, with ``" + newton N"`` where the certified finish takes ``N`` Newton steps."""
-    return refinement_label(anderson) + (f" + newton {newton}" if newton else "")
+def option_label(anderson: AndersonSettings | None, newton: int, polish: bool = False) -> str:
+    """:func:`refinement_label`, with ``" + polish"`` where the refined points are polished and ``" + newton N"``
+    where the certified finish takes ``N`` Newton steps."""
+    return refinement_label(anderson) + (" + polish" if polish else "") + (f" + newton {newton}" if newton else "")
 
 
 class AmortizedSolver:
@@ -762,14 +774,15 @@ class AmortizedSolver:
 
     def calibrate(self, params: Mapping, *, margin: float = 1.0,
                   refinements: Sequence[AndersonSettings | None] | None = None, timed: bool = True,
-                  newton_steps: Sequence[int] | None = None) -> Calibration:
+                  newton_steps: Sequence[int] | None = None, polish: Sequence[bool] | None = None) -> Calibration:
         """``self.configure(self.calibrated(params, ...))``: compute the configuration and apply it; returns it."""
         return self.configure(self.calibrated(params, margin=margin, refinements=refinements, timed=timed,
-                                              newton_steps=newton_steps))
+                                              newton_steps=newton_steps, polish=polish))
 
     def calibrated(self, params: Mapping, *, margin: float = 1.0,
                    refinements: Sequence[AndersonSettings | None] | None = None,
-                   timed: bool = True, newton_steps: Sequence[int] | None = None) -> Calibration:
+                   timed: bool = True, newton_steps: Sequence[int] | None = None,
+                   polish: Sequence[bool] | None = None) -> Calibration:
         """The configuration of this solver for its problem, measured on ``params``; the solver is left unchanged.
 
         ``params`` are held-out validation instances (not the test set). In order:
@@ -777,7 +790,8 @@ class AmortizedSolver:
         1. OSQP: the initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it; every
            measurement below uses it.
         2. With a predictor: each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
-           one), with each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current ``newton``), is tried with
+           one), with each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current ``newton``) and each of
+           ``polish`` (e.g. :func:`polish_choices`; default: the current ``polish``), is tried with
            the learned warm starts, exact C iteration counts (certified instances count 0); the lowest median
            (ties: the lowest mean, then the first) is kept: whether acceleration helps depends on the problem (it
            can cost iterations, see docs/iterations.md). The predictor passes when ``median(learned) <= margin *
@@ -807,16 +821,21 @@ class AmortizedSolver:
         steps = [self.newton] if newton_steps is None else list(newton_steps)
         if not steps or not all(_step_count(n) for n in steps):
             raise ValueError(f"newton_steps must hold nonnegative ints; got {newton_steps!r}")
-        options = [(a, n) for n in steps for a in refinement]
-        saved = (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, dict(self.c_modes),
-                 self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
+        polishes = [self.polish] if polish is None else [bool(p) for p in polish]
+        if not polishes:
+            raise ValueError("polish must name at least one choice (False, True)")
+        if any(polishes) and self.pp.form == "cone":
+            check_polishable(self.pp.cones)
+        options = [(a, n, p) for p in polishes for n in steps for a in refinement]
+        saved = (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
+                 dict(self.c_modes), self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
                  dict(self.scs_stops), dict(self._persistent))
         try:
             self.by_batch = False  # every measurement runs the strategy it sets
             return self._measure(params, margin, options, timed)
         finally:
-            (self.anderson, self.newton, self.enabled, self.cold_refine, self.by_batch, self.c_modes, self.scs_scale,
-             self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
+            (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch, self.c_modes,
+             self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
              self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool) -> Calibration:
@@ -828,11 +847,14 @@ class AmortizedSolver:
         if self.model is not None:
             self.enabled = True
             for opt in options:
-                self.anderson, self.newton = opt
+                self.anderson, self.newton, self.polish = opt
                 out = self.solve(params, exact_iterations=True)
                 its = [r.iterations for r in out.results]
                 candidates.append((opt, float(np.median(its)), float(np.mean(its)), out))
-            (self.anderson, self.newton), learned, _, kept = min(candidates, key=lambda c: c[1:3])  # first of ties
+            (self.anderson, self.newton, self.polish), learned, _, kept = min(candidates,
+                                                                               key=lambda c: c[1:3])  # first of ties
+        elif len(options) == 1:  # no predictor: the one refinement given is the cold start's
+            self.anderson, self.newton, self.polish = options[0]
         self.enabled, self.cold_refine = False, True
         cold_out = self.solve(params, exact_iterations=True)
         cold = float(np.median([r.iterations for r in cold_out.results]))
@@ -858,9 +880,9 @@ class AmortizedSolver:
             strategy, seconds = self.choose_strategy(params, allowed)
         timing_batch = int(self.pp.parameter_vector(params).shape[0]) if timed else None
         return Calibration(learned, cold, strategy == "learned", self.anderson,
-                           tuple((option_label(a, n), med) for (a, n), med, _, _ in candidates), dict(self.c_modes),
-                           strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination, timing_batch,
-                           self.newton, self.cold_check_termination, dict(self.scs_stops))
+                           tuple((option_label(a, n, p), med) for (a, n, p), med, _, _ in candidates),
+                           dict(self.c_modes), strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination,
+                           timing_batch, self.newton, self.cold_check_termination, dict(self.scs_stops), self.polish)
 
     def _plain_cold_iterations(self, params: Mapping, settings: Mapping | None = None) -> list[int]:
         """Exact C iterations (at least 1) of plain cold solves of the first :data:`COLD_COUNT_SAMPLE` instances of
@@ -878,6 +900,10 @@ class AmortizedSolver:
             raise TypeError(f"configure takes a Calibration; got {type(calibration).__name__}")
         self.anderson = calibration.anderson
         self.newton = calibration.newton
+        if calibration.polish is not None:
+            if calibration.polish and self.pp.form == "cone":
+                check_polishable(self.pp.cones)
+            self.polish = calibration.polish
         self.use_strategy(calibration.strategy or ("learned" if calibration.enabled else "refined_cold"))
         if calibration.c_modes is not None:
             self.c_modes = dict(calibration.c_modes)
