@@ -27,7 +27,8 @@ of a score when the point is still inexact). Forced rows are always in.
 An LP's guess is often a swap or two away from the optimal vertex: with ``band > 0`` the active sets one or
 two swaps away, between the last ``band`` rows in and the first ``band`` rows out, are solved too (``1 + band^2
 + (band (band - 1) / 2)^2`` candidates: 19 for ``band = 3``), and each instance keeps the candidate whose point
-violates primal and dual feasibility least (none: an optimal vertex, complementary by construction). On the
+violates primal feasibility, dual feasibility and stationarity least (an optimal vertex, complementary by
+construction, violates none; a singular active set leaves stationarity unmet). On the
 transport family's small size, from the bare learned prediction, the one guess was the optimal vertex on 24%
 of the instances and the 19 candidates contained it on 66% (``benchmarks/explore_active_set.py`` and
 docs/training.md).
@@ -186,8 +187,8 @@ def scs_polish(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, *, delta
     """Polish a cone-form warm start ``(x, y, s)``; returns the polished ``{"x", "y", "s"}`` (``s = b - Ax``).
 
     ``work`` is the :class:`~amortcvx.iterations.scs.ScsWork` of the batch (its data and cones). LPs: the
-    candidates of :func:`candidate_active_sets` within ``band``, the least infeasible kept (``s`` and ``y``
-    negative on nonnegative rows, relative to ``1 + ||b||_inf``).
+    candidates of :func:`candidate_active_sets` within ``band``, the least infeasible kept (the largest of ``-s``
+    and ``-y`` on nonnegative rows and ``||Px + c + A'y||_inf``, relative to ``1 + ||b||_inf + ||c||_inf``).
     """
     check_polishable(work.cones)
     n, m, batch = work.n, work.m, work.batch_size
@@ -214,8 +215,8 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     """Polish a QP-form warm start ``(x, y)``; returns the polished ``{"x", "y"}``.
 
     ``work`` is the :class:`~amortcvx.iterations.osqp.OsqpWork` of the batch (its data). LPs: the candidates of
-    :func:`candidate_active_sets` within ``band``, the least infeasible kept (``Ax`` outside ``[l, u]``, ``y``
-    of the wrong sign for its bound, relative to ``1 + ||q||_inf``).
+    :func:`candidate_active_sets` within ``band``, the least infeasible kept (the largest of ``Ax`` outside ``[l,
+    u]``, ``y`` of the wrong sign for its bound and ``||Px + q + A'y||_inf``, relative to ``1 + ||q||_inf``).
     """
     n, m, batch = work.n, work.m, work.batch_size
     x, y = batch_rows(x, n, batch, "x", work.q), batch_rows(y, m, batch, "y", work.q)
