@@ -3,7 +3,8 @@
 #   1. every CUDA test of the suite (tests named *cuda*: canonicalization, cones, torch iterations, Anderson,
 #      the layer), against the CPU results;
 #   2. bench_layer.py on the device, one problem at a time, batches 1024 to 65536 (DIFFCP, which solves on the
-#      host, up to batch 4096; MOREAU up to 16384; the first 256 instances of each batch checked against Clarabel);
+#      host, up to batch 4096; MOREAU up to 16384; the first 256 instances of each batch checked against Clarabel;
+#      2 warm-up rounds, not the default 5: a lent device's minutes are few);
 #   3. bench_iterations.py on the device (torch SCS / OSQP steps against the C solvers).
 # Each stage has its own time limit, so that one slow stage leaves the others their results; logs and JSON go to
 # OUTDIR (default gpu-out), JSON rewritten after each batch size.
@@ -34,7 +35,7 @@ $py -c "import torch, scs, osqp, cvxpy; print('torch', torch.__version__, 'cuda'
 stage tests 90 $py -m pytest -q -rs -k cuda tests -p no:cacheprovider
 for problem in qp socp sdp; do
     stage "layer-$problem" 150 $py benchmarks/bench_layer.py --device cuda --problems "$problem" \
-        --batches 1024 16384 65536 --repeats 3 --threads 8 --check 256 \
+        --batches 1024 16384 65536 --repeats 3 --warmup 2 --threads 8 --check 256 \
         --baseline-max-batch DIFFCP=4096 MOREAU=16384 \
         --json "$out/layer-$problem.json"
 done
