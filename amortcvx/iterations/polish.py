@@ -197,16 +197,14 @@ def scs_polish(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, *, delta
     actives = candidate_active_sets(y - s, forced, None if work.P is not None else n, band)
     copies = actives.shape[0]
     active = actives.reshape(copies * batch, m)
-    A, b = _tiled(work.A, copies, batch), _tiled(work.b, copies, batch)
-    xp, yp = equality_qp(A, _tiled(work.P, copies, batch), _tiled(work.c, copies, batch), b, active, delta=delta,
-                         passes=passes)
+    A, P, b, c = (_tiled(t, copies, batch) for t in (work.A, work.P, work.b, work.c))
+    xp, yp = equality_qp(A, P, c, b, active, delta=delta, passes=passes)
     sp = torch.where(active, 0.0, b - spmv(A, xp))
     if copies == 1:
         return {"x": xp, "y": yp, "s": sp}
     nonneg = ~forced
-    c = _tiled(work.c, copies, batch)
     worst = torch.stack([(-sp[:, nonneg]).amax(dim=1), (-yp[:, nonneg]).amax(dim=1),
-                         _stationarity(A, _tiled(work.P, copies, batch), c, xp, yp)], dim=1).amax(dim=1)
+                         _stationarity(A, P, c, xp, yp)], dim=1).amax(dim=1)
     return _best({"x": xp, "y": yp, "s": sp}, worst / (1.0 + b.abs().amax(dim=1) + c.abs().amax(dim=1)), copies)
 
 
@@ -230,9 +228,8 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     copies = actives.shape[0]
     active = actives.reshape(copies * batch, m)
     rhs = torch.where(use_upper & ~forced, work.u, work.l)
-    A, q = _tiled(work.A, copies, batch), _tiled(work.q, copies, batch)
-    xp, yp = equality_qp(A, _tiled(work.P, copies, batch), q, _tiled(rhs, copies, batch), active, delta=delta,
-                         passes=passes)
+    A, P, q = (_tiled(t, copies, batch) for t in (work.A, work.P, work.q))
+    xp, yp = equality_qp(A, P, q, _tiled(rhs, copies, batch), active, delta=delta, passes=passes)
     if copies == 1:
         return {"x": xp, "y": yp}
     zp, l, u, up = (spmv(A, xp), _tiled(work.l, copies, batch), _tiled(work.u, copies, batch),
@@ -240,6 +237,6 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     primal = torch.maximum(l - zp, zp - u).clamp_min(0.0).nan_to_num(nan=0.0, posinf=0.0)  # infinite bounds
     free = ~_tiled(forced.expand_as(rhs), copies, batch)
     dual = torch.where(active & free, torch.where(up, -yp, yp), 0.0).clamp_min(0.0)
-    stationary = _stationarity(A, _tiled(work.P, copies, batch), q, xp, yp)
+    stationary = _stationarity(A, P, q, xp, yp)
     worst = torch.stack([primal.amax(dim=1), dual.amax(dim=1), stationary], dim=1).amax(dim=1)
     return _best({"x": xp, "y": yp}, worst / (1.0 + q.abs().amax(dim=1)), copies)

@@ -965,12 +965,14 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     n = A.shape[2]
     D = jac.transposed() if transpose else jac
     same = reusable(factor, D) if factor is not None and factor.delta == delta else None
-    stale = None
-    if near is not None and same is not None:  # nearby factors, used where the exact one is not at hand
+    stale = None  # where a nearby factor, not the exact one, serves (None: nowhere)
+    if near is not None and same is not None:
         stale = near_reuse(factor, D) & ~same
-        same = same | stale
         if bool(stale.any()):
+            same = same | stale
             passes += NEAR_PASSES
+        else:
+            stale = None
     if same is None or not bool(same.any()):
         factor = factorize(d, D, delta=delta)
     elif not bool(same.all()):  # into a copy: the caller's factor is not changed
@@ -1018,14 +1020,14 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
 
     z = reg_solve(rhs)
     tol = 1e-14 * (1.0 + rhs.abs().amax(dim=1))
-    if stale is not None and bool(stale.any()):  # the accuracy asked for, not rounding level
+    if stale is not None:  # the accuracy asked for, not rounding level
         tol = tol + near * rhs.abs().amax(dim=1)
     for _ in range(passes):
         r = rhs - apply(z)
         if bool((r.abs().amax(dim=1) <= tol).all()):
             break
         z = z + reg_solve(r)
-    if stale is not None and bool(stale.any()):  # stale factors that did not reach ``near``: a new factor
+    if stale is not None:  # stale factors that did not reach ``near``: a new factor
         r = rhs - apply(z)
         redo = stale & ~(r.abs().amax(dim=1) <= tol)
         if bool(redo.any()):
