@@ -12,7 +12,7 @@ prediction contains the right one:
    ``1e-3``, batch 64, ``--epochs`` epochs, 10% of the training instances held out for the printed validation.
 3. Candidates: the signs of the logits; flips of up to 3 of the ``r`` least certain rows; and, where an LP's
    vertex has exactly ``n`` active rows, the ``n`` largest logits with 1 or 2 swaps within a band of ``r`` rows
-   on each side of the cut.
+   on each side of the cut (``iterations.polish.candidate_active_sets``, what polishing tries).
 4. For each split: the fraction of test instances it (or a candidate set) matches exactly, and the fraction the
    Newton finish certifies from the split's point (``x = 0``, ``w = +-1``; up to 4 steps; ``kkt.converged``).
 
@@ -35,6 +35,7 @@ import torch
 from amortcvx.backends import solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.evaluation.machine import environment
+from amortcvx.iterations.polish import candidate_active_sets
 from amortcvx.layers import kkt
 from amortcvx.problems import make
 
@@ -75,23 +76,6 @@ def flips(base: torch.Tensor, logit: torch.Tensor, r: int) -> list[torch.Tensor]
             for j in comb:
                 c[rows, order[:, j]] = 1 - c[rows, order[:, j]]
             out.append(c)
-    return out
-
-
-def swaps(logit: torch.Tensor, n: int, r: int) -> list[torch.Tensor]:
-    """The ``n`` largest logits active, and 1 or 2 swaps between the last ``r`` in and the first ``r`` out."""
-    rank, rows = logit.argsort(dim=1, descending=True), torch.arange(logit.shape[0])
-    top = torch.zeros_like(logit).scatter_(1, rank[:, :n], 1.0)
-    out = [top]
-    for k in (1, 2):
-        for a in itertools.combinations(range(r), k):
-            for b in itertools.combinations(range(r), k):
-                c = top.clone()
-                for j in a:
-                    c[rows, rank[:, n - r + j]] = 0
-                for j in b:
-                    c[rows, rank[:, n + j]] = 1
-                out.append(c)
     return out
 
 
@@ -150,7 +134,8 @@ def main() -> None:
     for r in (4, 6):
         report(f"flips of up to 3 of the {r} least certain rows", flips(base, logit, r))
     for r in (3, 4):
-        report(f"n largest logits, swaps within {r} of the cut", swaps(logit, pp.n, r))
+        cands = candidate_active_sets(logit, torch.zeros(logit.shape[1], dtype=torch.bool), pp.n, r).double()
+        report(f"n largest logits, swaps within {r} of the cut", list(cands))
 
 
 if __name__ == "__main__":
