@@ -299,9 +299,9 @@ def test_sparse_products_and_the_gathered_schur_complement_match_the_dense_formu
         jac = kkt.dual_jacobian(d, w)
         L = kkt.factorize(d, jac).L
         ns = kkt.null_space(d)
-        _, M = kkt._elimination_weights(jac, 1e-4)
+        _, M = kkt._elimination_weights(jac, kkt.DELTA)
         Ao = d.A[0, e:]
-        H = Ao.mT @ (M.diag[:, e:, None] * Ao) + 1e-4 * torch.eye(pp.n, dtype=torch.float64) + d.P[0]
+        H = Ao.mT @ (M.diag[:, e:, None] * Ao) + kkt.DELTA * torch.eye(pp.n, dtype=torch.float64) + d.P[0]
         torch.testing.assert_close(L @ L.mT, ns.Z.mT @ H @ ns.Z, rtol=1e-9, atol=1e-6)
 
 

@@ -312,12 +312,19 @@ class SocGroup(NamedTuple):
         C_m = self.alpha[..., None, None] * C_r + C / a[..., None, None] + C @ gram_times(C_r)
         return self._replace(alpha=1.0 / a, C=C_r), self._replace(alpha=self.alpha / a, C=C_m)
 
-    def schur(self, Ag: torch.Tensor) -> torch.Tensor:
+    def schur(self, Ag: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
         """``A_g' (alpha I + V C V') A_g`` summed over the cones, for their rows ``Ag`` (1 or B, count, k, dim) of a
-        matrix: ``sum alpha_i a_i a_i'`` over the rows plus, per cone, the rank-two ``W' C W``, ``W = V' A_cone``."""
+        matrix: ``sum alpha_i a_i a_i'`` over the rows plus, per cone, the rank-two ``W' C W``, ``W = V' A_cone``.
+        ``gram``: for a matrix shared by the batch, each cone's ``A_cone' A_cone`` flattened, (count, dim * dim)
+        (:func:`_soc_grams`); the first sum is then one product ``alpha @ gram`` instead of a batched one with ``k``
+        times the work."""
         count, k = self.index.shape
-        flat = Ag.reshape(Ag.shape[0], count * k, -1)
-        out = (flat.mT * self.alpha.repeat_interleave(k, dim=1)[:, None, :]) @ flat
+        if gram is not None:
+            dim = Ag.shape[-1]
+            out = (self.alpha @ gram).reshape(self.alpha.shape[0], dim, dim)
+        else:
+            flat = Ag.reshape(Ag.shape[0], count * k, -1)
+            out = (flat.mT * self.alpha.repeat_interleave(k, dim=1)[:, None, :]) @ flat
         W = torch.stack([Ag[..., 0, :].expand(self.u.shape[0], -1, -1), (self.u.unsqueeze(-2) @ Ag).squeeze(-2)],
                         dim=2)  # (B, count, 2, dim)
         return out + W.reshape(W.shape[0], 2 * count, -1).mT @ (self.C @ W).reshape(W.shape[0], 2 * count, -1)
@@ -773,9 +780,10 @@ class Factor(NamedTuple):
         return Factor(L, *parts, ok, self.delta)
 
 
-def factorize(d: Batch, jac: DualJacobian, *, delta: float = 1e-4) -> Factor:
+def factorize(d: Batch, jac: DualJacobian, *, delta: float | None = None) -> Factor:
     """The :class:`Factor` of ``J = [[P, A' D], [A, D - I]]`` for a dense batch: one Cholesky of the reduced
     Schur complement per instance (see :func:`solve_kkt`)."""
+    delta = DELTA if delta is None else delta
     ns = null_space(d)
     R, M = _elimination_weights(jac, delta)
     K = _reduced_schur(d, ns, M, delta)
@@ -811,7 +819,7 @@ def _reduced_schur(d: Batch, ns: NullSpace | None, M: DualJacobian, delta: float
     else:
         K = (AZ[..., :lin, :].mT * Mo.diag[:, None, :lin]) @ AZ[..., :lin, :]
     if Mo.groups:
-        K = K + _structured_schur(AZ[..., lin:, :], Mo.groups)
+        K = K + _structured_schur(AZ[..., lin:, :], Mo.groups, _soc_grams(d, ns, AZ, lin, Mo.groups))
     if Mo.block is not None:
         Ab = AZ[..., Mo.block_start:, :]
         K = K + (Ab.mT @ Mo.block) @ Ab
@@ -834,14 +842,50 @@ def _reduced_p(d: Batch, ns: NullSpace | None) -> torch.Tensor:
                             lambda: ns.Z.mT @ P @ ns.Z)
 
 
-def _structured_schur(As: torch.Tensor, groups: tuple[SocGroup | PsdGroup, ...]) -> torch.Tensor:
+def _structured_schur(As: torch.Tensor, groups: tuple[SocGroup | PsdGroup, ...],
+                      grams: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
     """``As' M_g As`` over the structured cones' rows (``As``: (1 or B, rows from ``lin`` on, k) of ``A Z``; ``M_g``
-    their part of ``M``), each group by its own :meth:`SocGroup.schur` / :meth:`PsdGroup.schur`."""
+    their part of ``M``), each group by its own :meth:`SocGroup.schur` / :meth:`PsdGroup.schur` (with its Gram
+    matrices where ``grams`` has them)."""
     K = None
-    for grp in groups:
-        part = grp.schur(_gather(grp.start, grp.index, As, dim=-2))
+    for grp, gram in zip(groups, grams):
+        Ag = _gather(grp.start, grp.index, As, dim=-2)
+        part = grp.schur(Ag) if gram is None else grp.schur(Ag, gram)
         K = part if K is None else K + part
     return K
+
+
+GRAM_BUDGET = 1 << 22
+"""The most entries (``count * dim^2``, float64: 32 MB) of the memoized Gram matrices of one SOC group
+(:func:`_soc_grams`)."""
+
+
+def _soc_grams(d: Batch, ns: NullSpace | None, AZ: torch.Tensor, lin: int,
+               groups: tuple[SocGroup | PsdGroup, ...]) -> tuple[torch.Tensor | None, ...]:
+    """Per structured group: where ``A`` is shared by the batch and the group is of second-order cones with
+    contiguous rows, each cone's Gram matrix ``A_cone' A_cone`` of ``AZ``'s rows, (count, dim * dim), memoized per
+    problem (within :data:`GRAM_BUDGET`); None elsewhere. The Schur complement's ``sum alpha_i a_i a_i'`` over a
+    cone's rows is then ``alpha`` times its Gram matrix (measured: the SOCP of the layer benchmark, batch 64, one
+    cone of 31 rows, 230 -> 10 us per factorization)."""
+    if AZ.shape[0] != 1 or not d.data.A.shared:
+        return (None,) * len(groups)
+    dim = AZ.shape[-1]
+    out = []
+    for grp in groups:
+        count, k = grp.index.shape
+        if not isinstance(grp, SocGroup) or grp.start is None or count * dim * dim > GRAM_BUDGET:
+            out.append(None)
+            continue
+
+        def build(grp: SocGroup = grp, count: int = count) -> torch.Tensor:
+            Ag = _gather(grp.start, grp.index, AZ[0, lin:].detach(), dim=-2)  # (count, k, dim)
+            return (Ag.mT @ Ag).reshape(count, dim * dim)
+        key = ("soc gram", 0 if ns is None else ns.rows, lin, grp.start, count, k, AZ.dtype, str(AZ.device))
+        out.append(_GRAMS.get(d.data.A, key, build))
+    return tuple(out)
+
+
+_GRAMS = SharedMemo()
 
 
 def _jacobian_rows(jac: DualJacobian, start: int) -> DualJacobian:
@@ -891,6 +935,13 @@ with it, 9.0 ms with new factors only)."""
 BACKWARD_NEAR = 1e-12
 """The relative accuracy asked of the backward solve from the forward's last factor."""
 
+DELTA = 1e-4
+"""The regularization ``delta`` of :func:`factorize` and :func:`solve_kkt` (see there). Tried: ``1e-8``, with which
+one refinement pass reaches rounding level on the SOCP of the layer benchmark (3% faster there, and 20-40% faster
+Newton finishes on mpc, kalman, lasso, portfolio and huber_fit), but the Cholesky factorization failed on instances
+of degenerate_lp (dense fallbacks: 1.7x slower) and Newton no longer converged on sparse_pca's PSD cones (59% -> 0%
+from points 0.1% off the solution)."""
+
 
 def near_reuse(factor: Factor, jac: DualJacobian) -> torch.Tensor:
     """(B,) bool: where ``factor`` may precondition solves with ``jac`` (:func:`solve_kkt` with ``near``): it
@@ -914,8 +965,9 @@ def put_factor_(factor: Factor, idx: torch.Tensor, part: Factor) -> Factor:
     return factor
 
 
-def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False, delta: float = 1e-4,
-              passes: int = 4, factor: Factor | None = None, near: float | None = None) -> torch.Tensor:
+def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False, delta: float | None = None,
+              passes: int = 4, factor: Factor | None = None, near: float | None = None,
+              rtol: float = 0.0) -> torch.Tensor:
     """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance, by one Cholesky of
     size ``k <= n``.
 
@@ -944,6 +996,9 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     is ``(n - rank A_e)``-square (the MPC family: 16 instead of 88), and the rest of the solve is products with
     constant matrices.
 
+    ``rtol``: the relative accuracy asked (passes stop once every residual is at most ``rtol ||rhs||_inf`` plus
+    rounding; 0: rounding level): a Newton step needs only a fraction of its residual (an inexact Newton step).
+
     ``factor`` (from :func:`factorize`, e.g. a Newton step's) is used on the instances where it was built from
     the same ``D`` (:func:`reusable`; the answer is then the same as with a new factorization); the others are
     factored anew. With ``near`` (a relative tolerance), ``factor`` is also used where it was built from a nearby
@@ -960,6 +1015,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     """
     if isinstance(d.A, SparseBatch):
         return solve_kkt_krylov(d.data, jac, rhs, transpose=transpose).z
+    delta = DELTA if delta is None else delta
     A = d.A.detach()
     P = None if d.P is None else d.P.detach()
     n = A.shape[2]
@@ -1019,15 +1075,17 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
         return torch.cat([top, bottom], dim=1)
 
     z = reg_solve(rhs)
-    tol = 1e-14 * (1.0 + rhs.abs().amax(dim=1))
-    if stale is not None:  # the accuracy asked for, not rounding level
-        tol = tol + near * rhs.abs().amax(dim=1)
+    size = rhs.abs().amax(dim=1)
+    accuracy = max(rtol, near) if stale is not None else rtol  # relative; 0: rounding level
+    tol = 1e-14 * (1.0 + size) + accuracy * size
+    reached = False
     for _ in range(passes):
         r = rhs - apply(z)
-        if bool((r.abs().amax(dim=1) <= tol).all()):
+        reached = bool((r.abs().amax(dim=1) <= tol).all())
+        if reached:
             break
         z = z + reg_solve(r)
-    if stale is not None:  # stale factors that did not reach ``near``: a new factor
+    if stale is not None and not reached:  # stale factors that did not reach ``near``: a new factor
         r = rhs - apply(z)
         redo = stale & ~(r.abs().amax(dim=1) <= tol)
         if bool(redo.any()):
@@ -1121,9 +1179,12 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
     on ``||F||_2^2`` but not always on ``||F||_inf``: judged by the max norm, points with a few wrongly active
     rows made no progress at any step length (MPC, from learned starts: 101 of 200 converged in 4 steps against
     125 with the 2-norm; the SOCP and SDP layer benchmarks got 10-20% faster).
-    ``passes``: the iterative-refinement passes of each step's linear solve (:func:`solve_kkt`); fewer make a
-    step cheaper and less exact (one pass leaves an error of about ``delta^2`` relative to the step, which later
-    steps correct; the last point is then less accurate than with more). Returns the point, ``||F||_inf`` and the
+    ``passes``: the most iterative-refinement passes of each step's linear solve (:func:`solve_kkt`, which stops
+    earlier once the step is accurate to ``near``, relative, when that is set: an inexact Newton step, one pass
+    fewer per step on the SOCP of the layer benchmark); fewer make a step cheaper and less exact (one pass leaves
+    an error of about ``delta^2`` relative to the step, which later steps correct; the last point is then less
+    accurate than with more). A step on every instance (the first, mostly) works on the batch itself, without
+    copies of its rows. Returns the point, ``||F||_inf`` and the
     last factorization of each instance (which the backward solve reuses where ``D`` has not changed, see
     :func:`reusable`, and where it changed a little, :func:`near_reuse`). A step after the first factors only
     the instances whose ``D`` changed: on LPs and QPs, whose active set changed. With ``near`` (a relative
@@ -1143,13 +1204,14 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
             idx = torch.nonzero(torch.isfinite(norm) & (norm > tol * scale)).flatten()
             if idx.numel() == 0:
                 break
-            sub = take(d, idx)
-            start, start_norm = Point(pt.x[idx], pt.w[idx]), norm[idx]
+            whole = idx.numel() == norm.shape[0]  # every instance (the first step, mostly): no copies
+            sub = d if whole else take(d, idx)
+            start, start_norm = (pt, norm) if whole else (Point(pt.x[idx], pt.w[idx]), norm[idx])
             jac = dual_jacobian(sub, start.w)
-            fs = f[idx]
+            fs = f if whole else f[idx]
             local = (start_norm <= NEAR_RESIDUAL * scale[idx]) & (near is not None)
             part, factor = _step_factor(sub, jac, factor, idx, norm.shape[0], local)
-            delta = solve_kkt(sub, jac, fs, factor=part, passes=passes, near=near)
+            delta = solve_kkt(sub, jac, fs, factor=part, passes=passes, near=near, rtol=near or 0.0)
             best_x, best_w, best_f, best_norm = start.x.clone(), start.w.clone(), fs.clone(), start_norm.clone()
             start_merit = fs.norm(dim=1)
             best_merit = start_merit.clone()
@@ -1169,9 +1231,12 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
                     break
             if not bool((best_merit < start_merit).any()):
                 break
-            pt = Point(pt.x.index_copy(0, idx, best_x), pt.w.index_copy(0, idx, best_w))
-            f = f.index_copy(0, idx, best_f)
-            norm = norm.index_copy(0, idx, best_norm)
+            if whole:
+                pt, f, norm = Point(best_x, best_w), best_f, best_norm
+            else:
+                pt = Point(pt.x.index_copy(0, idx, best_x), pt.w.index_copy(0, idx, best_w))
+                f = f.index_copy(0, idx, best_f)
+                norm = norm.index_copy(0, idx, best_norm)
     return Refined(pt, norm, factor)
 
 
