@@ -968,8 +968,7 @@ def put_factor_(factor: Factor, idx: torch.Tensor, part: Factor) -> Factor:
 
 
 def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool = False, delta: float | None = None,
-              passes: int = 4, factor: Factor | None = None, near: float | None = None,
-              rtol: float = 0.0) -> torch.Tensor:
+              passes: int = 4, factor: Factor | None = None, near: float | None = None) -> torch.Tensor:
     """``J^-1 rhs`` (or ``J'^-1 rhs``) for ``J = [[P, A' D], [A, D - I]]``, per instance, by one Cholesky of
     size ``k <= n``.
 
@@ -997,9 +996,6 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     ``Z'HZ u = Z'(g - H A_e^+ r_e)``, and the equality rows' ``z_w = (A_e')^+ (g - H z_x)``: the factored matrix
     is ``(n - rank A_e)``-square (the MPC family: 16 instead of 88), and the rest of the solve is products with
     constant matrices.
-
-    ``rtol``: the relative accuracy asked (passes stop once every residual is at most ``rtol ||rhs||_inf`` plus
-    rounding; 0: rounding level): a Newton step needs only a fraction of its residual (an inexact Newton step).
 
     ``factor`` (from :func:`factorize`, e.g. a Newton step's) is used on the instances where it was built from
     the same ``D`` (:func:`reusable`; the answer is then the same as with a new factorization); the others are
@@ -1078,8 +1074,9 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
 
     z = reg_solve(rhs)
     size = rhs.abs().amax(dim=1)
-    accuracy = max(rtol, near) if stale is not None else rtol  # relative; 0: rounding level
-    tol = 1e-14 * (1.0 + size) + accuracy * size
+    tol = 1e-14 * (1.0 + size)
+    if stale is not None:  # the accuracy asked for, not rounding level
+        tol = tol + near * size
     reached = False
     for _ in range(passes):
         r = rhs - apply(z)
@@ -1181,12 +1178,10 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
     on ``||F||_2^2`` but not always on ``||F||_inf``: judged by the max norm, points with a few wrongly active
     rows made no progress at any step length (MPC, from learned starts: 101 of 200 converged in 4 steps against
     125 with the 2-norm; the SOCP and SDP layer benchmarks got 10-20% faster).
-    ``passes``: the most iterative-refinement passes of each step's linear solve (:func:`solve_kkt`, which stops
-    earlier once the step is accurate to ``near``, relative, when that is set: an inexact Newton step, one pass
-    fewer per step on the SOCP of the layer benchmark); fewer make a step cheaper and less exact (one pass leaves
-    an error of about ``delta^2`` relative to the step, which later steps correct; the last point is then less
-    accurate than with more). A step on every instance (the first, mostly) works on the batch itself, without
-    copies of its rows. Returns the point, ``||F||_inf`` and the
+    ``passes``: the iterative-refinement passes of each step's linear solve (:func:`solve_kkt`); fewer make a
+    step cheaper and less exact (one pass leaves an error of about ``delta^2`` relative to the step, which later
+    steps correct; the last point is then less accurate than with more). A step on every instance (the first,
+    mostly) works on the batch itself, without copies of its rows. Returns the point, ``||F||_inf`` and the
     last factorization of each instance (which the backward solve reuses where ``D`` has not changed, see
     :func:`reusable`, and where it changed a little, :func:`near_reuse`). A step after the first factors only
     the instances whose ``D`` changed: on LPs and QPs, whose active set changed. With ``near`` (a relative
@@ -1213,7 +1208,7 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
             fs = f if whole else f[idx]
             local = (start_norm <= NEAR_RESIDUAL * scale[idx]) & (near is not None)
             part, factor = _step_factor(sub, jac, factor, idx, norm.shape[0], local)
-            delta = solve_kkt(sub, jac, fs, factor=part, passes=passes, near=near, rtol=near or 0.0)
+            delta = solve_kkt(sub, jac, fs, factor=part, passes=passes, near=near)
             best_x, best_w, best_f, best_norm = start.x.clone(), start.w.clone(), fs.clone(), start_norm.clone()
             start_merit = fs.norm(dim=1)
             best_merit = start_merit.clone()
