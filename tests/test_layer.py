@@ -289,7 +289,7 @@ def test_warm_starts_agree_with_cold_and_previous_follows_a_moving_parameter():
         if last is not None:  # the answer moved with the parameter (it is not the previous solution)
             assert float((xp - last).abs().max()) > 1e-4
         last = xp
-    assert prev._previous is not None and prev._previous["x"].shape[0] == 4
+    assert prev._previous_fields() is not None and prev._previous_fields()["x"].shape[0] == 4
 
 
 @pytest.mark.parametrize("make", [qp, socp])

@@ -251,7 +251,8 @@ class CvxpyLayer(nn.Module):
         self._dual_maps: list[AffineOutput] | None = dual_maps(pp) if return_duals else None
         self._solvers: dict[tuple, ThreadedSolver] = {}
         self._cache = FactorCache()
-        self._previous: dict[str, torch.Tensor] | None = None
+        self._previous: dict[str, torch.Tensor] | None = None  # the last solution as warm-start fields
+        self._last: tuple[Data, Solution] | None = None  # ... before they are computed (on the first call that asks)
         self._previous_skip = 0
         self._races: dict[int, Race] = {}
         self.last_solution: Solution | None = None
@@ -288,7 +289,7 @@ class CvxpyLayer(nn.Module):
                                              sol.factor)
         else:
             x, y = self._unrolled(theta, sol)
-        self._previous = self._warm_dict(data, sol)
+        self._last = (data, self.last_solution)
         outs = [m.apply(x) for m in self._var_maps]
         if self._dual_maps is not None:
             outs += [m.apply(y) for m in self._dual_maps]
@@ -481,7 +482,7 @@ class CvxpyLayer(nn.Module):
         """Warm-start fields (``x``, ``y``[, ``s``]) for the batch, or None for cold starts."""
         B = data.batch_size
         if mode == "previous":
-            prev = self._previous
+            prev = self._previous_fields()
             if prev is None or prev["x"].shape[0] not in (1, B) or prev["x"].device != theta.device:
                 return None
             return {k: v.expand(B, -1) for k, v in prev.items()}
@@ -497,6 +498,13 @@ class CvxpyLayer(nn.Module):
             ok = torch.stack([torch.isfinite(v).all(dim=1) for v in ws.values()]).all(dim=0)
             return {k: torch.where(ok[:, None], v, torch.zeros_like(v)) for k, v in ws.items()}
         return None
+
+    def _previous_fields(self) -> dict[str, torch.Tensor] | None:
+        """The last call's solution as warm-start fields, or None before the first call (computed once, when a call
+        with ``warm_start="previous"`` asks: the other modes do not pay for it)."""
+        if self._last is not None:
+            self._previous, self._last = self._warm_dict(*self._last), None
+        return self._previous
 
     def _warm_dict(self, data: Data, sol: Solution) -> dict[str, torch.Tensor]:
         """The solution as warm-start fields for the next call (failed instances start cold)."""
