@@ -1270,7 +1270,8 @@ class ImplicitSolution(torch.autograd.Function):
     :func:`sparse`) chooses the linear algebra of the backward. Backward, for output gradients
     ``(gx, gy, gs)``: ``g_w = D' gy + (dslack/dw)' gs``, ``lam = J'^-1 [gx; g_w]``, and the parameter gradient
     ``-(dF/dtheta)' lam`` by autograd through ``canonicalize(theta)`` and ``F`` at the fixed point. Failed
-    instances (``failed``) get NaN gradients. ``factor`` (the forward's Newton factorizations, see
+    instances (``failed``) get NaN gradients. ``data``: ``canonicalize(theta)``, where the caller has it already.
+    ``factor`` (the forward's Newton factorizations, see
     :class:`Refined`) is reused where ``D`` at the solution is the one it was built from, and preconditions the
     solve where it is close (:func:`near_reuse`, to :data:`BACKWARD_NEAR`); it is saved for the backward like
     any tensor.
@@ -1279,14 +1280,16 @@ class ImplicitSolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                 canonicalize: Callable[[torch.Tensor], Data], failed: torch.Tensor,
-                build: Callable[[Data], Batch] = dense, factor: Factor | None = None):  # noqa: D102
+                build: Callable[[Data], Batch] = dense, factor: Factor | None = None,
+                data: Data | None = None):  # noqa: D102
         # the factorizations are saved like any tensor: freed after the backward, kept with retain_graph (so that a
         # second backward gives the same gradient)
         ctx.canonicalize, ctx.build = canonicalize, build
         ctx.factor = None if factor is None else factor.skeleton()
         ctx.save_for_backward(theta, x, w, failed, *([] if factor is None else factor.tensors()))
         with torch.no_grad():
-            d = sparse(canonicalize(theta.detach()))  # only the vectors and cones are read: no dense copy of A
+            # only the vectors and cones are read: no dense copy of A
+            d = sparse(canonicalize(theta.detach()) if data is None else data)
             y = dual_of(d, w)
             slack = slack_of(d, w, y)
         nan = torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
@@ -1322,7 +1325,7 @@ class ImplicitSolution(torch.autograd.Function):
         if grad is None:
             grad = torch.zeros_like(theta)
         grad = torch.where(failed[:, None], torch.full_like(grad, float("nan")), grad)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _detached(d: Batch) -> Batch:

@@ -286,7 +286,7 @@ class CvxpyLayer(nn.Module):
         self._report(sol)
         if self.gradients == "implicit":
             x, y, _ = ImplicitSolution.apply(theta, sol.x, sol.w, self.pp.canonicalize_vector, sol.failed, self._batch,
-                                             sol.factor)
+                                             sol.factor, data)
         else:
             x, y = self._unrolled(theta, sol)
         self._last = (data, self.last_solution)
