@@ -1250,16 +1250,19 @@ def _step_factor(sub: Batch, jac: DualJacobian, factor: Factor | None, idx: torc
         part = factorize(sub, jac)
         # the first step ran on every instance: its factorization is the base (no copy)
         return part, part if idx.numel() == batch else put_factor_(blank_factor(part, batch), idx, part)
-    keep = _serves(factor.jac.map(lambda t: t[idx]), factor.ok[idx], jac, local)
+    whole = idx.numel() == batch  # a step on every instance: the batch's factor itself, no copies
+    keep = _serves(factor.jac if whole else factor.jac.map(lambda t: t[idx]), factor.ok if whole else factor.ok[idx],
+                   jac, local)
     if not bool(keep.any()):  # every instance anew (cone programs from afar): no copy of the old factors
         part = factorize(sub, jac)
-        return part, put_factor_(factor, idx, part)
-    part = take_factor(factor, idx)
+        return part, part if whole else put_factor_(factor, idx, part)
+    part = factor if whole else take_factor(factor, idx)
     new = torch.nonzero(~keep).flatten()
     if new.numel():
         fresh = factorize(take(sub, new), jac.map(lambda t: t[new]))
         put_factor_(part, new, fresh)
-        put_factor_(factor, idx[new], fresh)
+        if not whole:
+            put_factor_(factor, idx[new], fresh)
     return part, factor
 
 
