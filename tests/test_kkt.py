@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -9,8 +10,22 @@ import torch
 from amortcvx.layers import CvxpyLayer, kkt
 from tests.test_layer import expcone, lp_param_a, qp, qp_param_p, sdp, socp
 
+
+
+def socp_shared_a(m=12, n=5, seed=3):
+    """The SOCP of ``socp`` with ``A`` a constant (shared by the batch; parameter ``b``): its cones' Schur
+    complement takes the memoized Gram matrices (``kkt._soc_grams``)."""
+    b, x = cp.Parameter(m, name="b"), cp.Variable(n, name="x")
+    A0 = np.random.default_rng(seed).normal(size=(m, n))
+    prob = cp.Problem(cp.Minimize(cp.norm(A0 @ x - b, 2) + 0.1 * cp.norm1(x)), [cp.norm(x, "inf") <= 1])
+
+    def sample(B, rng):
+        return [torch.tensor(rng.normal(size=(B, m)))]
+    return prob, [b], [x], sample
+
+
 CASES = {"qp": (qp, None), "lp_scs": (lp_param_a, "scs"), "qp_param_P": (qp_param_p, None), "qp_scs": (qp, "scs"),
-         "socp": (socp, None), "sdp": (sdp, None), "exp": (expcone, None)}
+         "socp": (socp, None), "socp_shared_a": (socp_shared_a, None), "sdp": (sdp, None), "exp": (expcone, None)}
 
 
 def _setup(case: str, point: str, B: int = 6):
@@ -55,6 +70,22 @@ def test_reduced_solve_matches_the_dense_system(case, point, transpose):
     dense = kkt.solve_dense(J, rhs, n, transpose=transpose)
     if bool(full_rank.any()):
         assert torch.allclose(z[full_rank], dense[full_rank], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("point", ["solution", "random"])
+def test_soc_gram_matrices_give_the_batched_schur_complement(point):
+    d, jac = _setup("socp_shared_a", point)
+    assert d.A.shape[0] == 1 and d.data.A.shared and jac.soc
+    _, M = kkt._elimination_weights(jac, kkt.DELTA)
+    As = d.A[..., M.lin:, :]
+    grams = kkt._soc_grams(d, None, d.A, M.lin, M.groups)
+    assert all(g is not None for g in grams[:len(M.soc)])
+    plain = kkt._structured_schur(As, M.groups, (None,) * len(M.groups))
+    torch.testing.assert_close(kkt._structured_schur(As, M.groups, grams), plain, rtol=1e-12, atol=1e-10)
+    # per instance A (the socp case): no Gram matrices
+    d_a, jac_a = _setup("socp", point)
+    _, M_a = kkt._elimination_weights(jac_a, kkt.DELTA)
+    assert kkt._soc_grams(d_a, None, d_a.A, M_a.lin, M_a.groups) == (None,) * len(M_a.groups)
 
 
 def test_dual_jacobian_products_match_its_matrix():

@@ -855,9 +855,9 @@ def _structured_schur(As: torch.Tensor, groups: tuple[SocGroup | PsdGroup, ...],
     return K
 
 
-GRAM_BUDGET = 1 << 22
-"""The most entries (``count * dim^2``, float64: 32 MB) of the memoized Gram matrices of one SOC group
-(:func:`_soc_grams`)."""
+GRAM_BUDGET = 1 << 20
+"""The most entries (``count * dim^2``; float64: 8 MB) of the memoized Gram matrices of one SOC group
+(:func:`_soc_grams`; the memo keeps at most 32 such entries)."""
 
 
 def _soc_grams(d: Batch, ns: NullSpace | None, AZ: torch.Tensor, lin: int,
