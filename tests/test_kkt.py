@@ -11,7 +11,6 @@ from amortcvx.layers import CvxpyLayer, kkt
 from tests.test_layer import expcone, lp_param_a, qp, qp_param_p, sdp, socp
 
 
-
 def socp_shared_a(m=12, n=5, seed=3):
     """The SOCP of ``socp`` with ``A`` a constant (shared by the batch; parameter ``b``): its cones' Schur
     complement takes the memoized Gram matrices (``kkt._soc_grams``)."""
