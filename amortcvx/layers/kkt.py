@@ -347,7 +347,8 @@ class PsdGroup(NamedTuple):
 
     def apply(self, g: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``Q (gamma * (Q' g))`` per cone for ``g`` (B, count, k) (``D`` is symmetric)."""
-        return (self.Q @ (self.gamma * (g.unsqueeze(-2) @ self.Q).squeeze(-2)).unsqueeze(-1)).squeeze(-1)
+        # row vectors times matrices: see :func:`~amortcvx.iterations.linalg.matvec`
+        return ((self.gamma * (g.unsqueeze(-2) @ self.Q).squeeze(-2)).unsqueeze(-2) @ self.Q.mT).squeeze(-2)
 
     def dense(self) -> torch.Tensor:
         """Each cone's ``D`` as a dense (B, count, k, k) tensor."""
@@ -511,7 +512,7 @@ class DualJacobian(NamedTuple):
             start = self.block_start - self.lin
             rest = seg[:, start:]
             out[:, start:] = ((rest.unsqueeze(1) @ self.block).squeeze(1) if transpose
-                              else (self.block @ rest.unsqueeze(-1)).squeeze(-1))
+                              else (rest.unsqueeze(1) @ self.block.mT).squeeze(1))
 
     def matvec(self, g: torch.Tensor) -> torch.Tensor:
         """``D g`` for ``g`` (B, m)."""
@@ -683,7 +684,7 @@ def _least_squares(mat: torch.Tensor, rhs: torch.Tensor, *, rel: float = 1e-10, 
     L = torch.linalg.cholesky_ex(reg)[0]
     z = torch.zeros_like(rhs)
     for _ in range(passes):
-        r = mat.mT @ (rhs - (mat @ z.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)
+        r = ((rhs - matvec(mat, z)).unsqueeze(1) @ mat).mT
         z = z + torch.cholesky_solve(r, L).squeeze(-1)
     return z
 

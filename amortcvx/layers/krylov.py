@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from amortcvx.canon.data import ConeData, QPData, SparseBatch
-from amortcvx.iterations.linalg import SparseOperator, sparse_operator
+from amortcvx.iterations.linalg import SparseOperator, matvec, sparse_operator
 
 if TYPE_CHECKING:
     from amortcvx.layers.kkt import DualJacobian
@@ -254,15 +254,15 @@ def gmres(apply: Operator, rhs: torch.Tensor, *, tol: float = 1e-10, restart: in
             v = V[:, j]
             w = apply(v if precond is None else precond(v))
             basis = V[:, :j + 1]
-            h = torch.bmm(basis, w.unsqueeze(-1)).squeeze(-1)  # classical Gram-Schmidt, twice
+            h = matvec(basis, w)  # classical Gram-Schmidt, twice
             w = w - torch.bmm(h.unsqueeze(1), basis).squeeze(1)
-            h2 = torch.bmm(basis, w.unsqueeze(-1)).squeeze(-1)
+            h2 = matvec(basis, w)
             w = w - torch.bmm(h2.unsqueeze(1), basis).squeeze(1)
             h = h + h2
             hn = torch.linalg.vector_norm(w, dim=1)
             col = torch.cat([h, hn.unsqueeze(1)], dim=1)  # (B, j + 2)
             scale = torch.linalg.vector_norm(col, dim=1)
-            rot = torch.bmm(G[:, :j + 2, :j + 2], col.unsqueeze(-1)).squeeze(-1)
+            rot = matvec(G[:, :j + 2, :j + 2], col)
             a, b = rot[:, j], rot[:, j + 1]
             rho = torch.hypot(a, b)
             ok = rho > 100 * info.eps * scale  # else: a dependent column (singular Hessenberg), not used
