@@ -1092,8 +1092,8 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
             idx = torch.nonzero(redo).flatten()
             z[idx] = z[idx] + solve_kkt(take(d, idx), jac.map(lambda t: t[idx]), r[idx], transpose=transpose,
                                         delta=delta, passes=passes)
-    bad = ~factor.ok | ~torch.isfinite(z).all(dim=1)
-    if bool(bad.any()):
+    if not (bool(factor.ok.all()) and bool(torch.isfinite(z).all())):
+        bad = ~factor.ok | ~torch.isfinite(z).all(dim=1)
         idx = torch.nonzero(bad).flatten()
         sub = take(d, idx)
         z[idx] = solve_dense(kkt_matrix(sub, jac.map(lambda t: t[idx])), rhs[idx], n, transpose=transpose)
