@@ -186,6 +186,27 @@ def test_calibration_chooses_the_strategy_by_wall_time(fitted):
         solver.use_strategy(saved)
 
 
+def test_plain_cold_starts_take_the_direct_path_with_the_general_paths_answers(fitted):
+    solver, prob, (mu, w, t), _ = fitted
+    theta = np.random.default_rng(11).normal(size=(4, N))
+    saved = solver.strategy
+    try:
+        solver.use_strategy("cold")  # every batch size: the persistent cold object alone
+        fast = solver.solve({"mu": theta})
+        general = solver.solve({"mu": theta}, exact_iterations=True)  # the general path, fresh objects
+    finally:
+        solver.use_strategy(saved)
+    assert fast.optimal.all() and not fast.certified.any() and not fast.warm_started.any()
+    assert not fast.retried.any() and not fast.predictor_enabled and fast.fallback.all()  # a model, switched off
+    assert fast.predict_seconds > 0 and fast.solve_seconds > 0
+    np.testing.assert_allclose(fast.objective, general.objective, atol=2e-3)
+    for i in range(4):
+        mu.value = theta[i]
+        prob.solve(solver=cp.CLARABEL)
+        assert fast.objective[i] == pytest.approx(prob.value, abs=2e-3)  # CVXPY's sign (a maximization)
+        np.testing.assert_allclose(fast.variables["w"][i], w.value, atol=5e-3)
+
+
 def test_fitted_osqp_rho_saves_iterations():
     from amortcvx import problems
 
