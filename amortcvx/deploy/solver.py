@@ -625,9 +625,12 @@ class AmortizedSolver:
     def _predict(self, params: Mapping) -> _Prediction:
         """:meth:`predict_warm_start`, the data it was computed from, and the points to certify."""
         t0 = time.perf_counter()
+        return self._predict_data(*self._canonical(params), t0)
+
+    def _canonical(self, params: Mapping) -> tuple[torch.Tensor, ConeData | QPData, str]:
+        """The flattened parameters of a batch, their canonical data, and the strategy of its batch size."""
         theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device).detach()
-        data = self.pp.canonicalize_vector(theta)
-        return self._predict_data(theta, data, self.strategy_for(theta.shape[0]), t0)
+        return theta, self.pp.canonicalize_vector(theta), self.strategy_for(theta.shape[0])
 
     def _predict_data(self, theta: torch.Tensor, data: ConeData | QPData, strategy: str, t0: float) -> _Prediction:
         """:meth:`_predict` from the flattened parameters, their canonical data and the batch's strategy."""
@@ -1064,15 +1067,12 @@ class AmortizedSolver:
                 and report the iterations the solver itself reports.
         """
         t_start = time.perf_counter()
-        theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device).detach()
-        data = self.pp.canonicalize_vector(theta)
-        strategy = self.strategy_for(theta.shape[0])
+        theta, data, strategy = self._canonical(params)
         if strategy == "cold" and not exact_iterations:
             return self._solve_cold(theta, data, t_start)
         pred = self._predict_data(theta, data, strategy, t_start)
         t0 = time.perf_counter()
-        if self.dtype != torch.float64 or self.device.type != "cpu":  # certificate and C solvers: exact float64 data
-            data = self.pp.canonicalize_vector(pred.theta.to("cpu", torch.float64))
+        data = self._host_data(theta, data)
         size = data.batch_size
         certified = np.zeros(size, dtype=bool)
         results: list[SolveResult | None] = [None] * size
@@ -1102,29 +1102,39 @@ class AmortizedSolver:
             else:
                 for i, r in zip(rest.tolist(), solved):
                     results[i] = r
-        sign = self.pp.objective_sign
-        if sign != 1.0:  # CVXPY's sign: a maximization's canonical problem minimizes -f
-            results = [r._replace(objective=sign * r.objective) for r in results]
-        return AmortizedResult(results, pred.batch.fallback, retried, pred.batch.seconds, time.perf_counter() - t0,
-                               certified, pred.warm.copy(), pred.strategy == "learned", self.pp)
+        return AmortizedResult(self._cvxpy_sign(results), pred.batch.fallback, retried, pred.batch.seconds,
+                               time.perf_counter() - t0, certified, pred.warm.copy(), pred.strategy == "learned",
+                               self.pp)
 
     def _solve_cold(self, theta: torch.Tensor, data: ConeData | QPData, t_start: float) -> AmortizedResult:
         """:meth:`solve` where every instance gets the plain cold start (the strategy of this batch size, timed
         mode): one call of the persistent cold object, nothing else. The general path gives the same answers with
         the torch path's bookkeeping around them, which cost about 12 us per call (portfolio small, batch 1, SCS
-        and OSQP: 66 -> 54 and 61 -> 49 us against the hand-written loop's 53 and 58 us)."""
+        and OSQP: 66 -> 59 and 61 -> 55 us against the hand-written loop's 53 and 58 us)."""
         t0 = time.perf_counter()
-        if self.dtype != torch.float64 or self.device.type != "cpu":  # the C solvers take exact float64 data
-            data = self.pp.canonicalize_vector(theta.to("cpu", torch.float64))
-        check = self.cold_check_termination if self.algorithm == "osqp" else None
-        results = self.persistent_solver(theta, self.c_modes["cold"], "cold").solve(data, check_termination=check)
-        sign = self.pp.objective_sign
-        if sign != 1.0:  # CVXPY's sign: a maximization's canonical problem minimizes -f
-            results = [r._replace(objective=sign * r.objective) for r in results]
+        results = self._cvxpy_sign(self._cold_c_solve(theta, self._host_data(theta, data)))
         size = len(results)
         return AmortizedResult(results, np.full(size, self.model is not None), np.zeros(size, dtype=bool),
                                t0 - t_start, time.perf_counter() - t0, np.zeros(size, dtype=bool),
                                np.zeros(size, dtype=bool), False, self.pp)
+
+    def _host_data(self, theta: torch.Tensor, data: ConeData | QPData) -> ConeData | QPData:
+        """The canonical data as the certificate and the C solvers take it: exact float64 on the host (``data``
+        itself where the solver computes in float64 on the CPU)."""
+        if self.dtype != torch.float64 or self.device.type != "cpu":
+            return self.pp.canonicalize_vector(theta.to("cpu", torch.float64))
+        return data
+
+    def _cvxpy_sign(self, results: list[SolveResult]) -> list[SolveResult]:
+        """The results with CVXPY's objective sign (a maximization's canonical problem minimizes ``-f``)."""
+        sign = self.pp.objective_sign
+        return results if sign == 1.0 else [r._replace(objective=sign * r.objective) for r in results]
+
+    def _cold_c_solve(self, theta: torch.Tensor, data: ConeData | QPData) -> list[SolveResult]:
+        """Every instance of ``data`` from the plain cold start, in one call of the persistent cold object (OSQP: at
+        the cold solves' termination-check interval)."""
+        check = self.cold_check_termination if self.algorithm == "osqp" else None
+        return self.persistent_solver(theta, self.c_modes["cold"], "cold").solve(data, check_termination=check)
 
     def _c_solve(self, pred: _Prediction, data: ConeData | QPData, index: np.ndarray, warm: np.ndarray,
                  exact_iterations: bool) -> list[SolveResult]:
@@ -1134,26 +1144,19 @@ class AmortizedSolver:
             return solve_batch([data.instance(int(i)) for i in index], self.backend, warm_starts=starts,
                                settings=self.c_settings(), exact_iterations=True, workers=self.workers)
         sub = data if index.size == data.batch_size else data.take(index)
-        osqp = self.algorithm == "osqp"
-        checks = {"warm": self.check_termination if osqp else None,
-                  "cold": self.cold_check_termination if osqp else None}
         if not warm.any():  # every instance cold: one call on the cold object
-            return self.persistent_solver(pred.theta, self.c_modes["cold"], "cold").solve(
-                sub, check_termination=checks["cold"])
-        arrays = None if pred.batch.arrays is None else {k: v[index] for k, v in pred.batch.arrays.items()}
+            return self._cold_c_solve(pred.theta, sub)
+        # each kind on its own object, with its own termination-check interval
+        pos, cold = np.flatnonzero(warm), np.flatnonzero(~warm)
+        arrays = None if pred.batch.arrays is None else {k: v[index[pos]] for k, v in pred.batch.arrays.items()}
+        check = self.check_termination if self.algorithm == "osqp" else None
+        parts = [(pos, self.persistent_solver(pred.theta, self.c_modes["warm"], "warm").solve(
+            sub if pos.size == index.size else sub.take(pos), arrays, check_termination=check))]
+        if cold.size:
+            parts.append((cold, self._cold_c_solve(pred.theta, sub.take(cold))))
         out: list[SolveResult | None] = [None] * index.size
-        for kind, mask in (("warm", warm), ("cold", ~warm)):  # each on its own object, with its own interval
-            pos = np.flatnonzero(mask)
-            if not pos.size:
-                continue
-            solver = self.persistent_solver(pred.theta, self.c_modes[kind], kind)
-            part_data = sub if pos.size == index.size else sub.take(pos)
-            if kind == "warm":
-                part_arrays = arrays if pos.size == index.size else {k: v[pos] for k, v in arrays.items()}
-                part = solver.solve(part_data, part_arrays, check_termination=checks[kind])
-            else:
-                part = solver.solve(part_data, check_termination=checks[kind])
-            for j, r in zip(pos, part):
+        for where, part in parts:
+            for j, r in zip(where, part):
                 out[j] = r
         return out
 
