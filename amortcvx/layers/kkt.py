@@ -511,8 +511,7 @@ class DualJacobian(NamedTuple):
         if self.block is not None:
             start = self.block_start - self.lin
             rest = seg[:, start:]
-            out[:, start:] = ((rest.unsqueeze(1) @ self.block).squeeze(1) if transpose
-                              else (rest.unsqueeze(1) @ self.block.mT).squeeze(1))
+            out[:, start:] = rmatvec(self.block, rest) if transpose else matvec(self.block, rest)
 
     def matvec(self, g: torch.Tensor) -> torch.Tensor:
         """``D g`` for ``g`` (B, m)."""
@@ -684,7 +683,7 @@ def _least_squares(mat: torch.Tensor, rhs: torch.Tensor, *, rel: float = 1e-10, 
     L = torch.linalg.cholesky_ex(reg)[0]
     z = torch.zeros_like(rhs)
     for _ in range(passes):
-        r = ((rhs - matvec(mat, z)).unsqueeze(1) @ mat).mT
+        r = rmatvec(mat, rhs - matvec(mat, z)).unsqueeze(-1)
         z = z + torch.cholesky_solve(r, L).squeeze(-1)
     return z
 

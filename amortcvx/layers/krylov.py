@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from amortcvx.canon.data import ConeData, QPData, SparseBatch
-from amortcvx.iterations.linalg import SparseOperator, matvec, sparse_operator
+from amortcvx.iterations.linalg import SparseOperator, matvec, rmatvec, sparse_operator
 
 if TYPE_CHECKING:
     from amortcvx.layers.kkt import DualJacobian
@@ -255,9 +255,9 @@ def gmres(apply: Operator, rhs: torch.Tensor, *, tol: float = 1e-10, restart: in
             w = apply(v if precond is None else precond(v))
             basis = V[:, :j + 1]
             h = matvec(basis, w)  # classical Gram-Schmidt, twice
-            w = w - torch.bmm(h.unsqueeze(1), basis).squeeze(1)
+            w = w - rmatvec(basis, h)
             h2 = matvec(basis, w)
-            w = w - torch.bmm(h2.unsqueeze(1), basis).squeeze(1)
+            w = w - rmatvec(basis, h2)
             h = h + h2
             hn = torch.linalg.vector_norm(w, dim=1)
             col = torch.cat([h, hn.unsqueeze(1)], dim=1)  # (B, j + 2)
@@ -289,7 +289,7 @@ def gmres(apply: Operator, rhs: torch.Tensor, *, tol: float = 1e-10, restart: in
         Rk = torch.where(keep[:, None, :], R[:, :k_max, :k_max], eye)
         g = torch.where(keep, beta[:, None] * G[:, :k_max, 0], 0.0)
         y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True).squeeze(-1)
-        u = torch.bmm(y.unsqueeze(1), V[:, :k_max]).squeeze(1)
+        u = rmatvec(V[:, :k_max], y)
         cand = z + (u if precond is None else precond(u))
         r_new = rhs - apply(cand)
         n_new = torch.linalg.vector_norm(r_new, dim=1)
