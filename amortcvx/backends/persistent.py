@@ -124,17 +124,16 @@ class PersistentSolver:
         """The vectors the solvers do not check, as host arrays (a prepared batch, :meth:`check`)."""
         for name in self._vectors:
             values = arrays[name]
-            if not np.isfinite(values).all():  # one test of the whole batch; the instance only on failure
+            # one sum of the whole batch (NaN or inf wherever an entry is); the entries only where it is not finite
+            if not math.isfinite(values.sum()) and not np.isfinite(values).all():
                 first = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
                 raise ValueError(f"instance {first}: {name} has non-finite entries")
 
     def _results(self, data: ConeData | QPData, raw: list[RawSolve]) -> list[SolveResult]:
         """SolveResults; each objective is the solver's own value plus the instance's offset."""
-        offset = host(data.offset)
-        return [SolveResult(x=r.x, y=r.y, s=r.s, status=r.status, iterations=int(r.iterations),
-                            setup_time=r.setup_time, solve_time=r.solve_time,
-                            objective=float(r.value + off) if r.status.has_solution else float("nan"),
-                            message=r.message, stats=r.stats)
+        offset = data.offset.tolist()  # Python floats (positional fields: this runs once per solve)
+        return [SolveResult(r.x, r.y, r.s, r.status, r.iterations, r.setup_time, r.solve_time,
+                            r.value + off if r.status.has_solution else math.nan, r.message, r.stats)
                 for r, off in zip(raw, offset)]
 
 

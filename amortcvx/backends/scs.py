@@ -404,6 +404,7 @@ class Session:
         if not hasattr(scs, "LinearSolver") and "linear_solver" not in (settings or {}):
             opts.pop("linear_solver", None)
         self.opts = opts
+        self._max_iters = int(opts["max_iters"])
         self.n, self.m = int(np.shape(reference.c)[0]), reference.cones.size
         self._int = np.int64 if getattr(scs, "__sizeof_int__", 8) == 8 else np.int32
         self._ref = solver_data(reference, self._int)
@@ -510,11 +511,12 @@ class Session:
             return RawSolve(Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0,
                             np.nan, np.nan, f"SCS solve failed: {e}")
         info = raw["info"]
-        self._clean = self._reuse and not matrices and (self.stateless or int(info["iter"]) == 0)
+        last = int(info["iter"])
+        self._clean = self._reuse and not matrices and (self.stateless or last == 0)
         status = STATUS_MAP.get(int(info["status_val"]), Status.SOLVER_ERROR)
-        executed = max(0, min(int(info["iter"]) + 1, int(self.opts["max_iters"])))
-        return RawSolve(status, np.asarray(raw["x"], dtype=np.float64), np.asarray(raw["y"], dtype=np.float64),
-                        np.asarray(raw["s"], dtype=np.float64), executed, float(info["setup_time"]) / 1e3,
+        executed = max(0, min(last + 1, self._max_iters))
+        # SCS returns float64 numpy arrays of its own (not views of the object's memory)
+        return RawSolve(status, raw["x"], raw["y"], raw["s"], executed, float(info["setup_time"]) / 1e3,
                         float(info["solve_time"]) / 1e3, str(info.get("status", "")),
                         {"scale": float(info.get("scale", np.nan)),
                          "scale_updates": float(info.get("scale_updates", 0))}, float(info.get("pobj", np.nan)))

@@ -629,7 +629,9 @@ class AmortizedSolver:
 
     def _canonical(self, params: Mapping) -> tuple[torch.Tensor, ConeData | QPData, str]:
         """The flattened parameters of a batch, their canonical data, and the strategy of its batch size."""
-        theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device).detach()
+        theta = self.pp.parameter_vector(params, dtype=self.dtype, device=self.device)
+        if theta.requires_grad:  # tensors in a graph: the solver does not differentiate
+            theta = theta.detach()
         return theta, self.pp.canonicalize_vector(theta), self.strategy_for(theta.shape[0])
 
     def _predict_data(self, theta: torch.Tensor, data: ConeData | QPData, strategy: str, t0: float) -> _Prediction:
@@ -1113,10 +1115,11 @@ class AmortizedSolver:
         and OSQP: 66 -> 59 and 61 -> 55 us against the hand-written loop's 53 and 58 us)."""
         t0 = time.perf_counter()
         results = self._cvxpy_sign(self._cold_c_solve(theta, self._host_data(theta, data)))
-        size = len(results)
-        return AmortizedResult(results, np.full(size, self.model is not None), np.zeros(size, dtype=bool),
-                               t0 - t_start, time.perf_counter() - t0, np.zeros(size, dtype=bool),
-                               np.zeros(size, dtype=bool), False, self.pp)
+        # fallback (every instance, where there is a model), retried, certified, warm_started: rows of one array
+        flags = np.zeros((4, len(results)), dtype=bool)
+        flags[0] = self.model is not None
+        return AmortizedResult(results, flags[0], flags[1], t0 - t_start, time.perf_counter() - t0, flags[2], flags[3],
+                               False, self.pp)
 
     def _host_data(self, theta: torch.Tensor, data: ConeData | QPData) -> ConeData | QPData:
         """The canonical data as the certificate and the C solvers take it: exact float64 on the host (``data``
