@@ -190,6 +190,46 @@ def test_a_nearby_factor_preconditions_the_solve_to_the_asked_accuracy(case, tra
             assert sum(calls) == jac.diag.shape[0]
 
 
+@pytest.mark.parametrize("case", ["socp", "sdp", "exp"])
+def test_a_solve_stops_at_the_asked_accuracy_and_newton_steps_take_it_from_the_residual(case, monkeypatch):
+    d, w = _setup_point(case, "random")
+    jac = kkt.dual_jacobian(d, w)
+    K = kkt.kkt_matrix(d, jac)
+    gen = torch.Generator().manual_seed(5)
+    rhs = (K @ torch.randn(K.shape[:2], dtype=torch.float64, generator=gen).unsqueeze(-1)).squeeze(-1)
+    passes = []
+    real = kkt._cholesky_solve
+    monkeypatch.setattr(kkt, "_cholesky_solve", lambda L, b: passes.append(1) or real(L, b))
+
+    def solve(**kw):
+        passes.clear()
+        z = kkt.solve_kkt(d, jac, rhs, **kw)
+        return (rhs - (K @ z.unsqueeze(-1)).squeeze(-1)).abs().amax(dim=1), len(passes)
+    exact, exact_passes = solve()
+    loose = torch.full((rhs.shape[0],), 1e-3, dtype=torch.float64)
+    residual, loose_passes = solve(accuracy=loose)
+    size = rhs.abs().amax(dim=1)
+    assert (exact <= 1e-12 * (1 + size)).all()
+    assert (residual <= 1e-3 * size + 1e-14).all() and loose_passes < exact_passes
+    # Newton from a point near the solution: each step's solve asks for the relative residual (at most
+    # FORCING_MAX), and the steps still reach the solution as with exact solves
+    d0, w0 = _setup_point(case, "solution")
+    x0 = torch.linalg.lstsq(d0.A.expand(w0.shape[0], -1, -1), (d0.b - kkt.slack_of(d0, w0, kkt.dual_of(d0, w0)))
+                            .unsqueeze(-1)).solution.squeeze(-1)
+    start = kkt.Point(x0 * (1 + 1e-3), w0 * (1 + 1e-3))
+    asked = []
+    real_solve = kkt.solve_kkt
+    monkeypatch.setattr(kkt, "solve_kkt", lambda *a, **k: asked.append(k.get("accuracy")) or real_solve(*a, **k))
+    ref = kkt.newton_refine(d0, start, steps=6)
+    assert kkt.converged(d0, ref.norm).all()
+    assert asked[0] is not None and float(asked[0].max()) <= kkt.FORCING_MAX and float(asked[0].min()) > 1e-10
+    monkeypatch.setattr(kkt, "FORCING_MAX", 0.0)  # every step exact
+    exact_ref = kkt.newton_refine(d0, start, steps=6)
+    y, y_exact = kkt.dual_of(d0, ref.point.w), kkt.dual_of(d0, exact_ref.point.w)
+    torch.testing.assert_close(ref.point.x, exact_ref.point.x, rtol=0, atol=1e-8)
+    torch.testing.assert_close(y, y_exact, rtol=0, atol=1e-8)
+
+
 def test_newton_steps_and_the_backward_reuse_a_nearby_factorization(monkeypatch):
     prob, params, variables, sample = socp()
     layer = CvxpyLayer(prob, params, variables, eps=1e-8)
