@@ -99,17 +99,14 @@ def project_soc(z: Tensor) -> Tensor:
     if z.shape[-1] < 1:
         raise ValueError(f"project_soc: the last dimension of z (the cone size) must be >= 1, got shape "
                          f"{tuple(z.shape)}")
-    t = z[..., 0]
+    t = z[..., :1]
     x = z[..., 1:]
-    sq = (x * x).sum(-1)
-    pos = sq > 0
-    r = torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
-    alpha = 0.5 * (t + r)
-    scale = alpha / torch.where(pos, r, torch.ones_like(r))
-    mixed = torch.cat([alpha.unsqueeze(-1), x * scale.unsqueeze(-1)], dim=-1)
-    inside = (r <= t).unsqueeze(-1)
-    polar = (r <= -t).unsqueeze(-1)
-    return torch.where(inside, z, torch.where(polar, torch.zeros_like(z), mixed))
+    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # its gradient at x = 0 is 0
+    # alpha = (t + r) / 2 is <= 0 exactly in the polar cone (relu: 0 there, gradient 0 on its boundary too); x's
+    # factor alpha / r is finite at x = 0 through r's floor (and any factor gives 0 there)
+    alpha = torch.relu(0.5 * (t + r))
+    mixed = torch.cat([alpha, x * (alpha / r.clamp_min(torch.finfo(r.dtype).tiny))], dim=-1)
+    return torch.where(r <= t, z, mixed)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -395,17 +395,18 @@ def soc_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     ``alpha = (1 + rho) / 2`` and ``C = [[-rho, 1], [1, -rho]] / 2`` (the one-sided choices of ``project_soc``
     on the boundaries).
     """
-    t, x = z[..., 0], z[..., 1:]
-    r = torch.linalg.vector_norm(x, dim=-1)
-    safe_r = torch.where(r > 0, r, torch.ones_like(r))
-    u = torch.cat([torch.zeros_like(t).unsqueeze(-1), x / safe_r.unsqueeze(-1)], dim=-1)
+    t = z[..., 0]
+    r = torch.linalg.vector_norm(z[..., 1:], dim=-1)
+    safe_r = torch.where(r > 0, r, 1.0)
+    u = z / safe_r.unsqueeze(-1)
+    u[..., 0] = 0.0
     rho = t / safe_r
-    inside, polar = r <= t, r <= -t
-    mixed = ~(inside | polar)
-    alpha = torch.where(inside, torch.ones_like(t), torch.where(polar, torch.zeros_like(t), 0.5 * (1 + rho)))
-    off = torch.where(mixed, 0.5 * torch.ones_like(t), torch.zeros_like(t))
-    diag = torch.where(mixed, -0.5 * rho, torch.zeros_like(t))
-    C = torch.stack([torch.stack([diag, off], dim=-1), torch.stack([off, diag], dim=-1)], dim=-2)
+    inside = r <= t
+    half = 0.5 * (~(inside | (r <= -t))).to(z.dtype)  # 1/2 between the cones, else 0
+    # (1 + rho) / 2 is in [0, 1] between the cones and <= 0 in the polar cone
+    alpha = torch.where(inside, 1.0, (0.5 * (1.0 + rho)).clamp(0.0, 1.0))
+    diag = -half * rho
+    C = torch.stack([diag, half, half, diag], dim=-1).unflatten(-1, (2, 2))
     return alpha, u, C
 
 
@@ -1324,31 +1325,63 @@ class ImplicitSolution(torch.autograd.Function):
         theta, x, w, failed, *saved = ctx.saved_tensors
         x0 = torch.where(failed[:, None], torch.zeros_like(x), x)
         w0 = torch.where(failed[:, None], torch.zeros_like(w), w)
-        with torch.enable_grad():
+        with torch.enable_grad():  # the canonical data, differentiable in theta
             th = theta.detach().requires_grad_(True)
-            d = ctx.build(ctx.canonicalize(th))
-            with torch.no_grad():
-                jac = dual_jacobian(d, w0)
-                sign = 1.0 if d.b is not None else -1.0  # slack = y - w (cone) or w - y (QP): ds = sign (D - I) dw
-                gx0, gy0, gs0 = (torch.nan_to_num(g) if g is not None else None for g in (gx, gy, gs))
-                gw = torch.zeros_like(w0)
-                if gy0 is not None:
-                    gw = gw + jac.rmatvec(gy0)
-                if gs0 is not None:
-                    gw = gw + sign * (jac.rmatvec(gs0) - gs0)
-                rhs = torch.cat([gx0 if gx0 is not None else torch.zeros_like(x0), gw], dim=1)
-                factor = None if ctx.factor is None else ctx.factor.rebuild(saved)
-                lam = solve_kkt(_detached(d), jac, rhs, transpose=True, factor=factor, near=BACKWARD_NEAR)
-            f1, f2 = residual(d, Point(x0, w0))
-            n = x.shape[1]
-            pairs = [(f, -g) for f, g in ((f1, lam[:, :n]), (f2, lam[:, n:])) if f.requires_grad]
+            data = ctx.canonicalize(th)
+        with torch.no_grad():
+            d = _detached(ctx.build(data))
+            jac = dual_jacobian(d, w0)
+            sign = 1.0 if d.b is not None else -1.0  # slack = y - w (cone) or w - y (QP): ds = sign (D - I) dw
+            gx0, gy0, gs0 = (torch.nan_to_num(g) if g is not None else None for g in (gx, gy, gs))
+            gw = torch.zeros_like(w0)
+            if gy0 is not None:
+                gw = gw + jac.rmatvec(gy0)
+            if gs0 is not None:
+                gw = gw + sign * (jac.rmatvec(gs0) - gs0)
+            rhs = torch.cat([gx0 if gx0 is not None else torch.zeros_like(x0), gw], dim=1)
+            factor = None if ctx.factor is None else ctx.factor.rebuild(saved)
+            lam = solve_kkt(d, jac, rhs, transpose=True, factor=factor, near=BACKWARD_NEAR)
+        with torch.enable_grad():  # -(dF/dtheta)' lam: closed form in the data, autograd through canonicalize
+            pairs = _data_vjp(data, d, x0, w0, lam)
             grad = None
             if pairs:
-                (grad,) = torch.autograd.grad([f for f, _ in pairs], th, [g for _, g in pairs], allow_unused=True)
+                (grad,) = torch.autograd.grad([t for t, _ in pairs], th, [g for _, g in pairs], allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(theta)
         grad = torch.where(failed[:, None], torch.full_like(grad, float("nan")), grad)
         return grad, None, None, None, None, None, None, None
+
+
+def _data_vjp(data: Data, d: Batch, x: torch.Tensor, w: torch.Tensor, lam: torch.Tensor
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``-(dF/d data)' lam`` at ``(x, w)``, in closed form, as (data tensor, its gradient) pairs for the canonical
+    data that depend on the parameters (``data``, with autograd to ``theta``; ``d``, its batch without).
+
+    ``F1 = A' y + lin + P x`` and ``F2 = A x - b + y - w`` (cone form; ``y = Pi_K*(w)``, independent of the data) or
+    ``F2 = A x - w + y`` (QP form; ``y = w - clip(w, l, u)``): ``lin`` gets ``-lam_1``, ``b`` gets ``lam_2``, each
+    stored entry ``(i, j)`` of ``A`` gets ``-(y_i lam_1j + lam_2i x_j)`` and of ``P`` gets ``-lam_1i x_j``; in the QP
+    form ``l`` and ``u`` act through ``y`` (its pair: ``y`` as a function of them, and ``-(A lam_1 + lam_2)``)."""
+    n = x.shape[1]
+    lam1, lam2 = lam[:, :n], lam[:, n:]
+    cone = isinstance(data, ConeData)
+    pairs = [(data.c if cone else data.q, -lam1)]
+    if cone:
+        pairs.append((data.b, lam2))
+        y = dual_of(d, w)
+    else:
+        y = w - torch.minimum(torch.maximum(w, data.l), data.u)  # with autograd to l, u where they depend on theta
+        if y.requires_grad:
+            pairs.append((y, -(_a_mv(d, lam1) + lam2)))
+        y = y.detach()
+    for mat, left, right in ((data.A, (y, lam2), (lam1, x)), (data.P, (lam1,), (x,))):
+        if mat is None or not mat.values.requires_grad:
+            continue
+        rows, cols = (torch.as_tensor(i, device=x.device) for i in mat.coo())
+        grad = -sum(a[:, rows] * b[:, cols] for a, b in zip(left, right))
+        if mat.values.shape[0] != grad.shape[0]:  # one matrix for the batch (a batch of one parameter value)
+            grad = grad.sum(dim=0, keepdim=True)
+        pairs.append((mat.values, grad))
+    return [(t, g.to(t.dtype)) for t, g in pairs if t.requires_grad]
 
 
 def _detached(d: Batch) -> Batch:
