@@ -404,3 +404,38 @@ def test_a_part_of_a_batch_with_per_instance_a_is_factored_like_the_batch():
     assert part.L.shape[1:] == whole.L.shape[1:] == (pp.n, pp.n)
     merged = kkt.put_factor_(kkt.blank_factor(whole, 3), one, part)
     torch.testing.assert_close(merged.L[1], whole.L[1])
+
+
+@pytest.mark.parametrize("case", ["qp", "lp_scs", "qp_param_P", "qp_scs", "socp", "exp"])
+def test_the_closed_form_data_gradient_matches_autograd_through_the_residual(case):
+    make, solver = CASES[case]
+    prob, params, variables, sample = make()
+    layer = CvxpyLayer(prob, params, variables, solver=solver, eps=1e-8)
+    values = sample(5, np.random.default_rng(0))
+    layer(*values)
+    theta = layer._theta(values)[0].detach()
+    sol = layer.last_solution
+    gen = torch.Generator().manual_seed(6)
+    lam = torch.randn(sol.x.shape[0], sol.x.shape[1] + sol.w.shape[1], dtype=torch.float64, generator=gen)
+    # on the QP, points where some w sits exactly on its bound (the clip's ties)
+    w = sol.w.clone()
+    if layer.form == "qp":
+        w[0, :3] = layer.pp.canonicalize_vector(theta).u[0, :3]
+
+    def grad(closed_form: bool) -> torch.Tensor:
+        th = theta.clone().requires_grad_(True)
+        data = layer.pp.canonicalize_vector(th)
+        d = kkt.dense(data)
+        if closed_form:
+            pairs = kkt._data_vjp(data, kkt._detached(d), sol.x, w, lam)
+            outs, grads = [t for t, _ in pairs], [g for _, g in pairs]
+        else:
+            f1, f2 = kkt.residual(d, kkt.Point(sol.x, w))
+            n = sol.x.shape[1]
+            pairs = [(f, -g) for f, g in ((f1, lam[:, :n]), (f2, lam[:, n:])) if f.requires_grad]
+            outs, grads = [f for f, _ in pairs], [g for _, g in pairs]
+        (g,) = torch.autograd.grad(outs, th, grads, allow_unused=True)
+        return torch.zeros_like(th) if g is None else g
+    want = grad(False)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(grad(True), want, rtol=1e-12, atol=1e-12)
