@@ -1293,7 +1293,8 @@ class ImplicitSolution(torch.autograd.Function):
     Forward returns the solution given to it (computed without autograd); ``build`` (:func:`dense` or
     :func:`sparse`) chooses the linear algebra of the backward. Backward, for output gradients
     ``(gx, gy, gs)``: ``g_w = D' gy + (dslack/dw)' gs``, ``lam = J'^-1 [gx; g_w]``, and the parameter gradient
-    ``-(dF/dtheta)' lam`` by autograd through ``canonicalize(theta)`` and ``F`` at the fixed point. Failed
+    ``-(dF/dtheta)' lam``: ``-(dF/d data)' lam`` in closed form at the fixed point (:func:`_data_vjp`), then autograd
+    through ``canonicalize(theta)``. Failed
     instances (``failed``) get NaN gradients. ``data``: ``canonicalize(theta)``, where the caller has it already.
     ``factor`` (the forward's Newton factorizations, see
     :class:`Refined`) is reused where ``D`` at the solution is the one it was built from, and preconditions the
