@@ -45,6 +45,7 @@ from amortcvx import problems
 from amortcvx.backends import PersistentSolver, solve_batch
 from amortcvx.backends.persistent import RACE_CALLS, default_threads
 from amortcvx.canon import ParametricProblem
+from amortcvx.datasets import DEFAULT_SETTINGS as DATASET_SETTINGS
 from amortcvx.datasets import generate_dataset
 from amortcvx.deploy import AmortizedSolver
 from amortcvx.deploy.solver import NEWTON_STEPS, newton_choices, option_label, polish_choices
@@ -267,8 +268,9 @@ def main() -> None:
                             defaults={"epochs": 60, "batch_size": 64, "patience": 15})
     ap.add_argument("--eps", type=float, default=1e-4)
     ap.add_argument("--dataset-eps", type=float, default=None,
-                    help="tolerance of the training set's solves (default: the dataset default, 1e-8; OSQP reaches "
-                         "1e-8 on few large LPs within its iteration limit)")
+                    help="tolerance of the training set's solves (default: the dataset default, "
+                         f"{DATASET_SETTINGS['osqp']['eps_abs']:g}; OSQP reaches it on few large LPs within its "
+                         "iteration limit)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of the package's C solves (default: every core); the loops (b), (c), (d) and the "
                          "floor run on one object, as a hand-written loop does")
@@ -290,12 +292,14 @@ def main() -> None:
         args.train, args.epochs, args.k = 120, 5, 3
     torch.set_num_threads(1)
     tol = {"eps_abs": args.eps, "eps_rel": args.eps}
+    dataset_eps = (f"{args.dataset_eps:g}" if args.dataset_eps is not None
+                   else "/".join(sorted({f"{DATASET_SETTINGS[a]['eps_abs']:g}" for a in args.solvers})))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.2f}; device cpu, float64, torch threads 1; C solvers eps_abs = eps_rel = "
           f"{args.eps:g}, other settings default (SCS qdldl, OSQP adaptive_rho_interval 50); size {args.size}; "
           f"{args.instances} held-out instances; medians of {args.rounds} interleaved rounds; predictor: MLP "
           f"{args.hidden}, regression loss, {args.train} solved instances (10% validation, solved at eps "
-          f"{1e-8 if args.dataset_eps is None else args.dataset_eps:g}), {args.epochs} epochs; "
+          f"{dataset_eps}), {args.epochs} epochs; "
           f"refinement k = {args.k}; Newton finish: calibration chooses among {NEWTON_STEPS} steps and none (dense "
           f"linear algebra only); SCS checks termination every 25 iterations (compiled in); the package's C solves "
           f"on {args.threads or default_threads()} thread(s) (batches of 16 and more are cut into parts), the loops "

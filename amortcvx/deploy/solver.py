@@ -86,7 +86,7 @@ from amortcvx.deploy.result import AmortizedResult
 from amortcvx.iterations.cones import project_cone, project_dual_cone
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
-from amortcvx.iterations.polish import POLISHABLE_CONES, check_polishable
+from amortcvx.iterations.polish import check_polish_choice, polish_allowed
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.layers import kkt
 from amortcvx.predictors.fixed_point import output_space
@@ -120,8 +120,8 @@ def polish_choices(pp: ParametricProblem) -> tuple[bool, ...]:
     """Whether to polish, as calibration chooses by default: ``(False, True)`` for LPs and QPs whose dense
     refinement applies (the same size rule as :func:`newton_choices`: polishing solves a dense ``n x n`` system
     per instance, and per candidate on LPs), else ``(False,)``."""
-    polishable = pp.form == "qp" or all(kind in POLISHABLE_CONES for kind in pp.cones.kinds)
-    return (False, True) if polishable and kkt.problem_linear_algebra(pp) == "dense" else (False,)
+    allowed = polish_allowed(pp.form, pp.cones) and kkt.problem_linear_algebra(pp) == "dense"
+    return (False, True) if allowed else (False,)
 
 
 def _step_count(n: Any) -> bool:
@@ -380,8 +380,7 @@ class AmortizedSolver:
             raise ValueError(f"newton must be a nonnegative int (Newton steps of the certified finish); got {newton!r}")
         if anderson is not None and not isinstance(anderson, AndersonSettings):
             raise TypeError(f"anderson must be None or an AndersonSettings; got {type(anderson).__name__}")
-        if polish and pp.form == "cone":
-            check_polishable(pp.cones)
+        check_polish_choice(pp.form, pp.cones, polish)
         self.pp, self.algorithm, self.settings, self.k, self.anderson = pp, algorithm, settings, k, anderson
         self.polish = bool(polish)
         self.newton = newton
@@ -832,8 +831,7 @@ class AmortizedSolver:
         polishes = [self.polish] if polish is None else [bool(p) for p in polish]
         if not polishes:
             raise ValueError("polish must name at least one choice (False, True)")
-        if any(polishes) and self.pp.form == "cone":
-            check_polishable(self.pp.cones)
+        check_polish_choice(self.pp.form, self.pp.cones, any(polishes))
         options = [(a, n, p) for p in polishes for n in steps for a in refinement]
         saved = (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
                  dict(self.c_modes), self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
@@ -909,8 +907,7 @@ class AmortizedSolver:
         self.anderson = calibration.anderson
         self.newton = calibration.newton
         if calibration.polish is not None:
-            if calibration.polish and self.pp.form == "cone":
-                check_polishable(self.pp.cones)
+            check_polish_choice(self.pp.form, self.pp.cones, calibration.polish)
             self.polish = calibration.polish
         self.use_strategy(calibration.strategy or ("learned" if calibration.enabled else "refined_cold"))
         if calibration.c_modes is not None:

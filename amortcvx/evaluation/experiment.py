@@ -64,7 +64,7 @@ from amortcvx.evaluation.timing import (
     read_timings_csv,
     write_timings_csv,
 )
-from amortcvx.iterations.polish import check_polishable
+from amortcvx.iterations.polish import check_polish_choice
 from amortcvx.predictors import WarmStartPredictor
 from amortcvx.solvers import get_solver
 from amortcvx.training import SolvedSet, TrainResult, train, train_state_path
@@ -204,8 +204,7 @@ def prepare(config: ExperimentConfig, *, log: Callable[[str], None] | None = Non
     workers = config.workers if config.workers is not None else (os.cpu_count() or 1)
     emit(f"compiling {source.origin} (kind {source.kind}) for {config.solver} (form {form!r})")
     pp = ParametricProblem(source.problem, form=form)
-    if config.polish and form == "cone":
-        check_polishable(pp.cones)  # before any work
+    check_polish_choice(form, pp.cones, config.polish)  # before any work
     emit(f"n = {pp.n}, m = {pp.m}, parameters = {pp.num_params}, fingerprint {pp.fingerprint}")
     sets = {}
     for split, num, seed in (("train", config.n_train, 2 * config.seed), ("test", config.n_test, 2 * config.seed + 1)):

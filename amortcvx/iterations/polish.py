@@ -65,10 +65,28 @@ PASSES = 3
 """Iterative-refinement passes against the unregularized system (OSQP's ``polish_refine_iter`` default)."""
 
 
+def polishable(cones: ConeDims) -> bool:
+    """Whether every cone is zero or nonnegative (an LP / QP): what polishing a cone program needs."""
+    return all(k in POLISHABLE_CONES for k in cones.kinds)
+
+
+def polish_allowed(form: str, cones: ConeDims) -> bool:
+    """Whether a problem of this form (``"cone"`` or ``"qp"``) and these cones can be polished: a QP-form problem
+    always (its rows are bounds), a cone program where :func:`polishable`."""
+    return form == "qp" or polishable(cones)
+
+
+def check_polish_choice(form: str, cones: ConeDims, polish: bool) -> None:
+    """Raise ValueError, naming the cones at fault, where ``polish`` is asked of a problem that cannot be polished
+    (:func:`polish_allowed`)."""
+    if polish and not polish_allowed(form, cones):
+        check_polishable(cones)
+
+
 def check_polishable(cones: ConeDims) -> None:
     """Raise ValueError, naming the cones at fault, unless every cone is zero or nonnegative (an LP / QP)."""
-    other = [k for k in cones.kinds if k not in POLISHABLE_CONES]
-    if other:
+    if not polishable(cones):
+        other = [k for k in cones.kinds if k not in POLISHABLE_CONES]
         raise ValueError(f"polishing needs an LP or QP (zero and nonnegative cones only); this problem also has "
                          f"{', '.join(other)} cones")
 

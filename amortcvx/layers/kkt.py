@@ -1378,7 +1378,7 @@ def _data_vjp(data: Data, d: Batch, x: torch.Tensor, w: torch.Tensor, lam: torch
         pairs.append((data.b, lam2))
         y = dual_of(d, w)
     else:
-        y = w - torch.minimum(torch.maximum(w, data.l), data.u)  # with autograd to l, u where they depend on theta
+        y = dual_of(d._replace(l=data.l, u=data.u), w)  # with autograd to l, u where they depend on theta
         if y.requires_grad:
             pairs.append((y, -(_a_mv(d, lam1) + lam2)))
         y = y.detach()
