@@ -37,7 +37,7 @@ import torch
 
 from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
 from amortcvx.iterations.cones import cone_layout, eigh, project_dual_cone, smat
-from amortcvx.iterations.linalg import csr_pair, dense_batch, matvec, rmatvec, sparse_operator
+from amortcvx.iterations.linalg import csr_matvec, csr_pair, dense_batch, matvec, rmatvec, sparse_operator
 from amortcvx.layers.krylov import solve_kkt_krylov
 
 Data = ConeData | QPData
@@ -148,13 +148,13 @@ class Rows(NamedTuple):
         """``A_rows x`` for ``x`` (B, n)."""
         if self.csr is None or x.requires_grad or x.dtype != self.csr.dtype:
             return matvec(self.mat, x)
-        return (self.csr @ x.mT).mT
+        return csr_matvec(self.csr, x)
 
     def rmv(self, y: torch.Tensor) -> torch.Tensor:
         """``A_rows' y`` for ``y`` (B, rows)."""
         if self.csr_t is None or y.requires_grad or y.dtype != self.csr_t.dtype:
             return rmatvec(self.mat, y)
-        return (self.csr_t @ y.mT).mT
+        return csr_matvec(self.csr_t, y)
 
 
 def rows(d: Batch, start: int = 0) -> Rows:
