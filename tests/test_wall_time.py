@@ -693,6 +693,35 @@ def test_threaded_solver_names_the_instance_of_the_whole_batch():
         threaded.solve(dataclasses.replace(data, b=values))
 
 
+def test_checked_batches_skip_the_checks_once_and_keep_the_answers(monkeypatch):
+    """``checked=True`` (canonicalize_vector's data) skips the form and finiteness checks; a batch cut into parts is
+    checked once, not once more per part; the answers do not change."""
+    from amortcvx.backends.persistent import THREAD_MIN_PART, ThreadedSolver
+
+    fam, pp = _pp("portfolio", "scs")
+    data = pp.canonicalize(fam.sample(4 * THREAD_MIN_PART, seed=7))
+    calls = []
+    original = PersistentSolver._check_finite
+
+    def counted(self, arrays):
+        calls.append(1)
+        return original(self, arrays)
+
+    monkeypatch.setattr(PersistentSolver, "_check_finite", counted)
+    one = PersistentSolver("scs", data.instance(0), TOL)
+    threaded = ThreadedSolver(lambda: PersistentSolver("scs", data.instance(0), TOL), 2)
+    for solver in (one, threaded, threaded, threaded):  # the threaded race tries both ways
+        calls.clear()
+        plain = solver.solve(data)
+        assert len(calls) == 1
+        calls.clear()
+        trusted = solver.solve(data, checked=True)
+        assert calls == []
+        for a, b in zip(plain, trusted):
+            assert a.status == b.status and a.iterations == b.iterations
+            np.testing.assert_array_equal(a.x, b.x)
+
+
 def test_amortized_solver_threads_keep_the_answers():
     fam, pp = _pp("mpc", "scs")
     params = fam.sample(40, seed=8)

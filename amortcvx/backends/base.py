@@ -10,6 +10,7 @@ is reported by status instead.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -118,22 +119,11 @@ class SolveResult(NamedTuple):
     stats: Mapping[str, float] | None = None
 
 
-class RawSolve(NamedTuple):
-    """What a persistent session returns for one instance: a :class:`SolveResult` whose ``value`` is the solver's
-    own report of ``1/2 x'Px + c'x`` (SCS ``info['pobj']``, OSQP ``info.obj_val``: equal to
-    :func:`objective_value` without the offset to machine precision, 3e-16 relative on the small families);
-    :class:`~amortcvx.backends.persistent.PersistentSolver` adds the instance's offset."""
-
-    status: Status
-    x: np.ndarray
-    y: np.ndarray
-    s: np.ndarray | None
-    iterations: int
-    setup_time: float
-    solve_time: float
-    message: str
-    stats: Mapping[str, float] | None = None
-    value: float = float("nan")
+def session_objective(status: Status, value: float, offset: float) -> float:
+    """A persistent session's ``objective``: the solver's own report ``value`` of ``1/2 x'Px + c'x`` (SCS
+    ``info['pobj']``, OSQP ``info.obj_val``: equal to :func:`objective_value` without the offset to machine
+    precision, 3e-16 relative on the small families) plus the instance's ``offset``; NaN without a solution."""
+    return value + offset if status.has_solution else math.nan
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ import scipy.sparse as sp
 
 from amortcvx.backends.base import (
     BackendInfo,
-    RawSolve,
     SolveResult,
     Status,
     WarmStart,
@@ -38,6 +37,7 @@ from amortcvx.backends.base import (
     failed_result,
     merge_settings,
     objective_value,
+    session_objective,
     upper_mask,
     warm_vector,
 )
@@ -293,9 +293,10 @@ class Session:
             self._p_upper = upper_mask(full.indices, full.indptr)
 
     def prepare(self, data: QPData) -> dict[str, Any]:
-        """Host arrays of a batch: ``q``, ``l``, ``u`` and, where parameters enter them, the values of ``A``, ``P``."""
+        """Host arrays of a batch: ``q``, ``l``, ``u``, the offsets (Python floats) and, where parameters enter
+        them, the values of ``A``, ``P``."""
         out = {"q": host(data.q), "l": np.maximum(host(data.l), -OSQP_INFTY), "u": np.minimum(host(data.u), OSQP_INFTY),
-               "A": None, "P": None}
+               "offset": data.offset.tolist(), "A": None, "P": None}
         if not data.A.shared:
             out["A"] = host(data.A.values)
         if data.P is not None and not data.P.shared:
@@ -303,7 +304,7 @@ class Session:
         return out
 
     def solve_one(self, batch: dict[str, Any], i: int, warm: Mapping[str, np.ndarray] | None,
-                  check_termination: int | None = None) -> RawSolve:
+                  check_termination: int | None = None) -> SolveResult:
         """Solve instance ``i`` of a prepared batch with the given termination-check interval (None: the object's)."""
         ext = self._ext
         n, m = self.n, self.m
@@ -326,8 +327,8 @@ class Session:
                 ext.warm_start(warm["x"], warm["y"])
             ext.solve()
         except Exception as e:  # noqa: BLE001 - a failing instance never stops the stream
-            return RawSolve(Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), None, 0, np.nan, np.nan,
-                            f"OSQP solve failed: {e}")
+            return SolveResult(np.full(n, np.nan), np.full(m, np.nan), None, Status.SOLVER_ERROR, 0, np.nan, np.nan,
+                               np.nan, f"OSQP solve failed: {e}")
         info, solution = ext.info, ext.solution
         rho_updates = int(info.rho_updates)
         stats = {"rho_estimate": float(info.rho_estimate), "rho_updates": float(rho_updates)}
@@ -335,8 +336,9 @@ class Session:
             ext.update_rho(self.rho0)
         status = STATUS_MAP.get(int(info.status_val), Status.SOLVER_ERROR)
         value = float(info.obj_val) if status != Status.NON_CONVEX else float("nan")
-        return RawSolve(status, solution.x, solution.y, None, int(info.iter), float(info.update_time),
-                        float(info.solve_time) + float(info.polish_time), str(info.status), stats, value)
+        return SolveResult(solution.x, solution.y, None, status, int(info.iter), float(info.update_time),
+                           float(info.solve_time) + float(info.polish_time),
+                           session_objective(status, value, batch["offset"][i]), str(info.status), stats)
 
 
 INFO = BackendInfo(

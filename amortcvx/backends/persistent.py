@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from amortcvx.backends import scs
-from amortcvx.backends.base import RawSolve, SolveResult, Status
+from amortcvx.backends.base import SolveResult, Status
 from amortcvx.backends.batched import host, objectives
 from amortcvx.backends.race import Race
 from amortcvx.backends.registry import get_backend
@@ -74,7 +74,8 @@ class PersistentSolver:
         return int(self._session.builds)
 
     def solve(self, data: ConeData | QPData, warm_starts: Mapping[str, np.ndarray] | None = None,
-              warm_mask: np.ndarray | None = None, *, check_termination: int | None = None) -> list[SolveResult]:
+              warm_mask: np.ndarray | None = None, *, check_termination: int | None = None,
+              checked: bool = False) -> list[SolveResult]:
         """Solve every instance of a batch, in order, on this object.
 
         Args:
@@ -84,6 +85,10 @@ class PersistentSolver:
             warm_mask: bool ``(B,)``: which instances use ``warm_starts`` (the others start cold).
             check_termination: OSQP only: the termination-check interval of these solves (default: the
                 object's setting, OSQP's 25 unless given).
+            checked: the batch is known to pass :meth:`check` (the form and size of this object, finite
+                vectors): data that :meth:`ParametricProblem.canonicalize_vector` made for this object's problem
+                (it refuses non-finite data), or a batch checked once before it was cut into parts. The checks
+                are skipped (at batch 1 on portfolio small they are 5% of the package's whole call).
 
         Returns:
             One :class:`SolveResult` per instance; ``objective`` is CVXPY's minimization value
@@ -92,20 +97,22 @@ class PersistentSolver:
         Raises:
             ValueError: a batch of another size, or with non-finite vectors (naming the instance).
         """
-        self._check_form(data)
+        if not checked:
+            self._check_form(data)
         batch = self._session.prepare(data)
-        self._check_finite(batch)
+        if not checked:
+            self._check_finite(batch)
         size = data.batch_size
         warm, mask = None, None
         if warm_starts is not None:
             warm = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float64)) for k, v in warm_starts.items()
                     if k in self._info.warm_start_fields}
             mask = np.ones(size, dtype=bool) if warm_mask is None else np.asarray(warm_mask, dtype=bool)
-        raw = []
+        out = []
         for i in range(size):
             start = None if warm is None or not mask[i] else {k: v[i] for k, v in warm.items()}
-            raw.append(self._session.solve_one(batch, i, start, check_termination))
-        return self._results(data, raw)
+            out.append(self._session.solve_one(batch, i, start, check_termination))
+        return out
 
     def check(self, data: ConeData | QPData) -> None:
         """Raise ValueError for a batch this object cannot solve: another form or size, or non-finite vectors
@@ -128,13 +135,6 @@ class PersistentSolver:
             if not math.isfinite(values.sum()) and not np.isfinite(values).all():
                 first = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
                 raise ValueError(f"instance {first}: {name} has non-finite entries")
-
-    def _results(self, data: ConeData | QPData, raw: list[RawSolve]) -> list[SolveResult]:
-        """SolveResults; each objective is the solver's own value plus the instance's offset."""
-        offset = data.offset.tolist()  # Python floats (positional fields: this runs once per solve)
-        return [SolveResult(r.x, r.y, r.s, r.status, r.iterations, r.setup_time, r.solve_time,
-                            r.value + off if r.status.has_solution else math.nan, r.message, r.stats)
-                for r, off in zip(raw, offset)]
 
 
 STOP_MIN_BATCH = 8
@@ -191,11 +191,12 @@ class StopPointSolver:
         self._full.check(data)
 
     def solve(self, data: ConeData, warm_starts: Mapping[str, np.ndarray] | None = None,
-              warm_mask: np.ndarray | None = None, *, check_termination: int | None = None) -> list[SolveResult]:
+              warm_mask: np.ndarray | None = None, *, check_termination: int | None = None,
+              checked: bool = False) -> list[SolveResult]:
         """:meth:`PersistentSolver.solve` (``check_termination`` is OSQP's: ignored)."""
         if data.batch_size < self.min_batch:
-            return self._full.solve(data, warm_starts, warm_mask)
-        first = self._short.solve(data, warm_starts, warm_mask)
+            return self._full.solve(data, warm_starts, warm_mask, checked=checked)
+        first = self._short.solve(data, warm_starts, warm_mask, checked=checked)
         point = {k: np.stack([getattr(r, k) for r in first]) for k in ("x", "y", "s")}
         passed = scs.certify(data, **point, eps_abs=self._eps[0], eps_rel=self._eps[1])
         value = objectives(data, point["x"])  # SCS reports no objective for a run that hit max_iters
@@ -204,7 +205,7 @@ class StopPointSolver:
         rest = np.flatnonzero(~passed)
         if rest.size:
             usable = np.isfinite(point["x"][rest]).all(axis=1)  # a failed short run continues from the cold start
-            more = self._full.solve(data.take(rest), {k: v[rest] for k, v in point.items()}, usable)
+            more = self._full.solve(data.take(rest), {k: v[rest] for k, v in point.items()}, usable, checked=True)
             for i, r in zip(rest, more):
                 short = first[i]
                 out[i] = r._replace(iterations=short.iterations + r.iterations,
@@ -308,13 +309,15 @@ class ThreadedSolver:
         self._objects[0].check(data)
 
     def solve(self, data: ConeData | QPData, warm_starts: Mapping[str, np.ndarray] | None = None,
-              warm_mask: np.ndarray | None = None, *, check_termination: int | None = None) -> list[SolveResult]:
+              warm_mask: np.ndarray | None = None, *, check_termination: int | None = None,
+              checked: bool = False) -> list[SolveResult]:
         """:meth:`PersistentSolver.solve`, the parts of the batch on their own threads (errors name the instance
         in the whole batch)."""
         size = data.batch_size
         parts = thread_parts(size, self.threads)
         if parts == 1:
-            return self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
+            return self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination,
+                                          checked=checked)
         race = self._races.setdefault(size.bit_length(), Race(("parts", "one"), THREAD_PROBE))
         choice = race.pick()
         fresh = choice == "parts" and len(self._objects) < parts
@@ -322,9 +325,10 @@ class ThreadedSolver:
             self._objects.append(self._make())
         start = time.perf_counter()
         if choice == "one":
-            out = self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination)
+            out = self._objects[0].solve(data, warm_starts, warm_mask, check_termination=check_termination,
+                                         checked=checked)
         else:
-            out = self._solve_parts(data, warm_starts, warm_mask, check_termination, parts)
+            out = self._solve_parts(data, warm_starts, warm_mask, check_termination, parts, checked)
         if not fresh:  # a new object's first solve (first touches, lazy set-up in the solver) is not its pace
             # the best time seen, and none before two: which way is faster depends on the problem and the machine,
             # little on the call, and single calls are noisy
@@ -337,16 +341,19 @@ class ThreadedSolver:
         return out
 
     def _solve_parts(self, data: ConeData | QPData, warm_starts: Mapping[str, np.ndarray] | None,
-                     warm_mask: np.ndarray | None, check_termination: int | None, parts: int) -> list[SolveResult]:
+                     warm_mask: np.ndarray | None, check_termination: int | None, parts: int,
+                     checked: bool) -> list[SolveResult]:
         size = data.batch_size
-        self.check(data)
+        if not checked:  # once for the whole batch (errors name the instance in it), not per part
+            self.check(data)
         bounds = np.linspace(0, size, parts + 1).round().astype(int)
 
         def part(j: int) -> list[SolveResult]:
             idx = np.arange(bounds[j], bounds[j + 1])
             warm = None if warm_starts is None else {k: np.asarray(v)[idx] for k, v in warm_starts.items()}
             mask = None if warm_mask is None else np.asarray(warm_mask)[idx]
-            return self._objects[j].solve(data.take(idx), warm, mask, check_termination=check_termination)
+            return self._objects[j].solve(data.take(idx), warm, mask, check_termination=check_termination,
+                                          checked=True)
 
         futures = [_thread_pool(self.threads - 1).submit(part, j) for j in range(1, parts)]
         try:

@@ -46,7 +46,6 @@ import scipy.sparse as sp
 from amortcvx.backends.base import (
     CONE_KINDS,
     BackendInfo,
-    RawSolve,
     SolveResult,
     Status,
     WarmStart,
@@ -56,6 +55,7 @@ from amortcvx.backends.base import (
     failed_result,
     merge_settings,
     objective_value,
+    session_objective,
     warm_vector,
 )
 from amortcvx.backends.batched import host, host_matrix, inf_norm
@@ -463,8 +463,10 @@ class Session:
             self.builds += 1
 
     def prepare(self, data: ConeData) -> dict[str, Any]:
-        """Host arrays of a batch: ``b``, ``c`` and, where parameters enter them, the values of ``A``, ``P``."""
-        out = {"b": host(data.b), "c": host(data.c), "A": None, "P": None, "token": next(_TOKENS)}
+        """Host arrays of a batch: ``b``, ``c``, the offsets (Python floats) and, where parameters enter them, the
+        values of ``A``, ``P``."""
+        out = {"b": host(data.b), "c": host(data.c), "offset": data.offset.tolist(), "A": None, "P": None,
+               "token": next(_TOKENS)}
         if not data.A.shared:
             out["A"] = host(data.A.values)
             out["A_pattern"] = (data.A.indices.astype(self._int), data.A.indptr.astype(self._int))
@@ -482,7 +484,7 @@ class Session:
         return data
 
     def solve_one(self, batch: dict[str, Any], i: int, warm: Mapping[str, np.ndarray] | None,
-                  check_termination: int | None = None) -> RawSolve:
+                  check_termination: int | None = None) -> SolveResult:
         """Solve instance ``i`` of a prepared batch (``check_termination`` is OSQP's; ignored here)."""
         n, m = self.n, self.m
         b, c = batch["b"][i], batch["c"][i]
@@ -499,8 +501,8 @@ class Session:
             raise
         except Exception as e:  # noqa: BLE001 - a setup failure is a solver failure
             self._solver, self._clean = None, False
-            return RawSolve(Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0,
-                            np.nan, np.nan, f"SCS setup failed: {e}")
+            return SolveResult(np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), Status.SOLVER_ERROR, 0,
+                               np.nan, np.nan, np.nan, f"SCS setup failed: {e}")
         try:
             if warm is None:
                 raw = self._solver.solve(warm_start=False)
@@ -508,18 +510,19 @@ class Session:
                 raw = self._solver.solve(warm_start=True, x=warm["x"], y=warm["y"], s=warm["s"])
         except Exception as e:  # noqa: BLE001
             self._solver, self._clean = None, False
-            return RawSolve(Status.SOLVER_ERROR, np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), 0,
-                            np.nan, np.nan, f"SCS solve failed: {e}")
+            return SolveResult(np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), Status.SOLVER_ERROR, 0,
+                               np.nan, np.nan, np.nan, f"SCS solve failed: {e}")
         info = raw["info"]
         last = int(info["iter"])
         self._clean = self._reuse and not matrices and (self.stateless or last == 0)
         status = STATUS_MAP.get(int(info["status_val"]), Status.SOLVER_ERROR)
         executed = max(0, min(last + 1, self._max_iters))
         # SCS returns float64 numpy arrays of its own (not views of the object's memory)
-        return RawSolve(status, raw["x"], raw["y"], raw["s"], executed, float(info["setup_time"]) / 1e3,
-                        float(info["solve_time"]) / 1e3, str(info.get("status", "")),
-                        {"scale": float(info.get("scale", np.nan)),
-                         "scale_updates": float(info.get("scale_updates", 0))}, float(info.get("pobj", np.nan)))
+        return SolveResult(raw["x"], raw["y"], raw["s"], status, executed, float(info["setup_time"]) / 1e3,
+                           float(info["solve_time"]) / 1e3,
+                           session_objective(status, float(info.get("pobj", np.nan)), batch["offset"][i]),
+                           str(info.get("status", "")), {"scale": float(info.get("scale", np.nan)),
+                                                         "scale_updates": float(info.get("scale_updates", 0))})
 
 
 AHEAD_SETUP_SECONDS = 1e-3

@@ -1134,7 +1134,8 @@ class AmortizedSolver:
         """Every instance of ``data`` from the plain cold start, in one call of the persistent cold object (OSQP: at
         the cold solves' termination-check interval)."""
         check = self.cold_check_termination if self.algorithm == "osqp" else None
-        return self.persistent_solver(theta, self.c_modes["cold"], "cold").solve(data, check_termination=check)
+        return self.persistent_solver(theta, self.c_modes["cold"], "cold").solve(data, check_termination=check,
+                                                                                  checked=True)
 
     def _c_solve(self, pred: _Prediction, data: ConeData | QPData, index: np.ndarray, warm: np.ndarray,
                  exact_iterations: bool) -> list[SolveResult]:
@@ -1151,7 +1152,7 @@ class AmortizedSolver:
         arrays = None if pred.batch.arrays is None else {k: v[index[pos]] for k, v in pred.batch.arrays.items()}
         check = self.check_termination if self.algorithm == "osqp" else None
         parts = [(pos, self.persistent_solver(pred.theta, self.c_modes["warm"], "warm").solve(
-            sub if pos.size == index.size else sub.take(pos), arrays, check_termination=check))]
+            sub if pos.size == index.size else sub.take(pos), arrays, check_termination=check, checked=True))]
         if cold.size:
             parts.append((cold, self._cold_c_solve(pred.theta, sub.take(cold))))
         out: list[SolveResult | None] = [None] * index.size

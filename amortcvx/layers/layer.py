@@ -463,11 +463,11 @@ class CvxpyLayer(nn.Module):
             solver = self._solvers[key] = ThreadedSolver(lambda: PersistentSolver(self.solver, ref, settings),
                                                          self.threads)
         starts = None if warm is None else {k: v.detach().to("cpu", torch.float64).numpy() for k, v in warm.items()}
-        results = solver.solve(data, starts)
+        results = solver.solve(data, starts, checked=True)  # canonicalize_vector's data
         if starts is not None and retry:
             again_idx = [i for i, r in enumerate(results) if r.status != Status.OPTIMAL]
             if again_idx:
-                again = solver.solve(data.take(np.asarray(again_idx)))
+                again = solver.solve(data.take(np.asarray(again_idx)), checked=True)
                 for i, r in zip(again_idx, again):
                     results[i] = r
         device = data.b.device if isinstance(data, ConeData) else data.q.device
