@@ -180,7 +180,8 @@ class SparseOperator:
         self.sum_cols = _ones_coo(self.cols, k, ones, (self.shape[1], nnz))
         self.csr = self.csr_t = None
         if mat.shared and not mat.values.requires_grad:  # one constant matrix: CSR products (5-20x faster here)
-            coo = torch.sparse_coo_tensor(torch.stack([self.rows, self.cols]), self.values_t[:, 0], self.shape)
+            coo = torch.sparse_coo_tensor(torch.stack([self.rows, self.cols]), self.values_t[:, 0], self.shape,
+                                          check_invariants=True)
             self.csr, self.csr_t = csr_pair(coo)
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
