@@ -1060,25 +1060,30 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
 
     def reg_solve(r: torch.Tensor) -> torch.Tensor:
         rx, re, ro = r[:, :n], r[:, n:n + e], r[:, n + e:]
+        wo = to_x.matvec(ro)  # M r_o, or R r_o for J' (then also the -R r_o of z_w)
         if ns is None:
-            zx = _cholesky_solve(L, rx + Ao.rmv(to_x.matvec(ro)))
+            zx = _cholesky_solve(L, rx + Ao.rmv(wo))
             ax, ze = Ao.mv(zx), re[:, :0]
+            m_ax = M.matvec(ax) if transpose else None
         else:
             # z_x = xp + Z u with xp = A_e^+ r_e; Z'HZ u = Z'(g - H xp) for H = P + delta I + A_o' M_o A_o and
             # g = r_x + A_o' (M or R) r_o; the equality rows' multipliers (A_e')^+ (g - H z_x)
             xp = re @ ns.pinv.mT
             ax = Ao.mv(xp)
-            top = rx - delta_ * xp + Ao.rmv(to_x.matvec(ro) - M.matvec(ax))  # g - H xp
+            m_xp = M.matvec(ax)
+            top = rx - delta_ * xp + Ao.rmv(wo - m_xp)  # g - H xp
             if P is not None:
                 top = top - matvec(P, xp)
             u = _cholesky_solve(L, top @ ns.Z)
             zu = u @ ns.Z.mT
             azu = u @ ns.AoZ.mT
-            h_zu = delta_ * zu + Ao.rmv(M.matvec(azu))
+            m_zu = M.matvec(azu)
+            h_zu = delta_ * zu + Ao.rmv(m_zu)
             if P is not None:
                 h_zu = h_zu + matvec(P, zu)
             zx, ax, ze = xp + zu, ax + azu, (top - h_zu) @ ns.pinv
-        zo = M.matvec(ax) - R.matvec(ro) if transpose else R.matvec(ax - ro)
+            m_ax = m_xp + m_zu  # M A_o z_x by linearity: no third product with M
+        zo = m_ax - wo if transpose else R.matvec(ax - ro)
         return torch.cat([zx, ze, zo], dim=1)
 
     def apply(z: torch.Tensor) -> torch.Tensor:  # the unregularized J z (or J' z)
