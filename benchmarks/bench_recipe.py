@@ -18,8 +18,11 @@ Per family (small size, SCS, C tolerance eps 1e-4 abs/rel, exact C iteration cou
    0 C iterations) against cold, the nearest neighbour (without it) and its own control (the cold start after
    one torch step, with the same finish).
 
-Prints the machine, load, torch threads, dtype, sizes, solver settings and budget beside the numbers.
-Usage: ``python benchmarks/bench_recipe.py [--families a,b] [--budget 600] [--smoke] [--json out.json]``.
+Prints the machine, load, torch threads, dtype, sizes, solver settings and budget beside the numbers; with
+``--plot-dir DIR`` also each family's learning curve (``DIR/learning-curve-FAMILY.png``,
+:func:`amortcvx.evaluation.plot_learning_curve`).
+Usage: ``python benchmarks/bench_recipe.py [--families a,b] [--budget 600] [--smoke] [--json out.json]
+[--plot-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from amortcvx import problems
 from amortcvx.backends import solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.deploy.solver import AmortizedSolver, newton_choices, polish_choices
+from amortcvx.evaluation import plot_learning_curve
 from amortcvx.evaluation.baselines import NearestNeighbor
 from amortcvx.iterations.loop import AndersonSettings
 from amortcvx.training.recipe import RecipeSettings, fit_predictor, solved_source
@@ -56,7 +60,7 @@ def medians(out) -> float:
 
 
 def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, refine: tuple[int, ...],
-               seed: int = 0) -> dict:
+               seed: int = 0, plot_dir: str | None = None) -> dict:
     fam = problems.make(name, "small", seed=0)
     pp = ParametricProblem(fam.problem, "cone")
     pool = max(recipe.sizes + (recipe.search_size,)) + recipe.val_size
@@ -65,6 +69,10 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
     t0 = time.perf_counter()
     res = fit_predictor(pp, "scs", source, budget_seconds=budget, solver_settings=EPS, recipe=recipe, seed=seed)
     recipe_s = time.perf_counter() - t0
+    if plot_dir:
+        plot_learning_curve(res, os.path.join(plot_dir, f"learning-curve-{name}.png"),
+                            title=f"{name} (small, SCS): {len(res.trials)} trainings in {res.seconds:.0f} s of a "
+                                  f"{budget:.0f} s budget")
     test = fam.sample(num_test, seed=12345)
     val = rows(params, slice(0, recipe.val_size))
 
@@ -164,6 +172,7 @@ def main() -> None:
     ap.add_argument("--refine", default="10,30", help="refinement steps calibration chooses among")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and budget (checks that it runs)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot-dir", help="write each family's learning curve here (learning-curve-FAMILY.png)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     recipe = RecipeSettings()
@@ -180,7 +189,7 @@ def main() -> None:
     print(f"# {env}", flush=True)
     results = []
     for name in args.families.split(","):
-        r = run_family(name, budget, recipe, num_test, refine)
+        r = run_family(name, budget, recipe, num_test, refine, plot_dir=args.plot_dir)
         results.append(r)
         print(format_row(r), flush=True)
         if args.json:

@@ -74,6 +74,34 @@ def test_recipe_searches_chooses_on_validation_and_reports_a_curve(fitted, portf
     assert "learning curve" in text and res.candidate.label() in text
 
 
+def test_learning_curve_plot_shows_the_curve_every_training_and_the_cold_start(fitted, tmp_path):
+    import dataclasses
+
+    from amortcvx.evaluation import plot_learning_curve
+    from amortcvx.evaluation.reports import learning_curve_figure
+
+    path = plot_learning_curve(fitted, tmp_path / "sub" / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = learning_curve_figure(fitted)
+    loss_ax, iter_ax = fig.axes[:2]
+    np.testing.assert_array_equal(loss_ax.lines[0].get_xdata(), [p.num_train for p in fitted.curve])
+    np.testing.assert_array_equal(loss_ax.lines[0].get_ydata(), [p.val_regression for p in fitted.curve])
+    np.testing.assert_array_equal(iter_ax.lines[0].get_ydata(), [p.val_median_iterations for p in fitted.curve])
+    # every training is drawn once: on the curve, as another training, or as the chosen model (where it is not on the
+    # curve, e.g. an ensemble)
+    drawn = sum(len(line.get_xdata()) for line in iter_ax.lines[:3])
+    chosen = [t for t in fitted.trials if t.candidate == fitted.candidate and t.num_train == fitted.num_train][-1]
+    on_curve_and_chosen = (chosen.num_train, chosen.val_regression, chosen.val_median_iterations) in {
+        (p.num_train, p.val_regression, p.val_median_iterations) for p in fitted.curve}
+    assert drawn == len(fitted.trials) + (1 if on_curve_and_chosen else 0)
+    np.testing.assert_array_equal(iter_ax.lines[2].get_xdata(), [fitted.num_train])
+    np.testing.assert_array_equal(iter_ax.lines[2].get_ydata(), [fitted.val_median_iterations])
+    horizontal = [line.get_ydata()[0] for line in iter_ax.lines[3:]]
+    assert horizontal == [fitted.cold_median_iterations, fitted.cold_median_iterations / 2]
+    with pytest.raises(ValueError, match="empty learning curve"):
+        learning_curve_figure(dataclasses.replace(fitted, curve=()))
+
+
 def test_recipe_model_is_no_worse_than_cold_on_held_out(fitted, portfolio):
     fam, pp, _ = portfolio
     held_out = solved_source(pp, "scs", fam.sample(40, seed=99))(40)

@@ -48,6 +48,7 @@ from amortcvx.evaluation.reports import (
     format_rows,
     format_table,
     plot_iterations_cdf,
+    plot_learning_curve,
     plot_medians,
     read_instances_csv,
     write_instances_csv,
@@ -78,7 +79,8 @@ __all__ = [
     "environment", "episode_ids", "evaluate", "family_episodes", "fit", "format_report", "format_rows",
     "format_table", "format_timings", "from_family", "learned_name", "load_config", "load_problem_file",
     "load_source", "measure_end_to_end", "nearest_neighbor_warm_starts", "optimum_warm_starts",
-    "plot_iterations_cdf", "plot_medians", "prepare", "previous_solution_warm_starts", "problem_name",
+    "plot_iterations_cdf", "plot_learning_curve", "plot_medians", "prepare", "previous_solution_warm_starts",
+    "problem_name",
     "read_instances_csv", "read_timings_csv", "report", "run_experiment", "summarize", "torch_threads",
     "write_instances_csv", "write_summary_csv", "write_timings_csv",
 ]

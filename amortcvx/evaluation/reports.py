@@ -7,6 +7,8 @@
 * :func:`plot_iterations_cdf`: empirical CDF of the iteration counts per strategy, ``F(k) = #{i : k_i <= k} / N``,
   on a log x axis;
 * :func:`plot_medians`: bar chart of the median iterations with whiskers up to the 90th percentile;
+* :func:`plot_learning_curve`: the automatic training recipe's learning curve (validation loss and median C
+  iterations against the training-set size, every training beside it);
 * :func:`new_figure` / :func:`save_figure`: the figure and PNG helpers these use (also for the benchmarks' plots).
 
 Plots need matplotlib (``pip install 'amortcvx[bench]'``); it is imported when a plot is made, and only its
@@ -16,14 +18,19 @@ object-oriented API is used (no pyplot, so the caller's backend and global state
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from amortcvx.evaluation.compare import Comparison, StrategyResult, Summary
+
+if TYPE_CHECKING:
+    from amortcvx.training.recipe import RecipeResult
 
 _COLUMNS = ("strategy", "median", "p90", "mean", "ratio", "non-optimal", "warm", "time ms", "obj gap")
 
@@ -174,6 +181,64 @@ def plot_medians(comparison: Comparison, path: str | os.PathLike, *, title: str 
     ax.set_title(title or f"{comparison.backend.upper()}: median iterations, {_count(comparison)} instances",
                  fontsize=10)
     return save_figure(fig, path)
+
+
+def learning_curve_figure(result: RecipeResult, *, title: str | None = None):
+    """The figure of :func:`plot_learning_curve` (a matplotlib ``Figure``: axes 0 the loss, axes 1 the iterations;
+    in each, line 0 is the curve, line 1 the other trainings, line 2 the chosen model; the iterations' axes then
+    has the cold start's median and half of it)."""
+    if not result.curve:
+        raise ValueError("the recipe result has an empty learning curve: nothing to plot")
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig = new_figure((10.0, 4.0))
+    loss_ax, iter_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    on_curve = {(p.num_train, p.val_regression, p.val_median_iterations) for p in result.curve}
+    chosen = [t for t in result.trials if t.candidate == result.candidate and t.num_train == result.num_train][-1:]
+    others = [t for t in result.trials if (t.num_train, t.val_regression, t.val_median_iterations) not in on_curve
+              and t not in chosen]
+    series = (("curve", result.curve, "o-", "C0"), ("other", others, "x", "0.55"), ("chosen", chosen, "*", "C1"))
+    base = dataclasses.replace(result.candidate, member=0, ensemble=1).label()
+    labels = {"curve": f"{base}, by training-set size", "other": "the recipe's other trainings",
+              "chosen": f"chosen model: {result.candidate.label()}, n = {result.num_train}"}
+    for name, points, style, color in series:
+        n = [p.num_train for p in points]
+        loss_ax.plot(n, [p.val_regression for p in points], style, color=color, linewidth=1.8, markersize=9
+                     if name == "chosen" else 6, label=labels[name])
+        iter_ax.plot(n, [p.val_median_iterations for p in points], style, color=color, linewidth=1.8,
+                     markersize=9 if name == "chosen" else 6, label=labels[name])
+    cold = result.cold_median_iterations
+    iter_ax.axhline(cold, color="C3", linestyle="--", linewidth=1.2, label=f"cold start ({cold:g})")
+    iter_ax.axhline(cold / 2, color="C2", linestyle=":", linewidth=1.2, label="1/2 of cold")
+    sizes = sorted({t.num_train for t in result.trials} | {p.num_train for p in result.curve})
+    for ax in (loss_ax, iter_ax):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(v) for v in sizes], rotation=45 if len(sizes) > 5 else 0, fontsize=8)
+        ax.set_xlabel("training instances")
+        ax.grid(True, alpha=0.25)
+    if all(p.val_regression > 0 for p in (*result.curve, *others, *chosen)):
+        loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("validation regression loss")
+    iter_ax.set_ylabel("validation median C iterations (k = 0)")
+    top = max([cold] + [p.val_median_iterations for p in (*result.curve, *others, *chosen)])
+    iter_ax.set_ylim(0.0, top * 1.15)
+    loss_ax.legend(fontsize=7, frameon=False, loc="upper right")
+    iter_ax.legend(fontsize=7, frameon=False, loc="lower left")
+    fig.suptitle(title or f"learning curve: {len(result.trials)} trainings in {result.seconds:.0f} s of a "
+                 f"{result.budget_seconds:.0f} s budget", fontsize=10)
+    return fig
+
+
+def plot_learning_curve(result: RecipeResult, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """The learning curve of :func:`~amortcvx.training.recipe.fit_predictor` (``AmortizedSolver.fit(budget=...)``
+    keeps it as ``solver.recipe``) as a PNG: against the training-set size (log axis), the validation regression
+    loss (left, log axis) and the validation median of exact C iterations from the bare prediction (right), for the
+    chosen configuration (line) and every other training the recipe ran (crosses), with the cold start's median
+    and half of it (the issue's target for the bare prediction) as horizontal lines. Where the loss still falls
+    at the largest size, more data would improve the fit; where the iterations stay flat, not the warm start."""
+    return save_figure(learning_curve_figure(result, title=title), path)
 
 
 def _count(comparison: Comparison) -> int:
