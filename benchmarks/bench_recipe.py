@@ -63,7 +63,7 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
                seed: int = 0, plot_dir: str | None = None) -> dict:
     fam = problems.make(name, "small", seed=0)
     pp = ParametricProblem(fam.problem, "cone")
-    pool = max(recipe.sizes + (recipe.search_size,)) + recipe.val_size
+    pool = recipe.max_size + recipe.val_size  # drawn now, solved only as the recipe asks for them
     params = fam.sample(pool, seed=seed)
     source = solved_source(pp, "scs", params)
     t0 = time.perf_counter()
@@ -178,14 +178,16 @@ def main() -> None:
     recipe = RecipeSettings()
     budget, num_test = args.budget, args.test
     if args.smoke:
-        recipe = RecipeSettings(val_size=30, eval_size=20, search_size=40, sizes=(40, 80), epochs=5, patience=3)
+        recipe = RecipeSettings(val_size=30, eval_size=20, search_size=40, sizes=(40, 80), max_size=80, epochs=5,
+                                patience=3)
         budget, num_test = min(budget, 20.0), min(num_test, 20)
     refine = tuple(int(k) for k in args.refine.split(","))
     env = {"machine": platform.machine(), "cpus": os.cpu_count(), "load": os.getloadavg(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "dtype": recipe.dtype, "device": "cpu", "solver": "scs",
            "solver_settings": EPS, "budget_s": budget, "test": num_test, "refine": refine,
            "recipe": {"val_size": recipe.val_size, "eval_size": recipe.eval_size, "search_size": recipe.search_size,
-                      "sizes": recipe.sizes, "epochs": recipe.epochs, "patience": recipe.patience}}
+                      "sizes": recipe.sizes, "max_size": recipe.max_size, "epochs": recipe.epochs,
+                      "patience": recipe.patience}}
     print(f"# {env}", flush=True)
     results = []
     for name in args.families.split(","):

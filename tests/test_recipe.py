@@ -25,7 +25,8 @@ from amortcvx.training.recipe import (
 )
 
 EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
-TINY = RecipeSettings(val_size=30, eval_size=30, search_size=60, sizes=(30, 60, 120), epochs=25, patience=5)
+TINY = RecipeSettings(val_size=30, eval_size=30, search_size=60, sizes=(30, 60, 120), max_size=120, epochs=25,
+                      patience=5)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +202,11 @@ def test_ensemble_averages_its_members_and_saves_without_code(tmp_path):
     other = WarmStartPredictor(_meta(3, 5), hidden=(8, 8))  # another normalization: trained on other data
     with pytest.raises(ValueError, match="normalization"):
         ensemble_predictor([models[0], other])
+
+
+def test_learning_curve_sizes_go_on_doubling_up_to_max_size():
+    settings = RecipeSettings(val_size=30, eval_size=30, search_size=60, sizes=(30, 60, 120), max_size=1000)
+    assert settings.curve_sizes() == [30, 120, 240, 480, 960]
+    assert RecipeSettings().curve_sizes()[-4:] == [16000, 32000, 64000, 128000]
+    with pytest.raises(ValueError, match="max_size"):
+        RecipeSettings(sizes=(250, 500), max_size=400)

@@ -224,7 +224,7 @@ def learning_curve_figure(result: RecipeResult, *, title: str | None = None):
     iter_ax.set_ylabel("validation median C iterations (k = 0)")
     top = max([cold] + [p.val_median_iterations for p in (*result.curve, *others, *chosen)])
     iter_ax.set_ylim(0.0, top * 1.15)
-    loss_ax.legend(fontsize=7, frameon=False, loc="upper right")
+    loss_ax.legend(fontsize=7, frameon=False, loc="lower left")
     iter_ax.legend(fontsize=7, frameon=False, loc="lower left")
     fig.suptitle(title or f"learning curve: {len(result.trials)} trainings in {result.seconds:.0f} s of a "
                  f"{result.budget_seconds:.0f} s budget", fontsize=10)

@@ -13,9 +13,9 @@ the rest the training set), it
    the validation median of exact C iterations from the bare prediction (k = 0; ties: the mean); every
    training stops early on the validation loss (``TrainConfig.patience``) and its epochs are capped by the
    time left;
-3. trains the chosen configuration on more instances (``sizes``) while the budget allows and more data still
-   pays (fewer validation iterations, or a validation loss 5% lower than at the previous size), and keeps the
-   best; every size trained gives a point of the learning curve (validation regression
+3. trains the chosen configuration on more instances (``sizes``, then doubling up to ``max_size``) while the
+   budget allows and more data still pays (fewer validation iterations, or a validation loss 5% lower than at
+   the previous size), and keeps the best; every size trained gives a point of the learning curve (validation regression
    loss and median C iterations against the training-set size), which :class:`RecipeResult` prints;
 4. where the budget allows, trains the choice again with ``ensemble - 1`` other seeds and keeps the best of
    the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation iterations.
@@ -105,6 +105,8 @@ class RecipeSettings:
         search_size: training instances of the configuration search.
         sizes: training-set sizes of the learning curve (those above ``search_size`` are tried in order while
             the budget allows and the last one paid).
+        max_size: beyond the largest of ``sizes``, the curve goes on doubling up to this many training instances
+            under the same rule (the budget, and whether the last size paid, usually stop it first).
         alternatives: the one-change-at-a-time steps of the search, in order.
         ensemble: members of the ensemble tried last (the chosen configuration and size, trained again with
             other seeds and averaged; the best of the members and the average is kept); 1: none.
@@ -117,6 +119,7 @@ class RecipeSettings:
     eval_size: int = 100
     search_size: int = 500
     sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000, 8000, 16000)
+    max_size: int = 128000
     alternatives: tuple[dict, ...] = ({"kind": "neighbor_correction", "hidden": (128, 128)},
                                       {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True})
     ensemble: int = 3
@@ -132,6 +135,18 @@ class RecipeSettings:
                              f"{self.eval_size}")
         if self.search_size < 2 or any(n < 2 for n in self.sizes):
             raise ValueError("training-set sizes must be at least 2")
+        if self.max_size < max(self.sizes + (self.search_size,)):
+            raise ValueError(f"max_size ({self.max_size}) must be at least the largest training-set size")
+
+    def curve_sizes(self) -> list[int]:
+        """The learning curve's sizes after the search: ``sizes`` without ``search_size``, in order, then the
+        largest doubled while at most ``max_size``."""
+        out = sorted(set(self.sizes) - {self.search_size})
+        last = max(self.sizes + (self.search_size,))
+        while 2 * last <= self.max_size:
+            last *= 2
+            out.append(last)
+        return out
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be at least 1; got {self.ensemble}")
 
@@ -427,8 +442,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # choice when it lowers the validation iterations. The curve keeps growing while more data pays: fewer
     # validation iterations, or a validation loss at least 5% lower than at the previous size (the loss is the
     # steadier signal; medians of C iterations on eval_size instances move in steps)
-    paid, last_loss = True, trials[best_i].val_regression
-    for n in sorted(set(recipe.sizes) - {recipe.search_size}):
+    paid, last_loss, last_n = True, trials[best_i].val_regression, trials[best_i].num_train
+    for n in recipe.curve_sizes():
         if n > recipe.search_size and not paid:
             say(f"  (more data did not pay at n={trials[-1].num_train}: stopping the curve)")
             break
@@ -436,10 +451,12 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             say(f"  (budget: no training on n={n})")
             break
         _, part = data(n)
-        if n > recipe.search_size and len(part) <= trials[best_i].num_train:
+        if n > recipe.search_size and len(part) <= last_n:
+            say(f"  (no more solved instances than {last_n}: stopping the curve)")
             break  # get_solved has no more instances
         result = trial(chosen, part)
         if n > recipe.search_size:
+            last_n = len(part)
             fewer = better(result, trials[best_i])
             paid = fewer or result.val_regression < 0.95 * last_loss
             last_loss = result.val_regression
