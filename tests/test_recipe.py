@@ -210,3 +210,46 @@ def test_learning_curve_sizes_go_on_doubling_up_to_max_size():
     assert RecipeSettings().curve_sizes()[-4:] == [16000, 32000, 64000, 128000]
     with pytest.raises(ValueError, match="max_size"):
         RecipeSettings(sizes=(250, 500), max_size=400)
+
+
+def test_capacity_step_widens_the_network_where_more_data_stops_paying(portfolio, monkeypatch):
+    """Scripted validation numbers (the trainings and the C solves replaced): the (64, 64) network stops gaining
+    at 120 instances, twice as wide it is better there and goes on gaining with more data, and the choice, the
+    curve and the trials say so."""
+    import amortcvx.training.recipe as recipe_mod
+    from amortcvx.training.trainer import TrainResult
+
+    _, pp, source = portfolio
+
+    def scripted(width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
+        if width == 256:  # the default network: worse than (64, 64) in the search
+            return 0.60, 14.0
+        if width == 64:
+            return (0.50, 12.0) if n < 120 else (0.49, 12.0)  # stalls: less than 5% lower, no fewer iterations
+        return 0.40 * 120 / n, 10.0 - n / 120  # wider: better at 120 and still improving with more data
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, width: int, n: int):
+            super().__init__()
+            self.width, self.n = width, n
+
+    def fake_train(pp_, algorithm, train_part, val, config, settings=None, core=None):
+        return TrainResult(Tagged(config.hidden[0], len(train_part)), [{}] * 3, 2)
+
+    monkeypatch.setattr(recipe_mod, "train", fake_train)
+    monkeypatch.setattr(recipe_mod, "evaluate_losses",
+                        lambda pp_, alg, settings, model, *a, **k: {"regression": scripted(model.width, model.n)[0]})
+    monkeypatch.setattr(recipe_mod, "c_iterations", lambda pp_, alg, model, solved, **k: np.full(
+        len(solved), 20.0 if model is None else scripted(model.width, model.n)[1]))
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=480,
+                              alternatives=({"hidden": (64, 64)},), ensemble=1)
+    res = fit_predictor(pp, "scs", source, budget_seconds=300, k=3, solver_settings=EPS, recipe=settings,
+                        progress=False)
+    hidden = [(t.candidate.hidden[0], t.num_train) for t in res.trials]
+    # search (256 then 64, 64 kept), curve of 64 to 120 (stalls), 128 wide at 120 (pays), then 240 only (the
+    # portfolio source has 300 instances: 270 for training, so the next doubling, 480, is cut to 270)
+    assert hidden[:4] == [(256, 60), (64, 60), (64, 120), (128, 120)]
+    assert hidden[4] == (128, 240)
+    assert res.candidate.hidden == (128, 128) and res.num_train == max(n for w, n in hidden if w == 128)
+    assert [p.num_train for p in res.curve][:3] == [60, 120, 120]
+    assert res.curve[1].configuration.startswith("mlp 64x64") and res.curve[2].configuration.startswith("mlp 128x128")

@@ -198,8 +198,9 @@ def learning_curve_figure(result: RecipeResult, *, title: str | None = None):
     others = [t for t in result.trials if (t.num_train, t.val_regression, t.val_median_iterations) not in on_curve
               and t not in chosen]
     series = (("curve", result.curve, "o-", "C0"), ("other", others, "x", "0.55"), ("chosen", chosen, "*", "C1"))
-    base = dataclasses.replace(result.candidate, member=0, ensemble=1).label()
-    labels = {"curve": f"{base}, by training-set size", "other": "the recipe's other trainings",
+    configurations = list(dict.fromkeys(p.configuration for p in result.curve if p.configuration))
+    curve_label = " -> ".join(configurations) or dataclasses.replace(result.candidate, member=0, ensemble=1).label()
+    labels = {"curve": f"{curve_label}, by training-set size", "other": "the recipe's other trainings",
               "chosen": f"chosen model: {result.candidate.label()}, n = {result.num_train}"}
     for name, points, style, color in series:
         n = [p.num_train for p in points]

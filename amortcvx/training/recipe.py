@@ -15,7 +15,9 @@ the rest the training set), it
    time left;
 3. trains the chosen configuration on more instances (``sizes``, then doubling up to ``max_size``) while the
    budget allows and more data still pays (fewer validation iterations, or a validation loss 5% lower than at
-   the previous size), and keeps the best; every size trained gives a point of the learning curve (validation regression
+   the previous size), and keeps the best; where more data stopped paying with budget left, trains the
+   configuration twice as wide (up to :data:`MAX_WIDTH`) at that size and, where that pays, goes on growing the
+   data with it; every size trained gives a point of the learning curve (validation regression
    loss and median C iterations against the training-set size), which :class:`RecipeResult` prints;
 4. where the budget allows, trains the choice again with ``ensemble - 1`` other seeds and keeps the best of
    the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation iterations.
@@ -57,6 +59,8 @@ from amortcvx.training.trainer import (
 )
 
 KINDS = ("mlp", "neighbor_correction")
+MAX_WIDTH = 1024
+"""The widest hidden layer the recipe's capacity step (step 2b of :func:`fit_predictor`) tries."""
 """Predictor kinds the recipe chooses among."""
 
 
@@ -177,11 +181,14 @@ class TrialResult:
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """A point of the learning curve: the chosen configuration trained on ``num_train`` instances."""
+    """A point of the learning curve: ``configuration`` (a :meth:`Candidate.label`) trained on ``num_train``
+    instances. The curve is the search's choice at every size it was trained on and, where the capacity step
+    widened it, the wider network from the size where it took over."""
 
     num_train: int
     val_regression: float
     val_median_iterations: float
+    configuration: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,7 +202,7 @@ class RecipeResult:
         val_median_iterations: its validation median of exact C iterations from the bare prediction (k = 0).
         cold_median_iterations: the cold start's median on the same validation instances.
         trials: every configuration trained, in order.
-        curve: the learning curve of the chosen configuration, by training-set size.
+        curve: the learning curve, by training-set size (:class:`CurvePoint`).
         seconds: wall time of the recipe (data included).
         budget_seconds: the budget it ran under.
         solver_settings: the C solver settings the iterations were counted with.
@@ -223,8 +230,9 @@ class RecipeResult:
         lines.append(f"chosen: {self.candidate.label()}, n = {self.num_train}: median {self.val_median_iterations:g} "
                      f"C iterations ({self.val_median_iterations / max(self.cold_median_iterations, 1e-12):.2f} of "
                      "cold)")
-        lines.append("learning curve (chosen configuration): n, validation loss, median C iterations")
-        lines += [f"  {p.num_train:6d} {p.val_regression:9.3g} {p.val_median_iterations:9g}" for p in self.curve]
+        lines.append("learning curve: n, validation loss, median C iterations, configuration")
+        lines += [f"  {p.num_train:6d} {p.val_regression:9.3g} {p.val_median_iterations:9g}  {p.configuration}"
+                  for p in self.curve]
         return "\n".join(lines)
 
 
@@ -442,28 +450,61 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # choice when it lowers the validation iterations. The curve keeps growing while more data pays: fewer
     # validation iterations, or a validation loss at least 5% lower than at the previous size (the loss is the
     # steadier signal; medians of C iterations on eval_size instances move in steps)
-    paid, last_loss, last_n = True, trials[best_i].val_regression, trials[best_i].num_train
-    for n in recipe.curve_sizes():
-        if n > recipe.search_size and not paid:
-            say(f"  (more data did not pay at n={trials[-1].num_train}: stopping the curve)")
-            break
-        if time.perf_counter() + estimate(chosen, n) > deadline:
-            say(f"  (budget: no training on n={n})")
-            break
-        _, part = data(n)
-        if n > recipe.search_size and len(part) <= last_n:
-            say(f"  (no more solved instances than {last_n}: stopping the curve)")
-            break  # get_solved has no more instances
-        result = trial(chosen, part)
-        if n > recipe.search_size:
-            last_n = len(part)
-            fewer = better(result, trials[best_i])
-            paid = fewer or result.val_regression < 0.95 * last_loss
-            last_loss = result.val_regression
-            if fewer:
+    def paid_by(result: TrialResult, before: TrialResult) -> bool:
+        """More data (or capacity) paid: fewer validation iterations than the best so far, or a validation loss
+        at least 5% lower than ``before``'s."""
+        return better(result, trials[best_i]) or result.val_regression < 0.95 * before.val_regression
+
+    on_curve: list[int] = [best_i]  # the trials of the learning curve, in the order trained
+
+    def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> TrialResult | None:
+        """Train ``cand`` at ``sizes`` in order while the budget allows and each size paid; returns the last trial
+        where more data stopped paying (None where the budget or the source ended the curve)."""
+        nonlocal best_i
+        for n in sizes:
+            if time.perf_counter() + estimate(cand, n) > deadline:
+                say(f"  (budget: no training on n={n})")
+                return None
+            _, part = data(n)
+            if n > recipe.search_size and len(part) <= last.num_train:
+                say(f"  (no more solved instances than {last.num_train}: stopping the curve)")
+                return None  # get_solved has no more instances
+            result = trial(cand, part)
+            on_curve.append(len(trials) - 1)
+            if n <= recipe.search_size:  # a point of the curve below the search size, not a step up
+                continue
+            paid = paid_by(result, last)
+            if better(result, trials[best_i]):
                 best_i = len(trials) - 1
-    curve = tuple(sorted((CurvePoint(t.num_train, t.val_regression, t.val_median_iterations)
-                          for t in trials if t.candidate == chosen), key=lambda p: p.num_train))
+            last = result
+            if not paid:
+                say(f"  (more data did not pay at n={result.num_train}: stopping the curve)")
+                return result
+        return None
+
+    stalled = grow(chosen, recipe.curve_sizes(), trials[best_i])
+    # 2b. capacity: where more data stopped paying with budget left, the network may be what saturates (the
+    # search at search_size favours small ones): the chosen configuration twice as wide, at the largest size
+    # trained; where that pays, it becomes the choice and its curve goes on to larger sizes
+    while stalled is not None and max(chosen.hidden) < MAX_WIDTH:
+        wide = dataclasses.replace(chosen, hidden=tuple(min(MAX_WIDTH, 2 * h) for h in chosen.hidden))
+        if time.perf_counter() + estimate(wide, stalled.num_train) > deadline:
+            say(f"  (budget: no wider network at n={stalled.num_train})")
+            break
+        result = trial(wide, parts[trials.index(stalled)])
+        paid = paid_by(result, stalled)
+        if better(result, trials[best_i]):
+            best_i = len(trials) - 1
+        if not paid:
+            say(f"  (a wider network did not pay at n={stalled.num_train})")
+            break
+        chosen = wide
+        on_curve.append(len(trials) - 1)
+        stalled = grow(chosen, [n for n in recipe.curve_sizes() if n > stalled.num_train], result)
+    # by size; at the size where a wider network took over, the narrower one first
+    curve = tuple(CurvePoint(trials[i].num_train, trials[i].val_regression, trials[i].val_median_iterations,
+                             trials[i].candidate.label())
+                  for i in sorted(on_curve, key=lambda i: (trials[i].num_train, i)))
 
     # 3. an ensemble: the chosen configuration at the chosen size trained again with other seeds and averaged
     # with the chosen model; the best of the members and their average by validation iterations is kept
