@@ -198,16 +198,26 @@ def learning_curve_figure(result: RecipeResult, *, title: str | None = None):
     others = [t for t in result.trials if (t.num_train, t.val_regression, t.val_median_iterations) not in on_curve
               and t not in chosen]
     series = (("curve", result.curve, "o-", "C0"), ("other", others, "x", "0.55"), ("chosen", chosen, "*", "C1"))
-    configurations = list(dict.fromkeys(p.configuration for p in result.curve if p.configuration))
-    curve_label = " -> ".join(configurations) or dataclasses.replace(result.candidate, member=0, ensemble=1).label()
-    labels = {"curve": f"{curve_label}, by training-set size", "other": "the recipe's other trainings",
-              "chosen": f"chosen model: {result.candidate.label()}, n = {result.num_train}"}
+    configurations = [p.configuration for p in result.curve]
+    first = configurations[0] or dataclasses.replace(result.candidate, member=0, ensemble=1).label()
+    labels = {"curve": f"learning curve: {first}" + (" (widened where marked)" if len(set(configurations)) > 1
+                                                      else ""),
+              "other": "the recipe's other trainings",
+              "chosen": f"chosen: {result.candidate.label()}, n = {result.num_train}"}
     for name, points, style, color in series:
         n = [p.num_train for p in points]
-        loss_ax.plot(n, [p.val_regression for p in points], style, color=color, linewidth=1.8, markersize=9
-                     if name == "chosen" else 6, label=labels[name])
+        size = 9 if name == "chosen" else 6
+        loss_ax.plot(n, [p.val_regression for p in points], style, color=color, linewidth=1.8, markersize=size,
+                     label=labels[name])
         iter_ax.plot(n, [p.val_median_iterations for p in points], style, color=color, linewidth=1.8,
-                     markersize=9 if name == "chosen" else 6, label=labels[name])
+                     markersize=size, label=labels[name])
+    for j in range(1, len(result.curve)):  # where a wider network took over: its width beside the point
+        if configurations[j] != configurations[j - 1]:
+            p = result.curve[j]
+            width = configurations[j].split(" ")[1] if " " in configurations[j] else configurations[j]
+            for ax, y in ((loss_ax, p.val_regression), (iter_ax, p.val_median_iterations)):
+                ax.annotate(width, (p.num_train, y), textcoords="offset points", xytext=(-6, -12), fontsize=7,
+                            ha="right", color="C0")
     cold = result.cold_median_iterations
     iter_ax.axhline(cold, color="C3", linestyle="--", linewidth=1.2, label=f"cold start ({cold:g})")
     iter_ax.axhline(cold / 2, color="C2", linestyle=":", linewidth=1.2, label="1/2 of cold")
@@ -225,8 +235,7 @@ def learning_curve_figure(result: RecipeResult, *, title: str | None = None):
     iter_ax.set_ylabel("validation median C iterations (k = 0)")
     top = max([cold] + [p.val_median_iterations for p in (*result.curve, *others, *chosen)])
     iter_ax.set_ylim(0.0, top * 1.15)
-    loss_ax.legend(fontsize=7, frameon=False, loc="lower left")
-    iter_ax.legend(fontsize=7, frameon=False, loc="lower left")
+    iter_ax.legend(fontsize=7, frameon=False, loc="lower left")  # below half of cold: empty but for a good model
     fig.suptitle(title or f"learning curve: {len(result.trials)} trainings in {result.seconds:.0f} s of a "
                  f"{result.budget_seconds:.0f} s budget", fontsize=10)
     return fig
