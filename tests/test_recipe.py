@@ -210,6 +210,8 @@ def test_learning_curve_sizes_go_on_doubling_up_to_max_size():
     assert RecipeSettings().curve_sizes()[-4:] == [16000, 32000, 64000, 128000]
     with pytest.raises(ValueError, match="max_size"):
         RecipeSettings(sizes=(250, 500), max_size=400)
+    with pytest.raises(ValueError, match="ensemble"):
+        RecipeSettings(ensemble=0)
 
 
 def test_capacity_step_widens_the_network_where_more_data_stops_paying(portfolio, monkeypatch):

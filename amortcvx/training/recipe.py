@@ -59,9 +59,9 @@ from amortcvx.training.trainer import (
 )
 
 KINDS = ("mlp", "neighbor_correction")
-MAX_WIDTH = 1024
-"""The widest hidden layer the recipe's capacity step (step 2b of :func:`fit_predictor`) tries."""
 """Predictor kinds the recipe chooses among."""
+MAX_WIDTH = 1024
+"""The widest hidden layer the capacity step of :func:`fit_predictor` tries."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,8 @@ class RecipeSettings:
             raise ValueError("training-set sizes must be at least 2")
         if self.max_size < max(self.sizes + (self.search_size,)):
             raise ValueError(f"max_size ({self.max_size}) must be at least the largest training-set size")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be at least 1; got {self.ensemble}")
 
     def curve_sizes(self) -> list[int]:
         """The learning curve's sizes after the search: ``sizes`` without ``search_size``, in order, then the
@@ -151,8 +153,6 @@ class RecipeSettings:
             last *= 2
             out.append(last)
         return out
-        if self.ensemble < 1:
-            raise ValueError(f"ensemble must be at least 1; got {self.ensemble}")
 
 
 @dataclass(frozen=True)
@@ -457,9 +457,10 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
 
     on_curve: list[int] = [best_i]  # the trials of the learning curve, in the order trained
 
-    def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> TrialResult | None:
-        """Train ``cand`` at ``sizes`` in order while the budget allows and each size paid; returns the last trial
-        where more data stopped paying (None where the budget or the source ended the curve)."""
+    def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> int | None:
+        """Train ``cand`` at ``sizes`` in order while the budget allows and each size paid; returns the index of
+        the trial where more data stopped paying (None where the budget, the sizes or the source ended the
+        curve)."""
         nonlocal best_i
         for n in sizes:
             if time.perf_counter() + estimate(cand, n) > deadline:
@@ -479,28 +480,29 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             last = result
             if not paid:
                 say(f"  (more data did not pay at n={result.num_train}: stopping the curve)")
-                return result
+                return len(trials) - 1
         return None
 
     stalled = grow(chosen, recipe.curve_sizes(), trials[best_i])
-    # 2b. capacity: where more data stopped paying with budget left, the network may be what saturates (the
+    # capacity: where more data stopped paying with budget left, the network may be what saturates (the
     # search at search_size favours small ones): the chosen configuration twice as wide, at the largest size
     # trained; where that pays, it becomes the choice and its curve goes on to larger sizes
     while stalled is not None and max(chosen.hidden) < MAX_WIDTH:
+        at = trials[stalled]
         wide = dataclasses.replace(chosen, hidden=tuple(min(MAX_WIDTH, 2 * h) for h in chosen.hidden))
-        if time.perf_counter() + estimate(wide, stalled.num_train) > deadline:
-            say(f"  (budget: no wider network at n={stalled.num_train})")
+        if time.perf_counter() + estimate(wide, at.num_train) > deadline:
+            say(f"  (budget: no wider network at n={at.num_train})")
             break
-        result = trial(wide, parts[trials.index(stalled)])
-        paid = paid_by(result, stalled)
+        result = trial(wide, parts[stalled])
+        paid = paid_by(result, at)
         if better(result, trials[best_i]):
             best_i = len(trials) - 1
         if not paid:
-            say(f"  (a wider network did not pay at n={stalled.num_train})")
+            say(f"  (a wider network did not pay at n={at.num_train})")
             break
         chosen = wide
         on_curve.append(len(trials) - 1)
-        stalled = grow(chosen, [n for n in recipe.curve_sizes() if n > stalled.num_train], result)
+        stalled = grow(chosen, [n for n in recipe.curve_sizes() if n > at.num_train], result)
     # by size; at the size where a wider network took over, the narrower one first
     curve = tuple(CurvePoint(trials[i].num_train, trials[i].val_regression, trials[i].val_median_iterations,
                              trials[i].candidate.label())
