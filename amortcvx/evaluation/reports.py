@@ -245,9 +245,10 @@ def plot_learning_curve(result: RecipeResult, path: str | os.PathLike, *, title:
     """The learning curve of :func:`~amortcvx.training.recipe.fit_predictor` (``AmortizedSolver.fit(budget=...)``
     keeps it as ``solver.recipe``) as a PNG: against the training-set size (log axis), the validation regression
     loss (left, log axis) and the validation median of exact C iterations from the bare prediction (right), for the
-    chosen configuration (line) and every other training the recipe ran (crosses), with the cold start's median
-    and half of it (the issue's target for the bare prediction) as horizontal lines. Where the loss still falls
-    at the largest size, more data would improve the fit; where the iterations stay flat, not the warm start."""
+    learning curve (line; the width of a network the capacity step widened is written where it took over), every
+    other training the recipe ran (crosses) and the chosen model (star), with the cold start's median and half of
+    it as horizontal lines. Where the loss still falls at the largest size, more data would improve the fit; where
+    the iterations stay flat, not the warm start."""
     return save_figure(learning_curve_figure(result, title=title), path)
 
 

@@ -1082,7 +1082,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
             if P is not None:
                 h_zu = h_zu + matvec(P, zu)
             zx, ax, ze = xp + zu, ax + azu, (top - h_zu) @ ns.pinv
-            m_ax = m_xp + m_zu  # M A_o z_x by linearity: no third product with M
+            m_ax = m_xp + m_zu if transpose else None  # M A_o z_x by linearity: no third product with M
         zo = m_ax - wo if transpose else R.matvec(ax - ro)
         return torch.cat([zx, ze, zo], dim=1)
 
