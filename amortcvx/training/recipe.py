@@ -450,10 +450,15 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # choice when it lowers the validation iterations. The curve keeps growing while more data pays: fewer
     # validation iterations, or a validation loss at least 5% lower than at the previous size (the loss is the
     # steadier signal; medians of C iterations on eval_size instances move in steps)
-    def paid_by(result: TrialResult, before: TrialResult) -> bool:
-        """More data (or capacity) paid: fewer validation iterations than the best so far, or a validation loss
-        at least 5% lower than ``before``'s."""
-        return better(result, trials[best_i]) or result.val_regression < 0.95 * before.val_regression
+    def step_paid(result: TrialResult, before: TrialResult) -> bool:
+        """Whether a step up (more data, or capacity) to ``result``, the last trial, paid: fewer validation
+        iterations than the best so far (it then becomes the best), or a validation loss at least 5% lower than
+        ``before``'s."""
+        nonlocal best_i
+        fewer = better(result, trials[best_i])
+        if fewer:
+            best_i = len(trials) - 1
+        return fewer or result.val_regression < 0.95 * before.val_regression
 
     on_curve: list[int] = [best_i]  # the trials of the learning curve, in the order trained
 
@@ -461,7 +466,6 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         """Train ``cand`` at ``sizes`` in order while the budget allows and each size paid; returns the index of
         the trial where more data stopped paying (None where the budget, the sizes or the source ended the
         curve)."""
-        nonlocal best_i
         for n in sizes:
             if time.perf_counter() + estimate(cand, n) > deadline:
                 say(f"  (budget: no training on n={n})")
@@ -474,9 +478,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             on_curve.append(len(trials) - 1)
             if n <= recipe.search_size:  # a point of the curve below the search size, not a step up
                 continue
-            paid = paid_by(result, last)
-            if better(result, trials[best_i]):
-                best_i = len(trials) - 1
+            paid = step_paid(result, last)
             last = result
             if not paid:
                 say(f"  (more data did not pay at n={result.num_train}: stopping the curve)")
@@ -494,10 +496,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             say(f"  (budget: no wider network at n={at.num_train})")
             break
         result = trial(wide, parts[stalled])
-        paid = paid_by(result, at)
-        if better(result, trials[best_i]):
-            best_i = len(trials) - 1
-        if not paid:
+        if not step_paid(result, at):
             say(f"  (a wider network did not pay at n={at.num_train})")
             break
         chosen = wide
