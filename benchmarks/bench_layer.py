@@ -177,6 +177,10 @@ def methods(prob, params, variables, learned=None, device: str = "cpu", skip: fr
     out["ours cold"] = (ours_cold, f"{path}{ours_cold.solver} C, eps {EPS:g}, first stage to {loose:g}")
     ours_prev = CvxpyLayer(prob, params, variables, eps=EPS, warm_start="previous")
     out["ours previous"] = (ours_prev, f"{path}{ours_prev.solver} C, eps {EPS:g}, warm start: previous call")
+    if not path:  # the C solver alone at eps (the forward for calls that need no gradient; CPU only)
+        ours_direct = CvxpyLayer(prob, params, variables, eps=EPS, refine_steps=0)
+        out["ours no refinement"] = (ours_direct, f"{ours_direct.solver} C at eps {EPS:g}, no refinement "
+                                                  "(refine_steps=0)")
     if learned is not None:
         out["ours learned"] = learned
     if "DIFFCP" not in skip:

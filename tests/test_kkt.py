@@ -276,7 +276,7 @@ def test_the_backward_reuses_the_forward_refinement_factorization(monkeypatch):
         v.grad = None
     layer.last_solution = None
     sol = layer._solve(layer.pp.canonicalize_vector(layer._theta(values)[0].detach()),
-                       layer._theta(values)[0].detach(), 1e-8, "c", "cold", 100, {})
+                       layer._theta(values)[0].detach(), 1e-8, "c", "cold", 100, {}, layer.refine_steps)
     theta = layer._theta(values)[0]
     x, _, _ = kkt.ImplicitSolution.apply(theta, sol.x, sol.w, layer.pp.canonicalize_vector, sol.failed, kkt.dense)
     sum(m.apply(x).sum() for m in layer._var_maps).backward()  # a new factorization in the backward

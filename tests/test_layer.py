@@ -358,6 +358,54 @@ def test_scs_presolve_keeps_one_object_for_every_instance():
         np.testing.assert_allclose(x[i].numpy(), want, atol=1e-6)
 
 
+def test_without_refinement_scs_answers_at_eps_on_one_stateless_object():
+    prob, params, variables, sample = sdp()  # no parameter in A or P
+    values = sample(6, np.random.default_rng(18))
+    layer = CvxpyLayer(prob, params, variables, eps=1e-7, refine_steps=0)
+    (x,) = layer(*values)
+    assert not bool(layer.last_solution.certified.any())  # every answer is the C solver's own
+    (solver,) = layer._solvers.values()
+    assert solver.settings["adaptive_scale"] is False and solver.settings["eps_abs"] == 1e-7
+    layer(*sample(6, np.random.default_rng(19)))
+    assert solver.builds == 1  # the next call reuses the object: no new setup
+    for i in range(6):
+        (want,), _ = clarabel(prob, params, variables, values, i)
+        np.testing.assert_allclose(x[i].numpy(), want, atol=1e-5)
+    # per call: the same layer refines unless told not to
+    refined = CvxpyLayer(prob, params, variables, eps=1e-7)
+    (xr,) = refined(*values)
+    assert bool(refined.last_solution.certified.any())
+    (xd,) = refined(*values, solver_args={"refine_steps": 0})
+    assert not bool(refined.last_solution.certified.any())
+    np.testing.assert_allclose(xd.numpy(), xr.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="refine_steps"):
+        refined(*values, solver_args={"refine_steps": -1})
+
+
+def test_without_refinement_a_stateless_failure_is_solved_again_with_the_callers_settings(monkeypatch):
+    from amortcvx.backends.scs import STATELESS_SETTINGS
+    from amortcvx.layers import layer as layer_module
+
+    prob, params, variables, sample = sdp()
+    values = sample(4, np.random.default_rng(20))
+    # the stateless object stops after 3 iterations: nothing ends optimal there
+    monkeypatch.setitem(layer_module.PRESOLVE_SETTINGS, "scs", {**STATELESS_SETTINGS, "max_iters": 3})
+    layer = CvxpyLayer(prob, params, variables, eps=1e-7, refine_steps=0)
+    (x,) = layer(*values)
+    assert all(s == "optimal" for s in layer.last_solution.status)
+    assert sorted(s.settings.get("adaptive_scale", True) for s in layer._solvers.values()) == [False, True]
+    for i in range(4):
+        (want,), _ = clarabel(prob, params, variables, values, i)
+        np.testing.assert_allclose(x[i].numpy(), want, atol=1e-5)
+
+
+def test_without_refinement_parameters_in_a_keep_the_callers_settings():
+    prob, params, variables, sample = socp()  # A is a parameter: SCS needs a new setup per instance anyway
+    layer = CvxpyLayer(prob, params, variables, eps=1e-7, refine_steps=0)
+    layer(*sample(3, np.random.default_rng(21)))
+    assert all("adaptive_scale" not in s.settings for s in layer._solvers.values())
+
+
 def test_threads_give_the_same_outputs_and_gradients():
     prob, params, variables, sample = socp()
     values = sample(40, np.random.default_rng(17))  # cut into parts on 2 threads (16 and more)

@@ -71,7 +71,13 @@ Anderson memory keeps one object for every instance instead of a new setup per s
 certified, so only speed changes; SOCP batch 1024: 0.53 against 0.84 s per forward, SDP batch 64: 0.20 against
 0.29 s). Unless the caller sets ``scale``, that object's fixed scale is the one of fewest iterations on the first
 batch it solves (:func:`~amortcvx.backends.persistent.stateless_scale`, up to 64 instances; the benchmark's SDP at
-``1e-3``: 69 -> 26 mean iterations)."""
+``1e-3``: 69 -> 26 mean iterations).
+
+A solve at ``eps`` without refinement (``refine_steps=0``) uses them too where ``A`` and ``P`` do not depend on the
+parameters and the caller sets none of them; an instance that does not end optimal that way is solved again, cold,
+with the caller's settings (:meth:`CvxpyLayer._direct_solve`). The benchmark's SOCP and SDP at batch 64, ``eps =
+1e-6``, forward: 6.8 -> 3.3 ms and 41 -> 10.9 ms (against 5.9 and 18.1 ms with the default refinement; docs/layers.md,
+"Forward without refinement"), the same answers to the tolerance."""
 PRESOLVE_EPS = {"c": 3e-4, "torch": 1e-3}
 """The tolerance of the first stage by method, unless ``presolve_eps`` is given: the loose C solve, and the
 torch iterations (both then refined by Newton steps and certified at ``eps``). Measured for the C solve
@@ -105,7 +111,7 @@ first call (per batch size, by powers of two); then each call takes the one whos
 instance, and every ``AUTO_PROBE``-th call the other (its time changes as the parameters move). Measured: the
 torch steps win on the QP benchmark (batch 64 and 1024), the C solve on a 20-asset portfolio at batch 64 (a
 training loop: 1.22 s against 1.04 s)."""
-LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps")
+LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps", "refine_steps")
 """Keys of ``solver_args`` the layer reads itself; every other key is a setting of the C solver."""
 PREVIOUS_RETRY = 8
 """``warm_start="previous"``: after a call in which the previous solution, refined, answered fewer than half of
@@ -179,7 +185,10 @@ class CvxpyLayer(nn.Module):
         on_failure: ``"nan"`` (NaN outputs and gradients for an instance without a solution, with a warning
             naming it) or ``"raise"`` (:class:`SolverFailure`).
         refine_steps: Newton steps on the optimality conditions after the solve (0: none); they make the
-            gradients accurate beyond ``eps``.
+            gradients accurate beyond ``eps`` and, from a loose first stage (``presolve_eps``), usually the
+            forward faster. Without them the C solver answers at ``eps`` (for SCS on one object without adaptive
+            scale or Anderson memory where it can: :data:`PRESOLVE_SETTINGS`), often the fastest forward for cone
+            programs when no gradient is needed (per call: ``solver_args={"refine_steps": 0}``).
         refine_passes: iterative-refinement passes of each Newton step's linear solve (:data:`REFINE_PASSES`).
         presolve_eps: with refinement, the first stage's tolerance (the C solver's with ``method="c"``, the torch
             iterations' with ``method="torch"``; None: :data:`PRESOLVE_EPS` by method); the instances whose
@@ -236,7 +245,8 @@ class CvxpyLayer(nn.Module):
         self.predictor = predictor
         self.method, self.warm_start, self.eps = method, warm_start, float(eps)
         self.gradients, self.unroll_steps, self.return_duals = gradients, int(unroll_steps), bool(return_duals)
-        self.on_failure, self.refine_steps, self.max_torch_steps = on_failure, int(refine_steps), int(max_torch_steps)
+        self.on_failure, self.max_torch_steps = on_failure, int(max_torch_steps)
+        self.refine_steps = _refine_steps(refine_steps)
         if isinstance(refine_passes, bool) or not isinstance(refine_passes, int) or refine_passes < 1:
             raise ValueError(f"refine_passes must be a positive int; got {refine_passes!r}")
         self.refine_passes = refine_passes
@@ -264,7 +274,8 @@ class CvxpyLayer(nn.Module):
         Args:
             values: one value per parameter, in the layer's order.
             solver_args: per-call settings laid over the layer's: ``eps``, ``method``, ``warm_start``,
-                ``max_torch_steps``, and any setting of the C solver (e.g. ``max_iters`` / ``max_iter``).
+                ``max_torch_steps``, ``refine_steps``, and any setting of the C solver (e.g. ``max_iters`` /
+                ``max_iter``).
         """
         args = {**self.solver_args, **dict(solver_args or {})}
         eps = float(args.pop("eps", self.eps))
@@ -273,13 +284,14 @@ class CvxpyLayer(nn.Module):
         max_steps = int(args.pop("max_torch_steps", self.max_torch_steps))
         _check_choice("method", method, METHODS)
         _check_choice("warm_start", warm_mode, WARM_STARTS)
+        steps = _refine_steps(args.pop("refine_steps", self.refine_steps))
         theta, batched, out_dtype = self._theta(values)
         data = self.pp.canonicalize_vector(theta.detach())
         race = None
         if method == "auto":
-            method, max_steps, race = self._auto_method(data, theta.device, max_steps)
+            method, max_steps, race = self._auto_method(data, theta.device, max_steps, steps)
         start = time.perf_counter()
-        sol = self._solve(data, theta.detach(), eps, method, warm_mode, max_steps, args)
+        sol = self._solve(data, theta.detach(), eps, method, warm_mode, max_steps, args, steps)
         if race is not None:
             race.record(method, (time.perf_counter() - start) / data.batch_size)
         self.last_solution = sol._replace(factor=None)  # the factorizations live only as long as the graph
@@ -298,14 +310,16 @@ class CvxpyLayer(nn.Module):
             outs = [o.squeeze(0) for o in outs]
         return tuple(outs)
 
-    def _auto_method(self, data: Data, device: torch.device, max_steps: int) -> tuple[str, int, Race | None]:
+    def _auto_method(self, data: Data, device: torch.device, max_steps: int, steps: int,
+                     ) -> tuple[str, int, Race | None]:
         """``method="auto"``: torch on CUDA; on the CPU, C, or where a torch step is a few products with matrices
-        shared by the batch (QP form, ``P`` and ``A`` parameter-free) the faster of C and :data:`CPU_TORCH_STEPS`
-        torch steps (a :class:`~amortcvx.backends.race.Race` per batch-size bucket, returned to be told the time)."""
+        shared by the batch (QP form, ``P`` and ``A`` parameter-free) and refinement (``steps``) follows, the faster
+        of C and :data:`CPU_TORCH_STEPS` torch steps (a :class:`~amortcvx.backends.race.Race` per batch-size bucket,
+        returned to be told the time)."""
         if device.type == "cuda":
             return "torch", max_steps, None
         shared = data.A.shared and (data.P is None or data.P.shared)
-        if not (self.form == "qp" and shared and self.refine_steps):
+        if not (self.form == "qp" and shared and steps):
             return "c", max_steps, None
         race = self._races.setdefault(int(data.batch_size).bit_length(), Race(("torch", "c"), AUTO_PROBE))
         method = race.pick()
@@ -339,7 +353,7 @@ class CvxpyLayer(nn.Module):
 
     # ------------------------------------------------------------------ solving
     def _solve(self, data: Data, theta: torch.Tensor, eps: float, method: str, warm_mode: str, max_steps: int,
-               c_args: Mapping[str, Any]) -> Solution:
+               c_args: Mapping[str, Any], steps: int) -> Solution:
         """Candidates in stages, each on the instances not answered yet, then the C solver at ``eps`` for the rest.
 
         Stages (with refinement): the previous call's solution itself (when the parameters moved little it lies
@@ -347,7 +361,8 @@ class CvxpyLayer(nn.Module):
         a learned point is not tried this way: on the benchmark problems fewer than half of them converged and
         the attempt cost more than it saved), then the torch iterations (``method="torch"``) or a loose C solve
         (``presolve_eps``). A stage's candidate is Newton-refined and kept where it passes the solver's test at
-        ``eps``; the others carry the stage's point as the warm start of the next stage.
+        ``eps``; the others carry the stage's point as the warm start of the next stage. ``steps``: the Newton steps
+        of each refinement (0: no stages, the C solver at ``eps`` alone, :meth:`_direct_solve`).
         """
         B = data.batch_size
         device = theta.device
@@ -359,14 +374,14 @@ class CvxpyLayer(nn.Module):
         status = [Status.SOLVER_ERROR] * B
         factor: Factor | None = None
         stages = []
-        if self.refine_steps and warm is not None and warm_mode == "previous":
+        if steps and warm is not None and warm_mode == "previous":
             if self._previous_skip:
                 self._previous_skip -= 1
             else:
                 stages.append((lambda sub, start: start, "previous"))
         if method == "torch":
-            stages.append((lambda sub, start: self._torch_candidate(sub, start, eps, max_steps), "torch"))
-        elif self.refine_steps and self.loose_eps("c") > eps:
+            stages.append((lambda sub, start: self._torch_candidate(sub, start, eps, max_steps, steps), "torch"))
+        elif steps and self.loose_eps("c") > eps:
             stages.append((lambda sub, start: self._loose_candidate(sub, start, c_args), "loose"))
         for stage, kind in stages:
             todo = torch.nonzero(~done).flatten()
@@ -377,7 +392,7 @@ class CvxpyLayer(nn.Module):
             start = None if warm is None else {k: v[todo] for k, v in warm.items()}
             cand = stage(sub, start)
             pt = point_from_solution(d_sub, cand["x"], cand["y"], cand.get("s"))
-            ok, pt, part = self._refined(sub, d_sub, pt, eps)
+            ok, pt, part = self._refined(sub, d_sub, pt, eps, steps)
             if kind == "previous" and 2 * int(ok.sum()) < ok.numel():
                 self._previous_skip = PREVIOUS_RETRY - 1
             x[todo], w[todo] = torch.where(ok[:, None], pt.x, x[todo]), torch.where(ok[:, None], pt.w, w[todo])
@@ -395,13 +410,14 @@ class CvxpyLayer(nn.Module):
             d_sub = take(d, todo)
             sub = d_sub.data
             starts = None if warm is None else {k: v[todo] for k, v in warm.items()}
-            xs, ys, ss, st = self._c_solve(sub, starts, eps, c_args)
+            solve = self._c_solve if steps else self._direct_solve
+            xs, ys, ss, st = solve(sub, starts, eps, c_args)
             has = torch.tensor([s.has_solution for s in st], dtype=torch.bool, device=device)
             pt = point_from_solution(d_sub, xs, ys, ss)
             pt = Point(torch.nan_to_num(pt.x), torch.nan_to_num(pt.w))
             final = pt
-            if self.refine_steps:
-                ref, _, part = newton_refine(d_sub, pt, steps=self.refine_steps, passes=self.refine_passes)
+            if steps:
+                ref, _, part = newton_refine(d_sub, pt, steps=steps, passes=self.refine_passes)
                 ok = torch.as_tensor(_certify(self.form, sub, d_sub, ref, eps), device=device)
                 final = Point(torch.where(ok[:, None], ref.x, pt.x), torch.where(ok[:, None], ref.w, pt.w))
                 factor = _with_part(factor, todo, part, ok, B)
@@ -417,23 +433,24 @@ class CvxpyLayer(nn.Module):
         w = torch.where(failed[:, None], torch.zeros_like(w), w)
         return Solution(x, w, failed, status, certified, factor)
 
-    def _refined(self, data: Data, d, pt: Point, eps: float) -> tuple[torch.Tensor, Point, Factor | None]:
-        """Newton-refine a candidate; True where the refined point converged and passes the solver's test; the
-        refinement's factorizations."""
+    def _refined(self, data: Data, d, pt: Point, eps: float, steps: int) -> tuple[torch.Tensor, Point, Factor | None]:
+        """Newton-refine a candidate (``steps``); True where the refined point converged and passes the solver's
+        test; the refinement's factorizations."""
         factor = None
-        if self.refine_steps:
-            pt, norm, factor = newton_refine(d, pt, steps=self.refine_steps, passes=self.refine_passes)
+        if steps:
+            pt, norm, factor = newton_refine(d, pt, steps=steps, passes=self.refine_passes)
         ok = torch.as_tensor(_certify(self.form, data, d, pt, eps), device=pt.x.device)
-        if self.refine_steps:  # keep only converged refinements: the others are solved at eps and refined again
+        if steps:  # keep only converged refinements: the others are solved at eps and refined again
             ok = ok & converged(d, norm)
         return ok, pt, factor
 
     def _torch_candidate(self, data: Data, warm: Mapping[str, torch.Tensor] | None, eps: float,
-                         max_steps: int) -> dict[str, torch.Tensor]:
-        """The batched torch iterations to ``max(eps, loose_eps("torch"))`` (refinement does the rest)."""
+                         max_steps: int, steps: int) -> dict[str, torch.Tensor]:
+        """The batched torch iterations to ``max(eps, loose_eps("torch"))`` (refinement, ``steps``, does the rest;
+        without it to ``eps``)."""
         alg = make_algorithm(self.solver, data, cache=self._cache)
         state = alg.init(**warm) if warm is not None else alg.init()
-        loose = max(eps, self.loose_eps("torch")) if self.refine_steps else eps
+        loose = max(eps, self.loose_eps("torch")) if steps else eps
         res = run_to_tolerance(alg, state, tol=loose, max_steps=max_steps, stopped=TORCH_STOPPED)
         return output_space(self.solver).warm_start(alg, res.state)
 
@@ -477,6 +494,29 @@ class CvxpyLayer(nn.Module):
 
         s = stack("s") if self.form == "cone" else None
         return stack("x"), stack("y"), s, [r.status for r in results]
+
+    def _direct_solve(self, data: Data, warm: Mapping[str, torch.Tensor] | None, eps: float,
+                      c_args: Mapping[str, Any],
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[Status]]:
+        """The C solver at ``eps`` with no refinement after it: with :data:`PRESOLVE_SETTINGS` where ``A`` and
+        ``P`` do not depend on the parameters and ``c_args`` sets none of them (one object for the stream, no new
+        setup per solve); the instances that do not end optimal that way are solved again, cold, with ``c_args``
+        alone."""
+        fast = PRESOLVE_SETTINGS.get(self.solver, {})
+        shared = data.A.shared and (data.P is None or data.P.shared)
+        if not fast or not shared or set(fast) & set(c_args):
+            return self._c_solve(data, warm, eps, c_args)
+        xs, ys, ss, st = self._c_solve(data, warm, eps, {**fast, **c_args})
+        again = [i for i, status in enumerate(st) if status != Status.OPTIMAL]
+        if again:
+            idx = torch.as_tensor(again, device=xs.device)
+            xa, ya, sa, sta = self._c_solve(data.take(np.asarray(again)), None, eps, c_args)
+            xs[idx], ys[idx] = xa, ya
+            if ss is not None:
+                ss[idx] = sa
+            for i, status in zip(again, sta):
+                st[i] = status
+        return xs, ys, ss, st
 
     def _warm(self, data: Data, theta: torch.Tensor, mode: str) -> dict[str, torch.Tensor] | None:
         """Warm-start fields (``x``, ``y``[, ``s``]) for the batch, or None for cold starts."""
@@ -563,6 +603,13 @@ def _with_part(factor: Factor | None, todo: torch.Tensor, part: Factor | None, k
         return part._replace(ok=part.ok & keep)
     sub = torch.nonzero(keep).flatten()
     return put_factor_(factor if factor is not None else blank_factor(part, batch), todo[sub], take_factor(part, sub))
+
+
+def _refine_steps(value: Any) -> int:
+    """``refine_steps`` checked: a nonnegative int."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"refine_steps must be a nonnegative int; got {value!r}")
+    return int(value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
