@@ -35,8 +35,8 @@ import torch
 from amortcvx.backends import solve_batch
 from amortcvx.canon import ParametricProblem
 from amortcvx.evaluation.machine import environment
+from amortcvx.iterations import kkt
 from amortcvx.iterations.polish import candidate_active_sets
-from amortcvx.layers import kkt
 from amortcvx.problems import make
 
 SETTINGS = {"eps_abs": 1e-9, "eps_rel": 1e-9, "max_iters": 100_000}

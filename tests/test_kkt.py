@@ -1,4 +1,4 @@
-"""The optimality-condition Jacobian solve of the layer (amortcvx.layers.kkt) against the dense matrix."""
+"""The optimality-condition Jacobian solve of the layer (amortcvx.iterations.kkt) against the dense matrix."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from amortcvx.layers import CvxpyLayer, kkt
+from amortcvx.iterations import kkt
+from amortcvx.layers import CvxpyLayer
 from tests.test_layer import expcone, lp_param_a, qp, qp_param_p, sdp, socp
 
 

@@ -1,4 +1,4 @@
-"""Matrix-free Krylov solves of the KKT systems (amortcvx.layers.krylov) against the dense path (layers.kkt)."""
+"""Matrix-free Krylov solves of the KKT systems (amortcvx.iterations.krylov) against the dense path (iterations.kkt)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import scs
 import torch
 
 from amortcvx.canon.parametric import ParametricProblem
-from amortcvx.layers import kkt
-from amortcvx.layers.krylov import gmres, kkt_operator, kkt_preconditioner, solve_kkt_krylov
+from amortcvx.iterations import kkt
+from amortcvx.iterations.krylov import gmres, kkt_operator, kkt_preconditioner, solve_kkt_krylov
 
 
 # ---------------------------------------------------------------------------------------------- problems

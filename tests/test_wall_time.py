@@ -572,7 +572,7 @@ def test_calibration_chooses_newton_steps_and_saving_keeps_them(tmp_path):
 
 def test_polish_choices_follow_the_cones_and_the_size(monkeypatch):
     from amortcvx.deploy.solver import polish_choices
-    from amortcvx.layers import kkt
+    from amortcvx.iterations import kkt
 
     lp = _pp("transport", "scs")[1]
     assert polish_choices(lp) == (False, True)  # an LP

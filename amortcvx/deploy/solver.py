@@ -21,7 +21,7 @@ step gives exactly). Instances that pass are answered with that point, status ``
 ``certified=True``; no C solve runs for them. ``finish="c"`` always runs the C solver.
 
 With ``newton=N`` (any cone) each warm start is then refined by up to ``N`` semismooth Newton steps on the
-optimality conditions (:func:`amortcvx.layers.kkt.newton_refine`, the layer's refinement): where they converge
+optimality conditions (:func:`amortcvx.iterations.kkt.newton_refine`, the layer's refinement): where they converge
 (an LP / QP with the right active set in one step; cone programs quadratically near the solution) the refined
 point, a solution to about ``1e-9``, replaces the warm start, and the certificate answers the instance with no C
 iteration at all; where they do not, the warm start is left as it was. Newton's method is local: where the
@@ -30,7 +30,7 @@ steps from a learned point do not converge, they are tried from the cold start t
 even where the safeguard (below) would have replaced the learned start. A warm start, refined or not, changes
 only the speed: answers still pass the certificate or come from the C solver. Cost: one batched Cholesky per
 step and instance, of the size the equality rows leave free (float64, in chunks of bounded memory; matrix-free
-GMRES where :func:`amortcvx.layers.kkt.linear_algebra` says so). :meth:`AmortizedSolver.fit` lets calibration
+GMRES where :func:`amortcvx.iterations.kkt.linear_algebra` says so). :meth:`AmortizedSolver.fit` lets calibration
 choose between 0 and :data:`NEWTON_STEPS` steps where the dense path applies (:func:`newton_choices`).
 
 With ``polish=True`` (LPs and QPs) each refined point is also solved exactly on its guessed active set
@@ -83,12 +83,12 @@ from amortcvx.backends.scs import stop_point
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.deploy.result import AmortizedResult
+from amortcvx.iterations import kkt
 from amortcvx.iterations.cones import project_cone, project_dual_cone
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
 from amortcvx.iterations.polish import check_polish_choice, polish_allowed
 from amortcvx.iterations.registry import make_algorithm
-from amortcvx.layers import kkt
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import WarmStartPredictor
 from amortcvx.solvers import get_solver
@@ -110,7 +110,7 @@ NEWTON_CHUNK_BYTES = 2 ** 28
 
 def newton_choices(pp: ParametricProblem) -> tuple[int, ...]:
     """The Newton steps calibration chooses among by default: ``(0, NEWTON_STEPS)`` where the dense refinement
-    applies (:func:`amortcvx.layers.kkt.linear_algebra`: ``n + m <= KRYLOV_SIZE``, or a shared ``A`` whose
+    applies (:func:`amortcvx.iterations.kkt.linear_algebra`: ``n + m <= KRYLOV_SIZE``, or a shared ``A`` whose
     equality rows keep the reduced system small; beyond, a batch of matrix-free solves costs more than it is
     likely to save), else ``(0,)``."""
     return (0, NEWTON_STEPS) if kkt.problem_linear_algebra(pp) == "dense" else (0,)
@@ -736,7 +736,7 @@ class AmortizedSolver:
     def _newton(self, data: ConeData | QPData, ws: dict[str, torch.Tensor]
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The warm starts with the instances where ``newton`` Newton steps from them converge replaced by the
-        refined point (:func:`amortcvx.layers.kkt.newton_refine`; float64), and where that happened; the others are
+        refined point (:func:`amortcvx.iterations.kkt.newton_refine`; float64), and where that happened; the others are
         left as they are. Without ``newton``: ``ws`` unchanged, nothing solved."""
         size = ws["x"].shape[0]
         if not self.newton:

@@ -5,6 +5,10 @@ instances, on any device, differentiable by unrolling. :func:`make_algorithm` bi
 canonical data (:class:`~amortcvx.canon.ConeData` for ``"scs"``, :class:`~amortcvx.canon.QPData` for
 ``"osqp"``); the loops of :mod:`.loop` run it for ``k`` steps, to a tolerance, or unrolled for
 backpropagation. See ``docs/iterations.md``.
+
+Beside them, :mod:`.kkt` writes a canonical problem's optimality conditions as one equation and provides its
+Newton refinement and implicit differentiation (with :mod:`.krylov` for the matrix-free solves); deployment's
+certified finish, training's solution derivatives and the torch layer build on it (``docs/layers.md``).
 """
 
 from amortcvx.iterations.linalg import FactorCache, KKTSolver

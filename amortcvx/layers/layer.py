@@ -8,7 +8,7 @@ Forward, for a batch of parameters ``theta``::
         --> canonical (x, y, s) --> CVXPY variables (batched affine map, differentiable)
 
 Backward: implicit differentiation of the normal-map optimality conditions at the refined point (see
-:mod:`amortcvx.layers.kkt`), or, optionally, through ``k`` unrolled torch iterations started at the solution.
+:mod:`amortcvx.iterations.kkt`), or, optionally, through ``k`` unrolled torch iterations started at the solution.
 Every returned answer passed the solver's own termination test at the requested tolerance: either the C solver
 stopped on it, or its float64 re-implementation (``certify``) accepted the point. Newton refinement only
 replaces a point by one that also passes that test.
@@ -34,10 +34,7 @@ from amortcvx.backends.race import Race
 from amortcvx.canon.data import ConeData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
-from amortcvx.iterations.linalg import FactorCache
-from amortcvx.iterations.loop import run_to_tolerance, unroll
-from amortcvx.iterations.registry import make_algorithm
-from amortcvx.layers.kkt import (
+from amortcvx.iterations.kkt import (
     BATCHES,
     Data,
     Factor,
@@ -56,6 +53,9 @@ from amortcvx.layers.kkt import (
     take_factor,
     warm_start_fields,
 )
+from amortcvx.iterations.linalg import FactorCache
+from amortcvx.iterations.loop import run_to_tolerance, unroll
+from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.solvers import get_solver
 
@@ -64,7 +64,8 @@ WARM_STARTS = ("cold", "previous", "learned")
 GRADIENTS = ("implicit", "unrolled")
 FAILURES = ("nan", "raise")
 LINEAR_ALGEBRA = BATCHES
-"""How refinement and backward solve with the optimality conditions' Jacobian (:data:`amortcvx.layers.kkt.BATCHES`)."""
+"""How refinement and backward solve with the optimality conditions' Jacobian
+(:data:`amortcvx.iterations.kkt.BATCHES`)."""
 PRESOLVE_SETTINGS: dict[str, Mapping[str, Any]] = {"scs": scs_backend.STATELESS_SETTINGS}
 """C settings of the loose solve (``presolve_eps``) by solver, under the caller's: SCS without adaptive scale or
 Anderson memory keeps one object for every instance instead of a new setup per solve (the answers are refined and
@@ -87,7 +88,7 @@ SDP within 2% (``1e-4``: as ``3e-4``). The torch stage keeps ``1e-3``: on a GPU 
 (about 0.5 ms each), and a tighter tolerance there is unmeasured."""
 REFINE_PASSES = 2
 """The default ``refine_passes``: iterative-refinement passes of each Newton step's linear solve
-(:func:`~amortcvx.layers.kkt.newton_refine`'s ``passes``). Two cut the forward at batch 64 (CPU, 1 thread): SOCP
+(:func:`~amortcvx.iterations.kkt.newton_refine`'s ``passes``). Two cut the forward at batch 64 (CPU, 1 thread): SOCP
 7.2 -> 6.7 ms, QP 8.8 -> 8.0 ms, SDP 21.6 -> 21.2 ms; the refined points stay at about ``1e-12`` of the exact
 solution (the QP's were at ``1e-15`` with four: pass 4 where a solution at machine precision matters, e.g. as a
 finite-difference reference). One pass cut the SOCP further (6.2 ms) but left the QP's points at ``1e-10`` and made
@@ -128,7 +129,7 @@ class Solution(NamedTuple):
 
     Attributes:
         x: (B, n) float64 canonical primal (zeros where failed).
-        w: (B, m) float64 combined dual-slack variable (see :mod:`amortcvx.layers.kkt`).
+        w: (B, m) float64 combined dual-slack variable (see :mod:`amortcvx.iterations.kkt`).
         failed: (B,) bool: no solution (NaN outputs).
         status: per instance, the final :class:`~amortcvx.backends.Status`.
         certified: (B,) bool: answered with a refined point that passed the solver's test at ``eps`` (no C
@@ -197,8 +198,8 @@ class CvxpyLayer(nn.Module):
             to always solve at ``eps``.
         max_torch_steps: limit of the torch iterations (``method="torch"``).
         linear_algebra: ``"dense"`` (batched factorizations), ``"krylov"`` (matrix-free GMRES on the sparse
-            canonical data) or ``"auto"`` (:func:`~amortcvx.layers.kkt.linear_algebra`: Krylov when ``n + m`` exceeds
-            ``KRYLOV_SIZE``, unless shared equality rows keep the reduced dense path small).
+            canonical data) or ``"auto"`` (:func:`~amortcvx.iterations.kkt.linear_algebra`: Krylov when ``n + m``
+            exceeds ``KRYLOV_SIZE``, unless shared equality rows keep the reduced dense path small).
         solver_args: default per-call arguments (see :meth:`forward`).
         threads: threads for the C solves (None: every core this process may use, at most 8; a batch of at least
             16 is cut into parts solved concurrently, :class:`~amortcvx.backends.persistent.ThreadedSolver`).

@@ -24,7 +24,7 @@ function that returns a solution and back-propagates through it with one batched
 Batched. A :func:`dense` batch eliminates ``w`` and factors one ``(B, k, k)`` matrix per solve, ``k`` the
 dimension left free by the equality constraints (:func:`solve_kkt`, :class:`NullSpace`; small and medium
 problems); a :func:`sparse` batch keeps the canonical sparse matrices and solves matrix-free by preconditioned
-GMRES (:mod:`amortcvx.layers.krylov`; large sparse problems).
+GMRES (:mod:`amortcvx.iterations.krylov`; large sparse problems).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 
 from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
 from amortcvx.iterations.cones import cone_layout, eigh, project_dual_cone, smat
+from amortcvx.iterations.krylov import solve_kkt_krylov
 from amortcvx.iterations.linalg import csr_matvec, csr_pair, dense_batch, matvec, rmatvec, sparse_operator
-from amortcvx.layers.krylov import solve_kkt_krylov
 
 Data = ConeData | QPData
 
@@ -122,7 +122,7 @@ def dense(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
 
 def sparse(data: Data, dtype: torch.dtype = torch.float64) -> Batch:
     """A batch that keeps the sparse ``P`` and ``A``: every product is sparse and every solve matrix-free
-    (:mod:`amortcvx.layers.krylov`); nothing of size ``(B, m, n)`` is formed."""
+    (:mod:`amortcvx.iterations.krylov`); nothing of size ``(B, m, n)`` is formed."""
     return Batch(data.P, data.A, *_vectors(data, dtype), data)
 
 
@@ -1025,7 +1025,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
     Cost per new factorization: one ``k x k`` Cholesky, the product ``(A_o Z)' M_o (A_o Z)``, and (with SOC /
     PSD / exp rows) one inverse of the nonlinear cones' ``(m - lin)``-square block of ``D``.
 
-    For a :func:`sparse` batch the solve is matrix-free (:func:`~amortcvx.layers.krylov.solve_kkt_krylov`); an
+    For a :func:`sparse` batch the solve is matrix-free (:func:`~amortcvx.iterations.krylov.solve_kkt_krylov`); an
     instance it does not solve keeps its best iterate (a Newton step from it is then rejected, and a gradient
     from it is that of the least residual the iteration found).
     """

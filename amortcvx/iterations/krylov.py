@@ -1,9 +1,9 @@
 """Matrix-free Krylov solves of the normal-map Jacobian systems, for large sparse problems.
 
-:mod:`amortcvx.layers.kkt` writes the optimality conditions of a canonical problem as ``F(x, w) = 0`` with the
+:mod:`amortcvx.iterations.kkt` writes the optimality conditions of a canonical problem as ``F(x, w) = 0`` with the
 Jacobian
 
-    J = [[P, A' D], [A, D - I]],        D = dy/dw (a :class:`~amortcvx.layers.kkt.DualJacobian`),
+    J = [[P, A' D], [A, D - I]],        D = dy/dw (a :class:`~amortcvx.iterations.kkt.DualJacobian`),
 
 and solves ``J z = r`` (Newton refinement) and ``J' z = r`` (the backward pass) with dense batched linear
 algebra: ``(B, m, n)`` copies of ``A`` and one ``(B, n, n)`` Cholesky per solve. This module solves the same
@@ -20,7 +20,7 @@ systems without forming any dense matrix:
   of the Hessenberg matrix is rotated with a single batched product. Preconditioning is on the right, so the
   residual the iteration tracks is the true one.
 * :func:`solve_kkt_krylov`: GMRES on the regularized ``J_delta = J + delta diag(I_n, -I_m)`` (as
-  :func:`~amortcvx.layers.kkt.solve_dense` does), right-preconditioned by the diagonal
+  :func:`~amortcvx.iterations.kkt.solve_dense` does), right-preconditioned by the diagonal
   :func:`kkt_preconditioner` (a Jacobi approximation of the block-diagonal Schur-complement preconditioner of a
   saddle-point matrix), inside a few passes of iterative refinement against the *unregularized* ``J``.
 
@@ -51,7 +51,7 @@ from amortcvx.canon.data import ConeData, QPData, SparseBatch
 from amortcvx.iterations.linalg import SparseOperator, matvec, rmatvec, sparse_operator
 
 if TYPE_CHECKING:
-    from amortcvx.layers.kkt import DualJacobian
+    from amortcvx.iterations.kkt import DualJacobian
 
 Data = ConeData | QPData
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -114,10 +114,10 @@ def kkt_operator(data, jac: DualJacobian, *, transpose: bool = False, delta: flo
     Args:
         data: the batch: :class:`~amortcvx.canon.data.ConeData` / :class:`~amortcvx.canon.data.QPData` (or a
             ``kkt.Batch``, whose canonical ``.data`` is used). ``A`` and ``P`` may be shared by the batch.
-        jac: ``D = dy/dw`` per instance (:func:`amortcvx.layers.kkt.dual_jacobian`); its dtype is the working
+        jac: ``D = dy/dw`` per instance (:func:`amortcvx.iterations.kkt.dual_jacobian`); its dtype is the working
             dtype of the products.
         transpose: apply ``J'`` instead of ``J``.
-        delta: adds ``delta diag(I_n, -I_m)`` (the regularization of :func:`amortcvx.layers.kkt.solve_dense`).
+        delta: adds ``delta diag(I_n, -I_m)`` (the regularization of :func:`amortcvx.iterations.kkt.solve_dense`).
 
     Returns:
         A callable mapping ``z`` (B, n + m) to ``J z`` (B, n + m); differentiable in ``z`` and in the data.
