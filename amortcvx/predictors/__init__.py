@@ -10,7 +10,8 @@ from amortcvx.predictors.model import (
     atomic_torch_save,
     mlp,
 )
-from amortcvx.predictors.neighbor import NeighborCorrection
+from amortcvx.predictors.neighbor import NeighborCorrection, NeighborTangent
 
-__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "Ensemble", "NeighborCorrection", "OutputSpace", "PredictorMeta",
-           "WarmStartPredictor", "atomic_torch_save", "ensemble_predictor", "mlp", "output_space"]
+__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "Ensemble", "NeighborCorrection", "NeighborTangent",
+           "OutputSpace", "PredictorMeta", "WarmStartPredictor", "atomic_torch_save", "ensemble_predictor", "mlp",
+           "output_space"]

@@ -13,6 +13,10 @@ instance never counts as its own neighbour (leave-one-out): otherwise the correc
 The stored instances are buffers (saved with the weights, never pickled code); the core declares
 ``core_kind = "neighbor_correction"`` and ``config()``, so :meth:`WarmStartPredictor.load` rebuilds it from the
 file alone (see :data:`amortcvx.predictors.model.CORE_KINDS`).
+
+:class:`NeighborTangent` starts the correction from the neighbour's solution moved along the solution map's
+derivative there, ``z_j + J_j (u - u_j)`` (its ``tangents`` are one more buffer; ``core_kind =
+"neighbor_tangent"``).
 """
 
 from __future__ import annotations
@@ -82,10 +86,46 @@ class NeighborCorrection(nn.Module):
             best_i = torch.where(better, idx + start, best_i)
         return best_i
 
+    def anchor(self, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
+        """The stored answer the correction starts from: the neighbours' solutions ``z_j``."""
+        return self.values.to(du)[j]
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         j = self.neighbor(u)
-        u_nn = self.keys.to(u)[j]
-        return self.values.to(u)[j] + self.net(torch.cat([u, u - u_nn], dim=1))
+        du = u - self.keys.to(u)[j]
+        return self.anchor(j, du) + self.net(torch.cat([u, du], dim=1))
+
+
+class NeighborTangent(NeighborCorrection):
+    """``u -> z_nn + J_nn (u - u_nn) + net([u, u - u_nn])``: the nearest stored solution moved along the solution
+    map's derivative there (a first-order expansion), plus the learned correction.
+
+    Where the parameters are few and the training instances dense (an MPC controller's initial state), the
+    solution map is piecewise smooth (piecewise affine for LPs and QPs) and a neighbour often lies on the same
+    piece: the expansion is then exact to first order (on an affine piece, exact). ``tangents`` (N, d, p) are
+    ``dz*/du`` at the stored instances in normalized units
+    (:func:`~amortcvx.training.tangents.solution_tangents`).
+    """
+
+    core_kind = "neighbor_tangent"
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, tangents: torch.Tensor,
+                 hidden: Sequence[int] = (128, 128), chunk: int = 4096):
+        super().__init__(keys, values, hidden=hidden, chunk=chunk)
+        want = (keys.shape[0], values.shape[1], keys.shape[1])
+        if tuple(tangents.shape) != want:
+            raise ValueError(f"tangents must have shape (N, d, p) = {want}; got {tuple(tangents.shape)}")
+        self.register_buffer("tangents", tangents.detach().clone())
+
+    @classmethod
+    def from_config(cls, config: dict) -> NeighborTangent:
+        num, p, d = int(config["num"]), int(config["num_params"]), int(config["out_dim"])
+        return cls(torch.zeros(num, p), torch.zeros(num, d), torch.zeros(num, d, p), hidden=config["hidden"],
+                   chunk=config["chunk"])
+
+    def anchor(self, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
+        return super().anchor(j, du) + torch.bmm(self.tangents.to(du)[j], du[:, :, None])[:, :, 0]
 
 
 CORE_KINDS[NeighborCorrection.core_kind] = NeighborCorrection.from_config
+CORE_KINDS[NeighborTangent.core_kind] = NeighborTangent.from_config

@@ -7,8 +7,10 @@ the rest the training set), it
 
 1. solves a validation subset cold on the C solver (exact iteration counts): the reference;
 2. searches at ``search_size`` training instances, one change at a time from the default (an MLP, regression
-   to the optimum): the predictor kind (MLP or :class:`~amortcvx.predictors.NeighborCorrection`, a correction
-   on top of the nearest training instance's solution), a smaller network, weight decay, and the loss mix
+   to the optimum): the predictor kind (MLP, :class:`~amortcvx.predictors.NeighborCorrection`, a correction
+   on top of the nearest training instance's solution, or :class:`~amortcvx.predictors.NeighborTangent`, the
+   same on top of that solution moved along the solution map's derivative there, computed by
+   :func:`~amortcvx.training.tangents.solution_tangents`), a smaller network, weight decay, and the loss mix
    (regression plus the fixed-point residual after ``k`` unrolled torch steps); a change is kept when it lowers
    the validation median of exact C iterations from the bare prediction (k = 0; ties: the mean); every
    training stops early on the validation loss (``TrainConfig.patience``) and its epochs are capped by the
@@ -17,8 +19,11 @@ the rest the training set), it
    budget allows and more data still pays (fewer validation iterations, or a validation loss 5% lower than at
    the previous size), and keeps the best; where more data stopped paying with budget left, trains the
    configuration twice as wide (up to :data:`MAX_WIDTH`) at that size and, where that pays, goes on growing the
-   data with it; every size trained gives a point of the learning curve (validation regression
-   loss and median C iterations against the training-set size), which :class:`RecipeResult` prints;
+   data with it; a kind whose best search trial took at most a quarter of the choice's time
+   (:data:`COMPANION_SHARE`; in practice the neighbour kinds, whose stored instances grow denser with the data)
+   is trained at every size too and takes over the curve where it is better; every size trained gives a point
+   of the learning curve (validation regression loss and median C iterations against the training-set size),
+   which :class:`RecipeResult` prints;
 4. where the budget allows, trains the choice again with ``ensemble - 1`` other seeds and keeps the best of
    the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation iterations.
 
@@ -46,8 +51,9 @@ from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.ensemble import ensemble_predictor
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
-from amortcvx.predictors.neighbor import NeighborCorrection
+from amortcvx.predictors.neighbor import NeighborCorrection, NeighborTangent
 from amortcvx.training.losses import LossWeights, losses
+from amortcvx.training.tangents import solution_tangents
 from amortcvx.training.trainer import (
     SolvedSet,
     TrainConfig,
@@ -58,8 +64,17 @@ from amortcvx.training.trainer import (
     train,
 )
 
-KINDS = ("mlp", "neighbor_correction")
+KINDS = ("mlp", "neighbor_correction", "neighbor_tangent")
 """Predictor kinds the recipe chooses among."""
+TANGENT_ENTRIES = 20_000_000
+"""The most entries (``anchors x d x p``, 8 bytes each) of a :class:`~amortcvx.predictors.NeighborTangent`'s
+derivatives: beyond, only the first instances of the training set are its anchors (it still trains on all)."""
+COMPANION_SHARE = 0.25
+"""A kind whose best search trial took at most this share of the chosen configuration's time rides along the
+learning curve (trained at every size; where better, it takes over): see :func:`fit_predictor`."""
+TANGENT_SHARE = 0.25
+"""The share of the time left that a trial may spend on the derivatives of a ``neighbor_tangent`` candidate (the
+instances done by then are its anchors)."""
 MAX_WIDTH = 1024
 """The widest hidden layer the capacity step of :func:`fit_predictor` tries."""
 
@@ -69,7 +84,9 @@ class Candidate:
     """One training configuration.
 
     Attributes:
-        kind: ``"mlp"`` (theta -> z) or ``"neighbor_correction"`` (nearest training solution + learned correction).
+        kind: ``"mlp"`` (theta -> z), ``"neighbor_correction"`` (nearest training solution + learned correction) or
+            ``"neighbor_tangent"`` (nearest training solution moved along the solution map's derivative there +
+            learned correction).
         hidden: hidden widths (of the MLP, or of the correction network).
         weight_decay: Adam weight decay.
         residual: add the fixed-point residual after ``k`` unrolled steps to the regression loss (weighted so that
@@ -125,6 +142,7 @@ class RecipeSettings:
     sizes: tuple[int, ...] = (250, 500, 1000, 2000, 4000, 8000, 16000)
     max_size: int = 128000
     alternatives: tuple[dict, ...] = ({"kind": "neighbor_correction", "hidden": (128, 128)},
+                                      {"kind": "neighbor_tangent", "hidden": (128, 128)},
                                       {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True})
     ensemble: int = 3
     epochs: int = 1000
@@ -278,13 +296,22 @@ def _normalization(pp, algorithm, settings, train_set: SolvedSet) -> tuple[WarmS
     return shell, target
 
 
-def _core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet) -> nn.Module | None:
+def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
+                   tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
+                   ) -> nn.Module | None:
+    """The core module of ``cand`` for :func:`~amortcvx.training.trainer.train` (None: its MLP, which ``train``
+    builds); ``tangents(train_set, shell)`` gives the derivatives at the first instances of the set (a
+    ``neighbor_tangent``'s anchors; default: at every instance, :func:`solution_tangents`)."""
     if cand.kind == "mlp":
         return None  # train() builds its MLP with cand.hidden
     shell, target = _normalization(pp, algorithm, settings, train_set)
     keys = (train_set.theta - shell.in_mean) / shell.in_std
     values = (target - shell.out_mean) / shell.out_std
-    return NeighborCorrection(keys, values, hidden=cand.hidden)
+    if cand.kind == "neighbor_correction":
+        return NeighborCorrection(keys, values, hidden=cand.hidden)
+    jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std) if tangents is None
+           else tangents(train_set, shell)).to(values)
+    return NeighborTangent(keys[:len(jac)], values[:len(jac)], jac, hidden=cand.hidden)
 
 
 def _residual_weight(pp, algorithm, settings, train_set: SolvedSet, k: int) -> float:
@@ -391,6 +418,19 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         more = max(0, recipe.val_size + n - asked["n"]) * asked["seconds_per_instance"]
         return more + rate * n * min(recipe.epochs, 3 * recipe.patience)
 
+    memo: dict[int, torch.Tensor] = {}  # derivatives by training-set size (the sets grow by prefixes)
+
+    def tangents(train_part: SolvedSet, shell: WarmStartPredictor) -> torch.Tensor:
+        """The derivatives at the first instances of ``train_part`` (at most :data:`TANGENT_ENTRIES` entries, and
+        what :data:`TANGENT_SHARE` of the time left allows), computed once per training-set size."""
+        if len(train_part) not in memo:
+            cap = max(2, TANGENT_ENTRIES // (int(shell.out_std.shape[0]) * pp.num_params))
+            left = deadline - time.perf_counter()
+            memo[len(train_part)] = solution_tangents(
+                pp, algorithm, settings, train_part.subset(torch.arange(min(cap, len(train_part)))),
+                shell.in_std, shell.out_std, deadline=time.perf_counter() + TANGENT_SHARE * max(left, 0.0))
+        return memo[len(train_part)]
+
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
         left = deadline - t0
@@ -401,7 +441,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                              weight_decay=cand.weight_decay, seed=seed + cand.member, device=device,
                              dtype=recipe.dtype,
                              hidden=cand.hidden, progress=False)
-        core = _core(cand, pp, algorithm, settings, train_part)
+        core = candidate_core(cand, pp, algorithm, settings, train_part, tangents)
         rate = rates.get((cand.kind, cand.residual))
         if rate is None:  # no training of this kind yet: time one mini-batch
             rate = _probe_rate(pp, algorithm, settings, config, core, train_part, len(val))
@@ -461,31 +501,51 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         return fewer or result.val_regression < 0.95 * before.val_regression
 
     on_curve: list[int] = [best_i]  # the trials of the learning curve, in the order trained
+    # companions: the best search trial of every other kind that trained in at most COMPANION_SHARE of the
+    # choice's time; each is trained again at every size of the curve (a neighbour kind gains more from data than
+    # the search size shows: its stored instances grow denser), and takes over the curve where it is better
+    others: dict[str, int] = {}
+    for i, t in enumerate(trials):
+        kind = t.candidate.kind
+        if kind != chosen.kind and (kind not in others or better(t, trials[others[kind]])):
+            others[kind] = i
+    companions = [trials[i].candidate for i in others.values()
+                  if trials[i].seconds <= COMPANION_SHARE * trials[best_i].seconds]
 
-    def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> int | None:
-        """Train ``cand`` at ``sizes`` in order while the budget allows and each size paid; returns the index of
-        the trial where more data stopped paying (None where the budget, the sizes or the source ended the
-        curve)."""
+    def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> tuple[int | None, Candidate]:
+        """Train ``cand`` (and the companions) at ``sizes`` in order while the budget allows and each size paid;
+        returns the index of the trial where more data stopped paying (None where the budget, the sizes or the
+        source ended the curve) and the configuration the curve ended with (a companion that took over)."""
+        nonlocal best_i
         for n in sizes:
             if time.perf_counter() + estimate(cand, n) > deadline:
                 say(f"  (budget: no training on n={n})")
-                return None
+                return None, cand
             _, part = data(n)
             if n > recipe.search_size and len(part) <= last.num_train:
                 say(f"  (no more solved instances than {last.num_train}: stopping the curve)")
-                return None  # get_solved has no more instances
+                return None, cand  # get_solved has no more instances
             result = trial(cand, part)
             on_curve.append(len(trials) - 1)
             if n <= recipe.search_size:  # a point of the curve below the search size, not a step up
                 continue
             paid = step_paid(result, last)
             last = result
+            for comp in list(companions):
+                if time.perf_counter() + estimate(comp, n) > deadline:
+                    continue
+                if better(trial(comp, part), trials[best_i]):  # the companion takes over the curve
+                    best_i = len(trials) - 1
+                    say(f"  ({comp.label()} takes over the curve at n={len(part)})")
+                    companions.remove(comp)
+                    on_curve.append(best_i)
+                    cand, last, paid = comp, trials[-1], True
             if not paid:
                 say(f"  (more data did not pay at n={result.num_train}: stopping the curve)")
-                return len(trials) - 1
-        return None
+                return len(trials) - 1, cand
+        return None, cand
 
-    stalled = grow(chosen, recipe.curve_sizes(), trials[best_i])
+    stalled, chosen = grow(chosen, recipe.curve_sizes(), trials[best_i])
     # capacity: where more data stopped paying with budget left, the network may be what saturates (the
     # search at search_size favours small ones): the chosen configuration twice as wide, at the largest size
     # trained; where that pays, it becomes the choice and its curve goes on to larger sizes
@@ -499,9 +559,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         if not step_paid(result, at):
             say(f"  (a wider network did not pay at n={at.num_train})")
             break
-        chosen = wide
         on_curve.append(len(trials) - 1)
-        stalled = grow(chosen, [n for n in recipe.curve_sizes() if n > at.num_train], result)
+        stalled, chosen = grow(wide, [n for n in recipe.curve_sizes() if n > at.num_train], result)
     # by size; at the size where a wider network took over, the narrower one first
     curve = tuple(CurvePoint(trials[i].num_train, trials[i].val_regression, trials[i].val_median_iterations,
                              trials[i].candidate.label())
@@ -567,4 +626,4 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
 
 
 __all__ = ["KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrialResult", "c_iterations",
-           "fit_predictor", "solved_source"]
+           "candidate_core", "fit_predictor", "solved_source"]
