@@ -69,6 +69,11 @@ KINDS = ("mlp", "neighbor_correction", "neighbor_tangent")
 TANGENT_ENTRIES = 20_000_000
 """The most entries (``anchors x d x p``, 8 bytes each) of a :class:`~amortcvx.predictors.NeighborTangent`'s
 derivatives: beyond, only the first instances of the training set are its anchors (it still trains on all)."""
+STORED_KINDS = ("neighbor_correction", "neighbor_tangent")
+"""Kinds that store their training set and search all of it for every instance they predict: a training's cost
+per epoch grows with the square of the set size (the budget's estimates scale it so; portfolio, stop 28: a
+neighbour correction took 76 s at 8000 instances and 79 s at 16000 with fewer epochs, where a linear estimate
+allowed 45 s)."""
 COMPANION_SHARE = 0.25
 """A kind whose best search trial took at most this share of the chosen configuration's time rides along the
 learning curve (trained at every size; where better, it takes over): see :func:`fit_predictor`."""
@@ -407,14 +412,27 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     factors = FactorCache()
     loss_cfg = TrainConfig(k=0, weights=LossWeights(), batch_size=256, progress=False, dtype=recipe.dtype,
                            device=device)
-    rates: dict[tuple, float] = {}  # seconds per epoch per training instance, by (kind, residual)
+    # seconds per epoch per training instance, and the set size it was measured at, by (kind, residual)
+    rates: dict[tuple, tuple[float, int]] = {}
+
+    def rate_at(cand: Candidate, n: int) -> float | None:
+        """Seconds per epoch per training instance of ``cand`` on ``n`` instances, from its kind's last training
+        (None before one): the kinds that store their training set (:data:`STORED_KINDS`) search all of it for
+        every instance, so their rate grows in proportion to ``n``."""
+        known = rates.get((cand.kind, cand.residual))
+        if known is None:
+            return None
+        rate, measured = known
+        return rate * n / measured if cand.kind in STORED_KINDS else rate
     trials: list[TrialResult] = []
     models: dict[int, WarmStartPredictor] = {}
     parts: dict[int, SolvedSet] = {}  # the training set of each trial (an ensemble's members share one)
 
     def estimate(cand: Candidate, n: int) -> float:
         """Seconds for new instances up to ``n`` plus a training of ``cand`` on ``n`` (to ~3 patience windows)."""
-        rate = rates.get((cand.kind, cand.residual), max(rates.values(), default=0.0))
+        rate = rate_at(cand, n)
+        if rate is None:
+            rate = max((r for r, _ in rates.values()), default=0.0)
         more = max(0, recipe.val_size + n - asked["n"]) * asked["seconds_per_instance"]
         return more + rate * n * min(recipe.epochs, 3 * recipe.patience)
 
@@ -442,7 +460,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                              dtype=recipe.dtype,
                              hidden=cand.hidden, progress=False)
         core = candidate_core(cand, pp, algorithm, settings, train_part, tangents)
-        rate = rates.get((cand.kind, cand.residual))
+        rate = rate_at(cand, len(train_part))
         if rate is None:  # no training of this kind yet: time one mini-batch
             rate = _probe_rate(pp, algorithm, settings, config, core, train_part, len(val))
         epochs = int(max(3, min(recipe.epochs, 0.8 * left / (rate * len(train_part)))))
@@ -450,7 +468,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         out = train(pp, algorithm, train_part, val, config, settings=settings, core=core)
         model = out.model.to("cpu").eval()
         ran = len(out.history)
-        rates[(cand.kind, cand.residual)] = (time.perf_counter() - t0) / max(ran, 1) / len(train_part)
+        rates[(cand.kind, cand.residual)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part),
+                                             len(train_part))
         result = judged(cand, model, len(train_part), out.best_epoch, ran, t0)
         parts[len(trials) - 1] = train_part
         return result
