@@ -296,6 +296,48 @@ def test_a_cheap_kind_rides_along_the_curve_and_takes_over_where_better(portfoli
         (60, "mlp"), (120, "mlp"), (120, "neighbor_tangent"), (240, "neighbor_tangent")]
 
 
+def test_capacity_step_after_a_companion_judges_against_the_curves_own_training(portfolio, monkeypatch):
+    """The (64, 64) MLP stalls at 120 instances while a companion, trained there too, has a much lower loss but not
+    fewer iterations; the wider MLP is judged against the (64, 64) training at 120 (it pays), not the companion."""
+    import amortcvx.training.recipe as recipe_mod
+    from amortcvx.training.trainer import TrainResult
+
+    _, pp, source = portfolio
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
+        if kind == "neighbor_tangent":
+            return 0.20, 13.0  # low loss, never fewer iterations than the MLP
+        if width == 256:  # the default network: worse than (64, 64) in the search
+            return 0.60, 14.0
+        if width == 64:
+            return (0.50, 12.0) if n < 120 else (0.49, 12.0)  # stalls at 120
+        return 0.40, 12.0  # wider: 5% below the (64, 64) loss at 120, not below the companion's
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, kind: str, width: int, n: int):
+            super().__init__()
+            self.kind, self.width, self.n = kind, width, n
+
+    monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", 1e9)
+    monkeypatch.setattr(recipe_mod, "candidate_core", lambda cand, *a, **k: cand.kind)
+    monkeypatch.setattr(recipe_mod, "_probe_rate", lambda *a, **k: 1e-6)
+    monkeypatch.setattr(recipe_mod, "train", lambda pp_, alg, part, val, config, settings=None, core=None:
+                        TrainResult(Tagged(core or "mlp", config.hidden[0], len(part)), [{}] * 3, 2))
+    monkeypatch.setattr(recipe_mod, "evaluate_losses", lambda pp_, alg, settings, model, *a, **k: {
+        "regression": scripted(model.kind, model.width, model.n)[0]})
+    monkeypatch.setattr(recipe_mod, "c_iterations", lambda pp_, alg, model, solved, **k: np.full(
+        len(solved), 20.0 if model is None else scripted(model.kind, model.width, model.n)[1]))
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
+                              alternatives=({"hidden": (64, 64)}, {"kind": "neighbor_tangent", "hidden": (64, 64)}),
+                              ensemble=1)
+    res = fit_predictor(pp, "scs", source, budget_seconds=300, k=3, solver_settings=EPS, recipe=settings,
+                        progress=False)
+    order = [(t.candidate.kind, t.candidate.hidden[0], t.num_train) for t in res.trials]
+    assert order[-3:] == [("mlp", 64, 120), ("neighbor_tangent", 64, 120), ("mlp", 128, 120)]
+    assert [(p.num_train, p.configuration.split()[1]) for p in res.curve] == [(60, "64x64"), (120, "64x64"),
+                                                                             (120, "128x128")]
+
+
 # ---------------------------------------------------------------------------------------------- tangent core
 
 

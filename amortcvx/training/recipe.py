@@ -424,6 +424,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             return None
         rate, measured = known
         return rate * n / measured if cand.kind in STORED_KINDS else rate
+
     trials: list[TrialResult] = []
     models: dict[int, WarmStartPredictor] = {}
     parts: dict[int, SolvedSet] = {}  # the training set of each trial (an ensemble's members share one)
@@ -533,8 +534,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
 
     def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> tuple[int | None, Candidate]:
         """Train ``cand`` (and the companions) at ``sizes`` in order while the budget allows and each size paid;
-        returns the index of the trial where more data stopped paying (None where the budget, the sizes or the
-        source ended the curve) and the configuration the curve ended with (a companion that took over)."""
+        returns the index of ``cand``'s trial where more data stopped paying (None where the budget, the sizes or
+        the source ended the curve) and the configuration the curve ended with (a companion that took over)."""
         nonlocal best_i
         for n in sizes:
             if time.perf_counter() + estimate(cand, n) > deadline:
@@ -545,7 +546,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                 say(f"  (no more solved instances than {last.num_train}: stopping the curve)")
                 return None, cand  # get_solved has no more instances
             result = trial(cand, part)
-            on_curve.append(len(trials) - 1)
+            at = len(trials) - 1
+            on_curve.append(at)
             if n <= recipe.search_size:  # a point of the curve below the search size, not a step up
                 continue
             paid = step_paid(result, last)
@@ -561,7 +563,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                     cand, last, paid = comp, trials[-1], True
             if not paid:
                 say(f"  (more data did not pay at n={result.num_train}: stopping the curve)")
-                return len(trials) - 1, cand
+                return at, cand
         return None, cand
 
     stalled, chosen = grow(chosen, recipe.curve_sizes(), trials[best_i])
