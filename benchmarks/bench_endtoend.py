@@ -23,8 +23,8 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * ``floor``: warm-started at the optimum (solved beforehand at eps 1e-9) on the warm-start object.
 
 Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small|large] [--batch 1 256]
-[--instances 256] [--rounds 3] [--warmup 5] [--k 10] [--train 1000] [--kind mlp] [--epochs 60] [--threads N] [--json PATH]
-[--plot PATH.png] [--smoke]``;
+[--instances 256] [--rounds 3] [--warmup 5] [--k 10] [--train 1000] [--kind mlp] [--epochs 60] [--threads N]
+[--json PATH] [--plot PATH.png] [--smoke]``;
 ``--from-json PATH --plot PATH.png`` redraws the plot of a saved run without running anything.
 Prints machine, load, sizes, dtype and settings beside the numbers. The plot (matplotlib) shows, per batch size,
 each pair's time per instance as a ratio to (b) on a log axis, with the targets 1/2 and 1/3 of (b) marked.
