@@ -257,6 +257,15 @@ def test_capacity_step_widens_the_network_where_more_data_stops_paying(portfolio
     assert res.curve[1].configuration.startswith("mlp 64x64") and res.curve[2].configuration.startswith("mlp 128x128")
 
 
+def test_budget_rates_of_stored_set_kinds_grow_with_the_set():
+    from amortcvx.training.recipe import STORED_KINDS, scaled_rate
+
+    assert set(STORED_KINDS) == {"neighbor_correction", "neighbor_tangent"}
+    assert scaled_rate("mlp", 2e-5, 8000, 16000) == 2e-5  # an MLP's epoch costs the same per instance
+    for kind in STORED_KINDS:  # each instance searches the whole stored set: twice the set, twice per instance
+        assert scaled_rate(kind, 2e-5, 8000, 16000) == pytest.approx(4e-5)
+
+
 def test_a_cheap_kind_rides_along_the_curve_and_takes_over_where_better(portfolio, monkeypatch):
     """Scripted validation numbers: the tangent kind loses the search at 60 instances but gains more from data;
     trained beside the MLP at every size of the curve, it takes over at 120 and the curve goes on with it."""

@@ -301,6 +301,13 @@ def _normalization(pp, algorithm, settings, train_set: SolvedSet) -> tuple[WarmS
     return shell, target
 
 
+def scaled_rate(kind: str, rate: float, measured: int, n: int) -> float:
+    """Seconds per epoch per training instance on ``n`` instances of a kind whose training took ``rate`` on
+    ``measured``: the same for an MLP, ``rate * n / measured`` for the kinds that store their training set and
+    search all of it for every instance (:data:`STORED_KINDS`)."""
+    return rate * n / measured if kind in STORED_KINDS else rate
+
+
 def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                    tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
                    ) -> nn.Module | None:
@@ -420,10 +427,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         (None before one): the kinds that store their training set (:data:`STORED_KINDS`) search all of it for
         every instance, so their rate grows in proportion to ``n``."""
         known = rates.get((cand.kind, cand.residual))
-        if known is None:
-            return None
-        rate, measured = known
-        return rate * n / measured if cand.kind in STORED_KINDS else rate
+        return None if known is None else scaled_rate(cand.kind, *known, n)
 
     trials: list[TrialResult] = []
     models: dict[int, WarmStartPredictor] = {}
@@ -646,5 +650,5 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
     return get_solved
 
 
-__all__ = ["KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrialResult", "c_iterations",
-           "candidate_core", "fit_predictor", "solved_source"]
+__all__ = ["KINDS", "STORED_KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrialResult",
+           "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_source"]
