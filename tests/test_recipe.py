@@ -168,16 +168,21 @@ def test_neighbor_correction_chunks_agree_with_one_pass():
     assert torch.equal(a, b)
 
 
-def test_neighbor_predictor_saves_and_loads_without_code(tmp_path):
+@pytest.mark.parametrize("kind", ["neighbor_correction", "neighbor_tangent"])
+def test_neighbor_predictor_saves_and_loads_without_code(tmp_path, kind):
+    from amortcvx.predictors import NeighborTangent
+
     g = torch.Generator().manual_seed(2)
-    core = NeighborCorrection(torch.randn(20, 3, generator=g), torch.randn(20, 5, generator=g), hidden=(8, 8))
+    keys, values = torch.randn(20, 3, generator=g), torch.randn(20, 5, generator=g)
+    core = (NeighborCorrection(keys, values, hidden=(8, 8)) if kind == "neighbor_correction"
+            else NeighborTangent(keys, values, torch.randn(20, 5, 3, generator=g), hidden=(8, 8)))
     with torch.no_grad():
         core.net[-1].weight.normal_(generator=g)
     model = WarmStartPredictor(_meta(3, 5), core=core).eval()
     model.save(tmp_path / "m.pt")
     loaded = WarmStartPredictor.load(tmp_path / "m.pt", fingerprint="f", algorithm="scs")
     x = torch.randn(4, 3, generator=g)
-    assert isinstance(loaded.core, NeighborCorrection)
+    assert type(loaded.core) is type(core) and loaded.core.core_kind == kind
     torch.testing.assert_close(loaded.eval()(x), model(x))
 
 
@@ -214,39 +219,48 @@ def test_learning_curve_sizes_go_on_doubling_up_to_max_size():
         RecipeSettings(ensemble=0)
 
 
-def test_capacity_step_widens_the_network_where_more_data_stops_paying(portfolio, monkeypatch):
-    """Scripted validation numbers (the trainings and the C solves replaced): the (64, 64) network stops gaining
-    at 120 instances, twice as wide it is better there and goes on gaining with more data, and the choice, the
-    curve and the trials say so."""
+def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings):
+    """``fit_predictor`` on the portfolio source with the trainings and the C solves replaced: a trained model is
+    a tag ``(kind, width, n)`` whose validation loss and median C iterations are ``scripted(kind, width, n)``;
+    every other kind counts as a companion (the scripted trainings take no time)."""
     import amortcvx.training.recipe as recipe_mod
     from amortcvx.training.trainer import TrainResult
 
     _, pp, source = portfolio
 
-    def scripted(width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
+    class Tagged(torch.nn.Module):
+        def __init__(self, kind: str, width: int, n: int):
+            super().__init__()
+            self.kind, self.width, self.n = kind, width, n
+
+    monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", 1e9)
+    monkeypatch.setattr(recipe_mod, "candidate_core", lambda cand, *a, **k: cand.kind)
+    monkeypatch.setattr(recipe_mod, "_probe_rate", lambda *a, **k: 1e-6)
+    monkeypatch.setattr(recipe_mod, "train", lambda pp_, alg, part, val, config, settings=None, core=None:
+                        TrainResult(Tagged(core, config.hidden[0], len(part)), [{}] * 3, 2))
+    monkeypatch.setattr(recipe_mod, "evaluate_losses", lambda pp_, alg, settings, model, *a, **k: {
+        "regression": scripted(model.kind, model.width, model.n)[0]})
+    monkeypatch.setattr(recipe_mod, "c_iterations", lambda pp_, alg, model, solved, **k: np.full(
+        len(solved), 20.0 if model is None else scripted(model.kind, model.width, model.n)[1]))
+    return fit_predictor(pp, "scs", source, budget_seconds=300, k=3, solver_settings=EPS, recipe=settings,
+                         progress=False)
+
+
+def test_capacity_step_widens_the_network_where_more_data_stops_paying(portfolio, monkeypatch):
+    """Scripted validation numbers (the trainings and the C solves replaced): the (64, 64) network stops gaining
+    at 120 instances, twice as wide it is better there and goes on gaining with more data, and the choice, the
+    curve and the trials say so."""
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
         if width == 256:  # the default network: worse than (64, 64) in the search
             return 0.60, 14.0
         if width == 64:
             return (0.50, 12.0) if n < 120 else (0.49, 12.0)  # stalls: less than 5% lower, no fewer iterations
         return 0.40 * 120 / n, 10.0 - n / 120  # wider: better at 120 and still improving with more data
 
-    class Tagged(torch.nn.Module):
-        def __init__(self, width: int, n: int):
-            super().__init__()
-            self.width, self.n = width, n
-
-    def fake_train(pp_, algorithm, train_part, val, config, settings=None, core=None):
-        return TrainResult(Tagged(config.hidden[0], len(train_part)), [{}] * 3, 2)
-
-    monkeypatch.setattr(recipe_mod, "train", fake_train)
-    monkeypatch.setattr(recipe_mod, "evaluate_losses",
-                        lambda pp_, alg, settings, model, *a, **k: {"regression": scripted(model.width, model.n)[0]})
-    monkeypatch.setattr(recipe_mod, "c_iterations", lambda pp_, alg, model, solved, **k: np.full(
-        len(solved), 20.0 if model is None else scripted(model.width, model.n)[1]))
     settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=480,
                               alternatives=({"hidden": (64, 64)},), ensemble=1)
-    res = fit_predictor(pp, "scs", source, budget_seconds=300, k=3, solver_settings=EPS, recipe=settings,
-                        progress=False)
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings)
     hidden = [(t.candidate.hidden[0], t.num_train) for t in res.trials]
     # search (256 then 64, 64 kept), curve of 64 to 120 (stalls), 128 wide at 120 (pays), then 240 only (the
     # portfolio source has 300 instances: 270 for training, so the next doubling, 480, is cut to 270)
@@ -269,34 +283,15 @@ def test_budget_rates_of_stored_set_kinds_grow_with_the_set():
 def test_a_cheap_kind_rides_along_the_curve_and_takes_over_where_better(portfolio, monkeypatch):
     """Scripted validation numbers: the tangent kind loses the search at 60 instances but gains more from data;
     trained beside the MLP at every size of the curve, it takes over at 120 and the curve goes on with it."""
-    import amortcvx.training.recipe as recipe_mod
-    from amortcvx.training.trainer import TrainResult
 
-    _, pp, source = portfolio
-
-    def scripted(kind: str, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
         if kind == "mlp":
             return 0.5 * 60 / n, 12.0 - n / 120
         return 0.6 * (60 / n) ** 2, 14.0 if n <= 60 else 6.0 * 120 / n
 
-    class Tagged(torch.nn.Module):
-        def __init__(self, kind: str, n: int):
-            super().__init__()
-            self.kind, self.n = kind, n
-
-    monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", 1e9)  # the scripted trainings take no time
-    monkeypatch.setattr(recipe_mod, "candidate_core", lambda cand, *a, **k: cand.kind)
-    monkeypatch.setattr(recipe_mod, "_probe_rate", lambda *a, **k: 1e-6)
-    monkeypatch.setattr(recipe_mod, "train", lambda pp_, alg, part, val, config, settings=None, core=None:
-                        TrainResult(Tagged(core or "mlp", len(part)), [{}] * 3, 2))
-    monkeypatch.setattr(recipe_mod, "evaluate_losses",
-                        lambda pp_, alg, settings, model, *a, **k: {"regression": scripted(model.kind, model.n)[0]})
-    monkeypatch.setattr(recipe_mod, "c_iterations", lambda pp_, alg, model, solved, **k: np.full(
-        len(solved), 20.0 if model is None else scripted(model.kind, model.n)[1]))
     settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
                               alternatives=({"kind": "neighbor_tangent", "hidden": (128, 128)},), ensemble=1)
-    res = fit_predictor(pp, "scs", source, budget_seconds=300, k=3, solver_settings=EPS, recipe=settings,
-                        progress=False)
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings)
     order = [(t.candidate.kind, t.num_train) for t in res.trials]
     assert order == [("mlp", 60), ("neighbor_tangent", 60), ("mlp", 120), ("neighbor_tangent", 120),
                      ("neighbor_tangent", 240)]
@@ -308,10 +303,6 @@ def test_a_cheap_kind_rides_along_the_curve_and_takes_over_where_better(portfoli
 def test_capacity_step_after_a_companion_judges_against_the_curves_own_training(portfolio, monkeypatch):
     """The (64, 64) MLP stalls at 120 instances while a companion, trained there too, has a much lower loss but not
     fewer iterations; the wider MLP is judged against the (64, 64) training at 120 (it pays), not the companion."""
-    import amortcvx.training.recipe as recipe_mod
-    from amortcvx.training.trainer import TrainResult
-
-    _, pp, source = portfolio
 
     def scripted(kind: str, width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
         if kind == "neighbor_tangent":
@@ -322,25 +313,10 @@ def test_capacity_step_after_a_companion_judges_against_the_curves_own_training(
             return (0.50, 12.0) if n < 120 else (0.49, 12.0)  # stalls at 120
         return 0.40, 12.0  # wider: 5% below the (64, 64) loss at 120, not below the companion's
 
-    class Tagged(torch.nn.Module):
-        def __init__(self, kind: str, width: int, n: int):
-            super().__init__()
-            self.kind, self.width, self.n = kind, width, n
-
-    monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", 1e9)
-    monkeypatch.setattr(recipe_mod, "candidate_core", lambda cand, *a, **k: cand.kind)
-    monkeypatch.setattr(recipe_mod, "_probe_rate", lambda *a, **k: 1e-6)
-    monkeypatch.setattr(recipe_mod, "train", lambda pp_, alg, part, val, config, settings=None, core=None:
-                        TrainResult(Tagged(core or "mlp", config.hidden[0], len(part)), [{}] * 3, 2))
-    monkeypatch.setattr(recipe_mod, "evaluate_losses", lambda pp_, alg, settings, model, *a, **k: {
-        "regression": scripted(model.kind, model.width, model.n)[0]})
-    monkeypatch.setattr(recipe_mod, "c_iterations", lambda pp_, alg, model, solved, **k: np.full(
-        len(solved), 20.0 if model is None else scripted(model.kind, model.width, model.n)[1]))
     settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
                               alternatives=({"hidden": (64, 64)}, {"kind": "neighbor_tangent", "hidden": (64, 64)}),
                               ensemble=1)
-    res = fit_predictor(pp, "scs", source, budget_seconds=300, k=3, solver_settings=EPS, recipe=settings,
-                        progress=False)
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings)
     order = [(t.candidate.kind, t.candidate.hidden[0], t.num_train) for t in res.trials]
     assert order[-3:] == [("mlp", 64, 120), ("neighbor_tangent", 64, 120), ("mlp", 128, 120)]
     assert [(p.num_train, p.configuration.split()[1]) for p in res.curve] == [(60, "64x64"), (120, "64x64"),
@@ -427,16 +403,3 @@ def test_neighbor_tangent_is_exact_on_the_neighbours_affine_piece(box_qp):
     with pytest.raises(ValueError, match="tangents must have shape"):
         NeighborTangent(keys, values, jac[:, :, :2])
 
-
-def test_neighbor_tangent_saves_and_loads_without_code(tmp_path):
-    from amortcvx.predictors import NeighborTangent
-
-    g = torch.Generator().manual_seed(7)
-    core = NeighborTangent(torch.randn(20, 3, generator=g), torch.randn(20, 5, generator=g),
-                           torch.randn(20, 5, 3, generator=g), hidden=(8, 8))
-    model = WarmStartPredictor(_meta(3, 5), core=core).eval()
-    model.save(tmp_path / "t.pt")
-    loaded = WarmStartPredictor.load(tmp_path / "t.pt", fingerprint="f", algorithm="scs")
-    x = torch.randn(4, 3, generator=g)
-    assert isinstance(loaded.core, NeighborTangent)
-    torch.testing.assert_close(loaded.eval()(x), model(x))
