@@ -67,7 +67,7 @@ def measure(name: str, num: int, val_size: int, fit_epochs: int) -> dict:
            "cold": float(np.median(c_iterations(pp, "scs", None, val, solver_settings=EPS)))}
     for sigma in SIGMAS:
         model = WarmStartPredictor(shell.meta, core=Fixed(z + sigma * noise)).to(z.dtype)
-        model.load_state_dict({**model.state_dict(), **{k: v for k, v in shell.state_dict().items()}})
+        model.load_state_dict({**model.state_dict(), **shell.state_dict()})
         out[f"sigma {sigma:g}"] = float(np.median(c_iterations(pp, "scs", model, val, solver_settings=EPS)))
     if fit_epochs > 0:
         res = train(pp, "scs", tr, val, TrainConfig(epochs=fit_epochs, progress=False), settings=settings)

@@ -186,6 +186,11 @@ class ConeData:
     def m(self) -> int:
         return int(self.b.shape[1])
 
+    @property
+    def matrices_shared(self) -> bool:
+        """Whether ``A`` and ``P`` are the same for every instance (neither depends on the parameters)."""
+        return self.A.shared and (self.P is None or self.P.shared)
+
     def instance(self, i: int) -> ConeInstance:
         """Instance ``i`` in numpy / scipy form (float64, on the host), for the C backends."""
         return ConeInstance(
@@ -237,6 +242,11 @@ class QPData:
     @property
     def m(self) -> int:
         return int(self.l.shape[1])
+
+    @property
+    def matrices_shared(self) -> bool:
+        """Whether ``A`` and ``P`` are the same for every instance (neither depends on the parameters)."""
+        return self.A.shared and (self.P is None or self.P.shared)
 
     def instance(self, i: int) -> QPInstance:
         """Instance ``i`` in numpy / scipy form (float64, on the host), for the C backends."""

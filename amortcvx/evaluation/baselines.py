@@ -233,7 +233,7 @@ class PersistentColdLoop:
         out = []
         if self.backend == "scs":
             b, c = data.b.numpy(), data.c.numpy()
-            per_instance = not data.A.shared or (data.P is not None and not data.P.shared)
+            per_instance = not data.matrices_shared
             for i in range(data.batch_size):
                 if self._solver is None or per_instance:
                     self._setup(data.instance(i))

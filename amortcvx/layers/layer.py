@@ -319,8 +319,7 @@ class CvxpyLayer(nn.Module):
         returned to be told the time)."""
         if device.type == "cuda":
             return "torch", max_steps, None
-        shared = data.A.shared and (data.P is None or data.P.shared)
-        if not (self.form == "qp" and shared and steps):
+        if not (self.form == "qp" and data.matrices_shared and steps):
             return "c", max_steps, None
         race = self._races.setdefault(int(data.batch_size).bit_length(), Race(("torch", "c"), AUTO_PROBE))
         method = race.pick()
@@ -504,8 +503,7 @@ class CvxpyLayer(nn.Module):
         setup per solve); the instances that do not end optimal that way are solved again, cold, with ``c_args``
         alone."""
         fast = PRESOLVE_SETTINGS.get(self.solver, {})
-        shared = data.A.shared and (data.P is None or data.P.shared)
-        if not fast or not shared or set(fast) & set(c_args):
+        if not fast or not data.matrices_shared or set(fast) & set(c_args):
             return self._c_solve(data, warm, eps, c_args)
         xs, ys, ss, st = self._c_solve(data, warm, eps, {**fast, **c_args})
         again = [i for i, status in enumerate(st) if status != Status.OPTIMAL]
