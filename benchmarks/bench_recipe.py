@@ -2,9 +2,12 @@
 
 Per family (small size, SCS, C tolerance eps 1e-4 abs/rel, exact C iteration counts on fresh solver objects):
 
-1. ``fit_predictor`` with the given budget on instances drawn from the family's sampler (seed 0; the first
-   200 are validation, the rest training, solved at eps 1e-8 on demand inside the budget);
-2. on 200 held-out test instances (seed 12345), median C iterations of: the cold start; the nearest
+1. ``fit_predictor`` with the given budget on instances drawn from the family's sampler (seed 0; 200 validation
+   rows drawn among the first 700, ``RecipeSettings.validation_rows``, the others training, solved at eps 1e-8 on
+   demand inside the budget);
+2. on 200 held-out test instances (a seeded random draw among ``TEST_SPREAD`` times as many drawn with seed
+   12345, so that a sampler of closed-loop episodes, mpc's, is tested on as many episodes as instances), median
+   C iterations of: the cold start; the nearest
    neighbour among the recipe's training instances; the learned prediction alone (k = 0, deployed through
    ``AmortizedSolver``: certified finish and safeguard included); the learned prediction with the refinement
    that calibration picks (k in ``--refine`` and plain/Anderson, chosen by ``AmortizedSolver.calibrate``'s
@@ -51,6 +54,11 @@ TARGETS = {"k0_vs_cold": 0.5, "k0_vs_nn": 2 / 3, "refined_vs_cold": 0.2, "contro
            "k0_newton_vs_cold": 0.5, "k0_newton_vs_nn": 2 / 3, "control_over_k0_newton": 2.0}
 
 
+TEST_SPREAD = 20
+"""The test instances are drawn at random among this many times as many sampled ones (mpc's episodes have 20
+states: 200 consecutive instances would be 10 episodes, and their medians depend on which)."""
+
+
 def rows(params: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
     return {k: v[index] for k, v in params.items()}
 
@@ -73,13 +81,15 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
         plot_learning_curve(res, os.path.join(plot_dir, f"learning-curve-{name}.png"),
                             title=f"{name} (small, SCS): {len(res.trials)} trainings in {res.seconds:.0f} s of a "
                                   f"{budget:.0f} s budget")
-    test = fam.sample(num_test, seed=12345)
-    val = rows(params, slice(0, recipe.val_size))
+    test = rows(fam.sample(TEST_SPREAD * num_test, seed=12345),
+                np.random.default_rng(12345).choice(TEST_SPREAD * num_test, num_test, replace=False))
+    val = rows(params, np.asarray(res.val_rows))  # the source solves every row of these families (checked below)
 
     cold = medians(AmortizedSolver(pp, None, algorithm="scs", k=0, solver_settings=EPS).solve(
         test, exact_iterations=True))
-    solved = source(recipe.val_size + res.num_train)
-    train = slice(recipe.val_size, len(solved))
+    train = res.training_rows()
+    solved = source(int(max(train.max(), max(res.val_rows))) + 1)
+    assert len(solved) == int(max(train.max(), max(res.val_rows))) + 1, "a source row failed: rows would shift"
     nn = NearestNeighbor(solved.theta[train].numpy(), solved.x[train].numpy(), solved.y[train].numpy(),
                          solved.s[train].numpy())
     theta_test = pp.parameter_vector(test, dtype=torch.float64).numpy()
@@ -187,7 +197,7 @@ def main() -> None:
     refine = tuple(int(k) for k in args.refine.split(","))
     env = {"machine": platform.machine(), "cpus": os.cpu_count(), "load": os.getloadavg(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "dtype": recipe.dtype, "device": "cpu", "solver": "scs",
-           "solver_settings": EPS, "budget_s": budget, "test": num_test, "refine": refine,
+           "solver_settings": EPS, "budget_s": budget, "test": num_test, "test_spread": TEST_SPREAD, "refine": refine,
            "recipe": {"val_size": recipe.val_size, "eval_size": recipe.eval_size, "search_size": recipe.search_size,
                       "sizes": recipe.sizes, "max_size": recipe.max_size, "epochs": recipe.epochs,
                       "patience": recipe.patience}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +52,8 @@ def test_recipe_searches_chooses_on_validation_and_reports_a_curve(fitted, portf
     res = fitted
     assert isinstance(res.model, WarmStartPredictor)
     assert res.model.meta.fingerprint == pp.fingerprint and res.model.meta.algorithm == "scs"
-    search = [t for t in res.trials if t.num_train == TINY.search_size]
+    search = [t for t in res.trials  # the ensemble's members and average may be at the search size too
+              if t.num_train == TINY.search_size and t.candidate.member == 0 and t.candidate.ensemble == 1]
     labels = {t.candidate.label() for t in search}
     assert len(search) == 1 + len(TINY.alternatives)  # the default and every one-change alternative
     assert {"neighbor_correction", "neighbor_tangent"} <= {t.candidate.kind for t in search}
@@ -73,6 +76,38 @@ def test_recipe_searches_chooses_on_validation_and_reports_a_curve(fitted, portf
     assert sizes == sorted(sizes) and TINY.search_size in sizes and len(sizes) >= 2
     text = res.format()
     assert "learning curve" in text and res.candidate.label() in text
+
+
+def test_validation_rows_are_drawn_across_the_search_data_and_never_trained_on(fitted):
+    """The validation set is a seeded draw from the first ``val_size + search_size`` rows (not the first rows: a
+    source of closed-loop trajectories would validate on a few episodes), the training set the other rows in
+    order."""
+    res = fitted
+    val = np.asarray(res.val_rows)
+    span = TINY.val_size + TINY.search_size
+    assert len(set(val.tolist())) == TINY.val_size and val.max() < span and val.max() >= TINY.val_size
+    np.testing.assert_array_equal(val, TINY.validation_rows(10 ** 6, seed=0))
+    assert TINY.validation_rows(40, seed=0).max() < 40  # a source with fewer rows: drawn from what it has
+    train = res.training_rows()
+    assert len(train) == res.num_train and not set(train.tolist()) & set(val.tolist())
+    assert np.all(np.diff(train) > 0)
+
+
+def test_every_training_gets_the_drawn_validation_rows_and_a_prefix_of_the_others(portfolio, monkeypatch):
+    """Scripted trainings record their sets: each gets the validation rows of ``RecipeSettings.validation_rows``
+    and the first ``n`` other rows, at sizes below the search size too."""
+    seen: list = []
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(30, 60, 120), max_size=240,
+                              alternatives=({"hidden": (64, 64)},), ensemble=1)
+    scripted_recipe(monkeypatch, portfolio, lambda kind, width, n: (1.0 / n, 10.0), settings, seen)
+    _, _, source = portfolio
+    theta = source(300).theta
+    val = settings.validation_rows(len(theta), seed=0)
+    others = np.setdiff1d(np.arange(len(theta)), val)
+    assert sorted({len(part) for part, _ in seen}) == [30, 60, 120, 240]  # the loss pays at every size
+    for part, v in seen:
+        torch.testing.assert_close(v.theta, theta[val], rtol=0, atol=0)
+        torch.testing.assert_close(part.theta, theta[others[:len(part)]], rtol=0, atol=0)
 
 
 def test_learning_curve_plot_shows_the_curve_every_training_and_the_cold_start(fitted, tmp_path):
@@ -219,10 +254,12 @@ def test_learning_curve_sizes_go_on_doubling_up_to_max_size():
         RecipeSettings(ensemble=0)
 
 
-def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings):
+def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, seen: list | None = None,
+                    cost=None):
     """``fit_predictor`` on the portfolio source with the trainings and the C solves replaced: a trained model is
     a tag ``(kind, width, n)`` whose validation loss and median C iterations are ``scripted(kind, width, n)``;
-    every other kind counts as a companion (the scripted trainings take no time)."""
+    every other kind counts as a companion. A training takes no time, or ``cost(kind, n)`` seconds (slept);
+    ``seen`` collects the (training, validation) sets every training was given."""
     import amortcvx.training.recipe as recipe_mod
     from amortcvx.training.trainer import TrainResult
 
@@ -236,8 +273,14 @@ def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings):
     monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", 1e9)
     monkeypatch.setattr(recipe_mod, "candidate_core", lambda cand, *a, **k: cand.kind)
     monkeypatch.setattr(recipe_mod, "_probe_rate", lambda *a, **k: 1e-6)
-    monkeypatch.setattr(recipe_mod, "train", lambda pp_, alg, part, val, config, settings=None, core=None:
-                        TrainResult(Tagged(core, config.hidden[0], len(part)), [{}] * 3, 2))
+    def train(pp_, alg, part, val, config, settings=None, core=None):
+        if seen is not None:
+            seen.append((part, val))
+        if cost is not None:
+            time.sleep(cost(core, len(part)))
+        return TrainResult(Tagged(core, config.hidden[0], len(part)), [{}] * 3, 2)
+
+    monkeypatch.setattr(recipe_mod, "train", train)
     monkeypatch.setattr(recipe_mod, "evaluate_losses", lambda pp_, alg, settings, model, *a, **k: {
         "regression": scripted(model.kind, model.width, model.n)[0]})
     monkeypatch.setattr(recipe_mod, "c_iterations", lambda pp_, alg, model, solved, **k: np.full(
@@ -298,6 +341,22 @@ def test_a_cheap_kind_rides_along_the_curve_and_takes_over_where_better(portfoli
     assert res.candidate.kind == "neighbor_tangent" and res.num_train == 240
     assert [(p.num_train, p.configuration.split()[0]) for p in res.curve] == [
         (60, "mlp"), (120, "mlp"), (120, "neighbor_tangent"), (240, "neighbor_tangent")]
+
+
+def test_a_companion_rides_no_further_once_it_trains_longer_than_the_curve(portfolio, monkeypatch):
+    """Scripted: the neighbour kind is cheap at 60 instances and costs five times the MLP's training at 120 (a
+    stored set's cost grows with its square); it is not trained at 240, and the MLP's curve goes on."""
+
+    def cost(kind: str, n: int) -> float:
+        return 0.02 if kind == "mlp" else (0.001 if n <= 60 else 0.1)
+
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                              alternatives=({"kind": "neighbor_correction", "hidden": (128, 128)},), ensemble=1)
+    res = scripted_recipe(monkeypatch, portfolio, lambda kind, width, n: (0.5 * 60 / n, 12.0 if kind == "mlp"
+                                                                           else 14.0), settings, cost=cost)
+    order = [(t.candidate.kind, t.num_train) for t in res.trials]
+    assert order == [("mlp", 60), ("neighbor_correction", 60), ("mlp", 120), ("neighbor_correction", 120),
+                     ("mlp", 240)]
 
 
 def test_capacity_step_after_a_companion_judges_against_the_curves_own_training(portfolio, monkeypatch):

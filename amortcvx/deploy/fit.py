@@ -220,13 +220,14 @@ def _fit_recipe(cls, pp: ParametricProblem, solver: str, data, *, k: int, settin
     if not (isinstance(budget, (int, float)) and budget > 0):
         raise ValueError(f"budget must be a positive number of seconds; got {budget!r}")
     source = SolvedSource(pp, solver, data, seed, root, workers, progress)
-    recipe = RecipeSettings()
     result = fit_predictor(pp, solver, source, budget_seconds=float(budget), k=min(k, 60), seed=seed, device=device,
-                           solver_settings=settings, recipe=recipe, progress=progress)
+                           solver_settings=settings, recipe=RecipeSettings(), progress=progress)
     out = cls(pp, result.model, k=k, solver_settings=settings, device=device, **solver_options)
     out.recipe = result
     if calibrate:
-        out.calibrate(source.params(recipe.val_size), refinements=(None, AndersonSettings()),
+        rows = np.asarray(result.val_rows)
+        val_params = {name: v[rows] for name, v in source.params(int(rows.max()) + 1).items()}
+        out.calibrate(val_params, refinements=(None, AndersonSettings()),
                       newton_steps=newton_choices(pp), polish=_polish_options(pp, solver_options))
     return out
 
