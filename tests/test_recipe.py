@@ -88,9 +88,12 @@ def test_validation_rows_are_drawn_across_the_search_data_and_never_trained_on(f
     assert len(set(val.tolist())) == TINY.val_size and val.max() < span and val.max() >= TINY.val_size
     np.testing.assert_array_equal(val, TINY.validation_rows(10 ** 6, seed=0))
     assert TINY.validation_rows(40, seed=0).max() < 40  # a source with fewer rows: drawn from what it has
-    train = res.training_rows()
-    assert len(train) == res.num_train and not set(train.tolist()) & set(val.tolist())
-    assert np.all(np.diff(train) > 0)
+    import dataclasses
+
+    for num_train in (res.num_train, 5, span):  # a set smaller than the span of the validation rows too
+        train = dataclasses.replace(res, num_train=num_train).training_rows()
+        assert len(train) == num_train and not set(train.tolist()) & set(val.tolist())
+        assert np.all(np.diff(train) > 0) and train[-1] == num_train + np.sum(val < train[-1]) - 1
 
 
 def test_every_training_gets_the_drawn_validation_rows_and_a_prefix_of_the_others(portfolio, monkeypatch):
