@@ -82,14 +82,14 @@ def test_validation_rows_are_drawn_across_the_search_data_and_never_trained_on(f
     """The validation set is a seeded draw from the first ``val_size + search_size`` rows (not the first rows: a
     source of closed-loop trajectories would validate on a few episodes), the training set the other rows in
     order."""
+    import dataclasses
+
     res = fitted
     val = np.asarray(res.val_rows)
     span = TINY.val_size + TINY.search_size
     assert len(set(val.tolist())) == TINY.val_size and val.max() < span and val.max() >= TINY.val_size
     np.testing.assert_array_equal(val, TINY.validation_rows(10 ** 6, seed=0))
     assert TINY.validation_rows(40, seed=0).max() < 40  # a source with fewer rows: drawn from what it has
-    import dataclasses
-
     for num_train in (res.num_train, 5, span):  # a set smaller than the span of the validation rows too
         train = dataclasses.replace(res, num_train=num_train).training_rows()
         assert len(train) == num_train and not set(train.tolist()) & set(val.tolist())
@@ -276,6 +276,7 @@ def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, 
     monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", 1e9)
     monkeypatch.setattr(recipe_mod, "candidate_core", lambda cand, *a, **k: cand.kind)
     monkeypatch.setattr(recipe_mod, "_probe_rate", lambda *a, **k: 1e-6)
+
     def train(pp_, alg, part, val, config, settings=None, core=None):
         if seen is not None:
             seen.append((part, val))
