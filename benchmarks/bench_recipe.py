@@ -88,8 +88,9 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
     cold = medians(AmortizedSolver(pp, None, algorithm="scs", k=0, solver_settings=EPS).solve(
         test, exact_iterations=True))
     train = res.training_rows()
-    solved = source(int(max(train.max(), max(res.val_rows))) + 1)
-    assert len(solved) == int(max(train.max(), max(res.val_rows))) + 1, "a source row failed: rows would shift"
+    num_rows = int(max(train.max(), max(res.val_rows))) + 1
+    solved = source(num_rows)
+    assert len(solved) == num_rows, "a source row failed: rows would shift"
     nn = NearestNeighbor(solved.theta[train].numpy(), solved.x[train].numpy(), solved.y[train].numpy(),
                          solved.s[train].numpy())
     theta_test = pp.parameter_vector(test, dtype=torch.float64).numpy()

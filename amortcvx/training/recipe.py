@@ -423,13 +423,15 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
 
     asked = {"n": 0, "seconds_per_instance": 0.0}  # the cost of new instances from get_solved, for estimates
 
-    split: dict = {}  # the validation rows, drawn at the first call, and the rows they are drawn from
+    val_rows: np.ndarray | None = None  # drawn at the first call of data(), at search_size
 
     def data(n_train: int) -> tuple[SolvedSet, SolvedSet]:
         """The validation set and the first ``n_train`` training instances (fewer where the source ends)."""
+        nonlocal val_rows
         t0 = time.perf_counter()
-        # every validation row, however small n_train
-        want = max(recipe.val_size + n_train, split["span"] if split else 0)
+        want = recipe.val_size + n_train
+        if val_rows is not None:  # every validation row, however small n_train
+            want = max(want, int(val_rows.max()) + 1)
         solved = get_solved(want).to("cpu", torch.float64)  # train() casts to the training precision
         new = want - asked["n"]
         if new > 0:
@@ -438,11 +440,9 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         if len(solved) < recipe.val_size + 2:
             raise ValueError(f"get_solved returned {len(solved)} solved instances; the recipe needs at least "
                              f"{recipe.val_size + 2}")
-        if not split:  # the first call, at search_size
-            split["val"] = recipe.validation_rows(len(solved), seed)
-            split["span"] = min(len(solved), recipe.val_size + recipe.search_size)
-        rest = _training_rows(split["val"], len(solved))[:n_train]
-        return solved.subset(torch.as_tensor(split["val"])), solved.subset(torch.as_tensor(rest))
+        if val_rows is None:
+            val_rows = recipe.validation_rows(len(solved), seed)
+        return solved.subset(val_rows), solved.subset(_training_rows(val_rows, len(solved))[:n_train])
 
     val, train_set = data(recipe.search_size)
     eval_set = val.subset(torch.arange(recipe.eval_size))
@@ -656,7 +656,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     best = trials[best_i]
     result = RecipeResult(model=models[best_i], candidate=best.candidate, num_train=best.num_train,
                           val_median_iterations=best.val_median_iterations, cold_median_iterations=cold_median,
-                          val_rows=tuple(int(i) for i in split["val"]), trials=tuple(trials), curve=curve,
+                          val_rows=tuple(int(i) for i in val_rows), trials=tuple(trials), curve=curve,
                           seconds=time.perf_counter() - t_start,
                           budget_seconds=float(budget_seconds), solver_settings=solver_settings)
     say(result.format())
