@@ -55,7 +55,7 @@ from amortcvx.evaluation.reports import new_figure, save_figure
 from amortcvx.iterations import AndersonSettings
 from amortcvx.solvers import NAMES, get_solver
 from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
-from amortcvx.training.recipe import KINDS, Candidate, candidate_core
+from amortcvx.training.recipe import KINDS, Candidate, candidate_core, uncorrected_model
 
 
 def _rows(params, start, stop):
@@ -117,8 +117,11 @@ def bench_pair(name, alg, args, tol):
                            f"dataset's tolerance; training and validation need at least {2 * n_val}: skipped")
     tr, va = solved.subset(range(n_val, len(solved))), solved.subset(range(n_val))
     cfg = config_from_args(TrainConfig, args, k=0, weights=LossWeights(regression=1.0), progress=False)
-    core = candidate_core(Candidate(kind=args.kind, hidden=tuple(args.hidden)), pp, alg, None, tr)
-    model = train(pp, alg, tr, va, cfg, core=core).model
+    cand = Candidate(kind=args.kind, hidden=tuple(args.hidden), correction=not args.uncorrected)
+    if cand.correction:
+        model = train(pp, alg, tr, va, cfg, core=candidate_core(cand, pp, alg, None, tr)).model
+    else:  # nothing to train
+        model = uncorrected_model(cand, pp, alg, None, tr)
     val_params = {k: v[:n_val] for k, v in ds.subset(np.flatnonzero(ds.ok)).params.items()}
     train_seconds = time.perf_counter() - t0
 
@@ -267,6 +270,9 @@ def main() -> None:
     ap.add_argument("--kind", default="mlp", choices=KINDS,
                     help="predictor kind (training.recipe.KINDS): an MLP, or a correction (an MLP of --hidden) on top "
                          "of the nearest training solution, plain or moved along the solution map's derivative")
+    ap.add_argument("--uncorrected", action="store_true",
+                    help="with a neighbour --kind: no correction trained (the neighbour's answer, or its first-order "
+                         "expansion, as it is)")
     # training options: TrainConfig's fields (flags, help), at this benchmark's scale
     add_dataclass_arguments(ap.add_argument_group("training"), TrainConfig,
                             only=("epochs", "batch_size", "lr", "patience", "hidden"),
@@ -303,7 +309,8 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}; device cpu, float64, torch threads 1; C solvers eps_abs = eps_rel = "
           f"{args.eps:g}, other settings default (SCS qdldl, OSQP adaptive_rho_interval 50); size {args.size}; "
           f"{args.instances} held-out instances; medians of {args.rounds} interleaved rounds; predictor: {args.kind} "
-          f"{args.hidden}, regression loss, {args.train} solved instances (10% validation, solved at eps "
+          f"{'uncorrected (nothing trained)' if args.uncorrected else args.hidden}, regression loss, {args.train} "
+          "solved instances (10% validation, solved at eps "
           f"{dataset_eps}), {args.epochs} epochs; "
           f"refinement k = {args.k}; Newton finish: calibration chooses among {NEWTON_STEPS} steps and none (dense "
           f"linear algebra only); SCS checks termination every 25 iterations (compiled in); the package's C solves "

@@ -27,8 +27,10 @@ from amortcvx.training.recipe import (
 )
 
 EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
+# the default search without its last step, the uncorrected tangent expansion (which trains nothing: when chosen
+# there is no ensemble; it has tests of its own below)
 TINY = RecipeSettings(val_size=30, eval_size=30, search_size=60, sizes=(30, 60, 120), max_size=120, epochs=25,
-                      patience=5)
+                      patience=5, alternatives=RecipeSettings().alternatives[:-1])
 
 
 @pytest.fixture(scope="module")
@@ -206,22 +208,99 @@ def test_neighbor_correction_chunks_agree_with_one_pass():
     assert torch.equal(a, b)
 
 
+def test_k_nearest_neighbours_are_sorted_chunk_independent_and_leave_one_out():
+    g = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(37, 3, generator=g, dtype=torch.float64), torch.randn(37, 2, generator=g)
+    q = torch.randn(11, 3, generator=g, dtype=torch.float64)
+    ref = torch.cdist(q, keys).argsort(dim=1)[:, :6]
+    for chunk in (4, 1000):
+        core = NeighborCorrection(keys, values.double(), chunk=chunk).eval()
+        assert torch.equal(core.neighbors(q, 6), ref)
+        assert torch.equal(core.neighbor(q), ref[:, 0])
+    core.train()
+    j = core.neighbors(keys[:5], 3)
+    assert not torch.any(j == torch.arange(5)[:, None])  # an instance is not its own neighbour while training
+    torch.testing.assert_close(j, torch.cdist(keys[:5], keys).fill_diagonal_(float("inf")).argsort(dim=1)[:, :3],
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="choices must be an int from 1 to the stored instances"):
+        NeighborCorrection(keys, values, choices=38)
+
+
+@pytest.mark.parametrize("kind", ["neighbor_correction", "neighbor_tangent"])
+def test_neighbor_candidates_come_from_the_nearest_instances_the_first_is_forward(kind):
+    from amortcvx.predictors import NeighborTangent
+
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(30, 3, generator=g, dtype=torch.float64), torch.randn(30, 4, generator=g,
+                                                                                   dtype=torch.float64)
+    tangents = torch.randn(30, 4, 3, generator=g, dtype=torch.float64)
+    core = (NeighborCorrection(keys, values, hidden=(8,), choices=3) if kind == "neighbor_correction"
+            else NeighborTangent(keys, values, tangents, hidden=(8,), choices=3)).double().eval()
+    q = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    cands = core.candidates(q)
+    assert cands.shape == (5, 3, 4)
+    torch.testing.assert_close(cands[:, 0], core(q))
+    j = torch.cdist(q, keys).argsort(dim=1)[:, :3]
+    expected = values[j]  # untrained correction: the neighbours' answers, moved along their derivatives
+    if kind == "neighbor_tangent":
+        expected = expected + torch.einsum("bkdp,bkp->bkd", tangents[j], q[:, None] - keys[j])
+    torch.testing.assert_close(cands, expected)
+    model = WarmStartPredictor(_meta(3, 4), core=core).double().eval()
+    torch.testing.assert_close(model.candidates(q)[:, 0], model(q))
+    plain = WarmStartPredictor(_meta(3, 4), hidden=(8,)).double().eval()  # one candidate: the forward's
+    torch.testing.assert_close(plain.candidates(q), plain(q)[:, None])
+
+
+def test_predict_takes_the_candidate_of_smallest_fixed_point_residual(box_qp):
+    """Of a solution's expansion from a neighbour on its piece and from neighbours that are not, ``predict`` picks
+    the one with the smallest residual after one SCS step: the exact one."""
+    from amortcvx.iterations.registry import make_algorithm
+    from amortcvx.predictors import predict
+
+    pp, source, _ = box_qp
+    solved = source(40)
+    settings, shell, values = _shell_and_targets(pp, solved)
+    alg = make_algorithm("scs", pp.canonicalize_vector(solved.theta), settings)
+
+    class Offered(torch.nn.Module):  # the optimum as the second of three candidates
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("z", shell.out_mean + shell.out_std * values)
+
+        def candidates(self, theta):
+            return torch.stack([self.z.roll(1, 0), self.z, self.z.roll(2, 0)], dim=1)
+
+        def forward(self, theta):
+            return self.candidates(theta)[:, 0]
+
+    class ForwardOnly(torch.nn.Module):  # no candidates: its forward is the prediction, in float32 here
+        def forward(self, theta):
+            return Offered().float()(theta)
+
+    z = predict(Offered(), output_space("scs"), alg, solved.theta)
+    torch.testing.assert_close(z, shell.out_mean + shell.out_std * values, rtol=0, atol=0)
+    first = predict(ForwardOnly(), output_space("scs"), alg, solved.theta)
+    assert first.dtype == torch.float64
+    torch.testing.assert_close(first, Offered()(solved.theta), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["neighbor_correction", "neighbor_tangent"])
 def test_neighbor_predictor_saves_and_loads_without_code(tmp_path, kind):
     from amortcvx.predictors import NeighborTangent
 
     g = torch.Generator().manual_seed(2)
     keys, values = torch.randn(20, 3, generator=g), torch.randn(20, 5, generator=g)
-    core = (NeighborCorrection(keys, values, hidden=(8, 8)) if kind == "neighbor_correction"
-            else NeighborTangent(keys, values, torch.randn(20, 5, 3, generator=g), hidden=(8, 8)))
+    core = (NeighborCorrection(keys, values, hidden=(8, 8), choices=3) if kind == "neighbor_correction"
+            else NeighborTangent(keys, values, torch.randn(20, 5, 3, generator=g), hidden=(8, 8), choices=3))
     with torch.no_grad():
         core.net[-1].weight.normal_(generator=g)
     model = WarmStartPredictor(_meta(3, 5), core=core).eval()
     model.save(tmp_path / "m.pt")
     loaded = WarmStartPredictor.load(tmp_path / "m.pt", fingerprint="f", algorithm="scs")
     x = torch.randn(4, 3, generator=g)
-    assert type(loaded.core) is type(core) and loaded.core.core_kind == kind
+    assert type(loaded.core) is type(core) and loaded.core.core_kind == kind and loaded.core.choices == 3
     torch.testing.assert_close(loaded.eval()(x), model(x))
+    torch.testing.assert_close(loaded.candidates(x), model.candidates(x))
 
 
 def test_ensemble_averages_its_members_and_saves_without_code(tmp_path):
@@ -257,6 +336,14 @@ def test_learning_curve_sizes_go_on_doubling_up_to_max_size():
         RecipeSettings(ensemble=0)
 
 
+class TaggedModel(torch.nn.Module):
+    """A scripted recipe's trained model: its tag ``(kind, width, n)``."""
+
+    def __init__(self, kind: str, width: int, n: int):
+        super().__init__()
+        self.kind, self.width, self.n = kind, width, n
+
+
 def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, seen: list | None = None,
                     cost=None):
     """``fit_predictor`` on the portfolio source with the trainings and the C solves replaced: a trained model is
@@ -268,11 +355,6 @@ def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, 
 
     _, pp, source = portfolio
 
-    class Tagged(torch.nn.Module):
-        def __init__(self, kind: str, width: int, n: int):
-            super().__init__()
-            self.kind, self.width, self.n = kind, width, n
-
     monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", 1e9)
     monkeypatch.setattr(recipe_mod, "candidate_core", lambda cand, *a, **k: cand.kind)
     monkeypatch.setattr(recipe_mod, "_probe_rate", lambda *a, **k: 1e-6)
@@ -282,7 +364,7 @@ def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, 
             seen.append((part, val))
         if cost is not None:
             time.sleep(cost(core, len(part)))
-        return TrainResult(Tagged(core, config.hidden[0], len(part)), [{}] * 3, 2)
+        return TrainResult(TaggedModel(core, config.hidden[0], len(part)), [{}] * 3, 2)
 
     monkeypatch.setattr(recipe_mod, "train", train)
     monkeypatch.setattr(recipe_mod, "evaluate_losses", lambda pp_, alg, settings, model, *a, **k: {
@@ -466,3 +548,89 @@ def test_neighbor_tangent_is_exact_on_the_neighbours_affine_piece(box_qp):
     with pytest.raises(ValueError, match="tangents must have shape"):
         NeighborTangent(keys, values, jac[:, :, :2])
 
+
+
+def test_uncorrected_candidates_train_nothing_and_normalize_the_training_fields():
+    plain = Candidate(kind="neighbor_tangent", correction=False)
+    assert Candidate(kind="neighbor_tangent", correction=False, hidden=(64, 64), weight_decay=1e-4, residual=True,
+                     member=2) == plain
+    assert (plain.hidden, plain.weight_decay, plain.residual, plain.member, plain.ensemble) == ((), 0.0, False, 0, 1)
+    assert plain.label() == "neighbor_tangent uncorrected" != Candidate(kind="neighbor_tangent").label()
+    with pytest.raises(ValueError, match="only the kinds .* predict without a trained correction; got 'mlp'"):
+        Candidate(kind="mlp", correction=False)
+
+
+def test_uncorrected_model_is_the_tangent_expansion_with_the_training_normalization(box_qp):
+    """The recipe's uncorrected tangent: the neighbour's solution moved along its derivative, in float64, with the
+    normalization training would fit; on the neighbours' affine pieces it starts SCS at the answer."""
+    from amortcvx.predictors import NeighborTangent
+    from amortcvx.training.recipe import uncorrected_model
+
+    pp, source, tight = box_qp
+    solved = source(40)
+    settings, shell, values = _shell_and_targets(pp, solved)
+    model = uncorrected_model(Candidate(kind="neighbor_tangent", correction=False), pp, "scs", settings, solved)
+    assert isinstance(model.core, NeighborTangent) and not model.training
+    assert all(p.dtype == torch.float64 and not p.any() for p in model.core.net.parameters())  # no correction
+    for name in ("in_mean", "in_std", "out_mean", "out_std"):
+        torch.testing.assert_close(getattr(model, name), getattr(shell, name).double(), rtol=0, atol=0)
+    keys = (solved.theta - shell.in_mean) / shell.in_std
+    du = 1e-3 * torch.randn(keys.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    truth = _moved(pp, solved, shell, du, tight)
+    with torch.no_grad():
+        z = model(solved.theta + du * shell.in_std)
+    torch.testing.assert_close((z - shell.out_mean) / shell.out_std, truth, atol=1e-8, rtol=0)
+    with pytest.raises(ValueError, match="trains a correction"):
+        uncorrected_model(Candidate(kind="neighbor_tangent"), pp, "scs", settings, solved)
+
+
+def test_the_uncorrected_expansion_is_searched_last_and_grows_without_capacity_or_ensemble(portfolio, monkeypatch):
+    """Scripted: the trained tangent's correction costs iterations its expansion alone does not (as on mpc); the
+    search tries the uncorrected expansion last, chooses it, and grows it with the data without training anything
+    (no capacity step, no ensemble members)."""
+    import amortcvx.training.recipe as recipe_mod
+
+    built: list = []
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
+        if kind == "neighbor_tangent uncorrected":
+            return 0.5 * 60 / n, 360.0 / n  # a higher loss than the trained kinds, fewer iterations
+        return 0.2 * 60 / n, 12.0
+
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None):
+        built.append(len(part))
+        return TaggedModel(cand.label(), 0, len(part))
+
+    monkeypatch.setattr(recipe_mod, "uncorrected_model", uncorrected)
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                              alternatives=({"kind": "neighbor_tangent", "hidden": (128, 128)}, {"hidden": (64, 64)},
+                                            {"kind": "neighbor_tangent", "correction": False}), ensemble=3)
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings)
+    order = [(t.candidate.label().split()[0], t.candidate.correction, t.num_train) for t in res.trials]
+    assert order[:4] == [("mlp", True, 60), ("neighbor_tangent", True, 60), ("mlp", True, 60),
+                         ("neighbor_tangent", False, 60)]
+    assert res.candidate == Candidate(kind="neighbor_tangent", correction=False) and res.num_train == 240
+    assert built == [60, 120, 240]  # the curve grew it; no capacity step, no ensemble
+    assert all(t.candidate.member == 0 and t.candidate.ensemble == 1 for t in res.trials)
+
+
+def test_the_uncorrected_expansion_rides_along_as_its_own_companion(portfolio, monkeypatch):
+    """Scripted: in the search the trained tangent beats its uncorrected expansion (as on mpc's validation set at
+    500 instances), and the MLP beats both; the expansion, which trains nothing, still rides along the curve as a
+    companion of its own (not only the best of its kind) and takes over where more data makes it better."""
+    import amortcvx.training.recipe as recipe_mod
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
+        if kind == "neighbor_tangent uncorrected":
+            return 0.5, 14.0 if n <= 60 else 4.0
+        return (0.4, 13.0) if kind == "neighbor_tangent" else (0.3 * 60 / n, 12.0)
+
+    monkeypatch.setattr(recipe_mod, "uncorrected_model",
+                        lambda cand, pp_, alg, settings, part, tangents=None: TaggedModel(cand.label(), 0, len(part)))
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
+                              alternatives=({"kind": "neighbor_tangent", "hidden": (128, 128)},
+                                            {"kind": "neighbor_tangent", "correction": False}), ensemble=1)
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings)
+    at_120 = [t.candidate.label() for t in res.trials if t.num_train == 120]
+    assert "neighbor_tangent uncorrected" in at_120 and at_120[0].startswith("mlp")
+    assert res.candidate == Candidate(kind="neighbor_tangent", correction=False) and res.num_train == 120

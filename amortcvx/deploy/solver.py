@@ -89,7 +89,7 @@ from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
 from amortcvx.iterations.polish import check_polish_choice, polish_allowed
 from amortcvx.iterations.registry import make_algorithm
-from amortcvx.predictors.fixed_point import output_space
+from amortcvx.predictors.fixed_point import output_space, predict
 from amortcvx.predictors.model import WarmStartPredictor
 from amortcvx.solvers import get_solver
 
@@ -666,7 +666,7 @@ class AmortizedSolver:
         if not use_model:  # nothing to choose between
             fallback = torch.full_like(cold_res, self.model is not None, dtype=torch.bool)
             return self._package(alg, theta, data, strategy, cold_ws, fallback, cold_res, cold_res, t0)
-        z0 = self.model(theta)
+        z0 = predict(self.model, self.space, alg, theta, self.dtype)
         state = run(alg, self.space.to_state(alg, z0), self.k, anderson=self.anderson).state
         # the step from the refined state gives the residual (without polishing) and, for a bare SCS
         # prediction, also its warm start (the estimates one step on): taken once, only where used

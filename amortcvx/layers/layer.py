@@ -56,7 +56,7 @@ from amortcvx.iterations.kkt import (
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run_to_tolerance, unroll
 from amortcvx.iterations.registry import make_algorithm
-from amortcvx.predictors.fixed_point import output_space
+from amortcvx.predictors.fixed_point import output_space, predict
 from amortcvx.solvers import get_solver
 
 METHODS = ("auto", "c", "torch")
@@ -531,9 +531,8 @@ class CvxpyLayer(nn.Module):
             with torch.no_grad():  # the predictor's fixed-point variable is scaled by its algorithm settings
                 alg = make_algorithm(self.solver, data, settings=self.predictor.meta.algorithm_settings(),
                                      cache=self._cache)
-                weight = next(self.predictor.parameters())  # the predictor may live on another device
-                z = self.predictor(theta.to(device=weight.device, dtype=weight.dtype))
-                ws = output_space(self.solver).prediction_warm_start(alg, z.to(theta.device, torch.float64))
+                space = output_space(self.solver)  # the predictor may live on another device
+                ws = space.prediction_warm_start(alg, predict(self.predictor, space, alg, theta))
             ok = torch.stack([torch.isfinite(v).all(dim=1) for v in ws.values()]).all(dim=0)
             return {k: torch.where(ok[:, None], v, torch.zeros_like(v)) for k, v in ws.items()}
         return None

@@ -1,7 +1,7 @@
 """Predictors layer: torch modules mapping parameters to an algorithm's fixed-point variable."""
 
 from amortcvx.predictors.ensemble import Ensemble, ensemble_predictor
-from amortcvx.predictors.fixed_point import OUTPUT_SPACES, OutputSpace, output_space
+from amortcvx.predictors.fixed_point import OUTPUT_SPACES, OutputSpace, output_space, predict
 from amortcvx.predictors.model import (
     CORE_KINDS,
     SETTINGS,
@@ -14,4 +14,4 @@ from amortcvx.predictors.neighbor import NeighborCorrection, NeighborTangent
 
 __all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "Ensemble", "NeighborCorrection", "NeighborTangent",
            "OutputSpace", "PredictorMeta", "WarmStartPredictor", "atomic_torch_save", "ensemble_predictor", "mlp",
-           "output_space"]
+           "output_space", "predict"]

@@ -115,6 +115,18 @@ class WarmStartPredictor(nn.Module):
         out = self.core((theta.to(self.in_mean) - self.in_mean) / self.in_std)
         return self.out_mean + self.out_std * out
 
+    def candidates(self, theta: torch.Tensor) -> torch.Tensor:
+        """(B, K, out_dim): several predictions per instance where the core offers them (a core with
+        ``candidates`` and ``choices > 1``, e.g. :class:`~amortcvx.predictors.NeighborTangent` from its ``choices``
+        nearest instances; the first is :meth:`forward`'s), else ``K = 1``. Which one to use needs the problem's
+        data: :func:`~amortcvx.predictors.fixed_point.predict`."""
+        if getattr(self.core, "choices", 1) <= 1:
+            return self(theta)[:, None]
+        if theta.ndim != 2 or theta.shape[1] != self.meta.num_params:
+            raise ValueError(f"theta must have shape (B, {self.meta.num_params}); got {tuple(theta.shape)}")
+        out = self.core.candidates((theta.to(self.in_mean) - self.in_mean) / self.in_std)
+        return self.out_mean + self.out_std * out
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Save weights, normalization and meta atomically (a temp file renamed over ``path``).

@@ -37,18 +37,25 @@ class NeighborCorrection(nn.Module):
         values: (N, d) their normalized optimal fixed-point variables.
         hidden: hidden widths of the correction MLP.
         chunk: rows of stored instances compared per pass (bounds memory at ``B x chunk``).
+        choices: how many nearest stored instances :meth:`candidates` predicts from (the forward pass uses the
+            nearest only); a caller with the problem's data picks among them
+            (:func:`~amortcvx.predictors.fixed_point.predict`).
     """
 
     core_kind = "neighbor_correction"
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, hidden: Sequence[int] = (128, 128),
-                 chunk: int = 4096):
+                 chunk: int = 4096, choices: int = 1):
         super().__init__()
         if keys.ndim != 2 or values.ndim != 2 or keys.shape[0] != values.shape[0] or keys.shape[0] < 2:
             raise ValueError(f"keys (N, p) and values (N, d) need the same N >= 2; got {tuple(keys.shape)} and "
                              f"{tuple(values.shape)}")
+        if not (isinstance(choices, int) and 1 <= choices <= keys.shape[0]):
+            raise ValueError(f"choices must be an int from 1 to the stored instances ({keys.shape[0]}); got "
+                             f"{choices!r}")
         self.hidden = tuple(int(h) for h in hidden)
         self.chunk = int(chunk)
+        self.choices = choices
         self.register_buffer("keys", keys.detach().clone())
         self.register_buffer("values", values.detach().clone())
         p, d = keys.shape[1], values.shape[1]
@@ -60,40 +67,56 @@ class NeighborCorrection(nn.Module):
     def config(self) -> dict:
         """What :meth:`from_config` needs to rebuild this core with empty buffers of the right shapes."""
         return {"num": int(self.keys.shape[0]), "num_params": int(self.keys.shape[1]),
-                "out_dim": int(self.values.shape[1]), "hidden": list(self.hidden), "chunk": self.chunk}
+                "out_dim": int(self.values.shape[1]), "hidden": list(self.hidden), "chunk": self.chunk,
+                "choices": self.choices}
 
     @classmethod
     def from_config(cls, config: dict) -> NeighborCorrection:
         num, p, d = int(config["num"]), int(config["num_params"]), int(config["out_dim"])
-        return cls(torch.zeros(num, p), torch.zeros(num, d), hidden=config["hidden"], chunk=config["chunk"])
+        return cls(torch.zeros(num, p), torch.zeros(num, d), hidden=config["hidden"], chunk=config["chunk"],
+                   choices=int(config.get("choices", 1)))
 
-    def neighbor(self, u: torch.Tensor) -> torch.Tensor:
-        """Index (B,) of the nearest stored instance of each row of ``u`` (itself excluded while training)."""
-        best_d = torch.full((u.shape[0],), float("inf"), dtype=u.dtype, device=u.device)
-        best_i = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
+    def neighbors(self, u: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """Indices (B, k) of the ``k`` nearest stored instances of each row of ``u``, nearest first (itself
+        excluded while training)."""
+        best_d = torch.full((u.shape[0], 0), float("inf"), dtype=u.dtype, device=u.device)
+        best_i = torch.zeros((u.shape[0], 0), dtype=torch.long, device=u.device)
         keys = self.keys.to(u)
+        uu = u.detach().square().sum(1, keepdim=True)
         for start in range(0, keys.shape[0], self.chunk):
             block = keys[start:start + self.chunk]
-            uu = u.detach().square().sum(1, keepdim=True)
             kk = block.square().sum(1)
             d2 = (uu + kk - 2 * u.detach() @ block.T).clamp_min(0)
             if self.training:  # leave-one-out: a copy of the query (up to the rounding of d2) is not its neighbour
                 copy = d2 <= 1e-10 * (uu + kk).clamp_min(1e-300)
                 d2 = torch.where(copy, torch.full_like(d2, float("inf")), d2)
-            val, idx = d2.min(dim=1)
-            better = val < best_d
-            best_d = torch.where(better, val, best_d)
-            best_i = torch.where(better, idx + start, best_i)
+            val, idx = d2.topk(min(k, d2.shape[1]), dim=1, largest=False)
+            # merged with the best so far, the earlier chunk first among equals (as a running minimum would)
+            both_d, both_i = torch.cat([best_d, val], dim=1), torch.cat([best_i, idx + start], dim=1)
+            order = torch.sort(both_d, dim=1, stable=True).indices[:, :k]
+            best_d, best_i = both_d.gather(1, order), both_i.gather(1, order)
         return best_i
+
+    def neighbor(self, u: torch.Tensor) -> torch.Tensor:
+        """Index (B,) of the nearest stored instance of each row of ``u`` (itself excluded while training)."""
+        return self.neighbors(u, 1)[:, 0]
 
     def anchor(self, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
         """The stored answer the correction starts from: the neighbours' solutions ``z_j``."""
         return self.values.to(du)[j]
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        j = self.neighbor(u)
+    def _predict_from(self, u: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         du = u - self.keys.to(u)[j]
         return self.anchor(j, du) + self.net(torch.cat([u, du], dim=1))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self._predict_from(u, self.neighbor(u))
+
+    def candidates(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, choices, d): the prediction from each of the ``choices`` nearest stored instances, nearest first
+        (the first is :meth:`forward`'s)."""
+        j = self.neighbors(u, self.choices)
+        return torch.stack([self._predict_from(u, j[:, i]) for i in range(j.shape[1])], dim=1)
 
 
 class NeighborTangent(NeighborCorrection):
@@ -110,8 +133,8 @@ class NeighborTangent(NeighborCorrection):
     core_kind = "neighbor_tangent"
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, tangents: torch.Tensor,
-                 hidden: Sequence[int] = (128, 128), chunk: int = 4096):
-        super().__init__(keys, values, hidden=hidden, chunk=chunk)
+                 hidden: Sequence[int] = (128, 128), chunk: int = 4096, choices: int = 1):
+        super().__init__(keys, values, hidden=hidden, chunk=chunk, choices=choices)
         want = (keys.shape[0], values.shape[1], keys.shape[1])
         if tuple(tangents.shape) != want:
             raise ValueError(f"tangents must have shape (N, d, p) = {want}; got {tuple(tangents.shape)}")
@@ -121,7 +144,7 @@ class NeighborTangent(NeighborCorrection):
     def from_config(cls, config: dict) -> NeighborTangent:
         num, p, d = int(config["num"]), int(config["num_params"]), int(config["out_dim"])
         return cls(torch.zeros(num, p), torch.zeros(num, d), torch.zeros(num, d, p), hidden=config["hidden"],
-                   chunk=config["chunk"])
+                   chunk=config["chunk"], choices=int(config.get("choices", 1)))
 
     def anchor(self, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
         return super().anchor(j, du) + torch.bmm(self.tangents.to(du)[j], du[:, :, None])[:, :, 0]

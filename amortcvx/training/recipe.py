@@ -10,7 +10,8 @@ from the first ``val_size + search_size``, are the validation set, the other row
    to the optimum): the predictor kind (MLP, :class:`~amortcvx.predictors.NeighborCorrection`, a correction
    on top of the nearest training instance's solution, or :class:`~amortcvx.predictors.NeighborTangent`, the
    same on top of that solution moved along the solution map's derivative there, computed by
-   :func:`~amortcvx.training.tangents.solution_tangents`), a smaller network, weight decay, and the loss mix
+   :func:`~amortcvx.training.tangents.solution_tangents`), that expansion alone with no correction trained
+   (``Candidate.correction``), a smaller network, weight decay, and the loss mix
    (regression plus the fixed-point residual after ``k`` unrolled torch steps); a change is kept when it lowers
    the validation median of exact C iterations from the bare prediction (k = 0; ties: the mean); every
    training stops early on the validation loss (``TrainConfig.patience``) and its epochs are capped by the
@@ -26,7 +27,8 @@ from the first ``val_size + search_size``, are the validation set, the other row
    of the learning curve (validation regression loss and median C iterations against the training-set size),
    which :class:`RecipeResult` prints;
 4. where the budget allows, trains the choice again with ``ensemble - 1`` other seeds and keeps the best of
-   the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation iterations.
+   the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation iterations
+   (not where the choice trains nothing: its members would be alike).
 
 Nothing in the recipe looks at the problem family: the same candidates and rules run on every problem, and the
 choice is made on the validation instances only (never on the test set the caller measures on).
@@ -50,7 +52,7 @@ from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.ensemble import ensemble_predictor
-from amortcvx.predictors.fixed_point import output_space
+from amortcvx.predictors.fixed_point import output_space, predict
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
 from amortcvx.predictors.neighbor import NeighborCorrection, NeighborTangent
 from amortcvx.training.losses import LossWeights, losses
@@ -82,6 +84,12 @@ where better, it takes over): see :func:`fit_predictor`."""
 TANGENT_SHARE = 0.25
 """The share of the time left that a trial may spend on the derivatives of a ``neighbor_tangent`` candidate (the
 instances done by then are its anchors)."""
+NEIGHBOR_CHOICES = 8
+"""An uncorrected neighbour candidate (``Candidate.correction`` False) predicts from this many nearest training
+instances, and the one of smallest fixed-point residual is used (:func:`~amortcvx.predictors.predict`): on mpc
+small with 4000 stored instances the tangent expansion's median C iterations are 1 against 8 from the nearest one
+alone (mean 16 against 26, cold 37; where a constraint binds, median 38 against 56). A trained correction is fitted
+to the nearest one's input only, so trained candidates use that one."""
 MAX_WIDTH = 1024
 """The widest hidden layer the capacity step of :func:`fit_predictor` tries."""
 
@@ -100,6 +108,13 @@ class Candidate:
             both terms are 1 at the mean prediction).
         member: seed offset of the training (the members of an ensemble differ only in it).
         ensemble: members averaged (:func:`~amortcvx.predictors.ensemble_predictor`); 1: a single network.
+        correction: for the kinds that store their training set (:data:`STORED_KINDS`), whether a correction
+            network is trained on top of the neighbour's answer. False: nothing is trained, the prediction is the
+            neighbour's answer itself (the plain nearest neighbour, or its first-order expansion for
+            ``neighbor_tangent``), and the training fields are normalized away (``hidden=()``, no weight decay,
+            no residual loss). On mpc the expansion alone starts SCS at the answer on the instances where no
+            constraint binds (median 1 C iteration against 14 cold), where a trained correction, fitted to the
+            other instances' larger errors, adds errors that cost 12-13 iterations (docs/training.md).
     """
 
     kind: str = "mlp"
@@ -108,14 +123,24 @@ class Candidate:
     residual: bool = False
     member: int = 0
     ensemble: int = 1
+    correction: bool = True
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
         if self.ensemble < 1 or self.member < 0:
             raise ValueError(f"ensemble must be >= 1 and member >= 0; got {self.ensemble}, {self.member}")
+        if not self.correction:
+            if self.kind not in STORED_KINDS:
+                raise ValueError(f"only the kinds {STORED_KINDS} predict without a trained correction; got "
+                                 f"{self.kind!r}")
+            for name, value in (("hidden", ()), ("weight_decay", 0.0), ("residual", False), ("member", 0),
+                                ("ensemble", 1)):  # nothing is trained: the training fields do not apply
+                object.__setattr__(self, name, value)
 
     def label(self) -> str:
+        if not self.correction:
+            return f"{self.kind} uncorrected"
         width = "x".join(str(h) for h in self.hidden)
         loss = "regression+residual" if self.residual else "regression"
         extra = (f" seed+{self.member}" if self.member else "") + (f" ensemble of {self.ensemble}"
@@ -135,7 +160,8 @@ class RecipeSettings:
             the budget allows and the last one paid).
         max_size: beyond the largest of ``sizes``, the curve goes on doubling up to this many training instances
             under the same rule (the budget, and whether the last size paid, usually stop it first).
-        alternatives: the one-change-at-a-time steps of the search, in order.
+        alternatives: the one-change-at-a-time steps of the search, in order (the uncorrected expansion last: a
+            change from it to a trained network's fields would leave it unchanged).
         ensemble: members of the ensemble tried last (the chosen configuration and size, trained again with
             other seeds and averaged; the best of the members and the average is kept); 1: none.
         epochs, patience, batch_size, lr: training limits (epochs are also capped by the time left; early
@@ -153,7 +179,8 @@ class RecipeSettings:
     max_size: int = 128000
     alternatives: tuple[dict, ...] = ({"kind": "neighbor_correction", "hidden": (128, 128)},
                                       {"kind": "neighbor_tangent", "hidden": (128, 128)},
-                                      {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True})
+                                      {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True},
+                                      {"kind": "neighbor_tangent", "correction": False})
     ensemble: int = 3
     epochs: int = 1000
     patience: int = 20
@@ -301,9 +328,7 @@ def c_iterations(pp: ParametricProblem, algorithm: str, model: nn.Module | None,
         settings = model.meta.algorithm_settings() if settings is None and hasattr(model, "meta") else settings
         alg = make_algorithm(algorithm, data, settings)
         with torch.no_grad():
-            param = next(iter(model.parameters()), None)
-            dtype = torch.float64 if param is None else param.dtype
-            z0 = model(theta.to(dtype)).to(torch.float64)
+            z0 = predict(model, space, alg, theta)
             if k == 0:
                 ws = space.prediction_warm_start(alg, z0)
             else:
@@ -336,20 +361,37 @@ def scaled_rate(kind: str, rate: float, measured: int, n: int) -> float:
 
 def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                    tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
-                   ) -> nn.Module | None:
+                   normalization: tuple[WarmStartPredictor, torch.Tensor] | None = None) -> nn.Module | None:
     """The core module of ``cand`` for :func:`~amortcvx.training.trainer.train` (None: its MLP, which ``train``
     builds); ``tangents(train_set, shell)`` gives the derivatives at the first instances of the set (a
-    ``neighbor_tangent``'s anchors; default: at every instance, :func:`solution_tangents`)."""
+    ``neighbor_tangent``'s anchors; default: at every instance, :func:`solution_tangents`); ``normalization``:
+    :func:`_normalization` of the set, where the caller has it."""
     if cand.kind == "mlp":
         return None  # train() builds its MLP with cand.hidden
-    shell, target = _normalization(pp, algorithm, settings, train_set)
+    shell, target = _normalization(pp, algorithm, settings, train_set) if normalization is None else normalization
     keys = (train_set.theta - shell.in_mean) / shell.in_std
     values = (target - shell.out_mean) / shell.out_std
+    choices = 1 if cand.correction else NEIGHBOR_CHOICES
     if cand.kind == "neighbor_correction":
-        return NeighborCorrection(keys, values, hidden=cand.hidden)
+        return NeighborCorrection(keys, values, hidden=cand.hidden, choices=min(choices, len(keys)))
     jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std) if tangents is None
            else tangents(train_set, shell)).to(values)
-    return NeighborTangent(keys[:len(jac)], values[:len(jac)], jac, hidden=cand.hidden)
+    return NeighborTangent(keys[:len(jac)], values[:len(jac)], jac, hidden=cand.hidden,
+                           choices=min(choices, len(jac)))
+
+
+def uncorrected_model(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
+                      tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
+                      ) -> WarmStartPredictor:
+    """The predictor of a candidate without a trained correction (``cand.correction`` False): its core
+    (:func:`candidate_core`, the correction network left at zero) with the normalization :func:`train` would fit
+    on ``train_set``, in float64, eval mode. Nothing is trained."""
+    if cand.correction:
+        raise ValueError(f"{cand.label()} trains a correction; uncorrected_model builds the others")
+    normalization = _normalization(pp, algorithm, settings, train_set)
+    model = normalization[0]
+    model.core = candidate_core(cand, pp, algorithm, settings, train_set, tangents, normalization)
+    return model.to(torch.float64).eval()
 
 
 def _residual_weight(pp, algorithm, settings, train_set: SolvedSet, k: int) -> float:
@@ -453,15 +495,22 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     factors = FactorCache()
     loss_cfg = TrainConfig(k=0, weights=LossWeights(), batch_size=256, progress=False, dtype=recipe.dtype,
                            device=device)
-    # seconds per epoch per training instance, and the set size it was measured at, by (kind, residual)
+    # seconds per epoch per training instance (uncorrected candidates: seconds per instance of the whole trial,
+    # mostly derivatives), and the set size it was measured at, by (kind, residual, correction)
     rates: dict[tuple, tuple[float, int]] = {}
+
+    def rate_key(cand: Candidate) -> tuple:
+        return cand.kind, cand.residual, cand.correction
 
     def rate_at(cand: Candidate, n: int) -> float | None:
         """Seconds per epoch per training instance of ``cand`` on ``n`` instances, from its kind's last training
         (None before one): the kinds that store their training set (:data:`STORED_KINDS`) search all of it for
-        every instance, so their rate grows in proportion to ``n``."""
-        known = rates.get((cand.kind, cand.residual))
-        return None if known is None else scaled_rate(cand.kind, *known, n)
+        every instance, so their rate grows in proportion to ``n``. An uncorrected candidate's rate is per
+        instance of the whole trial (its derivatives: a fixed cost per instance)."""
+        known = rates.get(rate_key(cand))
+        if known is None or not cand.correction:
+            return None if known is None else known[0]
+        return scaled_rate(cand.kind, *known, n)
 
     trials: list[TrialResult] = []
     models: dict[int, WarmStartPredictor] = {}
@@ -473,23 +522,35 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         if rate is None:
             rate = max((r for r, _ in rates.values()), default=0.0)
         more = max(0, recipe.val_size + n - asked["n"]) * asked["seconds_per_instance"]
-        return more + rate * n * min(recipe.epochs, 3 * recipe.patience)
+        return more + rate * n * (min(recipe.epochs, 3 * recipe.patience) if cand.correction else 1)
 
-    memo: dict[int, torch.Tensor] = {}  # derivatives by training-set size (the sets grow by prefixes)
+    # derivatives by anchor count (the first instances: the sets grow by prefixes), with the normalization they are in
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def tangents(train_part: SolvedSet, shell: WarmStartPredictor) -> torch.Tensor:
         """The derivatives at the first instances of ``train_part`` (at most :data:`TANGENT_ENTRIES` entries, and
         what :data:`TANGENT_SHARE` of the time left allows), computed once per training-set size."""
-        if len(train_part) not in memo:
-            cap = max(2, TANGENT_ENTRIES // (int(shell.out_std.shape[0]) * pp.num_params))
+        cap = max(2, TANGENT_ENTRIES // (int(shell.out_std.shape[0]) * pp.num_params))
+        anchors = min(cap, len(train_part))  # the first instances: the same at every size beyond the cap
+        if anchors not in memo:
             left = deadline - time.perf_counter()
-            memo[len(train_part)] = solution_tangents(
-                pp, algorithm, settings, train_part.subset(torch.arange(min(cap, len(train_part)))),
-                shell.in_std, shell.out_std, deadline=time.perf_counter() + TANGENT_SHARE * max(left, 0.0))
-        return memo[len(train_part)]
+            memo[anchors] = (solution_tangents(
+                pp, algorithm, settings, train_part.subset(torch.arange(anchors)),
+                shell.in_std, shell.out_std, deadline=time.perf_counter() + TANGENT_SHARE * max(left, 0.0)),
+                shell.in_std, shell.out_std)
+        jac, in_std, out_std = memo[anchors]
+        # in the units of this set's normalization (a larger set beyond the cap has its own): dz/du scales with
+        # in_std / out_std
+        return jac * (out_std / shell.out_std).to(jac)[None, :, None] * (shell.in_std / in_std).to(jac)[None, None, :]
 
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
+        if not cand.correction:  # nothing to train: the neighbour's answer (and its derivatives) as it is
+            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents)
+            rates[rate_key(cand)] = ((time.perf_counter() - t0) / len(train_part), len(train_part))
+            result = judged(cand, model, len(train_part), 0, 0, t0)
+            parts[len(trials) - 1] = train_part
+            return result
         left = deadline - t0
         weights = LossWeights(regression=1.0, residual=_residual_weight(pp, algorithm, settings, train_part, k)
                               if cand.residual else 0.0)
@@ -507,8 +568,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         out = train(pp, algorithm, train_part, val, config, settings=settings, core=core)
         model = out.model.to("cpu").eval()
         ran = len(out.history)
-        rates[(cand.kind, cand.residual)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part),
-                                             len(train_part))
+        rates[rate_key(cand)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part), len(train_part))
         result = judged(cand, model, len(train_part), out.best_epoch, ran, t0)
         parts[len(trials) - 1] = train_part
         return result
@@ -562,11 +622,12 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # companions: the best search trial of every other kind that trained in at most COMPANION_SHARE of the
     # choice's time; each is trained again at every size of the curve (a neighbour kind gains more from data than
     # the search size shows: its stored instances grow denser), and takes over the curve where it is better
-    others: dict[str, int] = {}
+    # (a kind with and without a trained correction count apart: the uncorrected expansion costs next to nothing)
+    others: dict[tuple[str, bool], int] = {}
     for i, t in enumerate(trials):
-        kind = t.candidate.kind
-        if kind != chosen.kind and (kind not in others or better(t, trials[others[kind]])):
-            others[kind] = i
+        key = (t.candidate.kind, t.candidate.correction)
+        if key != (chosen.kind, chosen.correction) and (key not in others or better(t, trials[others[key]])):
+            others[key] = i
     companions = [trials[i].candidate for i in others.values()
                   if trials[i].seconds <= COMPANION_SHARE * trials[best_i].seconds]
 
@@ -613,7 +674,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # capacity: where more data stopped paying with budget left, the network may be what saturates (the
     # search at search_size favours small ones): the chosen configuration twice as wide, at the largest size
     # trained; where that pays, it becomes the choice and its curve goes on to larger sizes
-    while stalled is not None and max(chosen.hidden) < MAX_WIDTH:
+    while stalled is not None and chosen.correction and max(chosen.hidden) < MAX_WIDTH:
         at = trials[stalled]
         wide = dataclasses.replace(chosen, hidden=tuple(min(MAX_WIDTH, 2 * h) for h in chosen.hidden))
         if time.perf_counter() + estimate(wide, at.num_train) > deadline:
@@ -632,7 +693,9 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
 
     # 3. an ensemble: the chosen configuration at the chosen size trained again with other seeds and averaged
     # with the chosen model; the best of the members and their average by validation iterations is kept
-    if recipe.ensemble > 1:
+    if recipe.ensemble > 1 and not trials[best_i].candidate.correction:
+        say("  (the choice trains nothing, so its members would be alike: no ensemble)")
+    elif recipe.ensemble > 1:
         base = trials[best_i]
         extra = recipe.ensemble - 1
         # members trained for fewer epochs than the choice (capped by the time left) only weaken the average:
@@ -691,4 +754,4 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
 
 
 __all__ = ["KINDS", "STORED_KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrialResult",
-           "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_source"]
+           "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_source", "uncorrected_model"]
