@@ -634,3 +634,20 @@ def test_the_uncorrected_expansion_rides_along_as_its_own_companion(portfolio, m
     at_120 = [t.candidate.label() for t in res.trials if t.num_train == 120]
     assert "neighbor_tangent uncorrected" in at_120 and at_120[0].startswith("mlp")
     assert res.candidate == Candidate(kind="neighbor_tangent", correction=False) and res.num_train == 120
+
+
+def test_derivatives_carry_over_to_another_normalization(box_qp):
+    """The recipe computes a tangent kind's derivatives once per anchor count; a larger training set beyond the cap
+    has its own normalization, into which ``renormalized`` converts them: the same as computing them there."""
+    from amortcvx.training.recipe import renormalized
+    from amortcvx.training.tangents import solution_tangents
+
+    pp, source, _ = box_qp
+    solved = source(40)
+    settings, shell, _ = _shell_and_targets(pp, solved.subset(torch.arange(20)))
+    _, other, _ = _shell_and_targets(pp, solved)
+    assert not torch.allclose(shell.in_std, other.in_std) and not torch.allclose(shell.out_std, other.out_std)
+    first = solved.subset(torch.arange(20))
+    jac = solution_tangents(pp, "scs", settings, first, shell.in_std, shell.out_std)
+    direct = solution_tangents(pp, "scs", settings, first, other.in_std, other.out_std)
+    torch.testing.assert_close(renormalized(jac, shell.in_std, shell.out_std, other.in_std, other.out_std), direct)

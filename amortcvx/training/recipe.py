@@ -380,6 +380,14 @@ def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSe
                            choices=min(choices, len(jac)))
 
 
+def renormalized(jac: torch.Tensor, in_std: torch.Tensor, out_std: torch.Tensor, new_in_std: torch.Tensor,
+                 new_out_std: torch.Tensor) -> torch.Tensor:
+    """Derivatives ``dz/du`` (N, d, p) in normalized units (``u = (theta - in_mean) / in_std``, ``z / out_std``) in
+    the units of another normalization: ``jac * (out_std / new_out_std) * (new_in_std / in_std)`` (the means do not
+    enter a derivative)."""
+    return jac * (out_std / new_out_std).to(jac)[None, :, None] * (new_in_std / in_std).to(jac)[None, None, :]
+
+
 def uncorrected_model(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                       tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
                       ) -> WarmStartPredictor:
@@ -539,9 +547,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                 shell.in_std, shell.out_std, deadline=time.perf_counter() + TANGENT_SHARE * max(left, 0.0)),
                 shell.in_std, shell.out_std)
         jac, in_std, out_std = memo[anchors]
-        # in the units of this set's normalization (a larger set beyond the cap has its own): dz/du scales with
-        # in_std / out_std
-        return jac * (out_std / shell.out_std).to(jac)[None, :, None] * (shell.in_std / in_std).to(jac)[None, None, :]
+        return renormalized(jac, in_std, out_std, shell.in_std, shell.out_std)  # a larger set has its own units
 
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
