@@ -584,10 +584,10 @@ def test_uncorrected_model_is_the_tangent_expansion_with_the_training_normalizat
         uncorrected_model(Candidate(kind="neighbor_tangent"), pp, "scs", settings, solved)
 
 
-def test_the_uncorrected_expansion_is_searched_last_and_grows_without_capacity_or_ensemble(portfolio, monkeypatch):
+def test_the_uncorrected_expansion_takes_over_as_a_companion_without_capacity_or_ensemble(portfolio, monkeypatch):
     """Scripted: the trained tangent's correction costs iterations its expansion alone does not (as on mpc); the
-    search tries the uncorrected expansion last, chooses it, and grows it with the data without training anything
-    (no capacity step, no ensemble members)."""
+    search tries the uncorrected expansion last, it rides the curve as a companion, takes over, and grows with the
+    data without training anything (no capacity step, no ensemble members)."""
     import amortcvx.training.recipe as recipe_mod
 
     built: list = []
@@ -651,3 +651,26 @@ def test_derivatives_carry_over_to_another_normalization(box_qp):
     jac = solution_tangents(pp, "scs", settings, first, shell.in_std, shell.out_std)
     direct = solution_tangents(pp, "scs", settings, first, other.in_std, other.out_std)
     torch.testing.assert_close(renormalized(jac, shell.in_std, shell.out_std, other.in_std, other.out_std), direct)
+
+
+def test_an_uncorrected_expansion_that_wins_the_search_does_not_stop_a_network_that_gains_from_data(
+        portfolio, monkeypatch):
+    """Scripted (mpc_param_dyn, stop 30): at the search size the uncorrected expansion is best (here by its median;
+    there by its mean at a tie), but it gains nothing from more data while the MLP does. The search's choice is the
+    MLP, whose curve goes on; the expansion rides along and does not take over."""
+    import amortcvx.training.recipe as recipe_mod
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
+        if kind == "neighbor_tangent uncorrected":
+            return 0.6, 13.0
+        return 0.5 * 60 / n, {60: 14.0, 120: 10.0}.get(n, 8.0)
+
+    monkeypatch.setattr(recipe_mod, "uncorrected_model",
+                        lambda cand, pp_, alg, settings, part, tangents=None: TaggedModel(cand.label(), 0, len(part)))
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                              alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1)
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings)
+    assert res.candidate == Candidate() and res.num_train == 240
+    order = [(t.candidate.label().split()[-1], t.num_train) for t in res.trials]
+    assert order == [("regression", 60), ("uncorrected", 60), ("regression", 120), ("uncorrected", 120),
+                     ("regression", 240), ("uncorrected", 240)]
