@@ -584,10 +584,10 @@ def test_uncorrected_model_is_the_tangent_expansion_with_the_training_normalizat
         uncorrected_model(Candidate(kind="neighbor_tangent"), pp, "scs", settings, solved)
 
 
-def test_the_uncorrected_expansion_takes_over_as_a_companion_without_capacity_or_ensemble(portfolio, monkeypatch):
+def test_the_uncorrected_expansion_is_chosen_as_a_companion_without_capacity_or_ensemble(portfolio, monkeypatch):
     """Scripted: the trained tangent's correction costs iterations its expansion alone does not (as on mpc); the
-    search tries the uncorrected expansion last, it rides the curve as a companion, takes over, and grows with the
-    data without training anything (no capacity step, no ensemble members)."""
+    search tries the uncorrected expansion last, it rides the curve as a companion and becomes the choice where it
+    is the best, the curve's own network goes on, and nothing is trained for it (no capacity step, no ensemble)."""
     import amortcvx.training.recipe as recipe_mod
 
     built: list = []
@@ -610,7 +610,9 @@ def test_the_uncorrected_expansion_takes_over_as_a_companion_without_capacity_or
     assert order[:4] == [("mlp", True, 60), ("neighbor_tangent", True, 60), ("mlp", True, 60),
                          ("neighbor_tangent", False, 60)]
     assert res.candidate == Candidate(kind="neighbor_tangent", correction=False) and res.num_train == 240
-    assert built == [60, 120, 240]  # the curve grew it; no capacity step, no ensemble
+    assert built == [60, 120, 240]  # it rode the curve; no capacity step, no ensemble
+    assert ("mlp", True, 240) in order  # the curve's own network went on beside it
+    assert all(p.configuration.startswith("mlp") for p in res.curve)
     assert all(t.candidate.member == 0 and t.candidate.ensemble == 1 for t in res.trials)
 
 

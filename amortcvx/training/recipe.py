@@ -600,7 +600,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # 1. configuration search at search_size, one change at a time from the current best; an uncorrected candidate
     # is tried but not chosen here: it trains nothing that more data or width would improve beyond its stored
     # derivatives (mpc_param_dyn, stop 30: chosen by the mean at a tie of medians, its curve stopped at 2000
-    # instances, where the MLP's had gone on to 64000 and 44.5 of 56), so it rides the curve as a companion
+    # instances, where the MLP's had gone on to 64000 and 44.5 of 56), so it rides the curve as a companion, and
+    # where it is the best at a size it becomes the choice without ending the curve
     best_i = 0
     trial(Candidate(), train_set)
     for change in recipe.alternatives:
@@ -664,7 +665,13 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             for comp in list(companions):
                 if time.perf_counter() + estimate(comp, n) > deadline:
                     continue
-                if better(trial(comp, part), trials[best_i]):  # the companion takes over the curve
+                if better(trial(comp, part), trials[best_i]) and not comp.correction:
+                    # the best so far, but it trains nothing that more data would improve beyond its stored
+                    # derivatives: the curve goes on with its own configuration (mpc_param_dyn, stop 30: taking over
+                    # by the mean at a tie of medians, the expansion stopped the curve at 2000 instances)
+                    best_i = len(trials) - 1
+                    say(f"  ({comp.label()} is the best so far at n={len(part)}; the curve goes on)")
+                elif better(trials[-1], trials[best_i]):  # a trained companion takes over the curve
                     best_i = len(trials) - 1
                     say(f"  ({comp.label()} takes over the curve at n={len(part)})")
                     companions.remove(comp)
