@@ -353,6 +353,12 @@ def _normalization(pp, algorithm, settings, train_set: SolvedSet) -> tuple[WarmS
     return shell, target
 
 
+def _network_size(hidden: tuple[int, ...], pp: ParametricProblem) -> int:
+    """Weights of an MLP ``num_params -> hidden -> n + m`` (a training's cost per epoch grows with it)."""
+    widths = (pp.num_params, *hidden, pp.n + pp.m)
+    return sum(a * b for a, b in zip(widths, widths[1:]))
+
+
 def scaled_rate(kind: str, rate: float, measured: int, n: int) -> float:
     """Seconds per epoch per training instance on ``n`` instances of a kind whose training took ``rate`` on
     ``measured``: the same for an MLP, ``rate * n / measured`` for the kinds that store their training set and
@@ -505,11 +511,13 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     loss_cfg = TrainConfig(k=0, weights=LossWeights(), batch_size=256, progress=False, dtype=recipe.dtype,
                            device=device)
     # seconds per epoch per training instance (uncorrected candidates: seconds per instance of the whole trial,
-    # mostly derivatives), and the set size it was measured at, by (kind, residual, correction)
+    # mostly derivatives), and the set size it was measured at, by (kind, residual, correction, width): a wider
+    # network's epochs cost more (kalman, stop 30: the capacity step's 512x512 network, timed by the 256x256
+    # network's rate, ran 253 s and the recipe 718 s of its 600 s budget)
     rates: dict[tuple, tuple[float, int]] = {}
 
     def rate_key(cand: Candidate) -> tuple:
-        return cand.kind, cand.residual, cand.correction
+        return cand.kind, cand.residual, cand.correction, cand.hidden
 
     def rate_at(cand: Candidate, n: int) -> float | None:
         """Seconds per epoch per training instance of ``cand`` on ``n`` instances, from its kind's last training
@@ -517,6 +525,11 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         every instance, so their rate grows in proportion to ``n``. An uncorrected candidate's rate is per
         instance of the whole trial (its derivatives: a fixed cost per instance)."""
         known = rates.get(rate_key(cand))
+        if known is None and cand.correction:  # the same training at another width: scaled by the network's size
+            other = [key for key in rates if key[:3] == rate_key(cand)[:3]]
+            if other:
+                rate, measured = rates[other[-1]]
+                known = (rate * _network_size(cand.hidden, pp) / _network_size(other[-1][3], pp), measured)
         if known is None or not cand.correction:
             return None if known is None else known[0]
         return scaled_rate(cand.kind, *known, n)
@@ -528,8 +541,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     def estimate(cand: Candidate, n: int) -> float:
         """Seconds for new instances up to ``n`` plus a training of ``cand`` on ``n`` (to ~3 patience windows)."""
         rate = rate_at(cand, n)
-        if rate is None:
-            rate = max((r for r, _ in rates.values()), default=0.0)
+        if rate is None:  # the costliest training measured (an uncorrected trial's rate is per instance, not epoch)
+            rate = max((r for key, (r, _) in rates.items() if key[2]), default=0.0)
         more = max(0, recipe.val_size + n - asked["n"]) * asked["seconds_per_instance"]
         return more + rate * n * (min(recipe.epochs, 3 * recipe.patience) if cand.correction else 1)
 
