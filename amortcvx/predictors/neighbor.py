@@ -17,6 +17,10 @@ file alone (see :data:`amortcvx.predictors.model.CORE_KINDS`).
 :class:`NeighborTangent` starts the correction from the neighbour's solution moved along the solution map's
 derivative there, ``z_j + J_j (u - u_j)`` (its ``tangents`` are one more buffer; ``core_kind =
 "neighbor_tangent"``).
+
+Both can also predict from the ``choices`` nearest stored instances (:meth:`NeighborCorrection.candidates`, one
+prediction each, nearest first); which one to use needs the problem's data and is chosen by
+:func:`~amortcvx.predictors.fixed_point.predict`. The forward pass uses the nearest one.
 """
 
 from __future__ import annotations
