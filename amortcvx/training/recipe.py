@@ -551,7 +551,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
 
     def tangents(train_part: SolvedSet, shell: WarmStartPredictor) -> torch.Tensor:
         """The derivatives at the first instances of ``train_part`` (at most :data:`TANGENT_ENTRIES` entries, and
-        what :data:`TANGENT_SHARE` of the time left allows), computed once per training-set size."""
+        what :data:`TANGENT_SHARE` of the time left allows), computed once per anchor count and given in the units
+        of ``shell``'s normalization."""
         cap = max(2, TANGENT_ENTRIES // (int(shell.out_std.shape[0]) * pp.num_params))
         anchors = min(cap, len(train_part))  # the first instances: the same at every size beyond the cap
         if anchors not in memo:
@@ -704,7 +705,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # capacity: where more data stopped paying with budget left, the network may be what saturates (the
     # search at search_size favours small ones): the chosen configuration twice as wide, at the largest size
     # trained; where that pays, it becomes the choice and its curve goes on to larger sizes
-    while stalled is not None and chosen.correction and max(chosen.hidden) < MAX_WIDTH:
+    while stalled is not None and max(chosen.hidden) < MAX_WIDTH:  # (the curve's configuration is a trained one)
         at = trials[stalled]
         wide = dataclasses.replace(chosen, hidden=tuple(min(MAX_WIDTH, 2 * h) for h in chosen.hidden))
         if time.perf_counter() + estimate(wide, at.num_train) > deadline:
