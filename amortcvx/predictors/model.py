@@ -109,11 +109,14 @@ class WarmStartPredictor(nn.Module):
             s = x.std(0).to(std) if x.shape[0] > 1 else torch.ones_like(std)
             std.copy_(torch.where(s > eps, s, torch.ones_like(s)))
 
-    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+    def _normalized(self, theta: torch.Tensor) -> torch.Tensor:
+        """``u = (theta - in_mean) / in_std``, the core's input, after checking ``theta``'s shape."""
         if theta.ndim != 2 or theta.shape[1] != self.meta.num_params:
             raise ValueError(f"theta must have shape (B, {self.meta.num_params}); got {tuple(theta.shape)}")
-        out = self.core((theta.to(self.in_mean) - self.in_mean) / self.in_std)
-        return self.out_mean + self.out_std * out
+        return (theta.to(self.in_mean) - self.in_mean) / self.in_std
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.out_mean + self.out_std * self.core(self._normalized(theta))
 
     def candidates(self, theta: torch.Tensor) -> torch.Tensor:
         """(B, K, out_dim): several predictions per instance where the core offers them (a core with
@@ -122,10 +125,7 @@ class WarmStartPredictor(nn.Module):
         data: :func:`~amortcvx.predictors.fixed_point.predict`."""
         if getattr(self.core, "choices", 1) <= 1:
             return self(theta)[:, None]
-        if theta.ndim != 2 or theta.shape[1] != self.meta.num_params:
-            raise ValueError(f"theta must have shape (B, {self.meta.num_params}); got {tuple(theta.shape)}")
-        out = self.core.candidates((theta.to(self.in_mean) - self.in_mean) / self.in_std)
-        return self.out_mean + self.out_std * out
+        return self.out_mean + self.out_std * self.core.candidates(self._normalized(theta))
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -42,6 +42,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -353,6 +354,15 @@ def _normalization(pp, algorithm, settings, train_set: SolvedSet) -> tuple[WarmS
     return shell, target
 
 
+class _RateKey(NamedTuple):
+    """What a training's measured rate is kept by in :func:`fit_predictor` (:class:`Candidate` fields)."""
+
+    kind: str
+    residual: bool
+    correction: bool
+    hidden: tuple[int, ...]
+
+
 def _network_size(hidden: tuple[int, ...], pp: ParametricProblem) -> int:
     """Weights of an MLP ``num_params -> hidden -> n + m`` (a training's cost per epoch grows with it)."""
     widths = (pp.num_params, *hidden, pp.n + pp.m)
@@ -514,24 +524,26 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # mostly derivatives), and the set size it was measured at, by (kind, residual, correction, width): a wider
     # network's epochs cost more (kalman, stop 30: the capacity step's 512x512 network, timed by the 256x256
     # network's rate, ran 253 s and the recipe 718 s of its 600 s budget)
-    rates: dict[tuple, tuple[float, int]] = {}
+    rates: dict[_RateKey, tuple[float, int]] = {}
 
-    def rate_key(cand: Candidate) -> tuple:
-        return cand.kind, cand.residual, cand.correction, cand.hidden
+    def rate_key(cand: Candidate) -> _RateKey:
+        return _RateKey(cand.kind, cand.residual, cand.correction, cand.hidden)
 
     def rate_at(cand: Candidate, n: int) -> float | None:
         """Seconds per epoch per training instance of ``cand`` on ``n`` instances, from its kind's last training
         (None before one): the kinds that store their training set (:data:`STORED_KINDS`) search all of it for
         every instance, so their rate grows in proportion to ``n``. An uncorrected candidate's rate is per
         instance of the whole trial (its derivatives: a fixed cost per instance)."""
-        known = rates.get(rate_key(cand))
-        if known is None and cand.correction:  # the same training at another width: scaled by the network's size
-            other = [key for key in rates if key[:3] == rate_key(cand)[:3]]
-            if other:
-                rate, measured = rates[other[-1]]
-                known = (rate * _network_size(cand.hidden, pp) / _network_size(other[-1][3], pp), measured)
-        if known is None or not cand.correction:
+        key = rate_key(cand)
+        known = rates.get(key)
+        if not cand.correction:
             return None if known is None else known[0]
+        if known is None:  # the same training at another width: scaled by the network's size
+            other = [k for k in rates if k._replace(hidden=key.hidden) == key]
+            if not other:
+                return None
+            rate, measured = rates[other[-1]]
+            known = (rate * _network_size(key.hidden, pp) / _network_size(other[-1].hidden, pp), measured)
         return scaled_rate(cand.kind, *known, n)
 
     trials: list[TrialResult] = []
@@ -542,7 +554,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         """Seconds for new instances up to ``n`` plus a training of ``cand`` on ``n`` (to ~3 patience windows)."""
         rate = rate_at(cand, n)
         if rate is None:  # the costliest training measured (an uncorrected trial's rate is per instance, not epoch)
-            rate = max((r for key, (r, _) in rates.items() if key[2]), default=0.0)
+            rate = max((r for key, (r, _) in rates.items() if key.correction), default=0.0)
         more = max(0, recipe.val_size + n - asked["n"]) * asked["seconds_per_instance"]
         return more + rate * n * (min(recipe.epochs, 3 * recipe.patience) if cand.correction else 1)
 
@@ -566,12 +578,18 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
 
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
-        if not cand.correction:  # nothing to train: the neighbour's answer (and its derivatives) as it is
-            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents)
-            rates[rate_key(cand)] = ((time.perf_counter() - t0) / len(train_part), len(train_part))
-            result = judged(cand, model, len(train_part), 0, 0, t0)
-            parts[len(trials) - 1] = train_part
-            return result
+        if cand.correction:
+            model, best_epoch, ran = trained(cand, train_part, t0)
+        else:  # nothing to train: the neighbour's answer (and its derivatives) as it is
+            model, best_epoch, ran = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents), 0, 0
+        rates[rate_key(cand)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part), len(train_part))
+        result = judged(cand, model, len(train_part), best_epoch, ran, t0)
+        parts[len(trials) - 1] = train_part
+        return result
+
+    def trained(cand: Candidate, train_part: SolvedSet, t0: float) -> tuple[WarmStartPredictor, int, int]:
+        """``cand`` trained on ``train_part`` with its epochs capped by the time left: the model (CPU, eval mode),
+        its best epoch and the epochs run."""
         left = deadline - t0
         weights = LossWeights(regression=1.0, residual=_residual_weight(pp, algorithm, settings, train_part, k)
                               if cand.residual else 0.0)
@@ -587,12 +605,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         epochs = int(max(3, min(recipe.epochs, 0.8 * left / (rate * len(train_part)))))
         config = dataclasses.replace(config, epochs=epochs)
         out = train(pp, algorithm, train_part, val, config, settings=settings, core=core)
-        model = out.model.to("cpu").eval()
-        ran = len(out.history)
-        rates[rate_key(cand)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part), len(train_part))
-        result = judged(cand, model, len(train_part), out.best_epoch, ran, t0)
-        parts[len(trials) - 1] = train_part
-        return result
+        return out.model.to("cpu").eval(), out.best_epoch, len(out.history)
 
     def judged(cand: Candidate, model: WarmStartPredictor, num_train: int, best_epoch: int, ran: int,
                t0: float) -> TrialResult:
@@ -679,15 +692,15 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             for comp in list(companions):
                 if time.perf_counter() + estimate(comp, n) > deadline:
                     continue
-                if better(trial(comp, part), trials[best_i]) and not comp.correction:
-                    # the best so far, but it trains nothing that more data would improve beyond its stored
-                    # derivatives: the curve goes on with its own configuration (mpc_param_dyn, stop 30: taking over
-                    # by the mean at a tie of medians, the expansion stopped the curve at 2000 instances)
+                if better(trial(comp, part), trials[best_i]):
                     best_i = len(trials) - 1
-                    say(f"  ({comp.label()} is the best so far at n={len(part)}; the curve goes on)")
-                elif better(trials[-1], trials[best_i]):  # a trained companion takes over the curve
-                    best_i = len(trials) - 1
-                    say(f"  ({comp.label()} takes over the curve at n={len(part)})")
+                    if not comp.correction:
+                        # the best so far, but it trains nothing that more data would improve beyond its stored
+                        # derivatives: the curve goes on with its own configuration (mpc_param_dyn, stop 30: taking
+                        # over by the mean at a tie of medians, the expansion stopped the curve at 2000 instances)
+                        say(f"  ({comp.label()} is the best so far at n={len(part)}; the curve goes on)")
+                        continue
+                    say(f"  ({comp.label()} takes over the curve at n={len(part)})")  # a trained companion
                     companions.remove(comp)
                     on_curve.append(best_i)
                     cand, last, paid = comp, trials[-1], True
