@@ -625,6 +625,51 @@ def test_newton_finish_retries_from_the_cold_start_where_a_bad_prediction_fails(
     assert all(r.status == Status.OPTIMAL and r.iterations == 0 for r in out.results)
 
 
+@pytest.mark.parametrize("alg", ["scs", "osqp"])
+def test_newton_steps_run_only_where_the_start_fails_the_certificate(monkeypatch, alg):
+    """A start that passes the certificate as it is takes no Newton step; the others do, and every answer is the
+    same as where each start goes through the Newton steps (the certified finish with ``finish="c"``)."""
+    from amortcvx.iterations.registry import make_algorithm
+    from amortcvx.predictors.fixed_point import output_space
+    from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
+
+    fam, pp = _pp("mpc", alg)
+    params = fam.sample(8, seed=13)
+    theta = pp.parameter_vector(params)
+    data = pp.canonicalize(params)
+    tight = solve_batch(data.instances(), alg, settings={"eps_abs": 1e-10, "eps_rel": 1e-10}, workers=1)
+    fields = {k: torch.from_numpy(np.stack([getattr(r, k) for r in tight])) for k in ("x", "y", "s")
+              if getattr(tight[0], k) is not None}
+    target = output_space(alg).target(make_algorithm(alg, data), fields["x"], fields["y"], fields.get("s"))
+    off = torch.zeros(8, dtype=torch.bool)
+    off[1::2] = True  # every other start far from its optimum
+    target[off] += 0.05 * target[off].abs().max() * torch.randn(int(off.sum()), target.shape[1],
+                                                                 generator=torch.Generator().manual_seed(0),
+                                                                 dtype=target.dtype)
+
+    class Lookup(torch.nn.Module):  # the stored start of the nearest stored parameters (no normalization)
+        def forward(self, th):
+            return target[torch.cdist(th, theta).argmin(1)]
+
+    meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm=alg, settings={}, num_params=pp.num_params,
+                         out_dim=target.shape[1])
+    model = WarmStartPredictor(meta, core=Lookup()).double()
+
+    refined = []
+    original = AmortizedSolver._newton_part
+    monkeypatch.setattr(AmortizedSolver, "_newton_part",
+                        lambda self, d, ws: refined.append(d.batch_size) or original(self, d, ws))
+    out = AmortizedSolver(pp, model, k=0, newton=4, solver_settings=TOL).solve(params, exact_iterations=True)
+    assert refined and refined[0] == 4 and max(refined) <= 4  # the four far starts only
+    assert out.certified.all() and all(r.iterations == 0 for r in out.results)
+    for r, c in zip(out.results, tight):
+        want = pp.objective_sign * c.objective
+        assert abs(r.objective - want) <= 1e-3 * max(1.0, abs(want)), (r.objective, want)
+    refined.clear()
+    AmortizedSolver(pp, model, k=0, newton=4, solver_settings=TOL, finish="c").solve(params)
+    assert refined[0] == 8  # always-C: no certificate, so every start takes the Newton steps
+
+
 @pytest.mark.parametrize("name, alg", [("mpc", "scs"), ("portfolio", "osqp")])
 def test_without_steps_the_refined_cold_start_is_the_first_step_newton_refined(name, alg):
     fam, pp = _pp(name, alg)
