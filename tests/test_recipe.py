@@ -251,6 +251,23 @@ def test_neighbor_candidates_come_from_the_nearest_instances_the_first_is_forwar
     torch.testing.assert_close(plain.candidates(q), plain(q)[:, None])
 
 
+def test_tangent_expansion_by_rows_and_gathered_agree(monkeypatch):
+    """The CPU path (a product per row) and the GPU path (batched gathers, here in chunks of 2 rows) give
+    ``tangents[j] @ du`` row by row, also for no rows and in float32."""
+    from amortcvx.predictors import neighbor
+
+    g = torch.Generator().manual_seed(7)
+    tangents = torch.randn(9, 6, 4, generator=g, dtype=torch.float64)
+    j = torch.tensor([3, 3, 0, 8, 5])
+    du = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    want = torch.einsum("bdp,bp->bd", tangents[j], du)
+    monkeypatch.setattr(neighbor, "GATHER_BYTES", 2 * 6 * 4 * 8)
+    for fn in (neighbor.expansion_by_rows, neighbor.expansion_gathered, neighbor.expansion):
+        torch.testing.assert_close(fn(tangents, j, du), want, rtol=1e-12, atol=1e-12)
+        assert fn(tangents, j[:0], du[:0]).shape == (0, 6)
+    torch.testing.assert_close(neighbor.expansion(tangents, j, du.float()), want.float())
+
+
 def test_predict_takes_the_candidate_of_smallest_fixed_point_residual(box_qp):
     """Of three candidates per instance, its optimum and two other instances' optima, ``predict`` picks the one with
     the smallest residual after one SCS step: the optimum."""

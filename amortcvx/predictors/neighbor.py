@@ -151,7 +151,38 @@ class NeighborTangent(NeighborCorrection):
                    chunk=config["chunk"], choices=int(config.get("choices", 1)))
 
     def anchor(self, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
-        return super().anchor(j, du) + torch.bmm(self.tangents.to(du)[j], du[:, :, None])[:, :, 0]
+        return super().anchor(j, du) + expansion(self.tangents, j, du)
+
+
+GATHER_BYTES = 2 ** 27
+"""On a GPU, :func:`expansion` gathers the derivative matrices of at most this many bytes at a time."""
+
+
+def expansion(tangents: torch.Tensor, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
+    """``J_j du`` per row: ``tangents[j[b]] @ du[b]`` (B, d), for ``tangents`` (N, d, p), ``j`` (B,), ``du`` (B, p).
+
+    On the CPU one matrix-vector product per row, on views of the stored matrices (:func:`expansion_by_rows`):
+    gathering the ``(B, d, p)`` matrices first allocates and copies them, which costs more than the products
+    (measured, 1 thread, float64: MPC large, d = 2328, p = 24, 64 rows 1.3 against 6.5 ms, 512 rows 27 against
+    113 ms; MPC small, d = 320, p = 8, 512 rows 1.6 against 2.3 ms). On a GPU, where a kernel per row would cost
+    more than the copy, batched gathers and products (:func:`expansion_gathered`).
+    """
+    tangents = tangents.to(du)
+    return expansion_by_rows(tangents, j, du) if du.device.type == "cpu" else expansion_gathered(tangents, j, du)
+
+
+def expansion_by_rows(tangents: torch.Tensor, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
+    """:func:`expansion` as one matrix-vector product per row."""
+    if j.numel() == 0:
+        return du.new_zeros((0, tangents.shape[1]))
+    return torch.stack([tangents[i] @ row for i, row in zip(j.tolist(), du)])
+
+
+def expansion_gathered(tangents: torch.Tensor, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
+    """:func:`expansion` as batched gathers and products, at most :data:`GATHER_BYTES` of matrices each."""
+    rows = max(1, GATHER_BYTES // max(1, tangents[0].numel() * tangents.element_size()))
+    return torch.cat([torch.bmm(tangents[j[s:s + rows]], du[s:s + rows, :, None])[:, :, 0]
+                      for s in range(0, max(1, j.shape[0]), rows)])
 
 
 CORE_KINDS[NeighborCorrection.core_kind] = NeighborCorrection.from_config
