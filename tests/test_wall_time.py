@@ -627,8 +627,8 @@ def test_newton_finish_retries_from_the_cold_start_where_a_bad_prediction_fails(
 
 @pytest.mark.parametrize("alg", ["scs", "osqp"])
 def test_newton_steps_run_only_where_the_start_fails_the_certificate(monkeypatch, alg):
-    """A start that passes the certificate as it is takes no Newton step; the others do, and every answer is the
-    same as where each start goes through the Newton steps (the certified finish with ``finish="c"``)."""
+    """A start that passes the certificate as it is takes no Newton step; the others do, every answer is certified
+    and agrees with a tight solve; with ``finish="c"`` (no certificate) every start takes the Newton steps."""
     from amortcvx.iterations.registry import make_algorithm
     from amortcvx.predictors.fixed_point import output_space
     from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
