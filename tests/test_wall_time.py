@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -259,6 +261,46 @@ def test_stateless_scale_walks_to_the_scale_of_fewest_iterations(name, direction
     assert np.mean([r.iterations for r in out]) == tried[scale]  # the counts the walk saw
     with pytest.raises(ValueError, match="scale"):
         stateless_scale(data.instance(0), data, TOL, start=0.0)
+
+
+def test_stateless_rho_walks_to_the_rho_of_fewest_iterations():
+    from amortcvx.backends.osqp import STATELESS_SETTINGS
+    from amortcvx.backends.persistent import SCALE_STEP, stateless_rho
+
+    fam, pp = _pp("lasso", "osqp")
+    data = pp.canonicalize(fam.sample(16, seed=3))
+    exact = {**TOL, "check_termination": 1}
+    rho, tried = stateless_rho(data.instance(0), data, exact, start=0.01)
+    assert tried[rho] == min(tried.values()) and tried[rho] < 0.2 * tried[0.01]  # 0.01 is a poor fixed rho here
+    steps = [math.log(t / 0.01, SCALE_STEP) for t in tried]
+    assert any(abs(k - round(k)) > 0.1 for k in steps)  # the midpoints between half-decade points were tried
+    out = PersistentSolver("osqp", data.instance(0), {**exact, **STATELESS_SETTINGS, "rho": rho}).solve(data)
+    assert all(r.status == Status.OPTIMAL for r in out)
+    assert np.mean([r.iterations for r in out]) == tried[rho]  # the counts the walk saw
+    with pytest.raises(ValueError, match="rho"):
+        stateless_rho(data.instance(0), data, TOL, start=-1.0)
+
+
+def test_fitted_osqp_rho_needs_no_more_iterations_than_the_adapted_one():
+    """The rho calibration fits is checked against the rho OSQP's adaptation points to: fewer exact iterations on
+    the validation instances, on a stateless object, where the adaptation's estimate is not the best."""
+    from amortcvx.backends.osqp import STATELESS_SETTINGS
+    from amortcvx.deploy.solver import _geometric_median_stat
+
+    fam, pp = _pp("mpc", "osqp")
+    params = fam.sample(24, seed=4)
+    solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL)
+    rho = solver.choose_osqp_rho(params)
+    data = pp.canonicalize(params)
+    ref = pp.canonicalize_vector(solver._reference_theta(pp.parameter_vector(params))).instance(0)
+    adapted = _geometric_median_stat(PersistentSolver("osqp", ref, TOL).solve(data), "rho_estimate")
+
+    def mean_iterations(value):
+        settings = {**TOL, **STATELESS_SETTINGS, "check_termination": 1, "rho": value}
+        return np.mean([r.iterations for r in PersistentSolver("osqp", ref, settings).solve(data)])
+
+    # on this MPC the adaptation points to about 0.55 (31.4 mean iterations), the walk ends near 1 (30.2)
+    assert rho is not None and mean_iterations(rho) < mean_iterations(adapted)
 
 
 def test_calibration_chooses_scs_object_modes_by_time_and_keeps_answers():
