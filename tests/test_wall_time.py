@@ -281,6 +281,23 @@ def test_stateless_rho_walks_to_the_rho_of_fewest_iterations():
         stateless_rho(data.instance(0), data, TOL, start=-1.0)
 
 
+def test_a_slow_walk_keeps_fewer_instances(monkeypatch):
+    """Where the first try's solves would make the walk take longer than WALK_SECONDS, every mean is over the
+    first WALK_INSTANCES instances, the first try's included."""
+    from amortcvx.backends import persistent
+    from amortcvx.backends.osqp import STATELESS_SETTINGS
+
+    fam, pp = _pp("lasso", "osqp")
+    data = pp.canonicalize(fam.sample(16, seed=3))
+    exact = {**TOL, "check_termination": 1}
+    monkeypatch.setattr(persistent, "WALK_SECONDS", 1e-9)
+    rho, tried = persistent.stateless_rho(data.instance(0), data, exact, start=0.01)
+    first = data.take(np.arange(persistent.WALK_INSTANCES))
+    for value in (0.01, rho):
+        out = PersistentSolver("osqp", data.instance(0), {**exact, **STATELESS_SETTINGS, "rho": value}).solve(first)
+        assert np.mean([r.iterations for r in out]) == tried[value]
+
+
 def test_fitted_osqp_rho_needs_no_more_iterations_than_the_adapted_one():
     """The rho calibration fits is checked against the rho OSQP's adaptation points to: fewer exact iterations on
     the validation instances, on a stateless object, where the adaptation's estimate is not the best."""

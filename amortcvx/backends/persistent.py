@@ -373,27 +373,37 @@ SCALE_RANGE = (1e-6, 1e6)
 scale; OSQP's on its rho)."""
 
 
+WALK_SECONDS = 10.0
+"""About how long :func:`stateless_scale` and :func:`stateless_rho` may take: where the first try's solves take
+longer than this over the tries still allowed, the walk keeps fewer instances (at least :data:`WALK_INSTANCES`)."""
+WALK_INSTANCES = 8
+"""The fewest instances a walk keeps when it shortens itself (:data:`WALK_SECONDS`)."""
+
+
 def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any] | None, key: str,
                        start: float | None, default: float, instances: int, max_tries: int,
                        limit_key: str) -> tuple[float, dict]:
     """The value of setting ``key`` of a stateless ``backend`` object (``settings`` with the backend's
-    ``stateless_settings``) with the fewest mean iterations on the first
-    ``instances`` of ``data``, by a walk on a half-decade grid from ``start`` (None: the settings' value, else
-    ``default``): the walk moves by :data:`SCALE_STEP`
-    toward the side that lowers the mean iteration count (a solve that does not end optimal counts as the try's
-    iteration cap) while it strictly lowers it, within :data:`SCALE_RANGE` and ``max_tries`` tries; up first, down
-    only where the first step up does not help; then the geometric midpoints between the best value and its tried
-    neighbours (two more tries at most), which halves the grid where the walk stopped between two half-decade
-    points (MPC large, OSQP rho from 0.43: 0.43 -> 1.36 on the grid, 40 mean iterations, then 0.76: 31). Tries
-    after the first cap their iterations at ``3 x`` the best
+    ``stateless_settings``) with the fewest mean iterations on the first ``instances`` of ``data``, by a walk on a
+    half-decade grid from ``start`` (None: the settings' value, else ``default``).
+
+    The walk moves by :data:`SCALE_STEP` toward the side that lowers the mean iteration count (a solve that does
+    not end optimal counts as the try's iteration cap) while it strictly lowers it, within :data:`SCALE_RANGE` and
+    ``max_tries`` tries; up first, down only where the first step up does not help; then it tries the geometric
+    midpoints between the best value and its tried neighbours (two more tries at most), which halves the grid
+    where the walk stopped between two half-decade points (MPC large, OSQP rho from 0.43: 0.43 -> 1.36 on the
+    grid, 40 mean iterations, then 0.76: 31). Tries after the first cap their iterations at ``3 x`` the best
     try's largest count (plus 25), so a bad value costs little (``limit_key``: the backend's iteration limit
-    setting). Returns ``(value, {value: mean iterations})``."""
+    setting). Where the first try took more than :data:`WALK_SECONDS` over the tries left, every mean (the first
+    try's included) is over fewer of the instances (lasso large with OSQP, 64 instances: 20 s before). Returns
+    ``(value, {value: mean iterations})``."""
     base = {**dict(settings or {}), **get_backend(backend).stateless_settings}
     start = float(base.get(key, default) if start is None else start)
     if not start > 0:
         raise ValueError(f"the starting {key} must be positive; got {start!r}")
     sub = data if data.batch_size <= instances else data.take(np.arange(instances))
     limit = int(base.get(limit_key, get_backend(backend).default_settings[limit_key]))
+    counts: dict[float, list[int]] = {}
     tried: dict[float, float] = {}
     cap = limit
 
@@ -402,14 +412,21 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
         if candidate not in tried:
             iters = min(limit, cap)
             out = PersistentSolver(backend, reference, {**base, key: candidate, limit_key: iters}).solve(sub)
-            counts = [r.iterations if r.status == Status.OPTIMAL else iters for r in out]
-            tried[candidate] = float(np.mean(counts))
+            counts[candidate] = [r.iterations if r.status == Status.OPTIMAL else iters for r in out]
+            tried[candidate] = float(np.mean(counts[candidate]))
             if tried[candidate] <= min(tried.values()):
-                cap = 3 * max(counts) + 25
+                cap = 3 * max(counts[candidate]) + 25
         return tried[candidate]
 
     value = float(start)
+    t0 = time.perf_counter()
     best = cost(value)
+    per_instance = (time.perf_counter() - t0) / sub.batch_size
+    keep = max(WALK_INSTANCES, int(WALK_SECONDS / max(per_instance * (max_tries + 1), 1e-12)))
+    if keep < sub.batch_size:  # slow solves: the rest of the walk, and the first try's mean, on fewer instances
+        sub = sub.take(np.arange(keep))
+        best = tried[value] = float(np.mean(counts[value][:keep]))
+        cap = 3 * max(counts[value][:keep]) + 25
     for factor in (SCALE_STEP, 1 / SCALE_STEP):
         moved = False
         while len(tried) < max_tries:
