@@ -358,6 +358,29 @@ def test_scs_presolve_keeps_one_object_for_every_instance():
         np.testing.assert_allclose(x[i].numpy(), want, atol=1e-6)
 
 
+def test_osqp_presolve_runs_on_one_stateless_object_at_a_walked_rho():
+    """OSQP's loose solve keeps one object without rho adaptation, at the rho of fewest iterations on the first
+    batch (fitted there, kept for the next calls), and the answers stay the exact solutions."""
+    from amortcvx.backends.persistent import stateless_rho
+
+    prob, params, variables, sample = qp()
+    values = sample(6, np.random.default_rng(17))
+    layer = CvxpyLayer(prob, params, variables, solver="osqp", eps=1e-8, method="c")
+    (x,) = layer(*values)
+    loose = [s for s in layer._solvers.values() if s.settings["eps_abs"] == layer.loose_eps("c")]
+    assert len(loose) == 1 and loose[0].settings["adaptive_rho"] is False
+    data = layer.pp.canonicalize_vector(layer.pp.parameter_vector(dict(zip([p.name() for p in params], values))))
+    exact = {"eps_abs": layer.loose_eps("c"), "eps_rel": layer.loose_eps("c"), "adaptive_rho": False,
+             "check_termination": 1}
+    want_rho, tried = stateless_rho(data.instance(0), data, exact)
+    assert loose[0].settings["rho"] == want_rho and tried[want_rho] < tried[0.1]  # 0.1, OSQP's default, is worse
+    layer(*sample(6, np.random.default_rng(18)))
+    assert loose[0].builds == 1 and loose[0].settings["rho"] == want_rho  # kept: no new setup, no new walk
+    for i in range(6):
+        (want,), _ = clarabel(prob, params, variables, values, i)
+        np.testing.assert_allclose(x[i].numpy(), want, atol=1e-6)
+
+
 def test_without_refinement_scs_answers_at_eps_on_one_stateless_object():
     prob, params, variables, sample = sdp()  # no parameter in A or P
     values = sample(6, np.random.default_rng(18))

@@ -29,7 +29,7 @@ from torch import nn
 from amortcvx.backends import PersistentSolver, Status
 from amortcvx.backends import osqp as osqp_backend
 from amortcvx.backends import scs as scs_backend
-from amortcvx.backends.persistent import ThreadedSolver, resolve_threads, stateless_scale
+from amortcvx.backends.persistent import ThreadedSolver, resolve_threads, stateless_rho, stateless_scale
 from amortcvx.backends.race import Race
 from amortcvx.canon.data import ConeData
 from amortcvx.canon.parametric import ParametricProblem
@@ -66,19 +66,25 @@ FAILURES = ("nan", "raise")
 LINEAR_ALGEBRA = BATCHES
 """How refinement and backward solve with the optimality conditions' Jacobian
 (:data:`amortcvx.iterations.kkt.BATCHES`)."""
-PRESOLVE_SETTINGS: dict[str, Mapping[str, Any]] = {"scs": scs_backend.STATELESS_SETTINGS}
+PRESOLVE_SETTINGS: dict[str, Mapping[str, Any]] = {"scs": scs_backend.STATELESS_SETTINGS,
+                                                   "osqp": osqp_backend.STATELESS_SETTINGS}
 """C settings of the loose solve (``presolve_eps``) by solver, under the caller's: SCS without adaptive scale or
 Anderson memory keeps one object for every instance instead of a new setup per solve (the answers are refined and
 certified, so only speed changes; SOCP batch 1024: 0.53 against 0.84 s per forward, SDP batch 64: 0.20 against
 0.29 s). Unless the caller sets ``scale``, that object's fixed scale is the one of fewest iterations on the first
 batch it solves (:func:`~amortcvx.backends.persistent.stateless_scale`, up to 64 instances; the benchmark's SDP at
-``1e-3``: 69 -> 26 mean iterations).
+``1e-3``: 69 -> 26 mean iterations). OSQP without rho adaptation, likewise at the fixed ``rho`` of fewest
+iterations (:func:`~amortcvx.backends.persistent.stateless_rho`, :data:`STATELESS_VALUES`; the benchmark's QP,
+batch 64: 97 -> 44 mean exact iterations at ``3e-4``, 9.0 -> 6.2 ms per loose solve of the batch).
 
 A solve at ``eps`` without refinement (``refine_steps=0``) uses them too where ``A`` and ``P`` do not depend on the
 parameters and the caller sets none of them; an instance that does not end optimal that way is solved again, cold,
 with the caller's settings (:meth:`CvxpyLayer._direct_solve`). The benchmark's SOCP and SDP at batch 64, ``eps =
 1e-6``, forward: 6.8 -> 3.3 ms and 41 -> 10.9 ms (against 5.9 and 18.1 ms with the default refinement; docs/layers.md,
 "Forward without refinement"), the same answers to the tolerance."""
+STATELESS_VALUES: dict[str, tuple[str, Any]] = {"scs": ("scale", stateless_scale), "osqp": ("rho", stateless_rho)}
+"""The setting a stateless object keeps fixed, by solver, and the walk that picks it on the first batch (OSQP's
+on exact iteration counts, ``check_termination=1``; SCS reports counts at its checks anyway)."""
 PRESOLVE_EPS = {"c": 3e-4, "torch": 1e-3}
 """The tolerance of the first stage by method, unless ``presolve_eps`` is given: the loose C solve, and the
 torch iterations (both then refined by Newton steps and certified at ``eps``). Measured for the C solve
@@ -473,9 +479,11 @@ class CvxpyLayer(nn.Module):
         key = tuple(sorted((k, repr(v)) for k, v in settings.items()))
         solver = self._solvers.get(key)
         if solver is None:
-            stateless = self.solver == "scs" and scs_backend.STATELESS_SETTINGS.items() <= settings.items()
-            if stateless and "scale" not in settings:  # a fixed scale is kept for every call: pick it on this batch
-                settings["scale"], _ = stateless_scale(data.instance(0), data, settings)
+            stateless = PRESOLVE_SETTINGS[self.solver].items() <= settings.items()
+            key_name, walk = STATELESS_VALUES[self.solver]
+            if stateless and key_name not in settings:  # a fixed value is kept for every call: pick it on this batch
+                exact = {**settings, "check_termination": 1} if self.solver == "osqp" else settings
+                settings[key_name], _ = walk(data.instance(0), data, exact)
             ref = data.instance(0)
             solver = self._solvers[key] = ThreadedSolver(lambda: PersistentSolver(self.solver, ref, settings),
                                                          self.threads)
