@@ -465,17 +465,18 @@ def stateless_rho(reference: QPInstance, data: QPData, settings: Mapping[str, An
                   start: float | None = None, instances: int = 64, max_tries: int = 9) -> tuple[float, dict]:
     """The fixed OSQP ``rho`` of a stateless object (no rho adaptation) that needs the fewest iterations on ``data``
     (:func:`_fewest_iterations`, from ``start``: for example the rho OSQP's own adaptation points to, else the
-    settings' ``rho``, else OSQP's default 0.1).
+    settings' ``rho``, else OSQP's default 0.1). The walk's solves count exactly (``check_termination=1``): the
+    check interval of later solves is chosen from such counts (:func:`~amortcvx.backends.osqp.check_interval`).
 
     The rho OSQP's adaptation estimates at the end of a solve is a noisy guide: on MPC large two validation samples
-    of the same distribution gave geometric medians of 0.08 and 0.43, with 196 and 56 mean iterations at that
-    fixed rho (64 instances, eps 1e-4), where 0.8 needs 50 on both; OSQP's solves there end before its first
+    of the same distribution gave geometric medians of 0.08 and 0.43, with 183 and 40 mean exact iterations at that
+    fixed rho (64 instances, eps 1e-4), where 0.8 needs 31 on both; OSQP's solves there end before its first
     adaptation (at 50 iterations), so the starting rho decides.
 
     Returns ``(rho, {rho: mean iterations})`` of every try.
     """
-    return _fewest_iterations("osqp", reference, data, settings, "rho", start, 0.1, instances, max_tries,
-                              "max_iter")
+    exact = {**dict(settings or {}), "check_termination": 1}
+    return _fewest_iterations("osqp", reference, data, exact, "rho", start, 0.1, instances, max_tries, "max_iter")
 
 
 __all__ = ["RACE_CALLS", "PersistentSolver", "StopPointSolver", "ThreadedSolver", "default_threads",

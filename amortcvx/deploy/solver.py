@@ -567,8 +567,7 @@ class AmortizedSolver:
                                          "rho_estimate")
         if adapted is None:
             return None
-        exact = {**self.c_settings(), "check_termination": 1}  # exact counts: the check interval is chosen later
-        return stateless_rho(ref, data, exact, start=adapted)[0]
+        return stateless_rho(ref, data, self.c_settings(), start=adapted)[0]
 
     def _reference_theta(self, theta: torch.Tensor | None) -> torch.Tensor:
         """The reference instance of the persistent objects (set from ``theta``'s mean on first use)."""

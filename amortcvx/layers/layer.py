@@ -83,8 +83,7 @@ with the caller's settings (:meth:`CvxpyLayer._direct_solve`). The benchmark's S
 1e-6``, forward: 6.8 -> 3.3 ms and 41 -> 10.9 ms (against 5.9 and 18.1 ms with the default refinement; docs/layers.md,
 "Forward without refinement"), the same answers to the tolerance."""
 STATELESS_VALUES: dict[str, tuple[str, Any]] = {"scs": ("scale", stateless_scale), "osqp": ("rho", stateless_rho)}
-"""The setting a stateless object keeps fixed, by solver, and the walk that picks it on the first batch (OSQP's
-on exact iteration counts, ``check_termination=1``; SCS reports counts at its checks anyway)."""
+"""The setting a stateless object keeps fixed, by solver, and the walk that picks it on the first batch."""
 PRESOLVE_EPS = {"c": 3e-4, "torch": 1e-3}
 """The tolerance of the first stage by method, unless ``presolve_eps`` is given: the loose C solve, and the
 torch iterations (both then refined by Newton steps and certified at ``eps``). Measured for the C solve
@@ -482,8 +481,7 @@ class CvxpyLayer(nn.Module):
             stateless = PRESOLVE_SETTINGS[self.solver].items() <= settings.items()
             key_name, walk = STATELESS_VALUES[self.solver]
             if stateless and key_name not in settings:  # a fixed value is kept for every call: pick it on this batch
-                exact = {**settings, "check_termination": 1} if self.solver == "osqp" else settings
-                settings[key_name], _ = walk(data.instance(0), data, exact)
+                settings[key_name], _ = walk(data.instance(0), data, settings)
             ref = data.instance(0)
             solver = self._solvers[key] = ThreadedSolver(lambda: PersistentSolver(self.solver, ref, settings),
                                                          self.threads)
