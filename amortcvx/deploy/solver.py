@@ -558,7 +558,7 @@ class AmortizedSolver:
         iterations and the refactorization of the reset; measured on the small families (200 instances, eps
         1e-4): lasso 150 -> 50 median iterations (0.29 -> 0.12 ms per solve), portfolio 75 -> 50, mpc 50 -> 25.
         The adapted values are a noisy guide, so the walk checks them: on MPC large the geometric median of one
-        validation sample was 0.08 (196 mean iterations at that fixed rho), where the walk ends at 0.8 (50).
+        validation sample was 0.08 (183 mean exact iterations at that fixed rho), where the walk ends at 0.8 (31).
         """
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
