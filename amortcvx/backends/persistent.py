@@ -407,6 +407,9 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
     tried: dict[float, float] = {}
     cap = limit
 
+    def cap_after(best_counts: list[int]) -> int:  # the iteration cap of the tries after the best one so far
+        return 3 * max(best_counts) + 25
+
     def cost(candidate: float) -> float:
         nonlocal cap
         if candidate not in tried:
@@ -415,7 +418,7 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
             counts[candidate] = [r.iterations if r.status == Status.OPTIMAL else iters for r in out]
             tried[candidate] = float(np.mean(counts[candidate]))
             if tried[candidate] <= min(tried.values()):
-                cap = 3 * max(counts[candidate]) + 25
+                cap = cap_after(counts[candidate])
         return tried[candidate]
 
     value = float(start)
@@ -426,7 +429,7 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
     if keep < sub.batch_size:  # slow solves: the rest of the walk, and the first try's mean, on fewer instances
         sub = sub.take(np.arange(keep))
         best = tried[value] = float(np.mean(counts[value][:keep]))
-        cap = 3 * max(counts[value][:keep]) + 25
+        cap = cap_after(counts[value][:keep])
     for factor in (SCALE_STEP, 1 / SCALE_STEP):
         moved = False
         while len(tried) < max_tries:

@@ -753,15 +753,15 @@ class AmortizedSolver:
         refined point (:func:`amortcvx.iterations.kkt.newton_refine`; float64), and where that happened or the start
         needed none; the others are left as they are. Without ``newton``: ``ws`` unchanged, nothing solved.
 
-        With the certified finish, ``alg`` (bound to ``data``) and ``host`` (:meth:`_host_data`), a start that
-        already passes the certificate takes no Newton step (it counts as solved, and ``passed`` says so): an exact
-        prediction costs only the test, the Newton steps only the others (mpc large, 2000 stored instances, the
-        uncorrected tangent: 54% of the starts pass as they are)."""
+        Given ``alg`` (bound to ``data``) and ``host`` (:meth:`_host_data`, passed only with the certified finish),
+        a start that already passes the certificate takes no Newton step (it counts as solved, and ``passed`` says
+        so): an exact prediction costs only the test, the Newton steps only the others (mpc large, 2000 stored
+        instances, the uncorrected tangent: 54% of the starts pass as they are)."""
         size = ws["x"].shape[0]
         device = ws["x"].device
         if not self.newton:
             return _Refined(ws, torch.zeros(size, dtype=torch.bool, device=device), None)
-        if alg is None or self.finish != "certify":
+        if host is None:
             return _Refined(*self._newton_chunks(data, ws), None)
         passed = self._certify(alg, host, ws)
         todo = np.flatnonzero(~passed)
