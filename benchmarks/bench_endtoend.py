@@ -20,7 +20,9 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * (d) ``previous solution`` (sequential families, e.g. MPC, whose held-out rows are closed-loop episodes): each
   instance warm-started, on one persistent solver object, from the answer the same object returned for the
   previous instance of its episode (cold at an episode start): what an MPC user writes by hand.
-* ``floor``: warm-started at the optimum (solved beforehand at eps 1e-9) on the warm-start object.
+* ``floor``: warm-started at the optimum (solved beforehand at eps 1e-9) on the warm-start object (OSQP checks
+  termination at every iteration there, so it stops after the first; at OSQP's default interval of 25 a start at
+  the optimum still costs 25 iterations, about half a cold solve on mpc large).
 
 Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small|large] [--batch 1 256]
 [--instances 256] [--rounds 3] [--warmup 5] [--k 10] [--train 1000] [--kind mlp] [--epochs 60] [--threads N]
@@ -67,15 +69,16 @@ class TooFewSolved(RuntimeError):
 
 
 class WarmLoop:
-    """Persistent solver object warm-started from given solutions (nearest neighbour, optimum)."""
+    """Persistent solver object warm-started from given solutions (nearest neighbour, optimum); ``check``: OSQP's
+    termination-check interval (None: the object's)."""
 
-    def __init__(self, pp, alg, settings, reference, lookup):
-        self.pp, self.lookup = pp, lookup
+    def __init__(self, pp, alg, settings, reference, lookup, check=None):
+        self.pp, self.lookup, self.check = pp, lookup, check
         self.solver = PersistentSolver(alg, pp.canonicalize(reference).instance(0), settings)
 
     def solve(self, params):
         data = self.pp.canonicalize(params)
-        return self.solver.solve(data, self.lookup(params))
+        return self.solver.solve(data, self.lookup(params), check_termination=self.check)
 
 
 class PreviousLoop:
@@ -179,7 +182,9 @@ def bench_pair(name, alg, args, tol):
     if system is not None and getattr(system, "episode_length", None):
         previous = PreviousLoop(pp, alg, warm_settings, ref, system.episode_length)
         strategies["previous solution (d)"] = previous.solve
-    strategies["floor (optimum)"] = WarmLoop(pp, alg, warm_settings, ref, opt_lookup).solve
+    # a start at the optimum is best checked at once: OSQP at its first iteration (SCS checks at iteration 0)
+    strategies["floor (optimum)"] = WarmLoop(pp, alg, warm_settings, ref, opt_lookup,
+                                             check=1 if alg == "osqp" else None).solve
 
     def rewind():  # the lookups that follow the rows in order start again at row 0
         position["start"] = 0

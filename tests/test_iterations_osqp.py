@@ -225,3 +225,26 @@ def test_cuda_matches_cpu(name):
     out = run(alg, alg.init(), 50).state
     assert out.x.is_cuda
     assert float((out.x.cpu() - ref.x).abs().max()) < 1e-8
+
+
+@pytest.mark.parametrize("name", QP_FAMILIES)
+def test_optimality_residual_is_the_normal_map_and_nil_only_at_the_solution(name):
+    """``optimality`` of a state is the inf-norm of the optimality conditions' normal map (``kkt.residual_norm`` at
+    ``w = clip(Ax, l, u) + y``): within the solver's tolerance at C OSQP's optimum (eps 1e-6), a hundred times
+    more at that optimum perturbed, and exactly the normal map at either."""
+    from amortcvx.iterations import kkt
+
+    data = family_data(name)
+    alg = make_osqp(data)
+    tight = warm_points(data, 0.0, seed=0)
+    off = warm_points(data, 0.1, seed=1)
+    d = kkt.sparse(data)
+    values = {}
+    for label, point in (("optimum", tight), ("perturbed", off)):
+        got = alg.optimality(alg.init(**point))
+        want = kkt.residual_norm(d, kkt.point_from_solution(d, point["x"], point["y"], None))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        values[label] = got
+    scale = 1.0 + data.q.abs().amax(dim=1)
+    assert bool((values["optimum"] <= 1e-4 * scale).all()), values
+    assert bool((values["perturbed"] > 100 * values["optimum"]).all()), values

@@ -301,6 +301,42 @@ def test_predict_takes_the_candidate_of_smallest_fixed_point_residual(box_qp):
     torch.testing.assert_close(first, Offered()(solved.theta), rtol=1e-6, atol=1e-6)
 
 
+def test_osqp_candidates_are_ranked_by_the_optimality_residual_without_a_step():
+    """With OSQP, whose iteration has an optimality residual that needs no solve (``alg.optimality``), ``predict``
+    ranks the candidates by it: of three per instance it picks the optimum, and takes no step. Ranked by the step's
+    fixed-point residual instead, the pick is the same, at one step per candidate."""
+    from amortcvx.iterations.registry import make_algorithm
+    from amortcvx.predictors import predict
+
+    pp = ParametricProblem(_box_problem(), "qp")
+    solved = solved_source(pp, "osqp", _box_params(), solver_settings={"eps_abs": 1e-10, "eps_rel": 1e-10})(40)
+    settings, shell, values = _shell_and_targets(pp, solved, "osqp")
+    optimum = shell.out_mean + shell.out_std * values
+
+    class Offered(torch.nn.Module):  # the optimum as the third of three candidates
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("z", optimum)
+
+        def candidates(self, theta):
+            return torch.stack([self.z.roll(1, 0), self.z.roll(2, 0), self.z], dim=1)
+
+    alg = make_algorithm("osqp", pp.canonicalize_vector(solved.theta), settings)
+    steps = []
+
+    def counted(state):
+        steps.append(1)
+        return alg.step(state)
+
+    assert alg.optimality is not None
+    z = predict(Offered(), output_space("osqp"), alg._replace(step=counted), solved.theta)
+    torch.testing.assert_close(z, optimum, rtol=0, atol=0)
+    assert not steps
+    z = predict(Offered(), output_space("osqp"), alg._replace(step=counted, optimality=None), solved.theta)
+    torch.testing.assert_close(z, optimum, rtol=0, atol=0)
+    assert len(steps) == 3
+
+
 @pytest.mark.parametrize("kind", ["neighbor_correction", "neighbor_tangent"])
 def test_neighbor_predictor_saves_and_loads_without_code(tmp_path, kind):
     from amortcvx.predictors import NeighborTangent
@@ -491,23 +527,30 @@ def test_capacity_step_after_a_companion_judges_against_the_curves_own_training(
 @pytest.fixture(scope="module")
 def box_qp():
     """minimize 1/2 ||x||^2 + q'x  s.t.  x <= h: x* = min(-q, h), a piecewise affine solution map."""
-    import cvxpy as cp
-
-    q, h, x = cp.Parameter(3, name="q"), cp.Parameter(3, name="h"), cp.Variable(3, name="x")
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x) + q @ x), [x <= h])
-    pp = ParametricProblem(prob, "cone")
-    rng = np.random.default_rng(5)
-    params = {"q": rng.normal(size=(40, 3)), "h": rng.uniform(-0.5, 0.5, size=(40, 3))}
+    pp = ParametricProblem(_box_problem(), "cone")
+    params = _box_params()
     tight = {"eps_abs": 1e-10, "eps_rel": 1e-10}
     return pp, solved_source(pp, "scs", params, solver_settings=tight), tight
 
 
-def _shell_and_targets(pp, solved):
+def _box_problem():
+    import cvxpy as cp
+
+    q, h, x = cp.Parameter(3, name="q"), cp.Parameter(3, name="h"), cp.Variable(3, name="x")
+    return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x) + q @ x), [x <= h])
+
+
+def _box_params():
+    rng = np.random.default_rng(5)
+    return {"q": rng.normal(size=(40, 3)), "h": rng.uniform(-0.5, 0.5, size=(40, 3))}
+
+
+def _shell_and_targets(pp, solved, algorithm="scs"):
     from amortcvx.iterations.registry import ITERATIONS
     from amortcvx.training.recipe import _normalization
 
-    settings = ITERATIONS["scs"].settings()
-    shell, target = _normalization(pp, "scs", settings, solved)
+    settings = ITERATIONS[algorithm].settings()
+    shell, target = _normalization(pp, algorithm, settings, solved)
     return settings, shell, (target - shell.out_mean) / shell.out_std
 
 

@@ -38,14 +38,14 @@ def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,
 
     ``init(x=None, y=None, *, z=None)`` (``z = A x`` by default); the fixed-point variable is
     ``[x; z + y / rho]`` (``(B, n + m)``); ``solution`` gives :class:`~amortcvx.iterations.osqp.OsqpSolution`;
-    ``polish(x=, y=)``: see :mod:`.polish`.
+    ``polish(x=, y=)``: see :mod:`.polish`; ``optimality``: :func:`~amortcvx.iterations.osqp.osqp_optimality`.
     """
     work = _osqp.osqp_setup(data, settings, cache)
     return FixedPointAlgorithm(
         name="osqp", work=work, init=partial(_osqp.osqp_init, work), step=partial(_osqp.osqp_step, work),
         fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
         solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
-        polish=partial(osqp_polish, work))
+        polish=partial(osqp_polish, work), optimality=partial(_osqp.osqp_optimality, work))
 
 
 class IterationInfo(NamedTuple):
