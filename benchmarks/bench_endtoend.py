@@ -318,7 +318,8 @@ def main() -> None:
           "solved instances (10% validation, solved at eps "
           f"{dataset_eps}), {args.epochs} epochs; "
           f"refinement k = {args.k}; Newton finish: calibration chooses among {NEWTON_STEPS} steps and none (dense "
-          f"linear algebra only); SCS checks termination every 25 iterations (compiled in); the package's C solves "
+          f"linear algebra only); SCS checks termination every 25 iterations (compiled in), OSQP's floor object at "
+          f"every iteration; the package's C solves "
           f"on {args.threads or default_threads()} thread(s) (batches of 16 and more are cut into parts), the loops "
           f"on one object", flush=True)
     rows = []
