@@ -342,3 +342,27 @@ def test_kkt_solver_gradients_through_sparse_products():
         return solver.solve_packed(r)
 
     assert torch.autograd.gradcheck(f, (vals, rhs))
+
+
+@pytest.mark.parametrize("name", FAMILIES + ["max_entropy"])
+def test_optimality_residual_reads_the_point_of_v_and_is_nil_only_at_the_solution(name):
+    """``optimality`` of the state made from ``v = [x; y + s / r_y; 1]`` (no step): at C SCS's tight optimum it
+    recovers the optimum's slack and dual and is the optimality conditions' normal map there (``kkt.residual_norm``
+    at ``w = y - s``, within the optimum's own accuracy); at the optimum perturbed it is a hundred times larger. On
+    every bundled family and max_entropy: zero, nonnegative, second-order, PSD and exponential cones."""
+    from amortcvx.iterations import kkt
+
+    pp, data = family_data(name)
+    alg = make_scs(data)
+    d = kkt.sparse(data)
+    sols = [c_optimum(data.instance(i)) for i in range(data.batch_size)]
+    opt = {key: torch.tensor(np.stack([sol[key] for sol in sols])) for key in ("x", "y", "s")}
+    values = {}
+    for label, point in (("optimum", opt), ("perturbed", warm_points(data, 0.1, seed=1))):
+        v = scs_v_from_xys(point["x"], point["y"], point["s"], data.cones, alg.work.settings)
+        values[label] = alg.optimality(alg.init(v=v))
+    at_opt = kkt.residual_norm(d, kkt.point_from_solution(d, opt["x"], opt["y"], opt["s"]))
+    scale = 1.0 + data.b.abs().amax(dim=1) + data.c.abs().amax(dim=1)
+    assert bool((values["optimum"] <= 1e-5 * scale).all()), values
+    torch.testing.assert_close(values["optimum"], at_opt, rtol=0, atol=1e-5 * float(scale.max()))
+    assert bool((values["perturbed"] > 100 * values["optimum"]).all()), values

@@ -268,9 +268,9 @@ def test_tangent_expansion_by_rows_and_gathered_agree(monkeypatch):
     torch.testing.assert_close(neighbor.expansion(tangents, j, du.float()), want.float())
 
 
-def test_predict_takes_the_candidate_of_smallest_fixed_point_residual(box_qp):
+def test_predict_takes_the_candidate_of_smallest_residual(box_qp):
     """Of three candidates per instance, its optimum and two other instances' optima, ``predict`` picks the one with
-    the smallest residual after one SCS step: the optimum."""
+    the smallest residual (SCS: ``optimality``): the optimum; a model without candidates gives its forward."""
     from amortcvx.iterations.registry import make_algorithm
     from amortcvx.predictors import predict
 
@@ -301,16 +301,18 @@ def test_predict_takes_the_candidate_of_smallest_fixed_point_residual(box_qp):
     torch.testing.assert_close(first, Offered()(solved.theta), rtol=1e-6, atol=1e-6)
 
 
-def test_osqp_candidates_are_ranked_by_the_optimality_residual_without_a_step():
-    """With OSQP, whose iteration has an optimality residual that needs no solve (``alg.optimality``), ``predict``
-    ranks the candidates by it: of three per instance it picks the optimum, and takes no step. Ranked by the step's
-    fixed-point residual instead, the pick is the same, at one step per candidate."""
+@pytest.mark.parametrize("algorithm, form", [("scs", "cone"), ("osqp", "qp")])
+def test_candidates_are_ranked_by_the_optimality_residual_without_a_step(algorithm, form):
+    """Both iterations have an optimality residual that needs no solve (``alg.optimality``), and ``predict`` ranks
+    the candidates by it: of three per instance it picks the optimum, and takes no step. Ranked by the step's
+    fixed-point residual instead (an algorithm without ``optimality``), the pick is the same, at one step per
+    candidate."""
     from amortcvx.iterations.registry import make_algorithm
     from amortcvx.predictors import predict
 
-    pp = ParametricProblem(_box_problem(), "qp")
-    solved = solved_source(pp, "osqp", _box_params(), solver_settings={"eps_abs": 1e-10, "eps_rel": 1e-10})(40)
-    settings, shell, values = _shell_and_targets(pp, solved, "osqp")
+    pp = ParametricProblem(_box_problem(), form)
+    solved = solved_source(pp, algorithm, _box_params(), solver_settings={"eps_abs": 1e-10, "eps_rel": 1e-10})(40)
+    settings, shell, values = _shell_and_targets(pp, solved, algorithm)
     optimum = shell.out_mean + shell.out_std * values
 
     class Offered(torch.nn.Module):  # the optimum as the third of three candidates
@@ -321,7 +323,7 @@ def test_osqp_candidates_are_ranked_by_the_optimality_residual_without_a_step():
         def candidates(self, theta):
             return torch.stack([self.z.roll(1, 0), self.z.roll(2, 0), self.z], dim=1)
 
-    alg = make_algorithm("osqp", pp.canonicalize_vector(solved.theta), settings)
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(solved.theta), settings)
     steps = []
 
     def counted(state):
@@ -329,10 +331,10 @@ def test_osqp_candidates_are_ranked_by_the_optimality_residual_without_a_step():
         return alg.step(state)
 
     assert alg.optimality is not None
-    z = predict(Offered(), output_space("osqp"), alg._replace(step=counted), solved.theta)
+    z = predict(Offered(), output_space(algorithm), alg._replace(step=counted), solved.theta)
     torch.testing.assert_close(z, optimum, rtol=0, atol=0)
     assert not steps
-    z = predict(Offered(), output_space("osqp"), alg._replace(step=counted, optimality=None), solved.theta)
+    z = predict(Offered(), output_space(algorithm), alg._replace(step=counted, optimality=None), solved.theta)
     torch.testing.assert_close(z, optimum, rtol=0, atol=0)
     assert len(steps) == 3
 

@@ -42,9 +42,9 @@ class FixedPointAlgorithm(NamedTuple):
             loops, which continue from extrapolated points that no step produced.
         polish: ``polish(**warm_start) -> warm_start``, active-set polishing of a primal-dual point given as
             ``init``'s keyword arguments (see :mod:`amortcvx.iterations.polish`); None where not available.
-        optimality: ``optimality(state) -> (B,)``, a residual of the optimality conditions at a state's
-            primal-dual estimates that needs no linear solve (nil exactly at the solutions), to rank starts more
-            cheaply than by a step; None where a state does not determine those estimates without a step (SCS).
+        optimality: ``optimality(state) -> (B,)``, a residual of the optimality conditions at the point a state
+            stands for that needs no linear solve (nil exactly at the solutions), to rank starts more cheaply than by
+            a step; None where not available.
     """
 
     name: str

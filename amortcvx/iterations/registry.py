@@ -22,14 +22,15 @@ def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,
 
     ``init(x=None, y=None, s=None, *, v=None)``; the fixed-point variable is ``v`` (``(B, n + m + 1)``);
     ``solution`` gives :class:`~amortcvx.iterations.scs.ScsSolution` ``(x, y, s, tau, kappa)``;
-    ``polish(x=, y=, s=)``: see :mod:`.polish` (LPs and QPs only).
+    ``polish(x=, y=, s=)``: see :mod:`.polish` (LPs and QPs only); ``optimality``:
+    :func:`~amortcvx.iterations.scs.scs_optimality`.
     """
     work = _scs.scs_setup(data, settings, cache)
     return FixedPointAlgorithm(
         name="scs", work=work, init=partial(_scs.scs_init, work), step=partial(_scs.scs_step, work),
         fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
         solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
-        polish=partial(scs_polish, work))
+        polish=partial(scs_polish, work), optimality=partial(_scs.scs_optimality, work))
 
 
 def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,

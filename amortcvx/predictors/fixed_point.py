@@ -128,12 +128,12 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
 
     ``model`` is a :class:`~amortcvx.predictors.model.WarmStartPredictor` (or any module ``theta -> z``), on any
     device, in any dtype. Where it offers several candidates per instance (:meth:`~WarmStartPredictor.candidates`),
-    the one whose residual is smallest: ``alg.optimality`` where the algorithm has it (OSQP: the optimality
-    conditions at the candidate, three sparse products), else the fixed-point residual after one step (SCS: a
-    solve each). A neighbour's first-order expansion is exact where the neighbour lies on the query's piece of the
-    solution map, and there either residual is nil (mpc small, 4000 stored instances, 8 candidates: median C
-    iterations 1 against 8 from the nearest one alone, mean 16 against 26). Non-finite residuals count as
-    infinite.
+    the one whose residual is smallest: ``alg.optimality`` where the algorithm has it (SCS and OSQP: the optimality
+    conditions at the candidate, a few sparse products and cone projections), else the fixed-point residual after
+    one step (a solve each). A neighbour's first-order expansion is exact where the neighbour lies on the query's
+    piece of the solution map, and there either residual is nil (mpc small, 4000 stored instances, 8 candidates:
+    median C iterations 1 against 8 from the nearest one alone, mean 16 against 26). Non-finite residuals count
+    as infinite.
     """
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     inputs = theta if tensor is None else theta.to(tensor.device, tensor.dtype)
