@@ -684,27 +684,26 @@ def test_newton_finish_retries_from_the_cold_start_where_a_bad_prediction_fails(
     assert all(r.status == Status.OPTIMAL and r.iterations == 0 for r in out.results)
 
 
-@pytest.mark.parametrize("alg", ["scs", "osqp"])
-def test_newton_steps_run_only_where_the_start_fails_the_certificate(monkeypatch, alg):
-    """A start that passes the certificate as it is takes no Newton step; the others do, every answer is certified
-    and agrees with a tight solve; with ``finish="c"`` (no certificate) every start takes the Newton steps."""
+def _lookup_model(alg, params, far_every: int | None = None):
+    """mpc with ``alg``: (problem, tight solves of ``params``, a predictor that returns each instance's optimum as
+    its fixed-point variable; with ``far_every``, every ``far_every``-th from the second on moved far off it)."""
     from amortcvx.iterations.registry import make_algorithm
     from amortcvx.predictors.fixed_point import output_space
     from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor
 
     fam, pp = _pp("mpc", alg)
-    params = fam.sample(8, seed=13)
     theta = pp.parameter_vector(params)
     data = pp.canonicalize(params)
     tight = solve_batch(data.instances(), alg, settings={"eps_abs": 1e-10, "eps_rel": 1e-10}, workers=1)
     fields = {k: torch.from_numpy(np.stack([getattr(r, k) for r in tight])) for k in ("x", "y", "s")
               if getattr(tight[0], k) is not None}
     target = output_space(alg).target(make_algorithm(alg, data), fields["x"], fields["y"], fields.get("s"))
-    off = torch.zeros(8, dtype=torch.bool)
-    off[1::2] = True  # every other start far from its optimum
-    target[off] += 0.05 * target[off].abs().max() * torch.randn(int(off.sum()), target.shape[1],
-                                                                 generator=torch.Generator().manual_seed(0),
-                                                                 dtype=target.dtype)
+    if far_every:
+        off = torch.zeros(target.shape[0], dtype=torch.bool)
+        off[1::far_every] = True
+        target[off] += 0.05 * target[off].abs().max() * torch.randn(int(off.sum()), target.shape[1],
+                                                                     generator=torch.Generator().manual_seed(0),
+                                                                     dtype=target.dtype)
 
     class Lookup(torch.nn.Module):  # the stored start of the nearest stored parameters (no normalization)
         def forward(self, th):
@@ -712,8 +711,15 @@ def test_newton_steps_run_only_where_the_start_fails_the_certificate(monkeypatch
 
     meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm=alg, settings={}, num_params=pp.num_params,
                          out_dim=target.shape[1])
-    model = WarmStartPredictor(meta, core=Lookup()).double()
+    return pp, tight, WarmStartPredictor(meta, core=Lookup()).double()
 
+
+@pytest.mark.parametrize("alg", ["scs", "osqp"])
+def test_newton_steps_run_only_where_the_start_fails_the_certificate(monkeypatch, alg):
+    """A start that passes the certificate as it is takes no Newton step; the others do, every answer is certified
+    and agrees with a tight solve; with ``finish="c"`` (no certificate) every start takes the Newton steps."""
+    params = _pp("mpc", alg)[0].sample(8, seed=13)
+    pp, tight, model = _lookup_model(alg, params, far_every=2)  # every other start far from its optimum
     refined = []
     original = AmortizedSolver._newton_part
     monkeypatch.setattr(AmortizedSolver, "_newton_part",
@@ -727,6 +733,37 @@ def test_newton_steps_run_only_where_the_start_fails_the_certificate(monkeypatch
     refined.clear()
     AmortizedSolver(pp, model, k=0, newton=4, solver_settings=TOL, finish="c").solve(params)
     assert refined[0] == 8  # always-C: no certificate, so every start takes the Newton steps
+
+
+@pytest.mark.parametrize("alg, finish, steps", [("osqp", "c", 0), ("osqp", "certify", 1), ("scs", "c", 1),
+                                                ("scs", "certify", 1)])
+def test_a_bare_prediction_takes_only_the_torch_steps_it_needs(monkeypatch, alg, finish, steps):
+    """At ``k = 0`` the safeguard compares the prediction and the cold start by the optimality residual, with no
+    step: OSQP takes none with the C finish, one for the certificate's point; SCS one, to split the prediction into
+    ``(x, y, s)``. The answers are those of the C solver at the tolerance (the exact starts pass at its first
+    check), and a garbage prediction still falls back to the cold start."""
+    import amortcvx.deploy.solver as solver_module
+
+    params = _pp("mpc", alg)[0].sample(6, seed=17)
+    pp, tight, model = _lookup_model(alg, params)
+    taken = []
+    make = solver_module.make_algorithm
+
+    def counting(*args, **kwargs):
+        alg_ = make(*args, **kwargs)
+        return alg_._replace(step=lambda state: taken.append(1) or alg_.step(state))
+    monkeypatch.setattr(solver_module, "make_algorithm", counting)
+    solver = AmortizedSolver(pp, model, k=0, finish=finish, solver_settings=TOL)
+    out = solver.solve(params)
+    assert len(taken) == steps
+    assert not out.fallback.any() and all(r.status == Status.OPTIMAL for r in out.results)
+    assert all(r.iterations <= (25 if alg == "osqp" else 1) for r in out.results)
+    for r, c in zip(out.results, tight):
+        want = pp.objective_sign * c.objective
+        assert abs(r.objective - want) <= 1e-3 * max(1.0, abs(want)), (r.objective, want)
+    model.core.forward = lambda th: torch.full((th.shape[0], pp.n + pp.m), 1e6, dtype=th.dtype)  # garbage
+    garbage = AmortizedSolver(pp, model, k=0, finish=finish, solver_settings=TOL).solve(params)
+    assert garbage.fallback.all() and all(r.status == Status.OPTIMAL for r in garbage.results)
 
 
 @pytest.mark.parametrize("name, alg", [("mpc", "scs"), ("portfolio", "osqp")])

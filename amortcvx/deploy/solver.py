@@ -169,9 +169,13 @@ class WarmStartBatch(NamedTuple):
         fallback: bool (B,), True where the safeguard chose the (refined or plain) cold start over the
             prediction.
         residual: (B,) fixed-point residual after ``k`` steps from the prediction (from the cold start when
-            there is no predictor); with polishing, the residual of the C solver's first step from the warm start.
+            there is no predictor); with polishing, the residual of the C solver's first step from the warm start;
+            for a bare prediction (``k = 0``, no polishing) where the algorithm has an optimality residual
+            (:attr:`~amortcvx.iterations.loop.FixedPointAlgorithm.optimality`; SCS and OSQP), that residual
+            (no step).
         cold_residual: (B,) fixed-point residual of the cold-start reference: after ``k`` steps from the cold
-            start, or of its first step (``safeguard_reference="cold"``, or the safeguard off).
+            start, or of its first step (``safeguard_reference="cold"``, or the safeguard off); the optimality
+            residual of the cold start where ``residual`` is one.
         seconds: wall time of prediction + refinement + conversion for the whole batch.
         arrays: the warm starts as batched float64 host arrays by field (``x``, ``y``[, ``s``]), None when every
             instance starts cold; ``warm_starts[i]`` is None where ``arrays`` is not used.
@@ -663,11 +667,17 @@ class AmortizedSolver:
         # first step
         refined_reference = self.safeguard and self.safeguard_reference == "refined_cold"
         cold_steps = self.k if (not use_model or refined_reference) else 0
+        # a bare prediction (k = 0, no polishing) and the cold start are compared by the residual of the optimality
+        # conditions where the algorithm has one: no step for either (the cold start's first step only where the
+        # Newton finish needs it)
+        by_optimality = use_model and self.k == 0 and not self.polish and alg.optimality is not None
         cold = run(alg, alg.init(), cold_steps, anderson=self.anderson).state
-        cold_solved = cold_passed = None
+        cold_solved = cold_passed = cold_next = None
         if cold_steps > 0:
             cold_ws, cold_res = self._finish(alg, cold, self.space.warm_start(alg, cold))
             cold_ws, cold_solved, cold_passed = self._newton(data, cold_ws, alg, host)
+        elif by_optimality:
+            cold_ws, cold_res = None, alg.optimality(cold)
         else:  # the plain cold start and its first step's residual
             cold_next = alg.step(cold)
             cold_ws, cold_res = None, alg.residual(cold, cold_next)
@@ -683,18 +693,22 @@ class AmortizedSolver:
         # the step from the refined state gives the residual (without polishing) and, for a bare SCS
         # prediction, also its warm start (the estimates one step on): taken once, only where used
         bare_after_step = self.k == 0 and self.space.prediction_after_step
-        nxt = alg.step(state) if (not self.polish or bare_after_step) else None
+        nxt = alg.step(state) if ((not self.polish and not by_optimality) or bare_after_step) else None
         if self.k > 0:
             ws = self.space.warm_start(alg, state)
         elif bare_after_step:
             ws = self.space.warm_start(alg, nxt)
         else:
             ws = self.space.prediction_warm_start(alg, z0)
-        ws, res = self._finish(alg, state, ws, nxt)
+        if by_optimality:
+            res = alg.optimality(state)
+        else:
+            ws, res = self._finish(alg, state, ws, nxt)
         ws, solved, passed = self._newton(data, ws, alg, host)
         if self.newton and not bool(solved.all()):  # Newton is local: from the cold start where it failed here
             if cold_ws is None:  # from the cold start's first step (computed above for the reference residual)
                 idx = torch.nonzero(~solved).flatten()
+                cold_next = alg.step(cold) if cold_next is None else cold_next
                 start = {k: v[idx] for k, v in self.space.warm_start(alg, cold_next).items()}
                 part, part_solved, _ = self._newton(data.take(idx.cpu().numpy()), start)
                 cold_solved = torch.zeros_like(solved).index_copy(0, idx, part_solved)
