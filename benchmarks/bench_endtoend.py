@@ -13,6 +13,9 @@ on validation instances, then time on held-out instances, in interleaved rounds 
 * ``learned k=0`` and ``learned k=K``: ``AmortizedSolver`` with the trained predictor (certified finish, the
   rest warm-started on the persistent objects; calibrated: predictor on/off, plain/Anderson refinement, SCS
   object modes, OSQP check interval).
+* ``learned k=0, forced on``: where calibration switched the predictor off at ``k = 0``, the same solver with the
+  learned start forced on (the calibrated refinement, Newton steps, modes and intervals kept): what the model's
+  own path costs.
 * ``learned k=0, 1 thread``: the same calibrated path with its C solves on one thread (shown when the package
   uses more: ``--threads``, default every core; a batch of 16 or more is then cut into parts solved
   concurrently, :class:`amortcvx.backends.persistent.ThreadedSolver`), to separate what the threads add.
@@ -137,6 +140,12 @@ def bench_pair(name, alg, args, tol):
                                newton_steps=newton_choices(pp), polish=polish_choices(pp))
         learned[f"learned k={k}"] = (solver, cal)
     chosen = learned[f"learned k={args.k}"][0]
+    cal0 = learned["learned k=0"][1]
+    if cal0.strategy != "learned":  # switched off: what the model's own path costs, beside the calibrated one
+        forced = AmortizedSolver(pp, model, k=0, solver_settings=tol, **threads)
+        on = cal0._replace(strategy="learned", enabled=True, seconds=None)  # no timed choice: always learned
+        forced.configure(on)
+        learned["learned k=0, forced on"] = (forced, on)
     one_thread = None
     if chosen.threads > 1:  # the same calibrated path on one thread: what the threads add, apart
         one_thread = AmortizedSolver(pp, model, k=0, solver_settings=tol, threads=1)
