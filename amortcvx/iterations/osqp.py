@@ -30,15 +30,7 @@ from typing import NamedTuple
 import torch
 
 from amortcvx.canon.data import QPData, SparseBatch
-from amortcvx.iterations.linalg import (
-    METHODS,
-    FactorCache,
-    KKTSolver,
-    batch_rows,
-    check_matrices,
-    sparse_operator,
-    spmv,
-)
+from amortcvx.iterations.linalg import METHODS, FactorCache, KKTSolver, batch_rows, check_matrices, spmv
 
 RHO_MAX = 1e6
 
@@ -267,22 +259,6 @@ def osqp_residual(work: OsqpWork, old: OsqpState, new: OsqpState) -> torch.Tenso
     dz = new.z - old.z
     dy = (new.y - old.y) / work.rho
     return torch.sqrt((dx * dx).sum(dim=1) + (dz * dz).sum(dim=1) + (dy * dy).sum(dim=1))
-
-
-def osqp_optimality(work: OsqpWork, state: OsqpState) -> torch.Tensor:
-    """The optimality residual of a state's primal-dual estimates ``(x, y)``, per instance, with no linear solve:
-    ``||[P x + q + A' y(w); A x - clip(w, l, u)]||_inf`` with ``w = clip(A x, l, u) + y`` and ``y(w) = w - clip(w,
-    l, u)``, the normal map of :mod:`amortcvx.iterations.kkt`. It is nil exactly at the primal-dual solutions (``A
-    x`` within the bounds, ``y`` in the normal cone there, the gradient of the Lagrangian nil), and costs three
-    sparse products, where :func:`osqp_residual` needs a step (a solve with ``K``)."""
-    x = state.x
-    ax = spmv(work.A, x)
-    w = torch.clamp(ax, min=work.l, max=work.u) + state.y
-    target = torch.clamp(w, min=work.l, max=work.u)
-    dual = sparse_operator(work.A, x.dtype).rmatvec(w - target) + work.q
-    if work.P is not None:
-        dual = dual + spmv(work.P, x)
-    return torch.maximum(dual.abs().amax(dim=1), (ax - target).abs().amax(dim=1))
 
 
 def osqp_solution(work: OsqpWork, state: OsqpState) -> OsqpSolution:

@@ -7,13 +7,28 @@ from functools import partial
 from types import MappingProxyType
 from typing import NamedTuple
 
+import torch
+
 from amortcvx.canon.data import ConeData, QPData
+from amortcvx.iterations import kkt
 from amortcvx.iterations import osqp as _osqp
 from amortcvx.iterations import scs as _scs
 from amortcvx.iterations.convert import osqp_state_from_fixed_point
 from amortcvx.iterations.linalg import FactorCache
-from amortcvx.iterations.loop import FixedPointAlgorithm
+from amortcvx.iterations.loop import FixedPointAlgorithm, State
 from amortcvx.iterations.polish import osqp_polish, scs_polish
+
+
+def optimality(d: kkt.Batch, point: Callable[[State], tuple], state: State) -> torch.Tensor:
+    """An algorithm's ``optimality``: ``||F||_inf`` of the optimality conditions' normal map
+    (:func:`~amortcvx.iterations.kkt.residual_norm`) at the primal-dual point ``point(state)`` (``(x, y, s)``;
+    ``s`` None in the QP form), for ``d`` the batch's data (:func:`~amortcvx.iterations.kkt.sparse`: sparse
+    products, no solve)."""
+    return kkt.residual_norm(d, kkt.point_from_solution(d, *point(state)))
+
+
+def _osqp_point(state: _osqp.OsqpState) -> tuple:
+    return state.x, state.y, None
 
 
 def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,
@@ -22,15 +37,16 @@ def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,
 
     ``init(x=None, y=None, s=None, *, v=None)``; the fixed-point variable is ``v`` (``(B, n + m + 1)``);
     ``solution`` gives :class:`~amortcvx.iterations.scs.ScsSolution` ``(x, y, s, tau, kappa)``;
-    ``polish(x=, y=, s=)``: see :mod:`.polish` (LPs and QPs only); ``optimality``:
-    :func:`~amortcvx.iterations.scs.scs_optimality`.
+    ``polish(x=, y=, s=)``: see :mod:`.polish` (LPs and QPs only); ``optimality``: :func:`optimality` at the point
+    ``v`` stands for (:func:`~amortcvx.iterations.scs.scs_point`).
     """
     work = _scs.scs_setup(data, settings, cache)
     return FixedPointAlgorithm(
         name="scs", work=work, init=partial(_scs.scs_init, work), step=partial(_scs.scs_step, work),
         fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
         solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
-        polish=partial(scs_polish, work), optimality=partial(_scs.scs_optimality, work))
+        polish=partial(scs_polish, work),
+        optimality=partial(optimality, kkt.sparse(data, work.c.dtype), partial(_scs.scs_point, work)))
 
 
 def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,
@@ -39,14 +55,15 @@ def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,
 
     ``init(x=None, y=None, *, z=None)`` (``z = A x`` by default); the fixed-point variable is
     ``[x; z + y / rho]`` (``(B, n + m)``); ``solution`` gives :class:`~amortcvx.iterations.osqp.OsqpSolution`;
-    ``polish(x=, y=)``: see :mod:`.polish`; ``optimality``: :func:`~amortcvx.iterations.osqp.osqp_optimality`.
+    ``polish(x=, y=)``: see :mod:`.polish`; ``optimality``: :func:`optimality` at the state's ``(x, y)``.
     """
     work = _osqp.osqp_setup(data, settings, cache)
     return FixedPointAlgorithm(
         name="osqp", work=work, init=partial(_osqp.osqp_init, work), step=partial(_osqp.osqp_step, work),
         fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
         solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
-        polish=partial(osqp_polish, work), optimality=partial(_osqp.osqp_optimality, work))
+        polish=partial(osqp_polish, work),
+        optimality=partial(optimality, kkt.sparse(data, work.q.dtype), _osqp_point))
 
 
 class IterationInfo(NamedTuple):

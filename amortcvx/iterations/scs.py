@@ -40,15 +40,7 @@ import torch
 
 from amortcvx.canon.data import ConeData, ConeDims, SparseBatch
 from amortcvx.iterations.cones import project_cone, project_dual_cone
-from amortcvx.iterations.linalg import (
-    METHODS,
-    FactorCache,
-    KKTSolver,
-    batch_rows,
-    check_matrices,
-    sparse_operator,
-    spmv,
-)
+from amortcvx.iterations.linalg import METHODS, FactorCache, KKTSolver, batch_rows, check_matrices, spmv
 
 
 @dataclass(frozen=True)
@@ -308,30 +300,21 @@ def scs_residual(work: ScsWork, old: ScsState, new: ScsState) -> torch.Tensor:
     return work.settings.alpha * torch.linalg.vector_norm(new.u - new.ut, dim=1)
 
 
-def scs_optimality(work: ScsWork, state: ScsState) -> torch.Tensor:
-    """The optimality residual of the point a state's fixed-point variable ``v = [x; y + s / r_y; tau]`` encodes,
-    per instance, with no linear solve.
+def scs_point(work: ScsWork, state: ScsState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The primal-dual point ``(x, y, s)`` a state's fixed-point variable ``v = [x; y + s / r_y; tau]`` stands for,
+    with no linear solve (the torch SCS algorithm's ``optimality`` takes the optimality residual there).
 
     ``v`` alone does not say which part of ``y + s / r_y`` is the dual (on the nonnegative orthant both parts are
     nonnegative), so the slack is read from the primal, ``s = Pi_K(b - A x)``, and the dual is the rest, ``y =
     Pi_K*(v_y - s / r_y)`` (``x``, ``v_y`` divided by ``tau``): at a fixed point, ``v* = [x*; y* + s* / r_y; 1]``,
-    this gives back ``(x*, y*, s*)``. The residual is the inf-norm of the normal map of
-    :mod:`amortcvx.iterations.kkt` at ``w = y - s``: ``[P x + A' Pi_K*(w) + c; A x + Pi_K*(w) - w - b]``, nil
-    exactly at the primal-dual solutions. Three sparse products and three cone projections, where
-    :func:`scs_residual` needs a step (a solve with ``M``)."""
+    this gives back ``(x*, y*, s*)``. One sparse product and two cone projections, where :func:`scs_solution`
+    needs a step (a solve with ``M``)."""
     n, m = work.n, work.m
     v = state.v
     inv = 1.0 / v[:, n + m:].clamp_min(1e-30)
     x, vy = v[:, :n] * inv, v[:, n:n + m] * inv
-    ax = spmv(work.A, x)
-    s = project_cone(work.b - ax, work.cones)
-    w = project_dual_cone(vy - s / work.r[n:n + m], work.cones) - s
-    y = project_dual_cone(w, work.cones)
-    dual = sparse_operator(work.A, x.dtype).rmatvec(y) + work.c
-    if work.P is not None:
-        dual = dual + spmv(work.P, x)
-    primal = ax + (y - w) - work.b
-    return torch.maximum(dual.abs().amax(dim=1), primal.abs().amax(dim=1))
+    s = project_cone(work.b - spmv(work.A, x), work.cones)
+    return x, project_dual_cone(vy - s / work.r[n:n + m], work.cones), s
 
 
 def scs_solution(work: ScsWork, state: ScsState) -> ScsSolution:
