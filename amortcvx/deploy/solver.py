@@ -777,7 +777,7 @@ class AmortizedSolver:
             return _Refined(ws, torch.zeros(size, dtype=torch.bool, device=device), None)
         if host is None:
             return _Refined(*self._newton_chunks(data, ws), None)
-        passed = self._certify(alg, host, ws)
+        passed = self._certify(host, self._candidates(alg, ws))
         todo = np.flatnonzero(~passed)
         done = torch.from_numpy(passed).to(device)
         if todo.size == 0:
@@ -801,11 +801,10 @@ class AmortizedSolver:
         done = torch.cat([p[1] for p in parts])
         return {k: torch.cat([p[0][k] for p in parts]) for k in ws}, done
 
-    def _certify(self, alg, host: ConeData | QPData, ws: dict[str, torch.Tensor]) -> np.ndarray:
-        """(B,) bool: whether each warm start's point (:meth:`_candidates`) passes the C solver's test at the
-        requested tolerance (``host``: the batch's data, :meth:`_host_data`)."""
-        return get_backend(self.backend).certify(host, **self._candidates(alg, ws), eps_abs=self._eps[0],
-                                                 eps_rel=self._eps[1])
+    def _certify(self, host: ConeData | QPData, point: dict[str, np.ndarray]) -> np.ndarray:
+        """(B,) bool: whether each instance's point (:meth:`_candidates`) passes the C solver's test at the requested
+        tolerance (``host``: the batch's data on the host, :meth:`_host_data`)."""
+        return get_backend(self.backend).certify(host, **point, eps_abs=self._eps[0], eps_rel=self._eps[1])
 
     def _newton_part(self, data: ConeData | QPData, ws: dict[str, torch.Tensor]
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -1230,7 +1229,7 @@ class AmortizedSolver:
         sub = data if rest.size == data.batch_size else data.take(rest)
         point = {k: v if rest.size == data.batch_size else v[rest] for k, v in pred.candidates.items()}
         out = done.copy()
-        out[rest] = get_backend(self.backend).certify(sub, **point, eps_abs=self._eps[0], eps_rel=self._eps[1])
+        out[rest] = self._certify(sub, point)
         return out
 
     def _certified_results(self, data: ConeData | QPData, point: dict[str, np.ndarray],
