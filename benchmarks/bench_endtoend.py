@@ -28,8 +28,8 @@ on validation instances, then time on held-out instances, in interleaved rounds 
   the optimum still costs 25 iterations, about half a cold solve on mpc large).
 
 Usage: ``python benchmarks/bench_endtoend.py [--families ...] [--size small|large] [--batch 1 256]
-[--instances 256] [--rounds 3] [--warmup 5] [--k 10] [--train 1000] [--kind mlp] [--epochs 60] [--threads N]
-[--json PATH] [--plot PATH.png] [--smoke]``;
+[--instances 256] [--rounds 3] [--warmup 5] [--k 10] [--train 1000] [--kind mlp] [--uncorrected] [--choices 8]
+[--epochs 60] [--threads N] [--json PATH] [--plot PATH.png] [--smoke]``;
 ``--from-json PATH --plot PATH.png`` redraws the plot of a saved run without running anything.
 Prints machine, load, sizes, dtype and settings beside the numbers. The plot (matplotlib) shows, per batch size,
 each pair's time per instance as a ratio to (b) on a log axis, with the targets 1/2 and 1/3 of (b) marked.
@@ -60,7 +60,7 @@ from amortcvx.evaluation.reports import new_figure, save_figure
 from amortcvx.iterations import AndersonSettings
 from amortcvx.solvers import NAMES, get_solver
 from amortcvx.training import LossWeights, SolvedSet, TrainConfig, train
-from amortcvx.training.recipe import KINDS, Candidate, candidate_core, uncorrected_model
+from amortcvx.training.recipe import KINDS, NEIGHBOR_CHOICES, Candidate, candidate_core, uncorrected_model
 
 
 def _rows(params, start, stop):
@@ -123,7 +123,8 @@ def bench_pair(name, alg, args, tol):
                            f"dataset's tolerance; training and validation need at least {2 * n_val}: skipped")
     tr, va = solved.subset(range(n_val, len(solved))), solved.subset(range(n_val))
     cfg = config_from_args(TrainConfig, args, k=0, weights=LossWeights(regression=1.0), progress=False)
-    cand = Candidate(kind=args.kind, hidden=tuple(args.hidden), correction=not args.uncorrected)
+    cand = Candidate(kind=args.kind, hidden=tuple(args.hidden), correction=not args.uncorrected,
+                     choices=args.choices)
     if cand.correction:
         model = train(pp, alg, tr, va, cfg, core=candidate_core(cand, pp, alg, None, tr)).model
     else:  # nothing to train
@@ -287,6 +288,9 @@ def main() -> None:
     ap.add_argument("--uncorrected", action="store_true",
                     help="with a neighbour --kind: no correction trained (the neighbour's answer, or its first-order "
                          "expansion, as it is)")
+    ap.add_argument("--choices", type=int, default=NEIGHBOR_CHOICES,
+                    help="with --uncorrected: the nearest training instances it predicts from (the candidate of "
+                         "smallest optimality residual is used)")
     # training options: TrainConfig's fields (flags, help), at this benchmark's scale
     add_dataclass_arguments(ap.add_argument_group("training"), TrainConfig,
                             only=("epochs", "batch_size", "lr", "patience", "hidden"),

@@ -672,7 +672,8 @@ def test_the_uncorrected_expansion_is_chosen_as_a_companion_without_capacity_or_
     assert order[:4] == [("mlp", True, 60), ("neighbor_tangent", True, 60), ("mlp", True, 60),
                          ("neighbor_tangent", False, 60)]
     assert res.candidate == Candidate(kind="neighbor_tangent", correction=False) and res.num_train == 240
-    assert built == [60, 120, 240]  # it rode the curve; no capacity step, no ensemble
+    assert built == [60, 120, 240, 240]  # it rode the curve; no capacity step, no ensemble; 16 candidates tried
+    assert res.trials[-1].candidate == Candidate(kind="neighbor_tangent", correction=False, choices=16)
     assert ("mlp", True, 240) in order  # the curve's own network went on beside it
     assert all(p.configuration.startswith("mlp") for p in res.curve)
     assert all(t.candidate.member == 0 and t.candidate.ensemble == 1 for t in res.trials)
@@ -698,6 +699,65 @@ def test_the_uncorrected_expansion_rides_along_as_its_own_companion(portfolio, m
     at_120 = [t.candidate.label() for t in res.trials if t.num_train == 120]
     assert "neighbor_tangent uncorrected" in at_120 and at_120[0].startswith("mlp")
     assert res.candidate == Candidate(kind="neighbor_tangent", correction=False) and res.num_train == 120
+
+
+def test_an_uncorrected_choice_doubles_its_candidates_while_that_pays(portfolio, monkeypatch):
+    """Scripted: the uncorrected expansion is the choice; its number of candidates is doubled from 8 while the
+    validation iterations fall (16 and 32 pay, 64 does not) and the choice is the 32 candidates' model; where every
+    doubling pays, the count stops at ``MAX_CHOICES``."""
+    import amortcvx.training.recipe as recipe_mod
+
+    def run(by_count):
+        def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
+            if kind.startswith("neighbor_tangent uncorrected"):
+                count = int(kind.split(", ")[1].split()[0]) if ", " in kind else recipe_mod.NEIGHBOR_CHOICES
+                return 0.5, by_count[count]
+            return 0.3, 14.0
+
+        monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, tangents=None:
+                            TaggedModel(cand.label(), 0, len(part)))
+        settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
+                                  alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1)
+        return scripted_recipe(monkeypatch, portfolio, scripted, settings)
+
+    res = run({8: 10.0, 16: 9.0, 32: 7.0, 64: 8.0})
+    assert res.candidate == Candidate(kind="neighbor_tangent", correction=False, choices=32)
+    assert [t.candidate.choices for t in res.trials if not t.candidate.correction] == [8, 8, 16, 32, 64]
+    assert res.val_median_iterations == 7.0
+    res = run({8: 10.0, 16: 9.0, 32: 8.0, 64: 7.0})
+    assert res.candidate.choices == recipe_mod.MAX_CHOICES == 64
+    assert [t.candidate.choices for t in res.trials if not t.candidate.correction] == [8, 8, 16, 32, 64]
+    assert Candidate(kind="neighbor_tangent", correction=False, choices=32).label() == (
+        "neighbor_tangent uncorrected, 32 candidates")
+    with pytest.raises(ValueError, match="choices must be an int of at least 1"):
+        Candidate(kind="neighbor_tangent", correction=False, choices=0)
+
+
+def test_predict_keeps_the_best_of_many_candidates_taken_one_at_a_time(box_qp):
+    """The uncorrected tangent with 32 candidates: ``predict`` takes them one at a time and returns, per instance,
+    the candidate of smallest optimality residual, the same as ranking all of them at once; the model's core
+    predicts from the count its candidate asks for."""
+    from amortcvx.iterations.registry import make_algorithm
+    from amortcvx.predictors import predict
+    from amortcvx.training.recipe import uncorrected_model
+
+    pp, source, _ = box_qp
+    solved = source(40)
+    settings, shell, _ = _shell_and_targets(pp, solved)
+    model = uncorrected_model(Candidate(kind="neighbor_tangent", correction=False, choices=32), pp, "scs", settings,
+                              solved)
+    assert model.core.choices == 32
+    theta = solved.theta + 0.3 * torch.randn(solved.theta.shape, generator=torch.Generator().manual_seed(9),
+                                             dtype=torch.float64) * shell.in_std
+    alg = make_algorithm("scs", pp.canonicalize_vector(theta), settings)
+    space = output_space("scs")
+    with torch.no_grad():
+        every = model.candidates(theta)
+        res = torch.stack([alg.optimality(space.to_state(alg, every[:, i])) for i in range(every.shape[1])], 1)
+        z = predict(model, space, alg, theta)
+    picked = res.argmin(dim=1)
+    assert len(set(picked.tolist())) > 3  # the choice differs between instances
+    torch.testing.assert_close(z, every[torch.arange(len(theta)), picked], rtol=0, atol=0)
 
 
 def test_derivatives_carry_over_to_another_normalization(box_qp):

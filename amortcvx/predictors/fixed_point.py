@@ -127,25 +127,39 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
     of ``alg``, which is bound to ``theta``'s canonical data).
 
     ``model`` is a :class:`~amortcvx.predictors.model.WarmStartPredictor` (or any module ``theta -> z``), on any
-    device, in any dtype. Where it offers several candidates per instance (:meth:`~WarmStartPredictor.candidates`),
-    the one whose residual is smallest: ``alg.optimality`` where the algorithm has it (SCS and OSQP: the optimality
-    conditions at the candidate, a few sparse products and cone projections), else the fixed-point residual after
-    one step (a solve each). A neighbour's first-order expansion is exact where the neighbour lies on the query's
-    piece of the solution map, and there either residual is nil (mpc small, 4000 stored instances, 8 candidates:
-    median C iterations 1 against 8 from the nearest one alone, mean 16 against 26). Non-finite residuals count
-    as infinite.
+    device, in any dtype. Where it offers several candidates per instance
+    (:meth:`~WarmStartPredictor.candidate_stream`, or ``candidates`` (B, K, d)), the one whose residual is
+    smallest: ``alg.optimality`` where the algorithm has it (SCS and OSQP: the optimality conditions at the
+    candidate, a few sparse products and cone projections), else the fixed-point residual after one step (a solve
+    each). A neighbour's first-order expansion is exact where the neighbour lies on the query's piece of the
+    solution map, and there either residual is nil (mpc small, 4000 stored instances, 8 candidates: median C
+    iterations 1 against 8 from the nearest one alone, mean 16 against 26). The candidates are taken one at a time
+    and only the best so far is kept (memory of two, whatever their number); among equal residuals the first
+    wins. Non-finite residuals count as infinite.
     """
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     inputs = theta if tensor is None else theta.to(tensor.device, tensor.dtype)
-    zs = (model.candidates(inputs) if hasattr(model, "candidates") else model(inputs)[:, None]).to(theta.device, dtype)
-    if zs.shape[1] == 1:
-        return zs[:, 0]
-    res = []
-    for i in range(zs.shape[1]):
-        state = space.to_state(alg, zs[:, i])
-        res.append(alg.residual(state, alg.step(state)) if alg.optimality is None else alg.optimality(state))
-    res = torch.nan_to_num(torch.stack(res, dim=1), nan=float("inf"))
-    return zs[torch.arange(zs.shape[0], device=zs.device), res.argmin(dim=1)]
+    if hasattr(model, "candidate_stream"):
+        stream = iter(model.candidate_stream(inputs))
+    else:  # a module with ``candidates`` (B, K, d) only, or with a forward only
+        stream = iter(model.candidates(inputs).unbind(1) if hasattr(model, "candidates") else [model(inputs)])
+    best = next(stream).to(theta.device, dtype)
+    following = next(stream, None)
+    if following is None:
+        return best
+
+    def residual(z: torch.Tensor) -> torch.Tensor:
+        state = space.to_state(alg, z)
+        res = alg.residual(state, alg.step(state)) if alg.optimality is None else alg.optimality(state)
+        return torch.nan_to_num(res, nan=float("inf"))
+
+    best_res = residual(best)
+    for z in itertools.chain([following], stream):
+        z = z.to(theta.device, dtype)
+        res = residual(z)
+        better = res < best_res
+        best, best_res = torch.where(better[:, None], z, best), torch.where(better, res, best_res)
+    return best
 
 
 def output_space(algorithm: str) -> OutputSpace:

@@ -23,7 +23,7 @@ import pickle
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,12 +120,19 @@ class WarmStartPredictor(nn.Module):
 
     def candidates(self, theta: torch.Tensor) -> torch.Tensor:
         """(B, K, out_dim): several predictions per instance where the core offers them (a core with
-        ``candidates`` and ``choices > 1``, e.g. :class:`~amortcvx.predictors.NeighborTangent` from its ``choices``
-        nearest instances; the first is :meth:`forward`'s), else ``K = 1``. Which one to use needs the problem's
-        data: :func:`~amortcvx.predictors.fixed_point.predict`."""
+        ``candidate_stream`` and ``choices > 1``, e.g. :class:`~amortcvx.predictors.NeighborTangent` from its
+        ``choices`` nearest instances; the first is :meth:`forward`'s), else ``K = 1``. Which one to use needs the
+        problem's data: :func:`~amortcvx.predictors.fixed_point.predict`, which takes them one at a time
+        (:meth:`candidate_stream`)."""
+        return torch.stack(list(self.candidate_stream(theta)), dim=1)
+
+    def candidate_stream(self, theta: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The predictions of :meth:`candidates` one at a time, (B, out_dim) each, first :meth:`forward`'s."""
         if getattr(self.core, "choices", 1) <= 1:
-            return self(theta)[:, None]
-        return self.out_mean + self.out_std * self.core.candidates(self._normalized(theta))
+            yield self(theta)
+            return
+        for z in self.core.candidate_stream(self._normalized(theta)):
+            yield self.out_mean + self.out_std * z
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

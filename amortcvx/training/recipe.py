@@ -27,9 +27,12 @@ from the first ``val_size + search_size``, are the validation set, the other row
    takes over the curve where it is better; every size trained gives a point
    of the learning curve (validation regression loss and median C iterations against the training-set size),
    which :class:`RecipeResult` prints;
-4. where the budget allows, trains the choice again with ``ensemble - 1`` other seeds and keeps the best of
-   the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation iterations
-   (not where the choice trains nothing: its members would be alike).
+4. where the choice trains nothing (the neighbour's expansion alone, ``Candidate.correction`` False), doubles
+   the number of nearest training instances it predicts from (``Candidate.choices``, up to :data:`MAX_CHOICES`)
+   while that lowers the validation iterations;
+5. otherwise, where the budget allows, trains the choice again with ``ensemble - 1`` other seeds and keeps the
+   best of the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation
+   iterations (not where the choice trains nothing: its members would be alike).
 
 Nothing in the recipe looks at the problem family: the same candidates and rules run on every problem, and the
 choice is made on the validation instances only (never on the test set the caller measures on).
@@ -92,6 +95,11 @@ instances, and the one of smallest fixed-point residual is used (:func:`~amortcv
 small with 4000 stored instances the tangent expansion's median C iterations are 1 against 8 from the nearest one
 alone (mean 16 against 26, cold 37; where a constraint binds, median 38 against 56). A trained correction is fitted
 to the nearest one's input only, so trained candidates use that one."""
+MAX_CHOICES = 64
+"""Where the recipe's choice is an uncorrected candidate, it doubles :attr:`Candidate.choices` from
+:data:`NEIGHBOR_CHOICES` up to this many while the validation iterations fall (kalman small, 8000 stored instances,
+200 held-out instances: 8 / 16 / 32 / 64 candidates give medians of 49 / 46 / 44 / 41 C iterations, cold 66; the
+ranking is a few sparse products per candidate, about 0.7 ms per instance for 64 there)."""
 MAX_WIDTH = 1024
 """The widest hidden layer the capacity step of :func:`fit_predictor` tries."""
 
@@ -117,6 +125,10 @@ class Candidate:
             no residual loss). On mpc the expansion alone starts SCS at the answer on the instances where no
             constraint binds (median 1 C iteration against 14 cold), where a trained correction, fitted to the
             other instances' larger errors, adds errors that cost 12-13 iterations (docs/training.md).
+        choices: for an uncorrected candidate, how many nearest training instances it predicts from (the one
+            of smallest residual is used: :func:`~amortcvx.predictors.predict`); the recipe starts at
+            :data:`NEIGHBOR_CHOICES` and doubles it while that pays (:data:`MAX_CHOICES`). A trained correction
+            is fitted to the nearest one's input only and predicts from that one (the field is ignored).
     """
 
     kind: str = "mlp"
@@ -126,10 +138,13 @@ class Candidate:
     member: int = 0
     ensemble: int = 1
     correction: bool = True
+    choices: int = NEIGHBOR_CHOICES
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {self.kind!r}")
+        if not (isinstance(self.choices, int) and self.choices >= 1):
+            raise ValueError(f"choices must be an int of at least 1; got {self.choices!r}")
         if self.ensemble < 1 or self.member < 0:
             raise ValueError(f"ensemble must be >= 1 and member >= 0; got {self.ensemble}, {self.member}")
         if not self.correction:
@@ -142,7 +157,8 @@ class Candidate:
 
     def label(self) -> str:
         if not self.correction:
-            return f"{self.kind} uncorrected"
+            more = "" if self.choices == NEIGHBOR_CHOICES else f", {self.choices} candidates"
+            return f"{self.kind} uncorrected{more}"
         width = "x".join(str(h) for h in self.hidden)
         loss = "regression+residual" if self.residual else "regression"
         extra = (f" seed+{self.member}" if self.member else "") + (f" ensemble of {self.ensemble}"
@@ -388,7 +404,7 @@ def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSe
     shell, target = _normalization(pp, algorithm, settings, train_set) if normalization is None else normalization
     keys = (train_set.theta - shell.in_mean) / shell.in_std
     values = (target - shell.out_mean) / shell.out_std
-    choices = 1 if cand.correction else NEIGHBOR_CHOICES
+    choices = 1 if cand.correction else cand.choices
     if cand.kind == "neighbor_correction":
         return NeighborCorrection(keys, values, hidden=cand.hidden, choices=min(choices, len(keys)))
     jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std) if tangents is None
@@ -735,7 +751,22 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                              trials[i].candidate.label())
                   for i in sorted(on_curve, key=lambda i: (trials[i].num_train, i)))
 
-    # 3. an ensemble: the chosen configuration at the chosen size trained again with other seeds and averaged
+    # 3. where the choice trains nothing (an uncorrected neighbour kind), more candidates: its count doubled while
+    # the validation iterations fall (each trial reuses the stored derivatives: its cost is the C counts)
+    while not trials[best_i].candidate.correction:
+        base = trials[best_i]
+        more = dataclasses.replace(base.candidate, choices=2 * base.candidate.choices)
+        if more.choices > min(MAX_CHOICES, base.num_train):
+            break
+        if time.perf_counter() + base.seconds > deadline:  # at most: the derivatives are stored
+            say(f"  (budget: no trial of {more.label()})")
+            break
+        if not better(trial(more, parts[best_i]), base):
+            say(f"  ({more.choices} candidates did not pay at n={base.num_train})")
+            break
+        best_i = len(trials) - 1
+
+    # 4. an ensemble: the chosen configuration at the chosen size trained again with other seeds and averaged
     # with the chosen model; the best of the members and their average by validation iterations is kept
     if recipe.ensemble > 1 and not trials[best_i].candidate.correction:
         say("  (the choice trains nothing, so its members would be alike: no ensemble)")
@@ -797,5 +828,6 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
     return get_solved
 
 
-__all__ = ["KINDS", "STORED_KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrialResult",
-           "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_source", "uncorrected_model"]
+__all__ = ["KINDS", "MAX_CHOICES", "STORED_KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings",
+           "TrialResult", "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_source",
+           "uncorrected_model"]
