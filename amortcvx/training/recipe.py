@@ -91,10 +91,11 @@ TANGENT_SHARE = 0.25
 instances done by then are its anchors)."""
 NEIGHBOR_CHOICES = 8
 """An uncorrected neighbour candidate (``Candidate.correction`` False) predicts from this many nearest training
-instances, and the one of smallest fixed-point residual is used (:func:`~amortcvx.predictors.predict`): on mpc
-small with 4000 stored instances the tangent expansion's median C iterations are 1 against 8 from the nearest one
-alone (mean 16 against 26, cold 37; where a constraint binds, median 38 against 56). A trained correction is fitted
-to the nearest one's input only, so trained candidates use that one."""
+instances to start with (the recipe may double it: :data:`MAX_CHOICES`), and the one of smallest residual is used
+(:func:`~amortcvx.predictors.predict`): on mpc small with 4000 stored instances the tangent expansion's median C
+iterations are 1 against 8 from the nearest one alone (mean 16 against 26, cold 37; where a constraint binds, median
+38 against 56). A trained correction is fitted to the nearest one's input only, so trained candidates use that
+one."""
 MAX_CHOICES = 64
 """Where the recipe's choice is an uncorrected candidate, it doubles :attr:`Candidate.choices` from
 :data:`NEIGHBOR_CHOICES` up to this many while the validation iterations fall (kalman small, 8000 stored instances,
