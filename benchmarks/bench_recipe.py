@@ -67,6 +67,25 @@ def medians(out) -> float:
     return float(np.median([r.iterations for r in out.results]))
 
 
+def solved_rows(pp: ParametricProblem, params: dict[str, np.ndarray], source, count: int):
+    """The first ``count`` solved rows of ``source`` (the recipe's rows: they count solved instances, fewer than
+    those asked for where some failed, e.g. sparse_pca) and the rows of ``params`` they were solved from."""
+    asked, solved = count, source(count)
+    while len(solved) < count:
+        more = source(asked + count - len(solved))
+        if len(more) <= len(solved):
+            raise RuntimeError(f"the source has only {len(solved)} solved instances; the recipe used {count}")
+        asked, solved = asked + count - len(solved), more
+    theta = pp.parameter_vector(rows(params, slice(0, asked)), dtype=torch.float64)
+    index, j = [], 0
+    for t in solved.theta[:count]:  # the solved rows are the asked ones in order, without the failed ones
+        while not torch.equal(theta[j], t):
+            j += 1
+        index.append(j)
+        j += 1
+    return solved, np.asarray(index)
+
+
 def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, refine: tuple[int, ...],
                seed: int = 0, plot_dir: str | None = None) -> dict:
     fam = problems.make(name, "small", seed=0)
@@ -83,14 +102,12 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
                                   f"{budget:.0f} s budget")
     test = rows(fam.sample(TEST_SPREAD * num_test, seed=12345),
                 np.random.default_rng(12345).choice(TEST_SPREAD * num_test, num_test, replace=False))
-    val = rows(params, np.asarray(res.val_rows))  # the source solves every row of these families (checked below)
+    train = res.training_rows()
+    solved, index = solved_rows(pp, params, source, int(max(train.max(), max(res.val_rows))) + 1)
+    val = rows(params, index[np.asarray(res.val_rows)])
 
     cold = medians(AmortizedSolver(pp, None, algorithm="scs", k=0, solver_settings=EPS).solve(
         test, exact_iterations=True))
-    train = res.training_rows()
-    num_rows = int(max(train.max(), max(res.val_rows))) + 1
-    solved = source(num_rows)
-    assert len(solved) == num_rows, "a source row failed: rows would shift"
     nn = NearestNeighbor(solved.theta[train].numpy(), solved.x[train].numpy(), solved.y[train].numpy(),
                          solved.s[train].numpy())
     theta_test = pp.parameter_vector(test, dtype=torch.float64).numpy()
