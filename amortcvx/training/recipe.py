@@ -27,12 +27,12 @@ from the first ``val_size + search_size``, are the validation set, the other row
    takes over the curve where it is better; every size trained gives a point
    of the learning curve (validation regression loss and median C iterations against the training-set size),
    which :class:`RecipeResult` prints;
-4. where the choice trains nothing (the neighbour's expansion alone, ``Candidate.correction`` False), doubles
-   the number of nearest training instances it predicts from (``Candidate.choices``, up to :data:`MAX_CHOICES`)
-   while that lowers the validation iterations;
-5. otherwise, where the budget allows, trains the choice again with ``ensemble - 1`` other seeds and keeps the
-   best of the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`) by validation
-   iterations (not where the choice trains nothing: its members would be alike).
+4. for the best trial of the neighbour's expansion alone (``Candidate.correction`` False: the choice, or a
+   companion), doubles the number of nearest training instances it predicts from (``Candidate.choices``, up to
+   :data:`MAX_CHOICES`) while that lowers its validation iterations; it becomes the choice where it beats it;
+5. where the budget allows and the choice trains a network, trains the choice again with ``ensemble - 1`` other
+   seeds and keeps the best of the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`)
+   by validation iterations (not where the choice trains nothing: its members would be alike).
 
 Nothing in the recipe looks at the problem family: the same candidates and rules run on every problem, and the
 choice is made on the validation instances only (never on the test set the caller measures on).
@@ -96,11 +96,14 @@ instances to start with (the recipe may double it: :data:`MAX_CHOICES`), and the
 iterations are 1 against 8 from the nearest one alone (mean 16 against 26, cold 37; where a constraint binds, median
 38 against 56). A trained correction is fitted to the nearest one's input only, so trained candidates use that
 one."""
-MAX_CHOICES = 64
-"""Where the recipe's choice is an uncorrected candidate, it doubles :attr:`Candidate.choices` from
-:data:`NEIGHBOR_CHOICES` up to this many while the validation iterations fall (kalman small, 8000 stored instances,
-200 held-out instances: 8 / 16 / 32 / 64 candidates give medians of 49 / 46 / 44 / 41 C iterations, cold 66; the
-ranking is a few sparse products per candidate, about 0.7 ms per instance for 64 there)."""
+MAX_CHOICES = 1024
+"""The recipe doubles an uncorrected candidate's :attr:`Candidate.choices` from :data:`NEIGHBOR_CHOICES` up to this
+many while its validation iterations fall. Measured (small sizes, SCS, eps 1e-4, 8000 training instances, 200
+held-out instances, median C iterations from the bare prediction, for 8 / 64 / 256 / 1024 candidates): portfolio 12
+/ 10 / 8 / 1 (cold 17), kalman 54 / 47.5 / 47 / 39 (cold 66.5; derivatives at the first 3561 instances), lasso 34 /
+- / - / 30 (cold 39). Where the stored instances are dense enough, one of many neighbours often lies on the query's
+piece of the solution map, and the optimality residual finds it. The ranking is a few sparse products per
+candidate: 1024 of them cost 2.5-5 s for the 200 instances (against 0.5 s for 8)."""
 MAX_WIDTH = 1024
 """The widest hidden layer the capacity step of :func:`fit_predictor` tries."""
 
@@ -763,20 +766,27 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                              trials[i].candidate.label())
                   for i in sorted(on_curve, key=lambda i: (trials[i].num_train, i)))
 
-    # 3. where the choice trains nothing (an uncorrected neighbour kind), more candidates: its count doubled while
-    # the validation iterations fall (each trial reuses the stored derivatives: its cost is the C counts)
-    while not trials[best_i].candidate.correction:
-        base = trials[best_i]
-        more = dataclasses.replace(base.candidate, choices=2 * base.candidate.choices)
-        if more.choices > min(MAX_CHOICES, base.num_train):
-            break
-        if time.perf_counter() + base.seconds > deadline:  # at most: the derivatives are stored
-            say(f"  (budget: no trial of {more.label()})")
-            break
-        if not better(trial(more, parts[best_i]), base):
-            say(f"  ({more.choices} candidates did not pay at n={base.num_train})")
-            break
-        best_i = len(trials) - 1
+    # 3. more candidates for the uncorrected expansion (the best of its trials, chosen or riding along): its count
+    # doubled while the validation iterations fall; it becomes the choice where it beats the best (each trial reuses
+    # the stored derivatives: its cost is the ranking and the C counts)
+    riders = [i for i, t in enumerate(trials) if not t.candidate.correction]
+    if riders:
+        at = min(riders, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations,
+                                        -trials[i].num_train))
+        while True:
+            base = trials[at]
+            more = dataclasses.replace(base.candidate, choices=2 * base.candidate.choices)
+            if more.choices > min(MAX_CHOICES, base.num_train):
+                break
+            if time.perf_counter() + 2 * base.seconds > deadline:  # at most twice: the derivatives are stored
+                say(f"  (budget: no trial of {more.label()})")
+                break
+            if not better(trial(more, parts[at]), base):
+                say(f"  ({more.choices} candidates did not pay at n={base.num_train})")
+                break
+            at = len(trials) - 1
+            if better(trials[at], trials[best_i]):
+                best_i = at
 
     # 4. an ensemble: the chosen configuration at the chosen size trained again with other seeds and averaged
     # with the chosen model; the best of the members and their average by validation iterations is kept
