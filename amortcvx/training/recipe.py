@@ -28,8 +28,9 @@ from the first ``val_size + search_size``, are the validation set, the other row
    of the learning curve (validation regression loss and median C iterations against the training-set size),
    which :class:`RecipeResult` prints;
 4. for the best trial of the neighbour's expansion alone (``Candidate.correction`` False: the choice, or a
-   companion), doubles the number of nearest training instances it predicts from (``Candidate.choices``, up to
-   :data:`MAX_CHOICES`) while that lowers its validation iterations; it becomes the choice where it beats it;
+   companion), tries every doubling of the number of nearest training instances it predicts from
+   (``Candidate.choices``, up to :data:`MAX_CHOICES`) and keeps the best; that becomes the choice where it beats
+   it;
 5. where the budget allows and the choice trains a network, trains the choice again with ``ensemble - 1`` other
    seeds and keeps the best of the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`)
    by validation iterations (not where the choice trains nothing: its members would be alike).
@@ -97,13 +98,13 @@ iterations are 1 against 8 from the nearest one alone (mean 16 against 26, cold 
 38 against 56). A trained correction is fitted to the nearest one's input only, so trained candidates use that
 one."""
 MAX_CHOICES = 1024
-"""The recipe doubles an uncorrected candidate's :attr:`Candidate.choices` from :data:`NEIGHBOR_CHOICES` up to this
-many while its validation iterations fall. Measured (small sizes, SCS, eps 1e-4, 8000 training instances, 200
-held-out instances, median C iterations from the bare prediction, for 8 / 64 / 256 / 1024 candidates): portfolio 12
-/ 10 / 8 / 1 (cold 17), kalman 54 / 47.5 / 47 / 39 (cold 66.5; derivatives at the first 3561 instances), lasso 34 /
-- / - / 30 (cold 39). Where the stored instances are dense enough, one of many neighbours often lies on the query's
-piece of the solution map, and the optimality residual finds it. The ranking is a few sparse products per
-candidate: 1024 of them cost 2.5-5 s for the 200 instances (against 0.5 s for 8)."""
+"""The recipe tries an uncorrected candidate's :attr:`Candidate.choices` doubled from :data:`NEIGHBOR_CHOICES` up
+to this many and keeps the count of fewest validation iterations. Measured (small sizes, SCS, eps 1e-4, 8000
+training instances, 200 held-out instances, median C iterations from the bare prediction, for 8 / 64 / 256 / 1024
+candidates): portfolio 12 / 10 / 8 / 1 (cold 17), kalman 54 / 47.5 / 47 / 39 (cold 66.5; derivatives at the first
+3561 instances), lasso 34 / - / - / 30 (cold 39). Where the stored instances are dense enough, one of many
+neighbours often lies on the query's piece of the solution map, and the optimality residual finds it. The ranking
+is a few sparse products per candidate: 1024 of them cost 2.5-5 s for the 200 instances (against 0.5 s for 8)."""
 MAX_WIDTH = 1024
 """The widest hidden layer the capacity step of :func:`fit_predictor` tries."""
 
@@ -767,26 +768,24 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                   for i in sorted(on_curve, key=lambda i: (trials[i].num_train, i)))
 
     # 3. more candidates for the uncorrected expansion (the best of its trials, chosen or riding along): its count
-    # doubled while the validation iterations fall; it becomes the choice where it beats the best (each trial reuses
-    # the stored derivatives: its cost is the ranking and the C counts)
+    # doubled up to MAX_CHOICES, every count tried (the medians can stay flat before they fall: kalman 47.5 / 47 / 47
+    # / 39 at 64 / 128 / 256 / 1024), the best kept; it becomes the choice where it beats it (each trial reuses the
+    # stored derivatives: its cost is the ranking and the C counts)
     riders = [i for i, t in enumerate(trials) if not t.candidate.correction]
     if riders:
         at = min(riders, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations,
                                         -trials[i].num_train))
-        while True:
-            base = trials[at]
-            more = dataclasses.replace(base.candidate, choices=2 * base.candidate.choices)
-            if more.choices > min(MAX_CHOICES, base.num_train):
+        base, part = trials[at], parts[at]
+        count = base.candidate.choices
+        while 2 * count <= min(MAX_CHOICES, base.num_train):
+            count *= 2
+            if time.perf_counter() + 2 * trials[-1].seconds > deadline:  # the last trial had half as many
+                say(f"  (budget: no trial of {count} candidates)")
                 break
-            if time.perf_counter() + 2 * base.seconds > deadline:  # at most twice: the derivatives are stored
-                say(f"  (budget: no trial of {more.label()})")
-                break
-            if not better(trial(more, parts[at]), base):
-                say(f"  ({more.choices} candidates did not pay at n={base.num_train})")
-                break
-            at = len(trials) - 1
-            if better(trials[at], trials[best_i]):
-                best_i = at
+            if better(trial(dataclasses.replace(base.candidate, choices=count), part), trials[at]):
+                at = len(trials) - 1
+        if better(trials[at], trials[best_i]):
+            best_i = at
 
     # 4. an ensemble: the chosen configuration at the chosen size trained again with other seeds and averaged
     # with the chosen model; the best of the members and their average by validation iterations is kept
