@@ -47,7 +47,7 @@ from amortcvx.deploy.solver import AmortizedSolver, newton_choices, polish_choic
 from amortcvx.evaluation import plot_learning_curve
 from amortcvx.evaluation.baselines import NearestNeighbor
 from amortcvx.iterations.loop import AndersonSettings
-from amortcvx.training.recipe import RecipeSettings, fit_predictor, solved_source
+from amortcvx.training.recipe import RecipeSettings, fit_predictor, solved_prefix, solved_source
 
 EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
 TARGETS = {"k0_vs_cold": 0.5, "k0_vs_nn": 2 / 3, "refined_vs_cold": 0.2, "control_over_refined": 2.0,
@@ -70,12 +70,7 @@ def medians(out) -> float:
 def solved_rows(pp: ParametricProblem, params: dict[str, np.ndarray], source, count: int):
     """The first ``count`` solved rows of ``source`` (the recipe's rows: they count solved instances, fewer than
     those asked for where some failed, e.g. sparse_pca) and the rows of ``params`` they were solved from."""
-    asked, solved = count, source(count)
-    while len(solved) < count:
-        more = source(asked + count - len(solved))
-        if len(more) <= len(solved):
-            raise RuntimeError(f"the source has only {len(solved)} solved instances; the recipe used {count}")
-        asked, solved = asked + count - len(solved), more
+    solved, asked = solved_prefix(source, count, count)
     theta = pp.parameter_vector(rows(params, slice(0, asked)), dtype=torch.float64)
     index, j = [], 0
     for t in solved.theta[:count]:  # the solved rows are the asked ones in order, without the failed ones

@@ -132,8 +132,9 @@ class Candidate:
             other instances' larger errors, adds errors that cost 12-13 iterations (docs/training.md).
         choices: for an uncorrected candidate, how many nearest training instances it predicts from (the one
             of smallest residual is used: :func:`~amortcvx.predictors.predict`); the recipe starts at
-            :data:`NEIGHBOR_CHOICES` and doubles it while that pays (:data:`MAX_CHOICES`). A trained correction
-            is fitted to the nearest one's input only and predicts from that one (the field is ignored).
+            :data:`NEIGHBOR_CHOICES` and tries every doubling up to :data:`MAX_CHOICES`, keeping the best. A
+            trained correction is fitted to the nearest one's input only and predicts from that one (the field is
+            ignored).
     """
 
     kind: str = "mlp"
@@ -330,6 +331,24 @@ class RecipeResult:
         return "\n".join(lines)
 
 
+def solved_prefix(get_solved: Callable[[int], SolvedSet], count: int, asked: int) -> tuple[SolvedSet, int]:
+    """At least ``count`` solved rows from ``get_solved``, asking for ``asked`` instances first and past the failed
+    ones until there are (rows count solved instances, fewer than those asked for where some failed: sparse_pca,
+    stop 33, 693 of 694). Returns the solved set and the instances asked for.
+
+    Raises:
+        ValueError: the source gives no more solved instances before ``count``.
+    """
+    solved = get_solved(asked)
+    while len(solved) < count:
+        more = asked + count - len(solved)
+        again = get_solved(more)
+        if len(again) <= len(solved):
+            raise ValueError(f"get_solved({more}) returned {len(again)} solved instances; {count} are needed")
+        asked, solved = more, again
+    return solved, asked
+
+
 def _training_rows(val_rows: np.ndarray, available: int) -> np.ndarray:
     """The rows below ``available`` that are not validation rows, in order (training sets grow by prefixes)."""
     return np.setdiff1d(np.arange(int(available)), val_rows)
@@ -520,17 +539,11 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         want = recipe.val_size + n_train
         if val_rows is not None:  # every validation row, however small n_train
             want = max(want, int(val_rows.max()) + 1)
-        solved = get_solved(want)
-        # rows count the solved instances, which are fewer than those asked for where some failed: ask past them
-        # until every validation row is there (sparse_pca, stop 33: the curve's 250 instances after the search's
-        # 500 asked for 694 instances, of which 693 were solved, for a validation row 693)
-        while val_rows is not None and len(solved) <= int(val_rows.max()):
-            more = want + int(val_rows.max()) + 1 - len(solved)
-            again = get_solved(more)
-            if len(again) <= len(solved):
-                raise ValueError(f"get_solved({more}) returned {len(again)} solved instances, fewer than the "
-                                 f"validation rows drawn earlier need ({int(val_rows.max()) + 1})")
-            want, solved = more, again
+        # every validation row drawn in the search, past the instances the source failed (sparse_pca, stop 33: the
+        # curve's 250 instances after the search's 500 asked for 694 instances, of which 693 were solved, for a
+        # validation row 693)
+        need = 0 if val_rows is None else int(val_rows.max()) + 1
+        solved, want = solved_prefix(get_solved, need, want)
         solved = solved.to("cpu", torch.float64)  # train() casts to the training precision
         new = want - asked["n"]
         if new > 0:
@@ -776,13 +789,15 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         at = min(riders, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations,
                                         -trials[i].num_train))
         base, part = trials[at], parts[at]
-        count = base.candidate.choices
+        count, last = base.candidate.choices, base.seconds
         while 2 * count <= min(MAX_CHOICES, base.num_train):
             count *= 2
-            if time.perf_counter() + 2 * trials[-1].seconds > deadline:  # the last trial had half as many
+            if time.perf_counter() + 2 * last > deadline:  # the trial before had half as many candidates
                 say(f"  (budget: no trial of {count} candidates)")
                 break
-            if better(trial(dataclasses.replace(base.candidate, choices=count), part), trials[at]):
+            result = trial(dataclasses.replace(base.candidate, choices=count), part)
+            last = result.seconds
+            if better(result, trials[at]):
                 at = len(trials) - 1
         if better(trials[at], trials[best_i]):
             best_i = at
@@ -850,5 +865,5 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
 
 
 __all__ = ["KINDS", "MAX_CHOICES", "STORED_KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings",
-           "TrialResult", "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_source",
-           "uncorrected_model"]
+           "TrialResult", "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_prefix",
+           "solved_source", "uncorrected_model"]
