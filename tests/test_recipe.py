@@ -426,12 +426,23 @@ class TaggedModel(torch.nn.Module):
         self.kind, self.width, self.n = kind, width, n
 
 
+class FakeClock:
+    """``time`` for the recipe's module: seconds pass only where a scripted test advances them."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+
 def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, seen: list | None = None,
-                    cost=None):
+                    cost=None, clock: FakeClock | None = None, budget: float = 300):
     """``fit_predictor`` on the portfolio source with the trainings and the C solves replaced: a trained model is
     a tag ``(kind, width, n)`` whose validation loss and median C iterations are ``scripted(kind, width, n)``;
-    every other kind counts as a companion. A training takes no time, or ``cost(kind, n)`` seconds (slept);
-    ``seen`` collects the (training, validation) sets every training was given."""
+    every other kind counts as a companion. A training takes no time, or ``cost(kind, n)`` seconds (slept, or
+    added to ``clock``, which then is the recipe's only time); ``seen`` collects the (training, validation) sets
+    every training was given."""
     import amortcvx.training.recipe as recipe_mod
     from amortcvx.training.trainer import TrainResult
 
@@ -444,16 +455,20 @@ def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, 
     def train(pp_, alg, part, val, config, settings=None, core=None):
         if seen is not None:
             seen.append((part, val))
-        if cost is not None:
+        if cost is not None and clock is not None:
+            clock.t += cost(core, len(part))
+        elif cost is not None:
             time.sleep(cost(core, len(part)))
         return TrainResult(TaggedModel(core, config.hidden[0], len(part)), [{}] * 3, 2)
 
     monkeypatch.setattr(recipe_mod, "train", train)
+    if clock is not None:
+        monkeypatch.setattr(recipe_mod, "time", clock)
     monkeypatch.setattr(recipe_mod, "evaluate_losses", lambda pp_, alg, settings, model, *a, **k: {
         "regression": scripted(model.kind, model.width, model.n)[0]})
     monkeypatch.setattr(recipe_mod, "c_iterations", lambda pp_, alg, model, solved, **k: np.full(
         len(solved), 20.0 if model is None else scripted(model.kind, model.width, model.n)[1]))
-    return fit_predictor(pp, "scs", source, budget_seconds=300, k=3, solver_settings=EPS, recipe=settings,
+    return fit_predictor(pp, "scs", source, budget_seconds=budget, k=3, solver_settings=EPS, recipe=settings,
                          progress=False)
 
 
@@ -639,6 +654,70 @@ def test_neighbor_tangent_is_exact_on_the_neighbours_affine_piece(box_qp):
 
 
 
+def test_neighbor_tangent_keeps_its_derivatives_in_float32_through_conversions_and_saving(box_qp, tmp_path):
+    """The derivatives are stored in ``TANGENT_DTYPE`` (half of float64's memory) whatever the module's dtype, are
+    saved and loaded so, and the float64 model's predictions are those of float64 derivatives to float32's rounding."""
+    from amortcvx.predictors import NeighborTangent
+    from amortcvx.predictors.neighbor import TANGENT_DTYPE
+    from amortcvx.training.tangents import solution_tangents
+
+    pp, source, _ = box_qp
+    solved = source(40)
+    settings, shell, values = _shell_and_targets(pp, solved)
+    keys = (solved.theta - shell.in_mean) / shell.in_std
+    jac = solution_tangents(pp, "scs", settings, solved, shell.in_std, shell.out_std)
+    assert jac.dtype == torch.float64 and TANGENT_DTYPE == torch.float32
+    core = NeighborTangent(keys, values, jac, hidden=(8,), choices=2).double().eval()
+    assert core.tangents.dtype == torch.float32 and core.keys.dtype == core.values.dtype == torch.float64
+    assert core.float().double().tangents.dtype == torch.float32
+    model = WarmStartPredictor(shell.meta, core=core).double().eval()
+    path = tmp_path / "tangent.pt"
+    model.save(path)
+    loaded = WarmStartPredictor.load(path).double().eval()
+    assert loaded.core.tangents.dtype == torch.float32
+    torch.testing.assert_close(loaded.core.tangents, core.tangents, rtol=0, atol=0)
+    du = 0.05 * torch.randn(keys.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        exact = values + torch.einsum("bdp,bp->bd", jac, du)  # the nearest of keys + du is the instance itself
+        z = loaded.core(keys + du)
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(z, exact, rtol=0, atol=1e-6 * scale)
+    assert float((z - exact).abs().max()) > 0  # rounded to float32 (else this test would not see the storage)
+
+
+def test_anchor_derivatives_extend_from_where_they_end_in_each_sets_units(box_qp, monkeypatch):
+    """The recipe's derivatives: a larger training set computes only its new anchors, a smaller or equal one
+    none; each set gets them in its own normalization's units, equal to computing them all at once there."""
+    import amortcvx.training.recipe as recipe_mod
+    from amortcvx.training.tangents import solution_tangents
+
+    pp, source, _ = box_qp
+    solved = source(40)
+    calls: list[int] = []
+
+    def counted(pp_, alg, settings, part, *args, **kwargs):
+        calls.append(len(part))
+        return solution_tangents(pp_, alg, settings, part, *args, **kwargs)
+
+    monkeypatch.setattr(recipe_mod, "solution_tangents", counted)
+    settings, small_shell, _ = _shell_and_targets(pp, solved.subset(torch.arange(15)))
+    _, shell, _ = _shell_and_targets(pp, solved)
+    assert not torch.allclose(small_shell.out_std, shell.out_std)  # the two sets have their own units
+    store = recipe_mod.AnchorDerivatives(pp, "scs", settings, deadline=float("inf"))
+    first = store(solved.subset(torch.arange(15)), small_shell)
+    again = store(solved.subset(torch.arange(10)), small_shell)
+    full = store(solved, shell)
+    assert calls == [15, 25]
+    assert first.shape[0] == 15 and again.shape[0] == 10 and full.shape[0] == 40
+    assert full.dtype == torch.float32
+    want = solution_tangents(pp, "scs", settings, solved, shell.in_std, shell.out_std)
+    torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, first[:10])
+    monkeypatch.setattr(recipe_mod, "TANGENT_BYTES", 12 * pp.num_params * (pp.n + pp.m) * 4)  # 12 anchors' worth
+    capped = recipe_mod.AnchorDerivatives(pp, "scs", settings, deadline=float("inf"))
+    assert capped(solved, shell).shape[0] == 12 and calls[-1] == 12
+
+
 def test_uncorrected_candidates_train_nothing_and_normalize_the_training_fields():
     plain = Candidate(kind="neighbor_tangent", correction=False)
     assert Candidate(kind="neighbor_tangent", correction=False, hidden=(64, 64), weight_decay=1e-4, residual=True,
@@ -699,7 +778,10 @@ def test_the_uncorrected_expansion_is_chosen_as_a_companion_without_capacity_or_
     assert order[:4] == [("mlp", True, 60), ("neighbor_tangent", True, 60), ("mlp", True, 60),
                          ("neighbor_tangent", False, 60)]
     assert res.candidate == Candidate(kind="neighbor_tangent", correction=False) and res.num_train == 240
-    assert built == [60, 120, 240] + [240] * 4  # it rode the curve; no capacity step, no ensemble; 16-128 candidates
+    # it rode the curve; no capacity step, no ensemble; 16-128 candidates; the choice rebuilt at the end (an
+    # uncorrected model is not kept: its derivatives are most of the memory)
+    assert built == [60, 120, 240] + [240] * 4 + [240]
+    assert (res.model.kind, res.model.n) == (res.candidate.label(), 240)
     assert [t.candidate.choices for t in res.trials[-4:]] == [16, 32, 64, 128]
     assert res.candidate.choices == 8  # more candidates: no better here (scripted)
     assert ("mlp", True, 240) in order  # the curve's own network went on beside it
@@ -767,6 +849,46 @@ def test_an_uncorrected_expansion_doubles_its_candidates_while_that_pays(portfol
         "neighbor_tangent uncorrected, 32 candidates")
     with pytest.raises(ValueError, match="choices must be an int of at least 1"):
         Candidate(kind="neighbor_tangent", correction=False, choices=0)
+
+
+def test_the_curve_leaves_time_for_the_candidate_step(portfolio, monkeypatch):
+    """Scripted on a clock of simulated seconds: the MLP's loss keeps falling with more data (so its curve goes
+    on) while the uncorrected expansion rides along and pays with more candidates. The curve stops where its next
+    training would leave less than ``CANDIDATE_RESERVE`` times the expansion's trial time, and the candidates are
+    doubled; without the reserve, the curve's last training takes the budget and no doubling is tried."""
+    import amortcvx.training.recipe as recipe_mod
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
+        if kind.startswith("neighbor_tangent uncorrected"):
+            return 0.5, 10.0 if ", " not in kind else 6.0  # 16 candidates and more: 6
+        return 0.3 * 60 / n, 12.0
+
+    def run(reserve: int):
+        clock = FakeClock()
+
+        def uncorrected(cand, pp_, alg, settings, part, tangents=None):
+            clock.t += 1.0  # each of its trials: one second
+            return TaggedModel(cand.label(), 0, len(part))
+
+        monkeypatch.setattr(recipe_mod, "uncorrected_model", uncorrected)
+        monkeypatch.setattr(recipe_mod, "CANDIDATE_RESERVE", reserve)
+        settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                                  alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1,
+                                  epochs=3, patience=1)
+        # an MLP training costs 10 s per 60 instances (the budget's estimates are exact here): the search ends at
+        # 11 s, the curve's 120 at 32 s; its 240 would end at 73 s of the 74
+        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n: 10.0 * n / 60,
+                              clock=clock, budget=74)
+        mlp = [t.num_train for t in res.trials if t.candidate.kind == "mlp"]
+        counts = [t.candidate.choices for t in res.trials if not t.candidate.correction]
+        return res, mlp, counts
+
+    res, mlp, counts = run(recipe_mod.CANDIDATE_RESERVE)  # the default: 16 s kept for the step
+    assert mlp == [60, 120] and counts == [8, 8, 16, 32, 64]  # 128 would exceed the 120 training instances
+    assert res.candidate == Candidate(kind="neighbor_tangent", correction=False, choices=16)
+    res, mlp, counts = run(0)
+    assert mlp == [60, 120, 240] and counts == [8, 8, 8]
+    assert res.candidate.choices == 8 and res.val_median_iterations == 10.0
 
 
 def test_predict_keeps_the_best_of_many_candidates_taken_one_at_a_time(box_qp):

@@ -138,7 +138,8 @@ class NeighborTangent(NeighborCorrection):
     solution map is piecewise smooth (piecewise affine for LPs and QPs) and a neighbour often lies on the same
     piece: the expansion is then exact to first order (on an affine piece, exact). ``tangents`` (N, d, p) are
     ``dz*/du`` at the stored instances in normalized units
-    (:func:`~amortcvx.training.tangents.solution_tangents`).
+    (:func:`~amortcvx.training.tangents.solution_tangents`), stored in :data:`TANGENT_DTYPE` whatever the module's
+    precision (``.to``, ``.double()``, ``.cuda()`` move them to the new device and keep their dtype).
     """
 
     core_kind = "neighbor_tangent"
@@ -149,7 +150,17 @@ class NeighborTangent(NeighborCorrection):
         want = (keys.shape[0], values.shape[1], keys.shape[1])
         if tuple(tangents.shape) != want:
             raise ValueError(f"tangents must have shape (N, d, p) = {want}; got {tuple(tangents.shape)}")
-        self.register_buffer("tangents", tangents.detach().clone())
+        self.register_buffer("tangents", tangents.detach().to(TANGENT_DTYPE, copy=True))
+
+    def _apply(self, fn, recurse=True):
+        """Module conversions of every other tensor; the derivatives only change device (:data:`TANGENT_DTYPE`)."""
+        stored = self._buffers.pop("tangents")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["tangents"] = stored
+        self._buffers["tangents"] = stored.to(fn(stored.new_zeros(0)).device)
+        return self
 
     @classmethod
     def from_config(cls, config: dict) -> NeighborTangent:
@@ -161,12 +172,19 @@ class NeighborTangent(NeighborCorrection):
         return super().anchor(j, du) + expansion(self.tangents, j, du)
 
 
+TANGENT_DTYPE = torch.float32
+"""The precision of a :class:`NeighborTangent`'s stored derivatives: half the memory of float64, so twice the anchors
+in the same bytes (they are most of a tangent predictor's size: kalman small, ``d = 234``, ``p = 24``, 22 KB per
+anchor), at an error of ``1e-7`` relative in ``J du``, far below any solver tolerance a warm start is checked at
+(kalman small, 16000 anchors: the same C iterations as with float64 derivatives; docs/training.md)."""
+
 GATHER_BYTES = 2 ** 27
 """On a GPU, :func:`expansion` gathers the derivative matrices of at most this many bytes at a time."""
 
 
 def expansion(tangents: torch.Tensor, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
-    """``J_j du`` per row: ``tangents[j[b]] @ du[b]`` (B, d), for ``tangents`` (N, d, p), ``j`` (B,), ``du`` (B, p).
+    """``J_j du`` per row: ``tangents[j[b]] @ du[b]`` (B, d), for ``tangents`` (N, d, p), ``j`` (B,), ``du`` (B, p),
+    computed in the derivatives' precision and returned in ``du``'s.
 
     On the CPU one matrix-vector product per row, on views of the stored matrices (:func:`expansion_by_rows`):
     gathering the ``(B, d, p)`` matrices first allocates and copies them, which costs more than the products
@@ -174,8 +192,9 @@ def expansion(tangents: torch.Tensor, j: torch.Tensor, du: torch.Tensor) -> torc
     113 ms; MPC small, d = 320, p = 8, 512 rows 1.6 against 2.3 ms). On a GPU, where a kernel per row would cost
     more than the copy, batched gathers and products (:func:`expansion_gathered`).
     """
-    tangents = tangents.to(du)
-    return expansion_by_rows(tangents, j, du) if du.device.type == "cpu" else expansion_gathered(tangents, j, du)
+    tangents, low = tangents.to(du.device), du.to(tangents.dtype)
+    fn = expansion_by_rows if du.device.type == "cpu" else expansion_gathered
+    return fn(tangents, j, low).to(du.dtype)
 
 
 def expansion_by_rows(tangents: torch.Tensor, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.ensemble import ensemble_predictor
 from amortcvx.predictors.fixed_point import output_space, predict
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
-from amortcvx.predictors.neighbor import NeighborCorrection, NeighborTangent
+from amortcvx.predictors.neighbor import TANGENT_DTYPE, NeighborCorrection, NeighborTangent
 from amortcvx.training.losses import LossWeights, losses
 from amortcvx.training.tangents import solution_tangents
 from amortcvx.training.trainer import (
@@ -75,9 +75,13 @@ from amortcvx.training.trainer import (
 
 KINDS = ("mlp", "neighbor_correction", "neighbor_tangent")
 """Predictor kinds the recipe chooses among."""
-TANGENT_ENTRIES = 20_000_000
-"""The most entries (``anchors x d x p``, 8 bytes each) of a :class:`~amortcvx.predictors.NeighborTangent`'s
-derivatives: beyond, only the first instances of the training set are its anchors (it still trains on all)."""
+TANGENT_BYTES = 2 ** 29
+"""The most bytes (``anchors x d x p`` entries in :data:`~amortcvx.predictors.neighbor.TANGENT_DTYPE`) of a
+:class:`~amortcvx.predictors.NeighborTangent`'s derivatives, 512 MiB: beyond, only the first instances of the
+training set are its anchors (it still trains on all). Kalman small (``d = 234``, ``p = 24``): 23900 anchors; the
+time share (:data:`TANGENT_SHARE`) usually ends them first (6.5 ms per anchor there). Measured there on 200
+held-out instances, 1024 candidates: 39 / 35.5 / 33 median C iterations with 3561 / 8000 / 16000 anchors, of
+66.5 cold (docs/training.md)."""
 STORED_KINDS = ("neighbor_correction", "neighbor_tangent")
 """Kinds that store their training set and search all of it for every instance they predict: a training's cost
 per epoch grows with the square of the set size (the budget's estimates scale it so; portfolio, stop 28: a
@@ -97,6 +101,12 @@ instances to start with (the recipe may double it: :data:`MAX_CHOICES`), and the
 iterations are 1 against 8 from the nearest one alone (mean 16 against 26, cold 37; where a constraint binds, median
 38 against 56). A trained correction is fitted to the nearest one's input only, so trained candidates use that
 one."""
+CANDIDATE_RESERVE = 16
+"""While an uncorrected candidate rides the learning curve, the curve leaves this many times that candidate's last
+trial time (not counting new derivatives) for the step after it that doubles its candidates: on kalman the step's 7
+trials (16 to 1024 candidates) took 10.4 s against 0.6 s for the 8-candidate trial (stop 33). Without it the curve
+of a network whose loss kept falling took the budget first (kalman, stop 34: 42 of 66 validation iterations with
+8 candidates at 16000 instances, no doubling)."""
 MAX_CHOICES = 1024
 """The recipe tries an uncorrected candidate's :attr:`Candidate.choices` doubled from :data:`NEIGHBOR_CHOICES` up
 to this many and keeps the count of fewest validation iterations. Measured (small sizes, SCS, eps 1e-4, 8000
@@ -416,6 +426,46 @@ def scaled_rate(kind: str, rate: float, measured: int, n: int) -> float:
     return rate * n / measured if kind in STORED_KINDS else rate
 
 
+class AnchorDerivatives:
+    """The derivatives of a :class:`~amortcvx.predictors.NeighborTangent` at the first instances of the recipe's
+    training sets (they grow by prefixes), each computed once: ``self(train_part, shell)`` gives them at the first
+    instances of ``train_part`` in the units of ``shell``'s normalization, at most :data:`TANGENT_BYTES` of them and
+    what :data:`TANGENT_SHARE` of the time left before ``deadline`` allows. A set larger than any before extends
+    them from where they end, once per size (where the time share stops an extension, later calls at that size
+    take what is there). Kept in the units of the normalization they were first computed in."""
+
+    def __init__(self, pp: ParametricProblem, algorithm: str, settings, deadline: float,
+                 say: Callable[[str], None] = lambda message: None):
+        self.pp, self.algorithm, self.settings, self.deadline, self.say = pp, algorithm, settings, deadline, say
+        self.jac: torch.Tensor | None = None  # (anchors, d, p), in the units of in_std and out_std
+        self.in_std: torch.Tensor | None = None
+        self.out_std: torch.Tensor | None = None
+        self.asked = 0  # the most anchors asked for so far
+        self.seconds = 0.0  # spent computing them
+
+    def __call__(self, train_part: SolvedSet, shell: WarmStartPredictor) -> torch.Tensor:
+        row_bytes = int(shell.out_std.shape[0]) * self.pp.num_params * torch.finfo(TANGENT_DTYPE).bits // 8
+        anchors = min(max(2, TANGENT_BYTES // row_bytes), len(train_part))
+        if anchors > self.asked:
+            t0 = time.perf_counter()
+            self.asked = anchors
+            have = 0 if self.jac is None else len(self.jac)
+            left = max(self.deadline - time.perf_counter(), 0.0)
+            new = solution_tangents(self.pp, self.algorithm, self.settings,
+                                    train_part.subset(torch.arange(have, anchors)), shell.in_std, shell.out_std,
+                                    dtype=TANGENT_DTYPE, deadline=time.perf_counter() + TANGENT_SHARE * left)
+            if self.jac is None:
+                self.jac, self.in_std, self.out_std = new, shell.in_std, shell.out_std
+            else:
+                new = renormalized(new, shell.in_std, shell.out_std, self.in_std, self.out_std)
+                self.jac = torch.cat([self.jac, new])
+            self.seconds += time.perf_counter() - t0
+            size = self.jac.numel() * self.jac.element_size() / 2 ** 20
+            self.say(f"  (derivatives at the first {len(self.jac)} training instances, {len(new)} new in "
+                     f"{time.perf_counter() - t0:.1f} s; {size:.0f} MiB)")
+        return renormalized(self.jac[:anchors], self.in_std, self.out_std, shell.in_std, shell.out_std)
+
+
 def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                    tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
                    normalization: tuple[WarmStartPredictor, torch.Tensor] | None = None) -> nn.Module | None:
@@ -431,8 +481,8 @@ def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSe
     choices = 1 if cand.correction else cand.choices
     if cand.kind == "neighbor_correction":
         return NeighborCorrection(keys, values, hidden=cand.hidden, choices=min(choices, len(keys)))
-    jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std) if tangents is None
-           else tangents(train_set, shell)).to(values)
+    jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std, dtype=TANGENT_DTYPE)
+           if tangents is None else tangents(train_set, shell)).to(values.device)
     return NeighborTangent(keys[:len(jac)], values[:len(jac)], jac, hidden=cand.hidden,
                            choices=min(choices, len(jac)))
 
@@ -603,33 +653,27 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         more = max(0, recipe.val_size + n - asked["n"]) * asked["seconds_per_instance"]
         return more + rate * n * (min(recipe.epochs, 3 * recipe.patience) if cand.correction else 1)
 
-    # derivatives by anchor count (the first instances: the sets grow by prefixes), with the normalization they are in
-    memo: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    tangents = AnchorDerivatives(pp, algorithm, settings, deadline, say)
+    own_seconds: dict[int, float] = {}  # an uncorrected trial's seconds without computing new derivatives
 
-    def tangents(train_part: SolvedSet, shell: WarmStartPredictor) -> torch.Tensor:
-        """The derivatives at the first instances of ``train_part`` (at most :data:`TANGENT_ENTRIES` entries, and
-        what :data:`TANGENT_SHARE` of the time left allows), computed once per anchor count and given in the units
-        of ``shell``'s normalization."""
-        cap = max(2, TANGENT_ENTRIES // (int(shell.out_std.shape[0]) * pp.num_params))
-        anchors = min(cap, len(train_part))  # the first instances: the same at every size beyond the cap
-        if anchors not in memo:
-            left = deadline - time.perf_counter()
-            memo[anchors] = (solution_tangents(
-                pp, algorithm, settings, train_part.subset(torch.arange(anchors)),
-                shell.in_std, shell.out_std, deadline=time.perf_counter() + TANGENT_SHARE * max(left, 0.0)),
-                shell.in_std, shell.out_std)
-        jac, in_std, out_std = memo[anchors]
-        return renormalized(jac, in_std, out_std, shell.in_std, shell.out_std)  # a larger set has its own units
+    def reserve() -> float:
+        """Seconds the curve leaves for the candidate step (:data:`CANDIDATE_RESERVE`)."""
+        riders = [i for i in own_seconds if trials[i].candidate.choices < MAX_CHOICES]
+        return CANDIDATE_RESERVE * own_seconds[max(riders)] if riders else 0.0
 
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
         if cand.correction:
             model, best_epoch, ran = trained(cand, train_part, t0)
         else:  # nothing to train: the neighbour's answer (and its derivatives) as it is
+            spent = tangents.seconds
             model, best_epoch, ran = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents), 0, 0
+            spent = tangents.seconds - spent
         rates[rate_key(cand)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part), len(train_part))
         result = judged(cand, model, len(train_part), best_epoch, ran, t0)
         parts[len(trials) - 1] = train_part
+        if not cand.correction:
+            own_seconds[len(trials) - 1] = result.seconds - spent
         return result
 
     def trained(cand: Candidate, train_part: SolvedSet, t0: float) -> tuple[WarmStartPredictor, int, int]:
@@ -660,7 +704,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         result = TrialResult(cand, num_train, float(reg), float(np.median(its)), float(np.mean(its)),
                              best_epoch, ran, time.perf_counter() - t0)
         trials.append(result)
-        models[len(trials) - 1] = model
+        if cand.correction:  # an uncorrected model is rebuilt where chosen: its derivatives are most of the memory
+            models[len(trials) - 1] = model
         say(f"  {cand.label():48s} n={num_train:5d}  val loss {reg:8.3g}  median C it "
             f"{result.val_median_iterations:g} (mean {result.val_mean_iterations:.1f})  epochs {ran}  "
             f"{result.seconds:.1f} s")
@@ -720,7 +765,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         the source ended the curve) and the configuration the curve ended with (a companion that took over)."""
         nonlocal best_i
         for n in sizes:
-            if time.perf_counter() + estimate(cand, n) > deadline:
+            if time.perf_counter() + estimate(cand, n) > deadline - reserve():
                 say(f"  (budget: no training on n={n})")
                 return None, cand
             _, part = data(n)
@@ -735,7 +780,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             paid = step_paid(result, last)
             last = result
             for comp in list(companions):
-                if time.perf_counter() + estimate(comp, n) > deadline:
+                if time.perf_counter() + estimate(comp, n) > deadline - reserve():
                     continue
                 if better(trial(comp, part), trials[best_i]):
                     best_i = len(trials) - 1
@@ -766,7 +811,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     while stalled is not None and max(chosen.hidden) < MAX_WIDTH:  # (the curve's configuration is a trained one)
         at = trials[stalled]
         wide = dataclasses.replace(chosen, hidden=tuple(min(MAX_WIDTH, 2 * h) for h in chosen.hidden))
-        if time.perf_counter() + estimate(wide, at.num_train) > deadline:
+        if time.perf_counter() + estimate(wide, at.num_train) > deadline - reserve():
             say(f"  (budget: no wider network at n={at.num_train})")
             break
         result = trial(wide, parts[stalled])
@@ -789,14 +834,14 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         at = min(riders, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations,
                                         -trials[i].num_train))
         base, part = trials[at], parts[at]
-        count, last = base.candidate.choices, base.seconds
+        count, last = base.candidate.choices, own_seconds[at]  # (the derivatives are there: not counted)
         while 2 * count <= min(MAX_CHOICES, base.num_train):
             count *= 2
             if time.perf_counter() + 2 * last > deadline:  # the trial before had half as many candidates
                 say(f"  (budget: no trial of {count} candidates)")
                 break
             result = trial(dataclasses.replace(base.candidate, choices=count), part)
-            last = result.seconds
+            last = own_seconds[len(trials) - 1]
             if better(result, trials[at]):
                 at = len(trials) - 1
         if better(trials[at], trials[best_i]):
@@ -828,7 +873,9 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                 if better(trials[i], trials[best_i]):
                     best_i = i
     best = trials[best_i]
-    result = RecipeResult(model=models[best_i], candidate=best.candidate, num_train=best.num_train,
+    model = models[best_i] if best_i in models else uncorrected_model(best.candidate, pp, algorithm, settings,
+                                                                      parts[best_i], tangents)
+    result = RecipeResult(model=model, candidate=best.candidate, num_train=best.num_train,
                           val_median_iterations=best.val_median_iterations, cold_median_iterations=cold_median,
                           val_rows=tuple(int(i) for i in val_rows), trials=tuple(trials), curve=curve,
                           seconds=time.perf_counter() - t_start,
@@ -864,6 +911,6 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
     return get_solved
 
 
-__all__ = ["KINDS", "MAX_CHOICES", "STORED_KINDS", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings",
-           "TrialResult", "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_prefix",
-           "solved_source", "uncorrected_model"]
+__all__ = ["KINDS", "MAX_CHOICES", "STORED_KINDS", "AnchorDerivatives", "Candidate", "CurvePoint", "RecipeResult",
+           "RecipeSettings", "TrialResult", "c_iterations", "candidate_core", "fit_predictor", "scaled_rate",
+           "solved_prefix", "solved_source", "uncorrected_model"]

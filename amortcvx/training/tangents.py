@@ -34,8 +34,11 @@ NEWTON_BATCH = 256
 
 
 def solution_tangents(pp: ParametricProblem, algorithm: str, settings, solved: SolvedSet, in_std: torch.Tensor,
-                      out_std: torch.Tensor, *, step: float = STEP, deadline: float | None = None) -> torch.Tensor:
-    """``(K, d, p)`` derivatives ``dz*/du`` in normalized units at the first ``K`` instances of ``solved``.
+                      out_std: torch.Tensor, *, step: float = STEP, deadline: float | None = None,
+                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``(K, d, p)`` derivatives ``dz*/du`` in normalized units at the first ``K`` instances of ``solved``, computed
+    in float64 and returned in ``dtype`` (each chunk converted as it is done, so float32 never holds all of them in
+    float64).
 
     ``K = len(solved)`` unless ``deadline`` (a ``time.perf_counter()`` value) passes first: the instances are
     done in chunks, and the chunks finished by then are returned (at least two instances' worth, whatever the
@@ -50,11 +53,12 @@ def solution_tangents(pp: ParametricProblem, algorithm: str, settings, solved: S
         if start >= 2 and deadline is not None and time.perf_counter() > deadline:
             break
         idx = torch.arange(start, min(start + per_chunk, len(solved)))
-        parts.append(_chunk(pp, algorithm, settings, solved.subset(idx), theta[idx], std, step))
+        jac = _chunk(pp, algorithm, settings, solved.subset(idx), theta[idx], std, step)
+        parts.append((jac / out_std.to(torch.float64)[None, :, None]).to(dtype))
     d = int(out_std.shape[0])
     if not parts:
-        return torch.zeros(0, d, p, dtype=torch.float64)
-    return torch.cat(parts) / out_std.to(torch.float64)[None, :, None]
+        return torch.zeros(0, d, p, dtype=dtype)
+    return torch.cat(parts)
 
 
 def _chunk(pp: ParametricProblem, algorithm: str, settings, part: SolvedSet, theta: torch.Tensor,
