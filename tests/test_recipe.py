@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -78,14 +79,16 @@ def test_recipe_searches_chooses_on_validation_and_reports_a_curve(fitted, portf
     assert sizes == sorted(sizes) and TINY.search_size in sizes and len(sizes) >= 2
     text = res.format()
     assert "learning curve" in text and res.candidate.label() in text
+    beat = res.val_median_iterations < res.cold_median_iterations
+    assert ("NO CONFIGURATION BEAT THE COLD START" in text) != beat
+    worse = dataclasses.replace(res, val_median_iterations=res.cold_median_iterations + 5)  # (robust_ls, stop 33)
+    assert f"({res.cold_median_iterations + 5:g} against {res.cold_median_iterations:g} median" in worse.format()
 
 
 def test_validation_rows_are_drawn_across_the_search_data_and_never_trained_on(fitted):
     """The validation set is a seeded draw from the first ``val_size + search_size`` rows (not the first rows: a
     source of closed-loop trajectories would validate on a few episodes), the training set the other rows in
     order."""
-    import dataclasses
-
     res = fitted
     val = np.asarray(res.val_rows)
     span = TINY.val_size + TINY.search_size
@@ -143,8 +146,6 @@ def test_a_source_that_fails_some_instances_still_gives_every_training_the_same_
 
 
 def test_learning_curve_plot_shows_the_curve_every_training_and_the_cold_start(fitted, tmp_path):
-    import dataclasses
-
     from amortcvx.evaluation import plot_learning_curve
     from amortcvx.evaluation.reports import learning_curve_figure
 

@@ -335,6 +335,10 @@ class RecipeResult:
         lines.append(f"chosen: {self.candidate.label()}, n = {self.num_train}: median {self.val_median_iterations:g} "
                      f"C iterations ({self.val_median_iterations / max(self.cold_median_iterations, 1e-12):.2f} of "
                      "cold)")
+        if self.val_median_iterations >= self.cold_median_iterations:
+            lines.append(f"NO CONFIGURATION BEAT THE COLD START on validation ({self.val_median_iterations:g} against "
+                         f"{self.cold_median_iterations:g} median C iterations): expect calibration to keep the cold "
+                         "start")
         lines.append("learning curve: n, validation loss, median C iterations, configuration")
         lines += [f"  {p.num_train:6d} {p.val_regression:9.3g} {p.val_median_iterations:9g}  {p.configuration}"
                   for p in self.curve]
