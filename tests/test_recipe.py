@@ -705,7 +705,9 @@ def test_anchor_derivatives_extend_from_where_they_end_in_each_sets_units(box_qp
     _, shell, _ = _shell_and_targets(pp, solved)
     assert not torch.allclose(small_shell.out_std, shell.out_std)  # the two sets have their own units
     store = recipe_mod.AnchorDerivatives(pp, "scs", settings, deadline=float("inf"))
+    assert store.seconds_for(15) == 0.0  # no rate measured yet
     first = store(solved.subset(torch.arange(15)), small_shell)
+    assert store.seconds_for(15) == 0.0 and store.seconds_for(45) == pytest.approx(3 * store.seconds_for(25))
     again = store(solved.subset(torch.arange(10)), small_shell)
     full = store(solved, shell)
     assert calls == [15, 25]
@@ -891,6 +893,49 @@ def test_the_curve_leaves_time_for_the_candidate_step(portfolio, monkeypatch):
     assert mlp == [60, 120, 240] and counts == [8, 8, 8]
     assert res.candidate.choices == 8 and res.val_median_iterations == 10.0
 
+
+def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further(portfolio, monkeypatch):
+    """Scripted on a simulated clock: the uncorrected expansion rides the MLP's curve unless it is not the best so
+    far and its new derivatives alone (predicted from the rate measured so far) would take longer than the curve's
+    training at that size; as the best so far it rides on whatever they cost."""
+    import amortcvx.training.recipe as recipe_mod
+
+    def run(seconds_per_instance, rider_iterations: float):
+        clock = FakeClock()
+
+        class Derivatives:  # the recipe's derivatives, with a scripted cost
+            def __init__(self, *args, **kwargs):
+                self.seconds = 0.0
+
+            def seconds_for(self, n: int) -> float:
+                return seconds_per_instance(n) * n
+
+        def uncorrected(cand, pp_, alg, settings, part, tangents=None):
+            clock.t += 1.0
+            return TaggedModel(cand.label(), 0, len(part))
+
+        def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
+            if kind.startswith("neighbor_tangent uncorrected"):
+                return 0.5, rider_iterations
+            return 0.3 * 60 / n, 12.0  # the MLP's loss keeps falling: its curve goes on
+
+        monkeypatch.setattr(recipe_mod, "AnchorDerivatives", Derivatives)
+        monkeypatch.setattr(recipe_mod, "uncorrected_model", uncorrected)
+        settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                                  alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1,
+                                  epochs=3, patience=1)
+        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n: 10.0 * n / 60,
+                              clock=clock, budget=10_000)
+        return [(t.candidate.kind, t.num_train) for t in res.trials if t.candidate.choices == 8]
+
+    # the MLP trains 120 instances in 20 s: derivatives of 0.2 s per instance (24 s) would take longer
+    assert run(lambda n: 0.2, 14.0) == [("mlp", 60), ("neighbor_tangent", 60), ("mlp", 120), ("mlp", 240)]
+    both = [("mlp", 60), ("neighbor_tangent", 60), ("mlp", 120), ("neighbor_tangent", 120), ("mlp", 240),
+            ("neighbor_tangent", 240)]
+    assert run(lambda n: 0.1, 14.0) == both
+    # cheap at 120, where it becomes the best so far (10 against 12), then 240 s at 240 (the MLP's 40 s): it rides on
+    assert run(lambda n: 0.1 if n <= 120 else 1.0, 10.0) == both
+    assert run(lambda n: 0.1 if n <= 120 else 1.0, 14.0) == both[:-1]  # not the best: it does not
 
 def test_predict_keeps_the_best_of_many_candidates_taken_one_at_a_time(box_qp):
     """The uncorrected tangent with 32 candidates: ``predict`` takes them one at a time and returns, per instance,

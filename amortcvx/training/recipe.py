@@ -446,10 +446,12 @@ class AnchorDerivatives:
         self.out_std: torch.Tensor | None = None
         self.asked = 0  # the most anchors asked for so far
         self.seconds = 0.0  # spent computing them
+        self.cap = 0  # anchors within TANGENT_BYTES (known at the first call)
 
     def __call__(self, train_part: SolvedSet, shell: WarmStartPredictor) -> torch.Tensor:
         row_bytes = int(shell.out_std.shape[0]) * self.pp.num_params * torch.finfo(TANGENT_DTYPE).bits // 8
-        anchors = min(max(2, TANGENT_BYTES // row_bytes), len(train_part))
+        self.cap = max(2, TANGENT_BYTES // row_bytes)
+        anchors = min(self.cap, len(train_part))
         if anchors > self.asked:
             t0 = time.perf_counter()
             self.asked = anchors
@@ -468,6 +470,14 @@ class AnchorDerivatives:
             self.say(f"  (derivatives at the first {len(self.jac)} training instances, {len(new)} new in "
                      f"{time.perf_counter() - t0:.1f} s; {size:.0f} MiB)")
         return renormalized(self.jac[:anchors], self.in_std, self.out_std, shell.in_std, shell.out_std)
+
+    def seconds_for(self, n: int) -> float:
+        """The seconds a call with a set of ``n`` instances would spend on new derivatives, at the rate measured so
+        far and within the time share (0 where it would compute none, or none were computed yet)."""
+        if self.jac is None or min(self.cap, n) <= self.asked or self.seconds == 0.0:
+            return 0.0
+        left = max(self.deadline - time.perf_counter(), 0.0)
+        return min((min(self.cap, n) - len(self.jac)) * self.seconds / len(self.jac), TANGENT_SHARE * left)
 
 
 def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
@@ -785,6 +795,14 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             last = result
             for comp in list(companions):
                 if time.perf_counter() + estimate(comp, n) > deadline - reserve():
+                    continue
+                own = max(i for i, t in enumerate(trials) if t.candidate == comp)  # its last trial
+                if comp.kind == "neighbor_tangent" and own != best_i and tangents.seconds_for(n) > result.seconds:
+                    # not the best so far, and its new derivatives alone would take longer than the curve's training
+                    # (mpc_param_dyn, stop 34: 77 s per 500 instances, three times, against MLP trainings of 18-21 s)
+                    say(f"  ({comp.label()}'s derivatives at n={len(part)} would take longer than the curve's "
+                        "training: it rides no further)")
+                    companions.remove(comp)
                     continue
                 if better(trial(comp, part), trials[best_i]):
                     best_i = len(trials) - 1
