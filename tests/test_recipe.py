@@ -441,7 +441,7 @@ def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, 
                     cost=None, clock: FakeClock | None = None, budget: float = 300):
     """``fit_predictor`` on the portfolio source with the trainings and the C solves replaced: a trained model is
     a tag ``(kind, width, n)`` whose validation loss and median C iterations are ``scripted(kind, width, n)``;
-    every other kind counts as a companion. A training takes no time, or ``cost(kind, n)`` seconds (slept, or
+    every other kind counts as a companion. A training takes no time, or ``cost(kind, n, width)`` seconds (slept, or
     added to ``clock``, which then is the recipe's only time); ``seen`` collects the (training, validation) sets
     every training was given."""
     import amortcvx.training.recipe as recipe_mod
@@ -457,9 +457,9 @@ def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, 
         if seen is not None:
             seen.append((part, val))
         if cost is not None and clock is not None:
-            clock.t += cost(core, len(part))
+            clock.t += cost(core, len(part), config.hidden[0])
         elif cost is not None:
-            time.sleep(cost(core, len(part)))
+            time.sleep(cost(core, len(part), config.hidden[0]))
         return TrainResult(TaggedModel(core, config.hidden[0], len(part)), [{}] * 3, 2)
 
     monkeypatch.setattr(recipe_mod, "train", train)
@@ -498,6 +498,31 @@ def test_capacity_step_widens_the_network_where_more_data_stops_paying(portfolio
     assert res.curve[1].configuration.startswith("mlp 64x64") and res.curve[2].configuration.startswith("mlp 128x128")
 
 
+def test_a_wider_network_is_estimated_from_the_largest_network_measured(portfolio, monkeypatch):
+    """Scripted on a simulated clock: the search's small network (64x64) costs more per weight than the chosen
+    256x256 (a small network's time is mostly overhead). The capacity step's 512x512 is estimated from the largest
+    network measured, so it fits the budget left and is trained; estimated from the small one it would not."""
+    import amortcvx.training.recipe as recipe_mod
+
+    _, pp, _ = portfolio
+    size = {w: recipe_mod._network_size((w, w), pp) for w in (64, 256, 512)}
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
+        return {256: (0.5, 12.0), 64: (0.6, 14.0)}.get(width, (0.4, 10.0))  # 256 stalls at 120; 512 is better
+
+    costs = {(256, 60): 1.0, (64, 60): 10.0, (256, 120): 2.0}
+    # the 512's estimate (3 epochs here) from the 256 at 120 and from the 64 at 60, per instance and epoch
+    from_256 = 2.0 / 3 / 120 * size[512] / size[256] * 120 * 3
+    from_64 = 10.0 / 3 / 60 * size[512] / size[64] * 120 * 3
+    assert from_64 > 2 * from_256
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
+                              alternatives=({"hidden": (64, 64)},), ensemble=1, epochs=3, patience=1)
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings, clock=FakeClock(),
+                          cost=lambda kind, n, width: costs.get((width, n), 1.0),
+                          budget=13.0 + (from_256 + from_64) / 2)
+    assert [(t.candidate.hidden[0], t.num_train) for t in res.trials] == [(256, 60), (64, 60), (256, 120), (512, 120)]
+    assert res.candidate.hidden == (512, 512)
+
 def test_budget_rates_of_stored_set_kinds_grow_with_the_set():
     from amortcvx.training.recipe import STORED_KINDS, scaled_rate
 
@@ -531,7 +556,7 @@ def test_a_companion_rides_no_further_once_it_trains_longer_than_the_curve(portf
     """Scripted: the neighbour kind is cheap at 60 instances and costs five times the MLP's training at 120 (a
     stored set's cost grows with its square); it is not trained at 240, and the MLP's curve goes on."""
 
-    def cost(kind: str, n: int) -> float:
+    def cost(kind: str, n: int, width: int) -> float:
         return 0.02 if kind == "mlp" else (0.001 if n <= 60 else 0.1)
 
     settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
@@ -880,7 +905,7 @@ def test_the_curve_leaves_time_for_the_candidate_step(portfolio, monkeypatch):
                                   epochs=3, patience=1)
         # an MLP training costs 10 s per 60 instances (the budget's estimates are exact here): the search ends at
         # 11 s, the curve's 120 at 32 s; its 240 would end at 73 s of the 74
-        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n: 10.0 * n / 60,
+        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n, width: 10.0 * n / 60,
                               clock=clock, budget=74)
         mlp = [t.num_train for t in res.trials if t.candidate.kind == "mlp"]
         counts = [t.candidate.choices for t in res.trials if not t.candidate.correction]
@@ -924,7 +949,7 @@ def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further
         settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
                                   alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1,
                                   epochs=3, patience=1)
-        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n: 10.0 * n / 60,
+        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n, width: 10.0 * n / 60,
                               clock=clock, budget=10_000)
         return [(t.candidate.kind, t.num_train) for t in res.trials if t.candidate.choices == 8]
 
