@@ -21,6 +21,7 @@ from amortcvx.predictors import (
 )
 from amortcvx.training.recipe import (
     Candidate,
+    RecipeResult,
     RecipeSettings,
     c_iterations,
     fit_predictor,
@@ -879,6 +880,26 @@ def test_an_uncorrected_expansion_doubles_its_candidates_while_that_pays(portfol
         Candidate(kind="neighbor_tangent", correction=False, choices=0)
 
 
+def clocked_rider_recipe(monkeypatch, portfolio, scripted, budget: float) -> RecipeResult:
+    """A scripted recipe on a simulated clock where the uncorrected expansion (the only alternative) rides an MLP
+    curve of 60, 120 and 240 instances: an MLP training costs 10 s per 60 instances (the budget's estimates are
+    exact: 3 epochs, patience 1), an expansion trial 1 s."""
+    import amortcvx.training.recipe as recipe_mod
+
+    clock = FakeClock()
+
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None):
+        clock.t += 1.0
+        return TaggedModel(cand.label(), 0, len(part))
+
+    monkeypatch.setattr(recipe_mod, "uncorrected_model", uncorrected)
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                              alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1,
+                              epochs=3, patience=1)
+    return scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n, width: 10.0 * n / 60,
+                           clock=clock, budget=budget)
+
+
 def test_the_curve_leaves_time_for_the_candidate_step(portfolio, monkeypatch):
     """Scripted on a clock of simulated seconds: the MLP's loss keeps falling with more data (so its curve goes
     on) while the uncorrected expansion rides along and pays with more candidates. The curve stops where its next
@@ -892,21 +913,9 @@ def test_the_curve_leaves_time_for_the_candidate_step(portfolio, monkeypatch):
         return 0.3 * 60 / n, 12.0
 
     def run(reserve: int):
-        clock = FakeClock()
-
-        def uncorrected(cand, pp_, alg, settings, part, tangents=None):
-            clock.t += 1.0  # each of its trials: one second
-            return TaggedModel(cand.label(), 0, len(part))
-
-        monkeypatch.setattr(recipe_mod, "uncorrected_model", uncorrected)
         monkeypatch.setattr(recipe_mod, "CANDIDATE_RESERVE", reserve)
-        settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
-                                  alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1,
-                                  epochs=3, patience=1)
-        # an MLP training costs 10 s per 60 instances (the budget's estimates are exact here): the search ends at
-        # 11 s, the curve's 120 at 32 s; its 240 would end at 73 s of the 74
-        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n, width: 10.0 * n / 60,
-                              clock=clock, budget=74)
+        # the search ends at 11 s, the curve's 120 at 32 s; its 240 would end at 73 s of the 74
+        res = clocked_rider_recipe(monkeypatch, portfolio, scripted, budget=74)
         mlp = [t.num_train for t in res.trials if t.candidate.kind == "mlp"]
         counts = [t.candidate.choices for t in res.trials if not t.candidate.correction]
         return res, mlp, counts
@@ -926,8 +935,6 @@ def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further
     import amortcvx.training.recipe as recipe_mod
 
     def run(seconds_per_instance, rider_iterations: float):
-        clock = FakeClock()
-
         class Derivatives:  # the recipe's derivatives, with a scripted cost
             def __init__(self, *args, **kwargs):
                 self.seconds = 0.0
@@ -935,22 +942,13 @@ def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further
             def seconds_for(self, n: int) -> float:
                 return seconds_per_instance(n) * n
 
-        def uncorrected(cand, pp_, alg, settings, part, tangents=None):
-            clock.t += 1.0
-            return TaggedModel(cand.label(), 0, len(part))
-
         def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
             if kind.startswith("neighbor_tangent uncorrected"):
                 return 0.5, rider_iterations
             return 0.3 * 60 / n, 12.0  # the MLP's loss keeps falling: its curve goes on
 
         monkeypatch.setattr(recipe_mod, "AnchorDerivatives", Derivatives)
-        monkeypatch.setattr(recipe_mod, "uncorrected_model", uncorrected)
-        settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
-                                  alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1,
-                                  epochs=3, patience=1)
-        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n, width: 10.0 * n / 60,
-                              clock=clock, budget=10_000)
+        res = clocked_rider_recipe(monkeypatch, portfolio, scripted, budget=10_000)
         return [(t.candidate.kind, t.num_train) for t in res.trials if t.candidate.choices == 8]
 
     # the MLP trains 120 instances in 20 s: derivatives of 0.2 s per instance (24 s) would take longer

@@ -465,10 +465,11 @@ class AnchorDerivatives:
             else:
                 new = renormalized(new, shell.in_std, shell.out_std, self.in_std, self.out_std)
                 self.jac = torch.cat([self.jac, new])
-            self.seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.seconds += took
             size = self.jac.numel() * self.jac.element_size() / 2 ** 20
             self.say(f"  (derivatives at the first {len(self.jac)} training instances, {len(new)} new in "
-                     f"{time.perf_counter() - t0:.1f} s; {size:.0f} MiB)")
+                     f"{took:.1f} s; {size:.0f} MiB)")
         return renormalized(self.jac[:anchors], self.in_std, self.out_std, shell.in_std, shell.out_std)
 
     def seconds_for(self, n: int) -> float:

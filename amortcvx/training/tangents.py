@@ -48,13 +48,14 @@ def solution_tangents(pp: ParametricProblem, algorithm: str, settings, solved: S
     theta = solved.theta.to(torch.float64)
     std = in_std.to(torch.float64)
     per_chunk = max(1, NEWTON_BATCH // (2 * p))
+    scale = out_std.to(torch.float64)[None, :, None]
     parts = []
     for start in range(0, len(solved), per_chunk):
         if start >= 2 and deadline is not None and time.perf_counter() > deadline:
             break
         idx = torch.arange(start, min(start + per_chunk, len(solved)))
         jac = _chunk(pp, algorithm, settings, solved.subset(idx), theta[idx], std, step)
-        parts.append((jac / out_std.to(torch.float64)[None, :, None]).to(dtype))
+        parts.append((jac / scale).to(dtype))
     d = int(out_std.shape[0])
     if not parts:
         return torch.zeros(0, d, p, dtype=dtype)
