@@ -987,6 +987,94 @@ def test_predict_keeps_the_best_of_many_candidates_taken_one_at_a_time(box_qp):
     torch.testing.assert_close(z, every[torch.arange(len(theta)), picked], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("algorithm, form", [("scs", "cone"), ("osqp", "qp")])
+def test_a_stacked_algorithm_repeats_the_batch_without_a_new_factorization(algorithm, form):
+    """``alg.stacked(c)`` is the algorithm on the batch repeated ``c`` times, copy after copy: its optimality residual
+    and its step on stacked states equal the batch's own on each copy, and the shared factorization is reused (no
+    new build in the cache). Where the factorization is per instance (a parameter in ``A``), it gives None."""
+    import cvxpy as cp
+
+    from amortcvx.iterations.linalg import FactorCache
+    from amortcvx.iterations.registry import make_algorithm
+
+    pp = ParametricProblem(_box_problem(), form)
+    params = {k: v[:5] for k, v in _box_params().items()}
+    cache = FactorCache()
+    alg = make_algorithm(algorithm, pp.canonicalize(params), cache=cache)
+    space = output_space(algorithm)
+    z = torch.randn(3, 5, space.dim(alg.work.n, alg.work.m), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    three = alg.stacked(3)
+    assert cache.builds == 1 and three.work.batch_size == 15
+    state = space.to_state(three, z.reshape(15, -1))
+    own = torch.stack([alg.optimality(space.to_state(alg, z[c])) for c in range(3)])
+    torch.testing.assert_close(three.optimality(state).view(3, 5), own, rtol=1e-12, atol=1e-12)
+    stepped = three.fixed_point(three.step(state)).view(3, 5, -1)
+    for c in range(3):
+        torch.testing.assert_close(stepped[c], alg.fixed_point(alg.step(space.to_state(alg, z[c]))), rtol=1e-10,
+                                   atol=1e-12)
+
+    a, x = cp.Parameter(3, name="a"), cp.Variable(3, name="x")
+    in_a = ParametricProblem(cp.Problem(cp.Minimize(cp.sum_squares(x)), [a @ x >= 1]), form)
+    per_instance = make_algorithm(algorithm, in_a.canonicalize({"a": np.ones((2, 3)) + np.eye(3)[:2]}))
+    assert per_instance.stacked(2) is None
+
+
+def test_predict_ranks_groups_of_candidates_as_it_ranks_them_one_at_a_time(box_qp):
+    """At a small batch ``predict`` ranks the candidates a group at a time on the stacked batch (groups of
+    ``RANK_ROWS // B``, the last one padded): the pick equals ranking them one call per candidate (``rank_rows=1``)
+    and ranking all of them at once, instance by instance; where the algorithm has no stacked form it ranks them
+    one at a time."""
+    from amortcvx.iterations.registry import make_algorithm
+    from amortcvx.predictors import predict
+    from amortcvx.predictors.fixed_point import RANK_ROWS
+    from amortcvx.training.recipe import uncorrected_model
+
+    pp, source, _ = box_qp
+    solved = source(40)
+    settings, shell, _ = _shell_and_targets(pp, solved)
+    model = uncorrected_model(Candidate(kind="neighbor_tangent", correction=False, choices=37), pp, "scs", settings,
+                              solved)
+    theta = solved.theta[:3] + 0.3 * torch.randn((3, solved.theta.shape[1]), dtype=torch.float64,
+                                                  generator=torch.Generator().manual_seed(4)) * shell.in_std
+    alg = make_algorithm("scs", pp.canonicalize_vector(theta), settings)
+    space = output_space("scs")
+    sizes = []
+    stacked = alg.stacked
+
+    def counted(copies):
+        sizes.append(copies)
+        return stacked(copies)
+
+    with torch.no_grad():
+        every = model.candidates(theta)
+        res = torch.stack([alg.optimality(space.to_state(alg, every[:, i])) for i in range(every.shape[1])], 1)
+        grouped = predict(model, space, alg._replace(stacked=counted), theta)
+        single = predict(model, space, alg, theta, rank_rows=1)
+        unstacked = predict(model, space, alg._replace(stacked=None), theta)
+    assert sizes == [RANK_ROWS // 3] and 37 % sizes[0]  # groups of 21: the second is padded
+    best = every[torch.arange(3), res.argmin(dim=1)]
+    for z in (grouped, single, unstacked):
+        torch.testing.assert_close(z, best, rtol=0, atol=0)
+
+
+def test_the_ranking_benchmark_runs_and_reports_both_rankings():
+    """``benchmarks/bench_ranking.py`` on a tiny configuration: the machine line, then one line per candidate count
+    and batch size with both times, their ratio and how far the two picks differ."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ranking.py"
+    out = subprocess.run([sys.executable, str(script), "--pairs", "portfolio:small:scs", "--train", "60",
+                          "--choices", "8", "--batch", "1", "4", "--repeats", "1", "--workers", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if "ms/instance" in line]
+    assert out.stdout.startswith("machine:") and len(rows) == 2
+    assert all("one call each" in r and "ratio" in r and "picks differ by" in r for r in rows)
+
+
 def test_derivatives_carry_over_to_another_normalization(box_qp):
     """The recipe computes a tangent kind's derivatives once per anchor count; a larger training set beyond the cap
     has its own normalization, into which ``renormalized`` converts them: the same as computing them there."""

@@ -45,6 +45,11 @@ class FixedPointAlgorithm(NamedTuple):
         optimality: ``optimality(state) -> (B,)``, a residual of the optimality conditions at the point a state
             stands for that needs no linear solve (nil exactly at the solutions), to rank starts more cheaply than by
             a step; None where not available.
+        stacked: ``stacked(copies) -> FixedPointAlgorithm | None``, the algorithm bound to the batch repeated
+            ``copies`` times, copy after copy (row ``c B + i`` is instance ``i``), with the batch's factorization
+            reused: to rank several candidates per instance in one call (:func:`~amortcvx.predictors.predict`).
+            It returns None where the factorization is per instance (no cheap copy); the field is None where not
+            available.
     """
 
     name: str
@@ -57,6 +62,7 @@ class FixedPointAlgorithm(NamedTuple):
     embed: Callable[[torch.Tensor], State] | None = None
     polish: Callable[..., dict[str, torch.Tensor]] | None = None
     optimality: Callable[[State], torch.Tensor] | None = None
+    stacked: Callable[[int], FixedPointAlgorithm | None] | None = None
 
 
 @dataclass(frozen=True)

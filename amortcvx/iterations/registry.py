@@ -31,6 +31,46 @@ def _osqp_point(state: _osqp.OsqpState) -> tuple:
     return state.x, state.y, None
 
 
+def stacked(bind: Callable[[object, kkt.Batch], FixedPointAlgorithm], rows: tuple[str, ...], work, d: kkt.Batch,
+            copies: int) -> FixedPointAlgorithm | None:
+    """An algorithm's ``stacked(copies)``: the algorithm ``bind(work, d)`` makes, on the batch repeated ``copies``
+    times (row ``c B + i`` is instance ``i``), or None where the batch's factored system holds one factorization per
+    instance. Nothing is set up or solved again: the per-instance fields ``rows`` of ``work`` and the vectors of
+    ``d`` are repeated, the shared matrices and the factorization are the batch's own."""
+    if work.solver.batch_size != 1:
+        return None
+    index = torch.arange(work.batch_size, device=d.lin.device).repeat(copies)
+    changes = {f: getattr(work, f)[index] for f in rows if getattr(work, f) is not None}
+    return bind(work._replace(**changes, A=work.A.take(index), P=None if work.P is None else work.P.take(index),
+                              batch_size=int(index.numel())), kkt.take(d, index))
+
+
+_SCS_ROWS = ("g", "qb", "a", "b", "c")
+"""The per-instance fields of :class:`~amortcvx.iterations.scs.ScsWork` (the others are shared by the batch)."""
+
+_OSQP_ROWS = ("q", "l", "u", "c0")
+"""The per-instance fields of :class:`~amortcvx.iterations.osqp.OsqpWork` where its factorization is shared (``rho``
+is then shared too)."""
+
+
+def _bind_scs(work: _scs.ScsWork, d: kkt.Batch) -> FixedPointAlgorithm:
+    return FixedPointAlgorithm(
+        name="scs", work=work, init=partial(_scs.scs_init, work), step=partial(_scs.scs_step, work),
+        fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
+        solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
+        polish=partial(scs_polish, work), optimality=partial(optimality, d, partial(_scs.scs_point, work)),
+        stacked=partial(stacked, _bind_scs, _SCS_ROWS, work, d))
+
+
+def _bind_osqp(work: _osqp.OsqpWork, d: kkt.Batch) -> FixedPointAlgorithm:
+    return FixedPointAlgorithm(
+        name="osqp", work=work, init=partial(_osqp.osqp_init, work), step=partial(_osqp.osqp_step, work),
+        fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
+        solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
+        polish=partial(osqp_polish, work), optimality=partial(optimality, d, _osqp_point),
+        stacked=partial(stacked, _bind_osqp, _OSQP_ROWS, work, d))
+
+
 def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,
              cache: FactorCache | None = None) -> FixedPointAlgorithm:
     """SCS 3's iteration bound to a batch of cone programs (factors ``M`` once; see :mod:`.scs`).
@@ -38,15 +78,10 @@ def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,
     ``init(x=None, y=None, s=None, *, v=None)``; the fixed-point variable is ``v`` (``(B, n + m + 1)``);
     ``solution`` gives :class:`~amortcvx.iterations.scs.ScsSolution` ``(x, y, s, tau, kappa)``;
     ``polish(x=, y=, s=)``: see :mod:`.polish` (LPs and QPs only); ``optimality``: :func:`optimality` at the point
-    ``v`` stands for (:func:`~amortcvx.iterations.scs.scs_point`).
+    ``v`` stands for (:func:`~amortcvx.iterations.scs.scs_point`); ``stacked``: :func:`stacked`.
     """
     work = _scs.scs_setup(data, settings, cache)
-    return FixedPointAlgorithm(
-        name="scs", work=work, init=partial(_scs.scs_init, work), step=partial(_scs.scs_step, work),
-        fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
-        solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
-        polish=partial(scs_polish, work),
-        optimality=partial(optimality, kkt.sparse(data, work.c.dtype), partial(_scs.scs_point, work)))
+    return _bind_scs(work, kkt.sparse(data, work.c.dtype))
 
 
 def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,
@@ -55,15 +90,11 @@ def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,
 
     ``init(x=None, y=None, *, z=None)`` (``z = A x`` by default); the fixed-point variable is
     ``[x; z + y / rho]`` (``(B, n + m)``); ``solution`` gives :class:`~amortcvx.iterations.osqp.OsqpSolution`;
-    ``polish(x=, y=)``: see :mod:`.polish`; ``optimality``: :func:`optimality` at the state's ``(x, y)``.
+    ``polish(x=, y=)``: see :mod:`.polish`; ``optimality``: :func:`optimality` at the state's ``(x, y)``;
+    ``stacked``: :func:`stacked`.
     """
     work = _osqp.osqp_setup(data, settings, cache)
-    return FixedPointAlgorithm(
-        name="osqp", work=work, init=partial(_osqp.osqp_init, work), step=partial(_osqp.osqp_step, work),
-        fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
-        solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
-        polish=partial(osqp_polish, work),
-        optimality=partial(optimality, kkt.sparse(data, work.q.dtype), _osqp_point))
+    return _bind_osqp(work, kkt.sparse(data, work.q.dtype))
 
 
 class IterationInfo(NamedTuple):

@@ -118,20 +118,31 @@ class WarmStartPredictor(nn.Module):
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         return self.out_mean + self.out_std * self.core(self._normalized(theta))
 
+    @property
+    def choices(self) -> int:
+        """``K``, the predictions per instance :meth:`candidates` gives (the core's ``choices``, else 1)."""
+        return int(getattr(self.core, "choices", 1))
+
     def candidates(self, theta: torch.Tensor) -> torch.Tensor:
         """(B, K, out_dim): several predictions per instance where the core offers them (a core with
-        ``candidate_stream`` and ``choices > 1``, e.g. :class:`~amortcvx.predictors.NeighborTangent` from its
+        ``candidate_groups`` and ``choices > 1``, e.g. :class:`~amortcvx.predictors.NeighborTangent` from its
         ``choices`` nearest instances; the first is :meth:`forward`'s), else ``K = 1``. Which one to use needs the
-        problem's data: :func:`~amortcvx.predictors.fixed_point.predict`, which takes them one at a time
-        (:meth:`candidate_stream`)."""
-        return torch.stack(list(self.candidate_stream(theta)), dim=1)
+        problem's data: :func:`~amortcvx.predictors.fixed_point.predict`, which takes them a group at a time
+        (:meth:`candidate_groups`)."""
+        return torch.cat(list(self.candidate_groups(theta, self.choices)), dim=1)
 
     def candidate_stream(self, theta: torch.Tensor) -> Iterator[torch.Tensor]:
         """The predictions of :meth:`candidates` one at a time, (B, out_dim) each, first :meth:`forward`'s."""
-        if getattr(self.core, "choices", 1) <= 1:
-            yield self(theta)
+        for group in self.candidate_groups(theta, 1):
+            yield group[:, 0]
+
+    def candidate_groups(self, theta: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+        """The predictions of :meth:`candidates` in groups of ``size`` (the last may be smaller), (B, g, out_dim)
+        each, first :meth:`forward`'s."""
+        if self.choices <= 1:
+            yield self(theta)[:, None]
             return
-        for z in self.core.candidate_stream(self._normalized(theta)):
+        for z in self.core.candidate_groups(self._normalized(theta), size):
             yield self.out_mean + self.out_std * z
 
     # ------------------------------------------------------------------ persistence

@@ -119,15 +119,25 @@ class NeighborCorrection(nn.Module):
     def candidates(self, u: torch.Tensor) -> torch.Tensor:
         """(B, choices, d): the prediction from each of the ``choices`` nearest stored instances, nearest first
         (the first is :meth:`forward`'s)."""
-        return torch.stack(list(self.candidate_stream(u)), dim=1)
+        return torch.cat(list(self.candidate_groups(u, self.choices)), dim=1)
 
     def candidate_stream(self, u: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The rows of :meth:`candidates` one at a time, (B, d) each, nearest first: for a caller that keeps only
-        the best, without holding all ``choices`` (64 candidates of mpc large's 2328 entries at batch 1024 would
-        be 1.2 GB in float64)."""
+        """The columns of :meth:`candidates` one at a time, (B, d) each, nearest first."""
+        for group in self.candidate_groups(u, 1):
+            yield group[:, 0]
+
+    def candidate_groups(self, u: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+        """The columns of :meth:`candidates` in groups of ``size`` (the last may be smaller), (B, g, d) each, nearest
+        first, each group computed in one pass: for a caller that ranks a group at a time and keeps only the best,
+        without holding all ``choices`` (64 candidates of mpc large's 2328 entries at batch 1024 would be 1.2 GB in
+        float64)."""
         j = self.neighbors(u, self.choices)
-        for i in range(j.shape[1]):
-            yield self._predict_from(u, j[:, i])
+        B = u.shape[0]
+        for start in range(0, j.shape[1], size):
+            part = j[:, start:start + size]
+            g = part.shape[1]
+            rows = self._predict_from(u.repeat_interleave(g, dim=0), part.reshape(-1))
+            yield rows.view(B, g, -1)
 
 
 class NeighborTangent(NeighborCorrection):
