@@ -3,7 +3,7 @@
 A predictor with several candidates per instance (the uncorrected first-order expansions from the ``choices`` nearest
 training instances, :class:`~amortcvx.predictors.NeighborTangent`) is ranked by :func:`~amortcvx.predictors.predict`
 with the optimality residual of each candidate. It ranks them a group at a time, on the batch stacked ``g`` times
-(``alg.stacked``, ``g B <= RANK_ROWS``); ``rank_rows=1`` gives the former one call per candidate. For each family,
+(``alg.stacked``, ``g B d <= RANK_ENTRIES``); ``rank_entries=1`` gives one call per candidate. For each family,
 candidate count and batch size this script times both (interleaved, median of ``--repeats``; the algorithm's setup
 excluded, the same for both) and reports ms per instance, their ratio, and the largest difference between the two
 picks (0 unless two candidates' residuals tie to rounding).
@@ -31,7 +31,7 @@ from amortcvx.evaluation.machine import environment
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors import predict
-from amortcvx.predictors.fixed_point import RANK_ROWS, output_space
+from amortcvx.predictors.fixed_point import RANK_ENTRIES, output_space, rank_group
 from amortcvx.solvers import get_solver
 from amortcvx.training import SolvedSet
 from amortcvx.training.recipe import Candidate, uncorrected_model
@@ -63,10 +63,11 @@ def bench_pair(name: str, size: str, alg_name: str, args) -> None:
                     grouped = predict(model, space, alg, theta)
                     times["grouped"].append(time.perf_counter() - t)
                     t = time.perf_counter()
-                    single = predict(model, space, alg, theta, rank_rows=1)
+                    single = predict(model, space, alg, theta, rank_entries=1)
                     times["one call each"].append(time.perf_counter() - t)
             med = {k: 1e3 * float(np.median(v)) / B for k, v in times.items()}
-            print(f"    {choices:5d} candidates  batch {B:5d}  groups of {max(1, min(choices, RANK_ROWS // B)):4d}"
+            group = rank_group(model.core.choices, B, space.dim(alg.work.n, alg.work.m))
+            print(f"    {choices:5d} candidates  batch {B:5d}  groups of {group:4d}"
                   f"  grouped {med['grouped']:9.3f} ms/instance  one call each {med['one call each']:9.3f}"
                   f"  ratio {med['grouped'] / med['one call each']:.2f}"
                   f"  picks differ by {float((grouped - single).abs().max()):.1e}", flush=True)
@@ -84,8 +85,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     print("machine:", environment(), "load", os.getloadavg())
-    print(f"predict on the CPU in float64, torch 1 thread; RANK_ROWS = {RANK_ROWS}; predictor: uncorrected tangent "
-          f"expansions from {args.train} training instances (solved at the dataset's default tolerance); "
+    print(f"predict on the CPU in float64, torch 1 thread; RANK_ENTRIES = {RANK_ENTRIES}; predictor: uncorrected "
+          f"tangent expansions from {args.train} training instances (solved at the dataset's default tolerance); "
           f"{args.repeats} interleaved repeats, medians; the algorithm's setup not timed")
     for pair in args.pairs:
         name, size, alg_name = pair.split(":")

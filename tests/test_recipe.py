@@ -1021,13 +1021,13 @@ def test_a_stacked_algorithm_repeats_the_batch_without_a_new_factorization(algor
 
 
 def test_predict_ranks_groups_of_candidates_as_it_ranks_them_one_at_a_time(box_qp):
-    """At a small batch ``predict`` ranks the candidates a group at a time on the stacked batch (groups of
-    ``RANK_ROWS // B``, the last one padded): the pick equals ranking them one call per candidate (``rank_rows=1``)
-    and ranking all of them at once, instance by instance; where the algorithm has no stacked form it ranks them
-    one at a time."""
+    """``predict`` ranks the candidates a group at a time on the stacked batch (``rank_group``: here groups of 21, the
+    last one padded): the pick equals ranking them one call per candidate (``rank_entries=1``) and ranking all of
+    them at once, instance by instance; where the algorithm has no stacked form it ranks them one at a time. By
+    default a small batch of this small problem is one group."""
     from amortcvx.iterations.registry import make_algorithm
     from amortcvx.predictors import predict
-    from amortcvx.predictors.fixed_point import RANK_ROWS
+    from amortcvx.predictors.fixed_point import rank_group
     from amortcvx.training.recipe import uncorrected_model
 
     pp, source, _ = box_qp
@@ -1039,6 +1039,7 @@ def test_predict_ranks_groups_of_candidates_as_it_ranks_them_one_at_a_time(box_q
                                                   generator=torch.Generator().manual_seed(4)) * shell.in_std
     alg = make_algorithm("scs", pp.canonicalize_vector(theta), settings)
     space = output_space("scs")
+    width = space.dim(alg.work.n, alg.work.m)
     sizes = []
     stacked = alg.stacked
 
@@ -1049,12 +1050,13 @@ def test_predict_ranks_groups_of_candidates_as_it_ranks_them_one_at_a_time(box_q
     with torch.no_grad():
         every = model.candidates(theta)
         res = torch.stack([alg.optimality(space.to_state(alg, every[:, i])) for i in range(every.shape[1])], 1)
-        grouped = predict(model, space, alg._replace(stacked=counted), theta)
-        single = predict(model, space, alg, theta, rank_rows=1)
+        grouped = predict(model, space, alg._replace(stacked=counted), theta, rank_entries=21 * 3 * width)
+        whole = predict(model, space, alg._replace(stacked=counted), theta)
+        single = predict(model, space, alg, theta, rank_entries=1)
         unstacked = predict(model, space, alg._replace(stacked=None), theta)
-    assert sizes == [RANK_ROWS // 3] and 37 % sizes[0]  # groups of 21: the second is padded
+    assert sizes == [21, 37] and rank_group(37, 3, width) == 37  # groups of 21 (the second padded), then one
     best = every[torch.arange(3), res.argmin(dim=1)]
-    for z in (grouped, single, unstacked):
+    for z in (grouped, whole, single, unstacked):
         torch.testing.assert_close(z, best, rtol=0, atol=0)
 
 

@@ -121,14 +121,17 @@ OUTPUT_SPACES: dict[str, OutputSpace] = {
 """Algorithm name -> :class:`OutputSpace`."""
 
 
-RANK_ROWS = 64
-""":func:`predict` ranks a batch's candidates in groups of ``g`` per instance, ``g B`` at most this many rows (at least
-one candidate per group). Wider products cost more per row: mpc large's sparse ``A`` (1704 x 624, 16104 nonzeros)
-times 512 rows took 9.7 ms against 8 x 0.33 ms for 64 rows at a time (torch 2.13, CPU, 1 thread)."""
+RANK_ENTRIES = 2 ** 17
+""":func:`predict` ranks a batch's candidates in groups of ``g`` per instance, ``g B d`` at most this many entries
+(``d`` the length of a prediction; at least one candidate per group). Wider products cost more per row, narrower
+calls more per call (torch 2.13, CPU, 1 thread, the uncorrected expansion's candidates, ms per instance): mpc large
+(``d = 2328``, ``A`` 1704 x 624 with 16104 nonzeros), batch 1, 64 candidates, groups of 8 / 16 / 32 / 64 / 128
+rows: 9.5 / 6.3 / 5.6 / 5.8 / 6.4; portfolio small (``d = 67``), batch 64, 1024 candidates, 64 / 512 / 1024 / 2048
+/ 4096 rows: 13.1 / 8.8 / 8.2 / 8.6 / 12.8. This many entries is 56 rows of the one and 1956 of the other."""
 
 
 def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Tensor,
-            dtype: torch.dtype = torch.float64, rank_rows: int = RANK_ROWS) -> torch.Tensor:
+            dtype: torch.dtype = torch.float64, rank_entries: int = RANK_ENTRIES) -> torch.Tensor:
     """The prediction handed to the solver for parameters ``theta`` (B, p), on ``theta``'s device in ``dtype`` (that
     of ``alg``, which is bound to ``theta``'s canonical data).
 
@@ -141,17 +144,20 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
     solution map, and there either residual is nil (mpc small, 4000 stored instances, 8 candidates: median C
     iterations 1 against 8 from the nearest one alone, mean 16 against 26).
 
-    The candidates are ranked a group at a time, each group in one call on the batch stacked ``g`` times
-    (``alg.stacked``; at most ``rank_rows`` rows per group), and only the best so far is kept: at small batches one
-    call per candidate costs more in per-call overhead than in arithmetic (mpc large, batch 1, 8 candidates: 1.3
-    against 3.1 ms; docs/training.md). Where the batch's factorization is per instance (``alg.stacked`` gives
-    None), one call per candidate. Among equal residuals the first wins; non-finite residuals count as infinite.
+    The candidates are ranked a group at a time (:func:`rank_group`), each group in one call on the batch stacked
+    ``g`` times (``alg.stacked``), and only the best so far is kept: at small batches and on small problems one call
+    per candidate costs more in per-call overhead than in arithmetic (batch 1, 1024 candidates: portfolio small 14
+    against 315 ms; docs/training.md). Where the batch's factorization is per instance (``alg.stacked`` gives None),
+    one call per candidate. Among equal residuals the first wins (residuals computed in a group and one at a time may
+    differ by rounding, so near-ties may be broken differently); non-finite residuals count as infinite.
     """
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     inputs = theta if tensor is None else theta.to(tensor.device, tensor.dtype)
     count = int(getattr(model, "choices", 1))
     if hasattr(model, "candidate_groups") and count > 1:
-        size = max(1, min(count, rank_rows // max(1, theta.shape[0])))
+        work = alg.work
+        width = space.dim(work.n, work.m) if hasattr(work, "n") and hasattr(work, "m") else rank_entries
+        size = rank_group(count, theta.shape[0], width, rank_entries)
         ranker = alg.stacked(size) if size > 1 and alg.stacked is not None else None
         size = size if ranker is not None else 1
         groups = iter(model.candidate_groups(inputs, size))
@@ -189,6 +195,12 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
         better = res < best_res
         best, best_res = torch.where(better[:, None], cand, best), torch.where(better, res, best_res)
     return best
+
+
+def rank_group(count: int, batch: int, width: int, entries: int = RANK_ENTRIES) -> int:
+    """How many of ``count`` candidates per instance :func:`predict` ranks in one call for a batch of ``batch``
+    predictions of length ``width``: ``g`` with ``g batch width <= entries``, at least 1, at most ``count``."""
+    return max(1, min(count, entries // max(1, batch * width)))
 
 
 def output_space(algorithm: str) -> OutputSpace:
