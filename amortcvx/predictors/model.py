@@ -131,11 +131,6 @@ class WarmStartPredictor(nn.Module):
         (:meth:`candidate_groups`)."""
         return torch.cat(list(self.candidate_groups(theta, self.choices)), dim=1)
 
-    def candidate_stream(self, theta: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The predictions of :meth:`candidates` one at a time, (B, out_dim) each, first :meth:`forward`'s."""
-        for group in self.candidate_groups(theta, 1):
-            yield group[:, 0]
-
     def candidate_groups(self, theta: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         """The predictions of :meth:`candidates` in groups of ``size`` (the last may be smaller), (B, g, out_dim)
         each, first :meth:`forward`'s."""

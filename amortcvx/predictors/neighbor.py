@@ -121,11 +121,6 @@ class NeighborCorrection(nn.Module):
         (the first is :meth:`forward`'s)."""
         return torch.cat(list(self.candidate_groups(u, self.choices)), dim=1)
 
-    def candidate_stream(self, u: torch.Tensor) -> Iterator[torch.Tensor]:
-        """The columns of :meth:`candidates` one at a time, (B, d) each, nearest first."""
-        for group in self.candidate_groups(u, 1):
-            yield group[:, 0]
-
     def candidate_groups(self, u: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         """The columns of :meth:`candidates` in groups of ``size`` (the last may be smaller), (B, g, d) each, nearest
         first, each group computed in one pass: for a caller that ranks a group at a time and keeps only the best,

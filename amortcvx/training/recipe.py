@@ -107,14 +107,17 @@ trial time (not counting new derivatives) for the step after it that doubles its
 trials (16 to 1024 candidates) took 10.4 s against 0.6 s for the 8-candidate trial (stop 33). Without it the curve
 of a network whose loss kept falling took the budget first (kalman, stop 34: 42 of 66 validation iterations with
 8 candidates at 16000 instances, no doubling)."""
-MAX_CHOICES = 1024
+MAX_CHOICES = 4096
 """The recipe tries an uncorrected candidate's :attr:`Candidate.choices` doubled from :data:`NEIGHBOR_CHOICES` up
 to this many and keeps the count of fewest validation iterations. Measured (small sizes, SCS, eps 1e-4, 8000
 training instances, 200 held-out instances, median C iterations from the bare prediction, for 8 / 64 / 256 / 1024
 candidates): portfolio 12 / 10 / 8 / 1 (cold 17), kalman 54 / 47.5 / 47 / 39 (cold 66.5; derivatives at the first
-3561 instances), lasso 34 / - / - / 30 (cold 39). Where the stored instances are dense enough, one of many
-neighbours often lies on the query's piece of the solution map, and the optimality residual finds it. The ranking
-is a few sparse products per candidate: 1024 of them cost 2.5-5 s for the 200 instances (against 0.5 s for 8)."""
+3561 instances), lasso 34 / - / - / 30 (cold 39). With 16000 training instances and derivatives at all of them,
+1024 / 2048 / 4096 / 8192 candidates: kalman 34.5 / 33 / 30 / 29 (0.52 / 0.50 / 0.45 / 0.44 of cold), lasso 27 / - /
+26.5 / 26 (cold 39). Where the stored instances are dense enough, one of many neighbours often lies on the query's
+piece of the solution map, and the optimality residual finds it. The ranking is a few sparse products per candidate
+(:func:`~amortcvx.predictors.predict` ranks them in groups): for the 200 instances, with their C solves, 4.2 / 7.6 /
+14.5 / 29.1 s for kalman's 1024 / 2048 / 4096 / 8192."""
 MAX_WIDTH = 1024
 """The widest hidden layer the capacity step of :func:`fit_predictor` tries."""
 
