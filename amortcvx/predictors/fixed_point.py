@@ -153,24 +153,6 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
     """
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     inputs = theta if tensor is None else theta.to(tensor.device, tensor.dtype)
-    count = int(getattr(model, "choices", 1))
-    if hasattr(model, "candidate_groups") and count > 1:
-        work = alg.work
-        width = space.dim(work.n, work.m) if hasattr(work, "n") and hasattr(work, "m") else rank_entries
-        size = rank_group(count, theta.shape[0], width, rank_entries)
-        ranker = alg.stacked(size) if size > 1 and alg.stacked is not None else None
-        size = size if ranker is not None else 1
-        groups = iter(model.candidate_groups(inputs, size))
-    elif hasattr(model, "candidates"):  # a module with ``candidates`` (B, K, d) only
-        size, ranker = 1, None
-        groups = iter(model.candidates(inputs).split(1, dim=1))
-    else:
-        return model(inputs).to(theta.device, dtype)
-    first = next(groups).to(theta.device, dtype)
-    if first.shape[1] == 1 and (following := next(groups, None)) is not None:
-        groups = itertools.chain([following], groups)
-    elif first.shape[1] == 1:
-        return first[:, 0]
 
     def residual(a: FixedPointAlgorithm, z: torch.Tensor) -> torch.Tensor:
         state = space.to_state(a, z)
@@ -189,7 +171,21 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
         pick = res.argmin(dim=0)
         return z[torch.arange(B, device=z.device), pick], res.gather(0, pick[None])[0]
 
-    best, best_res = group_best(first)
+    if hasattr(model, "candidate_groups") and int(getattr(model, "choices", 1)) > 1:
+        work = alg.work
+        sized = hasattr(work, "n") and hasattr(work, "m")  # a work that does not say its sizes: one at a time
+        size = rank_group(model.choices, theta.shape[0], space.dim(work.n, work.m), rank_entries) if sized else 1
+        ranker = alg.stacked(size) if size > 1 and alg.stacked is not None else None
+        size = size if ranker is not None else 1
+        groups = iter(model.candidate_groups(inputs, size))
+    elif hasattr(model, "candidates"):  # a module with ``candidates`` (B, K, d) only
+        every = model.candidates(inputs)
+        if every.shape[1] == 1:
+            return every[:, 0].to(theta.device, dtype)
+        size, ranker, groups = 1, None, iter(every.split(1, dim=1))
+    else:
+        return model(inputs).to(theta.device, dtype)
+    best, best_res = group_best(next(groups).to(theta.device, dtype))
     for z in groups:
         cand, res = group_best(z.to(theta.device, dtype))
         better = res < best_res
