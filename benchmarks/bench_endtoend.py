@@ -284,10 +284,12 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=1000, help="instances solved for training (10%% validation)")
     ap.add_argument("--kind", default="mlp", choices=KINDS,
                     help="predictor kind (training.recipe.KINDS): an MLP, or a correction (an MLP of --hidden) on top "
-                         "of the nearest training solution, plain or moved along the solution map's derivative")
+                         "of the nearest training solution, plain or moved along the solution map's derivative; "
+                         "neighbor_active_set (LPs and QPs, with --uncorrected): the nearest training instances' "
+                         "active sets, solved on the query's data")
     ap.add_argument("--uncorrected", action="store_true",
-                    help="with a neighbour --kind: no correction trained (the neighbour's answer, or its first-order "
-                         "expansion, as it is)")
+                    help="with a neighbour --kind: no correction trained (the neighbour's answer, its first-order "
+                         "expansion, or its active set, as it is)")
     ap.add_argument("--choices", type=int, default=NEIGHBOR_CHOICES,
                     help="with --uncorrected: the nearest training instances it predicts from (the candidate of "
                          "smallest optimality residual is used)")

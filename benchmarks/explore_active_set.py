@@ -15,11 +15,16 @@ prediction contains the right one:
    on each side of the cut (``iterations.polish.candidate_active_sets``, what polishing tries).
 4. For each split: the fraction of test instances it (or a candidate set) matches exactly, and the fraction the
    Newton finish certifies from the split's point (``x = 0``, ``w = +-1``; up to 4 steps; ``kkt.converged``).
+5. Neighbour splits (``predictors.NeighborActiveSet``, no training): the splits of the ``K`` nearest training
+   instances (``--choices``), how often the test instance's own is among them, and the median exact SCS iterations
+   at ``1e-4`` from the predictor's bare prediction (each split solved on the test instance's data, the best by
+   the optimality residual, ``predictors.predict``), against the cold start.
 
 Prints the machine, the family's sizes and these settings beside the numbers.
 
     python benchmarks/explore_active_set.py --family transport
     python benchmarks/explore_active_set.py --family degenerate_lp --epochs 60
+    python benchmarks/explore_active_set.py --family mpc --epochs 0 --choices 1 8 64   # a QP; classifier skipped
 """
 
 from __future__ import annotations
@@ -38,16 +43,19 @@ from amortcvx.evaluation.machine import environment
 from amortcvx.iterations import kkt
 from amortcvx.iterations.polish import candidate_active_sets
 from amortcvx.problems import make
+from amortcvx.training.recipe import Candidate, c_iterations, uncorrected_model
+from amortcvx.training.trainer import SolvedSet
 
 SETTINGS = {"eps_abs": 1e-9, "eps_rel": 1e-9, "max_iters": 100_000}
 
 
 def solved(pp: ParametricProblem, family, n: int, seed: int):
-    """Parameters, canonical data and SCS's solution of ``n`` sampled instances."""
+    """Parameters, canonical data and SCS's solution (a ``SolvedSet``) of ``n`` sampled instances."""
     theta = pp.parameter_vector(family.sampler(n, np.random.default_rng(seed)), dtype=torch.float64, device="cpu")
     data = pp.canonicalize_vector(theta)
     res = solve_batch([data.instance(i) for i in range(n)], "scs", settings=SETTINGS, workers=1)
-    return theta, data, torch.tensor(np.stack([r.s for r in res]))
+    x, y, s = (torch.tensor(np.stack([getattr(r, f) for r in res])) for f in ("x", "y", "s"))
+    return theta, data, SolvedSet(theta, x, y, s)
 
 
 def active(s: torch.Tensor, zero: int) -> torch.Tensor:
@@ -85,7 +93,9 @@ def main() -> None:
     ap.add_argument("--size", default="small")
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--test", type=int, default=200)
-    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=100, help="classifier epochs (0: no classifier)")
+    ap.add_argument("--choices", type=int, nargs="+", default=[1, 8, 64, 512, 4096],
+                    help="neighbour splits per instance (step 5; those above --train are skipped)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -93,8 +103,9 @@ def main() -> None:
     family = make(args.family, args.size)
     pp = ParametricProblem(family.problem, "cone")
     start = time.perf_counter()
-    theta, _, s = solved(pp, family, args.train, 0)
-    test_theta, test_data, test_s = solved(pp, family, args.test, 12345)
+    theta, _, train_set = solved(pp, family, args.train, 0)
+    test_theta, test_data, test_set = solved(pp, family, args.test, 12345)
+    s, test_s = train_set.s, test_set.s
     zero = test_data.cones.zero
     labels, truth = active(s, zero), active(test_s, zero)
     distinct = len({tuple(r.int().tolist()) for r in labels})
@@ -104,6 +115,31 @@ def main() -> None:
           f"with exactly n active rows {float((truth.sum(1) == pp.n).double().mean()):.2f}")
     mu, sd = theta.mean(0), theta.std(0).clamp_min(1e-12)
     u, test_u = (theta - mu) / sd, (test_theta - mu) / sd
+    neighbour_splits(pp, train_set, test_set, labels, truth, u, test_u, args.choices)
+    if args.epochs:
+        classifier(pp, test_data, labels, truth, u, test_u, args)
+
+
+def neighbour_splits(pp, train_set, test_set, labels, truth, u, test_u, choices) -> None:
+    """Step 5: the K nearest training instances' splits, as candidates and through ``NeighborActiveSet``."""
+    eps = {"eps_abs": 1e-4, "eps_rel": 1e-4}
+    cold = c_iterations(pp, "scs", None, test_set, solver_settings=eps)
+    print(f"neighbour splits (NeighborActiveSet): cold median {np.median(cold):g} SCS iterations at 1e-4")
+    order = torch.cdist(test_u, u).argsort(dim=1)
+    for k in [c for c in choices if c <= len(train_set)]:
+        match = (labels[order[:, :k]] == truth[:, None]).all(dim=2).any(dim=1)
+        start = time.perf_counter()
+        model = uncorrected_model(Candidate(kind="neighbor_active_set", correction=False, choices=k), pp, "scs",
+                                  None, train_set)
+        its = c_iterations(pp, "scs", model, test_set, solver_settings=eps)
+        print(f"  {k:5d} nearest: own split among them {float(match.double().mean()):.2f}; median {np.median(its):g}"
+              f" (mean {its.mean():.1f}) SCS iterations from the prediction, at most 1 on "
+              f"{float((its <= 1).mean()):.2f}; {time.perf_counter() - start:.1f} s with the C solves")
+
+
+def classifier(pp, test_data, labels, truth, u, test_u, args) -> None:
+    """Steps 2 to 4: the classifier of the split and the candidates around its prediction."""
+    zero = test_data.cones.zero
     net = torch.nn.Sequential(torch.nn.Linear(u.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                               torch.nn.ReLU(), torch.nn.Linear(256, labels.shape[1])).double()
     opt = torch.optim.Adam(net.parameters(), 1e-3)

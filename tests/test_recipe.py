@@ -29,10 +29,11 @@ from amortcvx.training.recipe import (
 )
 
 EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
-# the default search without its last step, the uncorrected tangent expansion (which trains nothing: when chosen
-# there is no ensemble; it has tests of its own below)
+# the default search without its uncorrected steps, the tangent expansion and the active sets (which train
+# nothing: when chosen there is no ensemble; they have tests of their own, below and in test_active_set.py)
 TINY = RecipeSettings(val_size=30, eval_size=30, search_size=60, sizes=(30, 60, 120), max_size=120, epochs=25,
-                      patience=5, alternatives=RecipeSettings().alternatives[:-1])
+                      patience=5, alternatives=tuple(a for a in RecipeSettings().alternatives
+                                                     if a.get("correction", True)))
 
 
 @pytest.fixture(scope="module")
@@ -439,18 +440,18 @@ class FakeClock:
 
 
 def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, seen: list | None = None,
-                    cost=None, clock: FakeClock | None = None, budget: float = 300):
+                    cost=None, clock: FakeClock | None = None, budget: float = 300, share: float = 1e9):
     """``fit_predictor`` on the portfolio source with the trainings and the C solves replaced: a trained model is
     a tag ``(kind, width, n)`` whose validation loss and median C iterations are ``scripted(kind, width, n)``;
-    every other kind counts as a companion. A training takes no time, or ``cost(kind, n, width)`` seconds (slept, or
-    added to ``clock``, which then is the recipe's only time); ``seen`` collects the (training, validation) sets
-    every training was given."""
+    every other kind counts as a companion (``share``: ``COMPANION_SHARE``). A training takes no time, or
+    ``cost(kind, n, width)`` seconds (slept, or added to ``clock``, which then is the recipe's only time); ``seen``
+    collects the (training, validation) sets every training was given."""
     import amortcvx.training.recipe as recipe_mod
     from amortcvx.training.trainer import TrainResult
 
     _, pp, source = portfolio
 
-    monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", 1e9)
+    monkeypatch.setattr(recipe_mod, "COMPANION_SHARE", share)
     monkeypatch.setattr(recipe_mod, "candidate_core", lambda cand, *a, **k: cand.kind)
     monkeypatch.setattr(recipe_mod, "_probe_rate", lambda *a, **k: 1e-6)
 
@@ -527,7 +528,7 @@ def test_a_wider_network_is_estimated_from_the_largest_network_measured(portfoli
 def test_budget_rates_of_stored_set_kinds_grow_with_the_set():
     from amortcvx.training.recipe import STORED_KINDS, scaled_rate
 
-    assert set(STORED_KINDS) == {"neighbor_correction", "neighbor_tangent"}
+    assert set(STORED_KINDS) == {"neighbor_correction", "neighbor_tangent", "neighbor_active_set"}
     assert scaled_rate("mlp", 2e-5, 8000, 16000) == 2e-5  # an MLP's epoch costs the same per instance
     for kind in STORED_KINDS:  # each instance searches the whole stored set: twice the set, twice per instance
         assert scaled_rate(kind, 2e-5, 8000, 16000) == pytest.approx(4e-5)
@@ -551,6 +552,28 @@ def test_a_cheap_kind_rides_along_the_curve_and_takes_over_where_better(portfoli
     assert res.candidate.kind == "neighbor_tangent" and res.num_train == 240
     assert [(p.num_train, p.configuration.split()[0]) for p in res.curve] == [
         (60, "mlp"), (120, "mlp"), (120, "neighbor_tangent"), (240, "neighbor_tangent")]
+
+
+def test_a_kind_that_trains_nothing_rides_the_curve_whatever_its_search_time(portfolio, monkeypatch):
+    """Scripted, with no search trial cheap enough to ride by its share of the choice's time: the active sets (which
+    train nothing) still ride the MLP's curve, and win at 120 instances; the uncorrected tangent expansion, whose
+    trial is mostly derivatives, rides only by that share."""
+    import amortcvx.training.recipe as recipe_mod
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
+        if kind == "mlp":
+            return 0.5 * 60 / n, 12.0 - n / 120
+        return 0.6, 14.0 if n <= 60 else 6.0
+
+    monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, tangents=None:
+                        TaggedModel(cand.kind, 0, len(part)))
+    for kind, rides in (("neighbor_active_set", True), ("neighbor_tangent", False)):
+        settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
+                                  alternatives=({"kind": kind, "correction": False, "choices": 64},), ensemble=1)
+        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, share=0.0)
+        trials = [(t.candidate.kind, t.num_train) for t in res.trials]
+        assert trials[:3] == [("mlp", 60), (kind, 60), ("mlp", 120)] and ((kind, 120) in trials) == rides
+        assert (res.candidate.kind, res.num_train) == ((kind, 120) if rides else ("mlp", 120))
 
 
 def test_a_companion_rides_no_further_once_it_trains_longer_than_the_curve(portfolio, monkeypatch):

@@ -18,10 +18,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+if TYPE_CHECKING:
+    from amortcvx.iterations.polish import ActiveSets
 
 State = Any
 
@@ -50,6 +53,9 @@ class FixedPointAlgorithm(NamedTuple):
             reused: to rank several candidates per instance in one call (:func:`~amortcvx.predictors.predict`).
             It returns None where the factorization is per instance (no cheap copy); the field is None where not
             available.
+        active_set: :class:`~amortcvx.iterations.polish.ActiveSets` (LPs and QPs): the split of the rows a point
+            says and the exact solution on a given split (to decode a predicted active set, :func:`~amortcvx.
+            predictors.predict`); None where not available (cone programs with other cones).
     """
 
     name: str
@@ -63,6 +69,7 @@ class FixedPointAlgorithm(NamedTuple):
     polish: Callable[..., dict[str, torch.Tensor]] | None = None
     optimality: Callable[[State], torch.Tensor] | None = None
     stacked: Callable[[int], FixedPointAlgorithm | None] | None = None
+    active_set: ActiveSets | None = None
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ says so with the cones at fault.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -258,3 +260,72 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     stationary = _stationarity(A, P, q, xp, yp)
     worst = torch.stack([primal.amax(dim=1), dual.amax(dim=1), stationary], dim=1).amax(dim=1)
     return _best({"x": xp, "y": yp}, worst / (1.0 + q.abs().amax(dim=1)), copies)
+
+
+class ActiveSets(NamedTuple):
+    """An algorithm's ``active_set`` (LPs and QPs): the split of the inequality rows a point says, and the exact
+    solution on a given split.
+
+    A split is an int8 ``(B, m)`` tensor: ``1`` where a row is active (the cone form's nonnegative rows with ``y_i
+    > s_i``; the QP form's upper bound, ``y_i - (u_i - z_i) > 0``), ``-1`` where the QP form's lower bound is active
+    (``-y_i - (z_i - l_i) > 0``), ``0`` where the row is inactive; equality rows (the cone form's zero rows, the QP
+    form's ``l = u``) are ``1``. At an optimum it is the optimal active set; :func:`equality_qp` on it gives the
+    optimum back exactly wherever that active set's KKT system is nonsingular (a predictor that guesses splits,
+    :class:`~amortcvx.predictors.NeighborActiveSet`, is exact where it guesses right).
+
+    Attributes:
+        of: ``of(**warm_start) -> split``, the split of a point (``x``, ``y``, and ``s`` in the cone form).
+        solve: ``solve(split) -> warm_start``, the solution of the equality-constrained problem on the split's
+            active rows (its bounds as right-hand sides), with its multipliers (and ``s = b - Ax``, 0 on the active
+            rows); NaN where that KKT system cannot be factored.
+    """
+
+    of: Callable[..., torch.Tensor]
+    solve: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def scs_split(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:attr:`ActiveSets.of` in the cone form (``work``: the batch's :class:`~amortcvx.iterations.scs.ScsWork`)."""
+    batch = work.batch_size
+    y, s = batch_rows(y, work.m, batch, "y", work.b), batch_rows(s, work.m, batch, "s", work.b)
+    forced = torch.arange(work.m, device=y.device) < work.cones.zero
+    return (forced | (y - s > 0)).to(torch.int8)
+
+
+def scs_solve_split(work, split: torch.Tensor, *, delta: float = DELTA, passes: int = PASSES
+                    ) -> dict[str, torch.Tensor]:
+    """:attr:`ActiveSets.solve` in the cone form: ``{"x", "y", "s"}``."""
+    active = _split_rows(split, work.m, work.batch_size) != 0
+    active = active | (torch.arange(work.m, device=active.device) < work.cones.zero)
+    x, y = equality_qp(work.A, work.P, work.c, work.b, active, delta=delta, passes=passes)
+    return {"x": x, "y": y, "s": torch.where(active, 0.0, work.b - spmv(work.A, x))}
+
+
+def osqp_split(work, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:attr:`ActiveSets.of` in the QP form (``work``: the batch's :class:`~amortcvx.iterations.osqp.OsqpWork`;
+    the scores of :func:`osqp_polish`, each row taking its better side)."""
+    batch = work.batch_size
+    x, y = batch_rows(x, work.n, batch, "x", work.q), batch_rows(y, work.m, batch, "y", work.q)
+    z = spmv(work.A, x)
+    lower, upper = -y - (z - work.l), y - (work.u - z)
+    forced = (work.u - work.l) < work.settings.rho_tol
+    side = torch.where(upper > lower, (upper > 0).to(torch.int8), -(lower > 0).to(torch.int8))
+    return torch.where(forced, torch.ones_like(side), side)
+
+
+def osqp_solve_split(work, split: torch.Tensor, *, delta: float = DELTA, passes: int = PASSES
+                     ) -> dict[str, torch.Tensor]:
+    """:attr:`ActiveSets.solve` in the QP form: ``{"x", "y"}`` (an equality row's bound is ``l = u``)."""
+    split = _split_rows(split, work.m, work.batch_size)
+    forced = (work.u - work.l) < work.settings.rho_tol
+    active = (split != 0) | forced
+    rhs = torch.where((split > 0) & ~forced, work.u, work.l)
+    x, y = equality_qp(work.A, work.P, work.q, rhs, active, delta=delta, passes=passes)
+    return {"x": x, "y": y}
+
+
+def _split_rows(split: torch.Tensor, m: int, batch: int) -> torch.Tensor:
+    """``split`` checked as ``(batch, m)``."""
+    if split.shape != (batch, m):
+        raise ValueError(f"a split must have shape (B, m) = ({batch}, {m}); got {tuple(split.shape)}")
+    return split

@@ -16,7 +16,16 @@ from amortcvx.iterations import scs as _scs
 from amortcvx.iterations.convert import osqp_state_from_fixed_point
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import FixedPointAlgorithm, State
-from amortcvx.iterations.polish import osqp_polish, scs_polish
+from amortcvx.iterations.polish import (
+    ActiveSets,
+    osqp_polish,
+    osqp_solve_split,
+    osqp_split,
+    polishable,
+    scs_polish,
+    scs_solve_split,
+    scs_split,
+)
 
 
 def optimality(d: kkt.Batch, point: Callable[[State], tuple], state: State) -> torch.Tensor:
@@ -59,7 +68,9 @@ def _bind_scs(work: _scs.ScsWork, d: kkt.Batch) -> FixedPointAlgorithm:
         fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
         solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
         polish=partial(scs_polish, work), optimality=partial(optimality, d, partial(_scs.scs_point, work)),
-        stacked=partial(stacked, _bind_scs, _SCS_ROWS, work, d))
+        stacked=partial(stacked, _bind_scs, _SCS_ROWS, work, d),
+        active_set=ActiveSets(partial(scs_split, work), partial(scs_solve_split, work))
+        if polishable(work.cones) else None)
 
 
 def _bind_osqp(work: _osqp.OsqpWork, d: kkt.Batch) -> FixedPointAlgorithm:
@@ -68,7 +79,8 @@ def _bind_osqp(work: _osqp.OsqpWork, d: kkt.Batch) -> FixedPointAlgorithm:
         fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
         solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
         polish=partial(osqp_polish, work), optimality=partial(optimality, d, _osqp_point),
-        stacked=partial(stacked, _bind_osqp, _OSQP_ROWS, work, d))
+        stacked=partial(stacked, _bind_osqp, _OSQP_ROWS, work, d),
+        active_set=ActiveSets(partial(osqp_split, work), partial(osqp_solve_split, work)))
 
 
 def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,
@@ -78,7 +90,8 @@ def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,
     ``init(x=None, y=None, s=None, *, v=None)``; the fixed-point variable is ``v`` (``(B, n + m + 1)``);
     ``solution`` gives :class:`~amortcvx.iterations.scs.ScsSolution` ``(x, y, s, tau, kappa)``;
     ``polish(x=, y=, s=)``: see :mod:`.polish` (LPs and QPs only); ``optimality``: :func:`optimality` at the point
-    ``v`` stands for (:func:`~amortcvx.iterations.scs.scs_point`); ``stacked``: :func:`stacked`.
+    ``v`` stands for (:func:`~amortcvx.iterations.scs.scs_point`); ``stacked``: :func:`stacked`; ``active_set``:
+    :class:`~amortcvx.iterations.polish.ActiveSets` (LPs and QPs, else None).
     """
     work = _scs.scs_setup(data, settings, cache)
     return _bind_scs(work, kkt.sparse(data, work.c.dtype))
@@ -91,7 +104,7 @@ def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,
     ``init(x=None, y=None, *, z=None)`` (``z = A x`` by default); the fixed-point variable is
     ``[x; z + y / rho]`` (``(B, n + m)``); ``solution`` gives :class:`~amortcvx.iterations.osqp.OsqpSolution`;
     ``polish(x=, y=)``: see :mod:`.polish`; ``optimality``: :func:`optimality` at the state's ``(x, y)``;
-    ``stacked``: :func:`stacked`.
+    ``stacked``: :func:`stacked`; ``active_set``: :class:`~amortcvx.iterations.polish.ActiveSets`.
     """
     work = _osqp.osqp_setup(data, settings, cache)
     return _bind_osqp(work, kkt.sparse(data, work.q.dtype))

@@ -10,8 +10,8 @@ from amortcvx.predictors.model import (
     atomic_torch_save,
     mlp,
 )
-from amortcvx.predictors.neighbor import NeighborCorrection, NeighborTangent
+from amortcvx.predictors.neighbor import NeighborActiveSet, NeighborCorrection, NeighborTangent
 
-__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "Ensemble", "NeighborCorrection", "NeighborTangent",
-           "OutputSpace", "PredictorMeta", "WarmStartPredictor", "atomic_torch_save", "ensemble_predictor", "mlp",
-           "output_space", "predict"]
+__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "Ensemble", "NeighborActiveSet", "NeighborCorrection",
+           "NeighborTangent", "OutputSpace", "PredictorMeta", "WarmStartPredictor", "atomic_torch_save",
+           "ensemble_predictor", "mlp", "output_space", "predict"]

@@ -142,7 +142,10 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
     candidate, a few sparse products and cone projections), else the fixed-point residual after one step (a solve
     each). A neighbour's first-order expansion is exact where the neighbour lies on the query's piece of the
     solution map, and there either residual is nil (mpc small, 4000 stored instances, 8 candidates: median C
-    iterations 1 against 8 from the nearest one alone, mean 16 against 26).
+    iterations 1 against 8 from the nearest one alone, mean 16 against 26). A model that predicts active sets
+    (``model.splits``: :class:`~amortcvx.predictors.NeighborActiveSet`) on an LP or QP (``alg.active_set``) has its
+    candidate active sets solved exactly on the batch's data (``alg.active_set.solve``, one KKT solve per candidate
+    and instance) and ranked the same way, after its forward pass (the nearest stored solution).
 
     The candidates are ranked a group at a time (:func:`rank_group`), each group in one call on the batch stacked
     ``g`` times (``alg.stacked``), and only the best so far is kept: at small batches and on small problems one call
@@ -171,12 +174,24 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
         pick = res.argmin(dim=0)
         return z[torch.arange(B, device=z.device), pick], res.gather(0, pick[None])[0]
 
-    if hasattr(model, "candidate_groups") and int(getattr(model, "choices", 1)) > 1:
-        work = alg.work
-        sized = hasattr(work, "n") and hasattr(work, "m")  # a work that does not say its sizes: one at a time
-        size = rank_group(model.choices, theta.shape[0], space.dim(work.n, work.m), rank_entries) if sized else 1
-        ranker = alg.stacked(size) if size > 1 and alg.stacked is not None else None
-        size = size if ranker is not None else 1
+    def decoded(split: torch.Tensor) -> torch.Tensor:
+        """Active sets (B, g, m) solved on the batch's data: (B, g, d) points (padded to ``size`` like a group)."""
+        B, g = split.shape[:2]
+        split = split.to(theta.device)
+        if 1 < g < size:
+            split, g = torch.cat([split, split[:, -1:].expand(B, size - g, -1)], dim=1), size
+        a = alg if g == 1 else ranker
+        fields = a.active_set.solve(split.transpose(0, 1).reshape(g * B, -1))
+        return space.target(a, **fields).view(g, B, -1).transpose(0, 1)
+
+    if getattr(model, "splits", False) and alg.active_set is not None:
+        # the nearest stored solution first (finite where every active set's KKT system is singular), then the
+        # candidate active sets solved on this batch's data (a dense n x n factor and m x n rows per solve)
+        size, ranker = _ranking(alg, space, model.choices, theta.shape[0], rank_entries,
+                                lambda n, m: n * (n + m))
+        groups = itertools.chain([model(inputs)[:, None]], (decoded(s) for s in model.split_groups(inputs, size)))
+    elif hasattr(model, "candidate_groups") and int(getattr(model, "choices", 1)) > 1:
+        size, ranker = _ranking(alg, space, model.choices, theta.shape[0], rank_entries)
         groups = iter(model.candidate_groups(inputs, size))
     elif hasattr(model, "candidates"):  # a module with ``candidates`` (B, K, d) only
         every = model.candidates(inputs)
@@ -191,6 +206,18 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
         better = res < best_res
         best, best_res = torch.where(better[:, None], cand, best), torch.where(better, res, best_res)
     return best
+
+
+def _ranking(alg: FixedPointAlgorithm, space: OutputSpace, count: int, batch: int, entries: int,
+             width: Callable[[int, int], int] | None = None) -> tuple[int, FixedPointAlgorithm | None]:
+    """:func:`predict`'s group size for ``count`` candidates per instance and the algorithm on the batch stacked that
+    many times (size 1 and None where the work does not say its sizes or has no cheap stacked form); ``width(n, m)``:
+    the entries each candidate of an instance takes (default: the prediction's length)."""
+    work = alg.work
+    sized = hasattr(work, "n") and hasattr(work, "m")  # a work that does not say its sizes: one at a time
+    size = rank_group(count, batch, (width or space.dim)(work.n, work.m), entries) if sized else 1
+    ranker = alg.stacked(size) if size > 1 and alg.stacked is not None else None
+    return (size, ranker) if ranker is not None else (1, None)
 
 
 def rank_group(count: int, batch: int, width: int, entries: int = RANK_ENTRIES) -> int:

@@ -140,6 +140,18 @@ class WarmStartPredictor(nn.Module):
         for z in self.core.candidate_groups(self._normalized(theta), size):
             yield self.out_mean + self.out_std * z
 
+    @property
+    def splits(self) -> bool:
+        """Whether the core predicts active sets (:meth:`split_groups`; a
+        :class:`~amortcvx.predictors.NeighborActiveSet`), which :func:`~amortcvx.predictors.predict` solves on the
+        problem's data."""
+        return hasattr(self.core, "split_groups")
+
+    def split_groups(self, theta: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+        """The core's ``choices`` candidate active sets per instance in groups of ``size`` (the last may be smaller),
+        (B, g, m) int8 each (:class:`~amortcvx.iterations.polish.ActiveSets`)."""
+        return self.core.split_groups(self._normalized(theta), size)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Save weights, normalization and meta atomically (a temp file renamed over ``path``).

@@ -18,7 +18,10 @@ file alone (see :data:`amortcvx.predictors.model.CORE_KINDS`).
 derivative there, ``z_j + J_j (u - u_j)`` (its ``tangents`` are one more buffer; ``core_kind =
 "neighbor_tangent"``).
 
-Both can also predict from the ``choices`` nearest stored instances (:meth:`NeighborCorrection.candidates`, one
+:class:`NeighborActiveSet` (LPs and QPs) stores each instance's optimal active set instead, and predicts the query's
+optimum on the active sets of its nearest stored instances (``core_kind = "neighbor_active_set"``).
+
+All three can also predict from the ``choices`` nearest stored instances (:meth:`NeighborCorrection.candidates`, one
 prediction each, nearest first); which one to use needs the problem's data and is chosen by
 :func:`~amortcvx.predictors.fixed_point.predict`. The forward pass uses the nearest one.
 """
@@ -47,6 +50,9 @@ class NeighborCorrection(nn.Module):
     """
 
     core_kind = "neighbor_correction"
+    fixed_dtype: tuple[str, ...] = ()
+    """Buffers that keep their dtype through module conversions (``.double()``, ``.to(dtype)``): only their device
+    changes (:meth:`_apply`)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, hidden: Sequence[int] = (128, 128),
                  chunk: int = 4096, choices: int = 1):
@@ -67,6 +73,18 @@ class NeighborCorrection(nn.Module):
         with torch.no_grad():
             self.net[-1].weight.zero_()
             self.net[-1].bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """Module conversions of every tensor but the buffers named in :attr:`fixed_dtype`, which only change
+        device."""
+        kept = {name: self._buffers.pop(name) for name in self.fixed_dtype}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
+        for name, t in kept.items():
+            self._buffers[name] = t.to(fn(t.new_zeros(0)).device)
+        return self
 
     def config(self) -> dict:
         """What :meth:`from_config` needs to rebuild this core with empty buffers of the right shapes."""
@@ -148,6 +166,7 @@ class NeighborTangent(NeighborCorrection):
     """
 
     core_kind = "neighbor_tangent"
+    fixed_dtype = ("tangents",)  # in TANGENT_DTYPE whatever the module's
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, tangents: torch.Tensor,
                  hidden: Sequence[int] = (128, 128), chunk: int = 4096, choices: int = 1):
@@ -157,16 +176,6 @@ class NeighborTangent(NeighborCorrection):
             raise ValueError(f"tangents must have shape (N, d, p) = {want}; got {tuple(tangents.shape)}")
         self.register_buffer("tangents", tangents.detach().to(TANGENT_DTYPE, copy=True))
 
-    def _apply(self, fn, recurse=True):
-        """Module conversions of every other tensor; the derivatives only change device (:data:`TANGENT_DTYPE`)."""
-        stored = self._buffers.pop("tangents")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._buffers["tangents"] = stored
-        self._buffers["tangents"] = stored.to(fn(stored.new_zeros(0)).device)
-        return self
-
     @classmethod
     def from_config(cls, config: dict) -> NeighborTangent:
         num, p, d = int(config["num"]), int(config["num_params"]), int(config["out_dim"])
@@ -175,6 +184,53 @@ class NeighborTangent(NeighborCorrection):
 
     def anchor(self, j: torch.Tensor, du: torch.Tensor) -> torch.Tensor:
         return super().anchor(j, du) + expansion(self.tangents, j, du)
+
+
+class NeighborActiveSet(NeighborCorrection):
+    """The active sets of the ``choices`` nearest stored instances, each solved exactly on the query's data (LPs and
+    QPs).
+
+    An LP's or QP's solution map is piecewise affine, one piece per optimal active set, and on a piece the solution
+    is the solution of the equality-constrained problem on its active rows. Where a stored instance's optimal
+    active set (its ``split``, :class:`~amortcvx.iterations.polish.ActiveSets`) is the query's, solving the query's
+    KKT system on it gives the query's optimum exactly, however far apart the two instances' solutions are; the
+    stored instance need only lie on the same piece. Nothing is trained and no derivatives are stored (a
+    :class:`NeighborTangent` is exact on the same pieces, at ``d p`` stored numbers per instance and a derivative
+    computation each, against ``m`` bytes here); the price is one KKT solve per candidate and instance at
+    prediction time.
+
+    ``splits`` (N, m) int8 are the stored instances' splits; ``keys`` and ``values`` as for
+    :class:`NeighborCorrection` (no correction network: ``hidden=()``, left at zero). The forward pass is the
+    nearest stored solution (what a caller without the problem's data gets); :meth:`split_groups` gives the
+    splits, which :func:`~amortcvx.predictors.predict` solves on the batch's data (``alg.active_set``) and ranks by
+    their optimality residual with the nearest stored solution.
+    """
+
+    core_kind = "neighbor_active_set"
+    fixed_dtype = ("splits",)  # int8
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, splits: torch.Tensor, chunk: int = 4096,
+                 choices: int = 1):
+        super().__init__(keys, values, hidden=(), chunk=chunk, choices=choices)
+        if splits.ndim != 2 or splits.shape[0] != keys.shape[0]:
+            raise ValueError(f"splits must have shape (N, m) with N = {keys.shape[0]}; got {tuple(splits.shape)}")
+        self.register_buffer("splits", splits.detach().to(torch.int8, copy=True))
+
+    def config(self) -> dict:
+        return {**super().config(), "rows": int(self.splits.shape[1])}
+
+    @classmethod
+    def from_config(cls, config: dict) -> NeighborActiveSet:
+        num, p, d = int(config["num"]), int(config["num_params"]), int(config["out_dim"])
+        return cls(torch.zeros(num, p), torch.zeros(num, d), torch.zeros(num, int(config["rows"]), dtype=torch.int8),
+                   chunk=config["chunk"], choices=int(config.get("choices", 1)))
+
+    def split_groups(self, u: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+        """The splits of the ``choices`` nearest stored instances in groups of ``size`` (the last may be smaller),
+        (B, g, m) int8 each, nearest first."""
+        j = self.neighbors(u, self.choices)
+        for start in range(0, j.shape[1], size):
+            yield self.splits[j[:, start:start + size]]
 
 
 TANGENT_DTYPE = torch.float32
@@ -218,3 +274,4 @@ def expansion_gathered(tangents: torch.Tensor, j: torch.Tensor, du: torch.Tensor
 
 CORE_KINDS[NeighborCorrection.core_kind] = NeighborCorrection.from_config
 CORE_KINDS[NeighborTangent.core_kind] = NeighborTangent.from_config
+CORE_KINDS[NeighborActiveSet.core_kind] = NeighborActiveSet.from_config

@@ -16,18 +16,20 @@ from the first ``val_size + search_size``, are the validation set, the other row
    when it lowers
    the validation median of exact C iterations from the bare prediction (k = 0; ties: the mean); every
    training stops early on the validation loss (``TrainConfig.patience``) and its epochs are capped by the
-   time left;
+   time left; on LPs and QPs also :class:`~amortcvx.predictors.NeighborActiveSet` (the nearest training
+   instances' optimal active sets, each solved exactly on the query's data: nothing trained, a companion too);
 3. trains the chosen configuration on more instances (``sizes``, then doubling up to ``max_size``) while the
    budget allows and more data still pays (fewer validation iterations, or a validation loss 5% lower than at
    the previous size), and keeps the best; where more data stopped paying with budget left, trains the
    configuration twice as wide (up to :data:`MAX_WIDTH`) at that size and, where that pays, goes on growing the
    data with it; a kind whose best search trial took at most a quarter of the choice's time
-   (:data:`COMPANION_SHARE`; in practice the neighbour kinds, whose stored instances grow denser with the data)
+   (:data:`COMPANION_SHARE`; in practice the neighbour kinds, whose stored instances grow denser with the data), or
+   that trains nothing (:data:`UNTRAINED_KINDS`),
    is trained at every size too, until a training of it takes longer than the curve's at the same size, and
    takes over the curve where it is better; every size trained gives a point
    of the learning curve (validation regression loss and median C iterations against the training-set size),
    which :class:`RecipeResult` prints;
-4. for the best trial of the neighbour's expansion alone (``Candidate.correction`` False: the choice, or a
+4. for the best trial of each kind without a trained correction (``Candidate.correction`` False: the choice, or a
    companion), tries every doubling of the number of nearest training instances it predicts from
    (``Candidate.choices``, up to :data:`MAX_CHOICES`) and keeps the best; that becomes the choice where it beats
    it;
@@ -56,11 +58,12 @@ from amortcvx.backends import Status, WarmStart, solve_batch
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run
+from amortcvx.iterations.polish import polish_allowed
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.ensemble import ensemble_predictor
 from amortcvx.predictors.fixed_point import output_space, predict
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
-from amortcvx.predictors.neighbor import TANGENT_DTYPE, NeighborCorrection, NeighborTangent
+from amortcvx.predictors.neighbor import TANGENT_DTYPE, NeighborActiveSet, NeighborCorrection, NeighborTangent
 from amortcvx.training.losses import LossWeights, losses
 from amortcvx.training.tangents import solution_tangents
 from amortcvx.training.trainer import (
@@ -73,8 +76,8 @@ from amortcvx.training.trainer import (
     train,
 )
 
-KINDS = ("mlp", "neighbor_correction", "neighbor_tangent")
-"""Predictor kinds the recipe chooses among."""
+KINDS = ("mlp", "neighbor_correction", "neighbor_tangent", "neighbor_active_set")
+"""Predictor kinds the recipe chooses among (``neighbor_active_set`` on LPs and QPs only: :func:`applies`)."""
 TANGENT_BYTES = 2 ** 29
 """The most bytes (``anchors x d x p`` entries in :data:`~amortcvx.predictors.neighbor.TANGENT_DTYPE`) of a
 :class:`~amortcvx.predictors.NeighborTangent`'s derivatives, 512 MiB: beyond, only the first instances of the
@@ -82,15 +85,22 @@ training set are its anchors (it still trains on all). Kalman small (``d = 234``
 time share (:data:`TANGENT_SHARE`) usually ends them first (6.5 ms per anchor there). Measured there on 200
 held-out instances, 1024 candidates: 39 / 35.5 / 33 median C iterations with 3561 / 8000 / 16000 anchors, of
 66.5 cold (docs/training.md)."""
-STORED_KINDS = ("neighbor_correction", "neighbor_tangent")
+STORED_KINDS = ("neighbor_correction", "neighbor_tangent", "neighbor_active_set")
 """Kinds that store their training set and search all of it for every instance they predict: a training's cost
 per epoch grows with the square of the set size (the budget's estimates scale it so; portfolio, stop 28: a
 neighbour correction took 76 s at 8000 instances and 79 s at 16000 with fewer epochs, where a linear estimate
 allowed 45 s)."""
+UNTRAINED_KINDS = ("neighbor_active_set",)
+"""Kinds with nothing to train (``Candidate.correction`` must be False)."""
+ACTIVE_SET_ENTRIES = 2 ** 18
+"""The recipe tries ``neighbor_active_set`` where ``n (n + m)`` is at most this: each candidate's KKT solve holds a
+dense ``n x n`` factor and ``m x n`` rows per instance (2 MiB here in float64; a batch of 1024 then needs 2 GiB for
+one candidate at a time). The small sizes of the bundled and check families are within it (mpc small: 28160); mpc
+large (1.45 million) and transport large (51 million) are not."""
 COMPANION_SHARE = 0.25
-"""A kind whose best search trial took at most this share of the chosen configuration's time rides along the
-learning curve (trained at every size until one of its trainings takes longer than the curve's at that size;
-where better, it takes over): see :func:`fit_predictor`."""
+"""A kind whose best search trial took at most this share of the chosen configuration's time (or that trains
+nothing, :data:`UNTRAINED_KINDS`) rides along the learning curve (trained at every size until one of its trainings
+takes longer than the curve's at that size; where better, it takes over): see :func:`fit_predictor`."""
 TANGENT_SHARE = 0.25
 """The share of the time left that a trial may spend on the derivatives of a ``neighbor_tangent`` candidate (the
 instances done by then are its anchors)."""
@@ -127,9 +137,11 @@ class Candidate:
     """One training configuration.
 
     Attributes:
-        kind: ``"mlp"`` (theta -> z), ``"neighbor_correction"`` (nearest training solution + learned correction) or
+        kind: ``"mlp"`` (theta -> z), ``"neighbor_correction"`` (nearest training solution + learned correction),
             ``"neighbor_tangent"`` (nearest training solution moved along the solution map's derivative there +
-            learned correction).
+            learned correction) or ``"neighbor_active_set"`` (LPs and QPs: the nearest training instances' optimal
+            active sets, each solved exactly on the query's data; nothing trained,
+            :class:`~amortcvx.predictors.NeighborActiveSet`).
         hidden: hidden widths (of the MLP, or of the correction network).
         weight_decay: Adam weight decay.
         residual: add the fixed-point residual after ``k`` unrolled steps to the regression loss (weighted so that
@@ -166,6 +178,8 @@ class Candidate:
             raise ValueError(f"choices must be an int of at least 1; got {self.choices!r}")
         if self.ensemble < 1 or self.member < 0:
             raise ValueError(f"ensemble must be >= 1 and member >= 0; got {self.ensemble}, {self.member}")
+        if self.correction and self.kind in UNTRAINED_KINDS:
+            raise ValueError(f"{self.kind!r} has nothing to train: it takes correction=False")
         if not self.correction:
             if self.kind not in STORED_KINDS:
                 raise ValueError(f"only the kinds {STORED_KINDS} predict without a trained correction; got "
@@ -217,7 +231,8 @@ class RecipeSettings:
     alternatives: tuple[dict, ...] = ({"kind": "neighbor_correction", "hidden": (128, 128)},
                                       {"kind": "neighbor_tangent", "hidden": (128, 128)},
                                       {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True},
-                                      {"kind": "neighbor_tangent", "correction": False})
+                                      {"kind": "neighbor_tangent", "correction": False},
+                                      {"kind": "neighbor_active_set", "correction": False})
     ensemble: int = 3
     epochs: int = 1000
     patience: int = 20
@@ -346,6 +361,15 @@ class RecipeResult:
         lines += [f"  {p.num_train:6d} {p.val_regression:9.3g} {p.val_median_iterations:9g}  {p.configuration}"
                   for p in self.curve]
         return "\n".join(lines)
+
+
+def applies(kind: str, pp: ParametricProblem) -> bool:
+    """Whether the recipe tries predictor ``kind`` on ``pp``: every kind, except ``neighbor_active_set`` where the
+    problem is not an LP or QP (other cones than zero and nonnegative) or its KKT solves are too large
+    (:data:`ACTIVE_SET_ENTRIES`)."""
+    if kind != "neighbor_active_set":
+        return True
+    return polish_allowed(pp.form, pp.cones) and pp.n * (pp.n + pp.m) <= ACTIVE_SET_ENTRIES
 
 
 def solved_prefix(get_solved: Callable[[int], SolvedSet], count: int, asked: int) -> tuple[SolvedSet, int]:
@@ -499,10 +523,31 @@ def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSe
     choices = 1 if cand.correction else cand.choices
     if cand.kind == "neighbor_correction":
         return NeighborCorrection(keys, values, hidden=cand.hidden, choices=min(choices, len(keys)))
+    if cand.kind == "neighbor_active_set":
+        return NeighborActiveSet(keys, values, training_splits(pp, algorithm, settings, train_set),
+                                 choices=min(choices, len(keys)))
     jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std, dtype=TANGENT_DTYPE)
            if tangents is None else tangents(train_set, shell)).to(values.device)
     return NeighborTangent(keys[:len(jac)], values[:len(jac)], jac, hidden=cand.hidden,
                            choices=min(choices, len(jac)))
+
+
+SPLIT_CHUNK = 4096
+""":func:`training_splits` reads the active sets of this many instances at a time."""
+
+
+def training_splits(pp: ParametricProblem, algorithm: str, settings, train_set: SolvedSet) -> torch.Tensor:
+    """The optimal active sets (N, m) int8 of the instances of ``train_set`` (``alg.active_set.of`` at their
+    solutions, :class:`~amortcvx.iterations.polish.ActiveSets`; LPs and QPs only)."""
+    out = []
+    for start in range(0, len(train_set), SPLIT_CHUNK):
+        part = train_set.subset(torch.arange(start, min(start + SPLIT_CHUNK, len(train_set))))
+        alg = make_algorithm(algorithm, pp.canonicalize_vector(part.theta.to("cpu", torch.float64)), settings)
+        if alg.active_set is None:
+            raise ValueError("active sets need an LP or QP (zero and nonnegative cones only)")
+        fields = {"x": part.x, "y": part.y} | ({} if part.s is None else {"s": part.s})
+        out.append(alg.active_set.of(**{k: v.to("cpu", torch.float64) for k, v in fields.items()}))
+    return torch.cat(out)
 
 
 def renormalized(jac: torch.Tensor, in_std: torch.Tensor, out_std: torch.Tensor, new_in_std: torch.Tensor,
@@ -678,9 +723,11 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     own_seconds: dict[int, float] = {}  # an uncorrected trial's seconds without computing new derivatives
 
     def reserve() -> float:
-        """Seconds the curve leaves for the candidate step (:data:`CANDIDATE_RESERVE`)."""
-        riders = [i for i in own_seconds if trials[i].candidate.choices < MAX_CHOICES]
-        return CANDIDATE_RESERVE * own_seconds[max(riders)] if riders else 0.0
+        """Seconds the curve leaves for the candidate step (:data:`CANDIDATE_RESERVE` times each uncorrected kind's
+        last trial)."""
+        last = {trials[i].candidate.kind: own_seconds[i] for i in sorted(own_seconds)
+                if trials[i].candidate.choices < MAX_CHOICES}
+        return CANDIDATE_RESERVE * sum(last.values())
 
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
@@ -744,7 +791,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     trial(Candidate(), train_set)
     for change in recipe.alternatives:
         cand = dataclasses.replace(trials[best_i].candidate, **change)
-        if cand == trials[best_i].candidate:
+        if cand == trials[best_i].candidate or not applies(cand.kind, pp):
             continue
         if time.perf_counter() + estimate(cand, len(train_set)) > deadline:
             say(f"  (budget: skipping {cand.label()})")
@@ -777,8 +824,11 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         key = (t.candidate.kind, t.candidate.correction)
         if key != (chosen.kind, chosen.correction) and (key not in others or better(t, trials[others[key]])):
             others[key] = i
+    # (a kind that trains nothing rides in any case: its trial is the ranking and the validation counts, at any size
+    # about as long as a small MLP's trial at the search size)
     companions = [trials[i].candidate for i in others.values()
-                  if trials[i].seconds <= COMPANION_SHARE * trials[best_i].seconds]
+                  if trials[i].seconds <= COMPANION_SHARE * trials[best_i].seconds
+                  or trials[i].candidate.kind in UNTRAINED_KINDS]
 
     def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> tuple[int | None, Candidate]:
         """Train ``cand`` (and the companions) at ``sizes`` in order while the budget allows and each size paid;
@@ -854,14 +904,18 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                              trials[i].candidate.label())
                   for i in sorted(on_curve, key=lambda i: (trials[i].num_train, i)))
 
-    # 3. more candidates for the uncorrected expansion (the best of its trials, chosen or riding along): its count
-    # doubled up to MAX_CHOICES, every count tried (the medians can stay flat before they fall: kalman 47.5 / 47 / 47
-    # / 39 at 64 / 128 / 256 / 1024), the best kept; it becomes the choice where it beats it (each trial reuses the
-    # stored derivatives: its cost is the ranking and the C counts)
-    riders = [i for i, t in enumerate(trials) if not t.candidate.correction]
-    if riders:
-        at = min(riders, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations,
-                                        -trials[i].num_train))
+    # 3. more candidates for each uncorrected kind (the best of its trials, chosen or riding along; the best kind
+    # first): its count doubled up to MAX_CHOICES, every count tried (the medians can stay flat before they fall:
+    # kalman 47.5 / 47 / 47 / 39 at 64 / 128 / 256 / 1024), the best kept; it becomes the choice where it beats it
+    # (each trial reuses the stored derivatives: its cost is the ranking and the C counts)
+    def rank(i: int) -> tuple[float, float, int]:
+        return trials[i].val_median_iterations, trials[i].val_mean_iterations, -trials[i].num_train
+
+    by_kind: dict[str, list[int]] = {}
+    for i, t in enumerate(trials):
+        if not t.candidate.correction:
+            by_kind.setdefault(t.candidate.kind, []).append(i)
+    for at in sorted((min(riders, key=rank) for riders in by_kind.values()), key=rank):  # the best kind first
         base, part = trials[at], parts[at]
         count, last = base.candidate.choices, own_seconds[at]  # (the derivatives are there: not counted)
         while 2 * count <= min(MAX_CHOICES, base.num_train):

@@ -1,0 +1,267 @@
+"""Active sets of LPs and QPs (``iterations.polish.ActiveSets``) and the predictor that stores them
+(``predictors.NeighborActiveSet``)."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+from amortcvx import problems
+from amortcvx.canon import ParametricProblem
+from amortcvx.iterations.registry import make_algorithm
+from amortcvx.predictors import NeighborActiveSet, NeighborCorrection, PredictorMeta, WarmStartPredictor, output_space
+from amortcvx.predictors.fixed_point import predict
+from amortcvx.training.recipe import (
+    KINDS,
+    Candidate,
+    RecipeSettings,
+    applies,
+    c_iterations,
+    fit_predictor,
+    solved_source,
+    training_splits,
+    uncorrected_model,
+)
+
+TIGHT = {"eps_abs": 1e-10, "eps_rel": 1e-10}
+EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
+FORMS = [("scs", "cone"), ("osqp", "qp")]
+
+
+def _box_problem():
+    """minimize 1/2 ||x||^2 + q'x  s.t.  x <= h, sum(x) == 0.5: a piecewise affine solution map."""
+    q, h, x = cp.Parameter(4, name="q"), cp.Parameter(4, name="h"), cp.Variable(4, name="x")
+    return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x) + q @ x), [x <= h, cp.sum(x) == 0.5])
+
+
+def _box_params(num: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"q": rng.normal(size=(num, 4)), "h": rng.uniform(0.0, 0.5, size=(num, 4))}
+
+
+def _solved(problem, algorithm: str, form: str, params, settings=TIGHT):
+    pp = ParametricProblem(problem, form)
+    return pp, solved_source(pp, algorithm, params, solver_settings=settings)(len(next(iter(params.values()))))
+
+
+def _fields(solved) -> dict[str, torch.Tensor]:
+    return {"x": solved.x, "y": solved.y} | ({} if solved.s is None else {"s": solved.s})
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+@pytest.mark.parametrize("family", ["box", "transport"])
+def test_the_active_set_of_an_optimum_gives_the_optimum_back(algorithm, form, family):
+    """``solve(of(optimum))`` is the optimum (a QP with an equality row, and an LP); the split marks the equality
+    rows and the active inequality rows, and moving one active row out of the split moves the answer."""
+    if family == "box":
+        problem, params = _box_problem(), _box_params(12, 0)
+    else:
+        fam = problems.make("transport", "small", seed=0)
+        problem, params = fam.problem, fam.sample(6, seed=0)
+    pp, solved = _solved(problem, algorithm, form, params)
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(solved.theta))
+    split = alg.active_set.of(**_fields(solved))
+    assert split.dtype == torch.int8 and split.shape == (len(solved), pp.m)
+    assert set(torch.unique(split).tolist()) <= {-1, 0, 1} and bool((split[:, :pp.cones.zero] == 1).all())
+    assert bool((split[:, pp.cones.zero:] != 0).any()) and bool((split[:, pp.cones.zero:] == 0).any())
+    out = alg.active_set.solve(split)
+    torch.testing.assert_close(out["x"], solved.x, atol=1e-7, rtol=0)
+    torch.testing.assert_close(out["y"], solved.y, atol=1e-7, rtol=0)
+    if form == "cone":
+        torch.testing.assert_close(out["s"], solved.s, atol=1e-7, rtol=0)
+    wrong = split.clone()
+    i, j = [int(t[0]) for t in torch.nonzero(wrong[:, pp.cones.zero:] == 1, as_tuple=True)]
+    wrong[i, pp.cones.zero + j] = 0
+    assert float((alg.active_set.solve(wrong)["x"][i] - solved.x[i]).abs().max()) > 1e-6
+    with pytest.raises(ValueError, match="a split must have shape"):
+        alg.active_set.solve(split[:, 1:])
+
+
+def test_cone_programs_with_other_cones_have_no_active_sets_and_the_recipe_skips_the_kind(monkeypatch):
+    x, b = cp.Variable(3), cp.Parameter(3, name="b")
+    pp = ParametricProblem(cp.Problem(cp.Minimize(cp.norm(x - b, 2))), "cone")
+    alg = make_algorithm("scs", pp.canonicalize_vector(pp.parameter_vector({"b": np.ones((2, 3))})))
+    assert alg.active_set is None and not applies("neighbor_active_set", pp)
+    assert all(applies(kind, pp) for kind in KINDS if kind != "neighbor_active_set")
+    lp = ParametricProblem(_box_problem(), "cone")
+    assert applies("neighbor_active_set", lp)
+    import amortcvx.training.recipe as recipe_mod
+
+    monkeypatch.setattr(recipe_mod, "ACTIVE_SET_ENTRIES", lp.n * (lp.n + lp.m) - 1)  # KKT solves too large
+    assert not applies("neighbor_active_set", lp) and applies("neighbor_tangent", lp)
+    with pytest.raises(ValueError, match="has nothing to train"):
+        Candidate(kind="neighbor_active_set")
+    assert Candidate(kind="neighbor_active_set", correction=False, choices=64).label() == (
+        "neighbor_active_set uncorrected, 64 candidates")
+
+
+def _model(pp, algorithm: str, train, choices: int) -> WarmStartPredictor:
+    return uncorrected_model(Candidate(kind="neighbor_active_set", correction=False, choices=choices), pp,
+                             algorithm, None, train)
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_a_stored_active_set_predicts_a_query_on_its_piece_exactly(algorithm, form):
+    """Queries moved a little from stored instances keep their active sets: the prediction is their optimum (to the
+    solves' accuracy), where the nearest stored solution itself is off by the move; the C solver then stops at its
+    first check."""
+    pp, train = _solved(_box_problem(), algorithm, form, _box_params(40, 1))
+    move = 1e-3 * torch.randn(train.theta.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    theta = train.theta[:10] + move[:10]
+    _, truth = _solved(_box_problem(), algorithm, form, {"q": theta[:, :4].numpy(), "h": theta[:, 4:].numpy()})
+    assert len(truth) == 10
+    model = _model(pp, algorithm, train, choices=1)
+    assert model.splits and model.choices == 1 and isinstance(model.core, NeighborActiveSet)
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(theta))
+    space = output_space(algorithm)
+    with torch.no_grad():
+        z = predict(model, space, alg, theta)
+        plain = model(theta).double()
+    want = space.target(alg, **_fields(truth))
+    assert float((z - want).abs().max()) < 1e-7 < 1e-4 < float((plain - want).abs().max())
+    its = c_iterations(pp, algorithm, model, truth, solver_settings=EPS)
+    assert its.max() <= 1
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_active_set_candidates_are_ranked_in_groups_as_one_at_a_time(algorithm, form):
+    """Many candidate active sets: ranked in groups (a padded last group), in one group or one at a time, the
+    prediction is the same; more candidates find more queries' pieces (fewer C iterations in all)."""
+    fam = problems.make("transport", "small", seed=0)
+    pp, solved = _solved(fam.problem, algorithm, form, fam.sample(660, seed=4), settings={"eps_abs": 1e-7,
+                                                                                           "eps_rel": 1e-7})
+    train, test = solved.subset(torch.arange(len(solved) - 20)), solved.subset(torch.arange(len(solved) - 20,
+                                                                                           len(solved)))
+    model = _model(pp, algorithm, train, choices=50)
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(test.theta))
+    space = output_space(algorithm)
+    d = pp.n + pp.m
+    with torch.no_grad():
+        grouped = predict(model, space, alg, test.theta, rank_entries=20 * 7 * pp.n * d)  # groups of 7, last of 1
+        whole = predict(model, space, alg, test.theta, rank_entries=10 ** 9)
+        single = predict(model, space, alg, test.theta, rank_entries=1)
+    torch.testing.assert_close(grouped, whole, atol=1e-9, rtol=0)
+    torch.testing.assert_close(single, whole, atol=1e-9, rtol=0)
+    few = c_iterations(pp, algorithm, _model(pp, algorithm, train, choices=1), test, solver_settings=EPS)
+    many = c_iterations(pp, algorithm, model, test, solver_settings=EPS)
+    assert many.sum() < few.sum()
+
+
+def test_the_nearest_stored_solution_stands_where_no_active_set_can_be_solved(monkeypatch):
+    """Where every candidate's KKT system fails (NaN), the prediction is the forward pass's (the nearest stored
+    solution), not NaN."""
+    pp, train = _solved(_box_problem(), "scs", "cone", _box_params(30, 2))
+    model = _model(pp, "scs", train, choices=4)
+    alg = make_algorithm("scs", pp.canonicalize_vector(train.theta[:5]))
+    failing = alg.active_set._replace(solve=lambda split: {k: torch.full_like(v, float("nan")) for k, v in
+                                                           alg.active_set.solve(split).items()})
+    with torch.no_grad():
+        z = predict(model, output_space("scs"), alg._replace(active_set=failing), train.theta[:5])
+        torch.testing.assert_close(z, model(train.theta[:5]).double())
+
+
+def test_the_active_set_predictor_saves_and_loads_without_code_and_keeps_its_splits_int8(tmp_path):
+    pp, train = _solved(_box_problem(), "scs", "cone", _box_params(30, 3))
+    model = _model(pp, "scs", train, choices=3)
+    assert model.core.splits.dtype == torch.int8
+    torch.testing.assert_close(model.core.splits, training_splits(pp, "scs", None, train))
+    model.float().double()  # conversions leave the splits alone
+    assert model.core.splits.dtype == torch.int8
+    model.save(tmp_path / "m.pt")
+    loaded = WarmStartPredictor.load(tmp_path / "m.pt", fingerprint=pp.fingerprint, algorithm="scs")
+    assert isinstance(loaded.core, NeighborActiveSet) and loaded.choices == 3 and loaded.splits
+    assert torch.equal(loaded.core.splits, model.core.splits)
+    theta = train.theta[:4] + 0.01
+    torch.testing.assert_close(torch.cat(list(loaded.split_groups(theta, 2)), dim=1),
+                               torch.cat(list(model.split_groups(theta, 3)), dim=1))
+    alg = make_algorithm("scs", pp.canonicalize_vector(theta))
+    with torch.no_grad():
+        torch.testing.assert_close(predict(loaded.double(), output_space("scs"), alg, theta),
+                                   predict(model, output_space("scs"), alg, theta))
+    with pytest.raises(ValueError, match="splits must have shape"):
+        NeighborActiveSet(torch.zeros(5, 2), torch.zeros(5, 3), torch.zeros(4, 7, dtype=torch.int8))
+    meta = PredictorMeta(fingerprint="f", algorithm="scs", settings={}, num_params=2, out_dim=3)
+    plain = WarmStartPredictor(meta, core=NeighborCorrection(torch.zeros(5, 2), torch.zeros(5, 3)))
+    assert not plain.splits
+
+
+def test_the_recipe_tries_the_active_set_kind_on_a_qp_and_doubles_its_candidates():
+    """A QP with a piecewise affine solution map: the recipe tries the kind in its search, doubles its candidates
+    and (no network learns this map as well from about 100 instances) chooses it."""
+    pp = ParametricProblem(_box_problem(), "cone")
+    source = solved_source(pp, "scs", _box_params(200, 5))
+    settings = RecipeSettings(val_size=30, eval_size=30, search_size=60, sizes=(60, 120), max_size=120, epochs=20,
+                              patience=5, ensemble=1,
+                              alternatives=({"kind": "neighbor_active_set", "correction": False},))
+    res = fit_predictor(pp, "scs", source, budget_seconds=120, k=2, solver_settings=EPS, recipe=settings,
+                        progress=False)
+    tried = [(t.candidate.choices, t.num_train) for t in res.trials if t.candidate.kind == "neighbor_active_set"]
+    assert tried[0] == (8, res.trials[0].num_train)  # in the search (whether it rides the curve depends on time)
+    doubled = [(c, n) for c, n in tried if c > 8]  # on its best trial, while below that trial's training set
+    assert doubled and [c for c, _ in doubled] == [2 ** i for i in range(4, 13) if 2 ** i <= doubled[0][1]]
+    assert res.candidate.kind == "neighbor_active_set" and isinstance(res.model.core, NeighborActiveSet)
+    assert res.val_median_iterations < res.cold_median_iterations
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_amortized_solver_answers_from_the_stored_active_sets_at_the_tolerance(algorithm, form):
+    """End to end through ``AmortizedSolver``: on instances moved slightly from the stored ones, the solver starts
+    at the answer (median 0 exact C iterations, against the cold start's), every answer is optimal and agrees with
+    the cold solve's objective to the tolerance."""
+    from amortcvx import AmortizedSolver
+
+    pp, train = _solved(_box_problem(), algorithm, form, _box_params(40, 6))
+    model = _model(pp, algorithm, train, choices=8)
+    move = 1e-3 * torch.randn(train.theta.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    theta = (train.theta + move).numpy()
+    params = {"q": theta[:, :4], "h": theta[:, 4:]}
+    learned = AmortizedSolver(pp, model, algorithm=algorithm, k=0, solver_settings=EPS, workers=1).solve(
+        params, exact_iterations=True)
+    cold = AmortizedSolver(pp, None, algorithm=algorithm, k=0, solver_settings=EPS, workers=1).solve(
+        params, exact_iterations=True)
+    assert np.median([r.iterations for r in learned.results]) == 0 < np.median([r.iterations for r in cold.results])
+    assert all(r.status.name == "OPTIMAL" for r in learned.results)
+    np.testing.assert_allclose([r.objective for r in learned.results], [r.objective for r in cold.results],
+                               atol=1e-3, rtol=1e-3)
+
+
+def test_calibration_predicts_each_batch_once_for_all_its_options(monkeypatch):
+    """Calibration's untimed option loop (refinements x Newton steps) and the timing of the C modes compute the bare
+    prediction of the validation batch once and reuse it; the decisions are those of a prediction computed every
+    time; elsewhere every solve predicts anew."""
+    import amortcvx.deploy.solver as solver_mod
+    from amortcvx import AmortizedSolver
+    from amortcvx.iterations.loop import AndersonSettings
+
+    pp, train = _solved(_box_problem(), "scs", "cone", _box_params(40, 7))
+    model = _model(pp, "scs", train, choices=4)
+    theta = (train.theta[:20] + 0.05).numpy()
+    params = {"q": theta[:, :4], "h": theta[:, 4:]}
+    calls = []
+    real = solver_mod.predict
+    monkeypatch.setattr(solver_mod, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def calibrated():
+        solver = AmortizedSolver(pp, model, k=2, solver_settings=EPS, workers=1, c_modes={"warm": "adaptive",
+                                                                                          "cold": "adaptive"})
+        calls.clear()
+        cal = solver.calibrated(params, refinements=(None, AndersonSettings()), newton_steps=(0, 4), timed=False)
+        return cal, len(calls)
+
+    once, count = calibrated()
+    assert count == 1 and len(once.candidates) == 4
+    monkeypatch.setattr(AmortizedSolver, "_bare_prediction", lambda self, alg, th: solver_mod.predict(
+        self.model, self.space, alg, th, self.dtype))  # a prediction computed every time
+    every, count = calibrated()
+    assert count == 4 and every.candidates == once.candidates and every.learned_median == once.learned_median
+    monkeypatch.undo()
+    monkeypatch.setattr(solver_mod, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    solver = AmortizedSolver(pp, model, k=0, solver_settings=EPS, workers=1)
+    calls.clear()
+    solver.choose_c_modes(params)  # timed C modes: the prediction once for all of them (the same cost for each)
+    assert len(calls) == 1
+    solver.solve(params)
+    solver.solve(params)
+    assert len(calls) == 3  # elsewhere every solve predicts
