@@ -994,6 +994,7 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
     return get_solved
 
 
-__all__ = ["KINDS", "MAX_CHOICES", "STORED_KINDS", "AnchorDerivatives", "Candidate", "CurvePoint", "RecipeResult",
-           "RecipeSettings", "TrialResult", "c_iterations", "candidate_core", "fit_predictor", "scaled_rate",
-           "solved_prefix", "solved_source", "uncorrected_model"]
+__all__ = ["ACTIVE_SET_ENTRIES", "KINDS", "MAX_CHOICES", "STORED_KINDS", "UNTRAINED_KINDS", "AnchorDerivatives",
+           "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrialResult", "applies", "c_iterations",
+           "candidate_core", "fit_predictor", "scaled_rate", "solved_prefix", "solved_source", "training_splits",
+           "uncorrected_model"]
