@@ -437,7 +437,7 @@ class AmortizedSolver:
         if self._reference is None and self.model is not None and hasattr(self.model, "in_mean"):
             self._reference = self.model.in_mean.detach().to("cpu", torch.float64).reshape(1, -1)
         self._persistent: dict[str, ThreadedSolver] = {}
-        self._predictions: dict | None = None  # bare predictions kept by batch, only within _measure's option loop
+        self._predictions: dict | None = None  # bare predictions kept by batch, only within _predictions_kept
         defaults = DEFAULT_C_MODES[self.backend]
         modes = {**defaults, **dict(c_modes or {})}
         offered = BACKEND_C_MODES[self.backend]
