@@ -213,15 +213,15 @@ def scs_polish(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, *, delta
     check_polishable(work.cones)
     n, m, batch = work.n, work.m, work.batch_size
     x, y, s = (batch_rows(t, size, batch, name, work.b) for t, size, name in ((x, n, "x"), (y, m, "y"), (s, m, "s")))
-    forced = torch.arange(m, device=y.device) < work.cones.zero
+    forced = _scs_forced(work)
     actives = candidate_active_sets(y - s, forced, None if work.P is not None else n, band)
     copies = actives.shape[0]
     active = actives.reshape(copies * batch, m)
     A, P, b, c = (_tiled(t, copies, batch) for t in (work.A, work.P, work.b, work.c))
-    xp, yp = equality_qp(A, P, c, b, active, delta=delta, passes=passes)
-    sp = torch.where(active, 0.0, b - spmv(A, xp))
+    out = _scs_on_active(A, P, b, c, active, delta, passes)
     if copies == 1:
-        return {"x": xp, "y": yp, "s": sp}
+        return out
+    xp, yp, sp = out["x"], out["y"], out["s"]
     nonneg = ~forced
     worst = torch.stack([(-sp[:, nonneg]).amax(dim=1), (-yp[:, nonneg]).amax(dim=1),
                          _stationarity(A, P, c, xp, yp)], dim=1).amax(dim=1)
@@ -237,14 +237,8 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     u]``, ``y`` of the wrong sign for its bound and ``||Px + q + A'y||_inf``, relative to ``1 + ||q||_inf``).
     """
     n, m, batch = work.n, work.m, work.batch_size
-    x, y = batch_rows(x, n, batch, "x", work.q), batch_rows(y, m, batch, "y", work.q)
-    z = spmv(work.A, x)
-    lower = -y - (z - work.l)
-    upper = y - (work.u - z)
-    use_upper = upper > lower
-    forced = (work.u - work.l) < work.settings.rho_tol  # equality rows, as osqp_rho counts them
-    actives = candidate_active_sets(torch.where(use_upper, upper, lower), forced, None if work.P is not None else n,
-                                    band)
+    score, use_upper, forced = _osqp_scores(work, x, y)
+    actives = candidate_active_sets(score, forced, None if work.P is not None else n, band)
     copies = actives.shape[0]
     active = actives.reshape(copies * batch, m)
     rhs = torch.where(use_upper & ~forced, work.u, work.l)
@@ -288,28 +282,21 @@ def scs_split(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.
     """:attr:`ActiveSets.of` in the cone form (``work``: the batch's :class:`~amortcvx.iterations.scs.ScsWork`)."""
     batch = work.batch_size
     y, s = batch_rows(y, work.m, batch, "y", work.b), batch_rows(s, work.m, batch, "s", work.b)
-    forced = torch.arange(work.m, device=y.device) < work.cones.zero
-    return (forced | (y - s > 0)).to(torch.int8)
+    return (_scs_forced(work) | (y - s > 0)).to(torch.int8)
 
 
 def scs_solve_split(work, split: torch.Tensor, *, delta: float = DELTA, passes: int = PASSES
                     ) -> dict[str, torch.Tensor]:
     """:attr:`ActiveSets.solve` in the cone form: ``{"x", "y", "s"}``."""
-    active = _split_rows(split, work.m, work.batch_size) != 0
-    active = active | (torch.arange(work.m, device=active.device) < work.cones.zero)
-    x, y = equality_qp(work.A, work.P, work.c, work.b, active, delta=delta, passes=passes)
-    return {"x": x, "y": y, "s": torch.where(active, 0.0, work.b - spmv(work.A, x))}
+    active = (_split_rows(split, work.m, work.batch_size) != 0) | _scs_forced(work)
+    return _scs_on_active(work.A, work.P, work.b, work.c, active, delta, passes)
 
 
 def osqp_split(work, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:attr:`ActiveSets.of` in the QP form (``work``: the batch's :class:`~amortcvx.iterations.osqp.OsqpWork`;
     the scores of :func:`osqp_polish`, each row taking its better side)."""
-    batch = work.batch_size
-    x, y = batch_rows(x, work.n, batch, "x", work.q), batch_rows(y, work.m, batch, "y", work.q)
-    z = spmv(work.A, x)
-    lower, upper = -y - (z - work.l), y - (work.u - z)
-    forced = (work.u - work.l) < work.settings.rho_tol
-    side = torch.where(upper > lower, (upper > 0).to(torch.int8), -(lower > 0).to(torch.int8))
+    score, use_upper, forced = _osqp_scores(work, x, y)
+    side = torch.where(score > 0, torch.where(use_upper, 1, -1), 0).to(torch.int8)
     return torch.where(forced, torch.ones_like(side), side)
 
 
@@ -317,11 +304,40 @@ def osqp_solve_split(work, split: torch.Tensor, *, delta: float = DELTA, passes:
                      ) -> dict[str, torch.Tensor]:
     """:attr:`ActiveSets.solve` in the QP form: ``{"x", "y"}`` (an equality row's bound is ``l = u``)."""
     split = _split_rows(split, work.m, work.batch_size)
-    forced = (work.u - work.l) < work.settings.rho_tol
+    forced = _osqp_forced(work)
     active = (split != 0) | forced
     rhs = torch.where((split > 0) & ~forced, work.u, work.l)
     x, y = equality_qp(work.A, work.P, work.q, rhs, active, delta=delta, passes=passes)
     return {"x": x, "y": y}
+
+
+def _scs_forced(work) -> torch.Tensor:
+    """The cone form's rows that are always active, bool ``(m,)``: the zero cone's."""
+    return torch.arange(work.m, device=work.b.device) < work.cones.zero
+
+
+def _scs_on_active(A: SparseBatch, P: SparseBatch | None, b: torch.Tensor, c: torch.Tensor, active: torch.Tensor,
+                   delta: float, passes: int) -> dict[str, torch.Tensor]:
+    """The cone form's equality-constrained problem on the ``active`` rows (:func:`equality_qp`) as a warm start:
+    ``{"x", "y", "s"}`` with ``s = b - Ax`` off the active rows and 0 on them."""
+    x, y = equality_qp(A, P, c, b, active, delta=delta, passes=passes)
+    return {"x": x, "y": y, "s": torch.where(active, 0.0, b - spmv(A, x))}
+
+
+def _osqp_forced(work) -> torch.Tensor:
+    """The QP form's equality rows (``u - l`` below ``rho_tol``, as ``osqp_rho`` counts them), bool ``(B or 1, m)``."""
+    return (work.u - work.l) < work.settings.rho_tol
+
+
+def _osqp_scores(work, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The QP form's activity scores of a point: each row's better side (``use_upper``: the upper bound scores
+    ``y_i - (u_i - z_i)`` above the lower's ``-y_i - (z_i - l_i)``, ``z = A x``), its score (positive where the row
+    looks active on that side), and the equality rows (:func:`_osqp_forced`)."""
+    x, y = batch_rows(x, work.n, work.batch_size, "x", work.q), batch_rows(y, work.m, work.batch_size, "y", work.q)
+    z = spmv(work.A, x)
+    lower, upper = -y - (z - work.l), y - (work.u - z)
+    use_upper = upper > lower
+    return torch.where(use_upper, upper, lower), use_upper, _osqp_forced(work)
 
 
 def _split_rows(split: torch.Tensor, m: int, batch: int) -> torch.Tensor:

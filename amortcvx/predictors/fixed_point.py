@@ -162,24 +162,26 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
         res = a.residual(state, a.step(state)) if a.optimality is None else a.optimality(state)
         return torch.nan_to_num(res, nan=float("inf"))
 
+    def padded(group: torch.Tensor) -> torch.Tensor:
+        """A group (B, g, .) of more than one but fewer than ``size`` candidates padded to ``size`` with copies of
+        its last (a copy never wins: the first of equal residuals does); others as they are."""
+        B, g = group.shape[:2]
+        return group if g in (1, size) else torch.cat([group, group[:, -1:].expand(B, size - g, -1)], dim=1)
+
     def group_best(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The best of a group (B, g, d) and its residual; the group is padded to ``size`` with copies of its
-        last candidate (a copy never wins: the first of equal residuals does)."""
-        B, g = z.shape[:2]
-        if g == 1:
+        """The best of a group (B, g, d) and its residual (:func:`padded` to ``size``)."""
+        B = z.shape[0]
+        if z.shape[1] == 1:
             return z[:, 0], residual(alg, z[:, 0])
-        if g < size:
-            z = torch.cat([z, z[:, -1:].expand(B, size - g, -1)], dim=1)
+        z = padded(z)
         res = residual(ranker, z.transpose(0, 1).reshape(size * B, -1)).view(size, B)
         pick = res.argmin(dim=0)
         return z[torch.arange(B, device=z.device), pick], res.gather(0, pick[None])[0]
 
     def decoded(split: torch.Tensor) -> torch.Tensor:
-        """Active sets (B, g, m) solved on the batch's data: (B, g, d) points (padded to ``size`` like a group)."""
+        """Active sets (B, g, m) solved on the batch's data: (B, g, d) points (:func:`padded` like a group)."""
+        split = padded(split.to(theta.device))
         B, g = split.shape[:2]
-        split = split.to(theta.device)
-        if 1 < g < size:
-            split, g = torch.cat([split, split[:, -1:].expand(B, size - g, -1)], dim=1), size
         a = alg if g == 1 else ranker
         fields = a.active_set.solve(split.transpose(0, 1).reshape(g * B, -1))
         return space.target(a, **fields).view(g, B, -1).transpose(0, 1)
