@@ -15,10 +15,10 @@ prediction contains the right one:
    on each side of the cut (``iterations.polish.candidate_active_sets``, what polishing tries).
 4. For each split: the fraction of test instances it (or a candidate set) matches exactly, and the fraction the
    Newton finish certifies from the split's point (``x = 0``, ``w = +-1``; up to 4 steps; ``kkt.converged``).
-5. Neighbour splits (``predictors.NeighborActiveSet``, no training): the splits of the ``K`` nearest training
-   instances (``--choices``), how often the test instance's own is among them, and the median exact SCS iterations
-   at ``1e-4`` from the predictor's bare prediction (each split solved on the test instance's data, the best by
-   the optimality residual, ``predictors.predict``), against the cold start.
+5. Neighbour splits (``predictors.NeighborActiveSet``, no training): the ``K`` distinct splits of the nearest
+   training instances (``--choices``), how often the test instance's own is among them, and the median exact SCS
+   iterations at ``1e-4`` from the predictor's bare prediction (each split solved on the test instance's data, the
+   best by the optimality residual, ``predictors.predict``), against the cold start.
 
 Prints the machine, the family's sizes and these settings beside the numbers.
 
@@ -115,25 +115,25 @@ def main() -> None:
           f"with exactly n active rows {float((truth.sum(1) == pp.n).double().mean()):.2f}")
     mu, sd = theta.mean(0), theta.std(0).clamp_min(1e-12)
     u, test_u = (theta - mu) / sd, (test_theta - mu) / sd
-    neighbour_splits(pp, train_set, test_set, labels, truth, u, test_u, args.choices)
+    neighbour_splits(pp, train_set, test_set, labels, truth, args.choices)
     if args.epochs:
         classifier(pp, test_data, labels, truth, u, test_u, args)
 
 
-def neighbour_splits(pp, train_set, test_set, labels, truth, u, test_u, choices) -> None:
+def neighbour_splits(pp, train_set, test_set, labels, truth, choices) -> None:
     """Step 5: the K nearest training instances' splits, as candidates and through ``NeighborActiveSet``."""
     eps = {"eps_abs": 1e-4, "eps_rel": 1e-4}
     cold = c_iterations(pp, "scs", None, test_set, solver_settings=eps)
     print(f"neighbour splits (NeighborActiveSet): cold median {np.median(cold):g} SCS iterations at 1e-4")
-    order = torch.cdist(test_u, u).argsort(dim=1)
     for k in [c for c in choices if c <= len(train_set)]:
-        match = (labels[order[:, :k]] == truth[:, None]).all(dim=2).any(dim=1)
         start = time.perf_counter()
         model = uncorrected_model(Candidate(kind="neighbor_active_set", correction=False, choices=k), pp, "scs",
                                   None, train_set)
+        near, _ = model.core.distinct_neighbors(model._normalized(test_set.theta.to(torch.float64)), k)
+        match = (labels[near] == truth[:, None]).all(dim=2).any(dim=1)
         its = c_iterations(pp, "scs", model, test_set, solver_settings=eps)
-        print(f"  {k:5d} nearest: own split among them {float(match.double().mean()):.2f}; median {np.median(its):g}"
-              f" (mean {its.mean():.1f}) SCS iterations from the prediction, at most 1 on "
+        print(f"  {k:5d} distinct nearest: own split among them {float(match.double().mean()):.2f}; median "
+              f"{np.median(its):g} (mean {its.mean():.1f}) SCS iterations from the prediction, at most 1 on "
               f"{float((its <= 1).mean()):.2f}; {time.perf_counter() - start:.1f} s with the C solves")
 
 

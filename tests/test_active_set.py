@@ -187,9 +187,38 @@ def test_the_active_set_predictor_saves_and_loads_without_code_and_keeps_its_spl
     assert not plain.splits
 
 
-def test_the_recipe_tries_the_active_set_kind_on_a_qp_and_doubles_its_candidates():
+def test_candidates_are_the_nearest_distinct_active_sets():
+    """Stored instances on a line at 0, 1, ..., 7 with splits A A B A C B D D: from a query at 0.1, three candidates
+    are the instances 0 (A), 2 (B) and 4 (C); asked for five, the fifth is D (6) and the slot past the four distinct
+    holds the nearest again; new splits loaded into the module are read afresh."""
+    keys = torch.arange(8.0)[:, None]
+    code = {"A": [1, 0], "B": [0, 1], "C": [1, 1], "D": [-1, 0]}
+    splits = torch.tensor([code[c] for c in "AABACBDD"], dtype=torch.int8)
+    model = NeighborActiveSet(keys, torch.zeros(8, 3), splits, choices=3).eval()
+    query = torch.tensor([[0.1], [7.0]])
+    j, count = model.distinct_neighbors(query, 3)
+    assert j.tolist() == [[0, 2, 4], [7, 5, 4]] and count.tolist() == [3, 3]
+    j, count = model.distinct_neighbors(query, 5)
+    assert j.tolist() == [[0, 2, 4, 6, 0], [7, 5, 4, 3, 7]] and count.tolist() == [4, 4]
+    groups = list(model.split_groups(query, 2))
+    assert [g.shape[1] for g in groups] == [2, 1]
+    torch.testing.assert_close(torch.cat(groups, dim=1), splits[torch.tensor([[0, 2, 4], [7, 5, 4]])])
+    model.load_state_dict({**model.state_dict(), "splits": torch.ones(8, 2, dtype=torch.int8)})
+    j, count = model.distinct_neighbors(query, 3)
+    assert count.tolist() == [1, 1] and j.tolist() == [[0, 0, 0], [7, 7, 7]]
+    assert len(list(model.split_groups(query, 2))) == 1  # no group past every row's count
+
+
+def test_the_recipe_tries_the_active_set_kind_on_a_qp_and_doubles_its_candidates(monkeypatch):
     """A QP with a piecewise affine solution map: the recipe tries the kind in its search, doubles its candidates
-    and (no network learns this map as well from about 100 instances) chooses it."""
+    and (no network learns this map as well from about 100 instances) chooses it; every training instance's active
+    set is read once, however many trials store it."""
+    import amortcvx.training.recipe as recipe_mod
+
+    read = []
+    real = recipe_mod.training_splits
+    monkeypatch.setattr(recipe_mod, "training_splits", lambda pp_, alg, settings, part: read.append(len(part)) or
+                        real(pp_, alg, settings, part))
     pp = ParametricProblem(_box_problem(), "cone")
     source = solved_source(pp, "scs", _box_params(200, 5))
     settings = RecipeSettings(val_size=30, eval_size=30, search_size=60, sizes=(60, 120), max_size=120, epochs=20,
@@ -203,6 +232,7 @@ def test_the_recipe_tries_the_active_set_kind_on_a_qp_and_doubles_its_candidates
     assert doubled and [c for c, _ in doubled] == [2 ** i for i in range(4, 13) if 2 ** i <= doubled[0][1]]
     assert res.candidate.kind == "neighbor_active_set" and isinstance(res.model.core, NeighborActiveSet)
     assert res.val_median_iterations < res.cold_median_iterations
+    assert len(tried) > len(read) and sum(read) == max(n for _, n in tried)
 
 
 @pytest.mark.parametrize("algorithm, form", FORMS)

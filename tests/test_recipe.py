@@ -565,7 +565,7 @@ def test_a_kind_that_trains_nothing_rides_the_curve_whatever_its_search_time(por
             return 0.5 * 60 / n, 12.0 - n / 120
         return 0.6, 14.0 if n <= 60 else 6.0
 
-    monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, tangents=None:
+    monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, *_:
                         TaggedModel(cand.kind, 0, len(part)))
     for kind, rides in (("neighbor_active_set", True), ("neighbor_tangent", False)):
         settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
@@ -574,6 +574,34 @@ def test_a_kind_that_trains_nothing_rides_the_curve_whatever_its_search_time(por
         trials = [(t.candidate.kind, t.num_train) for t in res.trials]
         assert trials[:3] == [("mlp", 60), (kind, 60), ("mlp", 120)] and ((kind, 120) in trials) == rides
         assert (res.candidate.kind, res.num_train) == ((kind, 120) if rides else ("mlp", 120))
+
+
+def test_a_kind_that_trains_nothing_goes_on_alone_where_the_curve_stops(portfolio, monkeypatch):
+    """Scripted: the MLP stops gaining at 120 instances (and so does a wider one); the active sets, which need only
+    more instances, go on to 240 alone, whether or not their counts with 8 candidates improve there, and their
+    candidates are doubled on the largest set; they are chosen at 240 where better there, else at 120."""
+    import amortcvx.training.recipe as recipe_mod
+
+    monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, *_:
+                        TaggedModel(cand.kind, 0, len(part)))
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                              alternatives=({"kind": "neighbor_active_set", "correction": False},), ensemble=1)
+    for gains_at_240 in (True, False):
+        def scripted(kind: str, width: int, n: int, late: float = 6.0 if gains_at_240 else 11.0
+                     ) -> tuple[float, float]:
+            if kind == "mlp":
+                return 0.5, 12.0
+            return 0.6, {60: 14.0, 120: 10.0}.get(n, late)
+
+        res = scripted_recipe(monkeypatch, portfolio, scripted, settings, share=0.0)
+        sizes = [t.num_train for t in res.trials if t.candidate.kind == "mlp"]
+        assert max(sizes) == 120  # the curve (and the wider network) stopped at 120
+        riders = [t.num_train for t in res.trials if t.candidate.kind == "neighbor_active_set"
+                  and t.candidate.choices == 8]
+        assert riders == [60, 120, 240]
+        doubled = [(t.candidate.choices, t.num_train) for t in res.trials if t.candidate.choices > 8]
+        assert doubled and all(n == 240 for _, n in doubled)
+        assert (res.candidate.kind, res.num_train) == ("neighbor_active_set", 240 if gains_at_240 else 120)
 
 
 def test_a_companion_rides_no_further_once_it_trains_longer_than_the_curve(portfolio, monkeypatch):
@@ -817,7 +845,7 @@ def test_the_uncorrected_expansion_is_chosen_as_a_companion_without_capacity_or_
             return 0.5 * 60 / n, 360.0 / n  # a higher loss than the trained kinds, fewer iterations
         return 0.2 * 60 / n, 12.0
 
-    def uncorrected(cand, pp_, alg, settings, part, tangents=None):
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None):
         built.append(len(part))
         return TaggedModel(cand.label(), 0, len(part))
 
@@ -853,7 +881,7 @@ def test_the_uncorrected_expansion_rides_along_as_its_own_companion(portfolio, m
         return (0.4, 13.0) if kind == "neighbor_tangent" else (0.3 * 60 / n, 12.0)
 
     monkeypatch.setattr(recipe_mod, "uncorrected_model",
-                        lambda cand, pp_, alg, settings, part, tangents=None: TaggedModel(cand.label(), 0, len(part)))
+                        lambda cand, pp_, alg, settings, part, *_: TaggedModel(cand.label(), 0, len(part)))
     settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
                               alternatives=({"kind": "neighbor_tangent", "hidden": (128, 128)},
                                             {"kind": "neighbor_tangent", "correction": False}), ensemble=1)
@@ -877,7 +905,7 @@ def test_an_uncorrected_expansion_doubles_its_candidates_while_that_pays(portfol
                 return 0.5, by_count[count]
             return 0.3, mlp
 
-        monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, tangents=None:
+        monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, *_:
                             TaggedModel(cand.label(), 0, len(part)))
         settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
                                   alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1)
@@ -911,7 +939,7 @@ def clocked_rider_recipe(monkeypatch, portfolio, scripted, budget: float) -> Rec
 
     clock = FakeClock()
 
-    def uncorrected(cand, pp_, alg, settings, part, tangents=None):
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None):
         clock.t += 1.0
         return TaggedModel(cand.label(), 0, len(part))
 
@@ -1130,7 +1158,7 @@ def test_an_uncorrected_expansion_that_wins_the_search_does_not_stop_a_network_t
         return 0.5 * 60 / n, {60: 14.0, 120: 10.0}.get(n, 8.0)
 
     monkeypatch.setattr(recipe_mod, "uncorrected_model",
-                        lambda cand, pp_, alg, settings, part, tangents=None: TaggedModel(cand.label(), 0, len(part)))
+                        lambda cand, pp_, alg, settings, part, *_: TaggedModel(cand.label(), 0, len(part)))
     settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
                               alternatives=({"kind": "neighbor_tangent", "correction": False},), ensemble=1)
     res = scripted_recipe(monkeypatch, portfolio, scripted, settings)

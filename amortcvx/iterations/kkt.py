@@ -38,7 +38,15 @@ import torch
 from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
 from amortcvx.iterations.cones import cone_layout, eigh, project_dual_cone, smat
 from amortcvx.iterations.krylov import solve_kkt_krylov
-from amortcvx.iterations.linalg import csr_matvec, csr_pair, dense_batch, matvec, rmatvec, sparse_operator
+from amortcvx.iterations.linalg import (
+    cholesky_solve,
+    csr_matvec,
+    csr_pair,
+    dense_batch,
+    matvec,
+    rmatvec,
+    sparse_operator,
+)
 
 Data = ConeData | QPData
 
@@ -692,8 +700,7 @@ def _least_squares(mat: torch.Tensor, rhs: torch.Tensor, *, rel: float = 1e-10, 
     L = torch.linalg.cholesky_ex(reg)[0]
     z = torch.zeros_like(rhs)
     for _ in range(passes):
-        r = rmatvec(mat, rhs - matvec(mat, z)).unsqueeze(-1)
-        z = z + torch.cholesky_solve(r, L).squeeze(-1)
+        z = z + cholesky_solve(L, rmatvec(mat, rhs - matvec(mat, z)))
     return z
 
 
@@ -902,13 +909,6 @@ def _jacobian_rows(jac: DualJacobian, start: int) -> DualJacobian:
     return jac._replace(diag=jac.diag[:, start:], lin=jac.lin - start)
 
 
-def _cholesky_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(L L')^-1 b`` per instance for ``b`` (B, k) (two triangular solves: faster than ``cholesky_solve`` or
-    an explicit inverse for these batched small systems)."""
-    y = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
-    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
-
-
 def reusable(factor: Factor, jac: DualJacobian) -> torch.Tensor:
     """(B,) bool: where ``factor`` was built from exactly ``jac`` (so that it is the factorization a new one would
     give). On LPs and QPs ``D`` is a 0/1 diagonal that stays the same from the last Newton step to the refined
@@ -1062,7 +1062,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
         rx, re, ro = r[:, :n], r[:, n:n + e], r[:, n + e:]
         wo = to_x.matvec(ro)  # M r_o, or R r_o for J' (then also the -R r_o of z_w)
         if ns is None:
-            zx = _cholesky_solve(L, rx + Ao.rmv(wo))
+            zx = cholesky_solve(L, rx + Ao.rmv(wo))
             ax, ze = Ao.mv(zx), re[:, :0]
             m_ax = M.matvec(ax) if transpose else None
         else:
@@ -1074,7 +1074,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
             top = rx - delta_ * xp + Ao.rmv(wo - m_xp)  # g - H xp
             if P is not None:
                 top = top - matvec(P, xp)
-            u = _cholesky_solve(L, top @ ns.Z)
+            u = cholesky_solve(L, top @ ns.Z)
             zu = u @ ns.Z.mT
             azu = u @ ns.AoZ.mT
             m_zu = M.matvec(azu)

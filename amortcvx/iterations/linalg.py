@@ -414,12 +414,22 @@ class KKTSolver:
         t = r_x + self._at(r_y * self.inv_dy)
         if self.method == "inverse":
             u = rmatvec(self.S_inv, t)  # S^-1 is symmetric; the row-vector form is the faster bmm
-        elif self.L.shape[0] > 1:
-            u = torch.cholesky_solve(t.unsqueeze(-1), self.L).squeeze(-1)
         else:
-            u = torch.cholesky_solve(t.mT, self.L[0]).mT
+            u = cholesky_solve(self.L, t)
         w = (self._a(u) - r_y) * self.inv_dy
         return u, w
+
+
+def cholesky_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(L_i L_i')^-1 b_i`` for the rows of ``b`` (B, k) and lower factors ``L`` (B or 1, k, k): two triangular
+    solves. ``torch.cholesky_solve`` costs 3-5 times as much on the CPU where the factor has many zeros (MKL,
+    float64, one thread, 100 factors of 95 x 95 from the active sets of huber_fit small, 90% zeros: 2.4 against 0.47
+    ms; on dense random factors 0.62 against 0.47 ms)."""
+    if L.shape[0] == 1:  # one factor for every row: one solve with the rows as columns
+        y = torch.linalg.solve_triangular(L[0], b.mT, upper=False)
+        return torch.linalg.solve_triangular(L[0].mT, y, upper=True).mT
+    y = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
 
 
 class FactorCache:

@@ -28,11 +28,12 @@ from the first ``val_size + search_size``, are the validation set, the other row
    is trained at every size too, until a training of it takes longer than the curve's at the same size, and
    takes over the curve where it is better; every size trained gives a point
    of the learning curve (validation regression loss and median C iterations against the training-set size),
-   which :class:`RecipeResult` prints;
+   which :class:`RecipeResult` prints; where the curve ends (its next training does not fit the budget, or more
+   data stopped paying), the kinds that train nothing go on up the sizes alone while the budget allows;
 4. for the best trial of each kind without a trained correction (``Candidate.correction`` False: the choice, or a
-   companion), tries every doubling of the number of nearest training instances it predicts from
-   (``Candidate.choices``, up to :data:`MAX_CHOICES`) and keeps the best; that becomes the choice where it beats
-   it;
+   companion; for a kind that trains nothing, its largest training set), tries every doubling of the number of
+   nearest training instances it predicts from (``Candidate.choices``, up to :data:`MAX_CHOICES`) and keeps the
+   best; that becomes the choice where it beats it;
 5. where the budget allows and the choice trains a network, trains the choice again with ``ensemble - 1`` other
    seeds and keeps the best of the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`)
    by validation iterations (not where the choice trains nothing: its members would be alike).
@@ -510,11 +511,13 @@ class AnchorDerivatives:
 
 def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                    tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
-                   normalization: tuple[WarmStartPredictor, torch.Tensor] | None = None) -> nn.Module | None:
+                   normalization: tuple[WarmStartPredictor, torch.Tensor] | None = None,
+                   splits: Callable[[SolvedSet], torch.Tensor] | None = None) -> nn.Module | None:
     """The core module of ``cand`` for :func:`~amortcvx.training.trainer.train` (None: its MLP, which ``train``
     builds); ``tangents(train_set, shell)`` gives the derivatives at the first instances of the set (a
     ``neighbor_tangent``'s anchors; default: at every instance, :func:`solution_tangents`); ``normalization``:
-    :func:`_normalization` of the set, where the caller has it."""
+    :func:`_normalization` of the set, where the caller has it; ``splits(train_set)``: the set's active sets (a
+    ``neighbor_active_set``'s; default :func:`training_splits`)."""
     if cand.kind == "mlp":
         return None  # train() builds its MLP with cand.hidden
     shell, target = _normalization(pp, algorithm, settings, train_set) if normalization is None else normalization
@@ -524,8 +527,8 @@ def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSe
     if cand.kind == "neighbor_correction":
         return NeighborCorrection(keys, values, hidden=cand.hidden, choices=min(choices, len(keys)))
     if cand.kind == "neighbor_active_set":
-        return NeighborActiveSet(keys, values, training_splits(pp, algorithm, settings, train_set),
-                                 choices=min(choices, len(keys)))
+        split = training_splits(pp, algorithm, settings, train_set) if splits is None else splits(train_set)
+        return NeighborActiveSet(keys, values, split, choices=min(choices, len(keys)))
     jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std, dtype=TANGENT_DTYPE)
            if tangents is None else tangents(train_set, shell)).to(values.device)
     return NeighborTangent(keys[:len(jac)], values[:len(jac)], jac, hidden=cand.hidden,
@@ -560,7 +563,7 @@ def renormalized(jac: torch.Tensor, in_std: torch.Tensor, out_std: torch.Tensor,
 
 def uncorrected_model(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                       tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
-                      ) -> WarmStartPredictor:
+                      splits: Callable[[SolvedSet], torch.Tensor] | None = None) -> WarmStartPredictor:
     """The predictor of a candidate without a trained correction (``cand.correction`` False): its core
     (:func:`candidate_core`, the correction network left at zero) with the normalization :func:`train` would fit
     on ``train_set``, in float64, eval mode. Nothing is trained."""
@@ -568,7 +571,7 @@ def uncorrected_model(cand: Candidate, pp, algorithm, settings, train_set: Solve
         raise ValueError(f"{cand.label()} trains a correction; uncorrected_model builds the others")
     normalization = _normalization(pp, algorithm, settings, train_set)
     model = normalization[0]
-    model.core = candidate_core(cand, pp, algorithm, settings, train_set, tangents, normalization)
+    model.core = candidate_core(cand, pp, algorithm, settings, train_set, tangents, normalization, splits)
     return model.to(torch.float64).eval()
 
 
@@ -720,6 +723,20 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         return more + rate * n * (min(recipe.epochs, 3 * recipe.patience) if cand.correction else 1)
 
     tangents = AnchorDerivatives(pp, algorithm, settings, deadline, say)
+    read_splits: list[torch.Tensor] = []  # the training sets' active sets so far (the sets grow by prefixes)
+
+    def splits_of(part: SolvedSet) -> torch.Tensor:
+        """The active sets of ``part``, the first instances of the training order, each read once (reading them
+        sets up the torch algorithm on the instances: with a parameter in ``A``, a factorization each; huber_fit,
+        stop 37: about 10 s of every 13 s trial at 8000 instances)."""
+        have = read_splits[0] if read_splits else None
+        if have is None or len(part) > len(have):
+            new = training_splits(pp, algorithm, settings,
+                                  part.subset(torch.arange(0 if have is None else len(have), len(part))))
+            have = new if have is None else torch.cat([have, new])
+            read_splits[:] = [have]
+        return have[:len(part)]
+
     own_seconds: dict[int, float] = {}  # an uncorrected trial's seconds without computing new derivatives
 
     def reserve() -> float:
@@ -735,7 +752,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             model, best_epoch, ran = trained(cand, train_part, t0)
         else:  # nothing to train: the neighbour's answer (and its derivatives) as it is
             spent = tangents.seconds
-            model, best_epoch, ran = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents), 0, 0
+            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents, splits_of)
+            best_epoch, ran = 0, 0
             spent = tangents.seconds - spent
         rates[rate_key(cand)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part), len(train_part))
         result = judged(cand, model, len(train_part), best_epoch, ran, t0)
@@ -899,6 +917,26 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             break
         on_curve.append(len(trials) - 1)
         stalled, chosen = grow(wide, [n for n in recipe.curve_sizes() if n > at.num_train], result)
+    # the kinds that train nothing go on up the sizes alone where the curve ended (its training no longer fitted
+    # the budget, or more data stopped paying for it), while the budget allows and leaves the candidate step its
+    # reserve: they need only more solved instances, and their stored instances only grow denser, which their
+    # counts with few candidates do not show (huber_fit, stop 37: the active sets' validation medians with 8
+    # candidates were 33 at 2000, 4000 and 8000 instances; on held-out instances, with 1024 candidates, 27 at 2000
+    # and 24 at 8000, with 4096 at 8000, 1; in stop 36 the curve stopped at 4000 instances for the budget of its
+    # next training and the recipe ended with 196 s of its 600 unused)
+    for comp in [c for c in companions if c.kind in UNTRAINED_KINDS]:
+        last = max(t.num_train for t in trials if t.candidate == comp)
+        for n in [n for n in recipe.curve_sizes() if n > last]:
+            if time.perf_counter() + estimate(comp, n) > deadline - reserve():
+                say(f"  (budget: no trial of {comp.label()} on n={n})")
+                break
+            _, part = data(n)
+            if len(part) <= last:
+                break  # get_solved has no more instances
+            if better(trial(comp, part), trials[best_i]):
+                best_i = len(trials) - 1
+            last = len(part)
+
     # by size; at the size where a wider network took over, the narrower one first
     curve = tuple(CurvePoint(trials[i].num_train, trials[i].val_regression, trials[i].val_median_iterations,
                              trials[i].candidate.label())
@@ -911,11 +949,18 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     def rank(i: int) -> tuple[float, float, int]:
         return trials[i].val_median_iterations, trials[i].val_mean_iterations, -trials[i].num_train
 
+    def start(riders: list[int]) -> int:
+        """Where a kind's candidates are doubled: its best trial; for a kind that trains nothing its largest stored
+        set, the densest (its counts with few candidates do not show what more candidates find there: above)."""
+        if trials[riders[0]].candidate.kind in UNTRAINED_KINDS:
+            return max(riders, key=lambda i: trials[i].num_train)
+        return min(riders, key=rank)
+
     by_kind: dict[str, list[int]] = {}
     for i, t in enumerate(trials):
         if not t.candidate.correction:
             by_kind.setdefault(t.candidate.kind, []).append(i)
-    for at in sorted((min(riders, key=rank) for riders in by_kind.values()), key=rank):  # the best kind first
+    for at in sorted((start(riders) for riders in by_kind.values()), key=rank):  # the best kind first
         base, part = trials[at], parts[at]
         count, last = base.candidate.choices, own_seconds[at]  # (the derivatives are there: not counted)
         while 2 * count <= min(MAX_CHOICES, base.num_train):
@@ -957,7 +1002,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                     best_i = i
     best = trials[best_i]
     model = models[best_i] if best_i in models else uncorrected_model(best.candidate, pp, algorithm, settings,
-                                                                      parts[best_i], tangents)
+                                                                      parts[best_i], tangents, splits_of)
     result = RecipeResult(model=model, candidate=best.candidate, num_train=best.num_train,
                           val_median_iterations=best.val_median_iterations, cold_median_iterations=cold_median,
                           val_rows=tuple(int(i) for i in val_rows), trials=tuple(trials), curve=curve,
