@@ -187,6 +187,23 @@ def test_the_active_set_predictor_saves_and_loads_without_code_and_keeps_its_spl
     assert not plain.splits
 
 
+def test_training_rows_are_the_targets_and_splits_read_apart():
+    """``training_rows`` (one algorithm setup for both) gives what ``trainer.targets`` and ``training_splits`` give,
+    and a predictor built from them is the one built without them."""
+    from amortcvx.training.recipe import training_rows
+    from amortcvx.training.trainer import targets
+
+    pp, train = _solved(_box_problem(), "scs", "cone", _box_params(30, 3))
+    rows = training_rows(pp, "scs", None, train)
+    torch.testing.assert_close(rows.target, targets(pp, "scs", None, train, len(train)), rtol=0, atol=0)
+    assert torch.equal(rows.split, training_splits(pp, "scs", None, train))
+    cand = Candidate(kind="neighbor_active_set", correction=False, choices=3)
+    given = uncorrected_model(cand, pp, "scs", None, train, rows=lambda part: rows)
+    plain = uncorrected_model(cand, pp, "scs", None, train)
+    for (name, a), (_, b) in zip(given.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_candidates_are_the_nearest_distinct_active_sets():
     """Stored instances on a line at 0, 1, ..., 7 with splits A A B A C B D D: from a query at 0.1, three candidates
     are the instances 0 (A), 2 (B) and 4 (C); asked for five, the fifth is D (6) and the slot past the four distinct
@@ -211,13 +228,13 @@ def test_candidates_are_the_nearest_distinct_active_sets():
 
 def test_the_recipe_tries_the_active_set_kind_on_a_qp_and_doubles_its_candidates(monkeypatch):
     """A QP with a piecewise affine solution map: the recipe tries the kind in its search, doubles its candidates
-    and (no network learns this map as well from about 100 instances) chooses it; every training instance's active
-    set is read once, however many trials store it."""
+    and (no network learns this map as well from about 100 instances) chooses it; every training instance's target
+    and active set are read once, however many trials store them."""
     import amortcvx.training.recipe as recipe_mod
 
     read = []
-    real = recipe_mod.training_splits
-    monkeypatch.setattr(recipe_mod, "training_splits", lambda pp_, alg, settings, part: read.append(len(part)) or
+    real = recipe_mod.training_rows
+    monkeypatch.setattr(recipe_mod, "training_rows", lambda pp_, alg, settings, part: read.append(len(part)) or
                         real(pp_, alg, settings, part))
     pp = ParametricProblem(_box_problem(), "cone")
     source = solved_source(pp, "scs", _box_params(200, 5))

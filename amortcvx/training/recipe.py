@@ -424,14 +424,16 @@ def c_iterations(pp: ParametricProblem, algorithm: str, model: nn.Module | None,
     return np.array([r.iterations for r in results], dtype=float)
 
 
-def _normalization(pp, algorithm, settings, train_set: SolvedSet) -> tuple[WarmStartPredictor, torch.Tensor]:
+def _normalization(pp, algorithm, settings, train_set: SolvedSet,
+                   target: torch.Tensor | None = None) -> tuple[WarmStartPredictor, torch.Tensor]:
     """A predictor shell whose normalization is the one :func:`train` will fit on ``train_set``, and the
-    set's :func:`~amortcvx.training.trainer.targets` it was fitted on."""
+    set's :func:`~amortcvx.training.trainer.targets` it was fitted on (``target``, where the caller has them)."""
     space = output_space(algorithm)
     meta = PredictorMeta(fingerprint=pp.fingerprint, algorithm=algorithm, settings=settings_dict(settings),
                          num_params=pp.num_params, out_dim=space.dim(pp.n, pp.m))
     shell = WarmStartPredictor(meta, core=nn.Identity()).to(train_set.theta.dtype)
-    target = targets(pp, algorithm, settings, train_set, len(train_set))
+    if target is None:
+        target = targets(pp, algorithm, settings, train_set, len(train_set))
     shell.fit_normalization(train_set.theta, target)
     return shell, target
 
@@ -536,21 +538,39 @@ def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSe
 
 
 SPLIT_CHUNK = 4096
-""":func:`training_splits` reads the active sets of this many instances at a time."""
+""":func:`training_rows` reads this many instances at a time."""
+
+
+class TrainingRows(NamedTuple):
+    """What a kind that stores its training set reads from each instance's solution, on that instance's data."""
+
+    target: torch.Tensor  # (N, d): the fixed-point targets (:func:`~amortcvx.training.trainer.targets`)
+    split: torch.Tensor | None  # (N, m) int8: the optimal active sets (LPs and QPs; else None)
+
+
+def training_rows(pp: ParametricProblem, algorithm: str, settings, train_set: SolvedSet) -> TrainingRows:
+    """The targets and the optimal active sets (``alg.active_set.of`` at the solutions,
+    :class:`~amortcvx.iterations.polish.ActiveSets`) of the instances of ``train_set``: one setup of the torch
+    algorithm per :data:`SPLIT_CHUNK` instances (with a parameter in ``A``, a factorization per instance)."""
+    space = output_space(algorithm)
+    target, split = [], []
+    for start in range(0, len(train_set), SPLIT_CHUNK):
+        part = train_set.subset(torch.arange(start, min(start + SPLIT_CHUNK, len(train_set))))
+        alg = make_algorithm(algorithm, pp.canonicalize_vector(part.theta), settings)
+        target.append(space.target(alg, part.x, part.y, part.s))
+        if alg.active_set is not None:
+            fields = {"x": part.x, "y": part.y} | ({} if part.s is None else {"s": part.s})
+            split.append(alg.active_set.of(**{k: v.to(part.theta) for k, v in fields.items()}))
+    return TrainingRows(torch.cat(target), torch.cat(split) if split else None)
 
 
 def training_splits(pp: ParametricProblem, algorithm: str, settings, train_set: SolvedSet) -> torch.Tensor:
-    """The optimal active sets (N, m) int8 of the instances of ``train_set`` (``alg.active_set.of`` at their
-    solutions, :class:`~amortcvx.iterations.polish.ActiveSets`; LPs and QPs only)."""
-    out = []
-    for start in range(0, len(train_set), SPLIT_CHUNK):
-        part = train_set.subset(torch.arange(start, min(start + SPLIT_CHUNK, len(train_set))))
-        alg = make_algorithm(algorithm, pp.canonicalize_vector(part.theta.to("cpu", torch.float64)), settings)
-        if alg.active_set is None:
-            raise ValueError("active sets need an LP or QP (zero and nonnegative cones only)")
-        fields = {"x": part.x, "y": part.y} | ({} if part.s is None else {"s": part.s})
-        out.append(alg.active_set.of(**{k: v.to("cpu", torch.float64) for k, v in fields.items()}))
-    return torch.cat(out)
+    """The optimal active sets (N, m) int8 of the instances of ``train_set`` (:func:`training_rows`; LPs and QPs
+    only)."""
+    split = training_rows(pp, algorithm, settings, train_set).split
+    if split is None:
+        raise ValueError("active sets need an LP or QP (zero and nonnegative cones only)")
+    return split
 
 
 def renormalized(jac: torch.Tensor, in_std: torch.Tensor, out_std: torch.Tensor, new_in_std: torch.Tensor,
@@ -563,15 +583,18 @@ def renormalized(jac: torch.Tensor, in_std: torch.Tensor, out_std: torch.Tensor,
 
 def uncorrected_model(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                       tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
-                      splits: Callable[[SolvedSet], torch.Tensor] | None = None) -> WarmStartPredictor:
+                      rows: Callable[[SolvedSet], TrainingRows] | None = None) -> WarmStartPredictor:
     """The predictor of a candidate without a trained correction (``cand.correction`` False): its core
     (:func:`candidate_core`, the correction network left at zero) with the normalization :func:`train` would fit
-    on ``train_set``, in float64, eval mode. Nothing is trained."""
+    on ``train_set``, in float64, eval mode. Nothing is trained. ``rows(train_set)``: the set's
+    :class:`TrainingRows` (default: :func:`training_rows`, read where needed)."""
     if cand.correction:
         raise ValueError(f"{cand.label()} trains a correction; uncorrected_model builds the others")
-    normalization = _normalization(pp, algorithm, settings, train_set)
+    stored = None if rows is None else rows(train_set)
+    normalization = _normalization(pp, algorithm, settings, train_set, None if stored is None else stored.target)
     model = normalization[0]
-    model.core = candidate_core(cand, pp, algorithm, settings, train_set, tangents, normalization, splits)
+    model.core = candidate_core(cand, pp, algorithm, settings, train_set, tangents, normalization,
+                                None if stored is None else (lambda _: stored.split))
     return model.to(torch.float64).eval()
 
 
@@ -723,19 +746,20 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         return more + rate * n * (min(recipe.epochs, 3 * recipe.patience) if cand.correction else 1)
 
     tangents = AnchorDerivatives(pp, algorithm, settings, deadline, say)
-    read_splits: list[torch.Tensor] = []  # the training sets' active sets so far (the sets grow by prefixes)
+    read: list[TrainingRows] = []  # the training sets' rows read so far (the sets grow by prefixes)
 
-    def splits_of(part: SolvedSet) -> torch.Tensor:
-        """The active sets of ``part``, the first instances of the training order, each read once (reading them
-        sets up the torch algorithm on the instances: with a parameter in ``A``, a factorization each; huber_fit,
-        stop 37: about 10 s of every 13 s trial at 8000 instances)."""
-        have = read_splits[0] if read_splits else None
-        if have is None or len(part) > len(have):
-            new = training_splits(pp, algorithm, settings,
-                                  part.subset(torch.arange(0 if have is None else len(have), len(part))))
-            have = new if have is None else torch.cat([have, new])
-            read_splits[:] = [have]
-        return have[:len(part)]
+    def rows_of(part: SolvedSet) -> TrainingRows:
+        """The :class:`TrainingRows` of ``part``, the first instances of the training order, each read once (reading
+        them sets up the torch algorithm on the instances: with a parameter in ``A``, a factorization each;
+        huber_fit, stop 37: about 10 s of every trial of the active sets at 16000 instances)."""
+        if not read or len(part) > len(read[0].target):
+            have = len(read[0].target) if read else 0
+            new = training_rows(pp, algorithm, settings, part.subset(torch.arange(have, len(part))))
+            read[:] = [new if not read else TrainingRows(
+                torch.cat([read[0].target, new.target]),
+                None if new.split is None else torch.cat([read[0].split, new.split]))]
+        n = len(part)
+        return TrainingRows(read[0].target[:n], None if read[0].split is None else read[0].split[:n])
 
     own_seconds: dict[int, float] = {}  # an uncorrected trial's seconds without computing new derivatives
 
@@ -752,7 +776,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             model, best_epoch, ran = trained(cand, train_part, t0)
         else:  # nothing to train: the neighbour's answer (and its derivatives) as it is
             spent = tangents.seconds
-            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents, splits_of)
+            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents, rows_of)
             best_epoch, ran = 0, 0
             spent = tangents.seconds - spent
         rates[rate_key(cand)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part), len(train_part))
@@ -1002,7 +1026,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                     best_i = i
     best = trials[best_i]
     model = models[best_i] if best_i in models else uncorrected_model(best.candidate, pp, algorithm, settings,
-                                                                      parts[best_i], tangents, splits_of)
+                                                                      parts[best_i], tangents, rows_of)
     result = RecipeResult(model=model, candidate=best.candidate, num_train=best.num_train,
                           val_median_iterations=best.val_median_iterations, cold_median_iterations=cold_median,
                           val_rows=tuple(int(i) for i in val_rows), trials=tuple(trials), curve=curve,
@@ -1040,6 +1064,6 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
 
 
 __all__ = ["ACTIVE_SET_ENTRIES", "KINDS", "MAX_CHOICES", "STORED_KINDS", "UNTRAINED_KINDS", "AnchorDerivatives",
-           "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrialResult", "applies", "c_iterations",
-           "candidate_core", "fit_predictor", "scaled_rate", "solved_prefix", "solved_source", "training_splits",
-           "uncorrected_model"]
+           "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrainingRows", "TrialResult", "applies",
+           "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_prefix", "solved_source",
+           "training_rows", "training_splits", "uncorrected_model"]
