@@ -514,12 +514,12 @@ class AnchorDerivatives:
 def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                    tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
                    normalization: tuple[WarmStartPredictor, torch.Tensor] | None = None,
-                   splits: Callable[[SolvedSet], torch.Tensor] | None = None) -> nn.Module | None:
+                   split: torch.Tensor | None = None) -> nn.Module | None:
     """The core module of ``cand`` for :func:`~amortcvx.training.trainer.train` (None: its MLP, which ``train``
     builds); ``tangents(train_set, shell)`` gives the derivatives at the first instances of the set (a
     ``neighbor_tangent``'s anchors; default: at every instance, :func:`solution_tangents`); ``normalization``:
-    :func:`_normalization` of the set, where the caller has it; ``splits(train_set)``: the set's active sets (a
-    ``neighbor_active_set``'s; default :func:`training_splits`)."""
+    :func:`_normalization` of the set, where the caller has it; ``split``: the set's active sets (a
+    ``neighbor_active_set``'s; default :func:`training_splits`), where the caller has them."""
     if cand.kind == "mlp":
         return None  # train() builds its MLP with cand.hidden
     shell, target = _normalization(pp, algorithm, settings, train_set) if normalization is None else normalization
@@ -529,7 +529,7 @@ def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSe
     if cand.kind == "neighbor_correction":
         return NeighborCorrection(keys, values, hidden=cand.hidden, choices=min(choices, len(keys)))
     if cand.kind == "neighbor_active_set":
-        split = training_splits(pp, algorithm, settings, train_set) if splits is None else splits(train_set)
+        split = training_splits(pp, algorithm, settings, train_set) if split is None else split
         return NeighborActiveSet(keys, values, split, choices=min(choices, len(keys)))
     jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std, dtype=TANGENT_DTYPE)
            if tangents is None else tangents(train_set, shell)).to(values.device)
@@ -594,7 +594,7 @@ def uncorrected_model(cand: Candidate, pp, algorithm, settings, train_set: Solve
     normalization = _normalization(pp, algorithm, settings, train_set, None if stored is None else stored.target)
     model = normalization[0]
     model.core = candidate_core(cand, pp, algorithm, settings, train_set, tangents, normalization,
-                                None if stored is None else (lambda _: stored.split))
+                                None if stored is None else stored.split)
     return model.to(torch.float64).eval()
 
 
