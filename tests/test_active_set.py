@@ -299,6 +299,10 @@ def test_calibration_predicts_each_batch_once_for_all_its_options(monkeypatch):
 
     once, count = calibrated()
     assert count == 1 and len(once.candidates) == 4
+    solver = AmortizedSolver(pp, model, k=2, solver_settings=EPS, workers=1)
+    calls.clear()
+    solver.calibrated(params, newton_steps=(0, 4), timed=False)  # the options and the timed C modes: one prediction
+    assert len(calls) == 1
     monkeypatch.setattr(AmortizedSolver, "_bare_prediction", lambda self, alg, th: solver_mod.predict(
         self.model, self.space, alg, th, self.dtype))  # a prediction computed every time
     every, count = calibrated()
@@ -312,3 +316,33 @@ def test_calibration_predicts_each_batch_once_for_all_its_options(monkeypatch):
     solver.solve(params)
     solver.solve(params)
     assert len(calls) == 3  # elsewhere every solve predicts
+
+
+def test_strategy_timing_drops_a_start_far_slower_than_the_others_after_one_round(monkeypatch):
+    """``choose_strategy`` times again only the strategies within ``STRATEGY_DROP`` of the best after its first
+    round: a prediction made 30 ms slower per call is timed once (its first use and one round), the cold start in
+    every round; the choice is the same as with every round timed."""
+    import time
+
+    import amortcvx.deploy.solver as solver_mod
+    from amortcvx import AmortizedSolver
+
+    pp, train = _solved(_box_problem(), "scs", "cone", _box_params(40, 9))
+    model = _model(pp, "scs", train, choices=4)
+    theta = (train.theta[:8] + 0.05).numpy()
+    params = {"q": theta[:, :4], "h": theta[:, 4:]}
+    solver = AmortizedSolver(pp, model, k=0, solver_settings=EPS, workers=1)
+    real = AmortizedSolver._bare_prediction
+    monkeypatch.setattr(AmortizedSolver, "_bare_prediction",
+                        lambda self, alg, th: time.sleep(0.03) or real(self, alg, th))
+    calls = {"learned": 0, "cold": 0}
+    solve = AmortizedSolver.solve
+    monkeypatch.setattr(AmortizedSolver, "solve", lambda self, p, **kw: (
+        calls.__setitem__(self.strategy, calls[self.strategy] + 1), solve(self, p, **kw))[1])
+    choice, seconds = solver.choose_strategy(params, ["learned", "cold"], repeats=3, single=4)
+    assert choice == "cold" and seconds["learned"][0] > 10 * seconds["cold"][0]
+    assert calls == {"learned": 1 + 4 + 1, "cold": 1 + 3 * (4 + 1)}  # first use, then 4 single calls and the batch
+    monkeypatch.setattr(solver_mod, "STRATEGY_DROP", float("inf"))
+    calls.update(learned=0, cold=0)
+    assert solver.choose_strategy(params, ["learned", "cold"], repeats=3, single=4)[0] == "cold"
+    assert calls == {"learned": 1 + 3 * 5, "cold": 1 + 3 * 5}

@@ -141,6 +141,13 @@ STRATEGIES = ("learned", "refined_cold", "cold")
 cold start refined the same way (predictor off: ``k`` steps, or with ``k = 0`` its first step, then the Newton
 steps when ``newton`` is set), or the plain cold start (no torch work at all)."""
 
+STRATEGY_DROP = 4.0
+""":meth:`AmortizedSolver.choose_strategy` times again, after its first round, only the strategies whose worse-of-the-
+two ratio to the fastest is within this factor of the best one's: later rounds guard close calls against the
+machine's noise, and a start that costs several times the others' cannot become the choice by them. (A predictor
+with 2048 candidate active sets on mpc_param_dyn, whose ``A`` holds parameters, took 1.2 s per instance at batch 1
+against 0.5 ms for a cold solve; its three rounds were half of a 232 s calibration.)"""
+
 REPORTED_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 """The batch sizes :meth:`Calibration.describe` reports the per-call strategy of."""
 
@@ -738,6 +745,9 @@ class AmortizedSolver:
         (timed, where the prediction costs the same for every mode); never for timing strategies against each other.
         A predictor with many candidates spends most of a solve on its prediction (transport small, 4096 active
         sets: about 12 s for 200 instances)."""
+        if self._predictions is not None:  # within another: its kept predictions serve this one too
+            yield
+            return
         self._predictions = {}
         try:
             yield
@@ -933,37 +943,39 @@ class AmortizedSolver:
         if self.algorithm == "osqp" and "rho" not in self.solver_settings:
             self.osqp_rho = self.choose_osqp_rho(params)
             self._persistent.clear()  # rebuilt with the fitted rho on first use
-        candidates, kept, learned = [], None, math.nan
-        if self.model is not None:
-            self.enabled = True
-            with self._predictions_kept():  # untimed: the batch's prediction once for every option
+        # the batch's bare prediction once, for every option (untimed) and the C modes (timed: it costs the same
+        # for each); not for timing the strategies against each other below
+        with self._predictions_kept():
+            candidates, kept, learned = [], None, math.nan
+            if self.model is not None:
+                self.enabled = True
                 for opt in options:
                     self.anderson, self.newton, self.polish = opt
                     out = self.solve(params, exact_iterations=True)
                     its = [r.iterations for r in out.results]
                     candidates.append((opt, float(np.median(its)), float(np.mean(its)), out))
-            (self.anderson, self.newton, self.polish), learned, _, kept = min(candidates,
-                                                                               key=lambda c: c[1:3])  # first of ties
-        elif len(options) == 1:  # no predictor: the one refinement given is the cold start's
-            self.anderson, self.newton, self.polish = options[0]
-        self.enabled, self.cold_refine = False, True
-        cold_out = self.solve(params, exact_iterations=True)
-        cold = float(np.median([r.iterations for r in cold_out.results]))
-        passed = self.model is not None and bool(learned <= margin * cold)
-        self.enabled = passed
-        used = kept if passed else cold_out  # the C iterations of the kept start where it was not certified
-        warm_its = [max(1, r.iterations) for r, cert in zip(used.results, used.certified) if not cert]
-        if self.algorithm == "osqp" and self._check_given is None:
-            self.check_termination = None if not warm_its else check_interval(warm_its)
-            self.cold_check_termination = check_interval(self._plain_cold_iterations(params))
-        if self.algorithm == "scs" and "scale" not in self.solver_settings:
-            self.scs_scale = self.choose_scs_scale(params)
-            self._persistent = {k: v for k, v in self._persistent.items() if k == "adaptive"}  # the scale changed
-        if self.algorithm == "scs":
-            cold_its = self._plain_cold_iterations(params, self.object_settings("stateless"))
-            self.scs_stops = {"warm": stop_point(warm_its) if warm_its else None, "cold": stop_point(cold_its)}
-        if self._modes_given is None:
-            self.c_modes = self.choose_c_modes(params)
+                first = min(candidates, key=lambda c: c[1:3])  # the lowest median, then mean; the first of ties
+                (self.anderson, self.newton, self.polish), learned, _, kept = first
+            elif len(options) == 1:  # no predictor: the one refinement given is the cold start's
+                self.anderson, self.newton, self.polish = options[0]
+            self.enabled, self.cold_refine = False, True
+            cold_out = self.solve(params, exact_iterations=True)
+            cold = float(np.median([r.iterations for r in cold_out.results]))
+            passed = self.model is not None and bool(learned <= margin * cold)
+            self.enabled = passed
+            used = kept if passed else cold_out  # the C iterations of the kept start where it was not certified
+            warm_its = [max(1, r.iterations) for r, cert in zip(used.results, used.certified) if not cert]
+            if self.algorithm == "osqp" and self._check_given is None:
+                self.check_termination = None if not warm_its else check_interval(warm_its)
+                self.cold_check_termination = check_interval(self._plain_cold_iterations(params))
+            if self.algorithm == "scs" and "scale" not in self.solver_settings:
+                self.scs_scale = self.choose_scs_scale(params)
+                self._persistent = {k: v for k, v in self._persistent.items() if k == "adaptive"}  # the scale changed
+            if self.algorithm == "scs":
+                cold_its = self._plain_cold_iterations(params, self.object_settings("stateless"))
+                self.scs_stops = {"warm": stop_point(warm_its) if warm_its else None, "cold": stop_point(cold_its)}
+            if self._modes_given is None:
+                self.c_modes = self.choose_c_modes(params)
         seconds = None
         strategy = "learned" if passed else ("refined_cold" if self.cold_refinable else "cold")
         if timed:
@@ -1071,24 +1083,25 @@ class AmortizedSolver:
         rows = [{name: value[i:i + 1] if value.shape[0] > 1 else value for name, value in batched.items()}
                 for i in range(min(single, size))]
         best = {strategy: [math.inf, math.inf] for strategy in allowed}
+        live = list(allowed)
         try:
             for strategy in allowed:  # first use: persistent objects, caches
                 self.use_strategy(strategy)
                 self.solve(rows[0])
             for _ in range(repeats):  # interleaved rounds: the machine's load drifts
-                for strategy in allowed:
+                for strategy in live:
                     self.use_strategy(strategy)
                     for j, (calls, count) in enumerate(((rows, len(rows)), ([params], size))):
                         t0 = time.perf_counter()
                         for call in calls:
                             self.solve(call)
                         best[strategy][j] = min(best[strategy][j], 1e3 * (time.perf_counter() - t0) / count)
+                scores = _strategy_scores(best)
+                live = [s for s in live if scores[s] <= STRATEGY_DROP * min(scores.values())]
         finally:
             self.enabled, self.cold_refine, self.by_batch = saved
-        out = {strategy: (t[0], t[1]) for strategy, t in best.items()}
-        fastest = [min(t[j] for t in out.values()) for j in range(2)]
-        choice = min(out, key=lambda k: max(out[k][j] / fastest[j] for j in range(2)))
-        return choice, out
+        scores = _strategy_scores(best)
+        return min(scores, key=scores.get), {strategy: (t[0], t[1]) for strategy, t in best.items()}
 
     def choose_scs_scale(self, params: Mapping) -> float:
         """The fixed scale of the stateless SCS object: the one of fewest cold iterations on ``params`` (validation
@@ -1274,6 +1287,13 @@ class AmortizedSolver:
                             iterations=0, setup_time=0.0, solve_time=0.0, objective=float(objective[j]),
                             message="certified")
                 for j, i in enumerate(idx)]
+
+
+def _strategy_scores(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Each strategy's worse-of-the-two ratio to the fastest (ms per instance at batch 1 and at the batch): the
+    smallest is :meth:`AmortizedSolver.choose_strategy`'s choice (the first of ties)."""
+    fastest = [min(t[j] for t in times.values()) for j in range(2)]
+    return {k: max(t[j] / fastest[j] for j in range(2)) for k, t in times.items()}
 
 
 def _geometric_median_stat(results: Sequence[SolveResult], key: str) -> float | None:
