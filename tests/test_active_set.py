@@ -346,3 +346,19 @@ def test_strategy_timing_drops_a_start_far_slower_than_the_others_after_one_roun
     calls.update(learned=0, cold=0)
     assert solver.choose_strategy(params, ["learned", "cold"], repeats=3, single=4)[0] == "cold"
     assert calls == {"learned": 1 + 3 * 5, "cold": 1 + 3 * 5}
+
+
+def test_calibration_shows_its_steps_in_a_progress_bar_on_request(capsys):
+    from amortcvx import AmortizedSolver
+
+    pp, train = _solved(_box_problem(), "scs", "cone", _box_params(40, 10))
+    model = _model(pp, "scs", train, choices=4)
+    theta = (train.theta[:8] + 0.05).numpy()
+    params = {"q": theta[:, :4], "h": theta[:, 4:]}
+    solver = AmortizedSolver(pp, model, k=0, solver_settings=EPS, workers=1)
+    quiet = solver.calibrated(params, newton_steps=(0, 4), timed=False)
+    assert "calibrating" not in capsys.readouterr().err
+    shown = solver.calibrated(params, newton_steps=(0, 4), timed=False, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrating" in err
+    assert shown.candidates == quiet.candidates and shown.enabled == quiet.enabled

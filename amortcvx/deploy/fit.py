@@ -202,7 +202,7 @@ def fit(cls, problem: cp.Problem, data: Sampler | Mapping[str, Any], *, solver: 
     out = cls(pp, model, k=k, solver_settings=settings, device=device, **solver_options)
     if calibrate:
         out.calibrate(val_ds.params, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp),
-                      polish=_polish_options(pp, solver_options))
+                      polish=_polish_options(pp, solver_options), progress=progress)
     return out
 
 
@@ -228,7 +228,7 @@ def _fit_recipe(cls, pp: ParametricProblem, solver: str, data, *, k: int, settin
         rows = np.asarray(result.val_rows)
         val_params = {name: v[rows] for name, v in source.params(int(rows.max()) + 1).items()}
         out.calibrate(val_params, refinements=(None, AndersonSettings()),
-                      newton_steps=newton_choices(pp), polish=_polish_options(pp, solver_options))
+                      newton_steps=newton_choices(pp), polish=_polish_options(pp, solver_options), progress=progress)
     return out
 
 

@@ -875,15 +875,16 @@ class AmortizedSolver:
 
     def calibrate(self, params: Mapping, *, margin: float = 1.0,
                   refinements: Sequence[AndersonSettings | None] | None = None, timed: bool = True,
-                  newton_steps: Sequence[int] | None = None, polish: Sequence[bool] | None = None) -> Calibration:
+                  newton_steps: Sequence[int] | None = None, polish: Sequence[bool] | None = None,
+                  progress: bool = False) -> Calibration:
         """``self.configure(self.calibrated(params, ...))``: compute the configuration and apply it; returns it."""
         return self.configure(self.calibrated(params, margin=margin, refinements=refinements, timed=timed,
-                                              newton_steps=newton_steps, polish=polish))
+                                              newton_steps=newton_steps, polish=polish, progress=progress))
 
     def calibrated(self, params: Mapping, *, margin: float = 1.0,
                    refinements: Sequence[AndersonSettings | None] | None = None,
                    timed: bool = True, newton_steps: Sequence[int] | None = None,
-                   polish: Sequence[bool] | None = None) -> Calibration:
+                   polish: Sequence[bool] | None = None, progress: bool = False) -> Calibration:
         """The configuration of this solver for its problem, measured on ``params``; the solver is left unchanged.
 
         ``params`` are held-out validation instances (not the test set). In order:
@@ -910,6 +911,9 @@ class AmortizedSolver:
            refined by ``k`` steps, the plain cold start) are timed and the fastest is kept
            (:meth:`choose_strategy`). Without it: the learned start if it passed 2, else the refined cold start.
 
+        ``progress``: a progress bar over these steps (each option of 2 is one; with a costly predictor, the
+        options' shared prediction and the strategies' timing take most of the time).
+
         Returns the :class:`Calibration`: every decision and the numbers behind it (``describe()``);
         :meth:`configure` applies it (and :meth:`save` keeps it).
         """
@@ -930,16 +934,26 @@ class AmortizedSolver:
         saved = (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
                  dict(self.c_modes), self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
                  dict(self.scs_stops), dict(self._persistent))
+        from tqdm.auto import tqdm
+
+        steps_total = (len(options) if self.model is not None else 0) + 3 + int(timed)
+        bar = tqdm(total=steps_total, desc="calibrating", unit="step", disable=not progress, leave=False)
         try:
             self.by_batch = False  # every measurement runs the strategy it sets
-            return self._measure(params, margin, options, timed)
+            return self._measure(params, margin, options, timed, bar)
         finally:
+            bar.close()
             (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch, self.c_modes,
              self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
              self._persistent) = saved
 
-    def _measure(self, params: Mapping, margin: float, options: list, timed: bool) -> Calibration:
-        """:meth:`calibrated`'s measurements; changes the solver (the caller restores it)."""
+    def _measure(self, params: Mapping, margin: float, options: list, timed: bool, bar) -> Calibration:
+        """:meth:`calibrated`'s measurements; changes the solver (the caller restores it); ``bar`` (a tqdm bar)
+        advances by one per step."""
+
+        def step(name: str) -> None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
         if self.algorithm == "osqp" and "rho" not in self.solver_settings:
             self.osqp_rho = self.choose_osqp_rho(params)
             self._persistent.clear()  # rebuilt with the fitted rho on first use
@@ -954,6 +968,7 @@ class AmortizedSolver:
                     out = self.solve(params, exact_iterations=True)
                     its = [r.iterations for r in out.results]
                     candidates.append((opt, float(np.median(its)), float(np.mean(its)), out))
+                    step(f"learned start, {option_label(*opt)}")
                 first = min(candidates, key=lambda c: c[1:3])  # the lowest median, then mean; the first of ties
                 (self.anderson, self.newton, self.polish), learned, _, kept = first
             elif len(options) == 1:  # no predictor: the one refinement given is the cold start's
@@ -961,6 +976,7 @@ class AmortizedSolver:
             self.enabled, self.cold_refine = False, True
             cold_out = self.solve(params, exact_iterations=True)
             cold = float(np.median([r.iterations for r in cold_out.results]))
+            step("cold start")
             passed = self.model is not None and bool(learned <= margin * cold)
             self.enabled = passed
             used = kept if passed else cold_out  # the C iterations of the kept start where it was not certified
@@ -974,13 +990,16 @@ class AmortizedSolver:
             if self.algorithm == "scs":
                 cold_its = self._plain_cold_iterations(params, self.object_settings("stateless"))
                 self.scs_stops = {"warm": stop_point(warm_its) if warm_its else None, "cold": stop_point(cold_its)}
+            step("C settings")
             if self._modes_given is None:
                 self.c_modes = self.choose_c_modes(params)
+            step("C modes")
         seconds = None
         strategy = "learned" if passed else ("refined_cold" if self.cold_refinable else "cold")
         if timed:
             allowed = (["learned"] if passed else []) + (["refined_cold"] if self.cold_refinable else []) + ["cold"]
             strategy, seconds = self.choose_strategy(params, allowed)
+            step("strategy")
         timing_batch = int(self.pp.parameter_vector(params).shape[0]) if timed else None
         return Calibration(learned, cold, strategy == "learned", self.anderson,
                            tuple((option_label(a, n, p), med) for (a, n, p), med, _, _ in candidates),

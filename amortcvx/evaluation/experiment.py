@@ -441,7 +441,8 @@ def evaluate(config: ExperimentConfig, *, log: Callable[[str], None] | None = No
             # with acceleration asked for, the validation medians also choose plain or accelerated refinement
             choices = (None, config.anderson) if config.anderson is not None and k > 2 else None
             # and the Newton steps of the certified finish (none, or NEWTON_STEPS on problems of dense size)
-            cal = calibration[name] = solver.calibrate(val_params, refinements=choices, newton_steps=newton_choices(pp))
+            cal = calibration[name] = solver.calibrate(val_params, refinements=choices, newton_steps=newton_choices(pp),
+                                                       progress=config.progress)
             emit(f"calibration of {name} on {len(prep.val_rows)} validation instances: median {cal.learned_median:g} "
                  f"vs {cal.cold_median:g} from the (refined) cold start -> predictor "
                  f"{'kept' if cal.enabled else 'SWITCHED OFF'}; refinement "
