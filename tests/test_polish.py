@@ -55,6 +55,48 @@ def test_equality_qp_solves_the_reduced_kkt_system():
         assert torch.all(y[i, ~active[i]] == 0)
 
 
+def test_equality_qp_with_rows_always_active_keeps_their_part_and_gives_the_same_solution(monkeypatch):
+    """``always``: the rows active in every instance are summed into the Schur complement once per data (kept for
+    the next split on the same data) and the others added per call; the solutions equal those formed whole, with a
+    shared and a per-instance ``A``, with and without ``P``; splits with many other rows fall back to the whole
+    product; ``always`` rows must be active."""
+    from amortcvx.iterations import polish
+
+    gen = torch.Generator().manual_seed(1)
+    B, n, m = 4, 6, 16
+    always = torch.zeros(m, dtype=torch.bool)
+    always[:3] = True
+    q = torch.randn(B, n, dtype=torch.float64, generator=gen)
+    rhs = torch.randn(B, m, dtype=torch.float64, generator=gen)
+    L = torch.randn(B, n, n, dtype=torch.float64, generator=gen)
+    P = dense_to_batch(L @ L.mT * 0.1)
+    builds = []
+    real = polish.dense_batch
+    monkeypatch.setattr(polish, "dense_batch", lambda *a, **k: builds.append(1) or real(*a, **k))
+    for shared in (False, True):
+        dense = torch.randn(1 if shared else B, m, n, dtype=torch.float64, generator=gen)
+        A = dense_to_batch(dense)
+        A = SparseBatch(A.indices, A.indptr, A.shape, A.values, shared)
+        for p in (None, P):
+            builds.clear()
+            # the splits of a predictor's candidates, one call each; without P, a vertex (n active rows or more)
+            splits = [[3, 4, 5], [6, 7, 8], [4, 6, 8, 10]] + ([[]] if p is not None else [])
+            for extra in splits:
+                active = always.expand(B, m).clone()
+                active[:, extra] = True
+                active[1, 12] = True  # instances differ
+                x0, y0 = equality_qp(A, p, q, rhs, active)
+                x1, y1 = equality_qp(A, p, q, rhs, active, always=always)
+                torch.testing.assert_close(x1, x0, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-9)
+            assert len(builds) == 1 + (p is not None)  # dense A (and P) once for the splits
+    many = always.expand(B, m).clone()
+    many[:, 3:10] = True  # 7 of the 13 other rows: formed whole
+    assert polish._active_schur(A, None, many, always, 1e-6, torch.float64) is None
+    with pytest.raises(ValueError, match="inactive in some instance"):
+        equality_qp(A, None, q, rhs, torch.zeros(B, m, dtype=torch.bool), always=always)
+
+
 def test_kkt_solver_marks_failed_factorizations_instead_of_raising():
     # an indefinite P makes instance 1's Schur complement fail: strict raises, strict=False gives NaN there only
     A = dense_to_batch(torch.eye(2, dtype=torch.float64).expand(2, 2, 2).clone())

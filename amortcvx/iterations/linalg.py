@@ -261,6 +261,9 @@ class KKTSolver:
             complement is often too ill-conditioned for a float32 Cholesky); the result is cast to ``dtype``.
         strict: raise when a Schur complement is not positive definite (numerically). With ``strict=False``
             such instances are marked in ``failed`` instead, and their solves return NaN.
+        schur: ``S = P + D_x + A' D_y^-1 A`` (``(1 or B, n, n)``) where the caller has formed it (for example from
+            a part shared by many calls, :func:`~amortcvx.iterations.polish.equality_qp`); factored instead of
+            formed here. Not with ``method="sparse"``.
 
     Attributes:
         method: the method in use (``"auto"`` resolved).
@@ -275,7 +278,8 @@ class KKTSolver:
     """
 
     def __init__(self, A: SparseBatch, P: SparseBatch | None, d_x, d_y, *, dtype: torch.dtype,
-                 method: str = "auto", factor_dtype: torch.dtype = torch.float64, strict: bool = True):
+                 method: str = "auto", factor_dtype: torch.dtype = torch.float64, strict: bool = True,
+                 schur: torch.Tensor | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown linear-system method {method!r}; expected one of {METHODS}")
         m, n = A.shape
@@ -307,6 +311,8 @@ class KKTSolver:
         self.method = method
         self.kinv = self.S_inv = self.L = None
         if method == "sparse":
+            if schur is not None:
+                raise ValueError("method='sparse' factors the KKT matrix itself; it takes no Schur complement")
             if not shared:
                 raise ValueError("method='sparse' needs A, P and the diagonals shared by the whole batch")
             if device.type != "cpu":
@@ -319,7 +325,7 @@ class KKTSolver:
             self._setup_sparse(A, P, d_x, d_y)
             return
         fdt = factor_dtype if device.type != "mps" else torch.float32
-        chol = self._schur_cholesky(A, P, d_x.to(fdt), d_y.to(fdt), fdt, strict)
+        chol = self._schur_cholesky(A, P, d_x.to(fdt), d_y.to(fdt), fdt, strict, schur)
         self.batch_size = int(chol.shape[0])
         self.inv_dy = (1.0 / d_y).to(dtype)
         # Products with A (not needed by "kkt"): dense when A is at least 25% full or shared and small
@@ -348,11 +354,16 @@ class KKTSolver:
             self.batch_size = int(self.kinv.shape[0])
 
     def _schur_cholesky(self, A: SparseBatch, P: SparseBatch | None, d_x: torch.Tensor, d_y: torch.Tensor,
-                        fdt: torch.dtype, strict: bool = True) -> torch.Tensor:
-        """Cholesky factor of ``S = P + D_x + A' D_y^-1 A``, ``(1 or B, n, n)``, formed in chunks.
+                        fdt: torch.dtype, strict: bool = True, schur: torch.Tensor | None = None) -> torch.Tensor:
+        """Cholesky factor of ``S = P + D_x + A' D_y^-1 A``, ``(1 or B, n, n)``, formed in chunks (or ``schur``,
+        the caller's).
 
         Sets ``self.failed``; a failed factor (``strict=False``) is NaN, so its solves are NaN.
         """
+        if schur is not None:
+            if schur.shape[-2:] != (self.n, self.n) or schur.dim() != 3:
+                raise ValueError(f"schur must have shape (1 or B, {self.n}, {self.n}); got {tuple(schur.shape)}")
+            return self._factor(0.5 * (schur + schur.mT).to(fdt), strict)
         n = self.n
         batch = max(1 if A.shared else A.batch_size, 1 if P is None or P.shared else P.batch_size,
                     d_x.shape[0], d_y.shape[0])
@@ -369,7 +380,10 @@ class KKTSolver:
                 s = s + dense_batch(P if P.shared else _rows(P, start, stop), dtype=fdt)
             s = s + torch.diag_embed(part(d_x)).expand(s.shape[0], n, n)
             chunks.append(0.5 * (s + s.mT))  # exact symmetry: the Cholesky reads one triangle
-        s = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        return self._factor(torch.cat(chunks) if len(chunks) > 1 else chunks[0], strict)
+
+    def _factor(self, s: torch.Tensor, strict: bool) -> torch.Tensor:
+        """Cholesky factor of the symmetric ``s``; sets ``self.failed`` (see :meth:`_schur_cholesky`)."""
         chol, info = torch.linalg.cholesky_ex(s)
         self.failed = info != 0
         if not strict:
