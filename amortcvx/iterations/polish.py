@@ -224,11 +224,13 @@ def _active_schur(A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, a
                   dtype: torch.dtype) -> torch.Tensor | None:
     """``P + delta I + A_S' A_S / delta`` over the ``active`` rows ``S`` (``(1 or B, n, n)``): the ``always`` rows'
     part from :data:`_BASES`, the others gathered per instance (padded with zero rows to the most any has); None
-    where some instance has more than half of the other rows active (the whole product then costs no more: the
-    caller forms it)."""
+    where there is no such row, or some instance has more than half of the other rows active (the whole product
+    then costs no more: the caller forms it)."""
     always = always.to(device=active.device, dtype=torch.bool)
     if always.shape != (A.shape[0],):
         raise ValueError(f"always must have shape (m,) = ({A.shape[0]},); got {tuple(always.shape)}")
+    if not bool(always.any()):
+        return None
     if bool((~active[:, always]).any()):
         raise ValueError("a row in always is inactive in some instance of active")
     extra = active & ~always
@@ -364,7 +366,8 @@ def osqp_solve_split(work, split: torch.Tensor, *, delta: float = DELTA, passes:
     forced = _osqp_forced(work)
     active = (split != 0) | forced
     rhs = torch.where((split > 0) & ~forced, work.u, work.l)
-    x, y = equality_qp(work.A, work.P, work.q, rhs, active, delta=delta, passes=passes)
+    x, y = equality_qp(work.A, work.P, work.q, rhs, active, delta=delta, passes=passes,
+                       always=forced.all(dim=0))  # the rows that are equalities in every instance
     return {"x": x, "y": y}
 
 
