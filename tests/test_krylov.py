@@ -320,3 +320,10 @@ def test_sparse_operator_products_and_their_gradients_match_the_dense_matrix(sha
     (op.matvec(x).sum() + op.rmatvec(y).sum()).backward()
     torch.testing.assert_close(x.grad, dense.sum(dim=1))
     torch.testing.assert_close(y.grad, dense.sum(dim=2))
+    # other values on the same pattern (rows masked, as for an active set): the pattern's parts are shared, the
+    # products are those of the new values
+    masked = SparseBatch(mat.indices, mat.indptr, (r, c), values * torch.tensor(rng.random(pattern.nnz) < 0.5), shared)
+    other = SparseOperator(masked, torch.float64)
+    assert other.sum_rows is op.sum_rows and other.cols is op.cols
+    with torch.no_grad():
+        torch.testing.assert_close(other.matvec(x), (masked.to_dense().expand(B, r, c) @ x.unsqueeze(-1)).squeeze(-1))

@@ -153,6 +153,40 @@ def _ones_coo(rows: torch.Tensor, cols: torch.Tensor, ones: torch.Tensor, shape)
     return torch.sparse_coo_tensor(torch.stack([rows, cols]), ones, shape, check_invariants=True).coalesce()
 
 
+PATTERN_MEMO = 16
+"""How many sparsity patterns :func:`_pattern_parts` keeps (each of at most :data:`PATTERN_MEMO_NNZ` entries)."""
+
+PATTERN_MEMO_NNZ = 2 ** 20
+"""Larger patterns are not kept (their parts take about 56 bytes per entry; their products cost more than
+building them)."""
+
+_PATTERNS: dict[tuple, tuple] = {}
+
+
+def _pattern_parts(mat: SparseBatch, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The value-independent parts of a :class:`SparseOperator` of ``mat``'s pattern (row and column of each entry,
+    the 0/1 summing matrices), built once per pattern (the identity of its index arrays, which the memo holds),
+    dtype and device: operators of other values on the same pattern (a batch's matrix with rows masked, one per
+    candidate active set: about 40% of such a solve's time went to building them) share them. Read-only."""
+    key = (id(mat.indices), id(mat.indptr), tuple(mat.shape), dtype, str(device))
+    hit = _PATTERNS.pop(key, None)  # re-inserted below: the least recently used pattern goes first
+    if hit is None:
+        rows, cols = mat.coo()
+        nnz = rows.shape[0]
+        rows_t, cols_t = torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
+        ones = torch.ones(nnz, dtype=dtype, device=device)
+        k = torch.arange(nnz, device=device)
+        parts = (rows_t, cols_t, _ones_coo(rows_t, k, ones, (mat.shape[0], nnz)),
+                 _ones_coo(cols_t, k, ones, (mat.shape[1], nnz)))
+        if len(mat.indices) > PATTERN_MEMO_NNZ:
+            return parts
+        if len(_PATTERNS) >= PATTERN_MEMO:
+            _PATTERNS.pop(next(iter(_PATTERNS)))
+        hit = (parts, mat.indices, mat.indptr)  # the arrays held: their ids are not reused while kept
+    _PATTERNS[key] = hit
+    return hit[0]
+
+
 class SparseOperator:
     """A batch of sparse matrices with one pattern, applied in ``O(B nnz)`` per product.
 
@@ -167,17 +201,10 @@ class SparseOperator:
     """
 
     def __init__(self, mat: SparseBatch, dtype: torch.dtype):
-        rows, cols = mat.coo()
         device = mat.values.device
-        nnz = rows.shape[0]
         self.shape = tuple(mat.shape)
-        self.rows = torch.as_tensor(rows, device=device)
-        self.cols = torch.as_tensor(cols, device=device)
+        self.rows, self.cols, self.sum_rows, self.sum_cols = _pattern_parts(mat, dtype, device)
         self.values_t = (mat.values[:1] if mat.shared else mat.values).to(dtype).mT.contiguous()  # (nnz, B)
-        ones = torch.ones(nnz, dtype=dtype, device=device)
-        k = torch.arange(nnz, device=device)
-        self.sum_rows = _ones_coo(self.rows, k, ones, (self.shape[0], nnz))
-        self.sum_cols = _ones_coo(self.cols, k, ones, (self.shape[1], nnz))
         self.csr = self.csr_t = None
         if mat.shared and not mat.values.requires_grad:  # one constant matrix: CSR products (5-20x faster here)
             coo = torch.sparse_coo_tensor(torch.stack([self.rows, self.cols]), self.values_t[:, 0], self.shape,
