@@ -132,21 +132,32 @@ class SharedMemo:
     A compiled problem hands out the same constant value tensor on every call for a given device and dtype, so
     an object derived from a shared batch (a host copy, a sparse operator, ...) is memoized by the identity of
     its value tensor and pattern; the memo holds references to both, so those identities cannot be reused by
-    other arrays. At most ``limit`` entries are kept (the oldest goes first).
+    other arrays. :meth:`get_pattern` memoizes by the pattern alone (objects that do not depend on the values). At
+    most ``limit`` entries are kept (the oldest goes first).
     """
 
     def __init__(self, limit: int = 32):
         self.limit = limit
-        self._store: dict[tuple, tuple[Any, torch.Tensor, np.ndarray]] = {}
+        self._store: dict[tuple, tuple[Any, tuple]] = {}
 
     def get(self, mat: SparseBatch, key: Hashable, build: Callable[[], Any]) -> Any:
-        """The object memoized for ``mat`` (shared) and ``key``, ``build()`` on a miss."""
-        ident = (mat.values.data_ptr(), id(mat.indices), tuple(mat.shape), key)
+        """The object memoized for ``mat`` (shared: its values and pattern) and ``key``, ``build()`` on a miss."""
+        return self._get((mat.values.data_ptr(), id(mat.indices), tuple(mat.shape), key), (mat.values, mat.indices),
+                         build)
+
+    def get_pattern(self, mat: SparseBatch, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The object memoized for ``mat``'s sparsity pattern alone (its index arrays, whatever its values) and
+        ``key``, ``build()`` on a miss."""
+        return self._get((id(mat.indices), id(mat.indptr), tuple(mat.shape), key), (mat.indices, mat.indptr), build)
+
+    def _get(self, ident: tuple, held: tuple, build: Callable[[], Any]) -> Any:
+        """The entry ``ident``; on a miss ``build()``, kept with ``held`` (the objects whose identities ``ident``
+        names, so that no other object takes them while the entry is kept)."""
         hit = self._store.get(ident)
         if hit is None:
             if len(self._store) >= self.limit:
                 self._store.pop(next(iter(self._store)))
-            hit = self._store[ident] = (build(), mat.values, mat.indices)
+            hit = self._store[ident] = (build(), held)
         return hit[0]
 
 

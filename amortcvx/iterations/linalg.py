@@ -154,37 +154,32 @@ def _ones_coo(rows: torch.Tensor, cols: torch.Tensor, ones: torch.Tensor, shape)
 
 
 PATTERN_MEMO = 16
-"""How many sparsity patterns :func:`_pattern_parts` keeps (each of at most :data:`PATTERN_MEMO_NNZ` entries)."""
+"""How many sparsity patterns :func:`_pattern_parts` keeps (each of at most :data:`PATTERN_MEMO_NNZ` entries; the
+oldest goes first)."""
 
 PATTERN_MEMO_NNZ = 2 ** 20
 """Larger patterns are not kept (their parts take about 56 bytes per entry; their products cost more than
 building them)."""
 
-_PATTERNS: dict[tuple, tuple] = {}
+_PATTERNS = SharedMemo(limit=PATTERN_MEMO)
 
 
 def _pattern_parts(mat: SparseBatch, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The value-independent parts of a :class:`SparseOperator` of ``mat``'s pattern (row and column of each entry,
-    the 0/1 summing matrices), built once per pattern (the identity of its index arrays, which the memo holds),
-    dtype and device: operators of other values on the same pattern (a batch's matrix with rows masked, one per
-    candidate active set: about 40% of such a solve's time went to building them) share them. Read-only."""
-    key = (id(mat.indices), id(mat.indptr), tuple(mat.shape), dtype, str(device))
-    hit = _PATTERNS.pop(key, None)  # re-inserted below: the least recently used pattern goes first
-    if hit is None:
+    the 0/1 summing matrices), built once per pattern (the identity of its index arrays), dtype and device:
+    operators of other values on the same pattern (a batch's matrix with rows masked, one per candidate active set:
+    about 40% of such a solve's time went to building them) share them. Read-only."""
+    def build() -> tuple[torch.Tensor, ...]:
         rows, cols = mat.coo()
         nnz = rows.shape[0]
         rows_t, cols_t = torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
         ones = torch.ones(nnz, dtype=dtype, device=device)
         k = torch.arange(nnz, device=device)
-        parts = (rows_t, cols_t, _ones_coo(rows_t, k, ones, (mat.shape[0], nnz)),
-                 _ones_coo(cols_t, k, ones, (mat.shape[1], nnz)))
-        if len(mat.indices) > PATTERN_MEMO_NNZ:
-            return parts
-        if len(_PATTERNS) >= PATTERN_MEMO:
-            _PATTERNS.pop(next(iter(_PATTERNS)))
-        hit = (parts, mat.indices, mat.indptr)  # the arrays held: their ids are not reused while kept
-    _PATTERNS[key] = hit
-    return hit[0]
+        return (rows_t, cols_t, _ones_coo(rows_t, k, ones, (mat.shape[0], nnz)),
+                _ones_coo(cols_t, k, ones, (mat.shape[1], nnz)))
+    if len(mat.indices) > PATTERN_MEMO_NNZ:
+        return build()
+    return _PATTERNS.get_pattern(mat, (dtype, str(device)), build)
 
 
 class SparseOperator:
