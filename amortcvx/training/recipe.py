@@ -71,6 +71,7 @@ from amortcvx.training.trainer import (
     SolvedSet,
     TrainConfig,
     _batch_losses,
+    chunk_algorithms,
     evaluate_losses,
     settings_dict,
     targets,
@@ -554,9 +555,7 @@ def training_rows(pp: ParametricProblem, algorithm: str, settings, train_set: So
     algorithm per :data:`SPLIT_CHUNK` instances (with a parameter in ``A``, a factorization per instance)."""
     space = output_space(algorithm)
     target, split = [], []
-    for start in range(0, len(train_set), SPLIT_CHUNK):
-        part = train_set.subset(torch.arange(start, min(start + SPLIT_CHUNK, len(train_set))))
-        alg = make_algorithm(algorithm, pp.canonicalize_vector(part.theta), settings)
+    for part, alg in chunk_algorithms(pp, algorithm, settings, train_set, SPLIT_CHUNK):
         target.append(space.target(alg, part.x, part.y, part.s))
         if alg.active_set is not None:
             fields = {"x": part.x, "y": part.y} | ({} if part.s is None else {"s": part.s})

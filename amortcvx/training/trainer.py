@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +28,7 @@ from torch import nn
 
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.linalg import FactorCache
+from amortcvx.iterations.loop import FixedPointAlgorithm
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.fixed_point import output_space
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor, atomic_torch_save
@@ -157,12 +159,17 @@ def targets(pp: ParametricProblem, algorithm: str, settings, solved: SolvedSet, 
     do not change during training, and building the algorithm for them factors ``A`` / ``P`` where parameters
     enter them."""
     space = output_space(algorithm)
-    out = []
-    for start in range(0, len(solved), batch_size):
-        part = solved.subset(torch.arange(start, min(start + batch_size, len(solved))))
-        alg = make_algorithm(algorithm, pp.canonicalize_vector(part.theta), settings, cache=factors)
-        out.append(space.target(alg, part.x, part.y, part.s))
-    return torch.cat(out)
+    return torch.cat([space.target(alg, part.x, part.y, part.s)
+                      for part, alg in chunk_algorithms(pp, algorithm, settings, solved, batch_size, factors)])
+
+
+def chunk_algorithms(pp: ParametricProblem, algorithm: str, settings, solved: SolvedSet, size: int,
+                     factors: FactorCache | None = None) -> Iterator[tuple[SolvedSet, FixedPointAlgorithm]]:
+    """``(part, alg)`` for consecutive chunks of ``size`` instances of ``solved``: the chunk and the algorithm bound
+    to its canonical data (set up per chunk: with parameters in ``A`` / ``P``, a factorization per instance)."""
+    for start in range(0, len(solved), size):
+        part = solved.subset(torch.arange(start, min(start + size, len(solved))))
+        yield part, make_algorithm(algorithm, pp.canonicalize_vector(part.theta), settings, cache=factors)
 
 
 def train(pp: ParametricProblem, algorithm: str, train_set: SolvedSet, val_set: SolvedSet,
