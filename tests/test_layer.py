@@ -256,8 +256,11 @@ def test_clear_errors():
     layer = CvxpyLayer(prob, params, variables)
     with pytest.raises(ValueError, match="takes 2 parameter value"):
         layer(q)
-    with pytest.raises(ValueError, match=r"parameter 'h' expects shape \(10,\)"):
+    with pytest.raises(ValueError, match=r"parameter 'h' expects shape \(10,\) or \(batch, 10\); got \(2, 4\)"):
         layer(q, h[:, :4])
+    with pytest.raises(ValueError, match=r"parameter 'h' \(value 2 of 2\) expects shape \(10,\) or "
+                                         r"\(batch, 10\); got \(2, 10, 1\)"):
+        layer(q, h[:, :, None])
     with pytest.raises(ValueError, match="'h' has batch size 3"):
         layer(q, torch.cat([h, h[:1]]))
     with pytest.raises(ValueError, match="variable 'y' is not a variable of the problem"):

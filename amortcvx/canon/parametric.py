@@ -86,6 +86,12 @@ def _all_finite(value: Any) -> bool:
     return bool(np.isfinite(value).all())
 
 
+def expected_shapes(shape: tuple[int, ...]) -> str:
+    """The shapes a parameter of ``shape`` takes, for error messages: one instance or a batch, e.g.
+    ``"(10,) or (batch, 10)"``."""
+    return f"{tuple(shape)} or (" + ", ".join(["batch", *map(str, shape)]) + ("," if not shape else "") + ")"
+
+
 class ParametricProblem:
     """A DPP CVXPY problem compiled once to a cone (SCS) or QP (OSQP) canonical form.
 
@@ -334,7 +340,7 @@ class ParametricProblem:
                                      f"batch size {batch}")
                 batch = int(t.shape[0])
             else:
-                raise ValueError(f"parameter {name!r} expects shape {shape} or (B, *{shape}); got {tuple(t.shape)}")
+                raise ValueError(f"parameter {name!r} expects shape {expected_shapes(shape)}; got {tuple(t.shape)}")
             if not _all_finite(t):
                 raise ValueError(f"parameter {name!r} contains NaN or inf values")
             if name in self._attributed:

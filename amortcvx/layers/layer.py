@@ -32,7 +32,7 @@ from amortcvx.backends import scs as scs_backend
 from amortcvx.backends.persistent import ThreadedSolver, resolve_threads, stateless_rho, stateless_scale
 from amortcvx.backends.race import Race
 from amortcvx.canon.data import ConeData
-from amortcvx.canon.parametric import ParametricProblem
+from amortcvx.canon.parametric import ParametricProblem, expected_shapes
 from amortcvx.canon.recover import AffineOutput, dual_maps, variable_maps
 from amortcvx.iterations.kkt import (
     BATCHES,
@@ -345,13 +345,14 @@ class CvxpyLayer(nn.Module):
         device = ref.device if ref is not None else torch.device("cpu")
         batched = False
         given = {}
-        for p, v in zip(order, values):
+        for i, (p, v) in enumerate(zip(order, values)):
             ndim = np.ndim(v) if not isinstance(v, torch.Tensor) else v.ndim
             if ndim == len(p.shape) + 1:
                 batched = True
             elif ndim != len(p.shape):
-                raise ValueError(f"parameter {p.name()!r} expects shape {tuple(p.shape)} or (batch, *{tuple(p.shape)});"
-                                 f" got {tuple(np.shape(v)) if not isinstance(v, torch.Tensor) else tuple(v.shape)}")
+                got = tuple(np.shape(v)) if not isinstance(v, torch.Tensor) else tuple(v.shape)
+                raise ValueError(f"parameter {p.name()!r} (value {i + 1} of {len(order)}) expects shape "
+                                 f"{expected_shapes(p.shape)}; got {got}")
             given[p.name()] = v
         theta = self.pp.parameter_vector(given, dtype=torch.float64, device=device)
         return theta, batched, out_dtype
