@@ -412,6 +412,44 @@ def test_calibration_sets_scs_stop_points_that_cut_timed_iterations(tmp_path):
     assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_stops == solver.scs_stops
 
 
+def test_calibration_times_scs_linear_solvers_where_every_instance_has_its_own_setup(tmp_path, monkeypatch):
+    import amortcvx.deploy.solver as deploy_solver
+    from amortcvx.backends.scs import LINEAR_SOLVERS
+
+    fam, pp = _pp("robust_ls", "scs")  # A is a parameter: a setup per instance
+    val, test = fam.sample(16, seed=9), fam.sample(8, seed=10)
+    solver = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings=TOL, finish="c")
+    assert solver.choose_scs_linear_solver(val) in LINEAR_SOLVERS
+    # a solver this SCS build lacks is skipped; the one left is chosen
+    monkeypatch.setattr(deploy_solver, "LINEAR_SOLVERS", ("no_such_solver", "cpu_dense"))
+    assert solver.choose_scs_linear_solver(val) == "cpu_dense"
+    monkeypatch.setattr(deploy_solver, "LINEAR_SOLVERS", ("qdldl", "no_such_solver"))
+    assert solver.choose_scs_linear_solver(val) == "qdldl"
+    monkeypatch.undo()
+    # both solve exactly: the same exact counts and answers
+    counts = {}
+    for name in LINEAR_SOLVERS:
+        solver.scs_linear_solver = name
+        assert solver.c_settings()["linear_solver"] == name
+        out = solver.solve(test, exact_iterations=True)
+        assert out.optimal.all()
+        counts[name] = ([r.iterations for r in out.results], [r.objective for r in out.results])
+    (it_a, obj_a), (it_b, obj_b) = counts.values()
+    assert it_a == it_b and np.allclose(obj_a, obj_b, rtol=1e-6, atol=1e-8)
+    # calibration keeps it, a saved solver too
+    cal = solver.calibrate(val, timed=False)
+    assert cal.scs_linear_solver == solver.scs_linear_solver in LINEAR_SOLVERS
+    solver.save(tmp_path / "s")
+    assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_linear_solver == solver.scs_linear_solver
+    # the user's setting is kept; shared matrices (one setup for the stream) keep SCS's sparse LDL
+    given = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings={**TOL, "linear_solver": "qdldl"}, finish="c")
+    assert given.choose_scs_linear_solver(val) is None
+    fam2, pp2 = _pp("portfolio", "scs")
+    shared = AmortizedSolver(pp2, algorithm="scs", k=0, solver_settings=TOL, finish="c")
+    assert shared.choose_scs_linear_solver(fam2.sample(8, seed=9)) is None
+    assert shared.calibrate(fam2.sample(16, seed=9), timed=False).scs_linear_solver is None
+
+
 def test_osqp_stateless_objects_fix_rho_and_do_not_depend_on_order():
     fam, pp = _pp("mpc", "osqp")
     solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, c_modes={"cold": "stateless"})

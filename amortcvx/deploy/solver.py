@@ -82,7 +82,7 @@ from amortcvx.backends.persistent import (
     stateless_rho,
     stateless_scale,
 )
-from amortcvx.backends.scs import stop_point
+from amortcvx.backends.scs import DENSE_MAX_N, LINEAR_SOLVERS, stop_point
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.deploy.result import AmortizedResult
@@ -221,6 +221,8 @@ class Calibration(NamedTuple):
             "cold": c or None}``, :func:`~amortcvx.backends.scs.stop_point`).
         polish: whether the refined warm starts are polished (None: the solver's own setting; files written before
             calibration chose it).
+        scs_linear_solver: SCS's linear solver where calibration chose it (None: the settings' or QDLDL;
+            :meth:`AmortizedSolver.choose_scs_linear_solver`).
     """
 
     learned_median: float
@@ -239,6 +241,7 @@ class Calibration(NamedTuple):
     cold_check_termination: int | None = None
     scs_stops: dict[str, int | None] | None = None
     polish: bool | None = None
+    scs_linear_solver: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
@@ -302,7 +305,8 @@ class Calibration(NamedTuple):
         if self.cost_model():
             chosen = ", ".join(f"{b}: {self.strategy_for(b)}" for b in REPORTED_BATCHES)
             by_batch = f"; per call by batch size: {chosen}"
-        return f"{head} ({why}){by_batch}"
+        solver = f"; SCS linear solver {self.scs_linear_solver} (timed)" if self.scs_linear_solver else ""
+        return f"{head} ({why}){by_batch}{solver}"
 
 
 def start_residual(alg, warm_start: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -457,6 +461,7 @@ class AmortizedSolver:
         # the stop points of the "stop" mode, by kind (scs.stop_point; set by calibrate)
         self.scs_stops: dict[str, int | None] = {"warm": None, "cold": None}
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
+        self.scs_linear_solver: str | None = None  # chosen by calibrate() (see choose_scs_linear_solver)
         self.calibration = None  # the last calibrate()'s outcome (a Calibration)
         self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
         self.by_batch = False  # per call, the strategy calibration found fastest at its batch size
@@ -554,12 +559,43 @@ class AmortizedSolver:
         return float(eps[0]), float(eps[1])
 
     def c_settings(self) -> dict:
-        """The C solver's settings: ``solver_settings`` and, for OSQP, the initial ``rho`` fitted by
-        :meth:`calibrate` (unless ``solver_settings`` sets it)."""
+        """The C solver's settings: ``solver_settings`` and what :meth:`calibrate` fitted where ``solver_settings``
+        does not set it: OSQP's initial ``rho``, SCS's linear solver."""
         settings = dict(self.solver_settings)
         if self.algorithm == "osqp" and self.osqp_rho is not None:
             settings.setdefault("rho", self.osqp_rho)
+        if self.algorithm == "scs" and self.scs_linear_solver is not None:
+            settings.setdefault("linear_solver", self.scs_linear_solver)
         return settings
+
+    def choose_scs_linear_solver(self, params: Mapping, *, repeats: int = 2) -> str | None:
+        """SCS's linear solver for this problem, where its ``A`` or ``P`` depend on the parameters (every instance
+        then has its own setup and factorization), ``n`` is at most :data:`~amortcvx.backends.scs.DENSE_MAX_N` and
+        ``solver_settings`` sets none: the faster of :data:`~amortcvx.backends.scs.LINEAR_SOLVERS` in cold solves
+        of the first :data:`COLD_COUNT_SAMPLE` instances of ``params`` on a persistent object (best of ``repeats``
+        after one untimed call; a solver this SCS build lacks is skipped). None elsewhere (the settings' solver,
+        QDLDL by default). Both solve the linear systems exactly: the iterates, and so the answers, are the same
+        up to rounding; only the time of setups and iterations differs."""
+        if self.algorithm != "scs" or "linear_solver" in self.solver_settings or self.pp.n > DENSE_MAX_N:
+            return None
+        data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
+        if data.matrices_shared:
+            return None
+        data = data if data.batch_size <= COLD_COUNT_SAMPLE else data.take(np.arange(COLD_COUNT_SAMPLE))
+        times = {}
+        for name in LINEAR_SOLVERS:
+            try:
+                solver = PersistentSolver(self.backend, data.instance(0), {**self.c_settings(), "linear_solver": name})
+            except ValueError:  # not in this build of SCS
+                continue
+            solver.solve(data, checked=True)
+            elapsed = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                solver.solve(data, checked=True)
+                elapsed.append(time.perf_counter() - t0)
+            times[name] = min(elapsed)
+        return min(times, key=times.get) if times else None
 
     def choose_osqp_rho(self, params: Mapping) -> float | None:
         """OSQP's initial ``rho`` for this problem, measured on ``params`` (validation instances): starting from the
@@ -933,7 +969,7 @@ class AmortizedSolver:
         options = [(a, n, p) for p in polishes for n in steps for a in refinement]
         saved = (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
                  dict(self.c_modes), self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
-                 dict(self.scs_stops), dict(self._persistent))
+                 dict(self.scs_stops), self.scs_linear_solver, dict(self._persistent))
         from tqdm.auto import tqdm
 
         steps_total = (len(options) if self.model is not None else 0) + 3 + int(timed)
@@ -945,7 +981,7 @@ class AmortizedSolver:
             bar.close()
             (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch, self.c_modes,
              self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
-             self._persistent) = saved
+             self.scs_linear_solver, self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool, bar) -> Calibration:
         """:meth:`calibrated`'s measurements; changes the solver (the caller restores it); ``bar`` (a tqdm bar)
@@ -957,6 +993,9 @@ class AmortizedSolver:
         if self.algorithm == "osqp" and "rho" not in self.solver_settings:
             self.osqp_rho = self.choose_osqp_rho(params)
             self._persistent.clear()  # rebuilt with the fitted rho on first use
+        if self.algorithm == "scs":
+            self.scs_linear_solver = self.choose_scs_linear_solver(params)
+            self._persistent.clear()  # rebuilt with it on first use
         # the batch's bare prediction once, for every option (untimed) and the C modes (timed: it costs the same
         # for each); not for timing the strategies against each other below
         with self._predictions_kept():
@@ -1004,7 +1043,8 @@ class AmortizedSolver:
         return Calibration(learned, cold, strategy == "learned", self.anderson,
                            tuple((option_label(a, n, p), med) for (a, n, p), med, _, _ in candidates),
                            dict(self.c_modes), strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination,
-                           timing_batch, self.newton, self.cold_check_termination, dict(self.scs_stops), self.polish)
+                           timing_batch, self.newton, self.cold_check_termination, dict(self.scs_stops), self.polish,
+                           self.scs_linear_solver)
 
     def _plain_cold_iterations(self, params: Mapping, settings: Mapping | None = None) -> list[int]:
         """Exact C iterations (at least 1) of plain cold solves of the first :data:`COLD_COUNT_SAMPLE` instances of
@@ -1029,6 +1069,7 @@ class AmortizedSolver:
         if calibration.c_modes is not None:
             self.c_modes = dict(calibration.c_modes)
         self.scs_scale, self.osqp_rho = calibration.scs_scale, calibration.osqp_rho
+        self.scs_linear_solver = calibration.scs_linear_solver
         if calibration.scs_stops is not None:
             self.scs_stops = dict(calibration.scs_stops)
         if self._check_given is None:
