@@ -568,11 +568,11 @@ class AmortizedSolver:
             settings.setdefault("linear_solver", self.scs_linear_solver)
         return settings
 
-    def choose_scs_linear_solver(self, params: Mapping, *, repeats: int = 2) -> str | None:
+    def choose_scs_linear_solver(self, params: Mapping, *, instances: int = 16, repeats: int = 2) -> str | None:
         """SCS's linear solver for this problem, where its ``A`` or ``P`` depend on the parameters (every instance
         then has its own setup and factorization), ``n`` is at most :data:`~amortcvx.backends.scs.DENSE_MAX_N` and
         ``solver_settings`` sets none: the faster of :data:`~amortcvx.backends.scs.LINEAR_SOLVERS` in cold solves
-        of the first :data:`COLD_COUNT_SAMPLE` instances of ``params`` on a persistent object (best of ``repeats``
+        of the first ``instances`` of ``params`` on a persistent object (best of ``repeats``
         after one untimed call; a solver this SCS build lacks is skipped). None elsewhere (the settings' solver,
         QDLDL by default). Both solve the linear systems exactly: the iterates, and so the answers, are the same
         up to rounding; only the time of setups and iterations differs."""
@@ -581,7 +581,7 @@ class AmortizedSolver:
         data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
         if data.matrices_shared:
             return None
-        data = data if data.batch_size <= COLD_COUNT_SAMPLE else data.take(np.arange(COLD_COUNT_SAMPLE))
+        data = data if data.batch_size <= instances else data.take(np.arange(instances))
         times = {}
         for name in LINEAR_SOLVERS:
             try:
