@@ -503,6 +503,25 @@ def test_calibration_chooses_osqp_object_modes():
     assert out.optimal.all()
 
 
+def test_osqp_cold_object_is_stateless_where_rho_never_adapts():
+    fam, pp = _pp("portfolio", "osqp")
+    solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, finish="c")
+    params = fam.sample(16, seed=9)
+    theta = pp.parameter_vector(params, dtype=torch.float64, device="cpu")
+    data = pp.canonicalize_vector(theta)
+    solver.osqp_rho = solver.choose_osqp_rho(params)
+    assert not solver._rho_adapts(theta, data)
+    # the premise: without a rho update both objects take the same iterates
+    adaptive = solver.persistent_solver(theta, "adaptive", "cold").solve(data)
+    stateless = solver.persistent_solver(theta, "stateless", "cold").solve(data)
+    for a, b in zip(adaptive, stateless):
+        assert a.iterations == b.iterations and np.array_equal(a.x, b.x)
+    assert solver.choose_c_modes(params)["cold"] == "stateless"
+    solver.osqp_rho = 1e-5  # far from what OSQP's adaptation points to: it changes rho, and the modes are timed
+    solver._persistent.clear()
+    assert solver._rho_adapts(theta, data)
+
+
 def test_osqp_check_interval_minimizes_iterations_plus_checks():
     from amortcvx.backends.osqp import check_interval
 
