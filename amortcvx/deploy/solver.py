@@ -65,7 +65,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -588,13 +588,7 @@ class AmortizedSolver:
                 solver = PersistentSolver(self.backend, data.instance(0), {**self.c_settings(), "linear_solver": name})
             except ValueError:  # not in this build of SCS
                 continue
-            solver.solve(data, checked=True)
-            elapsed = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                solver.solve(data, checked=True)
-                elapsed.append(time.perf_counter() - t0)
-            times[name] = min(elapsed)
+            times[name] = _best_seconds(lambda solver=solver: solver.solve(data, checked=True), 1, repeats)
         return min(times, key=times.get) if times else None
 
     def choose_osqp_rho(self, params: Mapping) -> float | None:
@@ -1208,14 +1202,8 @@ class AmortizedSolver:
                         self.c_modes = {**saved, kind: mode}
                         run_once = (lambda: self.solve(params)) if kind == "warm" else (
                             lambda mode=mode: self.persistent_solver(theta, mode, "cold").solve(data))
-                        for _ in range(RACE_CALLS):  # set up, and the threads' race settled
-                            run_once()
-                        elapsed = []
-                        for _ in range(repeats):
-                            t0 = time.perf_counter()
-                            run_once()
-                            elapsed.append(time.perf_counter() - t0)
-                        times[mode] = min(elapsed)
+                        # RACE_CALLS untimed: the objects set up, and the threads' race settled
+                        times[mode] = _best_seconds(run_once, RACE_CALLS, repeats)
                     best[kind] = min(times, key=times.get)
         finally:
             self.c_modes = saved
@@ -1361,6 +1349,18 @@ class AmortizedSolver:
                             iterations=0, setup_time=0.0, solve_time=0.0, objective=float(objective[j]),
                             message="certified")
                 for j, i in enumerate(idx)]
+
+
+def _best_seconds(run: Callable[[], Any], untimed: int, repeats: int) -> float:
+    """The shortest wall time of ``repeats`` calls of ``run`` after ``untimed`` calls (set-ups, caches)."""
+    for _ in range(untimed):
+        run()
+    elapsed = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        elapsed.append(time.perf_counter() - t0)
+    return min(elapsed)
 
 
 def _strategy_scores(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
