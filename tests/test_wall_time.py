@@ -412,42 +412,75 @@ def test_calibration_sets_scs_stop_points_that_cut_timed_iterations(tmp_path):
     assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_stops == solver.scs_stops
 
 
-def test_calibration_times_scs_linear_solvers_where_every_instance_has_its_own_setup(tmp_path, monkeypatch):
+def test_calibration_times_scs_setup_where_every_instance_has_its_own_setup(tmp_path, monkeypatch):
+    import json
+
     import amortcvx.deploy.solver as deploy_solver
-    from amortcvx.backends.scs import LINEAR_SOLVERS
+    from amortcvx.backends.scs import LINEAR_SOLVERS, NORMALIZE_CHOICES, certify
 
     fam, pp = _pp("robust_ls", "scs")  # A is a parameter: a setup per instance
     val, test = fam.sample(16, seed=9), fam.sample(8, seed=10)
     solver = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings=TOL, finish="c")
-    assert solver.choose_scs_linear_solver(val) in LINEAR_SOLVERS
+    chosen = solver.choose_scs_setup(val)
+    assert chosen["linear_solver"] in LINEAR_SOLVERS and chosen["normalize"] in NORMALIZE_CHOICES
+    assert solver.scs_setup == {} and solver.scs_scale is None  # sets nothing
     # a solver this SCS build lacks is skipped; the one left is chosen
     monkeypatch.setattr(deploy_solver, "LINEAR_SOLVERS", ("no_such_solver", "cpu_dense"))
-    assert solver.choose_scs_linear_solver(val) == "cpu_dense"
+    assert solver.choose_scs_setup(val)["linear_solver"] == "cpu_dense"
     monkeypatch.setattr(deploy_solver, "LINEAR_SOLVERS", ("qdldl", "no_such_solver"))
-    assert solver.choose_scs_linear_solver(val) == "qdldl"
+    assert solver.choose_scs_setup(val)["linear_solver"] == "qdldl"
+    # the faster normalize is kept, each timed with the stateless scale walked for it
+    seen = []
+
+    def fake_seconds(self, theta, data, mode, repeats):
+        seen.append((self.c_settings()["normalize"], mode, self.scs_scale))
+        return 1.0 if self.c_settings()["normalize"] is fast_is else 2.0
+
+    monkeypatch.setattr(AmortizedSolver, "_cold_seconds", fake_seconds)
+    for fast_is in NORMALIZE_CHOICES:
+        seen.clear()
+        assert solver.choose_scs_setup(val)["normalize"] is fast_is
+        assert {(n, m) for n, m, _ in seen} == {(n, m) for n in NORMALIZE_CHOICES for m in ("adaptive", "stateless")}
+        assert all(scale is not None for _, _, scale in seen)
     monkeypatch.undo()
-    # both solve exactly: the same exact counts and answers
+    # the linear solvers solve exactly (the same counts and answers); either normalize meets the tolerance by
+    # SCS's own test on the unnormalized data
     counts = {}
+    data = pp.canonicalize(test)
     for name in LINEAR_SOLVERS:
-        solver.scs_linear_solver = name
-        assert solver.c_settings()["linear_solver"] == name
-        out = solver.solve(test, exact_iterations=True)
-        assert out.optimal.all()
-        counts[name] = ([r.iterations for r in out.results], [r.objective for r in out.results])
-    (it_a, obj_a), (it_b, obj_b) = counts.values()
-    assert it_a == it_b and np.allclose(obj_a, obj_b, rtol=1e-6, atol=1e-8)
-    # calibration keeps it, a saved solver too
+        for normalize in NORMALIZE_CHOICES:
+            solver.scs_setup = {"linear_solver": name, "normalize": normalize}
+            assert solver.c_settings()["linear_solver"] == name and solver.c_settings()["normalize"] is normalize
+            out = solver.solve(test, exact_iterations=True)
+            assert out.optimal.all()
+            x, y, s = (np.stack([getattr(r, f) for r in out.results]) for f in "xys")
+            assert certify(data, x, y, s, eps_abs=TOL["eps_abs"], eps_rel=TOL["eps_rel"]).all()
+            counts[name, normalize] = ([r.iterations for r in out.results], [r.objective for r in out.results])
+    for normalize in NORMALIZE_CHOICES:
+        (it_a, obj_a), (it_b, obj_b) = (counts[name, normalize] for name in LINEAR_SOLVERS)
+        assert it_a == it_b and np.allclose(obj_a, obj_b, rtol=1e-6, atol=1e-8)
+    # calibration keeps it, a saved solver too; a file written before normalize was timed loads its solver
     cal = solver.calibrate(val, timed=False)
-    assert cal.scs_linear_solver == solver.scs_linear_solver in LINEAR_SOLVERS
+    assert cal.scs_setup == solver.scs_setup and set(cal.scs_setup) == {"linear_solver", "normalize"}
+    assert "SCS setup linear_solver=" in cal.describe()
     solver.save(tmp_path / "s")
-    assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_linear_solver == solver.scs_linear_solver
-    # the user's setting is kept; shared matrices (one setup for the stream) keep SCS's sparse LDL
-    given = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings={**TOL, "linear_solver": "qdldl"}, finish="c")
-    assert given.choose_scs_linear_solver(val) is None
+    assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_setup == solver.scs_setup
+    state = json.loads((tmp_path / "s" / "solver.json").read_text())
+    state["decisions"].pop("scs_setup")
+    state["decisions"]["scs_linear_solver"] = "cpu_dense"
+    state["decisions"]["calibration"].pop("scs_setup")
+    state["decisions"]["calibration"]["scs_linear_solver"] = "cpu_dense"
+    (tmp_path / "s" / "solver.json").write_text(json.dumps(state))
+    old = AmortizedSolver.load(tmp_path / "s", fam.problem)
+    assert old.scs_setup == {"linear_solver": "cpu_dense"} == old.calibration.scs_setup
+    # the user's settings are kept; shared matrices (one setup for the stream) are not timed
+    given = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings={**TOL, "linear_solver": "qdldl",
+                                                                         "normalize": True}, finish="c")
+    assert given.choose_scs_setup(val) == {}
     fam2, pp2 = _pp("portfolio", "scs")
     shared = AmortizedSolver(pp2, algorithm="scs", k=0, solver_settings=TOL, finish="c")
-    assert shared.choose_scs_linear_solver(fam2.sample(8, seed=9)) is None
-    assert shared.calibrate(fam2.sample(16, seed=9), timed=False).scs_linear_solver is None
+    assert shared.choose_scs_setup(fam2.sample(8, seed=9)) == {}
+    assert shared.calibrate(fam2.sample(16, seed=9), timed=False).scs_setup == {}
 
 
 def test_osqp_stateless_objects_fix_rho_and_do_not_depend_on_order():

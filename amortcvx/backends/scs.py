@@ -91,13 +91,22 @@ DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType({
 })
 
 LINEAR_SOLVERS = ("qdldl", "cpu_dense")
-"""The linear solvers :meth:`~amortcvx.deploy.AmortizedSolver.choose_scs_linear_solver` times where ``A`` or ``P``
+"""The linear solvers :meth:`~amortcvx.deploy.AmortizedSolver.choose_scs_setup` times where ``A`` or ``P``
 depend on the parameters (a new setup, with its factorization, for every instance): SCS's sparse LDL (QDLDL) and
 its dense LAPACK solver. On robust_ls large (``n = 102``, ``m = 302``, a dense ``A``), per cold solve: setup 6.2
 against 1.2 ms, 25 iterations 1.15 against 0.39 ms; on mpc_param_dyn large (``n = 624``, sparse) the dense
 solver took 27 + 34 ms against 9 + 8 ms (the same iteration counts: both solve exactly)."""
 DENSE_MAX_N = 1000
 """The dense linear solver is timed only where ``n`` is at most this (its factor holds ``n^2`` entries)."""
+NORMALIZE_CHOICES = (True, False)
+"""The values of SCS's ``normalize`` (equilibration of the data at setup; SCS's default True) that
+:meth:`~amortcvx.deploy.AmortizedSolver.choose_scs_setup` times where ``A`` or ``P`` depend on the parameters. The
+equilibration passes run at every setup and cost most of it on a dense ``A``; what they save in iterations depends
+on the problem. Per fresh cold solve (16 instances, eps 1e-4, ``scale`` 0.1): robust_ls large with the dense solver,
+setup 1.05 against 0.25 ms, 25 against 50 iterations (1.44 against 0.94 ms in all); mpc_param_dyn large with QDLDL,
+setup 2.4 against 1.5 ms, 100 against 125 iterations (8.9 against 10.6 ms), but on the stateless object at its own
+fixed scale 4.3 against 3.4 ms per instance through the package. SCS tests termination on the unnormalized data
+either way, so both answer at the same tolerance; only the time differs."""
 
 _RESERVED = ("warm_start",)
 

@@ -82,7 +82,7 @@ from amortcvx.backends.persistent import (
     stateless_rho,
     stateless_scale,
 )
-from amortcvx.backends.scs import DENSE_MAX_N, LINEAR_SOLVERS, stop_point
+from amortcvx.backends.scs import DENSE_MAX_N, LINEAR_SOLVERS, NORMALIZE_CHOICES, stop_point
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.deploy.result import AmortizedResult
@@ -221,8 +221,8 @@ class Calibration(NamedTuple):
             "cold": c or None}``, :func:`~amortcvx.backends.scs.stop_point`).
         polish: whether the refined warm starts are polished (None: the solver's own setting; files written before
             calibration chose it).
-        scs_linear_solver: SCS's linear solver where calibration chose it (None: the settings' or QDLDL;
-            :meth:`AmortizedSolver.choose_scs_linear_solver`).
+        scs_setup: SCS's setup settings calibration chose (``linear_solver``, ``normalize``; None or empty: the
+            settings' or SCS's; :meth:`AmortizedSolver.choose_scs_setup`).
     """
 
     learned_median: float
@@ -241,7 +241,7 @@ class Calibration(NamedTuple):
     cold_check_termination: int | None = None
     scs_stops: dict[str, int | None] | None = None
     polish: bool | None = None
-    scs_linear_solver: str | None = None
+    scs_setup: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
@@ -256,6 +256,8 @@ class Calibration(NamedTuple):
         """The calibration :meth:`to_dict` wrote (fields a file lacks take their defaults; other keys are
         ignored)."""
         known = {k: v for k, v in d.items() if k in cls._fields}
+        if "scs_setup" not in known and d.get("scs_linear_solver") is not None:  # written before normalize was timed
+            known["scs_setup"] = {"linear_solver": d["scs_linear_solver"]}
         a, seconds = known.get("anderson"), known.get("seconds")
         known["anderson"] = None if a is None else AndersonSettings(**a)
         known["candidates"] = tuple((str(label), float(med)) for label, med in known.get("candidates", ()))
@@ -305,7 +307,8 @@ class Calibration(NamedTuple):
         if self.cost_model():
             chosen = ", ".join(f"{b}: {self.strategy_for(b)}" for b in REPORTED_BATCHES)
             by_batch = f"; per call by batch size: {chosen}"
-        solver = f"; SCS linear solver {self.scs_linear_solver} (timed)" if self.scs_linear_solver else ""
+        setup = ", ".join(f"{k}={v}" for k, v in (self.scs_setup or {}).items())
+        solver = f"; SCS setup {setup} (timed)" if setup else ""
         return f"{head} ({why}){by_batch}{solver}"
 
 
@@ -461,7 +464,7 @@ class AmortizedSolver:
         # the stop points of the "stop" mode, by kind (scs.stop_point; set by calibrate)
         self.scs_stops: dict[str, int | None] = {"warm": None, "cold": None}
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
-        self.scs_linear_solver: str | None = None  # chosen by calibrate() (see choose_scs_linear_solver)
+        self.scs_setup: dict[str, Any] = {}  # SCS's setup settings chosen by calibrate() (see choose_scs_setup)
         self.calibration = None  # the last calibrate()'s outcome (a Calibration)
         self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
         self.by_batch = False  # per call, the strategy calibration found fastest at its batch size
@@ -560,36 +563,68 @@ class AmortizedSolver:
 
     def c_settings(self) -> dict:
         """The C solver's settings: ``solver_settings`` and what :meth:`calibrate` fitted where ``solver_settings``
-        does not set it: OSQP's initial ``rho``, SCS's linear solver."""
+        does not set it: OSQP's initial ``rho``, SCS's setup settings (:attr:`scs_setup`)."""
         settings = dict(self.solver_settings)
         if self.algorithm == "osqp" and self.osqp_rho is not None:
             settings.setdefault("rho", self.osqp_rho)
-        if self.algorithm == "scs" and self.scs_linear_solver is not None:
-            settings.setdefault("linear_solver", self.scs_linear_solver)
+        if self.algorithm == "scs":
+            for name, value in self.scs_setup.items():
+                settings.setdefault(name, value)
         return settings
 
-    def choose_scs_linear_solver(self, params: Mapping, *, instances: int = 16, repeats: int = 2) -> str | None:
-        """SCS's linear solver for this problem, where its ``A`` or ``P`` depend on the parameters (every instance
-        then has its own setup and factorization), ``n`` is at most :data:`~amortcvx.backends.scs.DENSE_MAX_N` and
-        ``solver_settings`` sets none: the faster of :data:`~amortcvx.backends.scs.LINEAR_SOLVERS` in cold solves
-        of the first ``instances`` of ``params`` on a persistent object (best of ``repeats``
-        after one untimed call; a solver this SCS build lacks is skipped). None elsewhere (the settings' solver,
-        QDLDL by default). Both solve the linear systems exactly: the iterates, and so the answers, are the same
-        up to rounding; only the time of setups and iterations differs."""
-        if self.algorithm != "scs" or "linear_solver" in self.solver_settings or self.pp.n > DENSE_MAX_N:
-            return None
-        data = self.pp.canonicalize(params, dtype=torch.float64, device="cpu")
+    def choose_scs_setup(self, params: Mapping, *, instances: int = 16, repeats: int = 2) -> dict[str, Any]:
+        """SCS's setup settings for this problem where its ``A`` or ``P`` depend on the parameters (every instance then
+        has its own setup): timed on the first ``instances`` of ``params`` (validation instances), each setting
+        only where ``solver_settings`` does not set it. Empty elsewhere (shared matrices: one setup for the stream).
+
+        1. ``linear_solver``, where ``n`` is at most :data:`~amortcvx.backends.scs.DENSE_MAX_N`: the faster of
+           :data:`~amortcvx.backends.scs.LINEAR_SOLVERS` in cold solves on the adaptive object (best of ``repeats``
+           after one untimed call; a solver this SCS build lacks is skipped). Both solve the linear systems
+           exactly: the iterates, and so the answers, are the same up to rounding.
+        2. ``normalize`` (:data:`~amortcvx.backends.scs.NORMALIZE_CHOICES`): each with the stateless scale walked
+           for it (:meth:`choose_scs_scale`, unless ``solver_settings`` sets ``scale``), the best cold time of the
+           adaptive and the stateless objects (:meth:`_cold_seconds`); the equilibration costs at every setup and
+           saves iterations or not, by problem, and the stateless mode's scale can make up for it. SCS tests
+           termination on the unnormalized data either way: the same tolerance, other iterates.
+
+        Returns the chosen settings (``{"linear_solver": ..., "normalize": ...}``, those tried); sets nothing.
+        """
+        if self.algorithm != "scs":
+            return {}
+        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
+        self._reference_theta(theta)  # the persistent objects' reference: from all of params, as every later step
+        some = {name: value[:instances] for name, value in _as_batch(self.pp, params).items()}
+        theta = theta[:instances]
+        data = self.pp.canonicalize_vector(theta)
         if data.matrices_shared:
-            return None
-        data = data if data.batch_size <= instances else data.take(np.arange(instances))
-        times = {}
-        for name in LINEAR_SOLVERS:
-            try:
-                solver = PersistentSolver(self.backend, data.instance(0), {**self.c_settings(), "linear_solver": name})
-            except ValueError:  # not in this build of SCS
-                continue
-            times[name] = _best_seconds(lambda solver=solver: solver.solve(data, checked=True), 1, repeats)
-        return min(times, key=times.get) if times else None
+            return {}
+        saved = (dict(self.scs_setup), self.scs_scale, dict(self._persistent))
+        chosen: dict[str, Any] = {}
+        try:
+            if "linear_solver" not in self.solver_settings and self.pp.n <= DENSE_MAX_N:
+                times = {}
+                for name in LINEAR_SOLVERS:
+                    try:
+                        solver = PersistentSolver(self.backend, data.instance(0),
+                                                  {**self.c_settings(), "linear_solver": name})
+                    except ValueError:  # not in this build of SCS
+                        continue
+                    times[name] = _best_seconds(lambda solver=solver: solver.solve(data, checked=True), 1, repeats)
+                if times:
+                    chosen["linear_solver"] = min(times, key=times.get)
+            if "normalize" not in self.solver_settings:
+                times = {}
+                for normalize in NORMALIZE_CHOICES:
+                    self.scs_setup = {**saved[0], **chosen, "normalize": normalize}
+                    if "scale" not in self.solver_settings:
+                        self.scs_scale = self.choose_scs_scale(some)
+                    self._persistent = {}
+                    times[normalize] = min(self._cold_seconds(theta, data, mode, repeats)
+                                           for mode in ("adaptive", "stateless"))
+                chosen["normalize"] = min(times, key=times.get)
+        finally:
+            self.scs_setup, self.scs_scale, self._persistent = saved
+        return chosen
 
     def choose_osqp_rho(self, params: Mapping) -> float | None:
         """OSQP's initial ``rho`` for this problem, measured on ``params`` (validation instances): starting from the
@@ -919,8 +954,9 @@ class AmortizedSolver:
 
         ``params`` are held-out validation instances (not the test set). In order:
 
-        1. OSQP: the initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it; every
-           measurement below uses it.
+        1. OSQP: the initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it; SCS where ``A``
+           or ``P`` depend on the parameters: the setup settings (linear solver, ``normalize``;
+           :meth:`choose_scs_setup`). Every measurement below uses them.
         2. With a predictor: each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
            one), with each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current ``newton``) and each of
            ``polish`` (e.g. :func:`polish_choices`; default: the current ``polish``), is tried with
@@ -963,7 +999,7 @@ class AmortizedSolver:
         options = [(a, n, p) for p in polishes for n in steps for a in refinement]
         saved = (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
                  dict(self.c_modes), self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
-                 dict(self.scs_stops), self.scs_linear_solver, dict(self._persistent))
+                 dict(self.scs_stops), dict(self.scs_setup), dict(self._persistent))
         from tqdm.auto import tqdm
 
         steps_total = (len(options) if self.model is not None else 0) + 3 + int(timed)
@@ -975,7 +1011,7 @@ class AmortizedSolver:
             bar.close()
             (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch, self.c_modes,
              self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
-             self.scs_linear_solver, self._persistent) = saved
+             self.scs_setup, self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool, bar) -> Calibration:
         """:meth:`calibrated`'s measurements; changes the solver (the caller restores it); ``bar`` (a tqdm bar)
@@ -988,7 +1024,7 @@ class AmortizedSolver:
             self.osqp_rho = self.choose_osqp_rho(params)
             self._persistent.clear()  # rebuilt with the fitted rho on first use
         if self.algorithm == "scs":
-            self.scs_linear_solver = self.choose_scs_linear_solver(params)
+            self.scs_setup = self.choose_scs_setup(params)
             self._persistent.clear()  # rebuilt with it on first use
         # the batch's bare prediction once, for every option (untimed) and the C modes (timed: it costs the same
         # for each); not for timing the strategies against each other below
@@ -1038,7 +1074,7 @@ class AmortizedSolver:
                            tuple((option_label(a, n, p), med) for (a, n, p), med, _, _ in candidates),
                            dict(self.c_modes), strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination,
                            timing_batch, self.newton, self.cold_check_termination, dict(self.scs_stops), self.polish,
-                           self.scs_linear_solver)
+                           dict(self.scs_setup))
 
     def _plain_cold_iterations(self, params: Mapping, settings: Mapping | None = None) -> list[int]:
         """Exact C iterations (at least 1) of plain cold solves of the first :data:`COLD_COUNT_SAMPLE` instances of
@@ -1063,7 +1099,7 @@ class AmortizedSolver:
         if calibration.c_modes is not None:
             self.c_modes = dict(calibration.c_modes)
         self.scs_scale, self.osqp_rho = calibration.scs_scale, calibration.osqp_rho
-        self.scs_linear_solver = calibration.scs_linear_solver
+        self.scs_setup = dict(calibration.scs_setup or {})
         if calibration.scs_stops is not None:
             self.scs_stops = dict(calibration.scs_stops)
         if self._check_given is None:
@@ -1200,14 +1236,18 @@ class AmortizedSolver:
                         if mode == "stop" and self.scs_stops.get(kind) is None:
                             continue
                         self.c_modes = {**saved, kind: mode}
-                        run_once = (lambda: self.solve(params)) if kind == "warm" else (
-                            lambda mode=mode: self.persistent_solver(theta, mode, "cold").solve(data))
-                        # RACE_CALLS untimed: the objects set up, and the threads' race settled
-                        times[mode] = _best_seconds(run_once, RACE_CALLS, repeats)
+                        times[mode] = (_best_seconds(lambda: self.solve(params), RACE_CALLS, repeats) if kind == "warm"
+                                       else self._cold_seconds(theta, data, mode, repeats))
                     best[kind] = min(times, key=times.get)
         finally:
             self.c_modes = saved
         return best
+
+    def _cold_seconds(self, theta: torch.Tensor, data: ConeData | QPData, mode: str, repeats: int) -> float:
+        """Seconds of cold solves of ``data`` on ``mode``'s persistent cold object: the best of ``repeats`` after
+        :data:`~amortcvx.backends.persistent.RACE_CALLS` untimed calls (the objects set up, the threads' race
+        settled)."""
+        return _best_seconds(lambda: self.persistent_solver(theta, mode, "cold").solve(data), RACE_CALLS, repeats)
 
     def _rho_adapts(self, theta: torch.Tensor, data: QPData) -> bool:
         """Whether OSQP's adaptive cold object changed ``rho`` in any cold solve of ``data``."""
