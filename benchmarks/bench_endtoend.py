@@ -223,7 +223,8 @@ def bench_pair(name, alg, args, tol):
                             "median C iterations (timed)": float(np.median([r.iterations for r in out.results])),
                             "enabled": cal.enabled, "strategy": cal.strategy,
                             "refinement": option_label(solver.anderson, solver.newton, solver.polish),
-                            "c_modes": cal.c_modes, "check_termination": solver.check_termination}
+                            "c_modes": cal.c_modes, "check_termination": solver.check_termination,
+                            "c_setup": solver.c_setup}
         yield {"family": name, "algorithm": alg, "size": args.size, "n": pp.n, "m": pp.m, "batch": batch,
                "instances": calls * batch, "ms_per_instance": med, "train_seconds": train_seconds,
                "ratio_to_loop": {s: med[s] / med["loop (b)"] for s in med},

@@ -412,35 +412,37 @@ def test_calibration_sets_scs_stop_points_that_cut_timed_iterations(tmp_path):
     assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_stops == solver.scs_stops
 
 
-def test_calibration_times_scs_setup_where_every_instance_has_its_own_setup(tmp_path, monkeypatch):
+def test_calibration_times_c_setup_where_every_instance_has_its_own_setup(tmp_path, monkeypatch):
     import json
 
-    import amortcvx.deploy.solver as deploy_solver
+    import amortcvx.backends.scs as scs_backend
     from amortcvx.backends.scs import LINEAR_SOLVERS, NORMALIZE_CHOICES, certify
 
     fam, pp = _pp("robust_ls", "scs")  # A is a parameter: a setup per instance
     val, test = fam.sample(16, seed=9), fam.sample(8, seed=10)
     solver = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings=TOL, finish="c")
-    chosen = solver.choose_scs_setup(val)
+    chosen = solver.choose_setup(val)
     assert chosen["linear_solver"] in LINEAR_SOLVERS and chosen["normalize"] in NORMALIZE_CHOICES
-    assert solver.scs_setup == {} and solver.scs_scale is None  # sets nothing
+    assert solver.c_setup == {} and solver.scs_scale is None  # sets nothing
     # a solver this SCS build lacks is skipped; the one left is chosen
-    monkeypatch.setattr(deploy_solver, "LINEAR_SOLVERS", ("no_such_solver", "cpu_dense"))
-    assert solver.choose_scs_setup(val)["linear_solver"] == "cpu_dense"
-    monkeypatch.setattr(deploy_solver, "LINEAR_SOLVERS", ("qdldl", "no_such_solver"))
-    assert solver.choose_scs_setup(val)["linear_solver"] == "qdldl"
-    # the faster normalize is kept, each timed with the stateless scale walked for it
+    monkeypatch.setattr(scs_backend, "LINEAR_SOLVERS", ("no_such_solver", "cpu_dense"))
+    assert solver.choose_setup(val)["linear_solver"] == "cpu_dense"
+    monkeypatch.setattr(scs_backend, "LINEAR_SOLVERS", ("qdldl", "no_such_solver"))
+    assert solver.choose_setup(val)["linear_solver"] == "qdldl"
+    monkeypatch.undo()
+    # the faster normalize is kept, each value timed on both cold objects with the stateless scale walked for it
     seen = []
 
     def fake_seconds(self, theta, data, mode, repeats):
-        seen.append((self.c_settings()["normalize"], mode, self.scs_scale))
-        return 1.0 if self.c_settings()["normalize"] is fast_is else 2.0
+        normalize = self.c_setup.get("normalize")
+        seen.append((normalize, mode, self.scs_scale))
+        return 1.0 if normalize is fast_is else 2.0
 
     monkeypatch.setattr(AmortizedSolver, "_cold_seconds", fake_seconds)
     for fast_is in NORMALIZE_CHOICES:
         seen.clear()
-        assert solver.choose_scs_setup(val)["normalize"] is fast_is
-        assert {(n, m) for n, m, _ in seen} == {(n, m) for n in NORMALIZE_CHOICES for m in ("adaptive", "stateless")}
+        assert solver.choose_setup(val)["normalize"] is fast_is
+        assert {(n, m) for n in NORMALIZE_CHOICES for m in ("adaptive", "stateless")} <= {(n, m) for n, m, _ in seen}
         assert all(scale is not None for _, _, scale in seen)
     monkeypatch.undo()
     # the linear solvers solve exactly (the same counts and answers); either normalize meets the tolerance by
@@ -449,7 +451,7 @@ def test_calibration_times_scs_setup_where_every_instance_has_its_own_setup(tmp_
     data = pp.canonicalize(test)
     for name in LINEAR_SOLVERS:
         for normalize in NORMALIZE_CHOICES:
-            solver.scs_setup = {"linear_solver": name, "normalize": normalize}
+            solver.c_setup = {"linear_solver": name, "normalize": normalize}
             assert solver.c_settings()["linear_solver"] == name and solver.c_settings()["normalize"] is normalize
             out = solver.solve(test, exact_iterations=True)
             assert out.optimal.all()
@@ -461,26 +463,53 @@ def test_calibration_times_scs_setup_where_every_instance_has_its_own_setup(tmp_
         assert it_a == it_b and np.allclose(obj_a, obj_b, rtol=1e-6, atol=1e-8)
     # calibration keeps it, a saved solver too; a file written before normalize was timed loads its solver
     cal = solver.calibrate(val, timed=False)
-    assert cal.scs_setup == solver.scs_setup and set(cal.scs_setup) == {"linear_solver", "normalize"}
-    assert "SCS setup linear_solver=" in cal.describe()
+    assert cal.c_setup == solver.c_setup and set(cal.c_setup) == {"linear_solver", "normalize"}
+    assert "C setup linear_solver=" in cal.describe()
     solver.save(tmp_path / "s")
-    assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_setup == solver.scs_setup
+    assert AmortizedSolver.load(tmp_path / "s", fam.problem).c_setup == solver.c_setup
     state = json.loads((tmp_path / "s" / "solver.json").read_text())
-    state["decisions"].pop("scs_setup")
+    state["decisions"].pop("c_setup")
     state["decisions"]["scs_linear_solver"] = "cpu_dense"
-    state["decisions"]["calibration"].pop("scs_setup")
+    state["decisions"]["calibration"].pop("c_setup")
     state["decisions"]["calibration"]["scs_linear_solver"] = "cpu_dense"
     (tmp_path / "s" / "solver.json").write_text(json.dumps(state))
     old = AmortizedSolver.load(tmp_path / "s", fam.problem)
-    assert old.scs_setup == {"linear_solver": "cpu_dense"} == old.calibration.scs_setup
+    assert old.c_setup == {"linear_solver": "cpu_dense"} == old.calibration.c_setup
     # the user's settings are kept; shared matrices (one setup for the stream) are not timed
     given = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings={**TOL, "linear_solver": "qdldl",
                                                                          "normalize": True}, finish="c")
-    assert given.choose_scs_setup(val) == {}
+    assert given.choose_setup(val) == {}
     fam2, pp2 = _pp("portfolio", "scs")
     shared = AmortizedSolver(pp2, algorithm="scs", k=0, solver_settings=TOL, finish="c")
-    assert shared.choose_scs_setup(fam2.sample(8, seed=9)) == {}
-    assert shared.calibrate(fam2.sample(16, seed=9), timed=False).scs_setup == {}
+    assert shared.choose_setup(fam2.sample(8, seed=9)) == {}
+    assert shared.calibrate(fam2.sample(16, seed=9), timed=False).c_setup == {}
+
+
+def test_calibration_times_osqp_scaling_where_every_instance_has_its_own_matrices():
+    from amortcvx.backends.osqp import SCALING_CHOICES
+
+    fam, pp = _pp("mpc_param_dyn", "osqp")  # the dynamics are parameters: update(Ax=) per instance
+    val, test = fam.sample(16, seed=9), fam.sample(8, seed=10)
+    solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, finish="c")
+    chosen = solver.choose_setup(val)
+    assert set(chosen) == {"scaling"} and chosen["scaling"] in SCALING_CHOICES
+    assert solver.c_setup == {} and solver.osqp_rho is None  # sets nothing
+    objectives = []
+    for scaling in SCALING_CHOICES:  # either ends by OSQP's own test on the unscaled data: the same answers
+        solver.c_setup = {"scaling": scaling}
+        assert solver.c_settings()["scaling"] == scaling
+        for exact in (True, False):
+            out = solver.solve(test, exact_iterations=exact)
+            assert out.optimal.all()
+            objectives.append([r.objective for r in out.results])
+    for other in objectives[1:]:
+        assert np.allclose(other, objectives[0], rtol=1e-3, atol=1e-3)
+    solver.c_setup = {}
+    cal = solver.calibrate(val, timed=False)
+    assert cal.c_setup == solver.c_setup and set(cal.c_setup) == {"scaling"}
+    assert "C setup scaling=" in cal.describe()
+    given = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings={**TOL, "scaling": 10}, finish="c")
+    assert given.choose_setup(val) == {}
 
 
 def test_osqp_stateless_objects_fix_rho_and_do_not_depend_on_order():

@@ -148,6 +148,10 @@ class BackendInfo:
         stateless_settings: settings under which a solve leaves no state that the next solve on the same
             persistent object reads, so one object serves a whole stream with no reset (SCS: fixed scale, no
             Anderson memory; OSQP: fixed ``rho``).
+        setup_choices: ``setup_choices(n) -> ((name, values), ...)``, the settings of the solver's setup that
+            calibration times where every instance has its own setup (parameters in ``A`` or ``P``) for a
+            problem of ``n`` variables, each with the values tried (SCS: linear solver, ``normalize``; OSQP:
+            ``scaling``; see :meth:`amortcvx.deploy.AmortizedSolver.choose_setup`).
     """
 
     name: str
@@ -162,6 +166,8 @@ class BackendInfo:
     session: Callable[..., Any] = field(repr=False, compare=False)
     certify: Callable[..., np.ndarray] = field(repr=False, compare=False)
     stateless_settings: Mapping[str, Any] = field(default_factory=dict)
+    setup_choices: Callable[[int], tuple[tuple[str, tuple], ...]] = field(default=lambda n: (), repr=False,
+                                                                          compare=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType({
 })
 
 LINEAR_SOLVERS = ("qdldl", "cpu_dense")
-"""The linear solvers :meth:`~amortcvx.deploy.AmortizedSolver.choose_scs_setup` times where ``A`` or ``P``
+"""The linear solvers :meth:`~amortcvx.deploy.AmortizedSolver.choose_setup` times where ``A`` or ``P``
 depend on the parameters (a new setup, with its factorization, for every instance): SCS's sparse LDL (QDLDL) and
 its dense LAPACK solver. On robust_ls large (``n = 102``, ``m = 302``, a dense ``A``), per cold solve: setup 6.2
 against 1.2 ms, 25 iterations 1.15 against 0.39 ms; on mpc_param_dyn large (``n = 624``, sparse) the dense
@@ -100,7 +100,7 @@ DENSE_MAX_N = 1000
 """The dense linear solver is timed only where ``n`` is at most this (its factor holds ``n^2`` entries)."""
 NORMALIZE_CHOICES = (True, False)
 """The values of SCS's ``normalize`` (equilibration of the data at setup; SCS's default True) that
-:meth:`~amortcvx.deploy.AmortizedSolver.choose_scs_setup` times where ``A`` or ``P`` depend on the parameters. The
+:meth:`~amortcvx.deploy.AmortizedSolver.choose_setup` times where ``A`` or ``P`` depend on the parameters. The
 equilibration passes run at every setup and cost most of it on a dense ``A``; what they save in iterations depends
 on the problem. Per fresh cold solve (16 instances, eps 1e-4, ``scale`` 0.1): robust_ls large with the dense solver,
 setup 1.05 against 0.25 ms, 25 against 50 iterations (1.44 against 0.94 ms in all); mpc_param_dyn large with QDLDL,
@@ -561,7 +561,13 @@ def _setup_pool() -> ThreadPoolExecutor:
     return pool[1]
 
 
+def setup_choices(n: int) -> tuple[tuple[str, tuple], ...]:
+    """The setup settings calibration times where every instance has its own setup (``BackendInfo.setup_choices``):
+    the linear solver (:data:`LINEAR_SOLVERS`, where ``n <= DENSE_MAX_N``), then :data:`NORMALIZE_CHOICES`."""
+    return ((("linear_solver", LINEAR_SOLVERS),) if n <= DENSE_MAX_N else ()) + (("normalize", NORMALIZE_CHOICES),)
+
+
 INFO = BackendInfo(
     name="scs", form="cone", cones=CONE_KINDS, warm_start_fields=("x", "y", "s"), supports_derivatives=False,
     status_map=STATUS_MAP, default_settings=DEFAULT_SETTINGS, validate=validate, run=run, session=Session,
-    certify=certify, stateless_settings=STATELESS_SETTINGS)
+    certify=certify, stateless_settings=STATELESS_SETTINGS, setup_choices=setup_choices)

@@ -55,7 +55,7 @@ def save(solver, path: str | os.PathLike) -> None:
             "check_termination": solver.check_termination, "cold_check_termination": solver.cold_check_termination,
             "c_modes": solver.c_modes,
             "scs_scale": solver.scs_scale, "scs_stops": solver.scs_stops, "osqp_rho": solver.osqp_rho,
-            "scs_setup": solver.scs_setup,
+            "c_setup": solver.c_setup,
             "reference": None if solver._reference is None else solver._reference.reshape(-1).tolist(),
             "calibration": None if cal is None else cal.to_dict(),
         },
@@ -124,9 +124,9 @@ def load(cls, path: str | os.PathLike, problem, *, device: str = "cpu", **overri
     solver.scs_scale = decided["scs_scale"]
     solver.scs_stops = dict(decided.get("scs_stops") or {"warm": None, "cold": None})  # absent in older files
     solver.osqp_rho = decided["osqp_rho"]
-    solver.scs_setup = dict(decided.get("scs_setup") or {})  # absent in older files
+    solver.c_setup = dict(decided.get("c_setup") or {})  # absent in older files
     if decided.get("scs_linear_solver") is not None:  # files written before normalize was timed
-        solver.scs_setup.setdefault("linear_solver", decided["scs_linear_solver"])
+        solver.c_setup.setdefault("linear_solver", decided["scs_linear_solver"])
     if decided["reference"] is not None and "reference_params" not in overrides:
         solver._reference = torch.tensor(decided["reference"], dtype=torch.float64).reshape(1, -1)
     cal = decided["calibration"]

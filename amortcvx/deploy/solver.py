@@ -82,7 +82,7 @@ from amortcvx.backends.persistent import (
     stateless_rho,
     stateless_scale,
 )
-from amortcvx.backends.scs import DENSE_MAX_N, LINEAR_SOLVERS, NORMALIZE_CHOICES, stop_point
+from amortcvx.backends.scs import stop_point
 from amortcvx.canon.data import ConeData, QPData
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.deploy.result import AmortizedResult
@@ -221,8 +221,9 @@ class Calibration(NamedTuple):
             "cold": c or None}``, :func:`~amortcvx.backends.scs.stop_point`).
         polish: whether the refined warm starts are polished (None: the solver's own setting; files written before
             calibration chose it).
-        scs_setup: SCS's setup settings calibration chose (``linear_solver``, ``normalize``; None or empty: the
-            settings' or SCS's; :meth:`AmortizedSolver.choose_scs_setup`).
+        c_setup: the C solver's setup settings calibration chose where every instance has its own setup (SCS's
+            ``linear_solver`` and ``normalize``, OSQP's ``scaling``; None or empty: the settings' or the solver's;
+            :meth:`AmortizedSolver.choose_setup`).
     """
 
     learned_median: float
@@ -241,7 +242,7 @@ class Calibration(NamedTuple):
     cold_check_termination: int | None = None
     scs_stops: dict[str, int | None] | None = None
     polish: bool | None = None
-    scs_setup: dict[str, Any] | None = None
+    c_setup: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
@@ -256,8 +257,8 @@ class Calibration(NamedTuple):
         """The calibration :meth:`to_dict` wrote (fields a file lacks take their defaults; other keys are
         ignored)."""
         known = {k: v for k, v in d.items() if k in cls._fields}
-        if "scs_setup" not in known and d.get("scs_linear_solver") is not None:  # written before normalize was timed
-            known["scs_setup"] = {"linear_solver": d["scs_linear_solver"]}
+        if "c_setup" not in known and d.get("scs_linear_solver") is not None:  # written before normalize was timed
+            known["c_setup"] = {"linear_solver": d["scs_linear_solver"]}
         a, seconds = known.get("anderson"), known.get("seconds")
         known["anderson"] = None if a is None else AndersonSettings(**a)
         known["candidates"] = tuple((str(label), float(med)) for label, med in known.get("candidates", ()))
@@ -307,8 +308,8 @@ class Calibration(NamedTuple):
         if self.cost_model():
             chosen = ", ".join(f"{b}: {self.strategy_for(b)}" for b in REPORTED_BATCHES)
             by_batch = f"; per call by batch size: {chosen}"
-        setup = ", ".join(f"{k}={v}" for k, v in (self.scs_setup or {}).items())
-        solver = f"; SCS setup {setup} (timed)" if setup else ""
+        setup = ", ".join(f"{k}={v}" for k, v in (self.c_setup or {}).items())
+        solver = f"; C setup {setup} (timed)" if setup else ""
         return f"{head} ({why}){by_batch}{solver}"
 
 
@@ -464,7 +465,7 @@ class AmortizedSolver:
         # the stop points of the "stop" mode, by kind (scs.stop_point; set by calibrate)
         self.scs_stops: dict[str, int | None] = {"warm": None, "cold": None}
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
-        self.scs_setup: dict[str, Any] = {}  # SCS's setup settings chosen by calibrate() (see choose_scs_setup)
+        self.c_setup: dict[str, Any] = {}  # the C setup settings chosen by calibrate() (see choose_setup)
         self.calibration = None  # the last calibrate()'s outcome (a Calibration)
         self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
         self.by_batch = False  # per call, the strategy calibration found fastest at its batch size
@@ -563,34 +564,34 @@ class AmortizedSolver:
 
     def c_settings(self) -> dict:
         """The C solver's settings: ``solver_settings`` and what :meth:`calibrate` fitted where ``solver_settings``
-        does not set it: OSQP's initial ``rho``, SCS's setup settings (:attr:`scs_setup`)."""
-        settings = dict(self.solver_settings)
+        does not set it: the setup settings (:attr:`c_setup`), OSQP's initial ``rho``."""
+        settings = self._setup_settings()
         if self.algorithm == "osqp" and self.osqp_rho is not None:
             settings.setdefault("rho", self.osqp_rho)
-        if self.algorithm == "scs":
-            for name, value in self.scs_setup.items():
-                settings.setdefault(name, value)
         return settings
 
-    def choose_scs_setup(self, params: Mapping, *, instances: int = 16, repeats: int = 2) -> dict[str, Any]:
-        """SCS's setup settings for this problem where its ``A`` or ``P`` depend on the parameters (every instance then
-        has its own setup): timed on the first ``instances`` of ``params`` (validation instances), each setting
-        only where ``solver_settings`` does not set it. Empty elsewhere (shared matrices: one setup for the stream).
+    def _setup_settings(self) -> dict:
+        """``solver_settings`` and, where they do not set them, the setup settings calibration chose
+        (:attr:`c_setup`, :meth:`choose_setup`)."""
+        return {**self.c_setup, **self.solver_settings}
 
-        1. ``linear_solver``, where ``n`` is at most :data:`~amortcvx.backends.scs.DENSE_MAX_N`: the faster of
-           :data:`~amortcvx.backends.scs.LINEAR_SOLVERS` in cold solves on the adaptive object (best of ``repeats``
-           after one untimed call; a solver this SCS build lacks is skipped). Both solve the linear systems
-           exactly: the iterates, and so the answers, are the same up to rounding.
-        2. ``normalize`` (:data:`~amortcvx.backends.scs.NORMALIZE_CHOICES`): each with the stateless scale walked
-           for it (:meth:`choose_scs_scale`, unless ``solver_settings`` sets ``scale``), the best cold time of the
-           adaptive and the stateless objects (:meth:`_cold_seconds`); the equilibration costs at every setup and
-           saves iterations or not, by problem, and the stateless mode's scale can make up for it. SCS tests
-           termination on the unnormalized data either way: the same tolerance, other iterates.
+    def choose_setup(self, params: Mapping, *, instances: int = 16, repeats: int = 2) -> dict[str, Any]:
+        """The C solver's setup settings for this problem where its ``A`` or ``P`` depend on the parameters (every
+        instance then has its own setup, or OSQP its own ``update(Px=, Ax=)``), timed on the first ``instances`` of
+        ``params`` (validation instances). Empty elsewhere: shared matrices are set up once for the stream.
 
-        Returns the chosen settings (``{"linear_solver": ..., "normalize": ...}``, those tried); sets nothing.
+        The settings are the backend's :attr:`~amortcvx.backends.BackendInfo.setup_choices` (SCS: the linear solver
+        where ``n`` is at most :data:`~amortcvx.backends.scs.DENSE_MAX_N`, then ``normalize``; OSQP: ``scaling``),
+        each in turn and only where ``solver_settings`` does not set it: for each value, the stateless object's
+        fixed scale (SCS, :meth:`choose_scs_scale`) or ``rho`` (OSQP, :meth:`choose_osqp_rho`) walked for it unless
+        ``solver_settings`` sets them, then cold solves timed on the adaptive and the stateless objects
+        (:meth:`_cold_seconds`); the value of the fastest is kept (a value this build of the solver lacks is
+        skipped). Equilibration costs at every setup and saves iterations or not, by problem; the linear solvers
+        solve exactly (the same iterates). The solvers test termination on the unscaled data whatever these
+        settings: the same tolerance, only the time differs.
+
+        Returns the chosen settings (e.g. ``{"linear_solver": "cpu_dense", "normalize": False}``); sets nothing.
         """
-        if self.algorithm != "scs":
-            return {}
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         self._reference_theta(theta)  # the persistent objects' reference: from all of params, as every later step
         some = {name: value[:instances] for name, value in _as_batch(self.pp, params).items()}
@@ -598,32 +599,29 @@ class AmortizedSolver:
         data = self.pp.canonicalize_vector(theta)
         if data.matrices_shared:
             return {}
-        saved = (dict(self.scs_setup), self.scs_scale, dict(self._persistent))
+        fitted = "scale" if self.algorithm == "scs" else "rho"
+        modes = [mode for mode in BACKEND_C_MODES[self.backend] if mode != "stop"]
+        saved = (dict(self.c_setup), self.scs_scale, self.osqp_rho, dict(self._persistent))
         chosen: dict[str, Any] = {}
         try:
-            if "linear_solver" not in self.solver_settings and self.pp.n <= DENSE_MAX_N:
+            for name, values in get_backend(self.backend).setup_choices(self.pp.n):
+                if name in self.solver_settings:
+                    continue
                 times = {}
-                for name in LINEAR_SOLVERS:
+                for value in values:
+                    self.c_setup, self._persistent = {**saved[0], **chosen, name: value}, {}
                     try:
-                        solver = PersistentSolver(self.backend, data.instance(0),
-                                                  {**self.c_settings(), "linear_solver": name})
-                    except ValueError:  # not in this build of SCS
+                        if fitted not in self.solver_settings and self.algorithm == "scs":
+                            self.scs_scale = self.choose_scs_scale(some)
+                        elif fitted not in self.solver_settings:
+                            self.osqp_rho = self.choose_osqp_rho(some)
+                        times[value] = min(self._cold_seconds(theta, data, mode, repeats) for mode in modes)
+                    except ValueError:  # not in this build of the solver
                         continue
-                    times[name] = _best_seconds(lambda solver=solver: solver.solve(data, checked=True), 1, repeats)
                 if times:
-                    chosen["linear_solver"] = min(times, key=times.get)
-            if "normalize" not in self.solver_settings:
-                times = {}
-                for normalize in NORMALIZE_CHOICES:
-                    self.scs_setup = {**saved[0], **chosen, "normalize": normalize}
-                    if "scale" not in self.solver_settings:
-                        self.scs_scale = self.choose_scs_scale(some)
-                    self._persistent = {}
-                    times[normalize] = min(self._cold_seconds(theta, data, mode, repeats)
-                                           for mode in ("adaptive", "stateless"))
-                chosen["normalize"] = min(times, key=times.get)
+                    chosen[name] = min(times, key=times.get)
         finally:
-            self.scs_setup, self.scs_scale, self._persistent = saved
+            self.c_setup, self.scs_scale, self.osqp_rho, self._persistent = saved
         return chosen
 
     def choose_osqp_rho(self, params: Mapping) -> float | None:
@@ -642,7 +640,7 @@ class AmortizedSolver:
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
         data = self.pp.canonicalize_vector(theta)
-        adapted = _geometric_median_stat(PersistentSolver(self.backend, ref, self.solver_settings).solve(data),
+        adapted = _geometric_median_stat(PersistentSolver(self.backend, ref, self._setup_settings()).solve(data),
                                          "rho_estimate")
         if adapted is None:
             return None
@@ -954,9 +952,9 @@ class AmortizedSolver:
 
         ``params`` are held-out validation instances (not the test set). In order:
 
-        1. OSQP: the initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it; SCS where ``A``
-           or ``P`` depend on the parameters: the setup settings (linear solver, ``normalize``;
-           :meth:`choose_scs_setup`). Every measurement below uses them.
+        1. Where ``A`` or ``P`` depend on the parameters: the C solver's setup settings (SCS's linear solver and
+           ``normalize``, OSQP's ``scaling``; :meth:`choose_setup`). Then OSQP's initial ``rho``
+           (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it. Every measurement below uses them.
         2. With a predictor: each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
            one), with each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current ``newton``) and each of
            ``polish`` (e.g. :func:`polish_choices`; default: the current ``polish``), is tried with
@@ -999,7 +997,7 @@ class AmortizedSolver:
         options = [(a, n, p) for p in polishes for n in steps for a in refinement]
         saved = (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
                  dict(self.c_modes), self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
-                 dict(self.scs_stops), dict(self.scs_setup), dict(self._persistent))
+                 dict(self.scs_stops), dict(self.c_setup), dict(self._persistent))
         from tqdm.auto import tqdm
 
         steps_total = (len(options) if self.model is not None else 0) + 3 + int(timed)
@@ -1011,7 +1009,7 @@ class AmortizedSolver:
             bar.close()
             (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch, self.c_modes,
              self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
-             self.scs_setup, self._persistent) = saved
+             self.c_setup, self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool, bar) -> Calibration:
         """:meth:`calibrated`'s measurements; changes the solver (the caller restores it); ``bar`` (a tqdm bar)
@@ -1020,12 +1018,10 @@ class AmortizedSolver:
         def step(name: str) -> None:
             bar.set_postfix_str(name, refresh=False)
             bar.update()
+        self.c_setup = self.choose_setup(params)
         if self.algorithm == "osqp" and "rho" not in self.solver_settings:
             self.osqp_rho = self.choose_osqp_rho(params)
-            self._persistent.clear()  # rebuilt with the fitted rho on first use
-        if self.algorithm == "scs":
-            self.scs_setup = self.choose_scs_setup(params)
-            self._persistent.clear()  # rebuilt with it on first use
+        self._persistent.clear()  # rebuilt with the chosen settings on first use
         # the batch's bare prediction once, for every option (untimed) and the C modes (timed: it costs the same
         # for each); not for timing the strategies against each other below
         with self._predictions_kept():
@@ -1074,7 +1070,7 @@ class AmortizedSolver:
                            tuple((option_label(a, n, p), med) for (a, n, p), med, _, _ in candidates),
                            dict(self.c_modes), strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination,
                            timing_batch, self.newton, self.cold_check_termination, dict(self.scs_stops), self.polish,
-                           dict(self.scs_setup))
+                           dict(self.c_setup))
 
     def _plain_cold_iterations(self, params: Mapping, settings: Mapping | None = None) -> list[int]:
         """Exact C iterations (at least 1) of plain cold solves of the first :data:`COLD_COUNT_SAMPLE` instances of
@@ -1099,7 +1095,7 @@ class AmortizedSolver:
         if calibration.c_modes is not None:
             self.c_modes = dict(calibration.c_modes)
         self.scs_scale, self.osqp_rho = calibration.scs_scale, calibration.osqp_rho
-        self.scs_setup = dict(calibration.scs_setup or {})
+        self.c_setup = dict(calibration.c_setup or {})
         if calibration.scs_stops is not None:
             self.scs_stops = dict(calibration.scs_stops)
         if self._check_given is None:
