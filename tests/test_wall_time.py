@@ -329,8 +329,10 @@ def test_calibration_chooses_scs_object_modes_by_time_and_keeps_answers():
     assert scale > 0.1  # mpc: SCS's default 0.1 is a poor fixed scale (see test_stateless_scale_...)
     modes = solver.choose_c_modes(fam.sample(12, seed=9), repeats=1)
     assert set(modes) == {"warm", "cold"} and set(modes.values()) <= set(C_MODES)
-    # explicit modes still get the fitted scale; an explicit scale is kept
-    given = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings=TOL, c_modes={"cold": "stateless"})
+    # explicit modes still get the fitted scale (with SCS's normalize as the scale above was fitted with); an
+    # explicit scale is kept
+    given = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings={**TOL, "normalize": True},
+                            c_modes={"cold": "stateless"})
     given.calibrate(fam.sample(12, seed=9))
     assert given.scs_scale == scale and given.object_settings("stateless")["scale"] == scale
     fixed = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings={**TOL, "scale": 0.3})
@@ -475,14 +477,16 @@ def test_calibration_times_c_setup_where_every_instance_has_its_own_setup(tmp_pa
     (tmp_path / "s" / "solver.json").write_text(json.dumps(state))
     old = AmortizedSolver.load(tmp_path / "s", fam.problem)
     assert old.c_setup == {"linear_solver": "cpu_dense"} == old.calibration.c_setup
-    # the user's settings are kept; shared matrices (one setup for the stream) are not timed
+    # the user's settings are kept; where A and P are shared, the linear solver is not timed (one factorization
+    # per setup of the same matrices), normalize is (the adaptive object is set up again before every solve)
     given = AmortizedSolver(pp, algorithm="scs", k=0, solver_settings={**TOL, "linear_solver": "qdldl",
                                                                          "normalize": True}, finish="c")
     assert given.choose_setup(val) == {}
     fam2, pp2 = _pp("portfolio", "scs")
     shared = AmortizedSolver(pp2, algorithm="scs", k=0, solver_settings=TOL, finish="c")
-    assert shared.choose_setup(fam2.sample(8, seed=9)) == {}
-    assert shared.calibrate(fam2.sample(16, seed=9), timed=False).c_setup == {}
+    assert set(shared.choose_setup(fam2.sample(8, seed=9))) == {"normalize"}
+    cal = shared.calibrate(fam2.sample(16, seed=9), timed=False)
+    assert set(cal.c_setup) == {"normalize"} and shared.c_settings()["normalize"] is cal.c_setup["normalize"]
 
 
 def test_calibration_times_osqp_scaling_where_every_instance_has_its_own_matrices():
@@ -510,6 +514,8 @@ def test_calibration_times_osqp_scaling_where_every_instance_has_its_own_matrice
     assert "C setup scaling=" in cal.describe()
     given = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings={**TOL, "scaling": 10}, finish="c")
     assert given.choose_setup(val) == {}
+    fam2, pp2 = _pp("mpc", "osqp")  # shared matrices: OSQP equilibrates once, at the setup: nothing to time
+    assert AmortizedSolver(pp2, algorithm="osqp", k=0, solver_settings=TOL).choose_setup(fam2.sample(8, seed=9)) == {}
 
 
 def test_osqp_stateless_objects_fix_rho_and_do_not_depend_on_order():
@@ -763,7 +769,9 @@ def test_polish_choices_follow_the_cones_and_the_size(monkeypatch):
 def test_calibration_chooses_polishing_and_saving_keeps_it(tmp_path):
     fam, pp = _pp("transport", "scs")
     model = _untrained_predictor(pp, "scs")
-    solver = AmortizedSolver(pp, model, k=10, solver_settings=TOL)
+    # SCS's equilibration fixed: without it the plain warm starts take fewer C iterations here (114.5 against 141)
+    # than the polished ones (125), and calibration rightly keeps them
+    solver = AmortizedSolver(pp, model, k=10, solver_settings={**TOL, "normalize": True})
     cal = solver.calibrate(fam.sample(16, seed=9), polish=(False, True), timed=False)
     labels = dict(cal.candidates)
     assert set(labels) == {"plain", "plain + polish"}

@@ -148,10 +148,11 @@ class BackendInfo:
         stateless_settings: settings under which a solve leaves no state that the next solve on the same
             persistent object reads, so one object serves a whole stream with no reset (SCS: fixed scale, no
             Anderson memory; OSQP: fixed ``rho``).
-        setup_choices: ``setup_choices(n) -> ((name, values), ...)``, the settings of the solver's setup that
-            calibration times where every instance has its own setup (parameters in ``A`` or ``P``) for a
-            problem of ``n`` variables, each with the values tried (SCS: linear solver, ``normalize``; OSQP:
-            ``scaling``; see :meth:`amortcvx.deploy.AmortizedSolver.choose_setup`).
+        setup_choices: ``setup_choices(n, shared) -> ((name, values), ...)``, the settings whose cost recurs
+            with every solve's setup that calibration times, each with the values tried, for a problem of ``n``
+            variables whose ``A`` and ``P`` are ``shared`` by every instance or not (SCS: ``normalize``, and the
+            linear solver where every instance has its own setup; OSQP: ``scaling`` where every instance has its
+            own matrices; see :meth:`amortcvx.deploy.AmortizedSolver.choose_setup`).
     """
 
     name: str
@@ -166,8 +167,8 @@ class BackendInfo:
     session: Callable[..., Any] = field(repr=False, compare=False)
     certify: Callable[..., np.ndarray] = field(repr=False, compare=False)
     stateless_settings: Mapping[str, Any] = field(default_factory=dict)
-    setup_choices: Callable[[int], tuple[tuple[str, tuple], ...]] = field(default=lambda n: (), repr=False,
-                                                                          compare=False)
+    setup_choices: Callable[[int, bool], tuple[tuple[str, tuple], ...]] = field(default=lambda n, shared: (),
+                                                                                repr=False, compare=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -80,10 +80,11 @@ mpc_param_dyn large (6 December 2026, stop 40; eps 1e-4, calibrated package, 32 
 against 1.66 ms). OSQP tests termination on the unscaled data either way (its ``scaled_termination`` is off)."""
 
 
-def setup_choices(n: int) -> tuple[tuple[str, tuple], ...]:
-    """The setup settings calibration times where every instance has its own setup (``BackendInfo.setup_choices``):
-    :data:`SCALING_CHOICES`."""
-    return (("scaling", SCALING_CHOICES),)
+def setup_choices(n: int, shared: bool) -> tuple[tuple[str, tuple], ...]:
+    """The setup settings calibration times (``BackendInfo.setup_choices``): :data:`SCALING_CHOICES` where every
+    instance has its own matrices (not ``shared``); none where they are shared (the equilibration then runs once,
+    at the setup, and the persistent object never sets up again: :class:`Session`)."""
+    return () if shared else (("scaling", SCALING_CHOICES),)
 
 
 STATELESS_SETTINGS: Mapping[str, Any] = MappingProxyType({"adaptive_rho": False})

@@ -100,13 +100,15 @@ DENSE_MAX_N = 1000
 """The dense linear solver is timed only where ``n`` is at most this (its factor holds ``n^2`` entries)."""
 NORMALIZE_CHOICES = (True, False)
 """The values of SCS's ``normalize`` (equilibration of the data at setup; SCS's default True) that
-:meth:`~amortcvx.deploy.AmortizedSolver.choose_setup` times where ``A`` or ``P`` depend on the parameters. The
-equilibration passes run at every setup and cost most of it on a dense ``A``; what they save in iterations depends
-on the problem. Per fresh cold solve (16 instances, eps 1e-4, ``scale`` 0.1): robust_ls large with the dense solver,
-setup 1.05 against 0.25 ms, 25 against 50 iterations (1.44 against 0.94 ms in all); mpc_param_dyn large with QDLDL,
-setup 2.4 against 1.5 ms, 100 against 125 iterations (8.9 against 10.6 ms), but on the stateless object at its own
-fixed scale 4.3 against 3.4 ms per instance through the package. SCS tests termination on the unnormalized data
-either way, so both answer at the same tolerance; only the time differs."""
+:meth:`~amortcvx.deploy.AmortizedSolver.choose_setup` times. The equilibration passes run at every setup (for every
+instance where ``A`` or ``P`` depend on the parameters, and before every solve of the adaptive object) and cost most of
+it on a dense ``A``; what they save in iterations depends on the problem. Per fresh cold solve (16 instances, eps 1e-4,
+``scale`` 0.1): robust_ls large with the dense solver, setup 1.05 against 0.25 ms, 25 against 50 iterations (1.44
+against 0.94 ms in all); mpc_param_dyn large with QDLDL, setup 2.4 against 1.5 ms, 100 against 125 iterations (8.9
+against 10.6 ms), but on the stateless object at its own fixed scale 4.3 against 3.4 ms per instance through the
+package; transport large (``A`` shared, the adaptive object kept for cold solves), 52.7 against 48.0 ms per instance at
+batch 1 through the package. SCS tests termination on the unnormalized data either way, so both answer at the same
+tolerance; only the time differs."""
 
 _RESERVED = ("warm_start",)
 
@@ -561,10 +563,12 @@ def _setup_pool() -> ThreadPoolExecutor:
     return pool[1]
 
 
-def setup_choices(n: int) -> tuple[tuple[str, tuple], ...]:
-    """The setup settings calibration times where every instance has its own setup (``BackendInfo.setup_choices``):
-    the linear solver (:data:`LINEAR_SOLVERS`, where ``n <= DENSE_MAX_N``), then :data:`NORMALIZE_CHOICES`."""
-    return ((("linear_solver", LINEAR_SOLVERS),) if n <= DENSE_MAX_N else ()) + (("normalize", NORMALIZE_CHOICES),)
+def setup_choices(n: int, shared: bool) -> tuple[tuple[str, tuple], ...]:
+    """The setup settings calibration times (``BackendInfo.setup_choices``): where every instance has its own setup
+    (not ``shared``) the linear solver (:data:`LINEAR_SOLVERS`, where ``n <= DENSE_MAX_N``); then, everywhere,
+    :data:`NORMALIZE_CHOICES` (the adaptive object is set up again before every solve, :class:`Session`)."""
+    dense = not shared and n <= DENSE_MAX_N
+    return ((("linear_solver", LINEAR_SOLVERS),) if dense else ()) + (("normalize", NORMALIZE_CHOICES),)
 
 
 INFO = BackendInfo(

@@ -576,19 +576,20 @@ class AmortizedSolver:
         return {**self.c_setup, **self.solver_settings}
 
     def choose_setup(self, params: Mapping, *, instances: int = 16, repeats: int = 2) -> dict[str, Any]:
-        """The C solver's setup settings for this problem where its ``A`` or ``P`` depend on the parameters (every
-        instance then has its own setup, or OSQP its own ``update(Px=, Ax=)``), timed on the first ``instances`` of
-        ``params`` (validation instances). Empty elsewhere: shared matrices are set up once for the stream.
+        """The C solver's setup settings whose cost recurs with every setup, timed on the first ``instances`` of
+        ``params`` (validation instances).
 
-        The settings are the backend's :attr:`~amortcvx.backends.BackendInfo.setup_choices` (SCS: the linear solver
-        where ``n`` is at most :data:`~amortcvx.backends.scs.DENSE_MAX_N`, then ``normalize``; OSQP: ``scaling``),
-        each in turn and only where ``solver_settings`` does not set it: for each value, the stateless object's
-        fixed scale (SCS, :meth:`choose_scs_scale`) or ``rho`` (OSQP, :meth:`choose_osqp_rho`) walked for it unless
-        ``solver_settings`` sets them, then cold solves timed on the adaptive and the stateless objects
-        (:meth:`_cold_seconds`); the value of the fastest is kept (a value this build of the solver lacks is
-        skipped). Equilibration costs at every setup and saves iterations or not, by problem; the linear solvers
-        solve exactly (the same iterates). The solvers test termination on the unscaled data whatever these
-        settings: the same tolerance, only the time differs.
+        The settings are the backend's :attr:`~amortcvx.backends.BackendInfo.setup_choices`: SCS's ``normalize``
+        (its adaptive object is set up again before every solve) and, where ``A`` or ``P`` depend on the parameters
+        (every instance then has its own setup), its linear solver when ``n`` is at most
+        :data:`~amortcvx.backends.scs.DENSE_MAX_N`; OSQP's ``scaling`` where ``A`` or ``P`` depend on the
+        parameters (its ``update(Px=, Ax=)`` equilibrates again). Each in turn, only where ``solver_settings`` does
+        not set it: for each value, the stateless object's fixed scale (SCS, :meth:`choose_scs_scale`) or ``rho``
+        (OSQP, :meth:`choose_osqp_rho`) walked for it unless ``solver_settings`` sets them, then cold solves timed
+        on the adaptive and the stateless objects (:meth:`_cold_seconds`); the value of the fastest is kept (a
+        value this build of the solver lacks is skipped). Equilibration costs at every setup and saves
+        iterations or not, by problem; the linear solvers solve exactly (the same iterates). The solvers test
+        termination on the unscaled data whatever these settings: the same tolerance, only the time differs.
 
         Returns the chosen settings (e.g. ``{"linear_solver": "cpu_dense", "normalize": False}``); sets nothing.
         """
@@ -597,16 +598,17 @@ class AmortizedSolver:
         some = {name: value[:instances] for name, value in _as_batch(self.pp, params).items()}
         theta = theta[:instances]
         data = self.pp.canonicalize_vector(theta)
-        if data.matrices_shared:
+        choices = [(name, values) for name, values in
+                   get_backend(self.backend).setup_choices(self.pp.n, data.matrices_shared)
+                   if name not in self.solver_settings]
+        if not choices:
             return {}
         fitted = "scale" if self.algorithm == "scs" else "rho"
         modes = [mode for mode in BACKEND_C_MODES[self.backend] if mode != "stop"]
         saved = (dict(self.c_setup), self.scs_scale, self.osqp_rho, dict(self._persistent))
         chosen: dict[str, Any] = {}
         try:
-            for name, values in get_backend(self.backend).setup_choices(self.pp.n):
-                if name in self.solver_settings:
-                    continue
+            for name, values in choices:
                 times = {}
                 for value in values:
                     self.c_setup, self._persistent = {**saved[0], **chosen, name: value}, {}
