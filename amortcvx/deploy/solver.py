@@ -221,9 +221,9 @@ class Calibration(NamedTuple):
             "cold": c or None}``, :func:`~amortcvx.backends.scs.stop_point`).
         polish: whether the refined warm starts are polished (None: the solver's own setting; files written before
             calibration chose it).
-        c_setup: the C solver's setup settings calibration chose where every instance has its own setup (SCS's
-            ``linear_solver`` and ``normalize``, OSQP's ``scaling``; None or empty: the settings' or the solver's;
-            :meth:`AmortizedSolver.choose_setup`).
+        c_setup: the C solver's setup settings calibration chose (SCS's ``normalize``, and where every instance
+            has its own setup SCS's ``linear_solver`` or OSQP's ``scaling``; None or empty: the settings' or the
+            solver's; :meth:`AmortizedSolver.choose_setup`).
     """
 
     learned_median: float
@@ -954,9 +954,10 @@ class AmortizedSolver:
 
         ``params`` are held-out validation instances (not the test set). In order:
 
-        1. Where ``A`` or ``P`` depend on the parameters: the C solver's setup settings (SCS's linear solver and
-           ``normalize``, OSQP's ``scaling``; :meth:`choose_setup`). Then OSQP's initial ``rho``
-           (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it. Every measurement below uses them.
+        1. The C solver's setup settings whose cost recurs with every setup (SCS's ``normalize``; where ``A`` or
+           ``P`` depend on the parameters, SCS's linear solver or OSQP's ``scaling``; :meth:`choose_setup`). Then
+           OSQP's initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it. Every
+           measurement below uses them.
         2. With a predictor: each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
            one), with each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current ``newton``) and each of
            ``polish`` (e.g. :func:`polish_choices`; default: the current ``polish``), is tried with
