@@ -91,7 +91,8 @@ def test_fit_reuses_its_dataset_and_checkpoint(fitted):
     vec = solver.pp.parameter_vector(theta)
     torch.testing.assert_close(again.model(vec), solver.model(vec))  # the checkpoint, not a new training
     again.use_strategy(solver.strategy)  # (the strategy is chosen by wall time, which varies from run to run)
-    np.testing.assert_allclose(again.solve(theta, exact_iterations=True).x,  # fresh C objects: no timed choice
+    again.c_setup = dict(solver.c_setup)  # (so is SCS's normalize, which fresh C objects get too)
+    np.testing.assert_allclose(again.solve(theta, exact_iterations=True).x,  # fresh C objects: no other timed choice
                                solver.solve(theta, exact_iterations=True).x, atol=1e-9)
     ac.AmortizedSolver.fit(prob, _sampler, solver="scs", num=60, k=2, epochs=3, root=root, seed=1, progress=False,
                            calibrate=False)

@@ -435,7 +435,7 @@ def test_calibration_times_c_setup_where_every_instance_has_its_own_setup(tmp_pa
     # the faster normalize is kept, each value timed on both cold objects with the stateless scale walked for it
     seen = []
 
-    def fake_seconds(self, theta, data, mode, repeats):
+    def fake_seconds(self, theta, data, mode, untimed, repeats):
         normalize = self.c_setup.get("normalize")
         seen.append((normalize, mode, self.scs_scale))
         return 1.0 if normalize is fast_is else 2.0

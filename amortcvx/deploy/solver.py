@@ -586,8 +586,11 @@ class AmortizedSolver:
         parameters (its ``update(Px=, Ax=)`` equilibrates again). Each in turn, only where ``solver_settings`` does
         not set it: for each value, the stateless object's fixed scale (SCS, :meth:`choose_scs_scale`) or ``rho``
         (OSQP, :meth:`choose_osqp_rho`) walked for it unless ``solver_settings`` sets them, then cold solves timed
-        on the adaptive and the stateless objects (:meth:`_cold_seconds`); the value of the fastest is kept (a
-        value this build of the solver lacks is skipped). Equilibration costs at every setup and saves
+        on the adaptive and the stateless objects (:meth:`_cold_seconds`), the values in turn in ``repeats``
+        interleaved rounds (the machine's load drifts; one value timed after the other once chose 10 passes where
+        0 was faster in each of three interleaved rounds, 1.75-1.94 against 2.06-2.42 ms per instance on
+        mpc_param_dyn large); the value of the fastest is kept (a value this build of the solver lacks is
+        skipped). Equilibration costs at every setup and saves
         iterations or not, by problem; the linear solvers solve exactly (the same iterates). The solvers test
         termination on the unscaled data whatever these settings: the same tolerance, only the time differs.
 
@@ -609,7 +612,7 @@ class AmortizedSolver:
         chosen: dict[str, Any] = {}
         try:
             for name, values in choices:
-                times = {}
+                states = {}  # value -> its setup, walked scale or rho, and persistent objects
                 for value in values:
                     self.c_setup, self._persistent = {**saved[0], **chosen, name: value}, {}
                     try:
@@ -617,9 +620,17 @@ class AmortizedSolver:
                             self.scs_scale = self.choose_scs_scale(some)
                         elif fitted not in self.solver_settings:
                             self.osqp_rho = self.choose_osqp_rho(some)
-                        times[value] = min(self._cold_seconds(theta, data, mode, repeats) for mode in modes)
+                        for mode in modes:  # the objects set up, the threads' race settled
+                            self._cold_seconds(theta, data, mode, RACE_CALLS, 0)
                     except ValueError:  # not in this build of the solver
                         continue
+                    states[value] = (self.c_setup, self.scs_scale, self.osqp_rho, self._persistent)
+                times = dict.fromkeys(states, math.inf)
+                for _ in range(repeats):  # interleaved rounds: the machine's load drifts
+                    for value, state in states.items():
+                        self.c_setup, self.scs_scale, self.osqp_rho, self._persistent = state
+                        times[value] = min([times[value]] + [self._cold_seconds(theta, data, mode, 0, 1)
+                                                             for mode in modes])
                 if times:
                     chosen[name] = min(times, key=times.get)
         finally:
@@ -1236,17 +1247,18 @@ class AmortizedSolver:
                             continue
                         self.c_modes = {**saved, kind: mode}
                         times[mode] = (_best_seconds(lambda: self.solve(params), RACE_CALLS, repeats) if kind == "warm"
-                                       else self._cold_seconds(theta, data, mode, repeats))
+                                       else self._cold_seconds(theta, data, mode, RACE_CALLS, repeats))
                     best[kind] = min(times, key=times.get)
         finally:
             self.c_modes = saved
         return best
 
-    def _cold_seconds(self, theta: torch.Tensor, data: ConeData | QPData, mode: str, repeats: int) -> float:
+    def _cold_seconds(self, theta: torch.Tensor, data: ConeData | QPData, mode: str, untimed: int,
+                      repeats: int) -> float:
         """Seconds of cold solves of ``data`` on ``mode``'s persistent cold object: the best of ``repeats`` after
-        :data:`~amortcvx.backends.persistent.RACE_CALLS` untimed calls (the objects set up, the threads' race
-        settled)."""
-        return _best_seconds(lambda: self.persistent_solver(theta, mode, "cold").solve(data), RACE_CALLS, repeats)
+        ``untimed`` calls (:data:`~amortcvx.backends.persistent.RACE_CALLS` of them set the objects up and settle
+        the threads' race); ``inf`` without ``repeats``."""
+        return _best_seconds(lambda: self.persistent_solver(theta, mode, "cold").solve(data), untimed, repeats)
 
     def _rho_adapts(self, theta: torch.Tensor, data: QPData) -> bool:
         """Whether OSQP's adaptive cold object changed ``rho`` in any cold solve of ``data``."""
@@ -1394,7 +1406,7 @@ def _best_seconds(run: Callable[[], Any], untimed: int, repeats: int) -> float:
     """The shortest wall time of ``repeats`` calls of ``run`` after ``untimed`` calls (set-ups, caches)."""
     for _ in range(untimed):
         run()
-    elapsed = []
+    elapsed = [math.inf]
     for _ in range(repeats):
         t0 = time.perf_counter()
         run()
