@@ -579,20 +579,19 @@ class AmortizedSolver:
         """The C solver's setup settings whose cost recurs with every setup, timed on the first ``instances`` of
         ``params`` (validation instances).
 
-        The settings are the backend's :attr:`~amortcvx.backends.BackendInfo.setup_choices`: SCS's ``normalize``
-        (its adaptive object is set up again before every solve) and, where ``A`` or ``P`` depend on the parameters
-        (every instance then has its own setup), its linear solver when ``n`` is at most
-        :data:`~amortcvx.backends.scs.DENSE_MAX_N`; OSQP's ``scaling`` where ``A`` or ``P`` depend on the
-        parameters (its ``update(Px=, Ax=)`` equilibrates again). Each in turn, only where ``solver_settings`` does
-        not set it: for each value, the stateless object's fixed scale (SCS, :meth:`choose_scs_scale`) or ``rho``
-        (OSQP, :meth:`choose_osqp_rho`) walked for it unless ``solver_settings`` sets them, then cold solves timed
-        on the adaptive and the stateless objects (:meth:`_cold_seconds`), the values in turn in ``repeats``
-        interleaved rounds (the machine's load drifts; one value timed after the other once chose 10 passes where
-        0 was faster in each of three interleaved rounds, 1.75-1.94 against 2.06-2.42 ms per instance on
-        mpc_param_dyn large); the value of the fastest is kept (a value this build of the solver lacks is
-        skipped). Equilibration costs at every setup and saves
-        iterations or not, by problem; the linear solvers solve exactly (the same iterates). The solvers test
-        termination on the unscaled data whatever these settings: the same tolerance, only the time differs.
+        The settings are the backend's :attr:`~amortcvx.backends.BackendInfo.setup_choices`: SCS's ``normalize`` (its
+        adaptive object is set up again before every solve) and, where ``A`` or ``P`` depend on the parameters (every
+        instance then has its own setup), its linear solver when ``n`` is at most
+        :data:`~amortcvx.backends.scs.DENSE_MAX_N`; OSQP's ``scaling`` where ``A`` or ``P`` depend on the parameters
+        (its ``update(Px=, Ax=)`` equilibrates again). Each in turn, only where ``solver_settings`` does not set it: for
+        each value, the stateless object's fixed scale (SCS, :meth:`choose_scs_scale`) or ``rho`` (OSQP,
+        :meth:`choose_osqp_rho`) walked for it unless ``solver_settings`` sets them, then cold solves timed on the
+        adaptive and the stateless objects, the values in turn in ``repeats`` interleaved rounds (the machine's load
+        drifts; one value timed after the other once chose 10 passes where 0 was faster in each of three interleaved
+        rounds, 1.75-1.94 against 2.06-2.42 ms per instance on mpc_param_dyn large); the value of the fastest is kept (a
+        value this build of the solver lacks is skipped). Equilibration costs at every setup and saves iterations or
+        not, by problem; the linear solvers solve exactly (the same iterates). The solvers test termination on the
+        unscaled data whatever these settings: the same tolerance, only the time differs.
 
         Returns the chosen settings (e.g. ``{"linear_solver": "cpu_dense", "normalize": False}``); sets nothing.
         """
@@ -610,9 +609,15 @@ class AmortizedSolver:
         modes = [mode for mode in BACKEND_C_MODES[self.backend] if mode != "stop"]
         saved = (dict(self.c_setup), self.scs_scale, self.osqp_rho, dict(self._persistent))
         chosen: dict[str, Any] = {}
+        def cold_solve(state: tuple, mode: str) -> Callable[[], Any]:
+            def run() -> None:
+                self.c_setup, self.scs_scale, self.osqp_rho, self._persistent = state
+                self.persistent_solver(theta, mode, "cold").solve(data)
+            return run
+
         try:
             for name, values in choices:
-                states = {}  # value -> its setup, walked scale or rho, and persistent objects
+                runs = {}  # (value, mode) -> a cold solve of data with that value (its own walked scale or rho)
                 for value in values:
                     self.c_setup, self._persistent = {**saved[0], **chosen, name: value}, {}
                     try:
@@ -620,19 +625,15 @@ class AmortizedSolver:
                             self.scs_scale = self.choose_scs_scale(some)
                         elif fitted not in self.solver_settings:
                             self.osqp_rho = self.choose_osqp_rho(some)
-                        for mode in modes:  # the objects set up, the threads' race settled
-                            self._cold_seconds(theta, data, mode, RACE_CALLS, 0)
+                        state = (self.c_setup, self.scs_scale, self.osqp_rho, self._persistent)
+                        self.persistent_solver(theta, modes[0], "cold")  # a value this build lacks fails here
                     except ValueError:  # not in this build of the solver
                         continue
-                    states[value] = (self.c_setup, self.scs_scale, self.osqp_rho, self._persistent)
-                times = dict.fromkeys(states, math.inf)
-                for _ in range(repeats):  # interleaved rounds: the machine's load drifts
-                    for value, state in states.items():
-                        self.c_setup, self.scs_scale, self.osqp_rho, self._persistent = state
-                        times[value] = min([times[value]] + [self._cold_seconds(theta, data, mode, 0, 1)
-                                                             for mode in modes])
-                if times:
-                    chosen[name] = min(times, key=times.get)
+                    runs.update({(value, mode): cold_solve(state, mode) for mode in modes})
+                times = _interleaved_best(runs, RACE_CALLS, repeats)
+                by_value = {value: min(t for (v, _), t in times.items() if v == value) for value, _ in times}
+                if by_value:
+                    chosen[name] = min(by_value, key=by_value.get)
         finally:
             self.c_setup, self.scs_scale, self.osqp_rho, self._persistent = saved
         return chosen
@@ -1219,9 +1220,10 @@ class AmortizedSolver:
         :meth:`choose_osqp_rho`).
 
         Warm: ``solve(params)`` (timed mode) with each mode for the warm-started instances; cold: cold solves of the
-        same instances on each mode's object. Best of ``repeats`` wall times each, after :data:`~amortcvx.backends.
-        persistent.RACE_CALLS` untimed calls (the objects set up, the threads' race settled: each mode is timed at
-        its own best of one object and parts on threads). The batch's bare prediction is computed once for all of
+        same instances on each mode's object. Best of ``repeats`` wall times each, in interleaved rounds
+        (:func:`_interleaved_best`), after :data:`~amortcvx.backends.persistent.RACE_CALLS` untimed calls (the
+        objects set up, the threads' race settled: each mode is timed at its own best of one object and parts on
+        threads). The batch's bare prediction is computed once for all of
         them (:meth:`_predictions_kept`: it costs the same whatever the mode). Both modes answer at the same
         tolerance; only speed differs. Returns the modes; sets nothing.
 
@@ -1235,30 +1237,29 @@ class AmortizedSolver:
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         data = self.pp.canonicalize_vector(theta)
         best = {}
+
+        def in_mode(kind: str, mode: str) -> Callable[[], Any]:
+            def run() -> None:
+                self.c_modes = {**saved, kind: mode}
+                if kind == "warm":
+                    self.solve(params)
+                else:
+                    self.persistent_solver(theta, mode, "cold").solve(data)
+            return run
+
         try:
             with self._predictions_kept():  # the prediction costs the same for every mode: computed once
                 for kind in ("warm", "cold"):
                     if kind == "cold" and self.backend == "osqp" and not self._rho_adapts(theta, data):
                         best[kind] = "stateless"
                         continue
-                    times = {}
-                    for mode in BACKEND_C_MODES[self.backend]:
-                        if mode == "stop" and self.scs_stops.get(kind) is None:
-                            continue
-                        self.c_modes = {**saved, kind: mode}
-                        times[mode] = (_best_seconds(lambda: self.solve(params), RACE_CALLS, repeats) if kind == "warm"
-                                       else self._cold_seconds(theta, data, mode, RACE_CALLS, repeats))
+                    runs = {mode: in_mode(kind, mode) for mode in BACKEND_C_MODES[self.backend]
+                            if mode != "stop" or self.scs_stops.get(kind) is not None}
+                    times = _interleaved_best(runs, RACE_CALLS, repeats)
                     best[kind] = min(times, key=times.get)
         finally:
             self.c_modes = saved
         return best
-
-    def _cold_seconds(self, theta: torch.Tensor, data: ConeData | QPData, mode: str, untimed: int,
-                      repeats: int) -> float:
-        """Seconds of cold solves of ``data`` on ``mode``'s persistent cold object: the best of ``repeats`` after
-        ``untimed`` calls (:data:`~amortcvx.backends.persistent.RACE_CALLS` of them set the objects up and settle
-        the threads' race); ``inf`` without ``repeats``."""
-        return _best_seconds(lambda: self.persistent_solver(theta, mode, "cold").solve(data), untimed, repeats)
 
     def _rho_adapts(self, theta: torch.Tensor, data: QPData) -> bool:
         """Whether OSQP's adaptive cold object changed ``rho`` in any cold solve of ``data``."""
@@ -1402,16 +1403,20 @@ class AmortizedSolver:
                 for j, i in enumerate(idx)]
 
 
-def _best_seconds(run: Callable[[], Any], untimed: int, repeats: int) -> float:
-    """The shortest wall time of ``repeats`` calls of ``run`` after ``untimed`` calls (set-ups, caches)."""
-    for _ in range(untimed):
-        run()
-    elapsed = [math.inf]
+def _interleaved_best(runs: Mapping[Any, Callable[[], Any]], untimed: int, repeats: int) -> dict[Any, float]:
+    """Per key, the shortest wall time of its run in ``repeats`` interleaved rounds (every run once per round, in
+    turn: the machine's load drifts, and timing one run after the other lets a load change decide), after
+    ``untimed`` calls of each (set-ups, caches, the threads' race)."""
+    for call in runs.values():
+        for _ in range(untimed):
+            call()
+    best = dict.fromkeys(runs, math.inf)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        elapsed.append(time.perf_counter() - t0)
-    return min(elapsed)
+        for key, call in runs.items():
+            t0 = time.perf_counter()
+            call()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
 
 
 def _strategy_scores(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
