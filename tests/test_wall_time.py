@@ -414,10 +414,11 @@ def test_calibration_sets_scs_stop_points_that_cut_timed_iterations(tmp_path):
     assert AmortizedSolver.load(tmp_path / "s", fam.problem).scs_stops == solver.scs_stops
 
 
-def test_calibration_times_c_setup_where_every_instance_has_its_own_setup(tmp_path, monkeypatch):
+def test_calibration_times_scs_setup_settings(tmp_path, monkeypatch):
     import json
 
     import amortcvx.backends.scs as scs_backend
+    import amortcvx.deploy.solver as deploy_solver
     from amortcvx.backends.scs import LINEAR_SOLVERS, NORMALIZE_CHOICES, certify
 
     fam, pp = _pp("robust_ls", "scs")  # A is a parameter: a setup per instance
@@ -433,8 +434,6 @@ def test_calibration_times_c_setup_where_every_instance_has_its_own_setup(tmp_pa
     assert solver.choose_setup(val)["linear_solver"] == "qdldl"
     monkeypatch.undo()
     # the faster normalize is kept, each value timed on both cold objects with the stateless scale walked for it
-    import amortcvx.deploy.solver as deploy_solver
-
     seen = []
 
     def fake_best(runs, untimed, repeats):
