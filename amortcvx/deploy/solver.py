@@ -621,17 +621,19 @@ class AmortizedSolver:
                 for value in values:
                     self.c_setup, self._persistent = {**saved[0], **chosen, name: value}, {}
                     try:
-                        if fitted not in self.solver_settings and self.algorithm == "scs":
-                            self.scs_scale = self.choose_scs_scale(some)
-                        elif fitted not in self.solver_settings:
-                            self.osqp_rho = self.choose_osqp_rho(some)
+                        if fitted not in self.solver_settings:
+                            if self.algorithm == "scs":
+                                self.scs_scale = self.choose_scs_scale(some)
+                            else:
+                                self.osqp_rho = self.choose_osqp_rho(some)
                         state = (self.c_setup, self.scs_scale, self.osqp_rho, self._persistent)
                         self.persistent_solver(theta, modes[0], "cold")  # a value this build lacks fails here
                     except ValueError:  # not in this build of the solver
                         continue
                     runs.update({(value, mode): cold_solve(state, mode) for mode in modes})
-                times = _interleaved_best(runs, RACE_CALLS, repeats)
-                by_value = {value: min(t for (v, _), t in times.items() if v == value) for value, _ in times}
+                by_value: dict[Any, float] = {}  # the value's better mode
+                for (value, _), seconds in _interleaved_best(runs, RACE_CALLS, repeats).items():
+                    by_value[value] = min(by_value.get(value, math.inf), seconds)
                 if by_value:
                     chosen[name] = min(by_value, key=by_value.get)
         finally:
