@@ -376,6 +376,25 @@ def test_sparse_products_and_the_gathered_schur_complement_match_the_dense_formu
         torch.testing.assert_close(L @ L.mT, ns.Z.mT @ H @ ns.Z, rtol=1e-9, atol=1e-6)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_flagged_rows_gathers_each_instances_flagged_rows_in_order(shared):
+    from amortcvx.iterations.linalg import flagged_rows
+
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(1 if shared else 5, 12, 3, dtype=torch.float64, generator=g)
+    flags = torch.rand(5, 12, generator=g) < 0.3
+    flags[2] = False  # an instance with no flagged row
+    count = int(flags.sum(dim=1).max())
+    rows, order = flagged_rows(M, flags, count)
+    assert rows.shape == (5, count, 3) and order.shape == (5, count)
+    for b in range(5):
+        mine = torch.nonzero(flags[b]).flatten()
+        k = mine.numel()
+        assert order[b, :k].tolist() == mine.tolist()  # its flagged rows first, in their order
+        assert not bool(flags[b, order[b, k:]].any())  # the rest of its slots: unflagged rows
+        torch.testing.assert_close(rows[b], M[0 if shared else b, order[b]])
+
+
 def test_the_reduced_dense_path_is_chosen_beyond_the_krylov_size_only_for_shared_equalities():
     assert kkt.linear_algebra(100, 200) == "dense"
     assert kkt.linear_algebra(624, 1704) == "krylov"

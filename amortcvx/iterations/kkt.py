@@ -43,6 +43,7 @@ from amortcvx.iterations.linalg import (
     csr_matvec,
     csr_pair,
     dense_batch,
+    flagged_rows,
     matvec,
     rmatvec,
     sparse_operator,
@@ -827,8 +828,7 @@ def _reduced_schur(d: Batch, ns: NullSpace | None, M: DualJacobian, delta: float
         nonzero = weights != 0
         count = int(nonzero.sum(dim=1).max())
         if 2 * count <= lin:  # gather each instance's rows with M != 0 (padding rows get weight 0)
-            order = torch.argsort(nonzero.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
-            G = AZ[0, :lin][order]  # (B, count, k)
+            G, order = flagged_rows(AZ[:, :lin], nonzero, count)  # (B, count, k)
             K = (G.mT * weights.gather(1, order)[:, None, :]) @ G
         else:
             K = (AZ[0, :lin].mT * weights[:, None, :]) @ AZ[0, :lin]

@@ -77,6 +77,16 @@ def batch_rows(t: torch.Tensor | None, size: int, batch: int, name: str, like: t
     return t
 
 
+def flagged_rows(matrix: torch.Tensor, flags: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per instance, the rows of ``matrix`` (``(1 or B, m, k)``) where ``flags`` (``(B, m)`` bool) holds, in their
+    order, in ``count`` slots: ``(rows (B, count, k), order (B, count))``, ``order`` the row indices. An instance with
+    fewer than ``count`` flagged rows fills its last slots with unflagged rows (the caller weights or masks them out):
+    products over a few active rows of a tall shared matrix, batched, without the others."""
+    order = torch.argsort(flags.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
+    rows = torch.gather(matrix.expand(flags.shape[0], -1, -1), 1, order.unsqueeze(-1).expand(-1, -1, matrix.shape[-1]))
+    return rows, order
+
+
 def check_matrices(owner: str, A: SparseBatch, P: SparseBatch | None, m: int, n: int, batch: int) -> None:
     """Check the matrices of a data batch: ``A`` is ``(m, n)``; ``A`` and ``P`` are shared or one per instance.
 

@@ -53,7 +53,15 @@ from typing import NamedTuple
 import torch
 
 from amortcvx.canon.data import ConeDims, SharedMemo, SparseBatch
-from amortcvx.iterations.linalg import KKTSolver, SparseOperator, batch_rows, dense_batch, sparse_operator, spmv
+from amortcvx.iterations.linalg import (
+    KKTSolver,
+    SparseOperator,
+    batch_rows,
+    dense_batch,
+    flagged_rows,
+    sparse_operator,
+    spmv,
+)
 
 POLISHABLE_CONES = frozenset({"zero", "nonneg"})
 """Cone kinds a polishable cone program may have."""
@@ -253,9 +261,7 @@ def _active_schur(A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, a
     dense, base, _ = _BASES.get(A, key, build)
     if most == 0:
         return base
-    order = torch.argsort(extra.to(torch.int8), dim=1, descending=True, stable=True)[:, :most]
-    batch = active.shape[0]
-    rows = torch.gather(dense.expand(batch, -1, -1), 1, order.unsqueeze(-1).expand(-1, -1, n))
+    rows, _ = flagged_rows(dense, extra, most)
     rows = rows * (torch.arange(most, device=count.device) < count.unsqueeze(1)).unsqueeze(-1).to(dtype)
     return base + torch.matmul(rows.mT, rows) / delta
 
