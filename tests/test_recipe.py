@@ -554,10 +554,11 @@ def test_a_cheap_kind_rides_along_the_curve_and_takes_over_where_better(portfoli
         (60, "mlp"), (120, "mlp"), (120, "neighbor_tangent"), (240, "neighbor_tangent")]
 
 
-def test_a_kind_that_trains_nothing_rides_the_curve_whatever_its_search_time(portfolio, monkeypatch):
-    """Scripted, with no search trial cheap enough to ride by its share of the choice's time: the active sets (which
-    train nothing) still ride the MLP's curve, and win at 120 instances; the uncorrected tangent expansion, whose
-    trial is mostly derivatives, rides only by that share."""
+def test_a_candidate_that_trains_nothing_rides_the_curve_whatever_its_search_time(portfolio, monkeypatch):
+    """Scripted, with no search trial cheap enough to ride by its share of the choice's time: the active sets and the
+    uncorrected tangent expansion (neither trains anything) still ride the MLP's curve, and win at 120 instances
+    (the expansion's derivatives are guarded apart: it stops riding where they would take longer than the curve's
+    training)."""
     import amortcvx.training.recipe as recipe_mod
 
     def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
@@ -567,13 +568,13 @@ def test_a_kind_that_trains_nothing_rides_the_curve_whatever_its_search_time(por
 
     monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, *_:
                         TaggedModel(cand.kind, 0, len(part)))
-    for kind, rides in (("neighbor_active_set", True), ("neighbor_tangent", False)):
+    for kind in ("neighbor_active_set", "neighbor_tangent"):
         settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
                                   alternatives=({"kind": kind, "correction": False, "choices": 64},), ensemble=1)
         res = scripted_recipe(monkeypatch, portfolio, scripted, settings, share=0.0)
         trials = [(t.candidate.kind, t.num_train) for t in res.trials]
-        assert trials[:3] == [("mlp", 60), (kind, 60), ("mlp", 120)] and ((kind, 120) in trials) == rides
-        assert (res.candidate.kind, res.num_train) == ((kind, 120) if rides else ("mlp", 120))
+        assert trials[:4] == [("mlp", 60), (kind, 60), ("mlp", 120), (kind, 120)]
+        assert (res.candidate.kind, res.num_train) == (kind, 120)
 
 
 def test_a_kind_that_trains_nothing_goes_on_alone_where_the_curve_stops(portfolio, monkeypatch):
@@ -954,8 +955,9 @@ def clocked_rider_recipe(monkeypatch, portfolio, scripted, budget: float) -> Rec
 def test_the_curve_leaves_time_for_the_candidate_step(portfolio, monkeypatch):
     """Scripted on a clock of simulated seconds: the MLP's loss keeps falling with more data (so its curve goes
     on) while the uncorrected expansion rides along and pays with more candidates. The curve stops where its next
-    training would leave less than ``CANDIDATE_RESERVE`` times the expansion's trial time, and the candidates are
-    doubled; without the reserve, the curve's last training takes the budget and no doubling is tried."""
+    training would leave less than ``CANDIDATE_RESERVE`` times the expansion's trial time, the expansion goes on
+    alone, and its candidates are doubled; without the reserve, the curve's last training takes the budget and no
+    doubling is tried."""
     import amortcvx.training.recipe as recipe_mod
 
     def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
@@ -972,8 +974,10 @@ def test_the_curve_leaves_time_for_the_candidate_step(portfolio, monkeypatch):
         return res, mlp, counts
 
     res, mlp, counts = run(recipe_mod.CANDIDATE_RESERVE)  # the default: 16 s kept for the step
-    assert mlp == [60, 120] and counts == [8, 8, 16, 32, 64]  # 128 would exceed the 120 training instances
-    assert res.candidate == Candidate(kind="neighbor_tangent", correction=False, choices=16)
+    # the curve stops at 120; the expansion goes on alone to 240 (1 s, within the budget and the reserve) and its
+    # candidates are doubled there (256 would exceed the 240 training instances)
+    assert mlp == [60, 120] and counts == [8, 8, 8, 16, 32, 64, 128]
+    assert res.candidate == Candidate(kind="neighbor_tangent", correction=False, choices=16) and res.num_train == 240
     res, mlp, counts = run(0)
     assert mlp == [60, 120, 240] and counts == [8, 8, 8]
     assert res.candidate.choices == 8 and res.val_median_iterations == 10.0
@@ -999,7 +1003,9 @@ def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further
             return 0.3 * 60 / n, 12.0  # the MLP's loss keeps falling: its curve goes on
 
         monkeypatch.setattr(recipe_mod, "AnchorDerivatives", Derivatives)
-        res = clocked_rider_recipe(monkeypatch, portfolio, scripted, budget=10_000)
+        # the curve ends at 240 after about 75 s: no time left for the expansion to go on alone to 240 where it stopped
+        # riding (test_an_expansion_goes_on_alone_only_where_its_derivatives_fit_the_budget)
+        res = clocked_rider_recipe(monkeypatch, portfolio, scripted, budget=100)
         return [(t.candidate.kind, t.num_train) for t in res.trials if t.candidate.choices == 8]
 
     # the MLP trains 120 instances in 20 s: derivatives of 0.2 s per instance (24 s) would take longer
@@ -1010,6 +1016,39 @@ def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further
     # cheap at 120, where it becomes the best so far (10 against 12), then 240 s at 240 (the MLP's 40 s): it rides on
     assert run(lambda n: 0.1 if n <= 120 else 1.0, 10.0) == both
     assert run(lambda n: 0.1 if n <= 120 else 1.0, 14.0) == both[:-1]  # not the best: it does not
+
+def test_an_expansion_goes_on_alone_only_where_its_derivatives_fit_the_budget(portfolio, monkeypatch):
+    """Scripted on a simulated clock: the MLP stops gaining at 120 instances; the uncorrected expansion, riding it or
+    stopped from riding by the cost of its derivatives, goes on alone to 240 where its new derivatives (predicted
+    from the rate measured so far) and its trial fit the budget with the candidate step's reserve, and not where the
+    derivatives would not."""
+    import amortcvx.training.recipe as recipe_mod
+
+    def run(seconds_per_instance):
+        class Derivatives:  # the recipe's derivatives, with a scripted cost
+            def __init__(self, *args, **kwargs):
+                self.seconds = 0.0
+
+            def seconds_for(self, n: int) -> float:
+                return seconds_per_instance(n) * n
+
+        def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
+            if kind.startswith("neighbor_tangent uncorrected"):
+                return 0.5, 14.0
+            return 0.5, 12.0  # the MLP gains nothing from more data: its curve stops at 120
+
+        monkeypatch.setattr(recipe_mod, "AnchorDerivatives", Derivatives)
+        res = clocked_rider_recipe(monkeypatch, portfolio, scripted, budget=150)
+        return [(t.candidate.kind, t.num_train) for t in res.trials if t.candidate.choices == 8]
+
+    curve = [("mlp", 60), ("neighbor_tangent", 60), ("mlp", 120)]
+    wider = [("mlp", 120)]  # the capacity step where more data stopped paying
+    assert run(lambda n: 0.01) == curve + [("neighbor_tangent", 120)] + wider + [("neighbor_tangent", 240)]
+    # 240 s of derivatives at 240: not in the budget
+    assert run(lambda n: 0.01 if n <= 120 else 1.0) == curve + [("neighbor_tangent", 120)] + wider
+    # 24 s of derivatives at 120, longer than the MLP's 20 s there: it stops riding, then goes on alone
+    assert run(lambda n: 0.2) == curve + wider + [("neighbor_tangent", 120), ("neighbor_tangent", 240)]
+
 
 def test_predict_keeps_the_best_of_many_candidates_taken_one_at_a_time(box_qp):
     """The uncorrected tangent with 32 candidates: ``predict`` takes them one at a time and returns, per instance,

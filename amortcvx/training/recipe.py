@@ -23,15 +23,16 @@ from the first ``val_size + search_size``, are the validation set, the other row
    the previous size), and keeps the best; where more data stopped paying with budget left, trains the
    configuration twice as wide (up to :data:`MAX_WIDTH`) at that size and, where that pays, goes on growing the
    data with it; a kind whose best search trial took at most a quarter of the choice's time
-   (:data:`COMPANION_SHARE`; in practice the neighbour kinds, whose stored instances grow denser with the data), or
-   that trains nothing (:data:`UNTRAINED_KINDS`),
-   is trained at every size too, until a training of it takes longer than the curve's at the same size, and
-   takes over the curve where it is better; every size trained gives a point
+   (:data:`COMPANION_SHARE`; in practice the neighbour kinds, whose stored instances grow denser with the data), and
+   every candidate that trains nothing (``Candidate.correction`` False: the kinds of :data:`UNTRAINED_KINDS`, the
+   uncorrected expansion), is trained at every size too, until a training of it takes longer than the curve's at the
+   same size, and takes over the curve where it is better; every size trained gives a point
    of the learning curve (validation regression loss and median C iterations against the training-set size),
    which :class:`RecipeResult` prints; where the curve ends (its next training does not fit the budget, or more
-   data stopped paying), the kinds that train nothing go on up the sizes alone while the budget allows;
-4. for the best trial of each kind without a trained correction (``Candidate.correction`` False: the choice, or a
-   companion; for a kind that trains nothing, its largest training set), tries every doubling of the number of
+   data stopped paying), the candidates that train nothing go on up the sizes alone while the budget allows (also
+   those that stopped riding for their cost);
+4. for each kind without a trained correction (``Candidate.correction`` False: the choice, or a companion), on its
+   largest training set, tries every doubling of the number of
    nearest training instances it predicts from (``Candidate.choices``, up to :data:`MAX_CHOICES`) and keeps the
    best; that becomes the choice where it beats it;
 5. where the budget allows and the choice trains a network, trains the choice again with ``ensemble - 1`` other
@@ -101,8 +102,12 @@ one candidate at a time). The small sizes of the bundled and check families are 
 large (1.45 million) and transport large (51 million) are not."""
 COMPANION_SHARE = 0.25
 """A kind whose best search trial took at most this share of the chosen configuration's time (or that trains
-nothing, :data:`UNTRAINED_KINDS`) rides along the learning curve (trained at every size until one of its trainings
-takes longer than the curve's at that size; where better, it takes over): see :func:`fit_predictor`."""
+nothing: ``Candidate.correction`` False) rides along the learning curve (trained at every size until one of its
+trainings takes longer than the curve's at that size; where better, it takes over): see :func:`fit_predictor`. A
+candidate that trains nothing rides whatever its time: its trial is the ranking and the validation counts, which
+at the search size can take more than a quarter of a small network's training (sparse_pca, stop 41: the uncorrected
+expansion 0.7 s against 1.1 s for the chosen 64 x 64 correction, so it stayed at 499 instances, its candidates
+capped at 256 by that size, 121 of 256 validation iterations, with 542 s of the 600 unused)."""
 TANGENT_SHARE = 0.25
 """The share of the time left that a trial may spend on the derivatives of a ``neighbor_tangent`` candidate (the
 instances done by then are its anchors)."""
@@ -865,11 +870,12 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         key = (t.candidate.kind, t.candidate.correction)
         if key != (chosen.kind, chosen.correction) and (key not in others or better(t, trials[others[key]])):
             others[key] = i
-    # (a kind that trains nothing rides in any case: its trial is the ranking and the validation counts, at any size
-    # about as long as a small MLP's trial at the search size)
+    # (a candidate that trains nothing rides in any case: its trial is the ranking and the validation counts, at any
+    # size about as long as a small MLP's trial at the search size)
     companions = [trials[i].candidate for i in others.values()
                   if trials[i].seconds <= COMPANION_SHARE * trials[best_i].seconds
-                  or trials[i].candidate.kind in UNTRAINED_KINDS]
+                  or not trials[i].candidate.correction]
+    untrained = [c for c in companions if not c.correction]  # they go on alone where the curve ends (below)
 
     def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> tuple[int | None, Candidate]:
         """Train ``cand`` (and the companions) at ``sizes`` in order while the budget allows and each size paid;
@@ -940,17 +946,19 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             break
         on_curve.append(len(trials) - 1)
         stalled, chosen = grow(wide, [n for n in recipe.curve_sizes() if n > at.num_train], result)
-    # the kinds that train nothing go on up the sizes alone where the curve ended (its training no longer fitted
+    # the candidates that train nothing go on up the sizes alone where the curve ended (its training no longer fitted
     # the budget, or more data stopped paying for it), while the budget allows and leaves the candidate step its
-    # reserve: they need only more solved instances, and their stored instances only grow denser, which their
+    # reserve: they need only more solved instances (and an expansion its derivatives at them, within the time share
+    # of AnchorDerivatives), and their stored instances only grow denser, which their
     # counts with few candidates do not show (huber_fit, stop 37: the active sets' validation medians with 8
     # candidates were 33 at 2000, 4000 and 8000 instances; on held-out instances, with 1024 candidates, 27 at 2000
     # and 24 at 8000, with 4096 at 8000, 1; in stop 36 the curve stopped at 4000 instances for the budget of its
     # next training and the recipe ended with 196 s of its 600 unused)
-    for comp in [c for c in companions if c.kind in UNTRAINED_KINDS]:
+    for comp in untrained:  # also those that stopped riding for their cost: the curve no longer waits on them
         last = max(t.num_train for t in trials if t.candidate == comp)
         for n in [n for n in recipe.curve_sizes() if n > last]:
-            if time.perf_counter() + estimate(comp, n) > deadline - reserve():
+            if time.perf_counter() + estimate(comp, n) + tangents.seconds_for(n) * (
+                    comp.kind == "neighbor_tangent") > deadline - reserve():
                 say(f"  (budget: no trial of {comp.label()} on n={n})")
                 break
             _, part = data(n)
@@ -965,7 +973,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                              trials[i].candidate.label())
                   for i in sorted(on_curve, key=lambda i: (trials[i].num_train, i)))
 
-    # 3. more candidates for each uncorrected kind (the best of its trials, chosen or riding along; the best kind
+    # 3. more candidates for each uncorrected kind (its trial on the largest set, chosen or riding along; the best kind
     # first): its count doubled up to MAX_CHOICES, every count tried (the medians can stay flat before they fall:
     # kalman 47.5 / 47 / 47 / 39 at 64 / 128 / 256 / 1024), the best kept; it becomes the choice where it beats it
     # (each trial reuses the stored derivatives: its cost is the ranking and the C counts)
@@ -973,11 +981,9 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         return trials[i].val_median_iterations, trials[i].val_mean_iterations, -trials[i].num_train
 
     def start(riders: list[int]) -> int:
-        """Where a kind's candidates are doubled: its best trial; for a kind that trains nothing its largest stored
-        set, the densest (its counts with few candidates do not show what more candidates find there: above)."""
-        if trials[riders[0]].candidate.kind in UNTRAINED_KINDS:
-            return max(riders, key=lambda i: trials[i].num_train)
-        return min(riders, key=rank)
+        """Where a kind's candidates are doubled: its largest stored set, the densest (they train nothing; their counts
+        with few candidates do not show what more candidates find there: above)."""
+        return max(riders, key=lambda i: trials[i].num_train)
 
     by_kind: dict[str, list[int]] = {}
     for i, t in enumerate(trials):
