@@ -605,6 +605,28 @@ def test_a_kind_that_trains_nothing_goes_on_alone_where_the_curve_stops(portfoli
         assert (res.candidate.kind, res.num_train) == ("neighbor_active_set", 240 if gains_at_240 else 120)
 
 
+def test_a_candidate_goes_on_alone_past_a_size_where_the_source_failed_instances(portfolio, monkeypatch):
+    """Where the source fails some instances (every seventh here), a set asked at 120 holds fewer; the active sets
+    still go on alone from there to the next size, 240 (before, the sizes above the set's count began at 120 again,
+    which gave no more instances and ended them)."""
+    import amortcvx.training.recipe as recipe_mod
+
+    pp_, pp, source = portfolio
+
+    def failing(n: int):
+        got = source(n)
+        return got.subset(torch.as_tensor([i for i in range(len(got)) if i % 7 != 3]))
+
+    monkeypatch.setattr(recipe_mod, "uncorrected_model", lambda cand, pp_, alg, settings, part, *_:
+                        TaggedModel(cand.kind, 0, len(part)))
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                              alternatives=({"kind": "neighbor_active_set", "correction": False},), ensemble=1)
+    res = scripted_recipe(monkeypatch, (pp_, pp, failing),
+                          lambda kind, width, n: (0.5, 12.0 if kind == "mlp" else 11.0), settings, share=0.0)
+    riders = [t.num_train for t in res.trials if t.candidate.kind == "neighbor_active_set" and t.candidate.choices == 8]
+    assert len(riders) == 3 and riders[1] < 120 < riders[2] <= 240
+
+
 def test_a_companion_rides_no_further_once_it_trains_longer_than_the_curve(portfolio, monkeypatch):
     """Scripted: the neighbour kind is cheap at 60 instances and costs five times the MLP's training at 120 (a
     stored set's cost grows with its square); it is not trained at 240, and the MLP's curve goes on."""

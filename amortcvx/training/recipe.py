@@ -930,6 +930,13 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                 return at, cand
         return None, cand
 
+    def sizes_after(num: int) -> list[int]:
+        """The curve's sizes after the one a training set of ``num`` instances was asked at: where the source failed
+        some instances, a set asked at ``n`` holds fewer (sparse_pca, stop 41: 1987 asked at 2000, where the sizes
+        above 1987 began at 2000 again, gave no more instances and ended the expansion's sizes alone there)."""
+        asked_at = min((n for n in sorted({*recipe.curve_sizes(), recipe.search_size}) if n >= num), default=num)
+        return [n for n in recipe.curve_sizes() if n > asked_at]
+
     stalled, chosen = grow(chosen, recipe.curve_sizes(), trials[best_i])
     # capacity: where more data stopped paying with budget left, the network may be what saturates (the
     # search at search_size favours small ones): the chosen configuration twice as wide, at the largest size
@@ -945,7 +952,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             say(f"  (a wider network did not pay at n={at.num_train})")
             break
         on_curve.append(len(trials) - 1)
-        stalled, chosen = grow(wide, [n for n in recipe.curve_sizes() if n > at.num_train], result)
+        stalled, chosen = grow(wide, sizes_after(at.num_train), result)
     # the candidates that train nothing go on up the sizes alone where the curve ended (its training no longer fitted
     # the budget, or more data stopped paying for it), while the budget allows and leaves the candidate step its
     # reserve: they need only more solved instances (and an expansion its derivatives at them, within the time share
@@ -956,7 +963,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # next training and the recipe ended with 196 s of its 600 unused)
     for comp in untrained:  # also those that stopped riding for their cost: the curve no longer waits on them
         last = max(t.num_train for t in trials if t.candidate == comp)
-        for n in [n for n in recipe.curve_sizes() if n > last]:
+        for n in sizes_after(last):
             if time.perf_counter() + estimate(comp, n) + tangents.seconds_for(n) * (
                     comp.kind == "neighbor_tangent") > deadline - reserve():
                 say(f"  (budget: no trial of {comp.label()} on n={n})")
