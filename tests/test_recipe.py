@@ -1014,7 +1014,7 @@ def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further
     def run(seconds_per_instance, rider_iterations: float):
         class Derivatives:  # the recipe's derivatives, with a scripted cost
             def __init__(self, *args, **kwargs):
-                self.seconds = 0.0
+                self.seconds, self.jac, self.cap = 0.0, None, 0
 
             def seconds_for(self, n: int) -> float:
                 return seconds_per_instance(n) * n
@@ -1043,13 +1043,15 @@ def test_an_expansion_goes_on_alone_only_where_its_derivatives_fit_the_budget(po
     """Scripted on a simulated clock: the MLP stops gaining at 120 instances; the uncorrected expansion, riding it or
     stopped from riding by the cost of its derivatives, goes on alone to 240 where its new derivatives (predicted
     from the rate measured so far) and its trial fit the budget with the candidate step's reserve, and not where the
-    derivatives would not."""
+    derivatives would not, nor where they are at their memory cap (a larger set would give it no more anchors)."""
     import amortcvx.training.recipe as recipe_mod
 
-    def run(seconds_per_instance):
+    def run(seconds_per_instance, anchors_full: bool = False):
         class Derivatives:  # the recipe's derivatives, with a scripted cost
             def __init__(self, *args, **kwargs):
-                self.seconds = 0.0
+                self.seconds, self.jac, self.cap = 0.0, None, 0
+                if anchors_full:
+                    self.jac, self.cap = torch.zeros(100, 1, 1), 100
 
             def seconds_for(self, n: int) -> float:
                 return seconds_per_instance(n) * n
@@ -1070,6 +1072,8 @@ def test_an_expansion_goes_on_alone_only_where_its_derivatives_fit_the_budget(po
     assert run(lambda n: 0.01 if n <= 120 else 1.0) == curve + [("neighbor_tangent", 120)] + wider
     # 24 s of derivatives at 120, longer than the MLP's 20 s there: it stops riding, then goes on alone
     assert run(lambda n: 0.2) == curve + wider + [("neighbor_tangent", 120), ("neighbor_tangent", 240)]
+    # its derivatives at their memory cap (as many anchors as the cap allows): a larger set would add none
+    assert run(lambda n: 0.01, anchors_full=True) == curve + [("neighbor_tangent", 120)] + wider
 
 
 def test_predict_keeps_the_best_of_many_candidates_taken_one_at_a_time(box_qp):
