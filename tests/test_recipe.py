@@ -805,7 +805,7 @@ def test_anchor_derivatives_extend_from_where_they_end_in_each_sets_units(box_qp
     _, shell, _ = _shell_and_targets(pp, solved)
     assert not torch.allclose(small_shell.out_std, shell.out_std)  # the two sets have their own units
     store = recipe_mod.AnchorDerivatives(pp, "scs", settings, deadline=float("inf"))
-    assert store.seconds_for(15) == 0.0  # no rate measured yet
+    assert store.seconds_for(15) == 0.0 and not store.full()  # no rate measured yet, no derivatives
     first = store(solved.subset(torch.arange(15)), small_shell)
     assert store.seconds_for(15) == 0.0 and store.seconds_for(45) == pytest.approx(3 * store.seconds_for(25))
     again = store(solved.subset(torch.arange(10)), small_shell)
@@ -819,6 +819,7 @@ def test_anchor_derivatives_extend_from_where_they_end_in_each_sets_units(box_qp
     monkeypatch.setattr(recipe_mod, "TANGENT_BYTES", 12 * pp.num_params * (pp.n + pp.m) * 4)  # 12 anchors' worth
     capped = recipe_mod.AnchorDerivatives(pp, "scs", settings, deadline=float("inf"))
     assert capped(solved, shell).shape[0] == 12 and calls[-1] == 12
+    assert capped.full() and not store.full()  # at its memory cap; the first store below it (40 of its cap)
 
 
 def test_uncorrected_candidates_train_nothing_and_normalize_the_training_fields():
@@ -1014,7 +1015,10 @@ def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further
     def run(seconds_per_instance, rider_iterations: float):
         class Derivatives:  # the recipe's derivatives, with a scripted cost
             def __init__(self, *args, **kwargs):
-                self.seconds, self.jac, self.cap = 0.0, None, 0
+                self.seconds, self.cap = 0.0, 0
+
+            def full(self) -> bool:
+                return False
 
             def seconds_for(self, n: int) -> float:
                 return seconds_per_instance(n) * n
@@ -1049,9 +1053,10 @@ def test_an_expansion_goes_on_alone_only_where_its_derivatives_fit_the_budget(po
     def run(seconds_per_instance, anchors_full: bool = False):
         class Derivatives:  # the recipe's derivatives, with a scripted cost
             def __init__(self, *args, **kwargs):
-                self.seconds, self.jac, self.cap = 0.0, None, 0
-                if anchors_full:
-                    self.jac, self.cap = torch.zeros(100, 1, 1), 100
+                self.seconds, self.cap = 0.0, 100
+
+            def full(self) -> bool:
+                return anchors_full
 
             def seconds_for(self, n: int) -> float:
                 return seconds_per_instance(n) * n

@@ -508,6 +508,11 @@ class AnchorDerivatives:
                      f"{took:.1f} s; {size:.0f} MiB)")
         return renormalized(self.jac[:anchors], self.in_std, self.out_std, shell.in_std, shell.out_std)
 
+    def full(self) -> bool:
+        """Whether the derivatives are at their memory cap (:data:`TANGENT_BYTES`): a larger set gives no more
+        anchors."""
+        return self.jac is not None and len(self.jac) >= self.cap
+
     def seconds_for(self, n: int) -> float:
         """The seconds a call with a set of ``n`` instances would spend on new derivatives, at the rate measured so
         far and within the time share (0 where it would compute none, or none were computed yet)."""
@@ -934,7 +939,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         """The curve's sizes after the one a training set of ``num`` instances was asked at: where the source failed
         some instances, a set asked at ``n`` holds fewer (sparse_pca, stop 41: 1987 asked at 2000, where the sizes
         above 1987 began at 2000 again, gave no more instances and ended the expansion's sizes alone there)."""
-        asked_at = min((n for n in sorted({*recipe.curve_sizes(), recipe.search_size}) if n >= num), default=num)
+        asked_at = min((n for n in {*recipe.curve_sizes(), recipe.search_size} if n >= num), default=num)
         return [n for n in recipe.curve_sizes() if n > asked_at]
 
     stalled, chosen = grow(chosen, recipe.curve_sizes(), trials[best_i])
@@ -963,15 +968,16 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # next training and the recipe ended with 196 s of its 600 unused)
     for comp in untrained:  # also those that stopped riding for their cost: the curve no longer waits on them
         last = max(t.num_train for t in trials if t.candidate == comp)
+        expansion = comp.kind == "neighbor_tangent"
         for n in sizes_after(last):
-            if comp.kind == "neighbor_tangent" and tangents.jac is not None and len(tangents.jac) >= tangents.cap:
+            if expansion and tangents.full():
                 # its anchors are the instances with derivatives: a larger set adds none (robust_ls, stop 41: from
                 # 13865 anchors at 16000 instances to 128000, the same predictor, the instances solved for nothing)
                 say(f"  ({comp.label()}: its derivatives are at their memory cap, {tangents.cap} anchors; no larger "
                     "set)")
                 break
-            if time.perf_counter() + estimate(comp, n) + tangents.seconds_for(n) * (
-                    comp.kind == "neighbor_tangent") > deadline - reserve():
+            derivatives = tangents.seconds_for(n) if expansion else 0.0
+            if time.perf_counter() + estimate(comp, n) + derivatives > deadline - reserve():
                 say(f"  (budget: no trial of {comp.label()} on n={n})")
                 break
             _, part = data(n)
