@@ -528,7 +528,8 @@ def test_a_wider_network_is_estimated_from_the_largest_network_measured(portfoli
 def test_budget_rates_of_stored_set_kinds_grow_with_the_set():
     from amortcvx.training.recipe import STORED_KINDS, scaled_rate
 
-    assert set(STORED_KINDS) == {"neighbor_correction", "neighbor_tangent", "neighbor_active_set"}
+    assert set(STORED_KINDS) == {"neighbor_correction", "neighbor_tangent", "neighbor_active_set",
+                                 "active_set_classifier"}
     assert scaled_rate("mlp", 2e-5, 8000, 16000) == 2e-5  # an MLP's epoch costs the same per instance
     for kind in STORED_KINDS:  # each instance searches the whole stored set: twice the set, twice per instance
         assert scaled_rate(kind, 2e-5, 8000, 16000) == pytest.approx(4e-5)
@@ -869,7 +870,7 @@ def test_the_uncorrected_expansion_is_chosen_as_a_companion_without_capacity_or_
             return 0.5 * 60 / n, 360.0 / n  # a higher loss than the trained kinds, fewer iterations
         return 0.2 * 60 / n, 12.0
 
-    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None):
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None):
         built.append(len(part))
         return TaggedModel(cand.label(), 0, len(part))
 
@@ -963,7 +964,7 @@ def clocked_rider_recipe(monkeypatch, portfolio, scripted, budget: float) -> Rec
 
     clock = FakeClock()
 
-    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None):
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None):
         clock.t += 1.0
         return TaggedModel(cand.label(), 0, len(part))
 
@@ -1004,6 +1005,48 @@ def test_the_curve_leaves_time_for_the_candidate_step(portfolio, monkeypatch):
     res, mlp, counts = run(0)
     assert mlp == [60, 120, 240] and counts == [8, 8, 8]
     assert res.candidate.choices == 8 and res.val_median_iterations == 10.0
+
+
+def test_a_classifiers_fit_is_not_counted_in_the_candidate_steps_reserve(portfolio, monkeypatch):
+    """Scripted on a simulated clock: the active-set classifier rides an MLP curve; each new training-set size costs
+    its fit (3 s, once per size) and every trial 1 s. The candidate step reuses the fit, so the reserve the curve and
+    the sizes alone leave for it counts the 1 s trials only: the classifier goes on alone to 240 and its candidates are
+    doubled there. Counted with the fit (16 x 4 s), the reserve would already end the curve at 60."""
+    import amortcvx.training.recipe as recipe_mod
+
+    clock = FakeClock()
+    fits = []
+
+    class Core:  # what the recipe's memo sees of a ClassifiedActiveSet
+        def __init__(self, n: int):
+            self.keys, self.classifier = torch.zeros(n, 1), torch.nn.Linear(1, 1)
+
+        def fit(self):
+            fits.append(len(self.keys))
+            clock.t += 3.0
+
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None):
+        fit_classifier(Core(len(part)))
+        clock.t += 1.0
+        return TaggedModel(cand.label(), 0, len(part))
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:
+        if kind.startswith("active_set_classifier uncorrected"):
+            return 0.5, 10.0 if ", " not in kind else 6.0  # 16 candidates and more: 6
+        return 0.3 * 60 / n, 12.0  # the MLP's loss keeps falling: its curve goes on
+
+    monkeypatch.setattr(recipe_mod, "uncorrected_model", uncorrected)
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                              alternatives=({"kind": "active_set_classifier", "correction": False},), ensemble=1,
+                              epochs=3, patience=1)
+    # the search ends at 14 s, the curve's 120 at 38 s, its 240 would end at 82 s of the 90: the curve stops there
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings, cost=lambda kind, n, width: 10.0 * n / 60,
+                          clock=clock, budget=90)
+    riders = [(t.num_train, t.candidate.choices) for t in res.trials if not t.candidate.correction]
+    assert [t.num_train for t in res.trials if t.candidate.kind == "mlp"] == [60, 120]
+    assert riders == [(60, 8), (120, 8), (240, 8), (240, 16), (240, 32), (240, 64), (240, 128)]
+    assert fits == [60, 120, 240]  # once per size
+    assert res.candidate == Candidate(kind="active_set_classifier", correction=False, choices=16)
 
 
 def test_an_expansion_whose_derivatives_would_outlast_the_curve_rides_no_further(portfolio, monkeypatch):

@@ -1,5 +1,6 @@
 """Predictors layer: torch modules mapping parameters to an algorithm's fixed-point variable."""
 
+from amortcvx.predictors.classifier import ClassifiedActiveSet
 from amortcvx.predictors.ensemble import Ensemble, ensemble_predictor
 from amortcvx.predictors.fixed_point import OUTPUT_SPACES, OutputSpace, output_space, predict
 from amortcvx.predictors.model import (
@@ -12,6 +13,6 @@ from amortcvx.predictors.model import (
 )
 from amortcvx.predictors.neighbor import NeighborActiveSet, NeighborCorrection, NeighborTangent
 
-__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "Ensemble", "NeighborActiveSet", "NeighborCorrection",
-           "NeighborTangent", "OutputSpace", "PredictorMeta", "WarmStartPredictor", "atomic_torch_save",
-           "ensemble_predictor", "mlp", "output_space", "predict"]
+__all__ = ["CORE_KINDS", "OUTPUT_SPACES", "SETTINGS", "ClassifiedActiveSet", "Ensemble", "NeighborActiveSet",
+           "NeighborCorrection", "NeighborTangent", "OutputSpace", "PredictorMeta", "WarmStartPredictor",
+           "atomic_torch_save", "ensemble_predictor", "mlp", "output_space", "predict"]

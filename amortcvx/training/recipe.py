@@ -17,7 +17,9 @@ from the first ``val_size + search_size``, are the validation set, the other row
    the validation median of exact C iterations from the bare prediction (k = 0; ties: the mean); every
    training stops early on the validation loss (``TrainConfig.patience``) and its epochs are capped by the
    time left; on LPs and QPs also :class:`~amortcvx.predictors.NeighborActiveSet` (the nearest training
-   instances' optimal active sets, each solved exactly on the query's data: nothing trained, a companion too);
+   instances' optimal active sets, each solved exactly on the query's data: nothing trained, a companion too) and
+   :class:`~amortcvx.predictors.ClassifiedActiveSet` (the most probable active sets by a classifier of each
+   row's side fitted to the training instances' active sets, solved the same way: a companion too);
 3. trains the chosen configuration on more instances (``sizes``, then doubling up to ``max_size``) while the
    budget allows and more data still pays (fewer validation iterations, or a validation loss 5% lower than at
    the previous size), and keeps the best; where more data stopped paying with budget left, trains the
@@ -32,9 +34,9 @@ from the first ``val_size + search_size``, are the validation set, the other row
    data stopped paying), the candidates that train nothing go on up the sizes alone while the budget allows (also
    those that stopped riding for their cost);
 4. for each kind without a trained correction (``Candidate.correction`` False: the choice, or a companion), on its
-   largest training set, tries every doubling of the number of
-   nearest training instances it predicts from (``Candidate.choices``, up to :data:`MAX_CHOICES`) and keeps the
-   best; that becomes the choice where it beats it;
+   largest training set, tries every doubling of the number of candidates it predicts from (nearest training
+   instances, or the classifier's most probable active sets: ``Candidate.choices``, up to :data:`MAX_CHOICES`) and
+   keeps the best; that becomes the choice where it beats it;
 5. where the budget allows and the choice trains a network, trains the choice again with ``ensemble - 1`` other
    seeds and keeps the best of the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`)
    by validation iterations (not where the choice trains nothing: its members would be alike).
@@ -62,6 +64,7 @@ from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run
 from amortcvx.iterations.polish import polish_allowed
 from amortcvx.iterations.registry import make_algorithm
+from amortcvx.predictors.classifier import ClassifiedActiveSet
 from amortcvx.predictors.ensemble import ensemble_predictor
 from amortcvx.predictors.fixed_point import output_space, predict
 from amortcvx.predictors.model import SETTINGS, PredictorMeta, WarmStartPredictor
@@ -79,8 +82,10 @@ from amortcvx.training.trainer import (
     train,
 )
 
-KINDS = ("mlp", "neighbor_correction", "neighbor_tangent", "neighbor_active_set")
-"""Predictor kinds the recipe chooses among (``neighbor_active_set`` on LPs and QPs only: :func:`applies`)."""
+KINDS = ("mlp", "neighbor_correction", "neighbor_tangent", "neighbor_active_set", "active_set_classifier")
+"""Predictor kinds the recipe chooses among (the :data:`ACTIVE_SET_KINDS` on LPs and QPs only: :func:`applies`)."""
+ACTIVE_SET_KINDS = ("neighbor_active_set", "active_set_classifier")
+"""Kinds whose candidates are active sets solved on the query's data (:func:`applies`)."""
 TANGENT_BYTES = 2 ** 29
 """The most bytes (``anchors x d x p`` entries in :data:`~amortcvx.predictors.neighbor.TANGENT_DTYPE`) of a
 :class:`~amortcvx.predictors.NeighborTangent`'s derivatives, 512 MiB: beyond, only the first instances of the
@@ -88,15 +93,17 @@ training set are its anchors (it still trains on all). Kalman small (``d = 234``
 time share (:data:`TANGENT_SHARE`) usually ends them first (6.5 ms per anchor there). Measured there on 200
 held-out instances, 1024 candidates: 39 / 35.5 / 33 median C iterations with 3561 / 8000 / 16000 anchors, of
 66.5 cold (docs/training.md)."""
-STORED_KINDS = ("neighbor_correction", "neighbor_tangent", "neighbor_active_set")
+STORED_KINDS = ("neighbor_correction", "neighbor_tangent", "neighbor_active_set", "active_set_classifier")
 """Kinds that store their training set and search all of it for every instance they predict: a training's cost
 per epoch grows with the square of the set size (the budget's estimates scale it so; portfolio, stop 28: a
 neighbour correction took 76 s at 8000 instances and 79 s at 16000 with fewer epochs, where a linear estimate
 allowed 45 s)."""
-UNTRAINED_KINDS = ("neighbor_active_set",)
-"""Kinds with nothing to train (``Candidate.correction`` must be False)."""
+UNTRAINED_KINDS = ("neighbor_active_set", "active_set_classifier")
+"""Kinds without a correction network for :func:`~amortcvx.training.trainer.train` (``Candidate.correction`` must be
+False): the neighbours' active sets train nothing; the classifier's network is fitted to the stored active sets when
+the core is built (:meth:`~amortcvx.predictors.ClassifiedActiveSet.fit`, in :func:`candidate_core`)."""
 ACTIVE_SET_ENTRIES = 2 ** 18
-"""The recipe tries ``neighbor_active_set`` where ``n (n + m)`` is at most this: each candidate's KKT solve holds a
+"""The recipe tries the :data:`ACTIVE_SET_KINDS` where ``n (n + m)`` is at most this: each candidate's KKT solve holds a
 dense ``n x n`` factor and ``m x n`` rows per instance (2 MiB here in float64; a batch of 1024 then needs 2 GiB for
 one candidate at a time). The small sizes of the bundled and check families are within it (mpc small: 28160); mpc
 large (1.45 million) and transport large (51 million) are not."""
@@ -120,7 +127,10 @@ iterations are 1 against 8 from the nearest one alone (mean 16 against 26, cold 
 one."""
 CANDIDATE_RESERVE = 16
 """While an uncorrected candidate rides the learning curve, the curve leaves this many times that candidate's last
-trial time (not counting new derivatives) for the step after it that doubles its candidates: on kalman the step's 7
+trial time (not counting new derivatives, nor an active-set classifier's fit: the step reuses both; transport, stop
+42, before that rule: a classifier trial of 25.6 s at 32000 instances, most of it the fit, kept 410 s, so neither
+active-set kind went on to 64000 and the recipe ended at 222 s of its 600) for the step after it that doubles its
+candidates: on kalman the step's 7
 trials (16 to 1024 candidates) took 10.4 s against 0.6 s for the 8-candidate trial (stop 33). Without it the curve
 of a network whose loss kept falling took the budget first (kalman, stop 34: 42 of 66 validation iterations with
 8 candidates at 16000 instances, no doubling)."""
@@ -146,9 +156,11 @@ class Candidate:
     Attributes:
         kind: ``"mlp"`` (theta -> z), ``"neighbor_correction"`` (nearest training solution + learned correction),
             ``"neighbor_tangent"`` (nearest training solution moved along the solution map's derivative there +
-            learned correction) or ``"neighbor_active_set"`` (LPs and QPs: the nearest training instances' optimal
+            learned correction), ``"neighbor_active_set"`` (LPs and QPs: the nearest training instances' optimal
             active sets, each solved exactly on the query's data; nothing trained,
-            :class:`~amortcvx.predictors.NeighborActiveSet`).
+            :class:`~amortcvx.predictors.NeighborActiveSet`) or ``"active_set_classifier"`` (LPs and QPs: the most
+            probable active sets by a classifier of each row's side, fitted to the training instances' active
+            sets when built, solved the same way; :class:`~amortcvx.predictors.ClassifiedActiveSet`).
         hidden: hidden widths (of the MLP, or of the correction network).
         weight_decay: Adam weight decay.
         residual: add the fixed-point residual after ``k`` unrolled steps to the regression loss (weighted so that
@@ -239,7 +251,8 @@ class RecipeSettings:
                                       {"kind": "neighbor_tangent", "hidden": (128, 128)},
                                       {"hidden": (64, 64)}, {"weight_decay": 1e-4}, {"residual": True},
                                       {"kind": "neighbor_tangent", "correction": False},
-                                      {"kind": "neighbor_active_set", "correction": False})
+                                      {"kind": "neighbor_active_set", "correction": False},
+                                      {"kind": "active_set_classifier", "correction": False})
     ensemble: int = 3
     epochs: int = 1000
     patience: int = 20
@@ -371,10 +384,10 @@ class RecipeResult:
 
 
 def applies(kind: str, pp: ParametricProblem) -> bool:
-    """Whether the recipe tries predictor ``kind`` on ``pp``: every kind, except ``neighbor_active_set`` where the
+    """Whether the recipe tries predictor ``kind`` on ``pp``: every kind, except the :data:`ACTIVE_SET_KINDS` where the
     problem is not an LP or QP (other cones than zero and nonnegative) or its KKT solves are too large
     (:data:`ACTIVE_SET_ENTRIES`)."""
-    if kind != "neighbor_active_set":
+    if kind not in ACTIVE_SET_KINDS:
         return True
     return polish_allowed(pp.form, pp.cones) and pp.n * (pp.n + pp.m) <= ACTIVE_SET_ENTRIES
 
@@ -525,12 +538,15 @@ class AnchorDerivatives:
 def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                    tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
                    normalization: tuple[WarmStartPredictor, torch.Tensor] | None = None,
-                   split: torch.Tensor | None = None) -> nn.Module | None:
+                   split: torch.Tensor | None = None,
+                   fit_classifier: Callable[[ClassifiedActiveSet], None] | None = None) -> nn.Module | None:
     """The core module of ``cand`` for :func:`~amortcvx.training.trainer.train` (None: its MLP, which ``train``
     builds); ``tangents(train_set, shell)`` gives the derivatives at the first instances of the set (a
     ``neighbor_tangent``'s anchors; default: at every instance, :func:`solution_tangents`); ``normalization``:
-    :func:`_normalization` of the set, where the caller has it; ``split``: the set's active sets (a
-    ``neighbor_active_set``'s; default :func:`training_splits`), where the caller has them."""
+    :func:`_normalization` of the set, where the caller has it; ``split``: the set's active sets (the
+    :data:`ACTIVE_SET_KINDS`'; default :func:`training_splits`), where the caller has them. An
+    ``active_set_classifier``'s classifier is fitted here by ``fit_classifier(core)`` (default:
+    :meth:`~amortcvx.predictors.ClassifiedActiveSet.fit`)."""
     if cand.kind == "mlp":
         return None  # train() builds its MLP with cand.hidden
     shell, target = _normalization(pp, algorithm, settings, train_set) if normalization is None else normalization
@@ -539,9 +555,13 @@ def candidate_core(cand: Candidate, pp, algorithm, settings, train_set: SolvedSe
     choices = 1 if cand.correction else cand.choices
     if cand.kind == "neighbor_correction":
         return NeighborCorrection(keys, values, hidden=cand.hidden, choices=min(choices, len(keys)))
-    if cand.kind == "neighbor_active_set":
+    if cand.kind in ACTIVE_SET_KINDS:
         split = training_splits(pp, algorithm, settings, train_set) if split is None else split
-        return NeighborActiveSet(keys, values, split, choices=min(choices, len(keys)))
+        if cand.kind == "neighbor_active_set":
+            return NeighborActiveSet(keys, values, split, choices=min(choices, len(keys)))
+        core = ClassifiedActiveSet(keys, values, split, choices=min(choices, len(keys)))
+        (fit_classifier or ClassifiedActiveSet.fit)(core)
+        return core
     jac = (solution_tangents(pp, algorithm, settings, train_set, shell.in_std, shell.out_std, dtype=TANGENT_DTYPE)
            if tangents is None else tangents(train_set, shell)).to(values.device)
     return NeighborTangent(keys[:len(jac)], values[:len(jac)], jac, hidden=cand.hidden,
@@ -592,18 +612,20 @@ def renormalized(jac: torch.Tensor, in_std: torch.Tensor, out_std: torch.Tensor,
 
 def uncorrected_model(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                       tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
-                      rows: Callable[[SolvedSet], TrainingRows] | None = None) -> WarmStartPredictor:
+                      rows: Callable[[SolvedSet], TrainingRows] | None = None,
+                      fit_classifier: Callable[[ClassifiedActiveSet], None] | None = None) -> WarmStartPredictor:
     """The predictor of a candidate without a trained correction (``cand.correction`` False): its core
     (:func:`candidate_core`, the correction network left at zero) with the normalization :func:`train` would fit
-    on ``train_set``, in float64, eval mode. Nothing is trained. ``rows(train_set)``: the set's
-    :class:`TrainingRows` (default: :func:`training_rows`, read where needed)."""
+    on ``train_set``, in float64, eval mode. No correction is trained (an ``active_set_classifier``'s classifier is
+    fitted: ``fit_classifier``, see :func:`candidate_core`). ``rows(train_set)``: the set's :class:`TrainingRows`
+    (default: :func:`training_rows`, read where needed)."""
     if cand.correction:
         raise ValueError(f"{cand.label()} trains a correction; uncorrected_model builds the others")
     stored = None if rows is None else rows(train_set)
     normalization = _normalization(pp, algorithm, settings, train_set, None if stored is None else stored.target)
     model = normalization[0]
     model.core = candidate_core(cand, pp, algorithm, settings, train_set, tangents, normalization,
-                                None if stored is None else stored.split)
+                                None if stored is None else stored.split, fit_classifier)
     return model.to(torch.float64).eval()
 
 
@@ -770,7 +792,23 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         n = len(part)
         return TrainingRows(read[0].target[:n], None if read[0].split is None else read[0].split[:n])
 
-    own_seconds: dict[int, float] = {}  # an uncorrected trial's seconds without computing new derivatives
+    # an uncorrected trial's seconds without computing new derivatives or fitting a classifier (the candidate step's
+    # trials on the same set reuse both)
+    own_seconds: dict[int, float] = {}
+    classifiers: dict[int, dict] = {}  # an active-set classifier's fitted weights by training-set size
+    fitting = {"seconds": 0.0}  # seconds spent fitting classifiers
+
+    def fit_classifier(core: ClassifiedActiveSet) -> None:
+        """Fit ``core``'s classifier once per training-set size (the sets are prefixes of one order, and the fit is
+        deterministic): the candidate step's trials of more candidates on one set reuse it."""
+        n = core.keys.shape[0]
+        if n in classifiers:
+            core.classifier.load_state_dict(classifiers[n])
+        else:
+            t0 = time.perf_counter()
+            core.fit()
+            fitting["seconds"] += time.perf_counter() - t0
+            classifiers[n] = copy.deepcopy(core.classifier.state_dict())
 
     def reserve() -> float:
         """Seconds the curve leaves for the candidate step (:data:`CANDIDATE_RESERVE` times each uncorrected kind's
@@ -783,11 +821,11 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         t0 = time.perf_counter()
         if cand.correction:
             model, best_epoch, ran = trained(cand, train_part, t0)
-        else:  # nothing to train: the neighbour's answer (and its derivatives) as it is
-            spent = tangents.seconds
-            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents, rows_of)
+        else:  # no correction to train: the neighbours' answers (and derivatives), or the classifier's active sets
+            spent = tangents.seconds + fitting["seconds"]
+            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents, rows_of, fit_classifier)
             best_epoch, ran = 0, 0
-            spent = tangents.seconds - spent
+            spent = tangents.seconds + fitting["seconds"] - spent
         rates[rate_key(cand)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part), len(train_part))
         result = judged(cand, model, len(train_part), best_epoch, ran, t0)
         parts[len(trials) - 1] = train_part
@@ -1050,7 +1088,8 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                     best_i = i
     best = trials[best_i]
     model = models[best_i] if best_i in models else uncorrected_model(best.candidate, pp, algorithm, settings,
-                                                                      parts[best_i], tangents, rows_of)
+                                                                      parts[best_i], tangents, rows_of,
+                                                                      fit_classifier)
     result = RecipeResult(model=model, candidate=best.candidate, num_train=best.num_train,
                           val_median_iterations=best.val_median_iterations, cold_median_iterations=cold_median,
                           val_rows=tuple(int(i) for i in val_rows), trials=tuple(trials), curve=curve,
@@ -1087,7 +1126,7 @@ def solved_source(pp: ParametricProblem, algorithm: str, params: dict[str, np.nd
     return get_solved
 
 
-__all__ = ["ACTIVE_SET_ENTRIES", "KINDS", "MAX_CHOICES", "STORED_KINDS", "UNTRAINED_KINDS", "AnchorDerivatives",
-           "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrainingRows", "TrialResult", "applies",
-           "c_iterations", "candidate_core", "fit_predictor", "scaled_rate", "solved_prefix", "solved_source",
-           "training_rows", "training_splits", "uncorrected_model"]
+__all__ = ["ACTIVE_SET_ENTRIES", "ACTIVE_SET_KINDS", "KINDS", "MAX_CHOICES", "STORED_KINDS", "UNTRAINED_KINDS",
+           "AnchorDerivatives", "Candidate", "CurvePoint", "RecipeResult", "RecipeSettings", "TrainingRows",
+           "TrialResult", "applies", "c_iterations", "candidate_core", "fit_predictor", "scaled_rate",
+           "solved_prefix", "solved_source", "training_rows", "training_splits", "uncorrected_model"]
