@@ -24,10 +24,9 @@ from amortcvx.training.recipe import (
     training_splits,
     uncorrected_model,
 )
+from tests.test_active_set import EPS, FORMS, TIGHT
+from tests.test_active_set import _solved as _solved_problem
 
-TIGHT = {"eps_abs": 1e-10, "eps_rel": 1e-10}
-EPS = {"eps_abs": 1e-4, "eps_rel": 1e-4}
-FORMS = [("scs", "cone"), ("osqp", "qp")]
 N = 8
 
 
@@ -43,8 +42,7 @@ def _params(num: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def _solved(algorithm: str, form: str, params, settings=TIGHT):
-    pp = ParametricProblem(_separable_problem(), form)
-    return pp, solved_source(pp, algorithm, params, solver_settings=settings)(len(next(iter(params.values()))))
+    return _solved_problem(_separable_problem(), algorithm, form, params, settings)
 
 
 def _model(pp, algorithm: str, train, kind: str = "active_set_classifier", choices: int = 16) -> WarmStartPredictor:

@@ -124,9 +124,8 @@ class ClassifiedActiveSet(NeighborActiveSet):
         val, train = perm[:hold], perm[hold:]
         opt = torch.optim.Adam(self.classifier.parameters(), lr=lr, weight_decay=weight_decay)
 
-        def loss(rows: torch.Tensor) -> torch.Tensor:
-            logits = self.classifier(x[rows]).view(len(rows), -1, len(CLASSES)).masked_fill(~self.seen, float("-inf"))
-            return F.cross_entropy(logits.reshape(-1, len(CLASSES)), target[rows].reshape(-1))
+        def loss(rows: torch.Tensor) -> torch.Tensor:  # cross-entropy: the negative log-probability of each side
+            return F.nll_loss(self.log_probs(x[rows]).reshape(-1, len(CLASSES)), target[rows].reshape(-1))
 
         deadline = None if seconds is None else time.perf_counter() + seconds
         best, best_state, bad, ran = math.inf, copy.deepcopy(self.classifier.state_dict()), 0, 0
@@ -173,7 +172,7 @@ def most_probable_flips(cost: torch.Tensor, count: int) -> tuple[torch.Tensor, t
     ``masks`` (2^U, U) bool (:func:`subset_masks`), cheapest first (subset 0, no flip, first), ``K = min(count,
     2^U)``; where fewer subsets than that have a finite cost, the rest are subset 0 again (a copy of the first
     candidate, which never wins a ranking). Exact where every subset with a row outside the ``U`` cheapest costs more
-    than the ``K``-th of those inside (always so for ``count <= 2^FLIP_SPARE``)."""
+    than the ``K``-th of those inside (always so for ``K <= U + 1``: no flip and the ``U`` single flips come first)."""
     B, m = cost.shape
     U = flip_rows(m, count)
     rows = cost.topk(U, dim=1, largest=False).indices
