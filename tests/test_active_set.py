@@ -10,9 +10,11 @@ import torch
 
 from amortcvx import problems
 from amortcvx.canon import ParametricProblem
+from amortcvx.iterations.linalg import spmv
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors import NeighborActiveSet, NeighborCorrection, PredictorMeta, WarmStartPredictor, output_space
 from amortcvx.predictors.fixed_point import predict
+from amortcvx.predictors.model import mlp
 from amortcvx.training.recipe import (
     ACTIVE_SET_KINDS,
     KINDS,
@@ -152,15 +154,101 @@ def test_active_set_candidates_are_ranked_in_groups_as_one_at_a_time(algorithm, 
 
 def test_the_nearest_stored_solution_stands_where_no_active_set_can_be_solved(monkeypatch):
     """Where every candidate's KKT system fails (NaN), the prediction is the forward pass's (the nearest stored
-    solution), not NaN."""
+    solution), not NaN (queries off the stored instances, whose own active sets would be exact: one candidate, so that
+    the batch's own algorithm solves it)."""
     pp, train = _solved(_box_problem(), "scs", "cone", _box_params(30, 2))
-    model = _model(pp, "scs", train, choices=4)
-    alg = make_algorithm("scs", pp.canonicalize_vector(train.theta[:5]))
-    failing = alg.active_set._replace(solve=lambda split: {k: torch.full_like(v, float("nan")) for k, v in
-                                                           alg.active_set.solve(split).items()})
+    model = _model(pp, "scs", train, choices=1)
+    theta = train.theta[:5] + 1e-3
+    alg = make_algorithm("scs", pp.canonicalize_vector(theta))
+    solved = []
+    failing = alg.active_set._replace(solve=lambda split, start=None: solved.append(split) or {
+        k: torch.full_like(v, float("nan")) for k, v in alg.active_set.solve(split, start).items()})
     with torch.no_grad():
-        z = predict(model, output_space("scs"), alg._replace(active_set=failing), train.theta[:5])
-        torch.testing.assert_close(z, model(train.theta[:5]).double())
+        z = predict(model, output_space("scs"), alg._replace(active_set=failing), theta)
+        torch.testing.assert_close(z, model(theta).double())
+        assert len(solved) == 1 and float((predict(model, output_space("scs"), alg, theta) - z).abs().max()) > 1e-6
+
+
+def _face_problem():
+    """maximize x1 + x2  s.t.  x1 + x2 <= 1, x1 >= l, x >= 0: every point of the segment x1 + x2 = 1, l <= x1 <= 1
+    is optimal, so the optimal active set (the first row) leaves the KKT system singular: a degenerate LP."""
+    c, lo, x = cp.Parameter(2, name="c"), cp.Parameter(name="l"), cp.Variable(2, name="x")
+    return cp.Problem(cp.Maximize(c @ x), [x[0] + x[1] <= 1, x[0] >= lo, x >= 0])
+
+
+def _face_params(num: int, seed: int) -> dict[str, np.ndarray]:
+    return {"c": np.ones((num, 2)), "l": np.random.default_rng(seed).uniform(0.6, 0.9, size=num)}
+
+
+def _residual(alg, space, fields: dict[str, torch.Tensor]) -> torch.Tensor:
+    return alg.optimality(space.to_state(alg, space.target(alg, **fields)))
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_a_degenerate_active_set_is_solved_near_its_start(algorithm, form):
+    """On an optimal face wider than a point the optimal active set's solutions are a segment: from zero the solve
+    gives the one nearest the origin, (1/2, 1/2), which breaks x1 >= l; from a start near the optimum, an optimum
+    near the start. Where the active set's system is nonsingular the start changes nothing; a start of the wrong
+    shape is an error."""
+    pp, solved = _solved(_face_problem(), algorithm, form, _face_params(8, 0))
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(solved.theta))
+    space = output_space(algorithm)
+    split = alg.active_set.of(**_fields(solved))
+    gen = torch.Generator().manual_seed(0)
+    start = {f: v + 1e-3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for f, v in _fields(solved).items()}
+    near, zero = alg.active_set.solve(split, start), alg.active_set.solve(split)
+    assert float(_residual(alg, space, near).max()) < 1e-9 < 1e-3 < float(_residual(alg, space, zero).min())
+    assert float((near["x"] - solved.x).abs().max()) < 1e-2
+    torch.testing.assert_close(zero["x"], torch.full_like(zero["x"], 0.5), atol=1e-4, rtol=0)
+    pp, solved = _solved(_box_problem(), algorithm, form, _box_params(6, 0))
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(solved.theta))
+    split = alg.active_set.of(**_fields(solved))
+    anywhere = {f: torch.randn(v.shape, generator=gen, dtype=v.dtype) for f, v in _fields(solved).items()}
+    for f in ("x", "y"):
+        torch.testing.assert_close(alg.active_set.solve(split, anywhere)[f], alg.active_set.solve(split)[f],
+                                   atol=1e-8, rtol=0)
+    with pytest.raises(ValueError, match="a start must have"):
+        alg.active_set.solve(split, {"x": solved.x[:, 1:], "y": solved.y})
+
+
+class _Lookup(torch.nn.Module):
+    """A reference core that answers each stored normalized query with its stored output."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.register_buffer("keys", keys)
+        self.register_buffer("values", values)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.values[torch.cdist(u, self.keys).argmin(dim=1)]
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_the_active_sets_are_solved_from_the_reference_networks_prediction(algorithm, form):
+    """With a ``reference`` core, the forward pass is its prediction, and each candidate active set is solved from
+    that point: on the degenerate LP, a reference point near (0.99, 0.01), off the optimal face, gives the optimum
+    next to it (the solves from the nearest stored solution's point or from zero land elsewhere on the face)."""
+    pp, train = _solved(_face_problem(), algorithm, form, _face_params(30, 1))
+    _, queries = _solved(_face_problem(), algorithm, form, _face_params(6, 2))
+    model = _model(pp, algorithm, train, choices=4)
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(queries.theta))
+    space = output_space(algorithm)
+    gen = torch.Generator().manual_seed(1)
+    x_ref = torch.tensor([0.99, 0.01], dtype=torch.float64) + 1e-3 * torch.randn(6, 2, generator=gen,
+                                                                                  dtype=torch.float64)
+    point = dict(_fields(queries), x=x_ref)
+    if "s" in point:  # the cone form's slacks of the reference point (off the face: not optimal)
+        point["s"] = alg.work.b - spmv(alg.work.A, x_ref)
+    z_ref = space.target(alg, **point)
+    assert float(_residual(alg, space, point).min()) > 1e-5
+    with torch.no_grad():
+        plain = predict(model, space, alg, queries.theta)
+        model.core.reference = _Lookup(model._normalized(queries.theta), (z_ref - model.out_mean) / model.out_std)
+        torch.testing.assert_close(model(queries.theta).double(), z_ref)
+        z = predict(model, space, alg, queries.theta)
+    x, x_plain = (space.prediction_warm_start(alg, p)["x"] for p in (z, plain))
+    assert float(alg.optimality(space.to_state(alg, z)).max()) < 1e-9
+    assert float((x - x_ref).abs().max()) < 1e-2 < float((x_plain - x_ref).abs().max())
 
 
 def test_the_active_set_predictor_saves_and_loads_without_code_and_keeps_its_splits_int8(tmp_path):
@@ -181,11 +269,36 @@ def test_the_active_set_predictor_saves_and_loads_without_code_and_keeps_its_spl
     with torch.no_grad():
         torch.testing.assert_close(predict(loaded.double(), output_space("scs"), alg, theta),
                                    predict(model, output_space("scs"), alg, theta))
+    model.core.reference = mlp(pp.num_params, pp.n + pp.m, (8,))  # a reference network: saved, loaded, the forward
+    model.double().save(tmp_path / "r.pt")
+    loaded = WarmStartPredictor.load(tmp_path / "r.pt", fingerprint=pp.fingerprint, algorithm="scs").double()
+    assert isinstance(loaded.core.reference, torch.nn.Sequential)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(theta), model(theta))
+        torch.testing.assert_close(model(theta), model.out_mean + model.out_std * model.core.reference(
+            model._normalized(theta)))
     with pytest.raises(ValueError, match="splits must have shape"):
         NeighborActiveSet(torch.zeros(5, 2), torch.zeros(5, 3), torch.zeros(4, 7, dtype=torch.int8))
     meta = PredictorMeta(fingerprint="f", algorithm="scs", settings={}, num_params=2, out_dim=3)
     plain = WarmStartPredictor(meta, core=NeighborCorrection(torch.zeros(5, 2), torch.zeros(5, 3)))
     assert not plain.splits
+
+
+def test_a_reference_network_is_copied_and_must_share_the_training_normalization():
+    """``uncorrected_model(..., reference=)`` copies the reference's core into an active-set core; a reference trained
+    on other instances (another normalization) or a kind without active sets is an error."""
+    pp, train = _solved(_box_problem(), "scs", "cone", _box_params(30, 3))
+    cand = Candidate(kind="neighbor_active_set", correction=False)
+    same = uncorrected_model(cand, pp, "scs", None, train)
+    model = uncorrected_model(cand, pp, "scs", None, train, reference=same)
+    assert isinstance(model.core.reference, NeighborActiveSet) and model.core.reference is not same.core
+    with torch.no_grad():
+        torch.testing.assert_close(model(train.theta[:3] + 0.01), same(train.theta[:3] + 0.01))
+    other = uncorrected_model(cand, pp, "scs", None, train.subset(torch.arange(15)))
+    with pytest.raises(ValueError, match="another normalization"):
+        uncorrected_model(cand, pp, "scs", None, train, reference=other)
+    with pytest.raises(ValueError, match="take a reference network"):
+        uncorrected_model(Candidate(kind="neighbor_tangent", correction=False), pp, "scs", None, train, reference=same)
 
 
 def test_training_rows_are_the_targets_and_splits_read_apart():

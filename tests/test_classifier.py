@@ -184,3 +184,9 @@ def test_the_recipe_treats_the_classifier_as_an_active_set_kind(monkeypatch):
     assert len(sizes) > len(set(sizes)) and sorted(fits) == sorted(set(sizes))
     assert res.candidate.kind == "active_set_classifier" and isinstance(res.model.core, ClassifiedActiveSet)
     assert res.val_median_iterations < res.cold_median_iterations
+    # each classifier trial starts its active sets' solves from the best trained network on the same instances
+    for t in (t for t in res.trials if t.candidate.kind == "active_set_classifier"):
+        trained = [u for u in res.trials if u.candidate.correction and u.num_train == t.num_train]
+        best = min(trained, key=lambda u: (u.val_median_iterations, u.val_mean_iterations))
+        assert t.reference == best.label() and t.label().endswith(f" from {best.label()}")
+    assert res.reference and res.label() in res.format() and res.model.core.reference is not None

@@ -870,7 +870,7 @@ def test_the_uncorrected_expansion_is_chosen_as_a_companion_without_capacity_or_
             return 0.5 * 60 / n, 360.0 / n  # a higher loss than the trained kinds, fewer iterations
         return 0.2 * 60 / n, 12.0
 
-    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None):
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None, reference=None):
         built.append(len(part))
         return TaggedModel(cand.label(), 0, len(part))
 
@@ -964,7 +964,7 @@ def clocked_rider_recipe(monkeypatch, portfolio, scripted, budget: float) -> Rec
 
     clock = FakeClock()
 
-    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None):
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None, reference=None):
         clock.t += 1.0
         return TaggedModel(cand.label(), 0, len(part))
 
@@ -1025,7 +1025,7 @@ def test_a_classifiers_fit_is_not_counted_in_the_candidate_steps_reserve(portfol
             fits.append(len(self.keys))
             clock.t += 3.0
 
-    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None):
+    def uncorrected(cand, pp_, alg, settings, part, tangents=None, splits=None, fit_classifier=None, reference=None):
         fit_classifier(Core(len(part)))
         clock.t += 1.0
         return TaggedModel(cand.label(), 0, len(part))

@@ -203,7 +203,7 @@ def learning_curve_figure(result: RecipeResult, *, title: str | None = None):
     labels = {"curve": f"learning curve: {first}" + (" (widened where marked)" if len(set(configurations)) > 1
                                                       else ""),
               "other": "the recipe's other trainings",
-              "chosen": f"chosen: {result.candidate.label()}, n = {result.num_train}"}
+              "chosen": f"chosen: {result.label()}, n = {result.num_train}"}
     for name, points, style, color in series:
         n = [p.num_train for p in points]
         size = 9 if name == "chosen" else 6

@@ -16,9 +16,10 @@ first. :func:`~amortcvx.predictors.predict` solves each on the query's data and 
 residual, exactly as for the neighbours' active sets (the classifier's most probable split first).
 
 The core stores its training set like :class:`~amortcvx.predictors.NeighborActiveSet` (its forward pass, the
-prediction of a caller without the problem's data, is the nearest stored solution; its splits are the
-classifier's training labels) and fits its classifier on them (:meth:`ClassifiedActiveSet.fit`), by cross-entropy
-with early stopping on a tenth held out.
+prediction of a caller without the problem's data, is the nearest stored solution or its ``reference`` network's
+prediction, and each candidate's solve starts from that point; its splits are the classifier's training labels) and
+fits its classifier on them (:meth:`ClassifiedActiveSet.fit`), by cross-entropy with early stopping on a tenth held
+out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from amortcvx.predictors.model import CORE_KINDS, mlp
@@ -55,14 +57,17 @@ class ClassifiedActiveSet(NeighborActiveSet):
         hidden: the classifier's hidden widths.
         chunk: as for :class:`~amortcvx.predictors.NeighborCorrection`.
         choices: the candidate active sets per instance (the most probable first).
+        reference: as for :class:`~amortcvx.predictors.NeighborActiveSet` (the forward pass, and where each
+            candidate's solve starts).
     """
 
     core_kind = "active_set_classifier"
     fixed_dtype = ("splits", "seen")  # int8 and bool
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, splits: torch.Tensor,
-                 hidden: Sequence[int] = CLASSIFIER_HIDDEN, chunk: int = 4096, choices: int = 1):
-        super().__init__(keys, values, splits, chunk=chunk, choices=choices)
+                 hidden: Sequence[int] = CLASSIFIER_HIDDEN, chunk: int = 4096, choices: int = 1,
+                 reference: nn.Module | None = None):
+        super().__init__(keys, values, splits, chunk=chunk, choices=choices, reference=reference)
         self.classifier_hidden = tuple(int(h) for h in hidden)
         self.register_buffer("seen", torch.stack([(self.splits == c).any(dim=0) for c in CLASSES], dim=1))
         self.classifier = mlp(keys.shape[1], len(CLASSES) * splits.shape[1], self.classifier_hidden)
@@ -74,7 +79,8 @@ class ClassifiedActiveSet(NeighborActiveSet):
     def from_config(cls, config: dict) -> ClassifiedActiveSet:
         num, p, d, m = int(config["num"]), int(config["num_params"]), int(config["out_dim"]), int(config["rows"])
         return cls(torch.zeros(num, p), torch.zeros(num, d), torch.zeros(num, m, dtype=torch.int8),
-                   hidden=config["classifier_hidden"], chunk=config["chunk"], choices=int(config.get("choices", 1)))
+                   hidden=config["classifier_hidden"], chunk=config["chunk"], choices=int(config.get("choices", 1)),
+                   reference=cls.reference_from_config(config))
 
     def log_probs(self, u: torch.Tensor) -> torch.Tensor:
         """(B, m, 3): each row's log-probabilities of the sides :data:`CLASSES` (``-inf`` for sides the row never

@@ -145,7 +145,8 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
     iterations 1 against 8 from the nearest one alone, mean 16 against 26). A model that predicts active sets
     (``model.splits``: :class:`~amortcvx.predictors.NeighborActiveSet`) on an LP or QP (``alg.active_set``) has its
     candidate active sets solved exactly on the batch's data (``alg.active_set.solve``, one KKT solve per candidate
-    and instance) and ranked the same way, after its forward pass (the nearest stored solution).
+    and instance, each started from the forward pass's point) and ranked the same way, after that point (the nearest
+    stored solution, or the model's reference network's prediction).
 
     The candidates are ranked a group at a time (:func:`rank_group`), each group in one call on the batch stacked
     ``g`` times (``alg.stacked``), and only the best so far is kept: at small batches and on small problems one call
@@ -178,20 +179,26 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
         pick = res.argmin(dim=0)
         return z[torch.arange(B, device=z.device), pick], res.gather(0, pick[None])[0]
 
-    def decoded(split: torch.Tensor) -> torch.Tensor:
-        """Active sets (B, g, m) solved on the batch's data: (B, g, d) points (:func:`padded` like a group)."""
+    def decoded(split: torch.Tensor, start: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Active sets (B, g, m) solved on the batch's data, each from the point ``start`` (B, .): (B, g, d) points
+        (:func:`padded` like a group)."""
         split = padded(split.to(theta.device))
         B, g = split.shape[:2]
         a = alg if g == 1 else ranker
-        fields = a.active_set.solve(split.transpose(0, 1).reshape(g * B, -1))
+        fields = a.active_set.solve(split.transpose(0, 1).reshape(g * B, -1),
+                                    start={f: v.repeat(g, 1) for f, v in start.items()})  # candidate-major, as split
         return space.target(a, **fields).view(g, B, -1).transpose(0, 1)
 
     if getattr(model, "splits", False) and alg.active_set is not None:
-        # the nearest stored solution first (finite where every active set's KKT system is singular), then the
-        # candidate active sets solved on this batch's data (a dense n x n factor and m x n rows per solve)
+        # the forward pass first (the nearest stored solution or the model's reference network: finite where every
+        # active set's KKT system is singular), then the candidate active sets solved on this batch's data (a dense
+        # n x n factor and m x n rows per solve), each from the forward pass's point (of a degenerate active set's
+        # solutions, about the one nearest it)
         size, ranker = _ranking(alg, space, model.choices, theta.shape[0], rank_entries,
                                 lambda n, m: n * (n + m))
-        groups = itertools.chain([model(inputs)[:, None]], (decoded(s) for s in model.split_groups(inputs, size)))
+        first = model(inputs)[:, None]
+        start = space.prediction_warm_start(alg, first[:, 0].to(theta.device, dtype))
+        groups = itertools.chain([first], (decoded(s, start) for s in model.split_groups(inputs, size)))
     elif hasattr(model, "candidate_groups") and int(getattr(model, "choices", 1)) > 1:
         size, ranker = _ranking(alg, space, model.choices, theta.shape[0], rank_entries)
         groups = iter(model.candidate_groups(inputs, size))

@@ -303,6 +303,9 @@ class TrialResult:
             validation subset.
         best_epoch, epochs: the epoch kept (early stopping) and the epochs run.
         seconds: wall time of the training and its evaluation.
+        reference: for an :data:`ACTIVE_SET_KINDS` candidate, the label of the trained configuration (on the same
+            instances) whose network is its forward pass and the start of its active sets' solves
+            (``NeighborActiveSet``'s ``reference``); "" where none.
     """
 
     candidate: Candidate
@@ -313,6 +316,16 @@ class TrialResult:
     best_epoch: int
     epochs: int
     seconds: float
+    reference: str = ""
+
+    def label(self) -> str:
+        """The candidate's label, and its reference network's where it has one."""
+        return referenced_label(self.candidate, self.reference)
+
+
+def referenced_label(cand: Candidate, reference: str) -> str:
+    """``cand``'s label, with its reference network's (:attr:`TrialResult.reference`) where it has one."""
+    return cand.label() + (f" from {reference}" if reference else "")
 
 
 @dataclass(frozen=True)
@@ -334,6 +347,7 @@ class RecipeResult:
     Attributes:
         model: the chosen predictor (a :class:`WarmStartPredictor`, eval mode).
         candidate: its configuration.
+        reference: its reference network's configuration (:attr:`TrialResult.reference`; "" where none).
         num_train: its training-set size.
         val_median_iterations: its validation median of exact C iterations from the bare prediction (k = 0).
         cold_median_iterations: the cold start's median on the same validation instances.
@@ -357,6 +371,11 @@ class RecipeResult:
     seconds: float
     budget_seconds: float
     solver_settings: dict
+    reference: str = ""
+
+    def label(self) -> str:
+        """The chosen configuration's label (:meth:`TrialResult.label`)."""
+        return referenced_label(self.candidate, self.reference)
 
     def training_rows(self) -> np.ndarray:
         """The chosen model's training instances' rows among ``get_solved``'s."""
@@ -368,9 +387,9 @@ class RecipeResult:
                  f" cold start: median {self.cold_median_iterations:g} C iterations on validation",
                  f"{'configuration':48s} {'n':>5s} {'val loss':>9s} {'median it':>9s} {'epochs':>7s} {'s':>6s}"]
         for t in self.trials:
-            lines.append(f"{t.candidate.label():48s} {t.num_train:5d} {t.val_regression:9.3g} "
+            lines.append(f"{t.label():48s} {t.num_train:5d} {t.val_regression:9.3g} "
                          f"{t.val_median_iterations:9g} {t.epochs:7d} {t.seconds:6.1f}")
-        lines.append(f"chosen: {self.candidate.label()}, n = {self.num_train}: median {self.val_median_iterations:g} "
+        lines.append(f"chosen: {self.label()}, n = {self.num_train}: median {self.val_median_iterations:g} "
                      f"C iterations ({self.val_median_iterations / max(self.cold_median_iterations, 1e-12):.2f} of "
                      "cold)")
         if self.val_median_iterations >= self.cold_median_iterations:
@@ -613,19 +632,32 @@ def renormalized(jac: torch.Tensor, in_std: torch.Tensor, out_std: torch.Tensor,
 def uncorrected_model(cand: Candidate, pp, algorithm, settings, train_set: SolvedSet,
                       tangents: Callable[[SolvedSet, WarmStartPredictor], torch.Tensor] | None = None,
                       rows: Callable[[SolvedSet], TrainingRows] | None = None,
-                      fit_classifier: Callable[[ClassifiedActiveSet], None] | None = None) -> WarmStartPredictor:
+                      fit_classifier: Callable[[ClassifiedActiveSet], None] | None = None,
+                      reference: WarmStartPredictor | None = None) -> WarmStartPredictor:
     """The predictor of a candidate without a trained correction (``cand.correction`` False): its core
     (:func:`candidate_core`, the correction network left at zero) with the normalization :func:`train` would fit
     on ``train_set``, in float64, eval mode. No correction is trained (an ``active_set_classifier``'s classifier is
     fitted: ``fit_classifier``, see :func:`candidate_core`). ``rows(train_set)``: the set's :class:`TrainingRows`
-    (default: :func:`training_rows`, read where needed)."""
+    (default: :func:`training_rows`, read where needed). ``reference`` (:data:`ACTIVE_SET_KINDS` only): a predictor
+    trained on ``train_set``, whose core (copied) becomes the core's ``reference`` (its forward pass, and where its
+    active sets' solves start: :class:`~amortcvx.predictors.NeighborActiveSet`)."""
     if cand.correction:
         raise ValueError(f"{cand.label()} trains a correction; uncorrected_model builds the others")
+    if reference is not None and cand.kind not in ACTIVE_SET_KINDS:
+        raise ValueError(f"only the kinds {ACTIVE_SET_KINDS} take a reference network; got {cand.kind!r}")
     stored = None if rows is None else rows(train_set)
     normalization = _normalization(pp, algorithm, settings, train_set, None if stored is None else stored.target)
     model = normalization[0]
     model.core = candidate_core(cand, pp, algorithm, settings, train_set, tangents, normalization,
                                 None if stored is None else stored.split, fit_classifier)
+    if reference is not None:
+        for mean, std in (("in_mean", "in_std"), ("out_mean", "out_std")):  # the same to the training precision
+            scale = getattr(model, std)
+            if any(bool(((getattr(reference, name).to(scale) - getattr(model, name)).abs() > 1e-4 * scale).any())
+                   for name in (mean, std)):
+                raise ValueError(f"the reference network has another normalization ({mean}, {std}): it must be trained "
+                                 "on the same instances")
+        model.core.reference = copy.deepcopy(reference.core)
     return model.to(torch.float64).eval()
 
 
@@ -817,17 +849,36 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                 if trials[i].candidate.choices < MAX_CHOICES}
         return CANDIDATE_RESERVE * sum(last.values())
 
+    def reference_of(cand: Candidate, train_part: SolvedSet) -> int | None:
+        """For an active-set candidate, the trial of the trained network it starts from: the best by validation
+        iterations among the trained trials on the same instances (their normalization is the candidate's; None where
+        there is none, as past the curve's end). Degenerate LPs need it (an active set's solves are the solutions
+        nearest the start); elsewhere it changes the first candidate only."""
+        if cand.kind not in ACTIVE_SET_KINDS:
+            return None
+        same = [i for i in models if trials[i].num_train == len(train_part)]
+        return min(same, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations, i),
+                   default=None)
+
+    references: dict[int, int] = {}  # an active-set trial -> the trial of its reference network
+
     def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
         t0 = time.perf_counter()
+        ref = None
         if cand.correction:
             model, best_epoch, ran = trained(cand, train_part, t0)
         else:  # no correction to train: the neighbours' answers (and derivatives), or the classifier's active sets
             spent = tangents.seconds + fitting["seconds"]
-            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents, rows_of, fit_classifier)
+            ref = reference_of(cand, train_part)
+            model = uncorrected_model(cand, pp, algorithm, settings, train_part, tangents, rows_of, fit_classifier,
+                                      None if ref is None else models[ref])
             best_epoch, ran = 0, 0
             spent = tangents.seconds + fitting["seconds"] - spent
         rates[rate_key(cand)] = ((time.perf_counter() - t0) / max(ran, 1) / len(train_part), len(train_part))
-        result = judged(cand, model, len(train_part), best_epoch, ran, t0)
+        result = judged(cand, model, len(train_part), best_epoch, ran, t0,
+                        "" if ref is None else trials[ref].label())
+        if ref is not None:
+            references[len(trials) - 1] = ref
         parts[len(trials) - 1] = train_part
         if not cand.correction:
             own_seconds[len(trials) - 1] = result.seconds - spent
@@ -854,16 +905,16 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         return out.model.to("cpu").eval(), out.best_epoch, len(out.history)
 
     def judged(cand: Candidate, model: WarmStartPredictor, num_train: int, best_epoch: int, ran: int,
-               t0: float) -> TrialResult:
+               t0: float, reference: str = "") -> TrialResult:
         """Validation loss and exact C iterations of a trained model, recorded as a trial."""
         reg = evaluate_losses(pp, algorithm, settings, model, val.to(device, dtype), loss_cfg, factors)["regression"]
         its = c_iterations(pp, algorithm, model, eval_set, settings=settings, solver_settings=solver_settings)
         result = TrialResult(cand, num_train, float(reg), float(np.median(its)), float(np.mean(its)),
-                             best_epoch, ran, time.perf_counter() - t0)
+                             best_epoch, ran, time.perf_counter() - t0, reference)
         trials.append(result)
         if cand.correction:  # an uncorrected model is rebuilt where chosen: its derivatives are most of the memory
             models[len(trials) - 1] = model
-        say(f"  {cand.label():48s} n={num_train:5d}  val loss {reg:8.3g}  median C it "
+        say(f"  {result.label():48s} n={num_train:5d}  val loss {reg:8.3g}  median C it "
             f"{result.val_median_iterations:g} (mean {result.val_mean_iterations:.1f})  epochs {ran}  "
             f"{result.seconds:.1f} s")
         return result
@@ -1087,10 +1138,12 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                 if better(trials[i], trials[best_i]):
                     best_i = i
     best = trials[best_i]
+    ref = references.get(best_i)
     model = models[best_i] if best_i in models else uncorrected_model(best.candidate, pp, algorithm, settings,
                                                                       parts[best_i], tangents, rows_of,
-                                                                      fit_classifier)
-    result = RecipeResult(model=model, candidate=best.candidate, num_train=best.num_train,
+                                                                      fit_classifier,
+                                                                      None if ref is None else models[ref])
+    result = RecipeResult(model=model, candidate=best.candidate, num_train=best.num_train, reference=best.reference,
                           val_median_iterations=best.val_median_iterations, cold_median_iterations=cold_median,
                           val_rows=tuple(int(i) for i in val_rows), trials=tuple(trials), curve=curve,
                           seconds=time.perf_counter() - t_start,
