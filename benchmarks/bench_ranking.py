@@ -1,9 +1,10 @@
-"""Ranking a predictor's candidates: in groups on the stacked batch against one call per candidate.
+"""Ranking a predictor's candidates: in groups on the batch taken ``g`` times against one call per candidate.
 
 A predictor with several candidates per instance (the uncorrected first-order expansions from the ``choices`` nearest
 training instances, :class:`~amortcvx.predictors.NeighborTangent`) is ranked by :func:`~amortcvx.predictors.predict`
-with the optimality residual of each candidate. It ranks them a group at a time, on the batch stacked ``g`` times
-(``alg.stacked``, ``g B d <= RANK_ENTRIES``); ``rank_entries=1`` gives one call per candidate. For each family,
+with the optimality residual of each candidate. It ranks them a group at a time, on the batch taken ``g`` times
+(``alg.take``, ``g B d <= RANK_ENTRIES``; an instance stops at its first exact candidate); ``rank_entries=1`` gives
+one call per candidate. For each family,
 candidate count and batch size this script times both (interleaved, median of ``--repeats``; the algorithm's setup
 excluded, the same for both) and reports ms per instance, their ratio, and the largest difference between the two
 picks (0 unless two candidates' residuals tie to rounding).

@@ -152,6 +152,45 @@ def test_active_set_candidates_are_ranked_in_groups_as_one_at_a_time(algorithm, 
     assert many.sum() < few.sum()
 
 
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_an_instance_stops_ranking_at_its_first_exact_candidate(algorithm, form):
+    """With the default ``exact``, an instance whose candidate active set gives its optimum (residual at most
+    ``EXACT_RESIDUAL``) has no later candidate solved: fewer KKT solves than ranking every candidate, the same
+    answers where no candidate is exact, an exact one where one is (where the factorization is per instance, the
+    call still ends once every instance is exact)."""
+    from amortcvx.predictors.fixed_point import EXACT_RESIDUAL
+
+    fam = problems.make("transport", "small", seed=0)
+    pp, solved = _solved(fam.problem, algorithm, form, fam.sample(420, seed=4), settings={"eps_abs": 1e-7,
+                                                                                           "eps_rel": 1e-7})
+    train, test = solved.subset(torch.arange(len(solved) - 20)), solved.subset(torch.arange(len(solved) - 20,
+                                                                                           len(solved)))
+    model = _model(pp, algorithm, train, choices=50)
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(test.theta))
+    space = output_space(algorithm)
+    rows = []
+
+    def counting(a):
+        solve = a.active_set.solve
+        return a._replace(active_set=a.active_set._replace(
+            solve=lambda split, start=None: rows.append(split.shape[0]) or solve(split, start)))
+
+    counted = counting(alg)._replace(take=lambda index: counting(alg.take(index)))
+    with torch.no_grad():
+        every = predict(model, space, counted, test.theta, rank_entries=20 * 5 * pp.n * (pp.n + pp.m), exact=None)
+        all_rows, rows[:] = sum(rows), []
+        early = predict(model, space, counted, test.theta, rank_entries=20 * 5 * pp.n * (pp.n + pp.m))
+        early_rows = sum(rows)
+        per_instance = predict(model, space, alg._replace(take=None), test.theta)
+    res = alg.optimality(space.to_state(alg, early))
+    exact = res <= EXACT_RESIDUAL
+    assert bool(exact.any()) and not bool(exact.all())
+    assert early_rows < all_rows == 20 * 50
+    torch.testing.assert_close(early[~exact], every[~exact], rtol=0, atol=0)
+    assert float(alg.optimality(space.to_state(alg, every))[exact].max()) <= EXACT_RESIDUAL
+    torch.testing.assert_close(per_instance[~exact], every[~exact], rtol=0, atol=0)
+
+
 def test_the_nearest_stored_solution_stands_where_no_active_set_can_be_solved(monkeypatch):
     """Where every candidate's KKT system fails (NaN), the prediction is the forward pass's (the nearest stored
     solution), not NaN (queries off the stored instances, whose own active sets would be exact: one candidate, so that

@@ -1152,10 +1152,11 @@ def test_predict_keeps_the_best_of_many_candidates_taken_one_at_a_time(box_qp):
 
 
 @pytest.mark.parametrize("algorithm, form", [("scs", "cone"), ("osqp", "qp")])
-def test_a_stacked_algorithm_repeats_the_batch_without_a_new_factorization(algorithm, form):
-    """``alg.stacked(c)`` is the algorithm on the batch repeated ``c`` times, copy after copy: its optimality residual
-    and its step on stacked states equal the batch's own on each copy, and the shared factorization is reused (no
-    new build in the cache). Where the factorization is per instance (a parameter in ``A``), it gives None."""
+def test_an_algorithm_takes_instances_of_its_batch_without_a_new_factorization(algorithm, form):
+    """``alg.take(index)`` is the algorithm on the batch's instances ``index`` (here the batch repeated 3 times, copy
+    after copy, and a few instances out of order with a repeat): its optimality residual and its step equal the batch's
+    own on those instances, and the shared factorization is reused (no new build in the cache). Where the
+    factorization is per instance (a parameter in ``A``), ``take`` is None."""
     import cvxpy as cp
 
     from amortcvx.iterations.linalg import FactorCache
@@ -1168,7 +1169,7 @@ def test_a_stacked_algorithm_repeats_the_batch_without_a_new_factorization(algor
     space = output_space(algorithm)
     z = torch.randn(3, 5, space.dim(alg.work.n, alg.work.m), dtype=torch.float64,
                     generator=torch.Generator().manual_seed(1))
-    three = alg.stacked(3)
+    three = alg.take(torch.arange(5).repeat(3))
     assert cache.builds == 1 and three.work.batch_size == 15
     state = space.to_state(three, z.reshape(15, -1))
     own = torch.stack([alg.optimality(space.to_state(alg, z[c])) for c in range(3)])
@@ -1177,18 +1178,22 @@ def test_a_stacked_algorithm_repeats_the_batch_without_a_new_factorization(algor
     for c in range(3):
         torch.testing.assert_close(stepped[c], alg.fixed_point(alg.step(space.to_state(alg, z[c]))), rtol=1e-10,
                                    atol=1e-12)
+    index = torch.tensor([4, 1, 1])
+    some = alg.take(index)
+    torch.testing.assert_close(some.optimality(space.to_state(some, z[0, index])), own[0, index], rtol=1e-12,
+                               atol=1e-12)
 
     a, x = cp.Parameter(3, name="a"), cp.Variable(3, name="x")
     in_a = ParametricProblem(cp.Problem(cp.Minimize(cp.sum_squares(x)), [a @ x >= 1]), form)
     per_instance = make_algorithm(algorithm, in_a.canonicalize({"a": np.ones((2, 3)) + np.eye(3)[:2]}))
-    assert per_instance.stacked(2) is None
+    assert per_instance.take is None
 
 
 def test_predict_ranks_groups_of_candidates_as_it_ranks_them_one_at_a_time(box_qp):
-    """``predict`` ranks the candidates a group at a time on the stacked batch (``rank_group``: here groups of 21, the
-    last one padded): the pick equals ranking them one call per candidate (``rank_entries=1``) and ranking all of
-    them at once, instance by instance; where the algorithm has no stacked form it ranks them one at a time. By
-    default a small batch of this small problem is one group."""
+    """``predict`` ranks the candidates a group at a time on the batch taken ``g`` times (``rank_group``: here groups of
+    21, the last one padded): with every candidate ranked (``exact=None``) the pick equals ranking them one call per
+    candidate (``rank_entries=1``) and ranking all of them at once, instance by instance; where the algorithm cannot
+    take instances it ranks them one at a time. By default a small batch of this small problem is one group."""
     from amortcvx.iterations.registry import make_algorithm
     from amortcvx.predictors import predict
     from amortcvx.predictors.fixed_point import rank_group
@@ -1205,22 +1210,22 @@ def test_predict_ranks_groups_of_candidates_as_it_ranks_them_one_at_a_time(box_q
     space = output_space("scs")
     width = space.dim(alg.work.n, alg.work.m)
     sizes = []
-    stacked = alg.stacked
 
-    def counted(copies):
-        sizes.append(copies)
-        return stacked(copies)
+    def counted(index):
+        sizes.append(len(index) // 3)
+        return alg.take(index)
 
     with torch.no_grad():
         every = model.candidates(theta)
         res = torch.stack([alg.optimality(space.to_state(alg, every[:, i])) for i in range(every.shape[1])], 1)
-        grouped = predict(model, space, alg._replace(stacked=counted), theta, rank_entries=21 * 3 * width)
-        whole = predict(model, space, alg._replace(stacked=counted), theta)
-        single = predict(model, space, alg, theta, rank_entries=1)
-        unstacked = predict(model, space, alg._replace(stacked=None), theta)
+        grouped = predict(model, space, alg._replace(take=counted), theta, rank_entries=21 * 3 * width, exact=None)
+        whole = predict(model, space, alg._replace(take=counted), theta, exact=None)
+        single = predict(model, space, alg, theta, rank_entries=1, exact=None)
+        untaken = predict(model, space, alg._replace(take=None), theta, exact=None)
     assert sizes == [21, 37] and rank_group(37, 3, width) == 37  # groups of 21 (the second padded), then one
+    assert float(res.min(dim=1).values.min()) > 1e-9  # no candidate is exact here: the default ranks them all too
     best = every[torch.arange(3), res.argmin(dim=1)]
-    for z in (grouped, whole, single, unstacked):
+    for z in (grouped, whole, single, untaken, predict(model, space, alg, theta)):
         torch.testing.assert_close(z, best, rtol=0, atol=0)
 
 

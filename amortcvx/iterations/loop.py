@@ -48,11 +48,11 @@ class FixedPointAlgorithm(NamedTuple):
         optimality: ``optimality(state) -> (B,)``, a residual of the optimality conditions at the point a state
             stands for that needs no linear solve (nil exactly at the solutions), to rank starts more cheaply than by
             a step; None where not available.
-        stacked: ``stacked(copies) -> FixedPointAlgorithm | None``, the algorithm bound to the batch repeated
-            ``copies`` times, copy after copy (row ``c B + i`` is instance ``i``), with the batch's factorization
-            reused: to rank several candidates per instance in one call (:func:`~amortcvx.predictors.predict`).
-            It returns None where the factorization is per instance (no cheap copy); the field is None where not
-            available.
+        take: ``take(index) -> FixedPointAlgorithm``, the algorithm bound to the batch's instances ``index`` (a 1-D
+            int64 tensor: any order, repeats allowed; row ``r`` is instance ``index[r]``), with the batch's
+            factorization reused: to rank several candidates per instance in one call, and only for the instances
+            still ranking (:func:`~amortcvx.predictors.predict`). None where the factorization is per instance (no
+            cheap copy) or where not available.
         active_set: :class:`~amortcvx.iterations.polish.ActiveSets` (LPs and QPs): the split of the rows a point
             says and the exact solution on a given split (to decode a predicted active set, :func:`~amortcvx.
             predictors.predict`); None where not available (cone programs with other cones).
@@ -68,7 +68,7 @@ class FixedPointAlgorithm(NamedTuple):
     embed: Callable[[torch.Tensor], State] | None = None
     polish: Callable[..., dict[str, torch.Tensor]] | None = None
     optimality: Callable[[State], torch.Tensor] | None = None
-    stacked: Callable[[int], FixedPointAlgorithm | None] | None = None
+    take: Callable[[torch.Tensor], FixedPointAlgorithm] | None = None
     active_set: ActiveSets | None = None
 
 

@@ -40,18 +40,23 @@ def _osqp_point(state: _osqp.OsqpState) -> tuple:
     return state.x, state.y, None
 
 
-def stacked(bind: Callable[[object, kkt.Batch], FixedPointAlgorithm], rows: tuple[str, ...], work, d: kkt.Batch,
-            copies: int) -> FixedPointAlgorithm | None:
-    """An algorithm's ``stacked(copies)``: the algorithm ``bind(work, d)`` makes, on the batch repeated ``copies``
-    times (row ``c B + i`` is instance ``i``), or None where the batch's factored system holds one factorization per
-    instance. Nothing is set up or solved again: the per-instance fields ``rows`` of ``work`` and the vectors of
-    ``d`` are repeated, the shared matrices and the factorization are the batch's own."""
-    if work.solver.batch_size != 1:
-        return None
-    index = torch.arange(work.batch_size, device=d.lin.device).repeat(copies)
+def taken(bind: Callable[[object, kkt.Batch], FixedPointAlgorithm], rows: tuple[str, ...], work, d: kkt.Batch,
+          index: torch.Tensor) -> FixedPointAlgorithm:
+    """An algorithm's ``take(index)``: the algorithm ``bind(work, d)`` makes, on the batch's instances ``index`` (row
+    ``r`` is instance ``index[r]``). Nothing is set up or solved again: the per-instance fields ``rows`` of ``work``
+    and the vectors of ``d`` are gathered, the shared matrices and the factorization are the batch's own (so only
+    where the batch's factored system is shared: :func:`_take`)."""
+    index = index.to(d.lin.device)
     changes = {f: getattr(work, f)[index] for f in rows if getattr(work, f) is not None}
     return bind(work._replace(**changes, A=work.A.take(index), P=None if work.P is None else work.P.take(index),
                               batch_size=int(index.numel())), kkt.take(d, index))
+
+
+def _take(bind: Callable[[object, kkt.Batch], FixedPointAlgorithm], rows: tuple[str, ...], work, d: kkt.Batch
+          ) -> Callable[[torch.Tensor], FixedPointAlgorithm] | None:
+    """The ``take`` of the algorithm ``bind(work, d)`` makes (:func:`taken`), or None where the batch's factored
+    system holds one factorization per instance."""
+    return None if work.solver.batch_size != 1 else partial(taken, bind, rows, work, d)
 
 
 _SCS_ROWS = ("g", "qb", "a", "b", "c")
@@ -68,7 +73,7 @@ def _bind_scs(work: _scs.ScsWork, d: kkt.Batch) -> FixedPointAlgorithm:
         fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
         solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
         polish=partial(scs_polish, work), optimality=partial(optimality, d, partial(_scs.scs_point, work)),
-        stacked=partial(stacked, _bind_scs, _SCS_ROWS, work, d),
+        take=_take(_bind_scs, _SCS_ROWS, work, d),
         active_set=ActiveSets(partial(scs_split, work), partial(scs_solve_split, work))
         if polishable(work.cones) else None)
 
@@ -79,7 +84,7 @@ def _bind_osqp(work: _osqp.OsqpWork, d: kkt.Batch) -> FixedPointAlgorithm:
         fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
         solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
         polish=partial(osqp_polish, work), optimality=partial(optimality, d, _osqp_point),
-        stacked=partial(stacked, _bind_osqp, _OSQP_ROWS, work, d),
+        take=_take(_bind_osqp, _OSQP_ROWS, work, d),
         active_set=ActiveSets(partial(osqp_split, work), partial(osqp_solve_split, work)))
 
 
@@ -90,7 +95,7 @@ def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,
     ``init(x=None, y=None, s=None, *, v=None)``; the fixed-point variable is ``v`` (``(B, n + m + 1)``);
     ``solution`` gives :class:`~amortcvx.iterations.scs.ScsSolution` ``(x, y, s, tau, kappa)``;
     ``polish(x=, y=, s=)``: see :mod:`.polish` (LPs and QPs only); ``optimality``: :func:`optimality` at the point
-    ``v`` stands for (:func:`~amortcvx.iterations.scs.scs_point`); ``stacked``: :func:`stacked`; ``active_set``:
+    ``v`` stands for (:func:`~amortcvx.iterations.scs.scs_point`); ``take``: :func:`taken`; ``active_set``:
     :class:`~amortcvx.iterations.polish.ActiveSets` (LPs and QPs, else None).
     """
     work = _scs.scs_setup(data, settings, cache)
@@ -104,7 +109,7 @@ def make_osqp(data: QPData, settings: _osqp.OsqpSettings | None = None,
     ``init(x=None, y=None, *, z=None)`` (``z = A x`` by default); the fixed-point variable is
     ``[x; z + y / rho]`` (``(B, n + m)``); ``solution`` gives :class:`~amortcvx.iterations.osqp.OsqpSolution`;
     ``polish(x=, y=)``: see :mod:`.polish`; ``optimality``: :func:`optimality` at the state's ``(x, y)``;
-    ``stacked``: :func:`stacked`; ``active_set``: :class:`~amortcvx.iterations.polish.ActiveSets`.
+    ``take``: :func:`taken`; ``active_set``: :class:`~amortcvx.iterations.polish.ActiveSets`.
     """
     work = _osqp.osqp_setup(data, settings, cache)
     return _bind_osqp(work, kkt.sparse(data, work.q.dtype))

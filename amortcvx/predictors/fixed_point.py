@@ -130,8 +130,17 @@ rows: 9.5 / 6.3 / 5.6 / 5.8 / 6.4; portfolio small (``d = 67``), batch 64, 1024 
 / 4096 rows: 13.1 / 8.8 / 8.2 / 8.6 / 12.8. This many entries is 56 rows of the one and 1956 of the other."""
 
 
+EXACT_RESIDUAL = 1e-9
+""":func:`predict` stops ranking an instance's candidates once one has an optimality residual (``alg.optimality``) at
+most this: an exact candidate (the optimum solved on the instance's own active set, or a first-order expansion on its
+own affine piece) is at rounding level, about ``1e-12`` on the bundled families, and no later candidate can be a
+better start than an optimum. Every other candidate is off by far more (``1e-4`` and up, at the tolerances the solvers
+are asked for)."""
+
+
 def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Tensor,
-            dtype: torch.dtype = torch.float64, rank_entries: int = RANK_ENTRIES) -> torch.Tensor:
+            dtype: torch.dtype = torch.float64, rank_entries: int = RANK_ENTRIES,
+            exact: float | None = EXACT_RESIDUAL) -> torch.Tensor:
     """The prediction handed to the solver for parameters ``theta`` (B, p), on ``theta``'s device in ``dtype`` (that
     of ``alg``, which is bound to ``theta``'s canonical data).
 
@@ -148,15 +157,30 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
     and instance, each started from the forward pass's point) and ranked the same way, after that point (the nearest
     stored solution, or the model's reference network's prediction).
 
-    The candidates are ranked a group at a time (:func:`rank_group`), each group in one call on the batch stacked
-    ``g`` times (``alg.stacked``), and only the best so far is kept: at small batches and on small problems one call
-    per candidate costs more in per-call overhead than in arithmetic (batch 1, 1024 candidates: portfolio small 14
-    against 315 ms; docs/training.md). Where the batch's factorization is per instance (``alg.stacked`` gives None),
-    one call per candidate. Among equal residuals the first wins (residuals computed in a group and one at a time may
-    differ by rounding, so near-ties may be broken differently); non-finite residuals count as infinite.
+    The candidates are ranked a group at a time (:func:`rank_group`), each group in one call on the instances still
+    ranking, taken ``g`` times (``alg.take``), and only the best so far is kept: at small batches and on small
+    problems one call per candidate costs more in per-call overhead than in arithmetic (batch 1, 1024 candidates:
+    portfolio small 14 against 315 ms; docs/training.md). An instance stops ranking once its best residual is at most
+    ``exact`` (:data:`EXACT_RESIDUAL`; None: rank every candidate): its later candidates are not solved or ranked, and the
+    whole call ends when no instance is left (where the first candidates are exact, most of an active-set model's
+    KKT solves are skipped). Where the batch's factorization is per instance (``alg.take`` is None), one call per
+    candidate on the whole batch, ending when every instance is exact. Among equal residuals the first wins
+    (residuals computed in a group and one at a time may differ by rounding, so near-ties may be broken differently);
+    non-finite residuals count as infinite.
     """
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     inputs = theta if tensor is None else theta.to(tensor.device, tensor.dtype)
+    batch = theta.shape[0]
+    live = torch.arange(batch, device=theta.device)  # the instances still ranking
+    on_live: dict[int, FixedPointAlgorithm] = {}  # the algorithm on them, taken g times, by g (emptied as they end)
+
+    def ranker(g: int) -> FixedPointAlgorithm:
+        """The algorithm on the live instances repeated ``g`` times, copy after copy (row ``c b + i``: live instance
+        ``i``)."""
+        if g not in on_live:
+            whole = g == 1 and live.numel() == batch
+            on_live[g] = alg if whole else alg.take(live.repeat(g))
+        return on_live[g]
 
     def residual(a: FixedPointAlgorithm, z: torch.Tensor) -> torch.Tensor:
         state = space.to_state(a, z)
@@ -164,69 +188,79 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
         return torch.nan_to_num(res, nan=float("inf"))
 
     def padded(group: torch.Tensor) -> torch.Tensor:
-        """A group (B, g, .) of more than one but fewer than ``size`` candidates padded to ``size`` with copies of
+        """A group (b, g, .) of more than one but fewer than ``size`` candidates padded to ``size`` with copies of
         its last (a copy never wins: the first of equal residuals does); others as they are."""
-        B, g = group.shape[:2]
-        return group if g in (1, size) else torch.cat([group, group[:, -1:].expand(B, size - g, -1)], dim=1)
+        b, g = group.shape[:2]
+        return group if g in (1, size) else torch.cat([group, group[:, -1:].expand(b, size - g, -1)], dim=1)
 
     def group_best(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The best of a group (B, g, d) and its residual (:func:`padded` to ``size``)."""
-        B = z.shape[0]
+        """The best of a group (b, g, d) of the live instances and its residual (:func:`padded` to ``size``)."""
+        b = z.shape[0]
         if z.shape[1] == 1:
-            return z[:, 0], residual(alg, z[:, 0])
+            return z[:, 0], residual(ranker(1), z[:, 0])
         z = padded(z)
-        res = residual(ranker, z.transpose(0, 1).reshape(size * B, -1)).view(size, B)
+        res = residual(ranker(size), z.transpose(0, 1).reshape(size * b, -1)).view(size, b)
         pick = res.argmin(dim=0)
-        return z[torch.arange(B, device=z.device), pick], res.gather(0, pick[None])[0]
+        return z[torch.arange(b, device=z.device), pick], res.gather(0, pick[None])[0]
 
     def decoded(split: torch.Tensor, start: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Active sets (B, g, m) solved on the batch's data, each from the point ``start`` (B, .): (B, g, d) points
-        (:func:`padded` like a group)."""
-        split = padded(split.to(theta.device))
-        B, g = split.shape[:2]
-        a = alg if g == 1 else ranker
-        fields = a.active_set.solve(split.transpose(0, 1).reshape(g * B, -1),
-                                    start={f: v.repeat(g, 1) for f, v in start.items()})  # candidate-major, as split
-        return space.target(a, **fields).view(g, B, -1).transpose(0, 1)
+        """Active sets (B, g, m) solved for the live instances, each from that instance's point in ``start`` (B, .):
+        (b, g, d) points (:func:`padded` like a group)."""
+        split = padded(split.to(theta.device)[live])
+        b, g = split.shape[:2]
+        a = ranker(g)
+        fields = a.active_set.solve(split.transpose(0, 1).reshape(g * b, -1),  # candidate-major, as the ranker
+                                    start={f: v[live].repeat(g, 1) for f, v in start.items()})
+        return space.target(a, **fields).view(g, b, -1).transpose(0, 1)
 
+    # the groups are generated lazily: each reads ``live`` when it is drawn, after the groups before it were ranked
     if getattr(model, "splits", False) and alg.active_set is not None:
         # the forward pass first (the nearest stored solution or the model's reference network: finite where every
         # active set's KKT system is singular), then the candidate active sets solved on this batch's data (a dense
         # n x n factor and m x n rows per solve), each from the forward pass's point (of a degenerate active set's
         # solutions, about the one nearest it)
-        size, ranker = _ranking(alg, space, model.choices, theta.shape[0], rank_entries,
-                                lambda n, m: n * (n + m))
+        size = _group_size(alg, space, model.choices, batch, rank_entries, lambda n, m: n * (n + m))
         first = model(inputs)[:, None]
         start = space.prediction_warm_start(alg, first[:, 0].to(theta.device, dtype))
         groups = itertools.chain([first], (decoded(s, start) for s in model.split_groups(inputs, size)))
     elif hasattr(model, "candidate_groups") and int(getattr(model, "choices", 1)) > 1:
-        size, ranker = _ranking(alg, space, model.choices, theta.shape[0], rank_entries)
-        groups = iter(model.candidate_groups(inputs, size))
+        size = _group_size(alg, space, model.choices, batch, rank_entries)
+        groups = (z.to(theta.device)[live] for z in model.candidate_groups(inputs, size))
     elif hasattr(model, "candidates"):  # a module with ``candidates`` (B, K, d) only
         every = model.candidates(inputs)
         if every.shape[1] == 1:
             return every[:, 0].to(theta.device, dtype)
-        size, ranker, groups = 1, None, iter(every.split(1, dim=1))
+        size = 1
+        groups = (z.to(theta.device)[live] for z in every.split(1, dim=1))
     else:
         return model(inputs).to(theta.device, dtype)
-    best, best_res = group_best(next(groups).to(theta.device, dtype))
-    for z in groups:
+    best, best_res = (t.clone() for t in group_best(next(groups).to(theta.device, dtype)))  # updated in place
+    while True:
+        done = best_res[live] <= (-math.inf if exact is None else exact)
+        if bool(done.all()):
+            break
+        if alg.take is not None and bool(done.any()):
+            live, on_live = live[~done], {}
+        z = next(groups, None)
+        if z is None:
+            break
         cand, res = group_best(z.to(theta.device, dtype))
-        better = res < best_res
-        best, best_res = torch.where(better[:, None], cand, best), torch.where(better, res, best_res)
+        better = res < best_res[live]
+        best[live] = torch.where(better[:, None], cand, best[live])
+        best_res[live] = torch.where(better, res, best_res[live])
     return best
 
 
-def _ranking(alg: FixedPointAlgorithm, space: OutputSpace, count: int, batch: int, entries: int,
-             width: Callable[[int, int], int] | None = None) -> tuple[int, FixedPointAlgorithm | None]:
-    """:func:`predict`'s group size for ``count`` candidates per instance and the algorithm on the batch stacked that
-    many times (size 1 and None where the work does not say its sizes or has no cheap stacked form); ``width(n, m)``:
-    the entries each candidate of an instance takes (default: the prediction's length)."""
+def _group_size(alg: FixedPointAlgorithm, space: OutputSpace, count: int, batch: int, entries: int,
+                width: Callable[[int, int], int] | None = None) -> int:
+    """:func:`predict`'s group size for ``count`` candidates per instance (1 where the work does not say its sizes or
+    cannot take a part of its batch, ``alg.take``); ``width(n, m)``: the entries each candidate of an instance takes
+    (default: the prediction's length)."""
     work = alg.work
     sized = hasattr(work, "n") and hasattr(work, "m")  # a work that does not say its sizes: one at a time
-    size = rank_group(count, batch, (width or space.dim)(work.n, work.m), entries) if sized else 1
-    ranker = alg.stacked(size) if size > 1 and alg.stacked is not None else None
-    return (size, ranker) if ranker is not None else (1, None)
+    if not sized or alg.take is None:
+        return 1
+    return rank_group(count, batch, (width or space.dim)(work.n, work.m), entries)
 
 
 def rank_group(count: int, batch: int, width: int, entries: int = RANK_ENTRIES) -> int:
