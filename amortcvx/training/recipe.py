@@ -19,7 +19,9 @@ from the first ``val_size + search_size``, are the validation set, the other row
    time left; on LPs and QPs also :class:`~amortcvx.predictors.NeighborActiveSet` (the nearest training
    instances' optimal active sets, each solved exactly on the query's data: nothing trained, a companion too) and
    :class:`~amortcvx.predictors.ClassifiedActiveSet` (the most probable active sets by a classifier of each
-   row's side fitted to the training instances' active sets, solved the same way: a companion too);
+   row's side fitted to the training instances' active sets, solved the same way: a companion too); an active-set
+   trial's solves start from the prediction of the best network trained on the same instances, its ``reference``
+   (where there is one: a degenerate LP's active set gives the optimum nearest its start);
 3. trains the chosen configuration on more instances (``sizes``, then doubling up to ``max_size``) while the
    budget allows and more data still pays (fewer validation iterations, or a validation loss 5% lower than at
    the previous size), and keeps the best; where more data stopped paying with budget left, trains the
