@@ -128,15 +128,21 @@ def test_a_stored_active_set_predicts_a_query_on_its_piece_exactly(algorithm, fo
     assert its.max() <= 1
 
 
+def _transport_queries(algorithm: str, form: str, num: int):
+    """transport small, ``num`` instances drawn and solved at eps ``1e-7`` (OSQP fails a few): the problem, all but the
+    last 20 solved as the training set, the last 20 as queries."""
+    fam = problems.make("transport", "small", seed=0)
+    pp, solved = _solved(fam.problem, algorithm, form, fam.sample(num, seed=4), settings={"eps_abs": 1e-7,
+                                                                                           "eps_rel": 1e-7})
+    cut = len(solved) - 20
+    return pp, solved.subset(torch.arange(cut)), solved.subset(torch.arange(cut, len(solved)))
+
+
 @pytest.mark.parametrize("algorithm, form", FORMS)
 def test_active_set_candidates_are_ranked_in_groups_as_one_at_a_time(algorithm, form):
     """Many candidate active sets: ranked in groups (a padded last group), in one group or one at a time, the
     prediction is the same; more candidates find more queries' pieces (fewer C iterations in all)."""
-    fam = problems.make("transport", "small", seed=0)
-    pp, solved = _solved(fam.problem, algorithm, form, fam.sample(660, seed=4), settings={"eps_abs": 1e-7,
-                                                                                           "eps_rel": 1e-7})
-    train, test = solved.subset(torch.arange(len(solved) - 20)), solved.subset(torch.arange(len(solved) - 20,
-                                                                                           len(solved)))
+    pp, train, test = _transport_queries(algorithm, form, 660)
     model = _model(pp, algorithm, train, choices=50)
     alg = make_algorithm(algorithm, pp.canonicalize_vector(test.theta))
     space = output_space(algorithm)
@@ -160,11 +166,7 @@ def test_an_instance_stops_ranking_at_its_first_exact_candidate(algorithm, form)
     call still ends once every instance is exact)."""
     from amortcvx.predictors.fixed_point import EXACT_RESIDUAL
 
-    fam = problems.make("transport", "small", seed=0)
-    pp, solved = _solved(fam.problem, algorithm, form, fam.sample(420, seed=4), settings={"eps_abs": 1e-7,
-                                                                                           "eps_rel": 1e-7})
-    train, test = solved.subset(torch.arange(len(solved) - 20)), solved.subset(torch.arange(len(solved) - 20,
-                                                                                           len(solved)))
+    pp, train, test = _transport_queries(algorithm, form, 420)
     model = _model(pp, algorithm, train, choices=50)
     alg = make_algorithm(algorithm, pp.canonicalize_vector(test.theta))
     space = output_space(algorithm)

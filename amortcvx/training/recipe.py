@@ -859,8 +859,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         if cand.kind not in ACTIVE_SET_KINDS:
             return None
         same = [i for i in models if trials[i].num_train == len(train_part)]
-        return min(same, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations, i),
-                   default=None)
+        return min(same, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations), default=None)
 
     references: dict[int, int] = {}  # an active-set trial -> the trial of its reference network
 
