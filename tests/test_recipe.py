@@ -440,12 +440,14 @@ class FakeClock:
 
 
 def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, seen: list | None = None,
-                    cost=None, clock: FakeClock | None = None, budget: float = 300, share: float = 1e9):
+                    cost=None, clock: FakeClock | None = None, budget: float = 300, share: float = 1e9,
+                    epochs: list | None = None):
     """``fit_predictor`` on the portfolio source with the trainings and the C solves replaced: a trained model is
     a tag ``(kind, width, n)`` whose validation loss and median C iterations are ``scripted(kind, width, n)``;
     every other kind counts as a companion (``share``: ``COMPANION_SHARE``). A training takes no time, or
     ``cost(kind, n, width)`` seconds (slept, or added to ``clock``, which then is the recipe's only time); ``seen``
-    collects the (training, validation) sets every training was given."""
+    collects the (training, validation) sets every training was given, ``epochs`` the ``(kind, n, epochs)`` each
+    training was allowed."""
     import amortcvx.training.recipe as recipe_mod
     from amortcvx.training.trainer import TrainResult
 
@@ -458,6 +460,8 @@ def scripted_recipe(monkeypatch, portfolio, scripted, settings: RecipeSettings, 
     def train(pp_, alg, part, val, config, settings=None, core=None):
         if seen is not None:
             seen.append((part, val))
+        if epochs is not None:
+            epochs.append((core, len(part), config.epochs))
         if cost is not None and clock is not None:
             clock.t += cost(core, len(part), config.hidden[0])
         elif cost is not None:
@@ -642,6 +646,26 @@ def test_a_companion_rides_no_further_once_it_trains_longer_than_the_curve(portf
     order = [(t.candidate.kind, t.num_train) for t in res.trials]
     assert order == [("mlp", 60), ("neighbor_correction", 60), ("mlp", 120), ("neighbor_correction", 120),
                      ("mlp", 240)]
+
+
+def test_a_companion_trains_at_most_as_long_as_the_curve_at_its_size(portfolio, monkeypatch):
+    """Scripted on a simulated clock: the neighbour kind rides the MLP's curve; at 120 instances its epochs are
+    capped so that its training takes at most the MLP's trial there (1 s), not the budget left (about 300 s)."""
+    from amortcvx.training.recipe import scaled_rate
+
+    def cost(kind: str, n: int, width: int) -> float:
+        return 1.0 if kind == "mlp" else 0.03 * n / 60  # 3 epochs each (the scripted history)
+
+    allowed: list = []
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=120,
+                              alternatives=({"kind": "neighbor_correction", "hidden": (128, 128)},), ensemble=1)
+    scripted_recipe(monkeypatch, portfolio, lambda kind, width, n: (0.5 * 60 / n, 12.0 if kind == "mlp" else 14.0),
+                    settings, cost=cost, clock=FakeClock(), epochs=allowed)
+    epochs = {(kind, n): e for kind, n, e in allowed}
+    # the rider's seconds per epoch and instance, measured at 60 (a stored set's: twice the set, twice the rate)
+    rate = scaled_rate("neighbor_correction", 0.03 / 3 / 60, 60, 120)
+    assert epochs["neighbor_correction", 60] == settings.epochs  # the search: the budget left allows every epoch
+    assert epochs["neighbor_correction", 120] == pytest.approx(0.8 * 1.0 / (rate * 120), abs=1)  # 20, not 1000
 
 
 def test_capacity_step_after_a_companion_judges_against_the_curves_own_training(portfolio, monkeypatch):

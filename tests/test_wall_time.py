@@ -760,6 +760,48 @@ def test_calibration_chooses_newton_steps_and_saving_keeps_them(tmp_path):
         AmortizedSolver(pp, model, k=10, newton=-1)
 
 
+def test_calibration_chooses_the_refinement_steps_and_saving_keeps_them(tmp_path):
+    fam, pp = _pp("portfolio", "osqp")
+    solver = AmortizedSolver(pp, _untrained_predictor(pp, "osqp"), k=10, solver_settings=TOL)
+    cal = solver.calibrate(fam.sample(16, seed=9), refine_steps=(0, 10), timed=False)
+    labels = dict(cal.candidates)
+    assert set(labels) == {"k=0 plain", "k=10 plain"}  # k named where several are offered
+    fewest = min(labels.values())
+    assert cal.learned_median == fewest and labels[f"k={cal.k} plain"] == fewest and solver.k == cal.k
+    solver.save(tmp_path / "s")
+    again = AmortizedSolver.load(tmp_path / "s", fam.problem)
+    assert again.k == cal.k and again.calibration.k == cal.k
+    with pytest.raises(ValueError, match="refine_steps"):
+        solver.calibrate(fam.sample(2, seed=12), refine_steps=(-1,), timed=False)
+
+
+def test_calibration_times_the_options_tied_at_the_fewest_iterations(monkeypatch):
+    # the Newton finish certifies these starts after 0 or 10 steps alike (0 C iterations each): the tie is decided
+    # by wall time, among the tied options only; untimed, by the mean and then the order (the fewest steps first)
+    fam, pp = _pp("portfolio", "osqp")
+    params = fam.sample(16, seed=9)
+    seen = []
+
+    def fake(self, params, options, **kw):
+        seen.append(list(options))
+        return options[-1]
+
+    monkeypatch.setattr(AmortizedSolver, "choose_option", fake)
+    solver = AmortizedSolver(pp, _untrained_predictor(pp, "osqp"), k=10, solver_settings=TOL)
+    cal = solver.calibrate(params, refine_steps=(0, 10), newton_steps=(0, 4))
+    labels = dict(cal.candidates)
+    assert labels["k=0 plain + newton 4"] == labels["k=10 plain + newton 4"] == 0 < labels["k=0 plain"]
+    assert len(seen) == 1 and [o[0] for o in seen[0]] == [0, 10] and all(o[2] == 4 for o in seen[0])
+    assert (cal.k, cal.newton) == (solver.k, solver.newton) == (10, 4)  # the one choose_option returned
+    untimed = AmortizedSolver(pp, _untrained_predictor(pp, "osqp"), k=10, solver_settings=TOL)
+    assert untimed.calibrate(params, refine_steps=(0, 10), newton_steps=(0, 4), timed=False).k in (0, 10)
+    assert len(seen) == 1  # untimed: no timing (the lowest mean, then the first)
+    monkeypatch.undo()
+    # the real timing: one of the tied options, the solver's fields left for the caller to set
+    kept = solver.choose_option(params, seen[0], repeats=1, single=2)
+    assert kept in seen[0]
+
+
 def test_polish_choices_follow_the_cones_and_the_size(monkeypatch):
     from amortcvx.deploy.solver import polish_choices
     from amortcvx.iterations import kkt

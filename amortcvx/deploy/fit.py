@@ -202,8 +202,15 @@ def fit(cls, problem: cp.Problem, data: Sampler | Mapping[str, Any], *, solver: 
     out = cls(pp, model, k=k, solver_settings=settings, device=device, **solver_options)
     if calibrate:
         out.calibrate(val_ds.params, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp),
-                      polish=_polish_options(pp, solver_options), progress=progress)
+                      polish=_polish_options(pp, solver_options), refine_steps=refine_choices(k), progress=progress)
     return out
+
+
+def refine_choices(k: int) -> tuple[int, ...]:
+    """The refinement steps calibration chooses among after ``fit``: none, or the ``k`` asked for (a prediction
+    that is exact alone needs no steps; calibration keeps the fastest of the options tied at the fewest C
+    iterations)."""
+    return tuple(sorted({0, k}))
 
 
 def _polish_options(pp: ParametricProblem, solver_options: dict) -> tuple[bool, ...] | None:
@@ -227,8 +234,8 @@ def _fit_recipe(cls, pp: ParametricProblem, solver: str, data, *, k: int, settin
     if calibrate:
         rows = np.asarray(result.val_rows)
         val_params = {name: v[rows] for name, v in source.params(int(rows.max()) + 1).items()}
-        out.calibrate(val_params, refinements=(None, AndersonSettings()),
-                      newton_steps=newton_choices(pp), polish=_polish_options(pp, solver_options), progress=progress)
+        out.calibrate(val_params, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp),
+                      polish=_polish_options(pp, solver_options), refine_steps=refine_choices(k), progress=progress)
     return out
 
 

@@ -224,6 +224,8 @@ class Calibration(NamedTuple):
         c_setup: the C solver's setup settings calibration chose (SCS's ``normalize``, and where every instance
             has its own setup SCS's ``linear_solver`` or OSQP's ``scaling``; None or empty: the settings' or the
             solver's; :meth:`AmortizedSolver.choose_setup`).
+        k: the torch refinement steps after the prediction kept (None: the solver's own; files written before
+            calibration chose them).
     """
 
     learned_median: float
@@ -243,6 +245,7 @@ class Calibration(NamedTuple):
     scs_stops: dict[str, int | None] | None = None
     polish: bool | None = None
     c_setup: dict[str, Any] | None = None
+    k: int | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (:meth:`from_dict` reads it back)."""
@@ -324,10 +327,13 @@ def refinement_label(anderson: AndersonSettings | None) -> str:
     return "plain" if anderson is None else f"anderson(memory={anderson.memory})"
 
 
-def option_label(anderson: AndersonSettings | None, newton: int, polish: bool = False) -> str:
+def option_label(anderson: AndersonSettings | None, newton: int, polish: bool = False, k: int | None = None) -> str:
     """:func:`refinement_label`, with ``" + polish"`` where the refined points are polished and ``" + newton N"``
-    where the certified finish takes ``N`` Newton steps."""
-    return refinement_label(anderson) + (" + polish" if polish else "") + (f" + newton {newton}" if newton else "")
+    where the certified finish takes ``N`` Newton steps; with ``k``, led by ``"k=K "`` (the refinement steps, where
+    calibration chose among several)."""
+    steps = "" if k is None else f"k={k} "
+    return steps + refinement_label(anderson) + (" + polish" if polish else "") + (f" + newton {newton}" if newton
+                                                                                    else "")
 
 
 class AmortizedSolver:
@@ -485,7 +491,8 @@ class AmortizedSolver:
                 dict of arrays (training and validation instances).
             solver: ``"scs"`` (any cone) or ``"osqp"`` (LPs and QPs); form, C backend and torch iteration follow.
             num: instances to draw from a sampler (default :data:`~amortcvx.deploy.fit.DEFAULT_INSTANCES`).
-            k: torch refinement steps after the prediction (also the unroll of training).
+            k: torch refinement steps after the prediction (also the unroll of training); calibration chooses
+                between ``k`` and none (:func:`~amortcvx.deploy.fit.refine_choices`).
             eps: the tolerance of every answer (``eps_abs = eps_rel``), by the solver's own test.
             solver_settings: further C solver settings (override ``eps``).
             train_config: a :class:`~amortcvx.training.TrainConfig` (default: ``TrainConfig(k=k)``); ``epochs``
@@ -955,15 +962,17 @@ class AmortizedSolver:
     def calibrate(self, params: Mapping, *, margin: float = 1.0,
                   refinements: Sequence[AndersonSettings | None] | None = None, timed: bool = True,
                   newton_steps: Sequence[int] | None = None, polish: Sequence[bool] | None = None,
-                  progress: bool = False) -> Calibration:
+                  refine_steps: Sequence[int] | None = None, progress: bool = False) -> Calibration:
         """``self.configure(self.calibrated(params, ...))``: compute the configuration and apply it; returns it."""
         return self.configure(self.calibrated(params, margin=margin, refinements=refinements, timed=timed,
-                                              newton_steps=newton_steps, polish=polish, progress=progress))
+                                              newton_steps=newton_steps, polish=polish, refine_steps=refine_steps,
+                                              progress=progress))
 
     def calibrated(self, params: Mapping, *, margin: float = 1.0,
                    refinements: Sequence[AndersonSettings | None] | None = None,
                    timed: bool = True, newton_steps: Sequence[int] | None = None,
-                   polish: Sequence[bool] | None = None, progress: bool = False) -> Calibration:
+                   polish: Sequence[bool] | None = None, refine_steps: Sequence[int] | None = None,
+                   progress: bool = False) -> Calibration:
         """The configuration of this solver for its problem, measured on ``params``; the solver is left unchanged.
 
         ``params`` are held-out validation instances (not the test set). In order:
@@ -972,13 +981,17 @@ class AmortizedSolver:
            ``P`` depend on the parameters, SCS's linear solver or OSQP's ``scaling``; :meth:`choose_setup`). Then
            OSQP's initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it. Every
            measurement below uses them.
-        2. With a predictor: each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
-           one), with each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current ``newton``) and each of
-           ``polish`` (e.g. :func:`polish_choices`; default: the current ``polish``), is tried with
-           the learned warm starts, exact C iteration counts (certified instances count 0); the lowest median
-           (ties: the lowest mean, then the first) is kept: whether acceleration helps depends on the problem (it
-           can cost iterations, see docs/iterations.md). The predictor passes when ``median(learned) <= margin *
-           median(cold)``, the cold start refined the same way (and finished with the same Newton steps).
+        2. With a predictor: each of ``refine_steps`` (the refinement steps ``k``, e.g. ``(0, 10)``; default: the
+           current ``k``), with each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
+           one; at ``k = 0`` plain only), each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current
+           ``newton``) and each of ``polish`` (e.g. :func:`polish_choices`; default: the current ``polish``), is
+           tried with the learned warm starts, exact C iteration counts (certified instances count 0). The lowest
+           median is kept: whether acceleration helps depends on the problem (it can cost iterations, see
+           docs/iterations.md). Ties: with ``timed``, the fastest of the tied options by wall time
+           (:meth:`choose_option`: a prediction that is exact alone needs no steps after it, whose cost then buys
+           only the tail's C iterations), else the lowest mean, then the first. The predictor passes when
+           ``median(learned) <= margin * median(cold)``, the cold start refined the same way (and finished with the
+           same Newton steps).
         3. OSQP without an explicit ``check_termination``: the termination-check intervals of timed solves
            (:func:`~amortcvx.backends.osqp.check_interval`: the least expected iterations plus checks), for
            warm-started solves from the C iterations the kept start needed where it was not certified, for cold
@@ -1001,6 +1014,9 @@ class AmortizedSolver:
         refinement = [self.anderson] if refinements is None else list(refinements)
         if not refinement:
             raise ValueError("refinements must name at least one refinement (None: plain steps)")
+        ks = [self.k] if refine_steps is None else list(refine_steps)
+        if not ks or not all(_step_count(k) for k in ks):
+            raise ValueError(f"refine_steps must hold nonnegative ints; got {refine_steps!r}")
         for opt in refinement:
             if opt is not None and not isinstance(opt, AndersonSettings):
                 raise TypeError(f"refinements must hold None or AndersonSettings; got {type(opt).__name__}")
@@ -1011,8 +1027,10 @@ class AmortizedSolver:
         if not polishes:
             raise ValueError("polish must name at least one choice (False, True)")
         check_polish_choice(self.pp.form, self.pp.cones, any(polishes))
-        options = [(a, n, p) for p in polishes for n in steps for a in refinement]
-        saved = (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
+        # (k, anderson, newton, polish), the fewest steps first; Anderson over no steps is plain steps
+        options = list(dict.fromkeys((k, a if k else None, n, p) for k in sorted(set(ks)) for p in polishes
+                                     for n in steps for a in refinement))
+        saved = (self.k, self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
                  dict(self.c_modes), self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
                  dict(self.scs_stops), dict(self.c_setup), dict(self._persistent))
         from tqdm.auto import tqdm
@@ -1024,7 +1042,7 @@ class AmortizedSolver:
             return self._measure(params, margin, options, timed, bar)
         finally:
             bar.close()
-            (self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch, self.c_modes,
+            (self.k, self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch, self.c_modes,
              self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
              self.c_setup, self._persistent) = saved
 
@@ -1046,15 +1064,21 @@ class AmortizedSolver:
             if self.model is not None:
                 self.enabled = True
                 for opt in options:
-                    self.anderson, self.newton, self.polish = opt
+                    self.k, self.anderson, self.newton, self.polish = opt
                     out = self.solve(params, exact_iterations=True)
                     its = [r.iterations for r in out.results]
                     candidates.append((opt, float(np.median(its)), float(np.mean(its)), out))
-                    step(f"learned start, {option_label(*opt)}")
-                first = min(candidates, key=lambda c: c[1:3])  # the lowest median, then mean; the first of ties
-                (self.anderson, self.newton, self.polish), learned, _, kept = first
+                    step(f"learned start, {_label(opt, options)}")
+                fewest = min(c[1] for c in candidates)
+                tied = [c for c in candidates if c[1] == fewest]
+                if timed and len(tied) > 1:
+                    fastest = self.choose_option(params, [c[0] for c in tied])
+                    first = next(c for c in tied if c[0] == fastest)
+                else:
+                    first = min(tied, key=lambda c: c[2])  # the lowest mean; the first of ties
+                (self.k, self.anderson, self.newton, self.polish), learned, _, kept = first
             elif len(options) == 1:  # no predictor: the one refinement given is the cold start's
-                self.anderson, self.newton, self.polish = options[0]
+                self.k, self.anderson, self.newton, self.polish = options[0]
             self.enabled, self.cold_refine = False, True
             cold_out = self.solve(params, exact_iterations=True)
             cold = float(np.median([r.iterations for r in cold_out.results]))
@@ -1084,10 +1108,10 @@ class AmortizedSolver:
             step("strategy")
         timing_batch = int(self.pp.parameter_vector(params).shape[0]) if timed else None
         return Calibration(learned, cold, strategy == "learned", self.anderson,
-                           tuple((option_label(a, n, p), med) for (a, n, p), med, _, _ in candidates),
+                           tuple((_label(opt, options), med) for opt, med, _, _ in candidates),
                            dict(self.c_modes), strategy, seconds, self.scs_scale, self.osqp_rho, self.check_termination,
                            timing_batch, self.newton, self.cold_check_termination, dict(self.scs_stops), self.polish,
-                           dict(self.c_setup))
+                           dict(self.c_setup), self.k)
 
     def _plain_cold_iterations(self, params: Mapping, settings: Mapping | None = None) -> list[int]:
         """Exact C iterations (at least 1) of plain cold solves of the first :data:`COLD_COUNT_SAMPLE` instances of
@@ -1105,6 +1129,8 @@ class AmortizedSolver:
             raise TypeError(f"configure takes a Calibration; got {type(calibration).__name__}")
         self.anderson = calibration.anderson
         self.newton = calibration.newton
+        if calibration.k is not None:
+            self.k = calibration.k
         if calibration.polish is not None:
             check_polish_choice(self.pp.form, self.pp.cones, calibration.polish)
             self.polish = calibration.polish
@@ -1180,11 +1206,7 @@ class AmortizedSolver:
         batch)})``; sets nothing (see :meth:`use_strategy`).
         """
         saved = (self.enabled, self.cold_refine, self.by_batch)
-        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
-        size = theta.shape[0]
-        batched = _as_batch(self.pp, params)
-        rows = [{name: value[i:i + 1] if value.shape[0] > 1 else value for name, value in batched.items()}
-                for i in range(min(single, size))]
+        size, rows = self._single_rows(params, single)
         best = {strategy: [math.inf, math.inf] for strategy in allowed}
         live = list(allowed)
         try:
@@ -1205,6 +1227,42 @@ class AmortizedSolver:
             self.enabled, self.cold_refine, self.by_batch = saved
         scores = _strategy_scores(best)
         return min(scores, key=scores.get), {strategy: (t[0], t[1]) for strategy, t in best.items()}
+
+    def _single_rows(self, params: Mapping, single: int) -> tuple[int, list[dict]]:
+        """The batch size of ``params`` and its first ``single`` instances, one per call (batch-1 timings)."""
+        batched = _as_batch(self.pp, params)
+        size = int(self.pp.parameter_vector(params).shape[0])
+        rows = [{name: value[i:i + 1] if value.shape[0] > 1 else value for name, value in batched.items()}
+                for i in range(min(single, size))]
+        return size, rows
+
+    def choose_option(self, params: Mapping, options: Sequence[tuple], *, repeats: int = 2, single: int = 16) -> tuple:
+        """The fastest in wall time of calibration ``options`` ``(k, anderson, newton, polish)`` for the learned
+        start, whose C iteration medians tied (:meth:`calibrated`). Timed like :meth:`choose_strategy`: per instance
+        at batch 1 (the first ``single`` instances, one call each) and at the whole batch, best of ``repeats``
+        interleaved rounds after one untimed call each; the smallest worse-of-the-two ratio to the fastest wins,
+        the first of ties. Within :meth:`_predictions_kept` only what follows the prediction is timed (the
+        prediction costs the same for every option). Leaves the options' fields at the last one timed (the caller
+        sets the kept one)."""
+        size, rows = self._single_rows(params, single)
+
+        def run(option: tuple, calls: list) -> Callable[[], None]:
+            def call() -> None:
+                self.k, self.anderson, self.newton, self.polish = option
+                for one in calls:
+                    self.solve(one)
+            return call
+
+        saved = (self.enabled, self.cold_refine, self.by_batch)
+        try:
+            self.use_strategy("learned")
+            best = _interleaved_best({(i, j): run(option, calls) for i, option in enumerate(options)
+                                      for j, calls in enumerate((rows, [params]))}, 1, repeats)
+        finally:
+            self.enabled, self.cold_refine, self.by_batch = saved
+        times = {i: (best[i, 0] / len(rows), best[i, 1] / size) for i in range(len(options))}
+        scores = _strategy_scores(times)
+        return options[min(scores, key=scores.get)]
 
     def choose_scs_scale(self, params: Mapping) -> float:
         """The fixed scale of the stateless SCS object: the one of fewest cold iterations on ``params`` (validation
@@ -1403,6 +1461,13 @@ class AmortizedSolver:
                             iterations=0, setup_time=0.0, solve_time=0.0, objective=float(objective[j]),
                             message="certified")
                 for j, i in enumerate(idx)]
+
+
+def _label(option: tuple, options: Sequence[tuple]) -> str:
+    """:func:`option_label` of a calibration option ``(k, anderson, newton, polish)``, naming ``k`` where
+    ``options`` offer several."""
+    k, anderson, newton, polish = option
+    return option_label(anderson, newton, polish, k if len({o[0] for o in options}) > 1 else None)
 
 
 def _interleaved_best(runs: Mapping[Any, Callable[[], Any]], untimed: int, repeats: int) -> dict[Any, float]:

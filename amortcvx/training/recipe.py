@@ -863,11 +863,13 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
 
     references: dict[int, int] = {}  # an active-set trial -> the trial of its reference network
 
-    def trial(cand: Candidate, train_part: SolvedSet) -> TrialResult:
+    def trial(cand: Candidate, train_part: SolvedSet, limit: float | None = None) -> TrialResult:
+        """``cand`` trained (within ``limit`` seconds where given, else the budget left) or built on ``train_part``,
+        judged on validation and recorded."""
         t0 = time.perf_counter()
         ref = None
         if cand.correction:
-            model, best_epoch, ran = trained(cand, train_part, t0)
+            model, best_epoch, ran = trained(cand, train_part, t0, limit)
         else:  # no correction to train: the neighbours' answers (and derivatives), or the classifier's active sets
             spent = tangents.seconds + fitting["seconds"]
             ref = reference_of(cand, train_part)
@@ -885,10 +887,11 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             own_seconds[len(trials) - 1] = result.seconds - spent
         return result
 
-    def trained(cand: Candidate, train_part: SolvedSet, t0: float) -> tuple[WarmStartPredictor, int, int]:
-        """``cand`` trained on ``train_part`` with its epochs capped by the time left: the model (CPU, eval mode),
-        its best epoch and the epochs run."""
-        left = deadline - t0
+    def trained(cand: Candidate, train_part: SolvedSet, t0: float,
+                limit: float | None = None) -> tuple[WarmStartPredictor, int, int]:
+        """``cand`` trained on ``train_part`` with its epochs capped by the time left (and by ``limit`` seconds): the
+        model (CPU, eval mode), its best epoch and the epochs run."""
+        left = deadline - t0 if limit is None else min(deadline - t0, limit)
         weights = LossWeights(regression=1.0, residual=_residual_weight(pp, algorithm, settings, train_part, k)
                               if cand.residual else 0.0)
         config = TrainConfig(k=k if cand.residual else 0, weights=weights, epochs=recipe.epochs,
@@ -1003,7 +1006,10 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                         "training: it rides no further)")
                     companions.remove(comp)
                     continue
-                if better(trial(comp, part), trials[best_i]):
+                # a rider's training gets at most the curve's own trial time at this size (kalman, stop 44: a
+                # neighbour correction's patience ran 395 epochs in 201 s at 8000 instances against the curve's 41 s,
+                # after 31 s at 4000; the expansion it rode beside had no budget left for 16000)
+                if better(trial(comp, part, limit=result.seconds), trials[best_i]):
                     best_i = len(trials) - 1
                     if not comp.correction:
                         # the best so far, but it trains nothing that more data would improve beyond its stored
