@@ -1042,9 +1042,9 @@ class AmortizedSolver:
             return self._measure(params, margin, options, timed, bar)
         finally:
             bar.close()
-            (self.k, self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch, self.c_modes,
-             self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination, self.scs_stops,
-             self.c_setup, self._persistent) = saved
+            (self.k, self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch,
+             self.c_modes, self.scs_scale, self.osqp_rho, self.check_termination, self.cold_check_termination,
+             self.scs_stops, self.c_setup, self._persistent) = saved
 
     def _measure(self, params: Mapping, margin: float, options: list, timed: bool, bar) -> Calibration:
         """:meth:`calibrated`'s measurements; changes the solver (the caller restores it); ``bar`` (a tqdm bar)
