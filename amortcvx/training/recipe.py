@@ -29,8 +29,9 @@ from the first ``val_size + search_size``, are the validation set, the other row
    data with it; a kind whose best search trial took at most a quarter of the choice's time
    (:data:`COMPANION_SHARE`; in practice the neighbour kinds, whose stored instances grow denser with the data), and
    every candidate that trains nothing (``Candidate.correction`` False: the kinds of :data:`UNTRAINED_KINDS`, the
-   uncorrected expansion), is trained at every size too, until a training of it takes longer than the curve's at the
-   same size, and takes over the curve where it is better; every size trained gives a point
+   uncorrected expansion), is trained at every size too (a trained one's epochs capped so that its training takes at
+   most the curve's trial at that size), until a training of it takes longer than the curve's at the same size, and
+   takes over the curve where it is better; every size trained gives a point
    of the learning curve (validation regression loss and median C iterations against the training-set size),
    which :class:`RecipeResult` prints; where the curve ends (its next training does not fit the budget, or more
    data stopped paying), the candidates that train nothing go on up the sizes alone while the budget allows (also
