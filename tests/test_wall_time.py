@@ -797,9 +797,11 @@ def test_calibration_times_the_options_tied_at_the_fewest_iterations(monkeypatch
     assert untimed.calibrate(params, refine_steps=(0, 10), newton_steps=(0, 4), timed=False).k in (0, 10)
     assert len(seen) == 1  # untimed: no timing (the lowest mean, then the first)
     monkeypatch.undo()
-    # the real timing: one of the tied options, the solver's fields left for the caller to set
-    kept = solver.choose_option(params, seen[0], repeats=1, single=2)
+    # the real timing: one of the tied options; the solver is left as it was (the caller sets the kept one)
+    before = (solver.k, solver.anderson, solver.newton, solver.polish, solver.strategy)
+    kept = solver.choose_option(params, seen[0][::-1], repeats=1, single=2)  # k = 0 timed last
     assert kept in seen[0]
+    assert (solver.k, solver.anderson, solver.newton, solver.polish, solver.strategy) == before
 
 
 def test_polish_choices_follow_the_cones_and_the_size(monkeypatch):

@@ -1242,8 +1242,7 @@ class AmortizedSolver:
         at batch 1 (the first ``single`` instances, one call each) and at the whole batch, best of ``repeats``
         interleaved rounds after one untimed call each; the smallest worse-of-the-two ratio to the fastest wins,
         the first of ties. Within :meth:`_predictions_kept` only what follows the prediction is timed (the
-        prediction costs the same for every option). Leaves the options' fields at the last one timed (the caller
-        sets the kept one)."""
+        prediction costs the same for every option). Sets nothing (the caller sets the kept one)."""
         size, rows = self._single_rows(params, single)
 
         def run(option: tuple, calls: list) -> Callable[[], None]:
@@ -1253,13 +1252,13 @@ class AmortizedSolver:
                     self.solve(one)
             return call
 
-        saved = (self.enabled, self.cold_refine, self.by_batch)
+        saved = (self.k, self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch)
         try:
             self.use_strategy("learned")
             best = _interleaved_best({(i, j): run(option, calls) for i, option in enumerate(options)
                                       for j, calls in enumerate((rows, [params]))}, 1, repeats)
         finally:
-            self.enabled, self.cold_refine, self.by_batch = saved
+            (self.k, self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch) = saved
         times = {i: (best[i, 0] / len(rows), best[i, 1] / size) for i in range(len(options))}
         scores = _strategy_scores(times)
         return options[min(scores, key=scores.get)]

@@ -325,6 +325,10 @@ class TrialResult:
         """The candidate's label, and its reference network's where it has one."""
         return referenced_label(self.candidate, self.reference)
 
+    def iterations(self) -> tuple[float, float]:
+        """``(median, mean)`` validation C iterations: how the recipe orders trials (fewer is better)."""
+        return self.val_median_iterations, self.val_mean_iterations
+
 
 def referenced_label(cand: Candidate, reference: str) -> str:
     """``cand``'s label, with its reference network's (:attr:`TrialResult.reference`) where it has one."""
@@ -860,7 +864,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         if cand.kind not in ACTIVE_SET_KINDS:
             return None
         same = [i for i in models if trials[i].num_train == len(train_part)]
-        return min(same, key=lambda i: (trials[i].val_median_iterations, trials[i].val_mean_iterations), default=None)
+        return min(same, key=lambda i: trials[i].iterations(), default=None)
 
     references: dict[int, int] = {}  # an active-set trial -> the trial of its reference network
 
@@ -925,7 +929,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         return result
 
     def better(a: TrialResult, b: TrialResult) -> bool:
-        return (a.val_median_iterations, a.val_mean_iterations) < (b.val_median_iterations, b.val_mean_iterations)
+        return a.iterations() < b.iterations()
 
     # 1. configuration search at search_size, one change at a time from the current best; an uncorrected candidate
     # is tried but not chosen here: it trains nothing that more data or width would improve beyond its stored
@@ -1094,7 +1098,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
     # kalman 47.5 / 47 / 47 / 39 at 64 / 128 / 256 / 1024), the best kept; it becomes the choice where it beats it
     # (each trial reuses the stored derivatives: its cost is the ranking and the C counts)
     def rank(i: int) -> tuple[float, float, int]:
-        return trials[i].val_median_iterations, trials[i].val_mean_iterations, -trials[i].num_train
+        return *trials[i].iterations(), -trials[i].num_train
 
     def start(riders: list[int]) -> int:
         """Where a kind's candidates are doubled: its largest stored set, the densest (they train nothing; their counts
