@@ -193,6 +193,55 @@ def test_an_instance_stops_ranking_at_its_first_exact_candidate(algorithm, form)
     torch.testing.assert_close(per_instance[~exact], every[~exact], rtol=0, atol=0)
 
 
+def _matrix_problem():
+    """minimize 1/2 ||x||^2 + q'x  s.t.  G x <= h, sum(x) == 0.5, with ``G`` a parameter: the constraint matrix, and so
+    the torch iterations' factorization, differs between instances."""
+    G, q, h = cp.Parameter((4, 4), name="G"), cp.Parameter(4, name="q"), cp.Parameter(4, name="h")
+    x = cp.Variable(4, name="x")
+    return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x) + q @ x), [G @ x <= h, cp.sum(x) == 0.5])
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_a_factorization_per_instance_still_ranks_only_the_instances_left(algorithm, form):
+    """Where ``A`` is a parameter (one factorization per instance), the algorithm still takes parts of its batch
+    (``alg.take``): candidates are ranked in groups and an instance stops at its first exact one, so fewer active
+    sets are solved than by one call per candidate on the whole batch (``take=None``), with the same prediction (to
+    rounding where a later candidate is exact too); a taken algorithm's step is the batch's own on its rows."""
+    from amortcvx.predictors.fixed_point import EXACT_RESIDUAL
+
+    rng = np.random.default_rng(5)
+    params = {"G": np.eye(4)[None] + 0.2 * rng.normal(size=(260, 4, 4)), "q": rng.normal(size=(260, 4)),
+              "h": rng.uniform(0.0, 0.5, size=(260, 4))}
+    pp, solved = _solved(_matrix_problem(), algorithm, form, params, settings={"eps_abs": 1e-8, "eps_rel": 1e-8})
+    cut = len(solved) - 20
+    train, test = solved.subset(torch.arange(cut)), solved.subset(torch.arange(cut, len(solved)))
+    model = _model(pp, algorithm, train, choices=40)
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(test.theta))
+    assert alg.work.solver.batch_size == 20 and alg.take is not None
+    space = output_space(algorithm)
+    rows = []
+
+    def counting(a):
+        solve = a.active_set.solve
+        return a._replace(active_set=a.active_set._replace(
+            solve=lambda split, start=None: rows.append(split.shape[0]) or solve(split, start)))
+
+    with torch.no_grad():
+        early = predict(model, space, counting(alg)._replace(take=lambda index: counting(alg.take(index))),
+                        test.theta, rank_entries=20 * 5 * pp.n * (pp.n + pp.m))
+        early_rows, rows[:] = sum(rows), []
+        whole = predict(model, space, counting(alg._replace(take=None)), test.theta)
+        whole_rows = sum(rows)
+    exact = alg.optimality(space.to_state(alg, early)) <= EXACT_RESIDUAL
+    assert int(exact.sum()) >= 10 and early_rows < whole_rows
+    torch.testing.assert_close(early[~exact], whole[~exact], rtol=0, atol=0)
+    assert float(alg.optimality(space.to_state(alg, whole))[exact].max()) <= EXACT_RESIDUAL
+    index = torch.tensor([3, 0, 3, 17])
+    part = alg.take(index)
+    torch.testing.assert_close(part.fixed_point(part.step(part.init())), alg.fixed_point(alg.step(alg.init()))[index],
+                               rtol=0, atol=1e-12)
+
+
 def test_the_nearest_stored_solution_stands_where_no_active_set_can_be_solved(monkeypatch):
     """Where every candidate's KKT system fails (NaN), the prediction is the forward pass's (the nearest stored
     solution), not NaN (queries off the stored instances, whose own active sets would be exact: one candidate, so that

@@ -328,6 +328,34 @@ def test_kkt_solver_methods_match_a_dense_solve(shared, monkeypatch):
         assert float((out - ref).abs().max()) < 1e-10, method
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("method", ["inverse", "cholesky"])
+@pytest.mark.parametrize("dense_a", [True, False])
+def test_a_taken_kkt_solver_solves_its_instances_as_the_batch_does(shared, method, dense_a, monkeypatch):
+    """``KKTSolver.take(index)`` (any order, repeats): the batch's own solves on those rows, with per-instance
+    factors and ``A`` (dense or as gathered products) taken from the batch on the first solve, not before; a take of
+    a take is the take of the composed rows; a shared factorization is the solver itself."""
+    from amortcvx.iterations import linalg
+
+    if not dense_a:
+        monkeypatch.setattr(linalg, "_DENSE_SHARED_A", 0)
+    A, P, d_y = _random_kkt(4, shared, seed=2)
+    solver = linalg.KKTSolver(A, P, 1e-3, d_y, dtype=torch.float64, method=method)
+    assert (solver.A_op is None) == (dense_a and (shared or 4 * A.nnz >= A.shape[0] * A.shape[1]))
+    rhs = torch.randn(4, A.shape[0] + A.shape[1], dtype=torch.float64)
+    whole = solver.solve_packed(rhs)
+    index = torch.tensor([3, 1, 3, 0, 2])
+    part = solver.take(index)
+    if shared:
+        assert part is solver
+    else:
+        assert part.batch_size == 5 and part.L is None and part.S_inv is None  # nothing gathered before a solve
+        assert bool((part.failed == solver.failed[index]).all())
+    torch.testing.assert_close(part.solve_packed(rhs[index]), whole[index], rtol=0, atol=1e-12)
+    again = solver.take(index).take(torch.tensor([4, 0]))
+    torch.testing.assert_close(again.solve_packed(rhs[[2, 3]]), whole[[2, 3]], rtol=0, atol=1e-12)
+
+
 def test_kkt_solver_gradients_through_sparse_products():
     from amortcvx.iterations import linalg
 

@@ -36,6 +36,7 @@ of the dense paths (``n = 4000`` is 128 MB per factorization in float64).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -216,6 +217,14 @@ class SparseOperator:
                                           check_invariants=True)
             self.csr, self.csr_t = csr_pair(coo)
 
+    def take(self, index: torch.Tensor) -> SparseOperator:
+        """The operator on the batch's instances ``index`` (itself where the values are shared)."""
+        if self.values_t.shape[1] == 1:
+            return self
+        out = copy.copy(self)
+        out.values_t = self.values_t[:, index]
+        return out
+
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``M_i x_i`` for ``x`` (B, c) -> (B, r)."""
         if self.csr is not None and x.dtype == self.csr.dtype:
@@ -342,6 +351,7 @@ class KKTSolver:
                     "densely")
         self.method = method
         self.kinv = self.S_inv = self.L = None
+        self._pending = None  # (source, index) of a :meth:`take` not gathered yet
         if method == "sparse":
             if schur is not None:
                 raise ValueError("method='sparse' factors the KKT matrix itself; it takes no Schur complement")
@@ -437,6 +447,33 @@ class KKTSolver:
         kkt = sp.block_array([[top, a.T], [a, bottom]], format="csc")
         self._lu = spla.splu(kkt)
 
+    def take(self, index: torch.Tensor) -> KKTSolver:
+        """This factorization on the batch's instances ``index`` (a 1-D int64 tensor, any order, repeats allowed; row
+        ``r`` is instance ``index[r]``): itself where the factorization is shared by the batch, else a solver whose
+        per-instance factors are gathered from this one on its first solve (nothing is factored again, and a caller
+        that never solves, such as a ranking of candidates by their optimality residual, copies nothing)."""
+        if self.batch_size == 1:
+            return self
+        out = copy.copy(self)
+        out.batch_size = int(index.numel())
+        out.failed = self.failed[index]
+        out._pending = (self, index) if self._pending is None else (self._pending[0], self._pending[1][index])
+        out.L = out.S_inv = out.kinv = out.inv_dy = out.A_dense = out.A_op = None  # gathered on the first solve
+        return out
+
+    def _gather(self) -> None:
+        """Gather the per-instance parts of a :meth:`take` from its source, once (before the first solve)."""
+        if self._pending is None:
+            return
+        source, index = self._pending
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.shape[0] == 1 else t[index]
+        self.L, self.S_inv, self.kinv, self.inv_dy, self.A_dense = (
+            rows(t) for t in (source.L, source.S_inv, source.kinv, source.inv_dy, source.A_dense))
+        self.A_op = None if source.A_op is None else source.A_op.take(index)
+        self._pending = None
+
     def _a(self, x: torch.Tensor) -> torch.Tensor:
         return matvec(self.A_dense, x) if self.A_op is None else self.A_op.matvec(x)
 
@@ -445,6 +482,7 @@ class KKTSolver:
 
     def solve_packed(self, r: torch.Tensor) -> torch.Tensor:
         """``K_i^-1 r_i`` for ``r`` of shape (B, n + m); returns (B, n + m)."""
+        self._gather()
         if self.method == "sparse":
             return _SparseLUSolve.apply(r, self._lu)
         if self.method == "kkt":
@@ -457,6 +495,7 @@ class KKTSolver:
         if self.method in ("sparse", "kkt"):
             out = self.solve_packed(torch.cat([r_x, r_y], dim=1))
             return out[:, : self.n], out[:, self.n:]
+        self._gather()
         t = r_x + self._at(r_y * self.inv_dy)
         if self.method == "inverse":
             u = rmatvec(self.S_inv, t)  # S^-1 is symmetric; the row-vector form is the faster bmm

@@ -50,9 +50,9 @@ class FixedPointAlgorithm(NamedTuple):
             a step; None where not available.
         take: ``take(index) -> FixedPointAlgorithm``, the algorithm bound to the batch's instances ``index`` (a 1-D
             int64 tensor: any order, repeats allowed; row ``r`` is instance ``index[r]``), with the batch's
-            factorization reused: to rank several candidates per instance in one call, and only for the instances
-            still ranking (:func:`~amortcvx.predictors.predict`). None where the factorization is per instance (no
-            cheap copy) or where not available.
+            factorization reused (a shared one as it is, one per instance gathered on the first solve): to rank
+            several candidates per instance in one call, and only for the instances still ranking
+            (:func:`~amortcvx.predictors.predict`). None where not available.
         active_set: :class:`~amortcvx.iterations.polish.ActiveSets` (LPs and QPs): the split of the rows a point
             says and the exact solution on a given split (to decode a predicted active set, :func:`~amortcvx.
             predictors.predict`); None where not available (cone programs with other cones).

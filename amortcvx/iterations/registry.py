@@ -44,27 +44,28 @@ def taken(bind: Callable[[object, kkt.Batch], FixedPointAlgorithm], rows: tuple[
           index: torch.Tensor) -> FixedPointAlgorithm:
     """An algorithm's ``take(index)``: the algorithm ``bind(work, d)`` makes, on the batch's instances ``index`` (row
     ``r`` is instance ``index[r]``). Nothing is set up or solved again: the per-instance fields ``rows`` of ``work``
-    and the vectors of ``d`` are gathered, the shared matrices and the factorization are the batch's own (so only
-    where the batch's factored system is shared: :func:`_take`)."""
+    and the vectors of ``d`` are gathered, as are the fields held once or per instance (:data:`_EITHER`) where they are
+    per instance; the shared matrices and a shared factorization are the batch's own, a factorization per instance
+    (``A`` or ``P`` a parameter) is gathered on its first solve (:meth:`~amortcvx.iterations.linalg.KKTSolver.take`:
+    ranking candidates solves nothing with it)."""
     index = index.to(d.lin.device)
     changes = {f: getattr(work, f)[index] for f in rows if getattr(work, f) is not None}
+    changes.update({f: t[index] for f in _EITHER if (t := getattr(work, f, None)) is not None and t.shape[0] != 1})
     return bind(work._replace(**changes, A=work.A.take(index), P=None if work.P is None else work.P.take(index),
-                              batch_size=int(index.numel())), kkt.take(d, index))
-
-
-def _take(bind: Callable[[object, kkt.Batch], FixedPointAlgorithm], rows: tuple[str, ...], work, d: kkt.Batch
-          ) -> Callable[[torch.Tensor], FixedPointAlgorithm] | None:
-    """The ``take`` of the algorithm ``bind(work, d)`` makes (:func:`taken`), or None where the batch's factored
-    system holds one factorization per instance."""
-    return None if work.solver.batch_size != 1 else partial(taken, bind, rows, work, d)
+                              solver=work.solver.take(index), batch_size=int(index.numel())), kkt.take(d, index))
 
 
 _SCS_ROWS = ("g", "qb", "a", "b", "c")
-"""The per-instance fields of :class:`~amortcvx.iterations.scs.ScsWork` (the others are shared by the batch)."""
+"""The per-instance fields of :class:`~amortcvx.iterations.scs.ScsWork` (the others are shared by the batch, or held
+once or per instance: :data:`_EITHER`)."""
 
 _OSQP_ROWS = ("q", "l", "u", "c0")
-"""The per-instance fields of :class:`~amortcvx.iterations.osqp.OsqpWork` where its factorization is shared (``rho``
-is then shared too)."""
+"""The per-instance fields of :class:`~amortcvx.iterations.osqp.OsqpWork` (the others are shared by the batch, or
+held once or per instance: :data:`_EITHER`)."""
+
+_EITHER = ("W", "rho", "rho_inv", "Wx", "Wz")
+"""The fields of either work held as ``(1, ...)`` for the whole batch or ``(B, ...)`` per instance (SCS's ``W``; OSQP's
+step sizes where the row types differ between instances, and its ``Wx``, ``Wz``)."""
 
 
 def _bind_scs(work: _scs.ScsWork, d: kkt.Batch) -> FixedPointAlgorithm:
@@ -73,7 +74,7 @@ def _bind_scs(work: _scs.ScsWork, d: kkt.Batch) -> FixedPointAlgorithm:
         fixed_point=partial(_scs.scs_fixed_point, work), residual=partial(_scs.scs_residual, work),
         solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
         polish=partial(scs_polish, work), optimality=partial(optimality, d, partial(_scs.scs_point, work)),
-        take=_take(_bind_scs, _SCS_ROWS, work, d),
+        take=partial(taken, _bind_scs, _SCS_ROWS, work, d),
         active_set=ActiveSets(partial(scs_split, work), partial(scs_solve_split, work))
         if polishable(work.cones) else None)
 
@@ -84,7 +85,7 @@ def _bind_osqp(work: _osqp.OsqpWork, d: kkt.Batch) -> FixedPointAlgorithm:
         fixed_point=partial(_osqp.osqp_fixed_point, work), residual=partial(_osqp.osqp_residual, work),
         solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
         polish=partial(osqp_polish, work), optimality=partial(optimality, d, _osqp_point),
-        take=_take(_bind_osqp, _OSQP_ROWS, work, d),
+        take=partial(taken, _bind_osqp, _OSQP_ROWS, work, d),
         active_set=ActiveSets(partial(osqp_split, work), partial(osqp_solve_split, work)))
 
 

@@ -164,10 +164,11 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
     ``exact`` (:data:`EXACT_RESIDUAL`; None: rank every candidate): its later candidates are not solved or ranked,
     and the whole call ends when no instance is left (where the first candidates are exact, most of an active-set
     model's KKT solves are skipped: 0.15 to 0.70 of the time at batch 1024 on portfolio, transport and degenerate_lp,
-    docs/training.md). Where the batch's factorization is per instance (``alg.take`` is None), one call per
-    candidate on the whole batch, ending when every instance is exact. Among equal residuals the first wins
-    (residuals computed in a group and one at a time may differ by rounding, so near-ties may be broken differently);
-    non-finite residuals count as infinite.
+    docs/training.md). An algorithm without ``take``: one call per candidate on the whole batch, ending when every
+    instance is exact (SCS and OSQP take parts of a batch whose factorization is per instance too, ``A`` or ``P`` a
+    parameter: huber_fit small, 512 candidates, batch 200, 159 -> 19 ms per instance). Among equal residuals the
+    first wins (residuals computed in a group and one at a time may differ by rounding, so near-ties may be broken
+    differently); non-finite residuals count as infinite.
     """
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     inputs = theta if tensor is None else theta.to(tensor.device, tensor.dtype)
