@@ -1180,7 +1180,8 @@ def test_an_algorithm_takes_instances_of_its_batch_without_a_new_factorization(a
     """``alg.take(index)`` is the algorithm on the batch's instances ``index`` (here the batch repeated 3 times, copy
     after copy, and a few instances out of order with a repeat): its optimality residual and its step equal the batch's
     own on those instances, and the shared factorization is reused (no new build in the cache). Where the
-    factorization is per instance (a parameter in ``A``), ``take`` is None."""
+    factorization is per instance (a parameter in ``A``), the taken algorithm's steps are the batch's own too, its
+    instances' factors gathered, none built again."""
     import cvxpy as cp
 
     from amortcvx.iterations.linalg import FactorCache
@@ -1210,7 +1211,12 @@ def test_an_algorithm_takes_instances_of_its_batch_without_a_new_factorization(a
     a, x = cp.Parameter(3, name="a"), cp.Variable(3, name="x")
     in_a = ParametricProblem(cp.Problem(cp.Minimize(cp.sum_squares(x)), [a @ x >= 1]), form)
     per_instance = make_algorithm(algorithm, in_a.canonicalize({"a": np.ones((2, 3)) + np.eye(3)[:2]}))
-    assert per_instance.take is None
+    assert per_instance.work.solver.batch_size == 2
+    pick = torch.tensor([1, 0, 1])
+    taken = per_instance.take(pick)
+    start = per_instance.init()
+    torch.testing.assert_close(taken.fixed_point(taken.step(taken.init())),
+                               per_instance.fixed_point(per_instance.step(start))[pick], rtol=0, atol=1e-12)
 
 
 def test_predict_ranks_groups_of_candidates_as_it_ranks_them_one_at_a_time(box_qp):
