@@ -804,6 +804,23 @@ def test_calibration_times_the_options_tied_at_the_fewest_iterations(monkeypatch
     assert (solver.k, solver.anderson, solver.newton, solver.polish, solver.strategy) == before
 
 
+def test_options_timed_within_the_noise_keep_the_fewest_steps(monkeypatch):
+    """``choose_option`` keeps the first option (the fewest steps) among those within ``OPTION_TIE`` of the fastest,
+    by the worse of the batch-1 and batch ratios; a clearly faster one wins."""
+    from amortcvx.deploy import solver as module
+
+    fam, pp = _pp("portfolio", "osqp")
+    params = fam.sample(4, seed=9)
+    solver = AmortizedSolver(pp, _untrained_predictor(pp, "osqp"), k=10, solver_settings=TOL)
+    options = [(0, None, 0, False), (0, None, 4, False), (10, None, 4, False)]
+    for ratios, kept in (((1.0, 0.97, 1.2), 0), ((1.0, 0.90, 1.2), 1), ((1.3, 1.0, 1.02), 1), ((1.3, 1.2, 1.0), 2)):
+        def fake(runs, untimed, repeats, ratios=ratios):  # (option, 0): batch 1, (option, 1): the batch
+            return {(i, j): ratios[i] * (1.0 if j else 2.0) for i, j in runs}
+        monkeypatch.setattr(module, "_interleaved_best", fake)
+        assert solver.choose_option(params, options, repeats=1, single=2) == options[kept], ratios
+    assert module.OPTION_TIE * 0.97 >= 1.0 > module.OPTION_TIE * 0.90  # the cases above sit on either side of it
+
+
 def test_polish_choices_follow_the_cones_and_the_size(monkeypatch):
     from amortcvx.deploy.solver import polish_choices
     from amortcvx.iterations import kkt

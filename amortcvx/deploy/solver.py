@@ -141,6 +141,13 @@ STRATEGIES = ("learned", "refined_cold", "cold")
 cold start refined the same way (predictor off: ``k`` steps, or with ``k = 0`` its first step, then the Newton
 steps when ``newton`` is set), or the plain cold start (no torch work at all)."""
 
+OPTION_TIE = 1.05
+""":meth:`AmortizedSolver.choose_option` keeps the first option (the fewest steps) among those whose worse-of-the-two
+ratio to the fastest is within this factor of the best one's: timings of the shared machine differ by 5-10% from
+run to run, and options closer than that are not told apart by them (huber_fit small, four calibrations of one
+classifier: `k = 0` plain and `k = 0` + Newton 4, tied at 0 C iterations, were kept two times each;
+docs/training.md). Fewer steps then win: the same configuration from one calibration to the next."""
+
 STRATEGY_DROP = 4.0
 """:meth:`AmortizedSolver.choose_strategy` times again, after its first round, only the strategies whose worse-of-the-
 two ratio to the fastest is within this factor of the best one's: later rounds guard close calls against the
@@ -987,9 +994,10 @@ class AmortizedSolver:
            ``newton``) and each of ``polish`` (e.g. :func:`polish_choices`; default: the current ``polish``), is
            tried with the learned warm starts, exact C iteration counts (certified instances count 0). The lowest
            median is kept: whether acceleration helps depends on the problem (it can cost iterations, see
-           docs/iterations.md). Ties: with ``timed``, the fastest of the tied options by wall time
-           (:meth:`choose_option`: a prediction that is exact alone needs no steps after it, whose cost then buys
-           only the tail's C iterations), else the lowest mean, then the first. The predictor passes when
+           docs/iterations.md). Ties: with ``timed``, the fastest of the tied options by wall time, the fewest
+           steps among those within the machine's noise of it (:meth:`choose_option`: a prediction that is exact
+           alone needs no steps after it, whose cost then buys only the tail's C iterations), else the lowest mean,
+           then the first. The predictor passes when
            ``median(learned) <= margin * median(cold)``, the cold start refined the same way (and finished with the
            same Newton steps).
         3. OSQP without an explicit ``check_termination``: the termination-check intervals of timed solves
@@ -1240,9 +1248,10 @@ class AmortizedSolver:
         """The fastest in wall time of calibration ``options`` ``(k, anderson, newton, polish)`` for the learned
         start, whose C iteration medians tied (:meth:`calibrated`). Timed like :meth:`choose_strategy`: per instance
         at batch 1 (the first ``single`` instances, one call each) and at the whole batch, best of ``repeats``
-        interleaved rounds after one untimed call each; the smallest worse-of-the-two ratio to the fastest wins,
-        the first of ties. Within :meth:`_predictions_kept` only what follows the prediction is timed (the
-        prediction costs the same for every option). Sets nothing (the caller sets the kept one)."""
+        interleaved rounds after one untimed call each; the first option (they come the fewest steps first) whose
+        worse-of-the-two ratio to the fastest is within :data:`OPTION_TIE` of the smallest wins. Within
+        :meth:`_predictions_kept` only what follows the prediction is timed (the prediction costs the same for every
+        option). Sets nothing (the caller sets the kept one)."""
         size, rows = self._single_rows(params, single)
 
         def run(option: tuple, calls: list) -> Callable[[], None]:
@@ -1261,7 +1270,8 @@ class AmortizedSolver:
             (self.k, self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch) = saved
         times = {i: (best[i, 0] / len(rows), best[i, 1] / size) for i in range(len(options))}
         scores = _strategy_scores(times)
-        return options[min(scores, key=scores.get)]
+        best = min(scores.values())
+        return options[next(i for i in range(len(options)) if scores[i] <= OPTION_TIE * best)]
 
     def choose_scs_scale(self, params: Mapping) -> float:
         """The fixed scale of the stateless SCS object: the one of fewest cold iterations on ``params`` (validation
