@@ -121,7 +121,8 @@ def run_family(name: str, budget: float, recipe: RecipeSettings, num_test: int, 
         control0n = medians(AmortizedSolver(pp, None, algorithm="scs", k=1, newton=newton, polish=polish,
                                             solver_settings=EPS).solve(test, exact_iterations=True))
 
-    # the refinement calibration picks: by the validation median; among ties, the fastest (timed)
+    # the refinement calibration picks: by the validation median; among ties, the fastest (timed; the fewest steps
+    # among those within OPTION_TIE of it)
     solver = AmortizedSolver(pp, res.model, k=max(refine), solver_settings=EPS)
     cal = solver.calibrate(val, refinements=(None, AndersonSettings()), newton_steps=newton_choices(pp),
                            polish=polish_choices(pp), refine_steps=refine)
