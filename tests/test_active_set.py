@@ -158,12 +158,19 @@ def test_active_set_candidates_are_ranked_in_groups_as_one_at_a_time(algorithm, 
     assert many.sum() < few.sum()
 
 
+def _counting(alg, rows: list):
+    """``alg`` with its active sets' solve appending each call's row count to ``rows``."""
+    solve = alg.active_set.solve
+    return alg._replace(active_set=alg.active_set._replace(
+        solve=lambda split, start=None: rows.append(split.shape[0]) or solve(split, start)))
+
+
 @pytest.mark.parametrize("algorithm, form", FORMS)
 def test_an_instance_stops_ranking_at_its_first_exact_candidate(algorithm, form):
     """With the default ``exact``, an instance whose candidate active set gives its optimum (residual at most
     ``EXACT_RESIDUAL``) has no later candidate solved: fewer KKT solves than ranking every candidate, the same
-    answers where no candidate is exact, an exact one where one is (where the factorization is per instance, the
-    call still ends once every instance is exact)."""
+    answers where no candidate is exact, an exact one where one is (an algorithm without ``take`` ranks every
+    instance until the call ends, once every instance is exact)."""
     from amortcvx.predictors.fixed_point import EXACT_RESIDUAL
 
     pp, train, test = _transport_queries(algorithm, form, 420)
@@ -173,9 +180,7 @@ def test_an_instance_stops_ranking_at_its_first_exact_candidate(algorithm, form)
     rows = []
 
     def counting(a):
-        solve = a.active_set.solve
-        return a._replace(active_set=a.active_set._replace(
-            solve=lambda split, start=None: rows.append(split.shape[0]) or solve(split, start)))
+        return _counting(a, rows)
 
     counted = counting(alg)._replace(take=lambda index: counting(alg.take(index)))
     with torch.no_grad():
@@ -222,9 +227,7 @@ def test_a_factorization_per_instance_still_ranks_only_the_instances_left(algori
     rows = []
 
     def counting(a):
-        solve = a.active_set.solve
-        return a._replace(active_set=a.active_set._replace(
-            solve=lambda split, start=None: rows.append(split.shape[0]) or solve(split, start)))
+        return _counting(a, rows)
 
     with torch.no_grad():
         early = predict(model, space, counting(alg)._replace(take=lambda index: counting(alg.take(index))),

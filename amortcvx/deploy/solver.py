@@ -1270,8 +1270,8 @@ class AmortizedSolver:
             (self.k, self.anderson, self.newton, self.polish, self.enabled, self.cold_refine, self.by_batch) = saved
         times = {i: (best[i, 0] / len(rows), best[i, 1] / size) for i in range(len(options))}
         scores = _strategy_scores(times)
-        best = min(scores.values())
-        return options[next(i for i in range(len(options)) if scores[i] <= OPTION_TIE * best)]
+        fastest = min(scores.values())
+        return options[next(i for i in range(len(options)) if scores[i] <= OPTION_TIE * fastest)]
 
     def choose_scs_scale(self, params: Mapping) -> float:
         """The fixed scale of the stateless SCS object: the one of fewest cold iterations on ``params`` (validation
