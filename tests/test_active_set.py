@@ -92,7 +92,9 @@ def test_cone_programs_with_other_cones_have_no_active_sets_and_the_recipe_skips
     assert applies("neighbor_active_set", lp)
     import amortcvx.training.recipe as recipe_mod
 
-    monkeypatch.setattr(recipe_mod, "ACTIVE_SET_ENTRIES", lp.n * (lp.n + lp.m) - 1)  # KKT solves too large
+    monkeypatch.setattr(recipe_mod, "ACTIVE_SET_ENTRIES", lp.n * (lp.n + lp.m) - 1)  # dense KKT solves too large,
+    assert not lp.dependent["A"] and applies("neighbor_active_set", lp)  # but A is shared: the shared factor serves
+    monkeypatch.setattr(recipe_mod, "BASE_ENTRIES", lp.n * lp.m - 1)  # and that factor's U too large as well
     assert not applies("neighbor_active_set", lp) and applies("neighbor_tangent", lp)
     with pytest.raises(ValueError, match="has nothing to train"):
         Candidate(kind="neighbor_active_set")
@@ -148,7 +150,7 @@ def test_active_set_candidates_are_ranked_in_groups_as_one_at_a_time(algorithm, 
     space = output_space(algorithm)
     d = pp.n + pp.m
     with torch.no_grad():
-        grouped = predict(model, space, alg, test.theta, rank_entries=20 * 7 * pp.n * d)  # groups of 7, last of 1
+        grouped = predict(model, space, alg, test.theta, rank_entries=20 * 7 * pp.n * d)  # groups growing to 7 or less
         whole = predict(model, space, alg, test.theta, rank_entries=10 ** 9)
         single = predict(model, space, alg, test.theta, rank_entries=1)
     torch.testing.assert_close(grouped, whole, atol=1e-9, rtol=0)
@@ -196,6 +198,60 @@ def test_an_instance_stops_ranking_at_its_first_exact_candidate(algorithm, form)
     torch.testing.assert_close(early[~exact], every[~exact], rtol=0, atol=0)
     assert float(alg.optimality(space.to_state(alg, every))[exact].max()) <= EXACT_RESIDUAL
     torch.testing.assert_close(per_instance[~exact], every[~exact], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_an_instance_ranks_its_active_sets_in_growing_groups(algorithm, form):
+    """One query ranking every one of 50 candidate active sets solves them in groups of 1, 2, 4, ... (where its
+    entries allow), in a few calls instead of 50, each candidate once, with the same prediction as one at a time."""
+    pp, train, test = _transport_queries(algorithm, form, 420)
+    model = _model(pp, algorithm, train, choices=50)
+    query = test.theta[:1]
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(query))
+    space = output_space(algorithm)
+    grown, single = [], []
+    with torch.no_grad():
+        a = _counting(alg, grown)._replace(take=lambda index: _counting(alg.take(index), grown))
+        every = predict(model, space, a, query, rank_entries=10 ** 9, exact=None)
+        b = _counting(alg, single)._replace(take=lambda index: _counting(alg.take(index), single))
+        one = predict(model, space, b, query, rank_entries=1, exact=None)
+    assert single == [1] * 50 and grown == [1, 2, 4, 8, 16, 19]
+    torch.testing.assert_close(every, one, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_splits_on_shared_data_are_solved_through_one_factor(algorithm, form, monkeypatch):
+    """Where ``A`` and ``P`` are shared (mpc small: its dynamics as equality rows, a few active bounds), a batch's
+    splits are solved through the equality rows' factor, built once for the data (parts of the batch too, ``take``)
+    and a small correction per instance (``polish.BorderedKKT``): the solutions of each instance's own factored
+    system, to rounding, for instances with no, few and many other active rows."""
+    from amortcvx.iterations import polish
+
+    fam = problems.make("mpc", "small", seed=0)
+    pp, solved = _solved(fam.problem, algorithm, form, fam.sample(8, seed=0))
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(solved.theta))
+    split = alg.active_set.of(**_fields(solved)).clone()
+    forced = split[0] == 1
+    forced &= (split == 1).all(dim=0)  # rows active everywhere, equality rows among them
+    free = torch.nonzero(split[0] == 0).flatten()
+    split[1, free[:6]] = 1  # more active rows than the optimum's (any split can be solved)
+    split[2] = torch.where(forced, split[2], 0)  # only the rows active everywhere
+    used, builds = [], []
+    of, cholesky = polish.BorderedKKT.of, torch.linalg.cholesky
+    monkeypatch.setattr(polish.BorderedKKT, "of", classmethod(
+        lambda cls, *args: used.append(of(*args)) or used[-1]))
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda *args, **kw: builds.append(1) or cholesky(*args, **kw))
+    shared = alg.active_set.solve(split)
+    index = torch.tensor([5, 1, 2])
+    part = alg.take(index).active_set.solve(split[index])
+    assert len(used) == 2 and all(isinstance(u, polish.BorderedKKT) for u in used) and len(builds) == 1
+    monkeypatch.setattr(polish.BorderedKKT, "of", classmethod(lambda cls, *args: None))  # each instance factored
+    own = alg.active_set.solve(split)
+    for key in own:
+        assert bool(torch.isfinite(own[key]).all())
+        torch.testing.assert_close(shared[key], own[key], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(part[key], own[key][index], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(shared["x"][0], solved.x[0], atol=1e-7, rtol=0)
 
 
 def _matrix_problem():

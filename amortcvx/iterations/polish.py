@@ -37,8 +37,11 @@ The KKT system (inactive rows of ``A`` zeroed, ``-y_i = 0`` there) is solved wit
 quasi-definite matrix ``[[P + delta I, A_S'], [A_S, -D]]`` of :class:`~amortcvx.iterations.linalg.KKTSolver`
 (``D = delta`` on active rows, 1 off them), followed by ``passes`` steps of iterative refinement against the
 unregularized system. Cost: one dense Cholesky factorization of an ``n x n`` matrix per instance (the active sets
-differ), like the iterations' own setup when ``A`` or ``P`` depend on the parameters. An instance whose system
-cannot be factored (a wrong guess can make it numerically singular) gets NaN, which the caller discards.
+differ), like the iterations' own setup when ``A`` or ``P`` depend on the parameters; where they do not and the
+caller names the rows active in every split (a predictor's candidates, ``equality_qp(..., always=)``), one factor
+of those rows' part, shared by the batch, and an ``r x r`` correction per instance for its ``r`` other active rows
+(:class:`BorderedKKT`). An instance whose system cannot be factored (a wrong guess can make it numerically
+singular) gets NaN, which the caller discards.
 
 Only problems whose cones are zero and nonnegative (LPs and QPs) can be polished; :func:`check_polishable`
 says so with the cones at fault.
@@ -57,6 +60,7 @@ from amortcvx.iterations.linalg import (
     KKTSolver,
     SparseOperator,
     batch_rows,
+    cholesky_solve,
     dense_batch,
     flagged_rows,
     sparse_operator,
@@ -176,6 +180,10 @@ BASE_ENTRIES = 2 ** 23
 """The largest dense ``A`` (entries over the batch) :func:`equality_qp` keeps with its ``always`` rows' Schur
 complement (64 MB in float64); beyond it the Schur complement is formed per call, in chunks."""
 
+BORDER_FRACTION = 0.5
+"""At most this many other active rows per variable for :class:`BorderedKKT` (beyond, an ``r x r`` correction
+costs about an ``n x n`` factorization)."""
+
 _BASES = SharedMemo(limit=2)
 """Per batch of data (its ``A`` and ``P`` values), the dense ``A`` and the Schur complement of the rows active in
 every split (:func:`equality_qp`'s ``always``): the splits of a predictor's candidates are solved one call each
@@ -215,19 +223,25 @@ def equality_qp(A: SparseBatch, P: SparseBatch | None, q: torch.Tensor, rhs: tor
         raise ValueError(f"delta must be in (0, 1); got {delta}")
     if passes < 0:
         raise ValueError(f"passes must be nonnegative; got {passes}")
-    batch = active.shape[0]
-    rows = torch.as_tensor(A.coo()[0], device=active.device)
-    values = A.values.expand(batch, -1) if A.shared else A.values
-    a_act = SparseBatch(A.indices, A.indptr, A.shape, values * active[:, rows], False)  # inactive rows zeroed
     on = active.to(q.dtype)
     # K = [[P, A_S'], [A_S, -(1 - on)]] (an inactive row reads -y_i = 0); the factored K_delta adds delta I to
     # the first block and -delta I to the active rows of the second. Instances whose K_delta cannot be factored
     # (numerically singular) come out NaN.
-    schur = None if always is None else _active_schur(A, P, active, always, delta, q.dtype)
-    solver = KKTSolver(a_act, P, delta, 1.0 - (1.0 - delta) * on, dtype=q.dtype, method="cholesky", strict=False,
-                       schur=schur)
-    a_op = SparseOperator(a_act, q.dtype)
-    p_op = None if P is None else SparseOperator(P, q.dtype)
+    solver = None if always is None else BorderedKKT.of(A, P, active, always, delta, q.dtype)
+    if solver is not None:  # A shared: its products masked to the active rows, no copy of A per instance
+        shared = sparse_operator(A, q.dtype)
+        a_mv, a_rmv = (lambda v: on * shared.matvec(v)), (lambda v: shared.rmatvec(on * v))
+    else:
+        batch = active.shape[0]
+        rows = torch.as_tensor(A.coo()[0], device=active.device)
+        values = A.values.expand(batch, -1) if A.shared else A.values
+        a_act = SparseBatch(A.indices, A.indptr, A.shape, values * active[:, rows], False)  # inactive rows zeroed
+        schur = None if always is None else _active_schur(A, P, active, always, delta, q.dtype)
+        solver = KKTSolver(a_act, P, delta, 1.0 - (1.0 - delta) * on, dtype=q.dtype, method="cholesky",
+                           strict=False, schur=schur)
+        a_op = SparseOperator(a_act, q.dtype)
+        a_mv, a_rmv = a_op.matvec, a_op.rmatvec
+    p_op = None if P is None else sparse_operator(P, q.dtype)
     r_x, r_y = -q, torch.where(active, rhs, 0.0)  # rhs may be infinite off the active rows
     if start is None:
         x, y = solver.solve(r_x, r_y)
@@ -235,11 +249,98 @@ def equality_qp(A: SparseBatch, P: SparseBatch | None, q: torch.Tensor, rhs: tor
         x, y = start[0].to(q), torch.where(active, start[1].to(q), 0.0)
         passes += 1
     for _ in range(passes):
-        kx = a_op.rmatvec(y) if p_op is None else p_op.matvec(x) + a_op.rmatvec(y)
-        ky = a_op.matvec(x) - (1.0 - on) * y
+        kx = a_rmv(y) if p_op is None else p_op.matvec(x) + a_rmv(y)
+        ky = a_mv(x) - (1.0 - on) * y
         dx, dy = solver.solve(r_x - kx, r_y - ky)
         x, y = x + dx, y + dy
     return x, on * y
+
+
+class BorderedKKT:
+    """:func:`equality_qp`'s regularized KKT solves through the ``always`` rows' factor, shared by the batch, and a
+    small correction per instance for its other active rows, where ``A`` and ``P`` are shared.
+
+    With ``K_0 = P + delta I + A_F' A_F / delta`` over the ``always`` rows ``F`` (factored once per data, ``L_0 L_0'``,
+    and kept with ``U = A L_0^-T`` for every row, :data:`_BASES`) and the instance's other active rows ``E`` (``r``
+    of them), the Schur complement of the regularized KKT matrix is ``S = K_0 + E'E / delta = L_0 (I + V V' / delta)
+    L_0'`` with ``V = L_0^-1 E'`` (the rows of ``U`` at ``E``, gathered), so by the Woodbury identity ::
+
+        S^-1 t = L_0^-T (v - V C^-1 V' v),   v = L_0^-1 t,   C = delta I + V'V  (r x r, one Cholesky each).
+
+    A solve costs two triangular solves with the shared ``n x n`` factor and products with ``V``, instead of a new
+    ``n x n`` Cholesky per instance and split (:class:`~amortcvx.iterations.linalg.KKTSolver` on ``K_0 + E'E /
+    delta``): where splits add few rows to the equalities (mpc large, ``n = 624``: 504 equality rows, a median of 1
+    active inequality), that is the difference between a predictor's candidate costing a factorization or a few
+    products. The same regularized system, so the same answer to rounding.
+    """
+
+    def __init__(self, L0: torch.Tensor, rows: torch.Tensor, chol: torch.Tensor, A: SparseOperator,
+                 active: torch.Tensor, delta: float):
+        self.L0, self.rows, self.chol, self.A = L0, rows, chol, A
+        self.on = active.to(L0.dtype)
+        self.inv_dy = torch.where(active, 1.0 / delta, 1.0).to(L0.dtype)
+
+    @classmethod
+    def of(cls, A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, always: torch.Tensor, delta: float,
+           dtype: torch.dtype) -> BorderedKKT | None:
+        """The solver for these splits, or None where it does not apply: ``A`` or ``P`` per instance (or carrying a
+        gradient), no ``always`` row (``K_0`` is then ``P + delta I`` alone, and an LP's ``delta I`` leaves the
+        correction to carry the whole system, with cancellation where an active set is degenerate), ``U`` beyond
+        :data:`BASE_ENTRIES`, or an instance with more than :data:`BORDER_FRACTION` ``n`` other active rows (the
+        correction then costs about what a new factorization does)."""
+        always = always.to(device=active.device, dtype=torch.bool)
+        if always.shape != (A.shape[0],):
+            raise ValueError(f"always must have shape (m,) = ({A.shape[0]},); got {tuple(always.shape)}")
+        m, n = A.shape
+        if not cls.serves(A, P) or not bool(always.any()) or m * n > BASE_ENTRIES:
+            return None
+        if bool((~active[:, always]).any()):
+            raise ValueError("a row in always is inactive in some instance of active")
+        extra = active & ~always
+        count = extra.sum(dim=1)
+        most = int(count.max()) if count.numel() else 0
+        if most > BORDER_FRACTION * n:
+            return None
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            dense = dense_batch(A, dtype=torch.float64)[0]
+            rows = dense[always]
+            base = rows.mT @ rows / delta + delta * torch.eye(n, dtype=torch.float64, device=dense.device)
+            if P is not None:
+                base = base + dense_batch(P, dtype=torch.float64)[0]
+            L0 = torch.linalg.cholesky(0.5 * (base + base.mT))  # positive definite: delta I
+            U = torch.linalg.solve_triangular(L0, dense.mT, upper=False).mT  # (m, n): row i is (L0^-1 A_i')'
+            return L0.to(dtype), U.to(dtype), None if P is None else P.values  # held: their storage stays theirs
+
+        key = ("bordered", delta, dtype, bytes(always.cpu().numpy()), A.values._version,
+               None if P is None else (P.values.data_ptr(), P.values._version))
+        L0, U, _ = _BASES.get(A, key, build)
+        _, order = flagged_rows(U[None, :, :1], extra, most)  # the other active rows' indices, padded
+        valid = (torch.arange(most, device=active.device) < count.unsqueeze(1)).to(dtype)
+        V = U[order] * valid.unsqueeze(-1)  # (B, r, n); padded rows zero (their C entries delta)
+        chol = V  # no other active row anywhere: nothing to correct
+        if most:  # an instance whose C cannot be factored comes out NaN
+            chol, info = torch.linalg.cholesky_ex(V @ V.mT + delta * torch.eye(most, dtype=dtype, device=V.device))
+            chol = torch.where((info != 0)[:, None, None], torch.nan, chol)
+        return cls(L0, V, chol, sparse_operator(A, dtype), active, delta)
+
+    @staticmethod
+    def serves(A: SparseBatch, P: SparseBatch | None) -> bool:
+        """Whether ``A`` and ``P`` are shared by the batch and constant (no gradient): what a shared factor needs."""
+        return A.shared and not A.values.requires_grad and (P is None or (P.shared and not P.values.requires_grad))
+
+    def _schur_solve(self, t: torch.Tensor) -> torch.Tensor:
+        v = torch.linalg.solve_triangular(self.L0, t.mT, upper=False).mT  # L0^-1 t, the rows as columns
+        if self.rows.shape[1]:
+            c = cholesky_solve(self.chol, (self.rows @ v.unsqueeze(-1)).squeeze(-1))
+            v = v - (self.rows.mT @ c.unsqueeze(-1)).squeeze(-1)
+        return torch.linalg.solve_triangular(self.L0.mT, v.mT, upper=True).mT
+
+    def solve(self, r_x: torch.Tensor, r_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``K [u; w] = [r_x; r_y]`` for the regularized ``K = [[P + delta I, A_S'], [A_S, -D]]`` (``D`` delta on the
+        active rows, 1 off them, where ``A_S`` is zero)."""
+        u = self._schur_solve(r_x + self.A.rmatvec(self.on * r_y * self.inv_dy))
+        return u, (self.on * self.A.matvec(u) - r_y) * self.inv_dy
 
 
 def _active_schur(A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, always: torch.Tensor, delta: float,
@@ -268,10 +369,10 @@ def _active_schur(A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, a
         base = torch.matmul(rows.mT, rows) / delta + delta * torch.eye(n, dtype=dtype, device=dense.device)
         if P is not None:
             base = base + dense_batch(P, dtype=dtype)
-        return dense, base, None if P is None else P.values  # P's values held: their id is not reused meanwhile
+        return dense, base, None if P is None else P.values  # P's values held: their storage is not reused meanwhile
 
     key = ("active-schur", delta, dtype, bytes(always.cpu().numpy()), A.values._version,
-           None if P is None else (id(P.values), P.values._version))
+           None if P is None else (P.values.data_ptr(), P.values._version))
     dense, base, _ = _BASES.get(A, key, build)
     if most == 0:
         return base
@@ -352,10 +453,13 @@ class ActiveSets(NamedTuple):
             active rows); NaN where that KKT system cannot be factored. ``start``: a point ``{"x", "y", ...}`` (a
             warm start's fields; others ignored) the solve starts from: of the solutions of a singular active set
             (a degenerate LP's), about the one nearest it (:func:`equality_qp`'s ``start``).
+        entries: ``entries(split) -> int``, the tensor entries solving one of the splits ``(..., m)`` takes per
+            instance (:func:`split_entries`): what a caller sizes its groups of splits by.
     """
 
     of: Callable[..., torch.Tensor]
     solve: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    entries: Callable[[torch.Tensor], int]
 
 
 def scs_split(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -393,6 +497,29 @@ def osqp_solve_split(work, split: torch.Tensor, start: dict[str, torch.Tensor] |
                        always=forced.all(dim=0),  # the rows that are equalities in every instance
                        start=_start_rows(start, work.n, work.m, split.shape[0]))
     return {"x": x, "y": y}
+
+
+def split_entries(A: SparseBatch, P: SparseBatch | None, forced: torch.Tensor, split: torch.Tensor) -> int:
+    """The tensor entries :func:`equality_qp` takes per instance to solve one of ``split`` (``(..., m)``; nonzero where
+    active) given the rows ``forced`` (``(m,)``) active in every split: ``n + m`` vectors, and where
+    :class:`BorderedKKT` serves (``A`` and ``P`` shared, some row forced, few others active), ``n`` more per other
+    active row (its correction), else a dense ``n x n`` factor and ``m x n`` rows."""
+    m, n = A.shape
+    forced = forced.to(split.device)
+    extra = int(((split != 0) & ~forced).sum(dim=-1).max()) if split.numel() else 0
+    if BorderedKKT.serves(A, P) and bool(forced.any()) and m * n <= BASE_ENTRIES and extra <= BORDER_FRACTION * n:
+        return n + m + n * extra
+    return n * (n + m)
+
+
+def scs_split_entries(work, split: torch.Tensor) -> int:
+    """:attr:`ActiveSets.entries` in the cone form."""
+    return split_entries(work.A, work.P, _scs_forced(work), split)
+
+
+def osqp_split_entries(work, split: torch.Tensor) -> int:
+    """:attr:`ActiveSets.entries` in the QP form."""
+    return split_entries(work.A, work.P, _osqp_forced(work).all(dim=0), split)
 
 
 def _scs_forced(work) -> torch.Tensor:

@@ -21,10 +21,12 @@ from amortcvx.iterations.polish import (
     osqp_polish,
     osqp_solve_split,
     osqp_split,
+    osqp_split_entries,
     polishable,
     scs_polish,
     scs_solve_split,
     scs_split,
+    scs_split_entries,
 )
 
 
@@ -75,7 +77,8 @@ def _bind_scs(work: _scs.ScsWork, d: kkt.Batch) -> FixedPointAlgorithm:
         solution=partial(_scs.scs_solution, work), embed=partial(_scs.scs_embed, work),
         polish=partial(scs_polish, work), optimality=partial(optimality, d, partial(_scs.scs_point, work)),
         take=partial(taken, _bind_scs, _SCS_ROWS, work, d),
-        active_set=ActiveSets(partial(scs_split, work), partial(scs_solve_split, work))
+        active_set=ActiveSets(partial(scs_split, work), partial(scs_solve_split, work),
+                              partial(scs_split_entries, work))
         if polishable(work.cones) else None)
 
 
@@ -86,7 +89,8 @@ def _bind_osqp(work: _osqp.OsqpWork, d: kkt.Batch) -> FixedPointAlgorithm:
         solution=partial(_osqp.osqp_solution, work), embed=partial(osqp_state_from_fixed_point, work),
         polish=partial(osqp_polish, work), optimality=partial(optimality, d, _osqp_point),
         take=partial(taken, _bind_osqp, _OSQP_ROWS, work, d),
-        active_set=ActiveSets(partial(osqp_split, work), partial(osqp_solve_split, work)))
+        active_set=ActiveSets(partial(osqp_split, work), partial(osqp_solve_split, work),
+                              partial(osqp_split_entries, work)))
 
 
 def make_scs(data: ConeData, settings: _scs.ScsSettings | None = None,

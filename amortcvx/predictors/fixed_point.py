@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -160,7 +160,9 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
     The candidates are ranked a group at a time (:func:`rank_group`), each group in one call on the instances still
     ranking, taken ``g`` times (``alg.take``), and only the best so far is kept: at small batches and on small
     problems one call per candidate costs more in per-call overhead than in arithmetic (batch 1, 1024 candidates:
-    portfolio small 14 against 315 ms; docs/training.md). An instance stops ranking once its best residual is at most
+    portfolio small 14 against 315 ms; docs/training.md); active sets in groups of 1, 2, 4, ... up to that size (the
+    most probable first, and each a KKT solve: mpc large at batch 1, 32 candidates in 6 calls). An instance stops
+    ranking once its best residual is at most
     ``exact`` (:data:`EXACT_RESIDUAL`; None: rank every candidate): its later candidates are not solved or ranked,
     and the whole call ends when no instance is left (where the first candidates are exact, most of an active-set
     model's KKT solves are skipped: 0.15 to 0.70 of the time at batch 1024 on portfolio, transport and degenerate_lp,
@@ -215,16 +217,35 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
                                     start={f: v[live].repeat(g, 1) for f, v in start.items()})
         return space.target(a, **fields).view(g, b, -1).transpose(0, 1)
 
+    def growing(model, inputs: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The model's splits in groups of 1, 2, 4, ... (sets ``size``), each at most what the instances still ranking
+        may take (:func:`rank_group`, for the entries a split's solve takes, ``alg.active_set.entries``). The most
+        probable come first and are often exact, so a small batch solves one before it solves more, and an instance
+        none is exact for ranks the rest in a few calls rather than one per candidate (mpc large, ``A`` shared, batch
+        1: 32 candidates in 6 calls instead of 32)."""
+        nonlocal size
+        size = 1
+        most = _group_size(alg, space, model.choices, 1, rank_entries)  # the most a step may take: one instance left
+        for group in model.split_groups(inputs, most):
+            width = alg.active_set.entries(group)
+            at, step = 0, size
+            while at < group.shape[1]:
+                size = min(step, group.shape[1] - at)  # the group's last part as it is: nothing solved twice
+                yield group[:, at:at + size]
+                at += size
+                step = min(2 * step, _group_size(alg, space, model.choices, live.numel(), rank_entries,
+                                                 lambda n, m, width=width: width))
+            size = step
+
     # the groups are generated lazily: each reads ``live`` when it is drawn, after the groups before it were ranked
     if getattr(model, "splits", False) and alg.active_set is not None:
         # the forward pass first (the nearest stored solution or the model's reference network: finite where every
-        # active set's KKT system is singular), then the candidate active sets solved on this batch's data (a dense
-        # n x n factor and m x n rows per solve), each from the forward pass's point (of a degenerate active set's
+        # active set's KKT system is singular), then the candidate active sets solved on this batch's data (a KKT
+        # solve each, alg.active_set.entries), each from the forward pass's point (of a degenerate active set's
         # solutions, about the one nearest it)
-        size = _group_size(alg, space, model.choices, batch, rank_entries, lambda n, m: n * (n + m))
         first = model(inputs)[:, None]
         start = space.prediction_warm_start(alg, first[:, 0].to(theta.device, dtype))
-        groups = itertools.chain([first], (decoded(s, start) for s in model.split_groups(inputs, size)))
+        groups = itertools.chain([first], (decoded(s, start) for s in growing(model, inputs)))
     elif hasattr(model, "candidate_groups") and int(getattr(model, "choices", 1)) > 1:
         size = _group_size(alg, space, model.choices, batch, rank_entries)
         groups = (z.to(theta.device)[live] for z in model.candidate_groups(inputs, size))
