@@ -92,9 +92,7 @@ def test_cone_programs_with_other_cones_have_no_active_sets_and_the_recipe_skips
     assert applies("neighbor_active_set", lp)
     import amortcvx.training.recipe as recipe_mod
 
-    monkeypatch.setattr(recipe_mod, "ACTIVE_SET_ENTRIES", lp.n * (lp.n + lp.m) - 1)  # dense KKT solves too large,
-    assert not lp.dependent["A"] and applies("neighbor_active_set", lp)  # but A is shared: the shared factor serves
-    monkeypatch.setattr(recipe_mod, "BASE_ENTRIES", lp.n * lp.m - 1)  # and that factor's U too large as well
+    monkeypatch.setattr(recipe_mod, "ACTIVE_SET_ENTRIES", lp.n * (lp.n + lp.m) - 1)  # KKT solves too large
     assert not applies("neighbor_active_set", lp) and applies("neighbor_tangent", lp)
     with pytest.raises(ValueError, match="has nothing to train"):
         Candidate(kind="neighbor_active_set")

@@ -225,8 +225,9 @@ def predict(model, space: OutputSpace, alg: FixedPointAlgorithm, theta: torch.Te
         1: 32 candidates in 6 calls instead of 32)."""
         nonlocal size
         size = 1
-        most = _group_size(alg, space, model.choices, 1, rank_entries)  # the most a step may take: one instance left
-        for group in model.split_groups(inputs, most):
+        # drawn for the whole batch, int8: as many bytes as rank_entries float64 entries
+        drawn = _group_size(alg, space, model.choices, batch, 8 * rank_entries, lambda n, m: m)
+        for group in model.split_groups(inputs, drawn):
             width = alg.active_set.entries(group)
             at, step = 0, size
             while at < group.shape[1]:

@@ -65,7 +65,7 @@ from amortcvx.backends import Status, WarmStart, solve_batch
 from amortcvx.canon.parametric import ParametricProblem
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import run
-from amortcvx.iterations.polish import BASE_ENTRIES, polish_allowed
+from amortcvx.iterations.polish import polish_allowed
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.classifier import ClassifiedActiveSet
 from amortcvx.predictors.ensemble import ensemble_predictor
@@ -106,13 +106,10 @@ UNTRAINED_KINDS = ("neighbor_active_set", "active_set_classifier")
 False): the neighbours' active sets train nothing; the classifier's network is fitted to the stored active sets when
 the core is built (:meth:`~amortcvx.predictors.ClassifiedActiveSet.fit`, in :func:`candidate_core`)."""
 ACTIVE_SET_ENTRIES = 2 ** 18
-"""The recipe tries the :data:`ACTIVE_SET_KINDS` where ``n (n + m)`` is at most this, or where ``A`` and ``P`` hold no
-parameter and the shared factor of :class:`~amortcvx.iterations.polish.BorderedKKT` fits
-(:data:`~amortcvx.iterations.polish.BASE_ENTRIES`): otherwise each candidate's KKT solve holds a dense ``n x n`` factor
-and ``m x n`` rows per instance (2 MiB here in float64; a batch of 1024 then needs 2 GiB for one candidate at a time).
-The small sizes of the bundled and check families are within it (mpc small: 28160); of the large sizes, mpc (1.45
-million, its ``A`` shared: 1.06 million entries of ``U``) is in through the shared factor, transport (51 million) is
-not."""
+"""The recipe tries the :data:`ACTIVE_SET_KINDS` where ``n (n + m)`` is at most this: each candidate's KKT solve holds a
+dense ``n x n`` factor and ``m x n`` rows per instance (2 MiB here in float64; a batch of 1024 then needs 2 GiB for
+one candidate at a time). The small sizes of the bundled and check families are within it (mpc small: 28160); mpc
+large (1.45 million) and transport large (51 million) are not."""
 COMPANION_SHARE = 0.25
 """A kind whose best search trial took at most this share of the chosen configuration's time (or that trains
 nothing: ``Candidate.correction`` False) rides along the learning curve (trained at every size until one of its
@@ -418,8 +415,7 @@ def applies(kind: str, pp: ParametricProblem) -> bool:
     (:data:`ACTIVE_SET_ENTRIES`)."""
     if kind not in ACTIVE_SET_KINDS:
         return True
-    shared = not pp.dependent["A"] and not pp.dependent["P"] and pp.m * pp.n <= BASE_ENTRIES
-    return polish_allowed(pp.form, pp.cones) and (shared or pp.n * (pp.n + pp.m) <= ACTIVE_SET_ENTRIES)
+    return polish_allowed(pp.form, pp.cones) and pp.n * (pp.n + pp.m) <= ACTIVE_SET_ENTRIES
 
 
 def solved_prefix(get_solved: Callable[[int], SolvedSet], count: int, asked: int) -> tuple[SolvedSet, int]:
