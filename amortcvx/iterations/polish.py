@@ -288,33 +288,20 @@ class BorderedKKT:
         correction to carry the whole system, with cancellation where an active set is degenerate), ``U`` beyond
         :data:`BASE_ENTRIES`, or an instance with more than :data:`BORDER_FRACTION` ``n`` other active rows (the
         correction then costs about what a new factorization does)."""
-        always = always.to(device=active.device, dtype=torch.bool)
-        if always.shape != (A.shape[0],):
-            raise ValueError(f"always must have shape (m,) = ({A.shape[0]},); got {tuple(always.shape)}")
-        m, n = A.shape
-        if not cls.serves(A, P) or not bool(always.any()) or m * n > BASE_ENTRIES:
+        if not cls.serves(A, P):
             return None
-        if bool((~active[:, always]).any()):
-            raise ValueError("a row in always is inactive in some instance of active")
-        extra = active & ~always
-        count = extra.sum(dim=1)
-        most = int(count.max()) if count.numel() else 0
-        if most > BORDER_FRACTION * n:
+        split = _other_rows(A, active, always)
+        if split is None or not cls.fits(A, split[3]):
             return None
+        always, extra, count, most = split
 
         def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            dense = dense_batch(A, dtype=torch.float64)[0]
-            rows = dense[always]
-            base = rows.mT @ rows / delta + delta * torch.eye(n, dtype=torch.float64, device=dense.device)
-            if P is not None:
-                base = base + dense_batch(P, dtype=torch.float64)[0]
-            L0 = torch.linalg.cholesky(0.5 * (base + base.mT))  # positive definite: delta I
-            U = torch.linalg.solve_triangular(L0, dense.mT, upper=False).mT  # (m, n): row i is (L0^-1 A_i')'
+            dense, base = _always_base(A, P, always, delta, torch.float64)
+            L0 = torch.linalg.cholesky(0.5 * (base[0] + base[0].mT))  # positive definite: delta I
+            U = torch.linalg.solve_triangular(L0, dense[0].mT, upper=False).mT  # (m, n): row i is (L0^-1 A_i')'
             return L0.to(dtype), U.to(dtype), None if P is None else P.values  # held: their storage stays theirs
 
-        key = ("bordered", delta, dtype, bytes(always.cpu().numpy()), A.values._version,
-               None if P is None else (P.values.data_ptr(), P.values._version))
-        L0, U, _ = _BASES.get(A, key, build)
+        L0, U, _ = _BASES.get(A, _base_key("bordered", A, P, always, delta, dtype), build)
         _, order = flagged_rows(U[None, :, :1], extra, most)  # the other active rows' indices, padded
         valid = (torch.arange(most, device=active.device) < count.unsqueeze(1)).to(dtype)
         V = U[order] * valid.unsqueeze(-1)  # (B, r, n); padded rows zero (their C entries delta)
@@ -323,6 +310,13 @@ class BorderedKKT:
             chol, info = torch.linalg.cholesky_ex(V @ V.mT + delta * torch.eye(most, dtype=dtype, device=V.device))
             chol = torch.where((info != 0)[:, None, None], torch.nan, chol)
         return cls(L0, V, chol, sparse_operator(A, dtype), active, delta)
+
+    @staticmethod
+    def fits(A: SparseBatch, most: int) -> bool:
+        """Whether ``U`` of ``A`` is within :data:`BASE_ENTRIES` and ``most`` other active rows within
+        :data:`BORDER_FRACTION` ``n``."""
+        m, n = A.shape
+        return m * n <= BASE_ENTRIES and most <= BORDER_FRACTION * n
 
     @staticmethod
     def serves(A: SparseBatch, P: SparseBatch | None) -> bool:
@@ -343,12 +337,11 @@ class BorderedKKT:
         return u, (self.on * self.A.matvec(u) - r_y) * self.inv_dy
 
 
-def _active_schur(A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, always: torch.Tensor, delta: float,
-                  dtype: torch.dtype) -> torch.Tensor | None:
-    """``P + delta I + A_S' A_S / delta`` over the ``active`` rows ``S`` (``(1 or B, n, n)``): the ``always`` rows'
-    part from :data:`_BASES`, the others gathered per instance (padded with zero rows to the most any has); None
-    where there is no such row, or some instance has more than half of the other rows active (the whole product
-    then costs no more: the caller forms it)."""
+def _other_rows(A: SparseBatch, active: torch.Tensor, always: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """``always`` checked as a bool ``(m,)`` row mask active in every instance of ``active``; None where it holds no
+    row. Else ``(always, extra, count, most)``: the mask on ``active``'s device, the other active rows ``(B, m)``,
+    their count per instance and the largest count."""
     always = always.to(device=active.device, dtype=torch.bool)
     if always.shape != (A.shape[0],):
         raise ValueError(f"always must have shape (m,) = ({A.shape[0]},); got {tuple(always.shape)}")
@@ -358,22 +351,49 @@ def _active_schur(A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, a
         raise ValueError("a row in always is inactive in some instance of active")
     extra = active & ~always
     count = extra.sum(dim=1)
-    most = int(count.max()) if count.numel() else 0
+    return always, extra, count, int(count.max()) if count.numel() else 0
+
+
+def _always_base(A: SparseBatch, P: SparseBatch | None, always: torch.Tensor, delta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense ``A`` (``(1 or B, m, n)``) and the ``always`` rows' part ``P + delta I + A_F' A_F / delta`` of the
+    Schur complement (``(1 or B, n, n)``), in ``dtype``."""
+    dense = dense_batch(A, dtype=dtype)
+    rows = dense[:, always]
+    base = torch.matmul(rows.mT, rows) / delta + delta * torch.eye(A.shape[1], dtype=dtype, device=dense.device)
+    if P is not None:
+        base = base + dense_batch(P, dtype=dtype)
+    return dense, base
+
+
+def _base_key(kind: str, A: SparseBatch, P: SparseBatch | None, always: torch.Tensor, delta: float,
+              dtype: torch.dtype) -> tuple:
+    """The :data:`_BASES` key of a part built from ``A`` (its values' version; the memo adds their identity), ``P``
+    (its values' storage and version: a part of the batch, ``take``, holds them in a new view), ``always``, ``delta``
+    and ``dtype``."""
+    return (kind, delta, dtype, bytes(always.cpu().numpy()), A.values._version,
+            None if P is None else (P.values.data_ptr(), P.values._version))
+
+
+def _active_schur(A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, always: torch.Tensor, delta: float,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """``P + delta I + A_S' A_S / delta`` over the ``active`` rows ``S`` (``(1 or B, n, n)``): the ``always`` rows'
+    part from :data:`_BASES`, the others gathered per instance (padded with zero rows to the most any has); None
+    where there is no such row, or some instance has more than half of the other rows active (the whole product
+    then costs no more: the caller forms it)."""
+    split = _other_rows(A, active, always)
+    if split is None:
+        return None
+    always, extra, count, most = split
     n = A.shape[1]
     if 2 * most > A.shape[0] - int(always.sum()) or (1 if A.shared else A.batch_size) * A.shape[0] * n > BASE_ENTRIES:
         return None
 
     def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        dense = dense_batch(A, dtype=dtype)
-        rows = dense[:, always]
-        base = torch.matmul(rows.mT, rows) / delta + delta * torch.eye(n, dtype=dtype, device=dense.device)
-        if P is not None:
-            base = base + dense_batch(P, dtype=dtype)
+        dense, base = _always_base(A, P, always, delta, dtype)
         return dense, base, None if P is None else P.values  # P's values held: their storage is not reused meanwhile
 
-    key = ("active-schur", delta, dtype, bytes(always.cpu().numpy()), A.values._version,
-           None if P is None else (P.values.data_ptr(), P.values._version))
-    dense, base, _ = _BASES.get(A, key, build)
+    dense, base, _ = _BASES.get(A, _base_key("active-schur", A, P, always, delta, dtype), build)
     if most == 0:
         return base
     rows, _ = flagged_rows(dense, extra, most)
@@ -507,7 +527,7 @@ def split_entries(A: SparseBatch, P: SparseBatch | None, forced: torch.Tensor, s
     m, n = A.shape
     forced = forced.to(split.device)
     extra = int(((split != 0) & ~forced).sum(dim=-1).max()) if split.numel() else 0
-    if BorderedKKT.serves(A, P) and bool(forced.any()) and m * n <= BASE_ENTRIES and extra <= BORDER_FRACTION * n:
+    if BorderedKKT.serves(A, P) and bool(forced.any()) and BorderedKKT.fits(A, extra):
         return n + m + n * extra
     return n * (n + m)
 
