@@ -733,6 +733,39 @@ def test_newton_finish_certifies_more_and_the_c_solver_agrees(name, alg):
     assert all(r.status == Status.OPTIMAL and r.iterations == 1 for r in restarted)  # the C solver agrees at once
 
 
+def test_newton_finish_stops_at_a_tenth_of_the_requested_tolerance(monkeypatch):
+    """The finish's Newton steps stop where the certificate's tolerance is met with a margin, not at a refined
+    solution's level: fewer factorizations at eps 1e-4 than at 1e-8 on the same starts, every instance certified
+    at eps 1e-4 passes the C solver's own test at once, and the level follows the smaller positive eps."""
+    import amortcvx.deploy.solver as solver_module
+    from amortcvx.iterations import kkt
+
+    fam, pp = _pp("kalman", "scs")
+    params = fam.sample(16, seed=3)
+    factored = []
+    factorize = kkt.factorize
+    monkeypatch.setattr(kkt, "factorize", lambda sub, jac: factored.append(sub.lin.shape[0]) or factorize(sub, jac))
+    outs, counts = {}, {}
+    for eps in (1e-4, 1e-8):
+        factored.clear()
+        solver = AmortizedSolver(pp, algorithm="scs", k=0, newton=4, solver_settings={"eps_abs": eps, "eps_rel": eps})
+        assert solver._newton_tol() == pytest.approx(solver_module.NEWTON_FINISH_MARGIN * eps)
+        outs[eps], counts[eps] = solver.solve(params, exact_iterations=True), sum(factored)
+    assert counts[1e-4] < counts[1e-8], counts
+    out = outs[1e-4]
+    assert out.certified.sum() >= 8 and all(r.status == Status.OPTIMAL for r in out.results)
+    data = pp.canonicalize(params)
+    idx = np.flatnonzero(out.certified)
+    starts = [WarmStart(out.results[i].x, out.results[i].y, out.results[i].s) for i in idx]
+    restarted = solve_batch([data.instance(int(i)) for i in idx], "scs", warm_starts=starts, settings=TOL,
+                            exact_iterations=True, workers=1)
+    assert all(r.status == Status.OPTIMAL and r.iterations == 1 for r in restarted)
+    mixed = AmortizedSolver(pp, algorithm="scs", k=0, newton=4, solver_settings={"eps_abs": 0.0, "eps_rel": 1e-3})
+    assert mixed._newton_tol() == pytest.approx(solver_module.NEWTON_FINISH_MARGIN * 1e-3)
+    none = AmortizedSolver(pp, algorithm="scs", k=0, newton=4, solver_settings={"eps_abs": 0.0, "eps_rel": 0.0})
+    assert none._newton_tol() == kkt.REFINED
+
+
 def _untrained_predictor(pp, alg: str):
     from amortcvx.predictors.fixed_point import output_space
     from amortcvx.predictors.model import PredictorMeta, WarmStartPredictor

@@ -1161,12 +1161,19 @@ def take(d: Batch, idx: torch.Tensor) -> Batch:
 
 
 REFINED = 1e-9
-"""A refinement has converged when ``||F||_inf <= REFINED (1 + ||c||_inf)`` (:func:`converged`)."""
+"""A refinement has converged when ``||F||_inf <= REFINED * residual_scale`` (:func:`converged`)."""
 
 
-def converged(d: Batch, norm: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: ``||F||_inf`` (``norm``, from :func:`newton_refine`) is at the level of a refined solution."""
-    return norm <= REFINED * (1.0 + d.lin.abs().amax(dim=1))
+def residual_scale(d: Batch) -> torch.Tensor:
+    """(B,) ``1 + ||c||_inf + ||b||_inf``: what the tolerances on ``||F||_inf`` are relative to (:func:`converged`,
+    :func:`newton_refine`)."""
+    return 1.0 + d.lin.abs().amax(dim=1) + (d.b.abs().amax(dim=1) if d.b is not None else 0.0)
+
+
+def converged(d: Batch, norm: torch.Tensor, tol: float = REFINED) -> torch.Tensor:
+    """(B,) bool: ``||F||_inf`` (``norm``, from :func:`newton_refine`) is at most ``tol`` relative to
+    :func:`residual_scale` (default: the level of a refined solution)."""
+    return norm <= tol * residual_scale(d)
 
 
 class Refined(NamedTuple):
@@ -1197,7 +1204,8 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
                   passes: int = 4, near: float | None = NEWTON_NEAR) -> Refined:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
-    Each step works on the instances not yet converged (``||F||_inf > tol (1 + scale)``) and tries the step
+    Each step works on the instances not yet converged (``||F||_inf > tol`` relative to :func:`residual_scale`,
+    the test of :func:`converged`) and tries the step
     lengths in ``damping`` in turn, each on the instances where no longer one has yet converged or cut the merit
     ``||F||_2`` by the factor ``decrease``; each instance keeps the step with the smallest merit (a full step is
     exact on the active set of an LP / QP; shorter ones help from looser points). The Newton direction descends
@@ -1226,7 +1234,7 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
     with torch.no_grad():
         f = torch.cat(residual(d, pt), dim=1)
         norm = f.abs().amax(dim=1)
-        scale = 1.0 + d.lin.abs().amax(dim=1) + (d.b.abs().amax(dim=1) if d.b is not None else 0.0)
+        scale = residual_scale(d)
         n = pt.x.shape[1]
         for _ in range(steps):
             idx = torch.nonzero(torch.isfinite(norm) & (norm > tol * scale)).flatten()
