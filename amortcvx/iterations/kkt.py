@@ -179,12 +179,28 @@ def rows(d: Batch, start: int = 0) -> Rows:
     return _CSR.get(d.data.A, ("csr", start, A.dtype, str(A.device)), build)
 
 
+def p_rows(d: Batch) -> Rows:
+    """:class:`Rows` of a dense batch's ``P`` (symmetric: its products with ``P'`` are those with ``P``), CSR under
+    the same rule as ``A`` in :func:`rows` (shared, constant, at most :data:`SPARSE_DENSITY` nonzero). MPC large's
+    diagonal ``P`` (624 entries of 389,376): the dense product is a ``624 x 624`` matrix read per instance."""
+    P = d.P
+    if P.shape[0] != 1 or P.requires_grad or not d.data.P.shared:
+        return Rows(P, None, None)
+    if d.data.P.values.shape[-1] > SPARSE_DENSITY * P.shape[1] * P.shape[2]:
+        return Rows(P, None, None)
+
+    def build() -> Rows:
+        csr = csr_pair(P[0].detach())[0]
+        return Rows(P, csr, csr)
+    return _CSR.get(d.data.P, ("csr P", P.dtype, str(P.device)), build)
+
+
 _CSR = SharedMemo()
 
 
-def _mv(mat: torch.Tensor | SparseBatch, x: torch.Tensor) -> torch.Tensor:
-    """``M_i x_i`` for a dense ``(1 or B, r, c)`` tensor or a :class:`SparseBatch`."""
-    return sparse_operator(mat, x.dtype).matvec(x) if isinstance(mat, SparseBatch) else matvec(mat, x)
+def _p_mv(d: Batch, x: torch.Tensor) -> torch.Tensor:
+    """``P_i x_i`` for a dense batch (:func:`p_rows`) or a sparse one."""
+    return sparse_operator(d.P, x.dtype).matvec(x) if isinstance(d.P, SparseBatch) else p_rows(d).mv(x)
 
 
 def _a_mv(d: Batch, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +246,7 @@ def residual(d: Batch, pt: Point) -> tuple[torch.Tensor, torch.Tensor]:
     y = dual_of(d, pt.w)
     f1 = _a_rmv(d, y) + d.lin
     if d.P is not None:
-        f1 = f1 + _mv(d.P, pt.x)
+        f1 = f1 + _p_mv(d, pt.x)
     ax = _a_mv(d, pt.x)
     f2 = ax - (d.b - (y - pt.w)) if d.b is not None else ax - (pt.w - y)
     return f1, f2
@@ -1033,7 +1049,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
         return solve_kkt_krylov(d.data, jac, rhs, transpose=transpose).z
     delta = DELTA if delta is None else delta
     A = d.A.detach()
-    P = None if d.P is None else d.P.detach()
+    P = None if d.P is None else p_rows(d)._replace(mat=d.P.detach())  # CSR where sparse (p_rows)
     n = A.shape[2]
     D = jac.transposed() if transpose else jac
     same = reusable(factor, D) if factor is not None and factor.delta == delta else None
@@ -1073,14 +1089,14 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
             m_xp = M.matvec(ax)
             top = rx - delta_ * xp + Ao.rmv(wo - m_xp)  # g - H xp
             if P is not None:
-                top = top - matvec(P, xp)
+                top = top - P.mv(xp)
             u = cholesky_solve(L, top @ ns.Z)
             zu = u @ ns.Z.mT
             azu = u @ ns.AoZ.mT
             m_zu = M.matvec(azu)
             h_zu = delta_ * zu + Ao.rmv(m_zu)
             if P is not None:
-                h_zu = h_zu + matvec(P, zu)
+                h_zu = h_zu + P.mv(zu)
             zx, ax, ze = xp + zu, ax + azu, (top - h_zu) @ ns.pinv
             m_ax = m_xp + m_zu if transpose else None  # M A_o z_x by linearity: no third product with M
         zo = m_ax - wo if transpose else R.matvec(ax - ro)
@@ -1091,7 +1107,7 @@ def solve_kkt(d: Batch, jac: DualJacobian, rhs: torch.Tensor, *, transpose: bool
         dzw = None if transpose else D.matvec(zw)  # D zw, used twice
         top = full.rmv(zw if transpose else dzw)
         if P is not None:
-            top = top + matvec(P, zx)
+            top = top + P.mv(zx)
         ax = full.mv(zx)
         bottom = D.matvec(ax + zw) - zw if transpose else ax + dzw - zw
         return torch.cat([top, bottom], dim=1)
