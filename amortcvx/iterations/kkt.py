@@ -1220,14 +1220,14 @@ def newton_refine(d: Batch, pt: Point, *, steps: int = 4, tol: float = 1e-12,
                   passes: int = 4, near: float | None = NEWTON_NEAR) -> Refined:
     """Semismooth Newton steps on ``F`` from ``pt``, accepted per instance only where ``||F||`` decreases.
 
-    Each step works on the instances not yet converged (``||F||_inf > tol`` relative to :func:`residual_scale`,
-    the test of :func:`converged`) and tries the step
-    lengths in ``damping`` in turn, each on the instances where no longer one has yet converged or cut the merit
-    ``||F||_2`` by the factor ``decrease``; each instance keeps the step with the smallest merit (a full step is
-    exact on the active set of an LP / QP; shorter ones help from looser points). The Newton direction descends
-    on ``||F||_2^2`` but not always on ``||F||_inf``: judged by the max norm, points with a few wrongly active
-    rows made no progress at any step length (MPC, from learned starts: 101 of 200 converged in 4 steps against
-    125 with the 2-norm; the SOCP and SDP layer benchmarks got 10-20% faster).
+    Each step works on the instances not yet converged (``||F||_inf > tol`` relative to :func:`residual_scale`, the
+    test of :func:`converged`) and tries the step lengths in ``damping`` in turn, each on the instances where no
+    longer one has yet converged or cut the merit ``||F||_2`` by the factor ``decrease``; each instance keeps the
+    step with the smallest merit (a full step is exact on the active set of an LP / QP; shorter ones help from
+    looser points). The Newton direction descends on ``||F||_2^2`` but not always on ``||F||_inf``: judged by the
+    max norm, points with a few wrongly active rows made no progress at any step length (MPC, from learned starts:
+    101 of 200 converged in 4 steps against 125 with the 2-norm; the SOCP and SDP layer benchmarks got 10-20%
+    faster).
     ``passes``: the iterative-refinement passes of each step's linear solve (:func:`solve_kkt`); fewer make a
     step cheaper and less exact (one pass leaves an error of about ``delta^2`` relative to the step, which later
     steps correct; the last point is then less accurate than with more). A step on every instance (the first,
