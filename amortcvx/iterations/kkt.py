@@ -166,12 +166,17 @@ class Rows(NamedTuple):
         return csr_matvec(self.csr_t, y)
 
 
+def _sparse_shared(dense: torch.Tensor, mat: SparseBatch) -> bool:
+    """Whether products with a dense batch's matrix ``dense`` (built from ``mat``) go through CSR: shared by the
+    batch, constant (no gradient) and at most :data:`SPARSE_DENSITY` nonzero."""
+    return (dense.shape[0] == 1 and not dense.requires_grad and mat.shared
+            and mat.values.shape[-1] <= SPARSE_DENSITY * dense.shape[1] * dense.shape[2])
+
+
 def rows(d: Batch, start: int = 0) -> Rows:
     """:class:`Rows` of ``d.A[start:]`` (a dense batch)."""
     A = d.A[:, start:] if start else d.A
-    if A.shape[0] != 1 or A.requires_grad or not d.data.A.shared:
-        return Rows(A, None, None)
-    if d.data.A.values.shape[-1] > SPARSE_DENSITY * d.A.shape[1] * d.A.shape[2]:  # the whole A's density
+    if not _sparse_shared(d.A, d.data.A):  # the whole A's density
         return Rows(A, None, None)
 
     def build() -> Rows:
@@ -181,12 +186,10 @@ def rows(d: Batch, start: int = 0) -> Rows:
 
 def p_rows(d: Batch) -> Rows:
     """:class:`Rows` of a dense batch's ``P`` (symmetric: its products with ``P'`` are those with ``P``), CSR under
-    the same rule as ``A`` in :func:`rows` (shared, constant, at most :data:`SPARSE_DENSITY` nonzero). MPC large's
-    diagonal ``P`` (624 entries of 389,376): the dense product is a ``624 x 624`` matrix read per instance."""
+    the same rule as ``A`` in :func:`rows` (:func:`_sparse_shared`). MPC large's diagonal ``P`` (624 entries of
+    389,376): the dense product is a ``624 x 624`` matrix read per instance."""
     P = d.P
-    if P.shape[0] != 1 or P.requires_grad or not d.data.P.shared:
-        return Rows(P, None, None)
-    if d.data.P.values.shape[-1] > SPARSE_DENSITY * P.shape[1] * P.shape[2]:
+    if not _sparse_shared(P, d.data.P):
         return Rows(P, None, None)
 
     def build() -> Rows:
