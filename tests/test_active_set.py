@@ -252,6 +252,79 @@ def test_splits_on_shared_data_are_solved_through_one_factor(algorithm, form, mo
     torch.testing.assert_close(shared["x"][0], solved.x[0], atol=1e-7, rtol=0)
 
 
+def _simplex_problem(coupled: bool = False):
+    """minimize 1/2 x'Qx - c'x  s.t.  0 <= x <= 0.5, sum(x) == 1 in 40 dimensions (``Q = I``: the projection of ``c``
+    on a capped simplex; ``coupled``: ``Q = I + 0.1 11'``, no zero entry): a few weights nonzero at the optimum, the
+    other bounds active."""
+    c, x = cp.Parameter(40, name="c"), cp.Variable(40, name="x")
+    Q = np.eye(40) + (0.1 if coupled else 0.0) * np.ones((40, 40))
+    return cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, Q) - c @ x), [x >= 0, x <= 0.5, cp.sum(x) == 1])
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_splits_whose_bounds_fix_most_variables_are_solved_on_the_free_ones(algorithm, form, coupled, monkeypatch):
+    """Where active bounds fix most variables (a projection on a capped simplex: a few of 40 weights free), a
+    split's solve eliminates them (``polish.EliminatedKKT``: each instance factors its free variables' system, or
+    with a diagonal ``P`` the other active rows' one): the optimum back from its own split, and the whole system's
+    solutions to rounding, for splits with fewer and more active bounds than the optimum's; a split holding both
+    bounds of a variable is solved the other way."""
+    from amortcvx.iterations import polish
+
+    params = {"c": np.random.default_rng(3).normal(0.0, 0.3, (6, 40))}
+    pp, solved = _solved(_simplex_problem(coupled), algorithm, form, params)
+    assert (polish.EliminatedKKT.diagonal(make_algorithm(algorithm, pp.canonicalize_vector(solved.theta)).work.P,
+                                          torch.float64, "cpu") is None) == coupled
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(solved.theta))
+    split = alg.active_set.of(**_fields(solved)).clone()
+    bounds, cols, _ = polish.EliminatedKKT.single_rows(alg.work.A, torch.float64, "cpu")
+    assert bounds.numel() == 80
+    on = split[:, bounds] != 0
+    assert bool((on.sum(dim=1) >= 30).all())  # most variables at a bound
+    split[1, bounds[on[1]][0]] = 0  # one bound fewer
+    free = ~torch.isin(cols, cols[on[2]])  # the bound rows of instance 2's free variables
+    more = bounds[free & on[3]][:2]
+    assert more.numel() == 2
+    split[2, more] = split[3, more]  # two more, on the sides another optimum has them
+    used = []
+    of = polish.EliminatedKKT.of
+    monkeypatch.setattr(polish.EliminatedKKT, "of", classmethod(lambda cls, *args: used.append(of(*args)) or used[-1]))
+    reduced = alg.active_set.solve(split)
+    assert isinstance(used[-1], polish.EliminatedKKT)
+    monkeypatch.setattr(polish.EliminatedKKT, "of", classmethod(lambda cls, *args: None))
+    whole = alg.active_set.solve(split)
+    for key in whole:
+        assert bool(torch.isfinite(whole[key]).all())
+        torch.testing.assert_close(reduced[key], whole[key], atol=1e-9, rtol=1e-9)
+    for i in (0, 3, 4, 5):  # the optimum's own split
+        torch.testing.assert_close(reduced["x"][i], solved.x[i], atol=1e-7, rtol=0)
+    both = split.clone()
+    j = int(torch.nonzero(solved.x[0] < 1e-6)[0])  # a variable at its lower bound: hold its upper bound too
+    rows = bounds[cols == j]
+    assert rows.numel() == 2
+    both[0, rows] = torch.tensor([-1, 1] if form == "qp" else [1, 1], dtype=split.dtype)
+    assert polish.EliminatedKKT.sizes(alg.work.A, alg.work.P, both != 0) is None
+
+
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_a_qps_polish_takes_active_set_rounds_until_its_split_settles(algorithm, form, monkeypatch):
+    """A QP's polish from a point whose split is not the optimum's (another instance's optimum) solves the split
+    its solution says, round after round (``polish.ROUNDS``), where one solve on the first guess does not reach
+    the optimum: every instance exact (an optimum passes SCS's and OSQP's tests at their first check)."""
+    from amortcvx.iterations import polish
+
+    params = {"c": np.random.default_rng(4).normal(0.0, 0.3, (8, 40))}
+    pp, solved = _solved(_simplex_problem(), algorithm, form, params)
+    alg = make_algorithm(algorithm, pp.canonicalize_vector(solved.theta))
+    other = {k: torch.roll(v, 1, dims=0) for k, v in _fields(solved).items()}  # each instance another's optimum
+    rounds = alg.polish(**other)
+    error = (rounds["x"] - solved.x).abs().amax(dim=1)
+    assert float(error.max()) < 1e-7
+    monkeypatch.setattr(polish, "ROUNDS", 1)
+    once = alg.polish(**other)
+    assert float((once["x"] - solved.x).abs().amax(dim=1).max()) > 1e-3
+
+
 def _matrix_problem():
     """minimize 1/2 ||x||^2 + q'x  s.t.  G x <= h, sum(x) == 0.5, with ``G`` a parameter: the constraint matrix, and so
     the torch iterations' factorization, differs between instances."""

@@ -242,6 +242,17 @@ class ParametricProblem:
         return dict(self._params)
 
     @property
+    def a_pattern(self) -> tuple[np.ndarray, np.ndarray]:
+        """The canonical ``A``'s sparsity pattern, ``(indices, indptr)`` in CSC form (``(m, n)``), the same for every
+        instance."""
+        return self._a_pattern
+
+    @property
+    def quadratic(self) -> bool:
+        """Whether the canonical objective has a quadratic part ``P``."""
+        return self._p_map is not None
+
+    @property
     def objective_sign(self) -> float:
         """+1.0 for ``cp.Minimize``, -1.0 for ``cp.Maximize``.
 

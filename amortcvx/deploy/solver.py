@@ -91,7 +91,7 @@ from amortcvx.iterations import kkt
 from amortcvx.iterations.cones import project_cone, project_dual_cone
 from amortcvx.iterations.linalg import FactorCache
 from amortcvx.iterations.loop import AndersonSettings, run
-from amortcvx.iterations.polish import check_polish_choice, polish_allowed
+from amortcvx.iterations.polish import check_polish_choice, eliminable, polish_allowed
 from amortcvx.iterations.registry import make_algorithm
 from amortcvx.predictors.fixed_point import output_space, predict
 from amortcvx.predictors.model import WarmStartPredictor
@@ -132,8 +132,9 @@ def newton_choices(pp: ParametricProblem) -> tuple[int, ...]:
 def polish_choices(pp: ParametricProblem) -> tuple[bool, ...]:
     """Whether to polish, as calibration chooses by default: ``(False, True)`` for LPs and QPs whose dense
     refinement applies (the same size rule as :func:`newton_choices`: polishing solves a dense ``n x n`` system
-    per instance, and per candidate on LPs), else ``(False,)``."""
-    allowed = polish_allowed(pp.form, pp.cones) and kkt.problem_linear_algebra(pp) == "dense"
+    per instance, and per candidate on LPs) and for QPs whose bounds make the polish's systems small at any size
+    (:func:`~amortcvx.iterations.polish.eliminable`), else ``(False,)``."""
+    allowed = polish_allowed(pp.form, pp.cones) and (kkt.problem_linear_algebra(pp) == "dense" or eliminable(pp))
     return (False, True) if allowed else (False,)
 
 

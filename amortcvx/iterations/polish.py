@@ -20,7 +20,9 @@ Guess, per row, a score that is positive when the row looks active (the dual out
   bound scores ``-y_i - (z_i - l_i)`` and the upper ``y_i - (u_i - z_i)`` (``z = Ax``); a row takes its better
   side, and the right-hand side is that bound.
 
-QP (``P`` given): the rows with a positive score. LP (no ``P``): the ``n`` rows with the highest scores (a
+QP (``P`` given): the rows with a positive score; where :class:`EliminatedKKT` serves the guess, the solution's
+own split is solved again, round after round, until it stops changing (primal-dual active-set rounds,
+:func:`_active_set_rounds`). LP (no ``P``): the ``n`` rows with the highest scores (a
 nondegenerate optimal vertex has exactly ``n`` active constraints; counting is far more robust than the sign
 of a score when the point is still inexact). Forced rows are always in.
 
@@ -40,8 +42,10 @@ unregularized system. Cost: one dense Cholesky factorization of an ``n x n`` mat
 differ), like the iterations' own setup when ``A`` or ``P`` depend on the parameters; where they do not and the
 caller names the rows active in every split (a predictor's candidates, ``equality_qp(..., always=)``), one factor
 of those rows' part, shared by the batch, and an ``r x r`` correction per instance for its ``r`` other active rows
-(:class:`BorderedKKT`). An instance whose system cannot be factored (a wrong guess can make it numerically
-singular) gets NaN, which the caller discards.
+(:class:`BorderedKKT`). Where ``A`` and ``P`` are shared and the active rows with one nonzero (bounds) fix most
+variables, those variables are eliminated and each instance factors only its free variables' system
+(:class:`EliminatedKKT`, before either of the others). An instance whose system cannot be factored (a wrong
+guess can make it numerically singular) gets NaN, which the caller discards.
 
 Only problems whose cones are zero and nonnegative (LPs and QPs) can be polished; :func:`check_polishable`
 says so with the cones at fault.
@@ -53,6 +57,7 @@ import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from amortcvx.canon.data import ConeDims, SharedMemo, SparseBatch
@@ -88,6 +93,18 @@ def polish_allowed(form: str, cones: ConeDims) -> bool:
     """Whether a problem of this form (``"cone"`` or ``"qp"``) and these cones can be polished: a QP-form problem
     always (its rows are bounds), a cone program where :func:`polishable`."""
     return form == "qp" or polishable(cones)
+
+
+def eliminable(pp) -> bool:
+    """Whether a compiled problem's polish stays cheap at any size: a QP whose ``A`` and ``P`` do not depend on the
+    parameters and at least half of whose variables have a row with one nonzero (a bound), so that
+    :class:`EliminatedKKT` serves the splits that hold most of them active (portfolio large)."""
+    if not pp.quadratic or pp.dependent["A"] or pp.dependent["P"]:
+        return False
+    indices, indptr = pp.a_pattern
+    cols = np.repeat(np.arange(pp.n), np.diff(indptr))
+    single = np.bincount(indices, minlength=pp.m)[indices] == 1
+    return 2 * np.unique(cols[single]).size >= pp.n
 
 
 def check_polish_choice(form: str, cones: ConeDims, polish: bool) -> None:
@@ -227,7 +244,9 @@ def equality_qp(A: SparseBatch, P: SparseBatch | None, q: torch.Tensor, rhs: tor
     # K = [[P, A_S'], [A_S, -(1 - on)]] (an inactive row reads -y_i = 0); the factored K_delta adds delta I to
     # the first block and -delta I to the active rows of the second. Instances whose K_delta cannot be factored
     # (numerically singular) come out NaN.
-    solver = None if always is None else BorderedKKT.of(A, P, active, always, delta, q.dtype)
+    solver = EliminatedKKT.of(A, P, active, delta, q.dtype)
+    if solver is None and always is not None:
+        solver = BorderedKKT.of(A, P, active, always, delta, q.dtype)
     if solver is not None:  # A shared: its products masked to the active rows, no copy of A per instance
         shared = sparse_operator(A, q.dtype)
         a_mv, a_rmv = (lambda v: on * shared.matvec(v)), (lambda v: shared.rmatvec(on * v))
@@ -254,6 +273,213 @@ def equality_qp(A: SparseBatch, P: SparseBatch | None, q: torch.Tensor, rhs: tor
         dx, dy = solver.solve(r_x - kx, r_y - ky)
         x, y = x + dx, y + dy
     return x, on * y
+
+
+ELIMINATED_FRACTION = 0.5
+""":class:`EliminatedKKT` serves an instance whose factored system (free variables and other active rows, or with a
+diagonal ``P`` the other active rows alone) has an order of at most this fraction of ``n``."""
+
+_SINGLE_ROWS = SharedMemo()
+"""Per shared constant ``A``, its rows with one nonzero (:meth:`EliminatedKKT.single_rows`)."""
+
+
+class EliminatedKKT:
+    """:func:`equality_qp`'s KKT solves where active bounds fix most variables: an active row with one nonzero (a
+    bound, ``a_i x_j = r_i``) fixes its variable, and what is left is a small dense system per instance over the
+    free variables and the other active rows, where ``A`` and ``P`` are shared.
+
+    With the active one-variable rows ``B``, the variables ``J`` they fix, the other variables ``F`` and the other
+    active rows ``E``, the KKT system ``K [u; w] = [r_x; r_y]`` (``K = [[P, A_S'], [A_S, -D]]``, ``D`` 1 off the
+    active rows) gives ``u_J = r_B / a_B``; then ``[[P_FF + delta I, A_EF'], [A_EF, -delta I]] [u_F; w_E] = [r_x -
+    P u_J; r_y - A u_J]`` on ``F`` and ``E``, regularized as :class:`~amortcvx.iterations.linalg.KKTSolver` does, by
+    its Schur complement ``P_FF + delta I + A_EF' A_EF / delta`` (``f x f``, one Cholesky per instance), or where
+    ``P`` is diagonal by the other one, ``delta I + A_EF D^-1 A_EF'`` (``e x e``, ``D = P_FF + delta I``); then
+    ``w_B = (r_x - P u - A_E' w_E)_J / a_B``, and ``w = -r_y`` off the active rows. Only the reduced block is
+    regularized, so :func:`equality_qp`'s refinement against ``K`` reaches the same solution as through the whole
+    system. Where the long-only portfolio's 3000 weights hold about 25 nonzero at the optimum (portfolio large,
+    diagonal ``P``), an active set costs a ``31 x 31`` factorization here against a ``3030 x 3030`` one: its optimal
+    active set's solve took 1.1 ms per instance at batch 8 against 2.3 s (SCS form, the same solution to ``1e-14``).
+    """
+
+    def __init__(self, A: SparseOperator, P: SparseOperator | None, single: tuple[torch.Tensor, ...],
+                 fixing: torch.Tensor, free: torch.Tensor, free_on: torch.Tensor, other: torch.Tensor,
+                 other_on: torch.Tensor, a_ef: torch.Tensor, diag: torch.Tensor | None, chol: torch.Tensor,
+                 active: torch.Tensor, delta: float):
+        self.A, self.P, self.delta = A, P, delta
+        self.rows, self.cols, self.vals = single
+        self.fixing, self.free, self.free_on, self.other, self.other_on = fixing, free, free_on, other, other_on
+        self.a_ef, self.diag, self.chol, self.active = a_ef, diag, chol, active
+
+    @staticmethod
+    def single_rows(A: SparseBatch, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(rows, cols, values)`` of the rows of a shared ``A`` with exactly one nonzero, memoized per ``A``."""
+        def build() -> tuple[torch.Tensor, ...]:
+            rows, cols = A.coo()
+            values = A.values[0].detach().cpu().numpy()
+            rows, cols = rows[values != 0], cols[values != 0]
+            values = values[values != 0]
+            count = np.bincount(rows, minlength=A.shape[0])
+            pick = count[rows] == 1
+            return tuple(torch.as_tensor(t).to(device) for t in (rows[pick], cols[pick])) + (
+                torch.as_tensor(values[pick], dtype=dtype, device=device),)
+        return _SINGLE_ROWS.get(A, ("single", dtype, str(device)), build)
+
+    @classmethod
+    def parts(cls, A: SparseBatch, P: SparseBatch | None, active: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """``(serving, fixing, fixed, other, single)``: per instance whether this solver serves its active rows
+        ``(B,)`` (no variable with two active one-variable rows, a degenerate bound pair; a factored system within
+        :data:`ELIMINATED_FRACTION` ``n``: the free variables and other active rows, or with a diagonal ``P`` the
+        other active rows alone), the active one-variable rows ``(B, s)`` (bool, over :meth:`single_rows`),
+        the variables they fix ``(B, n)``, the other active rows ``(B, m)`` and the one-variable rows; None where it
+        serves none: ``A`` or ``P`` per instance or carrying a gradient, or no one-variable row."""
+        if not BorderedKKT.serves(A, P):
+            return None
+        single = cls.single_rows(A, torch.float64, active.device)
+        rows, cols, _ = single
+        if not rows.numel():
+            return None
+        fixing = active[:, rows]
+        per_col = torch.zeros(active.shape[0], A.shape[1], dtype=torch.int32, device=active.device)
+        per_col.scatter_add_(1, cols.expand(active.shape[0], -1), fixing.to(torch.int32))
+        other = active.clone()
+        other[:, rows] = False
+        fixed = per_col > 0
+        order = other.sum(dim=1) + (0 if cls.diagonal(P, torch.float64, active.device) is not None
+                                    else (~fixed).sum(dim=1))
+        serving = (per_col <= 1).all(dim=1) & (order <= ELIMINATED_FRACTION * A.shape[1])
+        return serving, fixing, fixed, other, single
+
+    @classmethod
+    def sizes(cls, A: SparseBatch, P: SparseBatch | None, active: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """:meth:`parts` less ``serving`` where this solver serves every instance, else None."""
+        found = cls.parts(A, P, active)
+        if found is None or not bool(found[0].all()):
+            return None
+        return found[1:]
+
+    @classmethod
+    def serving(cls, A: SparseBatch, P: SparseBatch | None, active: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: the instances whose active rows this solver serves (:meth:`parts`)."""
+        found = cls.parts(A, P, active)
+        return torch.zeros(active.shape[0], dtype=torch.bool, device=active.device) if found is None else found[0]
+
+    @classmethod
+    def entries(cls, P: SparseBatch | None, fixed: torch.Tensor, other: torch.Tensor) -> int:
+        """The dense entries per instance of a batch's reduced systems (:meth:`sizes`' parts): the other active
+        rows' block over the free variables and the factored matrix."""
+        if not fixed.shape[0]:
+            return 0
+        f, e = int((~fixed).sum(dim=1).max()), int(other.sum(dim=1).max())
+        return e * f + (e * e if cls.diagonal(P, torch.float64, fixed.device) is not None else (f + e) ** 2)
+
+    @classmethod
+    def of(cls, A: SparseBatch, P: SparseBatch | None, active: torch.Tensor, delta: float, dtype: torch.dtype
+           ) -> EliminatedKKT | None:
+        """The solver for these active sets, or None where it does not serve (:meth:`sizes`)."""
+        found = cls.sizes(A, P, active)
+        if found is None:
+            return None
+        fixing, fixed, other_rows, (rows, cols, vals) = found
+        B, device = active.shape[0], active.device
+        free, free_on, pos_f = _packed(~fixed)
+        other, other_on, pos_e = _packed(other_rows)
+        f, e = free.shape[1], other.shape[1]
+        a_ef = _gathered_block(A, pos_e, free, free_on, e, dtype)
+        diagonal = cls.diagonal(P, dtype, device)
+        if diagonal is not None:  # P_FF + delta I diagonal: the Schur complement on the E side, e x e
+            diag = diagonal[free] * free_on + delta
+            schur = (a_ef / diag.unsqueeze(1)) @ a_ef.mT + delta * torch.eye(e, dtype=dtype, device=device)
+        else:
+            diag = None
+            schur = delta * torch.eye(f, dtype=dtype, device=device).expand(B, f, f)
+            if P is not None:
+                schur = schur + _gathered_block(P, pos_f, free, free_on, f, dtype)
+            if e:
+                schur = schur + a_ef.mT @ a_ef / delta
+        chol, info = torch.linalg.cholesky_ex(0.5 * (schur + schur.mT))
+        if bool((info != 0).any()):  # cannot be factored: NaN, as elsewhere
+            chol = torch.where((info != 0)[:, None, None], torch.nan, chol)
+        return cls(sparse_operator(A, dtype), None if P is None else sparse_operator(P, dtype),
+                   (rows, cols, vals.to(dtype)), fixing.to(dtype), free, free_on.to(dtype), other, other_on.to(dtype),
+                   a_ef, diag, chol, active, delta)
+
+    @staticmethod
+    def diagonal(P: SparseBatch | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """``P``'s diagonal ``(n,)`` where a shared ``P`` has no other nonzero, else None (and None for an LP, whose
+        ``P_FF + delta I`` is ``delta I``: the ``f x f`` form then); memoized per ``P``."""
+        if P is None:
+            return None
+
+        def build() -> torch.Tensor | None:
+            rows, cols = P.coo()
+            values = P.values[0].detach().cpu().numpy()
+            if bool(((rows != cols) & (values != 0)).any()):
+                return None
+            diag = np.zeros(P.shape[1])
+            np.add.at(diag, cols, values)
+            return torch.as_tensor(diag, dtype=dtype, device=device)
+        return _SINGLE_ROWS.get(P, ("diagonal", dtype, str(device)), build)
+
+    def _p_mv(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x) if self.P is None else self.P.matvec(x)
+
+    def solve(self, r_x: torch.Tensor, r_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``K [u; w] = [r_x; r_y]`` with the reduced block regularized (the class's note)."""
+        u = torch.zeros_like(r_x).scatter_add_(1, self.cols.expand(r_x.shape[0], -1),
+                                               self.fixing * r_y[:, self.rows] / self.vals)
+        t_x, t_y = r_x - self._p_mv(u), r_y - self.A.matvec(u)
+        t_f, t_e = t_x.gather(1, self.free) * self.free_on, t_y.gather(1, self.other) * self.other_on
+        if self.diag is not None:  # w_e from the E side's Schur complement, then u_f
+            w_e = cholesky_solve(self.chol, (self.a_ef @ (t_f / self.diag).unsqueeze(-1)).squeeze(-1) - t_e)
+            u_f = (t_f - (self.a_ef.mT @ w_e.unsqueeze(-1)).squeeze(-1)) / self.diag * self.free_on
+            w_e = w_e * self.other_on
+        else:
+            if self.other.shape[1]:
+                t_f = t_f + (self.a_ef.mT @ t_e.unsqueeze(-1)).squeeze(-1) / self.delta
+            u_f = cholesky_solve(self.chol, t_f) * self.free_on
+            w_e = ((self.a_ef @ u_f.unsqueeze(-1)).squeeze(-1) - t_e) / self.delta * self.other_on
+        u = u.scatter_add(1, self.free, u_f)
+        w = torch.zeros_like(r_y).scatter_add(1, self.other, w_e)
+        g = r_x - self._p_mv(u) - self.A.rmatvec(w)
+        w = w.scatter_add(1, self.rows.expand(r_x.shape[0], -1), self.fixing * g[:, self.cols] / self.vals)
+        return u, torch.where(self.active, w, -r_y)
+
+
+def _packed(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flagged entries of each row of ``flags`` (``(B, k)`` bool), packed: ``(index (B, c), on (B, c), slot (B,
+    k))`` with ``c`` the most any row has, ``index`` their positions in order (0 in the slots past a row's count,
+    where ``on`` is False) and ``slot`` each entry's place in ``index`` (-1 where not flagged)."""
+    count = flags.sum(dim=1)
+    c = int(count.max()) if flags.shape[0] else 0
+    slot = torch.where(flags, torch.cumsum(flags, dim=1) - 1, -1)
+    index = torch.zeros(flags.shape[0], c + 1, dtype=torch.long, device=flags.device)
+    index.scatter_(1, torch.where(flags, slot, c), torch.arange(flags.shape[1], device=flags.device).expand_as(slot))
+    index = index[:, :c].clone()
+    return index, torch.arange(c, device=flags.device) < count.unsqueeze(1), slot
+
+
+def _gathered_block(mat: SparseBatch, pos_r: torch.Tensor, free: torch.Tensor, free_on: torch.Tensor, r: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """``(B, r, f)``: the entries of a shared ``mat`` in each instance's columns ``free`` (``(B, f)``, where
+    ``free_on``) and at the rows with a slot in ``pos_r`` (:func:`_packed`), read from those columns' nonzeros
+    alone (``mat`` is CSC)."""
+    device = pos_r.device
+    indptr = torch.as_tensor(mat.indptr, device=device)
+    indices = torch.as_tensor(mat.indices, device=device)
+    B, f = free.shape
+    count = ((indptr[1:] - indptr[:-1])[free] * free_on).reshape(-1)  # each slot's nonzeros (pads none)
+    owner = torch.repeat_interleave(torch.arange(B * f, device=device), count)
+    offset = torch.arange(owner.shape[0], device=device) - torch.repeat_interleave(torch.cumsum(count, 0) - count,
+                                                                                    count)
+    k = indptr[:-1][free].reshape(-1)[owner] + offset  # the nonzeros of the slots' columns
+    b, col = owner // f, owner % f
+    row = pos_r[b, indices[k]]
+    keep = row >= 0
+    block = torch.zeros(B * r * f, dtype=dtype, device=device)
+    block.index_put_((((b * r + row) * f + col)[keep],), mat.values[0].to(dtype)[k][keep], accumulate=True)
+    return block.view(B, r, f)
 
 
 class BorderedKKT:
@@ -417,6 +643,12 @@ def scs_polish(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, *, delta
     copies = actives.shape[0]
     active = actives.reshape(copies * batch, m)
     A, P, b, c = (_tiled(t, copies, batch) for t in (work.A, work.P, work.b, work.c))
+    if P is not None:  # a QP: active-set rounds
+        b, c = b.expand(batch, -1), c.expand(batch, -1)
+        return _active_set_rounds(
+            A, P, active.to(torch.int8), {"x": x, "y": y, "s": s}, passes,
+            lambda i, split, p: _scs_on_active(A.take(i), P.take(i), b[i], c[i], split != 0, delta, p),
+            lambda i, pt: (forced | (pt["y"] - pt["s"] > 0)).to(torch.int8))
     out = _scs_on_active(A, P, b, c, active, delta, passes)
     if copies == 1:
         return out
@@ -437,6 +669,20 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     """
     n, m, batch = work.n, work.m, work.batch_size
     score, use_upper, forced = _osqp_scores(work, x, y)
+    if work.P is not None:  # a QP: active-set rounds
+        q, l, u = (t.expand(batch, -1) for t in (work.q, work.l, work.u))
+        forced = forced.expand(batch, -1)
+
+        def solve(i: torch.Tensor, split: torch.Tensor, p: int) -> dict[str, torch.Tensor]:
+            rhs = torch.where((split > 0) & ~forced[i], u[i], l[i])
+            xp, yp = equality_qp(work.A.take(i), work.P.take(i), q[i], rhs, split != 0, delta=delta, passes=p)
+            return {"x": xp, "y": yp}
+
+        split = torch.where(score > 0, torch.where(use_upper, 1, -1), 0).to(torch.int8)
+        return _active_set_rounds(work.A, work.P, torch.where(forced, 1, split).to(torch.int8),
+                                  {"x": batch_rows(x, n, batch, "x", q), "y": batch_rows(y, m, batch, "y", q)},
+                                  passes, solve,
+                                  lambda i, pt: _qp_split(work.A.take(i), l[i], u[i], forced[i], pt["x"], pt["y"]))
     actives = candidate_active_sets(score, forced, None if work.P is not None else n, band)
     copies = actives.shape[0]
     active = actives.reshape(copies * batch, m)
@@ -453,6 +699,59 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     stationary = _stationarity(A, P, q, xp, yp)
     worst = torch.stack([primal.amax(dim=1), dual.amax(dim=1), stationary], dim=1).amax(dim=1)
     return _best({"x": xp, "y": yp}, worst / (1.0 + q.abs().amax(dim=1)), copies)
+
+
+ROUNDS = 10
+"""The most solves of a QP's polish (:func:`_active_set_rounds`): on portfolio large (SCS, the nearest of 1800
+training instances' optimal active sets as the first guess, 100 held-out instances) the split of 18% of the
+instances was the optimal one after 4 solves, of 72% after 5, of 99% after 6 and of all after 7."""
+
+WHOLE_LIMIT = 2000
+"""The most variables for which a QP's polish solves the whole KKT system of an instance whose active rows
+:class:`EliminatedKKT` does not serve (a dense ``n x n`` factorization each); beyond, such an instance is left as
+it came (its point returned unpolished)."""
+
+
+def _active_set_rounds(A: SparseBatch, P: SparseBatch, split: torch.Tensor, start: dict[str, torch.Tensor],
+                       passes: int, solve: Callable[[torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]],
+                       split_of: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+    """A QP's polish as primal-dual active-set rounds: solve on the guessed ``split`` (int8 ``(B, m)``, nonzero on
+    active rows), take the split of the solution (its multipliers and slacks, the guess's own rule) and solve
+    again where it changed, until no instance's split changes or :data:`ROUNDS` solves; the rounds skip iterative
+    refinement, and the last split is solved once more with ``passes``. On a QP the solution of the optimal
+    active set is the optimum, and a wrong guess's solution says which rows to add (a negative slack) and drop (a
+    multiplier of the wrong sign). Rounds run only where :class:`EliminatedKKT` serves an instance's split (a
+    round then factors its free variables' system alone) and stop where it no longer does; an instance it does
+    not serve at first is solved once through the whole system (as before the rounds) up to :data:`WHOLE_LIMIT`
+    variables and left as it came (``start``) beyond. ``solve(index, split, passes)`` and ``split_of(index,
+    point)`` on the instances ``index``."""
+    batch, n = split.shape[0], A.shape[1]
+    every = torch.arange(batch, device=split.device)
+    first = EliminatedKKT.serving(A, P, split != 0)
+    if not bool(first.any()):
+        return solve(every, split, passes) if n <= WHOLE_LIMIT else {k: v.clone() for k, v in start.items()}
+    index = every[first]
+    split = split.clone()
+    point = {k: v.clone() for k, v in start.items()}
+    going = index
+    for _ in range(ROUNDS - 1):
+        found = solve(going, split[going], 0)
+        for key, value in found.items():
+            point[key][going] = value
+        new = split_of(going, found)
+        moved = (new != split[going]).any(dim=1) & EliminatedKKT.serving(A, P, new != 0)
+        going, new = going[moved], new[moved]
+        if not going.numel():
+            break
+        split[going] = new
+    for key, value in solve(index, split[index], passes).items():
+        point[key][index] = value
+    rest = every[~first]
+    if rest.numel() and n <= WHOLE_LIMIT:
+        for key, value in solve(rest, split[rest], passes).items():
+            point[key][rest] = value
+    return point
 
 
 class ActiveSets(NamedTuple):
@@ -522,10 +821,16 @@ def osqp_solve_split(work, split: torch.Tensor, start: dict[str, torch.Tensor] |
 def split_entries(A: SparseBatch, P: SparseBatch | None, forced: torch.Tensor, split: torch.Tensor) -> int:
     """The tensor entries :func:`equality_qp` takes per instance to solve one of ``split`` (``(..., m)``; nonzero where
     active) given the rows ``forced`` (``(m,)``) active in every split: ``n + m`` vectors, and where
-    :class:`BorderedKKT` serves (``A`` and ``P`` shared, some row forced, few others active), ``n`` more per other
-    active row (its correction), else a dense ``n x n`` factor and ``m x n`` rows."""
+    :class:`EliminatedKKT` serves (active bounds fix most variables), the gathered entries of ``A`` and ``P`` and the
+    reduced system's square; else where :class:`BorderedKKT` serves (``A`` and ``P`` shared, some row forced, few
+    others active), ``n`` more per other active row (its correction), else a dense ``n x n`` factor and ``m x n``
+    rows."""
     m, n = A.shape
     forced = forced.to(split.device)
+    if split.numel():
+        found = EliminatedKKT.sizes(A, P, (split != 0).reshape(-1, m) | forced)
+        if found is not None:
+            return n + m + A.nnz + (0 if P is None else P.nnz) + EliminatedKKT.entries(P, found[1], found[2])
     extra = int(((split != 0) & ~forced).sum(dim=-1).max()) if split.numel() else 0
     if BorderedKKT.serves(A, P) and bool(forced.any()) and BorderedKKT.fits(A, extra):
         return n + m + n * extra
@@ -560,6 +865,15 @@ def _scs_on_active(A: SparseBatch, P: SparseBatch | None, b: torch.Tensor, c: to
 def _osqp_forced(work) -> torch.Tensor:
     """The QP form's equality rows (``u - l`` below ``rho_tol``, as ``osqp_rho`` counts them), bool ``(B or 1, m)``."""
     return (work.u - work.l) < work.settings.rho_tol
+
+
+def _qp_split(A: SparseBatch, l: torch.Tensor, u: torch.Tensor, forced: torch.Tensor, x: torch.Tensor,
+              y: torch.Tensor) -> torch.Tensor:
+    """:func:`osqp_split` on data ``A, l, u`` with the equality rows ``forced``."""
+    z = spmv(A, x)
+    lower, upper = -y - (z - l), y - (u - z)
+    side = torch.where(torch.maximum(lower, upper) > 0, torch.where(upper > lower, 1, -1), 0)
+    return torch.where(forced, 1, side).to(torch.int8)
 
 
 def _osqp_scores(work, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
