@@ -222,6 +222,7 @@ def bench_pair(name, alg, args, tol):
             extra[label] = {"certified": float(np.mean(out.certified)),
                             "median C iterations (timed)": float(np.median([r.iterations for r in out.results])),
                             "enabled": cal.enabled, "strategy": cal.strategy,
+                            "strategy at this batch": solver.strategy_for(batch),
                             "refinement": option_label(solver.anderson, solver.newton, solver.polish),
                             "c_modes": cal.c_modes, "check_termination": solver.check_termination,
                             "c_setup": solver.c_setup}

@@ -105,6 +105,24 @@ def _model(pp, algorithm: str, train, choices: int) -> WarmStartPredictor:
                              algorithm, None, train)
 
 
+def test_a_stored_active_set_has_no_correction_network_and_loads_files_that_had_one(tmp_path):
+    """The active-set kinds train nothing, so their core has no correction network (a zero one was a product of
+    ``2 p x (n + m)`` weights per call); a file saved when it had one (the zero weights under ``core.net.``) still
+    loads, to the same predictions."""
+    pp, train = _solved(_box_problem(), "scs", "cone", _box_params(40, 1))
+    model = _model(pp, "scs", train, choices=1)
+    assert model.core.net is None and not any(".net." in k for k in model.state_dict())
+    path = tmp_path / "active_set.pt"
+    model.save(path)
+    state = torch.load(path, weights_only=True)
+    d, p2 = model.core.values.shape[1], 2 * model.core.keys.shape[1]
+    state["state_dict"]["core.net.0.weight"] = torch.zeros(d, p2, dtype=torch.float64)
+    state["state_dict"]["core.net.0.bias"] = torch.zeros(d, dtype=torch.float64)
+    torch.save(state, path)
+    loaded = WarmStartPredictor.load(path).eval()
+    torch.testing.assert_close(loaded(train.theta[:5]), model(train.theta[:5]), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("algorithm, form", FORMS)
 def test_a_stored_active_set_predicts_a_query_on_its_piece_exactly(algorithm, form):
     """Queries moved a little from stored instances keep their active sets: the prediction is their optimum (to the
