@@ -279,8 +279,9 @@ ELIMINATED_FRACTION = 0.5
 """:class:`EliminatedKKT` serves an instance whose factored system (free variables and other active rows, or with a
 diagonal ``P`` the other active rows alone) has an order of at most this fraction of ``n``."""
 
-_SINGLE_ROWS = SharedMemo()
-"""Per shared constant ``A``, its rows with one nonzero (:meth:`EliminatedKKT.single_rows`)."""
+_STRUCTURE = SharedMemo()
+"""Per shared constant matrix, what :class:`EliminatedKKT` reads from it once: ``A``'s rows with one nonzero
+(:meth:`~EliminatedKKT.single_rows`), ``P``'s diagonal (:meth:`~EliminatedKKT.diagonal`)."""
 
 
 class EliminatedKKT:
@@ -322,7 +323,7 @@ class EliminatedKKT:
             pick = count[rows] == 1
             return tuple(torch.as_tensor(t).to(device) for t in (rows[pick], cols[pick])) + (
                 torch.as_tensor(values[pick], dtype=dtype, device=device),)
-        return _SINGLE_ROWS.get(A, ("single", dtype, str(device)), build)
+        return _STRUCTURE.get(A, ("single", dtype, str(device)), build)
 
     @classmethod
     def parts(cls, A: SparseBatch, P: SparseBatch | None, active: torch.Tensor
@@ -420,7 +421,7 @@ class EliminatedKKT:
             diag = np.zeros(P.shape[1])
             np.add.at(diag, cols, values)
             return torch.as_tensor(diag, dtype=dtype, device=device)
-        return _SINGLE_ROWS.get(P, ("diagonal", dtype, str(device)), build)
+        return _STRUCTURE.get(P, ("diagonal", dtype, str(device)), build)
 
     def _p_mv(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x) if self.P is None else self.P.matvec(x)
