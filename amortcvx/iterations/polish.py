@@ -103,8 +103,12 @@ def eliminable(pp) -> bool:
         return False
     indices, indptr = pp.a_pattern
     cols = np.repeat(np.arange(pp.n), np.diff(indptr))
-    single = np.bincount(indices, minlength=pp.m)[indices] == 1
-    return 2 * np.unique(cols[single]).size >= pp.n
+    return 2 * np.unique(cols[_alone(indices, pp.m)]).size >= pp.n
+
+
+def _alone(rows: np.ndarray, m: int) -> np.ndarray:
+    """Per entry of a matrix with ``m`` rows (its row indices ``rows``), whether it is its row's only one."""
+    return np.bincount(rows, minlength=m)[rows] == 1
 
 
 def check_polish_choice(form: str, cones: ConeDims, polish: bool) -> None:
@@ -319,8 +323,7 @@ class EliminatedKKT:
             values = A.values[0].detach().cpu().numpy()
             rows, cols = rows[values != 0], cols[values != 0]
             values = values[values != 0]
-            count = np.bincount(rows, minlength=A.shape[0])
-            pick = count[rows] == 1
+            pick = _alone(rows, A.shape[0])
             return tuple(torch.as_tensor(t).to(device) for t in (rows[pick], cols[pick])) + (
                 torch.as_tensor(values[pick], dtype=dtype, device=device),)
         return _STRUCTURE.get(A, ("single", dtype, str(device)), build)
@@ -640,16 +643,16 @@ def scs_polish(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, *, delta
     n, m, batch = work.n, work.m, work.batch_size
     x, y, s = (batch_rows(t, size, batch, name, work.b) for t, size, name in ((x, n, "x"), (y, m, "y"), (s, m, "s")))
     forced = _scs_forced(work)
-    actives = candidate_active_sets(y - s, forced, None if work.P is not None else n, band)
+    if work.P is not None:  # a QP: active-set rounds from the point's split
+        A, P, b, c = work.A, work.P, work.b.expand(batch, -1), work.c.expand(batch, -1)
+        return _active_set_rounds(
+            A, P, _cone_split(forced, y, s), {"x": x, "y": y, "s": s}, passes,
+            lambda i, split, p: _scs_on_active(A.take(i), P.take(i), b[i], c[i], split != 0, delta, p),
+            lambda i, pt: _cone_split(forced, pt["y"], pt["s"]))
+    actives = candidate_active_sets(y - s, forced, n, band)
     copies = actives.shape[0]
     active = actives.reshape(copies * batch, m)
     A, P, b, c = (_tiled(t, copies, batch) for t in (work.A, work.P, work.b, work.c))
-    if P is not None:  # a QP: active-set rounds
-        b, c = b.expand(batch, -1), c.expand(batch, -1)
-        return _active_set_rounds(
-            A, P, active.to(torch.int8), {"x": x, "y": y, "s": s}, passes,
-            lambda i, split, p: _scs_on_active(A.take(i), P.take(i), b[i], c[i], split != 0, delta, p),
-            lambda i, pt: (forced | (pt["y"] - pt["s"] > 0)).to(torch.int8))
     out = _scs_on_active(A, P, b, c, active, delta, passes)
     if copies == 1:
         return out
@@ -669,22 +672,21 @@ def osqp_polish(work, x: torch.Tensor, y: torch.Tensor, *, delta: float = DELTA,
     u]``, ``y`` of the wrong sign for its bound and ``||Px + q + A'y||_inf``, relative to ``1 + ||q||_inf``).
     """
     n, m, batch = work.n, work.m, work.batch_size
-    score, use_upper, forced = _osqp_scores(work, x, y)
-    if work.P is not None:  # a QP: active-set rounds
+    if work.P is not None:  # a QP: active-set rounds from the point's split
         q, l, u = (t.expand(batch, -1) for t in (work.q, work.l, work.u))
-        forced = forced.expand(batch, -1)
+        forced = _osqp_forced(work).expand(batch, -1)
 
         def solve(i: torch.Tensor, split: torch.Tensor, p: int) -> dict[str, torch.Tensor]:
             rhs = torch.where((split > 0) & ~forced[i], u[i], l[i])
             xp, yp = equality_qp(work.A.take(i), work.P.take(i), q[i], rhs, split != 0, delta=delta, passes=p)
             return {"x": xp, "y": yp}
 
-        split = torch.where(score > 0, torch.where(use_upper, 1, -1), 0).to(torch.int8)
-        return _active_set_rounds(work.A, work.P, torch.where(forced, 1, split).to(torch.int8),
-                                  {"x": batch_rows(x, n, batch, "x", q), "y": batch_rows(y, m, batch, "y", q)},
-                                  passes, solve,
+        x, y = batch_rows(x, n, batch, "x", q), batch_rows(y, m, batch, "y", q)
+        return _active_set_rounds(work.A, work.P, _qp_split(work.A, l, u, forced, x, y), {"x": x, "y": y}, passes,
+                                  solve,
                                   lambda i, pt: _qp_split(work.A.take(i), l[i], u[i], forced[i], pt["x"], pt["y"]))
-    actives = candidate_active_sets(score, forced, None if work.P is not None else n, band)
+    score, use_upper, forced = _osqp_scores(work, x, y)
+    actives = candidate_active_sets(score, forced, n, band)
     copies = actives.shape[0]
     active = actives.reshape(copies * batch, m)
     rhs = torch.where(use_upper & ~forced, work.u, work.l)
@@ -786,7 +788,12 @@ def scs_split(work, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.
     """:attr:`ActiveSets.of` in the cone form (``work``: the batch's :class:`~amortcvx.iterations.scs.ScsWork`)."""
     batch = work.batch_size
     y, s = batch_rows(y, work.m, batch, "y", work.b), batch_rows(s, work.m, batch, "s", work.b)
-    return (_scs_forced(work) | (y - s > 0)).to(torch.int8)
+    return _cone_split(_scs_forced(work), y, s)
+
+
+def _cone_split(forced: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The cone form's split of a point: the rows ``forced`` and those whose dual outweighs the slack."""
+    return (forced | (y - s > 0)).to(torch.int8)
 
 
 def scs_solve_split(work, split: torch.Tensor, start: dict[str, torch.Tensor] | None = None, *, delta: float = DELTA,
@@ -801,9 +808,8 @@ def scs_solve_split(work, split: torch.Tensor, start: dict[str, torch.Tensor] | 
 def osqp_split(work, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:attr:`ActiveSets.of` in the QP form (``work``: the batch's :class:`~amortcvx.iterations.osqp.OsqpWork`;
     the scores of :func:`osqp_polish`, each row taking its better side)."""
-    score, use_upper, forced = _osqp_scores(work, x, y)
-    side = torch.where(score > 0, torch.where(use_upper, 1, -1), 0).to(torch.int8)
-    return torch.where(forced, torch.ones_like(side), side)
+    x, y = batch_rows(x, work.n, work.batch_size, "x", work.q), batch_rows(y, work.m, work.batch_size, "y", work.q)
+    return _qp_split(work.A, work.l, work.u, _osqp_forced(work), x, y)
 
 
 def osqp_solve_split(work, split: torch.Tensor, start: dict[str, torch.Tensor] | None = None, *, delta: float = DELTA,
@@ -870,22 +876,28 @@ def _osqp_forced(work) -> torch.Tensor:
 
 def _qp_split(A: SparseBatch, l: torch.Tensor, u: torch.Tensor, forced: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor) -> torch.Tensor:
-    """:func:`osqp_split` on data ``A, l, u`` with the equality rows ``forced``."""
-    z = spmv(A, x)
-    lower, upper = -y - (z - l), y - (u - z)
-    side = torch.where(torch.maximum(lower, upper) > 0, torch.where(upper > lower, 1, -1), 0)
+    """The QP form's split of a point on data ``A, l, u`` (:func:`_qp_scores`), the rows ``forced`` (equalities)
+    active."""
+    score, use_upper = _qp_scores(A, l, u, x, y)
+    side = torch.where(score > 0, torch.where(use_upper, 1, -1), 0)
     return torch.where(forced, 1, side).to(torch.int8)
 
 
-def _osqp_scores(work, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qp_scores(A: SparseBatch, l: torch.Tensor, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The QP form's activity scores of a point: each row's better side (``use_upper``: the upper bound scores
-    ``y_i - (u_i - z_i)`` above the lower's ``-y_i - (z_i - l_i)``, ``z = A x``), its score (positive where the row
-    looks active on that side), and the equality rows (:func:`_osqp_forced`)."""
-    x, y = batch_rows(x, work.n, work.batch_size, "x", work.q), batch_rows(y, work.m, work.batch_size, "y", work.q)
-    z = spmv(work.A, x)
-    lower, upper = -y - (z - work.l), y - (work.u - z)
+    ``y_i - (u_i - z_i)`` above the lower's ``-y_i - (z_i - l_i)``, ``z = A x``) and its score (positive where the
+    row looks active on that side)."""
+    z = spmv(A, x)
+    lower, upper = -y - (z - l), y - (u - z)
     use_upper = upper > lower
-    return torch.where(use_upper, upper, lower), use_upper, _osqp_forced(work)
+    return torch.where(use_upper, upper, lower), use_upper
+
+
+def _osqp_scores(work, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_qp_scores` of a point on the batch's data, and the equality rows (:func:`_osqp_forced`)."""
+    x, y = batch_rows(x, work.n, work.batch_size, "x", work.q), batch_rows(y, work.m, work.batch_size, "y", work.q)
+    return *_qp_scores(work.A, work.l, work.u, x, y), _osqp_forced(work)
 
 
 def _start_rows(start: dict[str, torch.Tensor] | None, n: int, m: int, batch: int

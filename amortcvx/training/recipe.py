@@ -101,9 +101,11 @@ STORED_KINDS = ("neighbor_correction", "neighbor_tangent", "neighbor_active_set"
 per epoch grows with the square of the set size (the budget's estimates scale it so; portfolio, stop 28: a
 neighbour correction took 76 s at 8000 instances and 79 s at 16000 with fewer epochs, where a linear estimate
 allowed 45 s)."""
-UNTRAINED_KINDS = ("neighbor_active_set", "active_set_classifier")
+UNTRAINED_KINDS = tuple(core.core_kind for core in (NeighborCorrection, NeighborTangent, NeighborActiveSet,
+                                                    ClassifiedActiveSet) if core.untrained)
 """Kinds without a correction network for :func:`~amortcvx.training.trainer.train` (``Candidate.correction`` must be
-False): the neighbours' active sets train nothing; the classifier's network is fitted to the stored active sets when
+False; the cores that say so, :attr:`~amortcvx.predictors.neighbor.NeighborCorrection.untrained`): the
+neighbours' active sets train nothing; the classifier's network is fitted to the stored active sets when
 the core is built (:meth:`~amortcvx.predictors.ClassifiedActiveSet.fit`, in :func:`candidate_core`)."""
 ACTIVE_SET_ENTRIES = 2 ** 18
 """The recipe tries the :data:`ACTIVE_SET_KINDS` where ``n (n + m)`` is at most this: each candidate's KKT solve holds a
