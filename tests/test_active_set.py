@@ -626,6 +626,36 @@ def test_amortized_solver_answers_from_the_stored_active_sets_at_the_tolerance(a
                                atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("algorithm, form", FORMS)
+def test_a_bare_polished_prediction_is_judged_by_its_optimality_residual(algorithm, form, monkeypatch):
+    """``k = 0`` with polishing: the polished and the unpolished point are compared by the optimality residual at
+    each (no step of the torch algorithm from either), the kept one is the smaller, and the safeguard's cold
+    reference is the cold start's optimality residual."""
+    from amortcvx import AmortizedSolver
+    from amortcvx.deploy import solver as deploy_solver
+
+    pp, train = _solved(_box_problem(), algorithm, form, _box_params(40, 6))
+    model = _model(pp, algorithm, train, choices=1)
+    move = 0.3 * torch.randn(train.theta.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    theta = (train.theta + move).numpy()  # far enough that some nearest active sets are wrong
+    params = {"q": theta[:, :4], "h": theta[:, 4:]}
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a step was taken to compare the polished and the unpolished point")
+    monkeypatch.setattr(deploy_solver, "start_residual", no_step)
+    solver = AmortizedSolver(pp, model, algorithm=algorithm, k=0, polish=True, safeguard_ratio=1e30, workers=1)
+    batch = solver.predict_warm_start(params)
+    alg = make_algorithm(algorithm, pp.canonicalize(params))
+    kept = {f: torch.as_tensor(a) for f, a in batch.arrays.items()}
+    np.testing.assert_allclose(batch.residual, deploy_solver.point_optimality(alg, kept).numpy(), rtol=1e-9,
+                               atol=1e-12)
+    np.testing.assert_allclose(batch.cold_residual, alg.optimality(alg.init()).numpy(), rtol=1e-12)
+    bare = AmortizedSolver(pp, model, algorithm=algorithm, k=0, safeguard_ratio=1e30, workers=1)
+    unpolished = {f: torch.as_tensor(a) for f, a in bare.predict_warm_start(params).arrays.items()}
+    assert (batch.residual <= deploy_solver.point_optimality(alg, unpolished).numpy() * (1 + 1e-9)).all()
+    assert (batch.residual < 1e-9).mean() > (deploy_solver.point_optimality(alg, unpolished).numpy() < 1e-9).mean()
+
+
 def test_calibration_predicts_each_batch_once_for_all_its_options(monkeypatch):
     """Calibration's untimed option loop (refinements x Newton steps) and the timing of the C modes compute the bare
     prediction of the validation batch once and reuse it; the decisions are those of a prediction computed every

@@ -359,20 +359,21 @@ def test_sparse_products_and_the_gathered_schur_complement_match_the_dense_formu
     e = kkt.equality_rows(data)
     for start in (0, e):
         r = kkt.rows(d, start)
-        assert r.csr is not None  # MPC's A is about 4% nonzero: CSR products
+        assert r.constant is not None  # MPC's A is about 4% nonzero: CSR products
         x = torch.randn(6, pp.n, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
         y = torch.randn(6, pp.m - start, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
         torch.testing.assert_close(r.mv(x), x @ d.A[0, start:].mT)
         torch.testing.assert_close(r.rmv(y), y @ d.A[0, start:])
     q = kkt.p_rows(d)
-    assert q.csr is not None  # MPC's P is diagonal: CSR products too, the same numbers as the dense one
+    assert q.constant is not None  # MPC's P is diagonal: CSR products too, the same numbers as the dense one
     torch.testing.assert_close(q.mv(x), x @ d.P[0].mT)
-    assert kkt.p_rows(d._replace(P=d.P.clone().requires_grad_(True))).csr is None  # P's gradient: the dense product
+    # P's gradient: the dense product
+    assert kkt.p_rows(d._replace(P=d.P.clone().requires_grad_(True))).constant is None
     S = np.eye(5) + 0.5  # a dense constant P: the dense product
     p = cp.Parameter(5, name="p")
     z = cp.Variable(5, name="z")
     dense_p = ParametricProblem(cp.Problem(cp.Minimize(cp.quad_form(z, S) + p @ z), [z >= -1]), "qp")
-    assert kkt.p_rows(kkt.dense(dense_p.canonicalize({"p": np.ones((2, 5))}))).csr is None
+    assert kkt.p_rows(kkt.dense(dense_p.canonicalize({"p": np.ones((2, 5))}))).constant is None
     # few active bounds (the gathered rows) and many (the full product): both equal Z'(P + dI + A_o'M_o A_o)Z
     for scale in (0.1, 10.0):
         w = scale * torch.randn(6, pp.m, dtype=torch.float64, generator=torch.Generator().manual_seed(10)) - 1.0

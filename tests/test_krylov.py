@@ -300,6 +300,27 @@ def test_preconditioner_is_diagonal_and_helps_on_the_sparse_qp():
     assert int(with_pc.iterations[0]) < 0.8 * int(without.iterations[0])
 
 
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_constant_matrix_products_with_dense_rows_match_the_dense_matrix(batch):
+    from amortcvx.iterations.linalg import DENSE_ROW_MIN, ConstantMatrix
+
+    rng = np.random.default_rng(5)
+    r, c = 60, 2 * DENSE_ROW_MIN + 10
+    mat = sp.random(r, c, density=0.02, random_state=4, format="lil")
+    for i in (0, 7, 8, 59):  # rows dense enough for the dense block, at the ends and together
+        mat[i] = rng.normal(size=c) * (rng.random(c) < 0.7)
+    dense = torch.tensor(mat.toarray())
+    product = ConstantMatrix(dense.to_sparse())
+    assert product.rows.tolist() == [0, 7, 8, 59]  # the rest multiplied as CSR
+    assert ConstantMatrix(dense[1:7].to_sparse()).rows.numel() == 0  # no dense row: CSR alone
+    x = torch.tensor(rng.normal(size=(batch, c)), requires_grad=True)
+    y = torch.tensor(rng.normal(size=(batch, r)), requires_grad=True)
+    torch.testing.assert_close(product.mv(x), x @ dense.mT)
+    torch.testing.assert_close(product.rmv(y), y @ dense)
+    (product.mv(x) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * (x @ dense.mT) @ dense)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_sparse_operator_products_and_their_gradients_match_the_dense_matrix(shared):
     from amortcvx.canon.data import SparseBatch
@@ -311,7 +332,7 @@ def test_sparse_operator_products_and_their_gradients_match_the_dense_matrix(sha
     values = torch.tensor(rng.normal(size=(1 if shared else B, pattern.nnz)))
     mat = SparseBatch(pattern.indices.astype(np.int64), pattern.indptr.astype(np.int64), (r, c), values, shared)
     op = SparseOperator(mat, torch.float64)
-    assert (op.csr is not None) == shared  # one constant matrix: the CSR products
+    assert (op.constant is not None) == shared  # one constant matrix: the CSR products
     dense = mat.to_dense().expand(B, r, c)
     x = torch.tensor(rng.normal(size=(B, c)), requires_grad=True)
     y = torch.tensor(rng.normal(size=(B, r)), requires_grad=True)

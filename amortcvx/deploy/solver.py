@@ -36,7 +36,9 @@ applies (:func:`newton_choices`).
 
 With ``polish=True`` (LPs and QPs) each refined point is also solved exactly on its guessed active set
 (:mod:`amortcvx.iterations.polish`), and each instance keeps whichever of the two points gives the smaller
-fixed-point residual at the C solver's first step (:func:`start_residual`).
+fixed-point residual at the C solver's first step (:func:`start_residual`); a bare prediction (``k = 0``), by
+the smaller residual of the optimality conditions (:func:`point_optimality`, no linear solve), against which the
+safeguard then measures the cold start's too.
 
 Safeguards (a learned warm start changes speed, never answers, and never makes a solve fail):
 
@@ -197,9 +199,9 @@ class WarmStartBatch(NamedTuple):
             prediction.
         residual: (B,) fixed-point residual after ``k`` steps from the prediction (from the cold start when
             there is no predictor); with polishing, the residual of the C solver's first step from the warm start;
-            for a bare prediction (``k = 0``, no polishing) where the algorithm has an optimality residual
+            for a bare prediction (``k = 0``, polished or not) where the algorithm has an optimality residual
             (:attr:`~amortcvx.iterations.loop.FixedPointAlgorithm.optimality`; SCS and OSQP), that residual
-            (no step).
+            (no step; polished, at the warm start: :func:`point_optimality`).
         cold_residual: (B,) fixed-point residual of the cold-start reference: after ``k`` steps from the cold
             start, or of its first step (``safeguard_reference="cold"``, or the safeguard off); the optimality
             residual of the cold start where ``residual`` is one.
@@ -338,6 +340,12 @@ def start_residual(alg, warm_start: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B,) fixed-point residual of the first step from a warm start (the step the C solver takes first)."""
     state = alg.init(**warm_start)
     return alg.residual(state, alg.step(state))
+
+
+def point_optimality(alg, warm_start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) residual of the optimality conditions at a warm start (``alg.optimality`` at the state it starts):
+    nil at a solution, no linear solve."""
+    return alg.optimality(alg.init(**warm_start))
 
 
 def refinement_label(anderson: AndersonSettings | None) -> str:
@@ -781,10 +789,10 @@ class AmortizedSolver:
         # first step
         refined_reference = self.safeguard and self.safeguard_reference == "refined_cold"
         cold_steps = self.k if (not use_model or refined_reference) else 0
-        # a bare prediction (k = 0, no polishing) and the cold start are compared by the residual of the optimality
-        # conditions where the algorithm has one: no step for either (the cold start's first step only where the
-        # Newton finish needs it)
-        by_optimality = use_model and self.k == 0 and not self.polish and alg.optimality is not None
+        # a bare prediction (k = 0), polished or not, and the cold start are compared by the residual of the
+        # optimality conditions where the algorithm has one: no step for either (the cold start's first step only
+        # where the Newton finish needs it)
+        by_optimality = use_model and self.k == 0 and alg.optimality is not None
         cold = run(alg, alg.init(), cold_steps, anderson=self.anderson).state
         cold_solved = cold_passed = cold_next = None
         if cold_steps > 0:
@@ -814,10 +822,10 @@ class AmortizedSolver:
             ws = self.space.warm_start(alg, nxt)
         else:
             ws = self.space.prediction_warm_start(alg, z0)
-        if by_optimality:
+        if by_optimality and not self.polish:
             res = alg.optimality(state)
         else:
-            ws, res = self._finish(alg, state, ws, nxt)
+            ws, res = self._finish(alg, state, ws, nxt, by_optimality)
         ws, solved, passed = self._newton(data, ws, alg, host)
         if self.newton and not bool(solved.all()):  # Newton is local: from the cold start where it failed here
             if cold_ws is None:  # from the cold start's first step (computed above for the reference residual)
@@ -867,19 +875,21 @@ class AmortizedSolver:
             self._predictions[key] = predict(self.model, self.space, alg, theta, self.dtype)
         return self._predictions[key]
 
-    def _finish(self, alg, state, ws: dict[str, torch.Tensor],
-                nxt=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _finish(self, alg, state, ws: dict[str, torch.Tensor], nxt=None,
+                by_optimality: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The warm starts ``ws`` read from ``state`` (refined), optionally polished, and their residuals.
 
         Without ``polish``: ``ws`` and the fixed-point residual of the next step from ``state``. With it: per
         instance the better of ``ws`` and its active-set polish, judged by the residual of the first step the C
-        solver takes from each (:func:`start_residual`), and that residual. ``nxt``: ``alg.step(state)`` when the
+        solver takes from each (:func:`start_residual`), or with ``by_optimality`` by their optimality residuals
+        (:func:`point_optimality`: no linear solve), and that residual. ``nxt``: ``alg.step(state)`` when the
         caller has it already.
         """
         if not self.polish:
             return ws, alg.residual(state, alg.step(state) if nxt is None else nxt)
         polished = alg.polish(**ws)
-        r_ws, r_pol = start_residual(alg, ws), start_residual(alg, polished)
+        judge = point_optimality if by_optimality else start_residual
+        r_ws, r_pol = judge(alg, ws), judge(alg, polished)
         take = r_pol < r_ws  # False where the polished point is not finite
         ws = {key: torch.where(take.unsqueeze(1), polished[key], v) for key, v in ws.items()}
         return ws, torch.where(take, r_pol, r_ws)

@@ -39,9 +39,8 @@ from amortcvx.canon.data import ConeData, QPData, SharedMemo, SparseBatch
 from amortcvx.iterations.cones import cone_layout, eigh, project_dual_cone, smat
 from amortcvx.iterations.krylov import solve_kkt_krylov
 from amortcvx.iterations.linalg import (
+    ConstantMatrix,
     cholesky_solve,
-    csr_matvec,
-    csr_pair,
     dense_batch,
     flagged_rows,
     matvec,
@@ -145,25 +144,23 @@ is nonzero (:class:`Rows`; MPC large, 0.015: 0.27 against 1.9 ms per product at 
 
 
 class Rows(NamedTuple):
-    """Products with the rows ``start:`` of a dense batch's ``A`` (``start`` 0: all of it): CSR matrices of a
-    shared, constant, sparse ``A`` (memoized per problem), else the dense tensor (the same numbers; the dense
-    path keeps products differentiable)."""
+    """Products with the rows ``start:`` of a dense batch's ``A`` (``start`` 0: all of it): a
+    :class:`~amortcvx.iterations.linalg.ConstantMatrix` of a shared, constant, sparse ``A`` (memoized per
+    problem), else the dense tensor (the same numbers; the dense path keeps products differentiable)."""
 
     mat: torch.Tensor
-    csr: torch.Tensor | None
-    csr_t: torch.Tensor | None
+    constant: ConstantMatrix | None
+
+    def _fast(self, v: torch.Tensor) -> bool:
+        return self.constant is not None and not v.requires_grad and v.dtype == self.constant.dtype
 
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         """``A_rows x`` for ``x`` (B, n)."""
-        if self.csr is None or x.requires_grad or x.dtype != self.csr.dtype:
-            return matvec(self.mat, x)
-        return csr_matvec(self.csr, x)
+        return self.constant.mv(x) if self._fast(x) else matvec(self.mat, x)
 
     def rmv(self, y: torch.Tensor) -> torch.Tensor:
         """``A_rows' y`` for ``y`` (B, rows)."""
-        if self.csr_t is None or y.requires_grad or y.dtype != self.csr_t.dtype:
-            return rmatvec(self.mat, y)
-        return csr_matvec(self.csr_t, y)
+        return self.constant.rmv(y) if self._fast(y) else rmatvec(self.mat, y)
 
 
 def _sparse_shared(dense: torch.Tensor, mat: SparseBatch) -> bool:
@@ -177,10 +174,10 @@ def rows(d: Batch, start: int = 0) -> Rows:
     """:class:`Rows` of ``d.A[start:]`` (a dense batch)."""
     A = d.A[:, start:] if start else d.A
     if not _sparse_shared(d.A, d.data.A):  # the whole A's density
-        return Rows(A, None, None)
+        return Rows(A, None)
 
     def build() -> Rows:
-        return Rows(A, *csr_pair(A[0].detach()))
+        return Rows(A, ConstantMatrix(A[0].detach()))
     return _CSR.get(d.data.A, ("csr", start, A.dtype, str(A.device)), build)
 
 
@@ -190,11 +187,10 @@ def p_rows(d: Batch) -> Rows:
     389,376): the dense product is a ``624 x 624`` matrix read per instance."""
     P = d.P
     if not _sparse_shared(P, d.data.P):
-        return Rows(P, None, None)
+        return Rows(P, None)
 
     def build() -> Rows:
-        csr = csr_pair(P[0].detach())[0]
-        return Rows(P, csr, csr)
+        return Rows(P, ConstantMatrix(P[0].detach()))
     return _CSR.get(d.data.P, ("csr P", P.dtype, str(P.device)), build)
 
 

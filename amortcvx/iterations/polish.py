@@ -433,7 +433,8 @@ class EliminatedKKT:
         """``K [u; w] = [r_x; r_y]`` with the reduced block regularized (the class's note)."""
         u = torch.zeros_like(r_x).scatter_add_(1, self.cols.expand(r_x.shape[0], -1),
                                                self.fixing * r_y[:, self.rows] / self.vals)
-        t_x, t_y = r_x - self._p_mv(u), r_y - self.A.matvec(u)
+        # bounds at zero (x >= 0) fix their variables at zero: nothing to carry over then
+        t_x, t_y = (r_x - self._p_mv(u), r_y - self.A.matvec(u)) if bool(u.any()) else (r_x, r_y)
         t_f, t_e = t_x.gather(1, self.free) * self.free_on, t_y.gather(1, self.other) * self.other_on
         if self.diag is not None:  # w_e from the E side's Schur complement, then u_f
             w_e = cholesky_solve(self.chol, (self.a_ef @ (t_f / self.diag).unsqueeze(-1)).squeeze(-1) - t_e)
