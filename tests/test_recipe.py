@@ -256,6 +256,24 @@ def test_k_nearest_neighbours_are_sorted_chunk_independent_and_leave_one_out():
         NeighborCorrection(keys, values, choices=38)
 
 
+def test_the_searches_follow_keys_changed_in_place_or_loaded():
+    """The keys' norms are kept between searches, so a search after the keys changed (in place, by loading a state,
+    or by a change of dtype) must see the new keys."""
+    g = torch.Generator().manual_seed(6)
+    keys, values = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g)
+    q = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    core = NeighborCorrection(keys, values.double()).eval()
+    assert torch.equal(core.neighbor(q), torch.cdist(q, keys).argmin(1))
+    moved = 3.0 * torch.randn(30, 4, generator=g, dtype=torch.float64)
+    core.keys.copy_(moved)
+    assert torch.equal(core.neighbor(q), torch.cdist(q, moved).argmin(1))
+    other = NeighborCorrection(torch.zeros(30, 4, dtype=torch.float64), values.double()).eval()
+    other.neighbor(q)  # norms of the zero keys
+    other.load_state_dict(NeighborCorrection(keys, values.double()).state_dict())
+    assert torch.equal(other.neighbor(q), torch.cdist(q, keys).argmin(1))
+    assert torch.equal(other.neighbor(q.float()), torch.cdist(q, keys).argmin(1))
+
+
 @pytest.mark.parametrize("kind", ["neighbor_correction", "neighbor_tangent"])
 def test_neighbor_candidates_come_from_the_nearest_instances_the_first_is_forward(kind):
     from amortcvx.predictors import NeighborTangent

@@ -114,11 +114,11 @@ class NeighborCorrection(nn.Module):
         excluded while training)."""
         best_d = torch.full((u.shape[0], 0), float("inf"), dtype=u.dtype, device=u.device)
         best_i = torch.zeros((u.shape[0], 0), dtype=torch.long, device=u.device)
-        keys = self.keys.to(u)
+        keys, norms = self.keys.to(u), self.key_norms(u.dtype)
         uu = u.detach().square().sum(1, keepdim=True)
         for start in range(0, keys.shape[0], self.chunk):
             block = keys[start:start + self.chunk]
-            kk = block.square().sum(1)
+            kk = norms[start:start + self.chunk]
             d2 = (uu + kk - 2 * u.detach() @ block.T).clamp_min(0)
             if self.training:  # leave-one-out: a copy of the query (up to the rounding of d2) is not its neighbour
                 copy = d2 <= 1e-10 * (uu + kk).clamp_min(1e-300)
@@ -129,6 +129,16 @@ class NeighborCorrection(nn.Module):
             order = torch.sort(both_d, dim=1, stable=True).indices[:, :k]
             best_d, best_i = both_d.gather(1, order), both_i.gather(1, order)
         return best_i
+
+    def key_norms(self, dtype: torch.dtype) -> torch.Tensor:
+        """(N,): the stored keys' squared norms in ``dtype``, computed once per content of ``keys`` (its storage and
+        version, so a ``load_state_dict`` or a move recomputes them): every search reads them (portfolio large, 900
+        keys of 3000 parameters: 1.4 ms per search at batch 1 when summed anew)."""
+        key = (self.keys.data_ptr(), self.keys._version, self.keys.device, dtype)
+        if getattr(self, "_norms_key", None) != key:
+            self._norms = self.keys.to(dtype).square().sum(1)
+            self._norms_key = key
+        return self._norms
 
     def neighbor(self, u: torch.Tensor) -> torch.Tensor:
         """Index (B,) of the nearest stored instance of each row of ``u`` (itself excluded while training)."""
