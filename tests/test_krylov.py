@@ -301,7 +301,8 @@ def test_preconditioner_is_diagonal_and_helps_on_the_sparse_qp():
 
 
 @pytest.mark.parametrize("batch", [1, 3, 40])
-def test_constant_matrix_products_with_dense_rows_match_the_dense_matrix(batch):
+def test_constant_matrix_products_with_dense_rows_match_the_dense_matrix(batch, monkeypatch):
+    from amortcvx.iterations import linalg
     from amortcvx.iterations.linalg import DENSE_ROW_MIN, ConstantMatrix
 
     rng = np.random.default_rng(5)
@@ -319,6 +320,13 @@ def test_constant_matrix_products_with_dense_rows_match_the_dense_matrix(batch):
     torch.testing.assert_close(product.rmv(y), y @ dense)
     (product.mv(x) ** 2).sum().backward()
     torch.testing.assert_close(x.grad, 2 * (x @ dense.mT) @ dense)
+    with monkeypatch.context() as patch:  # a block of at most two rows: the densest two
+        patch.setattr(linalg, "DENSE_BLOCK_ENTRIES", 2 * c + 1)
+        capped = ConstantMatrix(dense.to_sparse())
+    densest = torch.argsort((dense != 0).sum(1), descending=True, stable=True)[:2]
+    assert sorted(capped.rows.tolist()) == sorted(densest.tolist())
+    torch.testing.assert_close(capped.mv(x.detach()), x.detach() @ dense.mT)
+    torch.testing.assert_close(capped.rmv(y.detach()), y.detach() @ dense)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -149,6 +149,10 @@ DENSE_ROW_MIN = 256
 """The fewest nonzeros of a row :class:`ConstantMatrix` multiplies densely: small problems keep their plain CSR
 products (one call each)."""
 
+DENSE_BLOCK_ENTRIES = 2 ** 24
+"""The most entries of :class:`ConstantMatrix`'s dense block (128 MB in float64; its densest rows first): a dense row
+stores up to ten times its nonzeros."""
+
 
 class ConstantMatrix:
     """Products of batches with one constant 2-D matrix ``M`` (``r x c``, dense or sparse COO) and with ``M'``.
@@ -172,11 +176,12 @@ class ConstantMatrix:
         self.dtype, self.shape = val.dtype, (r, c)
         counts = torch.bincount(idx[0], minlength=r)
         dense = counts >= max(DENSE_ROW_FRACTION * c, DENSE_ROW_MIN)
+        densest = torch.argsort(counts, descending=True, stable=True)[max(1, DENSE_BLOCK_ENTRIES // max(c, 1)):]
+        dense[densest] = False  # the block's cap
         self.rows = torch.nonzero(dense).flatten()  # the dense block's rows of M, in order
         in_block = dense[idx[0]]
         self.block = torch.zeros(self.rows.numel(), c, dtype=val.dtype, device=val.device)
         self.block[(torch.cumsum(dense, 0) - 1)[idx[0, in_block]], idx[1, in_block]] = val[in_block]
-        self.block_t = self.block.T.contiguous()
         rest = torch.sparse_coo_tensor(idx[:, ~in_block], val[~in_block], (r, c), check_invariants=True).coalesce()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -185,7 +190,7 @@ class ConstantMatrix:
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         """``M x_i`` for every row ``x_i`` of ``x`` (B, c): (B, r), contiguous."""
         y = csr_matvec(self.csr, x)
-        return y.index_add_(1, self.rows, x @ self.block_t) if self.rows.numel() else y
+        return y.index_add_(1, self.rows, x @ self.block.T) if self.rows.numel() else y
 
     def rmv(self, y: torch.Tensor) -> torch.Tensor:
         """``M' y_i`` for every row ``y_i`` of ``y`` (B, r): (B, c), contiguous."""
