@@ -323,6 +323,14 @@ def test_constant_matrix_products_with_dense_rows_match_the_dense_matrix(batch, 
     with monkeypatch.context() as patch:  # a block of at most two rows: the densest two
         patch.setattr(linalg, "DENSE_BLOCK_ENTRIES", 2 * c + 1)
         capped = ConstantMatrix(dense.to_sparse())
+    half = dense.clone()
+    half[[0, 7, 8, 59]] = 0  # dense rows using half the columns: the block holds only those
+    half[[0, 7, 8, 59], : c // 2 + 1] = torch.tensor(rng.normal(size=(4, c // 2 + 1)))
+    narrow = ConstantMatrix(torch.cat([half, half[:8]]).to_sparse())
+    assert narrow.rows.tolist() == [0, 7, 8, 59, 60, 67] and narrow.block.shape[1] < c
+    torch.testing.assert_close(narrow.mv(x.detach()), x.detach() @ torch.cat([half, half[:8]]).mT)
+    y2 = torch.cat([y.detach(), y.detach()[:, :8]], dim=1)
+    torch.testing.assert_close(narrow.rmv(y2), y2 @ torch.cat([half, half[:8]]))
     densest = torch.argsort((dense != 0).sum(1), descending=True, stable=True)[:2]
     assert sorted(capped.rows.tolist()) == sorted(densest.tolist())
     torch.testing.assert_close(capped.mv(x.detach()), x.detach() @ dense.mT)

@@ -153,17 +153,23 @@ DENSE_BLOCK_ENTRIES = 2 ** 24
 """The most entries of :class:`ConstantMatrix`'s dense block (128 MB in float64; its densest rows first): a dense row
 stores up to ten times its nonzeros."""
 
+BLOCK_COLUMNS_FRACTION = 0.75
+""":class:`ConstantMatrix`'s dense block keeps only the columns its rows use where they are at most this share of
+all."""
+
 
 class ConstantMatrix:
     """Products of batches with one constant 2-D matrix ``M`` (``r x c``, dense or sparse COO) and with ``M'``.
 
-    Its dense rows (:data:`DENSE_ROW_FRACTION`, :data:`DENSE_ROW_MIN`) are a dense block multiplied by BLAS, the
-    others a CSR matrix (torch's CSR support, which it calls beta: its warning is silenced here). Torch's CSR
-    product runs about 3 GFLOP/s on one thread where a dense one runs 5-10: portfolio large's ``A`` (``3031 x
-    3030``, 96030 nonzeros, 93030 of them in 31 rows), batch 1 / 64, ``M x`` 0.12 / 2.05 ms as CSR alone against
-    0.04 / 0.96 ms split, ``M' y`` 0.09 / 1.28 against 0.04 / 0.69; lasso large (500 of 2500 rows 40% nonzero)
-    0.53 / 6.3 against 0.23 / 4.2 ms (torch 2.13, CPU, float64; the tests check these products against dense
-    ones).
+    Its dense rows (:data:`DENSE_ROW_FRACTION`, :data:`DENSE_ROW_MIN`) are a dense block multiplied by BLAS (over
+    the columns they use where that is at most :data:`BLOCK_COLUMNS_FRACTION` of them), the others a CSR matrix
+    (torch's CSR support, which it calls beta: its warning is silenced here). Torch's CSR product runs about 3
+    GFLOP/s on one thread where a dense one runs 5-10: portfolio large's ``A`` (``3031 x 3030``, 96030 nonzeros,
+    93030 of them in 31 rows), batch 1 / 8 / 64, ``M x`` 0.12 / 0.21 / 2.2 ms as CSR alone against 0.04 / 0.17 /
+    0.9 ms split, ``M' y`` 0.09 / 0.21 / 1.4 against 0.04 / 0.15 / 0.8; lasso large (its 500 data rows, 1000 of
+    2500 columns nonzero in each, 1500 used by them), ``M x`` 0.54 / 0.75 / 7.0 against 0.14 / 0.53 / 2.9 ms,
+    ``M' y`` 0.54 / 0.76 / 6.5 against 0.14 / 0.54 / 3.1 (torch 2.13, CPU, float64; the tests check these products
+    against dense ones).
 
     Attributes:
         dtype: the stored values' dtype (products take batches of it).
@@ -180,8 +186,15 @@ class ConstantMatrix:
         dense[densest] = False  # the block's cap
         self.rows = torch.nonzero(dense).flatten()  # the dense block's rows of M, in order
         in_block = dense[idx[0]]
-        self.block = torch.zeros(self.rows.numel(), c, dtype=val.dtype, device=val.device)
-        self.block[(torch.cumsum(dense, 0) - 1)[idx[0, in_block]], idx[1, in_block]] = val[in_block]
+        used = torch.zeros(c, dtype=torch.bool, device=val.device)
+        used[idx[1, in_block]] = True
+        # the block's columns: all, or where most columns hold none of its nonzeros (lasso's data rows: 1500 of
+        # 2500), only those that do (a gathered batch, fewer flops)
+        self.cols = None if int(used.sum()) > BLOCK_COLUMNS_FRACTION * c else torch.nonzero(used).flatten()
+        at = torch.arange(c, device=val.device) if self.cols is None else torch.cumsum(used, 0) - 1
+        width = c if self.cols is None else self.cols.numel()
+        self.block = torch.zeros(self.rows.numel(), width, dtype=val.dtype, device=val.device)
+        self.block[(torch.cumsum(dense, 0) - 1)[idx[0, in_block]], at[idx[1, in_block]]] = val[in_block]
         rest = torch.sparse_coo_tensor(idx[:, ~in_block], val[~in_block], (r, c), check_invariants=True).coalesce()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -190,12 +203,17 @@ class ConstantMatrix:
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         """``M x_i`` for every row ``x_i`` of ``x`` (B, c): (B, r), contiguous."""
         y = csr_matvec(self.csr, x)
-        return y.index_add_(1, self.rows, x @ self.block.T) if self.rows.numel() else y
+        if not self.rows.numel():
+            return y
+        return y.index_add_(1, self.rows, (x if self.cols is None else x.index_select(1, self.cols)) @ self.block.T)
 
     def rmv(self, y: torch.Tensor) -> torch.Tensor:
         """``M' y_i`` for every row ``y_i`` of ``y`` (B, r): (B, c), contiguous."""
         x = csr_matvec(self.csr_t, y)
-        return x.addmm_(y.index_select(1, self.rows), self.block) if self.rows.numel() else x
+        if not self.rows.numel():
+            return x
+        part = y.index_select(1, self.rows)
+        return x.addmm_(part, self.block) if self.cols is None else x.index_add_(1, self.cols, part @ self.block)
 
 
 def csr_matvec(csr: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
