@@ -186,15 +186,16 @@ class ConstantMatrix:
         dense[densest] = False  # the block's cap
         self.rows = torch.nonzero(dense).flatten()  # the dense block's rows of M, in order
         in_block = dense[idx[0]]
-        used = torch.zeros(c, dtype=torch.bool, device=val.device)
-        used[idx[1, in_block]] = True
         # the block's columns: all, or where most columns hold none of its nonzeros (lasso's data rows: 1500 of
         # 2500), only those that do (a gathered batch, fewer flops)
-        self.cols = None if int(used.sum()) > BLOCK_COLUMNS_FRACTION * c else torch.nonzero(used).flatten()
-        at = torch.arange(c, device=val.device) if self.cols is None else torch.cumsum(used, 0) - 1
-        width = c if self.cols is None else self.cols.numel()
-        self.block = torch.zeros(self.rows.numel(), width, dtype=val.dtype, device=val.device)
-        self.block[(torch.cumsum(dense, 0) - 1)[idx[0, in_block]], at[idx[1, in_block]]] = val[in_block]
+        used = torch.zeros(c, dtype=torch.bool, device=val.device)
+        used[idx[1, in_block]] = True
+        if int(used.sum()) > BLOCK_COLUMNS_FRACTION * c:
+            used[:] = True
+        self.cols = None if bool(used.all()) else torch.nonzero(used).flatten()  # None: every column
+        self.block = torch.zeros(self.rows.numel(), int(used.sum()), dtype=val.dtype, device=val.device)
+        self.block[(torch.cumsum(dense, 0) - 1)[idx[0, in_block]], (torch.cumsum(used, 0) - 1)[idx[1, in_block]]] = (
+            val[in_block])
         rest = torch.sparse_coo_tensor(idx[:, ~in_block], val[~in_block], (r, c), check_invariants=True).coalesce()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

@@ -28,7 +28,7 @@ prediction each, nearest first); which one to use needs the problem's data and i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -130,15 +130,22 @@ class NeighborCorrection(nn.Module):
             best_d, best_i = both_d.gather(1, order), both_i.gather(1, order)
         return best_i
 
+    def _per_content(self, name: str, buffer: torch.Tensor, compute: Callable[[], torch.Tensor],
+                     *extra) -> torch.Tensor:
+        """``compute()``, kept as ``name`` and computed again only when ``buffer``'s content may have changed (its
+        storage, version or device: a ``load_state_dict`` or a move) or ``extra`` differs."""
+        key = (buffer.data_ptr(), buffer._version, buffer.device, *extra)
+        if not hasattr(self, "_kept"):
+            self._kept: dict[str, tuple[tuple, torch.Tensor]] = {}
+        if name not in self._kept or self._kept[name][0] != key:
+            self._kept[name] = (key, compute())
+        return self._kept[name][1]
+
     def key_norms(self, dtype: torch.dtype) -> torch.Tensor:
-        """(N,): the stored keys' squared norms in ``dtype``, computed once per content of ``keys`` (its storage and
-        version, so a ``load_state_dict`` or a move recomputes them): every search reads them (portfolio large, 900
-        keys of 3000 parameters: 1.4 ms per search at batch 1 when summed anew)."""
-        key = (self.keys.data_ptr(), self.keys._version, self.keys.device, dtype)
-        if getattr(self, "_norms_key", None) != key:
-            self._norms = self.keys.to(dtype).square().sum(1)
-            self._norms_key = key
-        return self._norms
+        """(N,): the stored keys' squared norms in ``dtype``, computed once per content of ``keys``
+        (:meth:`_per_content`): every search reads them (portfolio large, 900 keys of 3000 parameters: 1.4 ms per
+        search at batch 1 when summed anew)."""
+        return self._per_content("norms", self.keys, lambda: self.keys.to(dtype).square().sum(1), dtype)
 
     def neighbor(self, u: torch.Tensor) -> torch.Tensor:
         """Index (B,) of the nearest stored instance of each row of ``u`` (itself excluded while training)."""
@@ -277,12 +284,8 @@ class NeighborActiveSet(NeighborCorrection):
 
     def split_ids(self) -> torch.Tensor:
         """(N,) int64: equal for stored instances whose splits are equal (computed once per content of
-        ``splits``: its storage and version, so a ``load_state_dict`` or a move recomputes it)."""
-        key = (self.splits.data_ptr(), self.splits._version, self.splits.device)
-        if getattr(self, "_ids_key", None) != key:
-            self._ids = torch.unique(self.splits, dim=0, return_inverse=True)[1]
-            self._ids_key = key
-        return self._ids
+        ``splits``, :meth:`_per_content`)."""
+        return self._per_content("ids", self.splits, lambda: torch.unique(self.splits, dim=0, return_inverse=True)[1])
 
     def distinct_neighbors(self, u: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (B, k) of the nearest stored instances with ``k`` distinct splits, nearest first, among the
