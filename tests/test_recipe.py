@@ -274,6 +274,18 @@ def test_the_searches_follow_keys_changed_in_place_or_loaded():
     assert torch.equal(other.neighbor(q.float()), torch.cdist(q, keys).argmin(1))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_a_search_with_queries_on_another_device_than_the_keys():
+    """The kept key norms follow the queries' device, as the keys do (``keys.to(u)``)."""
+    g = torch.Generator().manual_seed(7)
+    keys, values = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g)
+    q = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    core = NeighborCorrection(keys, values.double()).eval()
+    expected = torch.cdist(q, keys).argmin(1)
+    assert torch.equal(core.neighbor(q), expected)
+    assert torch.equal(core.neighbor(q.cuda()).cpu(), expected)
+
+
 @pytest.mark.parametrize("kind", ["neighbor_correction", "neighbor_tangent"])
 def test_neighbor_candidates_come_from_the_nearest_instances_the_first_is_forward(kind):
     from amortcvx.predictors import NeighborTangent

@@ -114,7 +114,7 @@ class NeighborCorrection(nn.Module):
         excluded while training)."""
         best_d = torch.full((u.shape[0], 0), float("inf"), dtype=u.dtype, device=u.device)
         best_i = torch.zeros((u.shape[0], 0), dtype=torch.long, device=u.device)
-        keys, norms = self.keys.to(u), self.key_norms(u.dtype)
+        keys, norms = self.keys.to(u), self.key_norms(u)
         uu = u.detach().square().sum(1, keepdim=True)
         for start in range(0, keys.shape[0], self.chunk):
             block = keys[start:start + self.chunk]
@@ -141,11 +141,13 @@ class NeighborCorrection(nn.Module):
             self._kept[name] = (key, compute())
         return self._kept[name][1]
 
-    def key_norms(self, dtype: torch.dtype) -> torch.Tensor:
-        """(N,): the stored keys' squared norms in ``dtype``, computed once per content of ``keys``
-        (:meth:`_per_content`): every search reads them (portfolio large, 900 keys of 3000 parameters: 1.4 ms per
-        search at batch 1 when summed anew)."""
-        return self._per_content("norms", self.keys, lambda: self.keys.to(dtype).square().sum(1), dtype)
+    def key_norms(self, like: torch.Tensor) -> torch.Tensor:
+        """(N,): the stored keys' squared norms ``||k_j||^2`` in ``like``'s dtype and on its device (where a search
+        compares the keys with the queries ``like``), computed once per content of ``keys`` (:meth:`_per_content`):
+        every search reads them (portfolio large, 900 keys of 3000 parameters: 1.4 ms per search at batch 1 when
+        summed anew)."""
+        return self._per_content("norms", self.keys, lambda: self.keys.to(like).square().sum(1), like.dtype,
+                                 like.device)
 
     def neighbor(self, u: torch.Tensor) -> torch.Tensor:
         """Index (B,) of the nearest stored instance of each row of ``u`` (itself excluded while training)."""
