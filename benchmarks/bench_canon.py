@@ -1,6 +1,7 @@
 """Parameter batch -> canonical data: amortcvx's batched map against CVXPY's get_problem_data per instance.
 
-Prints, per family and form, the time to canonicalize N instances in one batched call, the latency of one call
+Prints, per family and form, the time to canonicalize N instances in one batched call (tensors; then per instance
+for the same batch as numpy arrays, the path the solvers take, on the CPU in float64), the latency of one call
 with one instance given as numpy arrays (the low-latency path an MPC loop takes; median over ``--ref`` calls), and
 the time per instance of ``problem.get_problem_data`` (set parameter values, call, repeated over ``--ref``
 instances), and their ratio.
@@ -39,7 +40,7 @@ def main() -> None:
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"cvxpy {cp.__version__}; device {args.device}, dtype {args.dtype}, batch {args.batch}, "
           f"get_problem_data reference over {args.ref} instances (time per instance scaled to the batch)")
-    print(f"{'family':<14}{'form':<6}{'batched [s]':>12}{'per inst [us]':>15}{'one call [us]':>15}"
+    print(f"{'family':<14}{'form':<6}{'batched [s]':>12}{'per inst [us]':>15}{'numpy [us]':>12}{'one call [us]':>15}"
           f"{'cvxpy/inst [us]':>17}{'ratio':>9}  dependent")
     for name in args.families or problems.names():
         fam = problems.make(name, args.size)
@@ -59,6 +60,12 @@ def main() -> None:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             batched = statistics.median(times)
+            host = []  # the same batch as numpy arrays (the solvers' path: validated and flattened in numpy)
+            for _ in range(args.repeats if args.device == "cpu" and dtype == torch.float64 else 0):
+                t0 = time.perf_counter()
+                pp.canonicalize(params)
+                host.append(time.perf_counter() - t0)
+            numpy_per = statistics.median(host) / args.batch * 1e6 if host else float("nan")
             nref = min(args.ref, args.batch)
             single = []
             for i in range(nref):
@@ -74,7 +81,8 @@ def main() -> None:
             ref = (time.perf_counter() - t0) / nref
             per = batched / args.batch
             dep = ",".join(k for k, v in pp.dependent.items() if v)
-            print(f"{name:<14}{form:<6}{batched:>12.4f}{per * 1e6:>15.2f}{statistics.median(single) * 1e6:>15.1f}"
+            print(f"{name:<14}{form:<6}{batched:>12.4f}{per * 1e6:>15.2f}{numpy_per:>12.2f}"
+                  f"{statistics.median(single) * 1e6:>15.1f}"
                   f"{ref * 1e6:>17.1f}{ref / per:>9.0f}  {dep}")
 
 

@@ -290,3 +290,45 @@ def test_cuda_matches_cpu():
     gpu = pp.canonicalize({k: v.cuda() for k, v in vals.items()})
     torch.testing.assert_close(gpu.A.values.cpu(), cpu.A.values)
     torch.testing.assert_close(gpu.b.cpu(), cpu.b)
+
+
+def test_numpy_values_are_written_in_column_major_order_with_broadcasting():
+    """The numpy path writes each parameter straight into its columns: scalars, vectors and matrices, batched or a
+    batch of one broadcast, give CVXPY's column-major vector, as the torch path does."""
+    a, v, s = cp.Parameter((3, 2), name="a"), cp.Parameter(3, name="v"), cp.Parameter(name="s")
+    x = cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(a @ x - v) + s * cp.sum(x)))
+    pp = ParametricProblem(prob)
+    rng = np.random.default_rng(0)
+    values = {"a": rng.normal(size=(4, 3, 2)), "v": rng.normal(size=3), "s": rng.normal(size=4)}
+    theta = pp.parameter_vector(values).numpy()
+    expected = {"a": values["a"].transpose(0, 2, 1).reshape(4, 6), "v": np.tile(values["v"], (4, 1)),
+                "s": values["s"][:, None]}
+    order = [name for name, *_ in pp._layout]  # the parameters' column blocks, in order
+    np.testing.assert_array_equal(theta, np.concatenate([expected[name] for name in order], axis=1))
+    from_torch = pp.parameter_vector({k: torch.as_tensor(val) for k, val in values.items()})
+    np.testing.assert_array_equal(theta, from_torch.numpy())
+
+
+def test_selection_maps_equal_the_sparse_product():
+    """A map whose rows each hold at most one parameter is applied as a gather of columns: the same values as the
+    sparse product, parameter-free rows at their constant even where theta's first column is not finite; maps with
+    a row of two parameters, or with fewer parameters than half the rows, keep the product."""
+    from amortcvx.canon.affine import AffineMap, _selection
+
+    rng = np.random.default_rng(1)
+    rows, cols = np.array([0, 1, 3, 4, 5]), np.array([2, 0, 1, 3, 2])
+    dep = sp.csr_array((rng.normal(size=5), (rows, cols)), shape=(6, 4))
+    const = rng.normal(size=(6, 1))
+    amap = AffineMap(sp.hstack([dep, const]))
+    assert amap._select is not None and amap._select.free.tolist() == [2]
+    theta = torch.as_tensor(rng.normal(size=(5, 4)))
+    expected = theta.numpy() @ dep.toarray().T + const[:, 0]
+    np.testing.assert_allclose(amap(theta).numpy(), expected, rtol=1e-15, atol=1e-15)
+    theta[1, 0] = np.nan
+    out = amap(theta).numpy()
+    assert out[1, 2] == const[2, 0] and np.isnan(out[1, 1]) and np.isfinite(out[0]).all()
+    two = sp.csr_array(([1.0, 2.0], ([0, 0], [0, 1])), shape=(1, 2))
+    assert _selection(two) is None
+    few = sp.csr_array(([1.0], ([0], [0])), shape=(4, 1))  # one parameter, four rows
+    assert _selection(few) is None

@@ -8,6 +8,8 @@ shared constant).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -28,6 +30,51 @@ class _SparseAffineProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return ctx.amap._product(grad.contiguous(), transpose=True), None
+
+
+class _Selection(NamedTuple):
+    """A map whose rows each hold at most one parameter (``y_r = v_r theta_{j_r} + const_r``), at least half of them
+    one: applied to a batch of more than one as one gather of columns of ``theta`` (B, p), C-ordered, instead of a
+    sparse product with ``theta``'s transpose (which scipy first copies into row order). Measured (CPU, the ``stack``
+    of the parameter-dependent pieces, interleaved medians): robust_ls large (``A`` a 200 x 100 parameter, 20404
+    rows) 75 against 96 ms at batch 1024, portfolio large 7.0 against 8.7 ms; at batch 1 the product is 1-3 us
+    faster (docs/canonicalization.md).
+
+    Attributes:
+        cols: (k,) the parameter each row reads (0 for parameter-free rows).
+        vals: (k,) its coefficient (0 for parameter-free rows).
+        free: the parameter-free rows, set back to their constant where ``theta[:, 0]`` is not finite (its product
+            with 0 would reach them).
+    """
+
+    cols: np.ndarray
+    vals: np.ndarray
+    free: np.ndarray
+
+    def apply(self, theta: np.ndarray, const: np.ndarray) -> np.ndarray:
+        """``const + T theta`` for a C-ordered (B, p) float64 ``theta``: a new C-ordered (B, k) array."""
+        out = np.take(theta, self.cols, axis=1)
+        out *= self.vals
+        out += const
+        if self.free.size and not np.isfinite(theta[:, 0]).all():
+            out[:, self.free] = const[self.free]
+        return out
+
+
+def _selection(params: sp.csr_array) -> _Selection | None:
+    """:class:`_Selection` of a map (k, p), or None where a row holds more than one parameter, fewer than half the
+    rows hold one, or the parameters number fewer than half the rows: there the sparse product, which touches only
+    the parameters' rows and copies only ``theta``, costs less (batch 1024: mpc_param_dyn large, 11544 of 17808 rows
+    from 600 parameters, 53 against 68 us per instance; mpc large, 48 of 3408 rows)."""
+    counts = np.diff(params.indptr)
+    k, p = params.shape
+    if k == 0 or counts.max(initial=0) > 1 or 2 * int(np.count_nonzero(counts)) < k or 2 * p < k:
+        return None
+    free = counts == 0
+    first = np.minimum(params.indptr[:-1], max(params.indices.size - 1, 0))
+    cols = np.where(free, 0, params.indices[first]).astype(np.intp)
+    vals = np.where(free, 0.0, params.data[first])
+    return _Selection(cols, vals, np.flatnonzero(free))
 
 
 class AffineMap:
@@ -67,6 +114,7 @@ class AffineMap:
         self._dep_t = sp.csr_array(params.T)
         self._cache: dict = {}
         self._expanded: tuple | None = None
+        self._select = _selection(params)
 
     @classmethod
     def stack(cls, maps: list[AffineMap]) -> AffineMap:
@@ -101,13 +149,18 @@ class AffineMap:
     def _product(self, theta: torch.Tensor, transpose: bool, add_const: bool = False) -> torch.Tensor:
         """``[const +] theta @ T'`` (or ``theta @ T`` when ``transpose``) for a dense (B, .) ``theta``.
 
-        The result is computed as its transpose (one sparse-times-dense product) and returned as a
-        transposed view, which avoids a scatter into a (B, k) array.
+        On the CPU, a :class:`_Selection` (a batch of more than one, not transposed) is one gather of ``theta``'s
+        columns; otherwise the result is computed as its transpose (one sparse-times-dense product) and returned as
+        a transposed view, which avoids a scatter into a (B, k) array.
         """
         if theta.is_cpu:
-            mat = self._dep_t if transpose else self._dep
             host = theta.detach() if theta.requires_grad else theta
             host = host if host.dtype == torch.float64 else host.to(torch.float64)
+            if (self._select is not None and not transpose and add_const and host.shape[0] > 1
+                    and host.is_contiguous()):
+                out = self._select.apply(host.numpy(), self.const)
+                return torch.from_numpy(out) if theta.dtype == torch.float64 else torch.from_numpy(out).to(theta.dtype)
+            mat = self._dep_t if transpose else self._dep
             out = mat @ host.numpy().T
             if add_const:
                 out += self.const[:, None]

@@ -21,6 +21,7 @@ CVXPY-space guesses forward to canonical coordinates.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -360,17 +361,41 @@ class ParametricProblem:
         batch = 1 if batch is None else batch
         if batch == 0:
             raise ValueError("empty batch (batch size 0)")
+        if xp is np:
+            return self._flatten_host(batched, batch)
         cols = []
         for name, _, _, _ in self._layout:
             t = batched[name]
             if t.shape[0] != batch:
-                t = t.expand(batch, *t.shape[1:]) if xp is torch else np.broadcast_to(t, (batch, *t.shape[1:]))
+                t = t.expand(batch, *t.shape[1:])
             flat = _fortran_flat(t, batch)
             if name in self._gather:  # the entries CVXPY's reduced parameter keeps (e.g. the upper triangle)
-                index = self._gather[name]
-                flat = flat[:, torch.as_tensor(index, device=flat.device) if xp is torch else index]
+                flat = flat[:, torch.as_tensor(self._gather[name], device=flat.device)]
             cols.append(flat)
-        return torch.cat(cols, dim=1) if xp is torch else np.concatenate(cols, axis=1)
+        return torch.cat(cols, dim=1)
+
+    def _flatten_host(self, batched: dict[str, np.ndarray], batch: int) -> np.ndarray:
+        """:meth:`_flatten`'s numpy result: each parameter copied once, straight into its columns of a new (B,
+        num_params) array viewed as ``(B, *reversed(shape))`` (CVXPY's column-major order), instead of a flattened
+        copy per parameter and their concatenation (robust_ls large, batch 1024: 45 against 85 ms, interleaved
+        medians; scalars and vectors as fast as before at batch 1)."""
+        theta = np.empty((batch, self.num_params))
+        col = 0
+        for name, shape, _, _ in self._layout:
+            t = batched[name]
+            if name in self._gather:  # the entries CVXPY's reduced parameter keeps (e.g. the upper triangle)
+                block = _fortran_flat(np.broadcast_to(t, (batch, *t.shape[1:])), batch)[:, self._gather[name]]
+                theta[:, col:col + block.shape[1]] = block
+                col += block.shape[1]
+                continue
+            size = math.prod(shape)
+            dest = theta[:, col:col + size]
+            if t.ndim <= 2:  # a batch of scalars or vectors: its columns as they are (a batch of one broadcasts)
+                dest[...] = t.reshape(t.shape[0], size)
+            else:
+                np.reshape(dest, (batch, *reversed(shape)), copy=False)[...] = t.transpose(0, *range(t.ndim - 1, 0, -1))
+            col += size
+        return theta
 
     def canonicalize(self, params: Mapping[str | cp.Parameter, ParamValue], *,
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ConeData | QPData:
