@@ -229,9 +229,10 @@ def test_parameters_with_dimension_reducing_attributes(form):
 
 @pytest.mark.parametrize("form", ["cone", "qp"])
 def test_numpy_and_tensor_values_give_the_same_parameter_vector(form):
-    """Numpy values take the numpy path (validation and flattening in numpy, one tensor at the end), tensors the
-    torch path: the same vector, also with reduced (PSD, diag, symmetric) parameters, a mix of batched and
-    unbatched values, and a copy that later changes to the caller's arrays do not reach."""
+    """Numpy values take the numpy path (validation and flattening in numpy, one tensor at the end), so do CPU float64
+    tensors without a graph; tensors with one the torch path: the same vector, also with reduced (PSD, diag,
+    symmetric) parameters, a mix of batched and unbatched values, and a copy that later changes to the caller's
+    arrays do not reach."""
     n = 4
     prob, _ = _attribute_problem(n)
     pp = ParametricProblem(prob, form=form)
@@ -240,9 +241,12 @@ def test_numpy_and_tensor_values_give_the_same_parameter_vector(form):
     values = {"S": G @ G.transpose(0, 2, 1), "D": np.diag(rng.uniform(1, 2, n)), "Y": G + G.transpose(0, 2, 1),
               "q": rng.uniform(0, 1, n)}
     from_numpy = pp.parameter_vector(values)
-    from_torch = pp.parameter_vector({k: torch.as_tensor(v) for k, v in values.items()})
+    from_tensors = pp.parameter_vector({k: torch.as_tensor(v) for k, v in values.items()})  # read as numpy
+    from_torch = pp.parameter_vector({k: torch.tensor(v, requires_grad=True) for k, v in values.items()})
     assert from_numpy.shape == (3, pp.num_params) and from_numpy.dtype == torch.float64
-    torch.testing.assert_close(from_numpy, from_torch, rtol=0, atol=0)
+    assert from_torch.requires_grad and not from_tensors.requires_grad
+    torch.testing.assert_close(from_numpy, from_tensors, rtol=0, atol=0)
+    torch.testing.assert_close(from_numpy, from_torch.detach(), rtol=0, atol=0)
     kept = from_numpy.clone()
     values["q"][:] = 7.0
     torch.testing.assert_close(from_numpy, kept, rtol=0, atol=0)
@@ -306,8 +310,8 @@ def test_numpy_values_are_written_in_column_major_order_with_broadcasting():
                 "s": values["s"][:, None]}
     order = [name for name, *_ in pp._layout]  # the parameters' column blocks, in order
     np.testing.assert_array_equal(theta, np.concatenate([expected[name] for name in order], axis=1))
-    from_torch = pp.parameter_vector({k: torch.as_tensor(val) for k, val in values.items()})
-    np.testing.assert_array_equal(theta, from_torch.numpy())
+    from_torch = pp.parameter_vector({k: torch.tensor(val, requires_grad=True) for k, val in values.items()})
+    np.testing.assert_array_equal(theta, from_torch.detach().numpy())
 
 
 def test_selection_maps_equal_the_sparse_product():

@@ -299,7 +299,9 @@ class ParametricProblem:
         Args:
             params: name (or ``cp.Parameter``) -> value with shape ``param.shape`` (one instance) or
                 ``(B, *param.shape)``. Every parameter is required. Torch tensors keep their device and
-                dtype (and autograd graph); numpy values become float64 tensors unless ``dtype`` is given.
+                dtype (and autograd graph); numpy values become float64 tensors unless ``dtype`` is given. Numpy
+                values, and CPU float64 tensors without a graph (read as arrays, without a copy), are validated and
+                flattened in numpy (:meth:`_flatten_host`); others in torch (differentiable).
 
         Raises:
             ValueError: naming the missing / unknown parameter, a wrong shape or batch size, or non-finite values.
@@ -320,7 +322,11 @@ class ParametricProblem:
             dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float64
         if device is None:
             device = ref.device if ref is not None else torch.device("cpu")
-        if ref is None:  # numpy values (the low-latency path): validated and flattened in numpy, one tensor made
+        on_host = torch.device(device).type == "cpu" and dtype == torch.float64 and all(
+            v.is_cpu and v.dtype == torch.float64 and not v.requires_grad
+            for v in given.values() if isinstance(v, torch.Tensor))
+        if ref is None or on_host:  # numpy values (the low-latency path), or CPU float64 tensors without a graph
+            # (read as numpy arrays, without a copy): validated and flattened in numpy, one tensor made
             host = {name: real_array(_present(given[name], name), name) for name, _, _, _ in self._layout}
             theta = torch.from_numpy(self._flatten(host, np))
             return theta.to(device=device, dtype=dtype)
