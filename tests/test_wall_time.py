@@ -1050,6 +1050,29 @@ def test_threaded_solver_gives_one_objects_answers(name, alg):
         ThreadedSolver(lambda: one, 0)
 
 
+def test_race_probes_a_much_slower_way_less_often():
+    """With a share (the threads' race), a way slower by a ratio r is probed every max(probe, (r - 1) / share)
+    calls, so probes add about that share of the time; a near tie is probed every ``probe`` calls."""
+    from amortcvx.backends.persistent import THREAD_PROBE
+    from amortcvx.backends.race import PROBE_SHARE, Race
+
+    def probes(slower: float, calls: int) -> list[int]:
+        race, out = Race(("parts", "one"), THREAD_PROBE), []
+        for i in range(calls):
+            way = race.pick()
+            if way == "one":
+                out.append(i)
+            race.record(way, 1.0 if way == "parts" else slower)
+        return out
+
+    assert probes(1.1, 2 + 2 * THREAD_PROBE) == [1, 1 + THREAD_PROBE, 1 + 2 * THREAD_PROBE]
+    interval = math.ceil((2.0 - 1.0) / PROBE_SHARE)
+    assert interval > THREAD_PROBE
+    assert probes(2.0, 200) == [1] + list(range(1 + interval, 200, interval))
+    with pytest.raises(ValueError, match="positive share or None"):
+        Race(("parts", "one"), THREAD_PROBE, share=0.0)
+
+
 def test_threaded_solver_names_the_instance_of_the_whole_batch():
     import dataclasses
 

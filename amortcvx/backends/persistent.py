@@ -219,7 +219,8 @@ THREAD_PROBE = 16
 timed (its best time per instance over at least two calls; a call that set up new objects is not timed), then the
 faster is used, and the other again after ``THREAD_PROBE`` calls, or after more where it was much slower
 (:class:`~amortcvx.backends.race.Race`, :data:`~amortcvx.backends.race.PROBE_SHARE`: probes add about 2% of the
-time at most). Measured on 2 cores (package path, calibrated objects, batch 256): the parts took 0.5-0.7x of one
+time at most; the recorded times are each way's best over calls that set nothing up, so a ratio is not
+overstated). Measured on 2 cores (package path, calibrated objects, batch 256): the parts took 0.5-0.7x of one
 object's time on most small families, but 1.27x on portfolio small with OSQP (solves of about 15 us, where the
 Python around each solve holds the GIL) and 1.0x on robust_ls small with SCS."""
 RACE_CALLS = 5

@@ -21,23 +21,27 @@ class Race:
     """The faster of ``options`` by their last measured seconds per instance.
 
     Each option is timed on its first call; then each call takes the one whose last call was faster, and the one
-    timed longest ago is probed again (its time changes as the data do) after ``probe`` calls, or after more where
-    it was much slower, so that probing adds at most about :data:`PROBE_SHARE` of the time
-    (:meth:`probe_interval`).
+    timed longest ago is probed again (its time changes as the data do) after ``probe`` calls, or, with a
+    ``share``, after more where it was much slower, so that probing adds at most about that share of the time
+    (:meth:`probe_interval`). A ``share`` needs recorded times that do not overstate an option's pace (a first call's
+    one-time costs would make a ratio, and the wait for the next probe, too large): None probes every ``probe``
+    calls whatever the ratio.
     """
 
-    def __init__(self, options: tuple[str, ...], probe: int, share: float = PROBE_SHARE):
-        if not options or probe < 2 or not share > 0:
-            raise ValueError(f"a race needs options, a probe interval of at least 2 and a positive share; got "
+    def __init__(self, options: tuple[str, ...], probe: int, share: float | None = PROBE_SHARE):
+        if not options or probe < 2 or not (share is None or share > 0):
+            raise ValueError(f"a race needs options, a probe interval of at least 2 and a positive share or None; got "
                              f"{options!r}, {probe!r}, {share!r}")
-        self.options, self.probe, self.share = options, int(probe), float(share)
+        self.options, self.probe, self.share = options, int(probe), share
         self.seconds: dict[str, float] = {}
         self.calls = 0
         self.since_probe = 0
 
     def probe_interval(self, slow: str, fast: str) -> int:
         """Calls between probes of ``slow`` while ``fast`` is faster: ``probe``, or ``(r - 1) / share`` for the
-        measured ratio ``r`` of their times where that is more."""
+        measured ratio ``r`` of their times where that is more (with a ``share``)."""
+        if self.share is None:
+            return self.probe
         ratio = self.seconds[slow] / max(self.seconds[fast], 1e-300)
         return max(self.probe, math.ceil((ratio - 1.0) / self.share))
 

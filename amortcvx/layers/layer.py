@@ -114,8 +114,10 @@ thread, forward at batch 1024 (every fraction certified as many instances, withi
 AUTO_PROBE = 16
 """``method="auto"`` on the CPU where both the torch steps and the loose C solve apply: each is timed on its
 first call (per batch size, by powers of two); then each call takes the one whose last forward was faster per
-instance, and the other again after ``AUTO_PROBE`` calls, or after more where it was much slower (its time
-changes as the parameters move; :class:`~amortcvx.backends.race.Race`). Measured: the
+instance, and every ``AUTO_PROBE``-th call the other (its time changes as the parameters move; each call's time
+is recorded, the first with its one-time costs, so the interval does not grow with the measured ratio:
+:class:`~amortcvx.backends.race.Race` with ``share=None``; with a share, the benchmark's QP at batch 64 kept the
+slower way for the whole run, forward+backward 27.3 against 19.1 ms). Measured: the
 torch steps win on the QP benchmark (batch 64 and 1024), the C solve on a 20-asset portfolio at batch 64 (a
 training loop: 1.22 s against 1.04 s)."""
 LAYER_ARGS = ("eps", "method", "warm_start", "max_torch_steps", "refine_steps")
@@ -327,7 +329,8 @@ class CvxpyLayer(nn.Module):
             return "torch", max_steps, None
         if not (self.form == "qp" and data.matrices_shared and steps):
             return "c", max_steps, None
-        race = self._races.setdefault(int(data.batch_size).bit_length(), Race(("torch", "c"), AUTO_PROBE))
+        race = self._races.setdefault(int(data.batch_size).bit_length(),
+                                     Race(("torch", "c"), AUTO_PROBE, share=None))
         method = race.pick()
         return method, (min(max_steps, CPU_TORCH_STEPS) if method == "torch" else max_steps), race
 
