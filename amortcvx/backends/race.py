@@ -35,7 +35,6 @@ class Race:
                              f"{options!r}, {probe!r}, {share!r}")
         self.options, self.probe, self.share = options, int(probe), share
         self.seconds: dict[str, float] = {}
-        self.calls = 0
         self.since_probe = 0
 
     def probe_interval(self, slow: str, fast: str) -> int:
@@ -49,7 +48,6 @@ class Race:
     def pick(self) -> str:
         """The option for the next call: an untimed one first, then the fastest, and the one timed longest ago
         once every :meth:`probe_interval` calls."""
-        self.calls += 1
         untimed = [o for o in self.options if o not in self.seconds]
         if untimed:
             return untimed[0]

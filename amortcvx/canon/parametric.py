@@ -21,7 +21,6 @@ CVXPY-space guesses forward to canonical coordinates.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -387,20 +386,16 @@ class ParametricProblem:
         medians; scalars and vectors as fast as before at batch 1)."""
         theta = np.empty((batch, self.num_params))
         col = 0
-        for name, shape, _, _ in self._layout:
+        for name, shape, size, _ in self._layout:  # size: the parameter's columns (the reduced entries, if any)
             t = batched[name]
-            if name in self._gather:  # the entries CVXPY's reduced parameter keeps (e.g. the upper triangle)
-                block = _fortran_flat(np.broadcast_to(t, (batch, *t.shape[1:])), batch)[:, self._gather[name]]
-                theta[:, col:col + block.shape[1]] = block
-                col += block.shape[1]
-                continue
-            size = math.prod(shape)
             dest = theta[:, col:col + size]
-            if t.ndim <= 2:  # a batch of scalars or vectors: its columns as they are (a batch of one broadcasts)
+            col += size
+            if name in self._gather:  # the entries CVXPY's reduced parameter keeps (e.g. the upper triangle)
+                dest[...] = _fortran_flat(np.broadcast_to(t, (batch, *t.shape[1:])), batch)[:, self._gather[name]]
+            elif t.ndim <= 2:  # a batch of scalars or vectors: its columns as they are (a batch of one broadcasts)
                 dest[...] = t.reshape(t.shape[0], size)
             else:
                 np.reshape(dest, (batch, *reversed(shape)), copy=False)[...] = t.transpose(0, *range(t.ndim - 1, 0, -1))
-            col += size
         return theta
 
     def canonicalize(self, params: Mapping[str | cp.Parameter, ParamValue], *,
