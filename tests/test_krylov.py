@@ -305,6 +305,8 @@ def test_constant_matrix_products_with_dense_rows_match_the_dense_matrix(batch, 
     from amortcvx.iterations import linalg
     from amortcvx.iterations.linalg import DENSE_ROW_MIN, ConstantMatrix
 
+    monkeypatch.setattr(linalg, "SMALL_DENSE_ENTRIES", -1)  # the split (small matrices: the test below)
+    monkeypatch.setattr(linalg, "SMALL_DENSE_PER_NONZERO", 0)
     rng = np.random.default_rng(5)
     r, c = 60, 2 * DENSE_ROW_MIN + 10
     mat = sp.random(r, c, density=0.02, random_state=4, format="lil")
@@ -335,6 +337,33 @@ def test_constant_matrix_products_with_dense_rows_match_the_dense_matrix(batch, 
     assert sorted(capped.rows.tolist()) == sorted(densest.tolist())
     torch.testing.assert_close(capped.mv(x.detach()), x.detach() @ dense.mT)
     torch.testing.assert_close(capped.rmv(y.detach()), y.detach() @ dense)
+
+
+@pytest.mark.parametrize("batch", [1, 40])
+def test_small_constant_matrices_are_multiplied_densely_and_large_sparse_ones_as_csr(batch):
+    from amortcvx.iterations.linalg import SMALL_DENSE_ENTRIES, SMALL_DENSE_PER_NONZERO, ConstantMatrix
+
+    rng = np.random.default_rng(6)
+    small = torch.tensor(sp.random(72, 22, density=0.2, random_state=1).toarray())  # the SOCP layer's size
+    small[:, 3] = 0  # a column no row uses stays in the block: the product is the plain dense one
+    product = ConstantMatrix(small.to_sparse())
+    assert product.dense and product.rows.numel() == 72 and product.block.shape == (72, 22)
+    x = torch.tensor(rng.normal(size=(batch, 22)), requires_grad=True)
+    y = torch.tensor(rng.normal(size=(batch, 72)))
+    torch.testing.assert_close(product.mv(x), x @ small.mT)
+    torch.testing.assert_close(product.rmv(y), y @ small)
+    assert product.mv(x).is_contiguous() and product.rmv(y).is_contiguous()
+    (product.mv(x) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * (x @ small.mT) @ small)
+    r = c = 400  # 160,000 entries, 800 nonzeros: over the rule's bound, CSR
+    large = torch.tensor(sp.random(r, c, density=0.005, random_state=2).toarray())
+    nnz = int((large != 0).sum())
+    assert r * c > SMALL_DENSE_ENTRIES + SMALL_DENSE_PER_NONZERO * nnz
+    sparse_product = ConstantMatrix(large.to_sparse())
+    assert not sparse_product.dense and sparse_product.rows.numel() == 0
+    xl = torch.tensor(rng.normal(size=(batch, c)))
+    torch.testing.assert_close(sparse_product.mv(xl), xl @ large.mT)
+    torch.testing.assert_close(sparse_product.rmv(xl), xl @ large)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -146,8 +146,17 @@ DENSE_ROW_FRACTION = 0.1
 :data:`DENSE_ROW_MIN` nonzeros) as part of a dense block."""
 
 DENSE_ROW_MIN = 256
-"""The fewest nonzeros of a row :class:`ConstantMatrix` multiplies densely: small problems keep their plain CSR
-products (one call each)."""
+"""The fewest nonzeros of a row :class:`ConstantMatrix` multiplies densely within a CSR matrix (a small matrix is
+dense as a whole: :data:`SMALL_DENSE_ENTRIES`)."""
+
+SMALL_DENSE_ENTRIES = 4096
+SMALL_DENSE_PER_NONZERO = 20
+""":class:`ConstantMatrix` stores a whole matrix densely when its ``r * c`` entries are at most
+``SMALL_DENSE_ENTRIES + SMALL_DENSE_PER_NONZERO * nnz``: a torch CSR product costs about 15 us per call plus 1 ns
+per nonzero and batch row, a dense one about 0.05 ns per entry and batch row (torch 2.13, CPU, float64, 1 thread;
+batch 64: ``82 x 37`` with 120 nonzeros, the layer benchmark's SDP, 26 / 24 us as CSR against 9 / 9 us dense for
+``M x`` / ``M' y``; ``40 x 20`` with 100, 17 / 16 against 4 / 4 us; ``300 x 120`` with 600, 49 / 42 against 62 / 60
+us, and ``1000 x 500`` with 3000, 212 / 179 against 862 / 930 us, stay CSR)."""
 
 DENSE_BLOCK_ENTRIES = 2 ** 24
 """The most entries of :class:`ConstantMatrix`'s dense block (128 MB in float64; its densest rows first): a dense row
@@ -161,7 +170,8 @@ all."""
 class ConstantMatrix:
     """Products of batches with one constant 2-D matrix ``M`` (``r x c``, dense or sparse COO) and with ``M'``.
 
-    Its dense rows (:data:`DENSE_ROW_FRACTION`, :data:`DENSE_ROW_MIN`) are a dense block multiplied by BLAS (over
+    A small matrix (:data:`SMALL_DENSE_ENTRIES`) is stored and multiplied densely, as a whole. In a larger one,
+    its dense rows (:data:`DENSE_ROW_FRACTION`, :data:`DENSE_ROW_MIN`) are a dense block multiplied by BLAS (over
     the columns they use where that is at most :data:`BLOCK_COLUMNS_FRACTION` of them), the others a CSR matrix
     (torch's CSR support, which it calls beta: its warning is silenced here). Torch's CSR product runs about 3
     GFLOP/s on one thread where a dense one runs 5-10: portfolio large's ``A`` (``3031 x 3030``, 96030 nonzeros,
@@ -182,6 +192,8 @@ class ConstantMatrix:
         self.dtype, self.shape = val.dtype, (r, c)
         counts = torch.bincount(idx[0], minlength=r)
         dense = counts >= max(DENSE_ROW_FRACTION * c, DENSE_ROW_MIN)
+        small = r * c <= SMALL_DENSE_ENTRIES + SMALL_DENSE_PER_NONZERO * val.numel()  # all of it dense
+        dense |= small
         densest = torch.argsort(counts, descending=True, stable=True)[max(1, DENSE_BLOCK_ENTRIES // max(c, 1)):]
         dense[densest] = False  # the block's cap
         self.rows = torch.nonzero(dense).flatten()  # the dense block's rows of M, in order
@@ -190,7 +202,7 @@ class ConstantMatrix:
         # 2500), only those that do (a gathered batch, fewer flops)
         used = torch.zeros(c, dtype=torch.bool, device=val.device)
         used[idx[1, in_block]] = True
-        if int(used.sum()) > BLOCK_COLUMNS_FRACTION * c:
+        if small or int(used.sum()) > BLOCK_COLUMNS_FRACTION * c:
             used[:] = True
         self.cols = None if bool(used.all()) else torch.nonzero(used).flatten()  # None: every column
         self.block = torch.zeros(self.rows.numel(), int(used.sum()), dtype=val.dtype, device=val.device)
@@ -200,9 +212,12 @@ class ConstantMatrix:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.csr, self.csr_t = rest.to_sparse_csr(), rest.t().coalesce().to_sparse_csr()
+        self.dense = self.rows.numel() == r and self.cols is None  # the block is M itself: no CSR product
 
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         """``M x_i`` for every row ``x_i`` of ``x`` (B, c): (B, r), contiguous."""
+        if self.dense:
+            return x @ self.block.T
         y = csr_matvec(self.csr, x)
         if not self.rows.numel():
             return y
@@ -210,6 +225,8 @@ class ConstantMatrix:
 
     def rmv(self, y: torch.Tensor) -> torch.Tensor:
         """``M' y_i`` for every row ``y_i`` of ``y`` (B, r): (B, c), contiguous."""
+        if self.dense:
+            return y @ self.block
         x = csr_matvec(self.csr_t, y)
         if not self.rows.numel():
             return x
