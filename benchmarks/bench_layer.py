@@ -65,6 +65,7 @@ REFERENCES = ((cp.CLARABEL, {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_fe
               (cp.SCS, {"eps_abs": 1e-10, "eps_rel": 1e-10, "max_iters": 200000}))
 """Reference solvers for x*, tried in order per instance."""
 GRAD_INSTANCES = 4
+CALIBRATION_SEED = 7  # the fresh instances on which the learned row's predictor is calibrated (reported only)
 FD_STEP = 1e-6
 
 
@@ -158,8 +159,21 @@ def learned_layer(prob, params, variables, sample, train: int, epochs: int, root
     seconds = time.perf_counter() - start
     layer = CvxpyLayer.from_solver(amortized, params, variables, eps=EPS)
     settings = (f"{ours_path(device)}{solver} C, eps {EPS:g}, learned warm start ({train} instances, {epochs} "
-                f"epochs, trained on {device} in {seconds:.0f} s)")
+                f"epochs, trained on {device} in {seconds:.0f} s; {calibration_verdict(amortized, sampler, train)})")
     return layer, settings
+
+
+def calibration_verdict(amortized, sampler, train: int) -> str:
+    """What ``AmortizedSolver.fit``'s default calibration says of the predictor that the learned row uses forced on
+    (the row measures the learned start itself; ``amortized.layer()`` after a default fit uses the predictor only
+    where calibration keeps it): on ``max(32, train // 10)`` fresh instances, the solver left unchanged."""
+    val = sampler(max(32, train // 10), np.random.default_rng(CALIBRATION_SEED))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = amortized.calibrated(val)
+    times = ", ".join(f"{k} {a:.3g}" for k, (a, _) in (cal.seconds or {}).items())
+    verdict = "keeps this predictor" if cal.enabled else "switches this predictor off"
+    return f"fit's default calibration {verdict}, start {cal.strategy} (ms per instance at batch 1: {times})"
 
 
 def methods(prob, params, variables, learned=None, device: str = "cpu", skip: frozenset = frozenset(),

@@ -1,0 +1,54 @@
+"""The benchmarks' ``--smoke`` modes run end to end and write what their tables are made of.
+
+The performance targets are measured by the full benchmarks, never here; these runs keep the scripts working and
+check the accuracy their timings are reported at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", *args], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_layer_benchmark_smoke_rows_are_accurate_and_say_what_calibration_thinks_of_the_predictor(tmp_path):
+    path = tmp_path / "layer.json"
+    stdout = _run("bench_layer.py", "--json", str(path))
+    rows = json.loads(path.read_text())["rows"]
+    problems = {r["problem"].split()[0] for r in rows}
+    assert problems == {"QP", "SOCP", "SDP"}
+    ours = [r for r in rows if r["method"].startswith("ours")]
+    assert {r["method"] for r in ours} == {"ours cold", "ours previous", "ours no refinement", "ours learned"}
+    for r in ours:
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, r
+        # refined answers: well within the layer's eps (1e-5); the C solver's own at eps otherwise
+        bound = 1e-4 if r["method"] == "ours no refinement" else 1e-5
+        assert r["max_err"] <= bound, r
+        assert r["grad_err"] <= 1e-5, r
+    learned = [r for r in ours if r["method"] == "ours learned"]
+    assert len(learned) == 3 and all("fit's default calibration" in r["settings"] for r in learned)
+    assert "cvxpylayers DIFFCP" in stdout  # the baseline ran beside ours
+
+
+def test_endtoend_benchmark_smoke_reports_every_strategy_against_the_loop(tmp_path):
+    path = tmp_path / "endtoend.json"
+    _run("bench_endtoend.py", "--json", str(path))
+    rows = json.loads(path.read_text())
+    assert rows and {r["algorithm"] for r in rows} == {"scs", "osqp"}
+    for r in rows:
+        ratios = r["ratio_to_loop"]
+        assert ratios["loop (b)"] == 1.0
+        for label in ("package cold (a)", "nearest neighbour (c)", "learned k=0", "floor (optimum)"):
+            assert math.isfinite(ratios[label]) and ratios[label] > 0, (label, r)
+        assert r["ms_per_instance"]["loop (b)"] > 0
