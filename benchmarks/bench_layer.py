@@ -340,8 +340,45 @@ def run(batches: list[int], repeats: int, train: int, epochs: int, problems: tup
             for k in sorted(skip):
                 print(f"{name:24s} B={B:5d} cvxpylayers {k}: skipped above batch {max_batch[k]} "
                       "(--baseline-max-batch)", flush=True)
+            batch_rows = [r for r in rows if r["problem"] == name and r["batch"] == B]
+            add_speedups(batch_rows)
+            for line in speedup_lines(batch_rows):
+                print(f"{name:24s} B={B:5d} {line}", flush=True)
             save(rows)
     return rows
+
+
+DIFFCP_TARGET = 10.0
+"""Issue 12's target against cvxpylayers' default: ours at least this much faster, forward and forward+backward."""
+
+
+def add_speedups(batch_rows: list[dict]) -> None:
+    """Give each of our rows (one problem and batch size) ``speedup[baseline] = {"fwd": ..., "fwdbwd": ...}``: the
+    baseline's median time over ours, for each cvxpylayers baseline measured beside it."""
+    baselines = [r for r in batch_rows if r["method"].startswith("cvxpylayers")]
+    for r in batch_rows:
+        if r["method"].startswith("ours"):
+            r["speedup"] = {b["method"]: {t: b[f"{t}_ms"] / r[f"{t}_ms"] for t in ("fwd", "fwdbwd")}
+                            for b in baselines}
+
+
+def speedup_lines(batch_rows: list[dict]) -> list[str]:
+    """One line per baseline: each of our methods' speedup forward+backward (forward), and which of them reach the
+    target (DIFFCP: :data:`DIFFCP_TARGET` on both) or (MOREAU) are faster forward+backward."""
+    ours = [r for r in batch_rows if "speedup" in r]
+    lines = []
+    for base in sorted({b for r in ours for b in r["speedup"]}):
+        cells = ", ".join(f"{r['method'][5:]} {r['speedup'][base]['fwdbwd']:.1f}x ({r['speedup'][base]['fwd']:.1f}x)"
+                          for r in ours)
+        if base.endswith("DIFFCP"):
+            met = [r["method"][5:] for r in ours if min(r["speedup"][base].values()) >= DIFFCP_TARGET]
+            goal = f"target {DIFFCP_TARGET:g}x on both"
+        else:
+            met = [r["method"][5:] for r in ours if r["speedup"][base]["fwdbwd"] > 1.0]
+            goal = "faster forward+backward (the target at batch 1024, learned start)"
+        lines.append(f"{base} / ours, forward+backward (forward): {cells}; {goal}: "
+                     f"{'met by ' + ', '.join(met) if met else 'missed by every method'}")
+    return lines
 
 
 def main() -> None:

@@ -36,6 +36,10 @@ def test_layer_benchmark_smoke_rows_are_accurate_and_say_what_calibration_thinks
         bound = 1e-4 if r["method"] == "ours no refinement" else 1e-5
         assert r["max_err"] <= bound, r
         assert r["grad_err"] <= 1e-5, r
+    for r in ours:  # each of ours against the baselines beside it, as printed
+        diffcp = next(b for b in rows if b["problem"] == r["problem"] and b["method"] == "cvxpylayers DIFFCP")
+        assert r["speedup"]["cvxpylayers DIFFCP"]["fwdbwd"] == diffcp["fwdbwd_ms"] / r["fwdbwd_ms"]
+    assert stdout.count("cvxpylayers DIFFCP / ours, forward+backward (forward): cold ") == 3
     learned = [r for r in ours if r["method"] == "ours learned"]
     assert len(learned) == 3 and all("fit's default calibration" in r["settings"] for r in learned)
     assert "cvxpylayers DIFFCP" in stdout  # the baseline ran beside ours
