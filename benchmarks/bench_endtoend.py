@@ -232,6 +232,24 @@ def bench_pair(name, alg, args, tol):
                "ratio_to_nn": {s: med[s] / med["nearest neighbour (c)"] for s in med}, "learned": extra}
 
 
+def targets(row: dict, k: int) -> dict[str, dict]:
+    """The performance targets of the package's paths in ``row`` (one pair and batch size). At the large size: the
+    learned paths (k = 0 and ``k``, the model's path as calibration left it) at most 1/2 of (b) at batch 1 and 1/3
+    at a larger batch, at most 1/2 of (c), and (a) within 1.2x of (b); at the small size, (a) and the learned path
+    never slower than (b). Each ``{"value": ratio, "bound": bound, "met": value <= bound}``."""
+    to_b, to_c = row["ratio_to_loop"], row["ratio_to_nn"]
+    checks = {}
+    if row["size"] == "small":
+        for label in ("package cold (a)", "learned k=0"):
+            checks[f"{label} / (b)"] = (to_b[label], 1.0)
+    else:
+        for label in dict.fromkeys(("learned k=0", f"learned k={k}")):
+            checks[f"{label} / (b)"] = (to_b[label], 0.5 if row["batch"] == 1 else 1 / 3)
+            checks[f"{label} / (c)"] = (to_c[label], 0.5)
+        checks["package cold (a) / (b)"] = (to_b["package cold (a)"], 1.2)
+    return {name: {"value": v, "bound": b, "met": bool(v <= b)} for name, (v, b) in checks.items()}
+
+
 PLOTTED = (("package cold (a)", "o"), ("nearest neighbour (c)", "s"), ("learned k=0", "D"),
            ("floor (optimum)", "|"))
 """The strategies of the plot and their markers (the learned one is the package's calibrated path)."""
@@ -354,6 +372,11 @@ def main() -> None:
                               f"{r['ratio_to_nn'][s]:6.2f}x NN", flush=True)
                     for label, e in r["learned"].items():
                         print(f"    {label}: {e}", flush=True)
+                    r["targets"] = targets(r, args.k)
+                    caveat = " (a smoke run: one round after one warm-up call, not a measurement)" if args.smoke else ""
+                    print(f"    targets{caveat}: " + "; ".join(f"{t} {c['value']:.2f} (<= {c['bound']:.2g}: "
+                                                    f"{'met' if c['met'] else 'MISSED'})"
+                                                    for t, c in r["targets"].items()), flush=True)
             except TooFewSolved as e:
                 print(e, flush=True)
             if args.json:  # after every pair, atomically: an interrupted run keeps what it measured

@@ -56,3 +56,25 @@ def test_endtoend_benchmark_smoke_reports_every_strategy_against_the_loop(tmp_pa
         for label in ("package cold (a)", "nearest neighbour (c)", "learned k=0", "floor (optimum)"):
             assert math.isfinite(ratios[label]) and ratios[label] > 0, (label, r)
         assert r["ms_per_instance"]["loop (b)"] > 0
+        # the small size's target, as printed: the package's paths never slower than the loop
+        assert set(r["targets"]) == {"package cold (a) / (b)", "learned k=0 / (b)"}
+        for name, t in r["targets"].items():
+            assert t["bound"] == 1.0 and t["met"] == (t["value"] <= 1.0), (name, t)
+            assert t["value"] == ratios[name.split(" / ")[0]]
+
+
+def test_endtoend_targets_at_the_large_size_follow_the_batch_size():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_endtoend", BENCHMARKS / "bench_endtoend.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    to_b = {"loop (b)": 1.0, "package cold (a)": 1.25, "learned k=0": 0.3, "learned k=5": 0.6}
+    to_c = {"loop (b)": 2.0, "package cold (a)": 0.6, "learned k=0": 0.45, "learned k=5": 0.55}
+    one = bench.targets({"size": "large", "batch": 1, "ratio_to_loop": to_b, "ratio_to_nn": to_c}, 5)
+    assert {k: (v["bound"], v["met"]) for k, v in one.items()} == {
+        "learned k=0 / (b)": (0.5, True), "learned k=0 / (c)": (0.5, True), "learned k=5 / (b)": (0.5, False),
+        "learned k=5 / (c)": (0.5, False), "package cold (a) / (b)": (1.2, False)}
+    many = bench.targets({"size": "large", "batch": 1024, "ratio_to_loop": to_b, "ratio_to_nn": to_c}, 0)
+    assert many["learned k=0 / (b)"]["bound"] == 1 / 3 and many["learned k=0 / (b)"]["met"] is True
+    assert "learned k=0 / (c)" in many and len(many) == 3  # k = 0: one learned path
