@@ -552,6 +552,26 @@ def test_layer_from_an_amortized_solver_uses_its_predictor_and_tolerance():
     np.testing.assert_allclose(layer(*values)[0].numpy(), cold(*values)[0].numpy(), atol=1e-6)
 
 
+def test_layer_from_a_solver_whose_calibration_switched_the_predictor_off_says_so_and_starts_cold():
+    import warnings
+
+    from amortcvx.deploy import AmortizedSolver
+
+    prob, params, variables, sample = socp()
+    cold = CvxpyLayer(prob, params, variables, eps=1e-8)
+    solver = AmortizedSolver(cold.pp, untrained_predictor(cold.pp, "scs"))
+    solver.use_strategy("cold")  # as calibration leaves a predictor that does not pay
+    with pytest.warns(UserWarning, match="this layer starts cold: the solver's calibration switched its predictor off"):
+        layer = solver.layer(params, variables)
+    assert layer.warm_start == "cold" and layer.predictor is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # choosing the start: no warning
+        forced = solver.layer(params, variables, predictor=solver.model, warm_start="learned")
+    assert forced.warm_start == "learned" and forced.predictor is solver.model
+    values = sample(3, np.random.default_rng(19))
+    np.testing.assert_allclose(forced(*values)[0].numpy(), layer(*values)[0].numpy(), atol=1e-5)
+
+
 def test_unrolled_gradients_approach_implicit():
     prob, params, variables, sample = qp()
     values = sample(2, np.random.default_rng(14))

@@ -587,13 +587,19 @@ class CvxpyLayer(nn.Module):
     def from_solver(cls, solver: Any, parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable],
                     **options: Any) -> CvxpyLayer:
         """A layer for an :class:`~amortcvx.deploy.AmortizedSolver`'s problem and solver, warm-started by its
-        predictor (``warm_start="learned"``; cold without one or when calibration switched it off), at its
+        predictor (``warm_start="learned"``; cold without one, and cold with a ``UserWarning`` that gives
+        calibration's numbers when calibration switched it off, unless ``options`` choose the start), at its
         tolerance (``eps_abs``), with its C solver settings (``c_settings()``, calibration's included) and its
         ``threads``; ``options`` override any of these."""
         c_settings = dict(solver.c_settings())
         eps = c_settings.pop("eps_abs", None)
         c_settings.pop("eps_rel", None)
         model = solver.model if solver.model is not None and solver.enabled else None
+        if solver.model is not None and model is None and not {"predictor", "warm_start"} & options.keys():
+            why = solver.calibration.describe() if solver.calibration is not None else "switched off"
+            warnings.warn(f"this layer starts cold: the solver's calibration switched its predictor off ({why}); "
+                          "pass predictor=solver.model, warm_start='learned' to use it anyway", UserWarning,
+                          stacklevel=2)
         opts: dict[str, Any] = {"solver": solver.algorithm, "predictor": model, "threads": solver.threads,
                                 "warm_start": "learned" if model is not None else "cold", "solver_args": c_settings}
         if eps is not None:
