@@ -154,9 +154,10 @@ SMALL_DENSE_PER_NONZERO = 20
 """:class:`ConstantMatrix` stores a whole matrix densely when its ``r * c`` entries are at most
 ``SMALL_DENSE_ENTRIES + SMALL_DENSE_PER_NONZERO * nnz``: a torch CSR product costs about 15 us per call plus 1 ns
 per nonzero and batch row, a dense one about 0.05 ns per entry and batch row (torch 2.13, CPU, float64, 1 thread;
-batch 64: ``82 x 37`` with 120 nonzeros, the layer benchmark's SDP, 26 / 24 us as CSR against 9 / 9 us dense for
-``M x`` / ``M' y``; ``40 x 20`` with 100, 17 / 16 against 4 / 4 us; ``300 x 120`` with 600, 49 / 42 against 62 / 60
-us, and ``1000 x 500`` with 3000, 212 / 179 against 862 / 930 us, stay CSR)."""
+batch 64, ``M x`` / ``M' y``: the layer benchmark's QP, ``60 x 40`` with 1220 nonzeros, 29 / 29 us as CSR against 9 /
+7 us dense; its SOCP, ``72 x 22`` with 382, 26 / 23 against 7 / 6 us; random ``82 x 37`` with 120, 26 / 24 against 9
+/ 9 us; its SDP's ``108 x 100`` with 172 (33 us either way), random ``300 x 120`` with 600 (49 / 42 against 62 / 60
+us) and ``1000 x 500`` with 3000 (212 / 179 against 862 / 930 us) stay CSR)."""
 
 DENSE_BLOCK_ENTRIES = 2 ** 24
 """The most entries of :class:`ConstantMatrix`'s dense block (128 MB in float64; its densest rows first): a dense row
