@@ -365,7 +365,7 @@ def add_speedups(batch_rows: list[dict]) -> None:
 
 def speedup_lines(batch_rows: list[dict]) -> list[str]:
     """One line per baseline: each of our methods' speedup forward+backward (forward), and which of them reach the
-    target (DIFFCP: :data:`DIFFCP_TARGET` on both) or (MOREAU) are faster forward+backward."""
+    targets (DIFFCP: :data:`DIFFCP_TARGET` forward+backward, and forward) or (MOREAU) are faster forward+backward."""
     ours = [r for r in batch_rows if "speedup" in r]
     lines = []
 
@@ -376,13 +376,15 @@ def speedup_lines(batch_rows: list[dict]) -> list[str]:
         cells = ", ".join(f"{short(r)} {r['speedup'][base]['fwdbwd']:.1f}x ({r['speedup'][base]['fwd']:.1f}x)"
                           for r in ours)
         if base.endswith("DIFFCP"):
-            met = [short(r) for r in ours if min(r["speedup"][base].values()) >= DIFFCP_TARGET]
-            goal = f"target {DIFFCP_TARGET:g}x on both"
+            goals = [(f"{DIFFCP_TARGET:g}x forward+backward", "fwdbwd", DIFFCP_TARGET),
+                     (f"{DIFFCP_TARGET:g}x forward", "fwd", DIFFCP_TARGET)]
         else:
-            met = [short(r) for r in ours if r["speedup"][base]["fwdbwd"] > 1.0]
-            goal = "faster forward+backward (the target at batch 1024, learned start)"
-        lines.append(f"{base} / ours, forward+backward (forward): {cells}; {goal}: "
-                     f"{'met by ' + ', '.join(met) if met else 'missed by every method'}")
+            goals = [("faster forward+backward (the target at batch 1024, learned start)", "fwdbwd", 1.0)]
+        verdicts = []
+        for goal, t, bound in goals:
+            met = [short(r) for r in ours if r["speedup"][base][t] >= bound]
+            verdicts.append(f"{goal}: {'met by ' + ', '.join(met) if met else 'missed by every method'}")
+        lines.append(f"{base} / ours, forward+backward (forward): {cells}; " + "; ".join(verdicts))
     return lines
 
 
