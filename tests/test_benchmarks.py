@@ -32,8 +32,9 @@ def test_layer_benchmark_smoke_rows_are_accurate_and_say_what_calibration_thinks
     assert {r["method"] for r in ours} == {"ours cold", "ours previous", "ours no refinement", "ours learned"}
     for r in ours:
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, r
-        # refined answers: well within the layer's eps (1e-5); the C solver's own at eps otherwise
-        bound = 1e-4 if r["method"] == "ours no refinement" else 1e-5
+        # against Clarabel at tight tolerance, itself about 1e-4 off on the SDP (docs/layers.md): refined answers
+        # within that; the C solver's own at eps 1e-5 within 10x of it (DIFFCP's defaults: 2e-4 to 1.2e-3 here)
+        bound = 1e-3 if r["method"] == "ours no refinement" else 1e-4
         assert r["max_err"] <= bound, r
         assert r["grad_err"] <= 1e-5, r
     for r in ours:  # each of ours against the baselines beside it, as printed
