@@ -1,10 +1,11 @@
 """Parameter batch -> canonical data: amortcvx's batched map against CVXPY's get_problem_data per instance.
 
-Prints, per family and form, the time to canonicalize N instances in one batched call (tensors; then per instance
-for the same batch as numpy arrays, the path the solvers take, on the CPU in float64), the latency of one call
-with one instance given as numpy arrays (the low-latency path an MPC loop takes; median over ``--ref`` calls), and
-the time per instance of ``problem.get_problem_data`` (set parameter values, call, repeated over ``--ref``
-instances), and their ratio.
+Prints, per family and form, the time to canonicalize N instances in one batched call (tensors, the torch path a
+layer takes: on the CPU in float64 they carry a graph, since tensors without one are read as numpy arrays there;
+then per instance for the same batch as numpy arrays, the path the solvers take, on the CPU in float64), the latency
+of one call with one instance given as numpy arrays (the low-latency path an MPC loop takes; median over ``--ref``
+calls), and the time per instance of ``problem.get_problem_data`` (set parameter values, call, repeated over
+``--ref`` instances), and their ratio.
 
     python benchmarks/bench_canon.py                      # all families, 10,000 instances, small size
     python benchmarks/bench_canon.py --families lasso --batch 1000 --ref 200
@@ -48,7 +49,9 @@ def main() -> None:
         params = fam.sample(args.batch, seed=0)
         for form in forms:
             pp = ParametricProblem(fam.problem, form)
-            tparams = {k: torch.as_tensor(v, dtype=dtype, device=args.device) for k, v in params.items()}
+            host_path = args.device == "cpu" and dtype == torch.float64  # where tensors without a graph go to numpy
+            tparams = {k: torch.as_tensor(v, dtype=dtype, device=args.device).requires_grad_(host_path)
+                       for k, v in params.items()}
             pp.canonicalize({k: v[:2] for k, v in tparams.items()})  # warm-up (device caches)
             times = []
             for _ in range(args.repeats):
@@ -61,7 +64,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             batched = statistics.median(times)
             host = []  # the same batch as numpy arrays (the solvers' path: validated and flattened in numpy)
-            for _ in range(args.repeats if args.device == "cpu" and dtype == torch.float64 else 0):
+            for _ in range(args.repeats if host_path else 0):
                 t0 = time.perf_counter()
                 pp.canonicalize(params)
                 host.append(time.perf_counter() - t0)
