@@ -556,12 +556,19 @@ def test_layer_from_a_solver_whose_calibration_switched_the_predictor_off_says_s
     import warnings
 
     from amortcvx.deploy import AmortizedSolver
+    from amortcvx.deploy.solver import Calibration
 
     prob, params, variables, sample = socp()
     cold = CvxpyLayer(prob, params, variables, eps=1e-8)
     solver = AmortizedSolver(cold.pp, untrained_predictor(cold.pp, "scs"))
-    solver.use_strategy("cold")  # as calibration leaves a predictor that does not pay
-    with pytest.warns(UserWarning, match="this layer starts cold: the solver's calibration switched its predictor off"):
+    solver.use_strategy("cold")  # switched off by hand: no calibration to quote
+    with pytest.warns(UserWarning, match=r"this layer starts cold: the solver's predictor is switched off \(no "
+                                         r"calibration recorded\)"):
+        solver.layer(params, variables)
+    # as calibration leaves a predictor that does not pay: its numbers are quoted
+    solver.configure(Calibration(learned_median=30.0, cold_median=20.0, enabled=False, strategy="cold"))
+    with pytest.warns(UserWarning, match="this layer starts cold: the solver's calibration switched its predictor off "
+                                         r"\(PREDICTOR OFF"):
         layer = solver.layer(params, variables)
     assert layer.warm_start == "cold" and layer.predictor is None
     with warnings.catch_warnings():

@@ -596,10 +596,10 @@ class CvxpyLayer(nn.Module):
         c_settings.pop("eps_rel", None)
         model = solver.model if solver.model is not None and solver.enabled else None
         if solver.model is not None and model is None and not {"predictor", "warm_start"} & options.keys():
-            why = solver.calibration.describe() if solver.calibration is not None else "switched off"
-            warnings.warn(f"this layer starts cold: the solver's calibration switched its predictor off ({why}); "
-                          "pass predictor=solver.model, warm_start='learned' to use it anyway", UserWarning,
-                          stacklevel=2)
+            why = ("the solver's predictor is switched off (no calibration recorded)" if solver.calibration is None
+                   else f"the solver's calibration switched its predictor off ({solver.calibration.describe()})")
+            warnings.warn(f"this layer starts cold: {why}; pass predictor=solver.model, warm_start='learned' to use "
+                          "it anyway", UserWarning, stacklevel=2)
         opts: dict[str, Any] = {"solver": solver.algorithm, "predictor": model, "threads": solver.threads,
                                 "warm_start": "learned" if model is not None else "cold", "solver_args": c_settings}
         if eps is not None:
