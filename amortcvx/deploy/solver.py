@@ -76,7 +76,7 @@ import torch
 
 from amortcvx.backends import PersistentSolver, SolveResult, Status, WarmStart, get_backend, solve_batch
 from amortcvx.backends.batched import objectives
-from amortcvx.backends.osqp import check_interval
+from amortcvx.backends.osqp import RELAXATION_CHOICES, check_interval, checked_work
 from amortcvx.backends.persistent import (
     RACE_CALLS,
     StopPointSolver,
@@ -185,6 +185,14 @@ a start within 1e-3 of the optimum, stateless objects took 0.10-0.82x of the loo
 (rebuilt per solve) 0.15-2.7x; cold, stateless took 0.63-3.0x (no acceleration: sparse_pca 789 iterations
 against 264) and adaptive 0.46-3.5x. OSQP keeps its adaptive ``rho`` until calibration has fitted the fixed one."""
 
+RELAXATION_GAIN = 0.05
+""":meth:`AmortizedSolver.choose_osqp_alpha` keeps another relaxation than OSQP's default only where its cold solves
+cost at least this fraction less work. SCS's ``alpha`` is not chosen: its cold solves run to its checks every 25
+iterations or to a stop point (docs/backends.md), and in two A/B runs of the package's cold path on the small
+families (stop 53) with SCS's ``alpha`` chosen among 1.5 and 1.2 by exact counts (each with its scale walked on exact
+counts) mpc got slower (0.45-0.52 of the hand-written loop at batch 256 -> 0.58-0.63) where sparse_pca got faster
+(0.39-0.40 -> 0.36-0.37); stop 33 had found the same on mpc small (docs/backends.md)."""
+
 COLD_COUNT_SAMPLE = 64
 """At most this many validation instances are solved cold in exact mode for the cold solves' OSQP check interval
 and SCS stop point (exact mode costs 2x (OSQP) to 4x (SCS, its log) a timed solve)."""
@@ -218,6 +226,21 @@ class WarmStartBatch(NamedTuple):
     arrays: dict[str, np.ndarray] | None = None
 
 
+class Relaxation(NamedTuple):
+    """What :meth:`AmortizedSolver.choose_osqp_alpha` measured.
+
+    Attributes:
+        alpha: OSQP's relaxation kept.
+        rho: the stateless object's fixed ``rho`` walked with it (the settings' where they fix it).
+        work: ``(alpha, expected iterations of a timed cold solve, checks included)`` of every value tried, in
+            order (:func:`~amortcvx.backends.osqp.checked_work`).
+    """
+
+    alpha: float
+    rho: float | None
+    work: tuple[tuple[float, float], ...]
+
+
 class Calibration(NamedTuple):
     """Outcome of :meth:`AmortizedSolver.calibrate`: medians of exact C iterations and the decisions.
 
@@ -241,9 +264,10 @@ class Calibration(NamedTuple):
             "cold": c or None}``, :func:`~amortcvx.backends.scs.stop_point`).
         polish: whether the refined warm starts are polished (None: the solver's own setting; files written before
             calibration chose it).
-        c_setup: the C solver's setup settings calibration chose (SCS's ``normalize``, and where every instance
-            has its own setup SCS's ``linear_solver`` or OSQP's ``scaling``; None or empty: the settings' or the
-            solver's; :meth:`AmortizedSolver.choose_setup`).
+        c_setup: the C solver's settings calibration chose: the setup settings timed by
+            :meth:`AmortizedSolver.choose_setup` (SCS's ``normalize``, and where every instance has its own setup
+            SCS's ``linear_solver`` or OSQP's ``scaling``) and OSQP's relaxation ``alpha``, by the work of exact
+            cold counts (:meth:`AmortizedSolver.choose_osqp_alpha`); None or empty: the settings' or the solver's.
         k: the torch refinement steps after the prediction kept (None: the solver's own; files written before
             calibration chose them).
     """
@@ -331,8 +355,10 @@ class Calibration(NamedTuple):
         if self.cost_model():
             chosen = ", ".join(f"{b}: {self.strategy_for(b)}" for b in REPORTED_BATCHES)
             by_batch = f"; per call by batch size: {chosen}"
-        setup = ", ".join(f"{k}={v}" for k, v in (self.c_setup or {}).items())
+        setup = ", ".join(f"{k}={v}" for k, v in (self.c_setup or {}).items() if k != "alpha")
         solver = f"; C setup {setup} (timed)" if setup else ""
+        if (self.c_setup or {}).get("alpha") is not None:
+            solver += f"; C relaxation alpha={self.c_setup['alpha']:g} (least cold work, exact counts)"
         return f"{head} ({why}){by_batch}{solver}"
 
 
@@ -497,7 +523,7 @@ class AmortizedSolver:
         # the stop points of the "stop" mode, by kind (scs.stop_point; set by calibrate)
         self.scs_stops: dict[str, int | None] = {"warm": None, "cold": None}
         self.osqp_rho: float | None = None  # OSQP's initial rho, fitted by calibrate() (see choose_osqp_rho)
-        self.c_setup: dict[str, Any] = {}  # the C setup settings chosen by calibrate() (see choose_setup)
+        self.c_setup: dict[str, Any] = {}  # C settings chosen by calibrate() (choose_setup, choose_osqp_alpha)
         self.calibration = None  # the last calibrate()'s outcome (a Calibration)
         self.recipe = None  # fit(budget=...)'s RecipeResult: what the automatic recipe chose and its learning curve
         self.by_batch = False  # per call, the strategy calibration found fastest at its batch size
@@ -694,6 +720,42 @@ class AmortizedSolver:
         if adapted is None:
             return None
         return stateless_rho(ref, data, self.c_settings(), start=adapted)[0]
+
+    def choose_osqp_alpha(self, params: Mapping) -> Relaxation | None:
+        """OSQP's relaxation ``alpha`` for this problem, measured on ``params`` (validation instances): among
+        :data:`~amortcvx.backends.osqp.RELAXATION_CHOICES` (OSQP's default first), the one whose cold solves cost the
+        least work; None for SCS (:data:`RELAXATION_GAIN`'s note) and where ``solver_settings`` sets ``alpha``.
+
+        Each value is measured as the package's cold path runs with it: on the stateless object's settings
+        (:meth:`object_settings`) with that ``alpha`` and its own fixed ``rho`` (:func:`stateless_rho`, walked from
+        the current one unless ``solver_settings`` sets it), exact iterations of cold solves of the first
+        :data:`COLD_COUNT_SAMPLE` instances on one such object (``check_termination=1``; the object the cold path
+        solves on, set up once), as timed solves at the check interval chosen for them would take them
+        (:func:`~amortcvx.backends.osqp.checked_work`: fewer exact iterations with a longer tail can cost more
+        checked ones; lasso small: 32.9 against 34.5 mean exact iterations, 46.2 against 42.6 timed). Another value
+        than the default is kept only where it costs :data:`RELAXATION_GAIN` less. An iteration costs the same at
+        any ``alpha``; the termination test is the same (on the unscaled data), so the answers meet the same
+        tolerance. Sets nothing."""
+        if self.algorithm != "osqp" or "alpha" in self.solver_settings:
+            return None
+        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
+        reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
+        data = self.pp.canonicalize_vector(theta)
+        fitted: dict[float, float | None] = {}
+        work: dict[float, float] = {}
+        sample = data if data.batch_size <= COLD_COUNT_SAMPLE else data.take(np.arange(COLD_COUNT_SAMPLE))
+        for alpha in RELAXATION_CHOICES:
+            settings = {**self.object_settings("stateless"), "alpha": alpha}
+            if "rho" not in self.solver_settings:
+                settings["rho"] = stateless_rho(reference, data, settings)[0]
+            fitted[alpha] = settings.get("rho")
+            exact = PersistentSolver(self.backend, reference, {**settings, "check_termination": 1})
+            work[alpha] = checked_work([max(1, r.iterations) for r in exact.solve(sample, checked=True)])
+        default = RELAXATION_CHOICES[0]
+        best = min(RELAXATION_CHOICES, key=lambda a: work[a])
+        if work[best] > (1.0 - RELAXATION_GAIN) * work[default]:
+            best = default
+        return Relaxation(best, fitted[best], tuple(work.items()))
 
     def _reference_theta(self, theta: torch.Tensor | None) -> torch.Tensor:
         """The reference instance of the persistent objects (set from ``theta``'s mean on first use)."""
@@ -1014,8 +1076,9 @@ class AmortizedSolver:
 
         1. The C solver's setup settings whose cost recurs with every setup (SCS's ``normalize``; where ``A`` or
            ``P`` depend on the parameters, SCS's linear solver or OSQP's ``scaling``; :meth:`choose_setup`). Then
-           OSQP's initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it. Every
-           measurement below uses them.
+           OSQP's initial ``rho`` (:meth:`choose_osqp_rho`), unless ``solver_settings`` sets it; then OSQP's
+           relaxation ``alpha`` (:meth:`choose_osqp_alpha`, kept in ``c_setup``; ``rho`` walked again with it),
+           unless ``solver_settings`` sets it. Every measurement below uses them.
         2. With a predictor: each of ``refine_steps`` (the refinement steps ``k``, e.g. ``(0, 10)``; default: the
            current ``k``), with each of ``refinements`` (e.g. ``(None, AndersonSettings())``; default: the current
            one; at ``k = 0`` plain only), each of ``newton_steps`` (e.g. ``(0, 4)``; default: the current
@@ -1092,6 +1155,11 @@ class AmortizedSolver:
         self.c_setup = self.choose_setup(params)
         if self.algorithm == "osqp" and "rho" not in self.solver_settings:
             self.osqp_rho = self.choose_osqp_rho(params)
+        relaxation = self.choose_osqp_alpha(params)
+        if relaxation is not None:
+            self.c_setup = {**self.c_setup, "alpha": relaxation.alpha}
+            if "rho" not in self.solver_settings:
+                self.osqp_rho = relaxation.rho  # walked with it
         self._persistent.clear()  # rebuilt with the chosen settings on first use
         # the batch's bare prediction once, for every option (untimed) and the C modes (timed: it costs the same
         # for each); not for timing the strategies against each other below
