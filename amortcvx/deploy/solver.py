@@ -79,6 +79,8 @@ from amortcvx.backends.batched import objectives
 from amortcvx.backends.osqp import RELAXATION_CHOICES, check_interval, checked_work
 from amortcvx.backends.persistent import (
     RACE_CALLS,
+    WALK_INSTANCES,
+    WALK_SECONDS,
     StopPointSolver,
     ThreadedSolver,
     resolve_threads,
@@ -192,6 +194,10 @@ iterations or to a stop point (docs/backends.md), and in two A/B runs of the pac
 families (stop 53) with SCS's ``alpha`` chosen among 1.5 and 1.2 by exact counts (each with its scale walked on exact
 counts) mpc got slower (0.45-0.52 of the hand-written loop at batch 256 -> 0.58-0.63) where sparse_pca got faster
 (0.39-0.40 -> 0.36-0.37); stop 33 had found the same on mpc small (docs/backends.md)."""
+
+WALK_TRIES = 12
+"""About how many passes over its instances :meth:`AmortizedSolver.choose_osqp_alpha` makes per value (a walk of at
+most 9 tries and 2 midpoints, then the exact counts): what sizes its sample where solves are slow."""
 
 COLD_COUNT_SAMPLE = 64
 """At most this many validation instances are solved cold in exact mode for the cold solves' OSQP check interval
@@ -730,7 +736,9 @@ class AmortizedSolver:
         (:meth:`object_settings`) with that ``alpha`` and its own fixed ``rho`` (:func:`stateless_rho`, walked from
         the current one unless ``solver_settings`` sets it), exact iterations of cold solves of the first
         :data:`COLD_COUNT_SAMPLE` instances on one such object (``check_termination=1``; the object the cold path
-        solves on, set up once), as timed solves at the check interval chosen for them would take them
+        solves on, set up once; where solves are slow, fewer instances, so that each value's walk and counts take
+        about :data:`~amortcvx.backends.persistent.WALK_SECONDS`: transport large 278 s for the three values on 64,
+        about 60 s with the limit), as timed solves at the check interval chosen for them would take them
         (:func:`~amortcvx.backends.osqp.checked_work`: fewer exact iterations with a longer tail can cost more
         checked ones; lasso small: 32.9 against 34.5 mean exact iterations, 46.2 against 42.6 timed). Another value
         than the default is kept only where it costs :data:`RELAXATION_GAIN` less. An iteration costs the same at
@@ -743,14 +751,23 @@ class AmortizedSolver:
         data = self.pp.canonicalize_vector(theta)
         fitted: dict[float, float | None] = {}
         work: dict[float, float] = {}
-        sample = data if data.batch_size <= COLD_COUNT_SAMPLE else data.take(np.arange(COLD_COUNT_SAMPLE))
+        def counts(settings: dict, sample) -> list[int]:  # exact, on the object the cold path solves on
+            exact = PersistentSolver(self.backend, reference, {**settings, "check_termination": 1})
+            return [max(1, r.iterations) for r in exact.solve(sample, checked=True)]
+
+        # slow solves: every value on fewer instances (each value's walk and counts about WALK_SECONDS)
+        first = data.take(np.arange(min(WALK_INSTANCES, data.batch_size)))
+        start = time.perf_counter()
+        counts({**self.object_settings("stateless"), "alpha": RELAXATION_CHOICES[0]}, first)
+        per_solve = (time.perf_counter() - start) / first.batch_size
+        keep = int(min(COLD_COUNT_SAMPLE, max(WALK_INSTANCES, WALK_SECONDS / max(per_solve * WALK_TRIES, 1e-12))))
+        sample = data if data.batch_size <= keep else data.take(np.arange(keep))
         for alpha in RELAXATION_CHOICES:
             settings = {**self.object_settings("stateless"), "alpha": alpha}
             if "rho" not in self.solver_settings:
-                settings["rho"] = stateless_rho(reference, data, settings)[0]
+                settings["rho"] = stateless_rho(reference, sample, settings, instances=keep)[0]
             fitted[alpha] = settings.get("rho")
-            exact = PersistentSolver(self.backend, reference, {**settings, "check_termination": 1})
-            work[alpha] = checked_work([max(1, r.iterations) for r in exact.solve(sample, checked=True)])
+            work[alpha] = checked_work(counts(settings, sample))
         default = RELAXATION_CHOICES[0]
         best = min(RELAXATION_CHOICES, key=lambda a: work[a])
         if work[best] > (1.0 - RELAXATION_GAIN) * work[default]:
