@@ -548,6 +548,27 @@ def test_calibration_chooses_osqp_relaxation_by_the_work_of_its_cold_solves(tmp_
     assert AmortizedSolver(pp2, algorithm="scs", k=0, solver_settings=TOL).choose_osqp_alpha(fam2.sample(8)) is None
 
 
+def test_osqp_alpha_on_slow_solves_measures_fewer_instances(monkeypatch):
+    """Where solves are slow (here: WALK_SECONDS made tiny), every value's walk and counts run on the first
+    WALK_INSTANCES instances."""
+    import amortcvx.deploy.solver as deploy_solver
+    from amortcvx.backends.osqp import checked_work
+    from amortcvx.backends.persistent import WALK_INSTANCES
+
+    fam, pp = _pp("portfolio", "osqp")
+    val = fam.sample(24, seed=9)
+    solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, finish="c")
+    monkeypatch.setattr(deploy_solver, "WALK_SECONDS", 1e-9)
+    found = solver.choose_osqp_alpha(val)
+    first = pp.canonicalize({k: v[:WALK_INSTANCES] for k, v in val.items()})
+    ref = pp.canonicalize_vector(solver._reference_theta(pp.parameter_vector(val))).instance(0)
+    for alpha, work in found.work:
+        if alpha == found.alpha:
+            settings = {**solver.object_settings("stateless"), "alpha": alpha, "rho": found.rho, "check_termination": 1}
+            out = PersistentSolver("osqp", ref, settings).solve(first)
+            assert checked_work([r.iterations for r in out]) == work
+
+
 def test_calibration_times_osqp_scaling_where_every_instance_has_its_own_matrices():
     from amortcvx.backends.osqp import SCALING_CHOICES
 

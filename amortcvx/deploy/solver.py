@@ -738,7 +738,7 @@ class AmortizedSolver:
         :data:`COLD_COUNT_SAMPLE` instances on one such object (``check_termination=1``; the object the cold path
         solves on, set up once; where solves are slow, fewer instances, so that each value's walk and counts take
         about :data:`~amortcvx.backends.persistent.WALK_SECONDS`: transport large 278 s for the three values on 64,
-        about 60 s with the limit), as timed solves at the check interval chosen for them would take them
+        79 s on 8), as timed solves at the check interval chosen for them would take them
         (:func:`~amortcvx.backends.osqp.checked_work`: fewer exact iterations with a longer tail can cost more
         checked ones; lasso small: 32.9 against 34.5 mean exact iterations, 46.2 against 42.6 timed). Another value
         than the default is kept only where it costs :data:`RELAXATION_GAIN` less. An iteration costs the same at
@@ -749,8 +749,7 @@ class AmortizedSolver:
         theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
         reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
         data = self.pp.canonicalize_vector(theta)
-        fitted: dict[float, float | None] = {}
-        work: dict[float, float] = {}
+
         def counts(settings: dict, sample) -> list[int]:  # exact, on the object the cold path solves on
             exact = PersistentSolver(self.backend, reference, {**settings, "check_termination": 1})
             return [max(1, r.iterations) for r in exact.solve(sample, checked=True)]
@@ -762,6 +761,8 @@ class AmortizedSolver:
         per_solve = (time.perf_counter() - start) / first.batch_size
         keep = int(min(COLD_COUNT_SAMPLE, max(WALK_INSTANCES, WALK_SECONDS / max(per_solve * WALK_TRIES, 1e-12))))
         sample = data if data.batch_size <= keep else data.take(np.arange(keep))
+        fitted: dict[float, float | None] = {}
+        work: dict[float, float] = {}
         for alpha in RELAXATION_CHOICES:
             settings = {**self.object_settings("stateless"), "alpha": alpha}
             if "rho" not in self.solver_settings:
