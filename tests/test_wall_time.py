@@ -495,7 +495,7 @@ def test_calibration_times_scs_setup_settings(tmp_path, monkeypatch):
     assert set(cal.c_setup) == {"normalize"} and shared.c_settings()["normalize"] is cal.c_setup["normalize"]
 
 
-def test_calibration_chooses_osqp_relaxation_by_the_work_of_its_cold_solves(tmp_path):
+def test_calibration_chooses_osqp_relaxation_by_the_work_of_its_cold_solves(tmp_path, monkeypatch):
     """OSQP's relaxation alpha: each of RELAXATION_CHOICES with its own walked rho, by the work of timed cold solves
     at the check interval their exact counts give; kept in c_setup (saved, described), used by every C object, the
     answers at the tolerance. On portfolio small OSQP's default 1.6 is not the best (measured: 28.9 mean exact
@@ -533,12 +533,9 @@ def test_calibration_chooses_osqp_relaxation_by_the_work_of_its_cold_solves(tmp_
     # a saving below RELAXATION_GAIN keeps the default
     gain = 1 - work[found.alpha] / work[RELAXATION_CHOICES[0]]
     flat = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, finish="c")
-    original = deploy_solver.RELAXATION_GAIN
-    try:
-        deploy_solver.RELAXATION_GAIN = gain + 1e-9
-        assert flat.choose_osqp_alpha(val).alpha == RELAXATION_CHOICES[0]
-    finally:
-        deploy_solver.RELAXATION_GAIN = original
+    monkeypatch.setattr(deploy_solver, "RELAXATION_GAIN", gain + 1e-9)
+    assert flat.choose_osqp_alpha(val).alpha == RELAXATION_CHOICES[0]
+    monkeypatch.undo()
     # the user's alpha is kept, nothing chosen; SCS offers no choice
     given = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings={**TOL, "alpha": 1.3}, finish="c")
     assert given.choose_osqp_alpha(val) is None
@@ -590,7 +587,7 @@ def test_calibration_times_osqp_scaling_where_every_instance_has_its_own_matrice
         assert np.allclose(other, objectives[0], rtol=1e-3, atol=1e-3)
     solver.c_setup = {}
     cal = solver.calibrate(val, timed=False)
-    assert cal.c_setup == solver.c_setup and set(cal.c_setup) - {"alpha"} == {"scaling"}  # alpha: below
+    assert cal.c_setup == solver.c_setup and set(cal.c_setup) - {"alpha"} == {"scaling"}  # alpha: choose_osqp_alpha
     assert "C setup scaling=" in cal.describe()
     given = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings={**TOL, "scaling": 10}, finish="c")
     assert given.choose_setup(val) == {}
