@@ -535,6 +535,11 @@ def test_calibration_chooses_osqp_relaxation_by_the_work_of_its_cold_solves(tmp_
     flat = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, finish="c")
     monkeypatch.setattr(deploy_solver, "RELAXATION_GAIN", gain + 1e-9)
     assert flat.choose_osqp_alpha(val).alpha == RELAXATION_CHOICES[0]
+    # a rho already fitted at the default (choose_osqp_rho's) is the default's, not walked again (the gain now out
+    # of reach, so that the default is the one returned)
+    monkeypatch.setattr(deploy_solver, "RELAXATION_GAIN", 1.0)
+    flat.osqp_rho = 0.5
+    assert flat.choose_osqp_alpha(val) == (RELAXATION_CHOICES[0], 0.5, flat.choose_osqp_alpha(val).work)
     monkeypatch.undo()
     # the user's alpha is kept, nothing chosen; SCS offers no choice
     given = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings={**TOL, "alpha": 1.3}, finish="c")

@@ -734,11 +734,12 @@ class AmortizedSolver:
 
         Each value is measured as the package's cold path runs with it: on the stateless object's settings
         (:meth:`object_settings`) with that ``alpha`` and its own fixed ``rho`` (:func:`stateless_rho`, walked from
-        the current one unless ``solver_settings`` sets it), exact iterations of cold solves of the first
+        the current one unless ``solver_settings`` sets it; at the default, the current :attr:`osqp_rho` where one was
+        fitted at the default, :meth:`choose_osqp_rho`), exact iterations of cold solves of the first
         :data:`COLD_COUNT_SAMPLE` instances on one such object (``check_termination=1``; the object the cold path
         solves on, set up once; where solves are slow, fewer instances, so that each value's walk and counts take
         about :data:`~amortcvx.backends.persistent.WALK_SECONDS`: transport large 278 s for the three values on 64,
-        79 s on 8), as timed solves at the check interval chosen for them would take them
+        53 s on 8 with the default's rho reused), as timed solves at the check interval chosen for them would take them
         (:func:`~amortcvx.backends.osqp.checked_work`: fewer exact iterations with a longer tail can cost more
         checked ones; lasso small: 32.9 against 34.5 mean exact iterations, 46.2 against 42.6 timed). Another value
         than the default is kept only where it costs :data:`RELAXATION_GAIN` less. An iteration costs the same at
@@ -761,15 +762,18 @@ class AmortizedSolver:
         per_solve = (time.perf_counter() - start) / first.batch_size
         keep = int(min(COLD_COUNT_SAMPLE, max(WALK_INSTANCES, WALK_SECONDS / max(per_solve * WALK_TRIES, 1e-12))))
         sample = data if data.batch_size <= keep else data.take(np.arange(keep))
+        default = RELAXATION_CHOICES[0]
+        # the rho already fitted at the default (choose_osqp_rho, as calibrate calls it first) is not walked again
+        current = self.osqp_rho if self.c_settings().get("alpha", default) == default else None
         fitted: dict[float, float | None] = {}
         work: dict[float, float] = {}
         for alpha in RELAXATION_CHOICES:
             settings = {**self.object_settings("stateless"), "alpha": alpha}
             if "rho" not in self.solver_settings:
-                settings["rho"] = stateless_rho(reference, sample, settings, instances=keep)[0]
+                settings["rho"] = (current if alpha == default and current is not None
+                                   else stateless_rho(reference, sample, settings, instances=keep)[0])
             fitted[alpha] = settings.get("rho")
             work[alpha] = checked_work(counts(settings, sample))
-        default = RELAXATION_CHOICES[0]
         best = min(RELAXATION_CHOICES, key=lambda a: work[a])
         if work[best] > (1.0 - RELAXATION_GAIN) * work[default]:
             best = default
