@@ -721,6 +721,36 @@ def test_capacity_step_after_a_companion_judges_against_the_curves_own_training(
                                                                              (120, "128x128")]
 
 
+@pytest.mark.parametrize("mlp_iterations", [22.0, 18.0])
+def test_where_no_choice_beats_the_cold_start_the_next_trained_kind_climbs_its_own_curve(portfolio, monkeypatch,
+                                                                                     mlp_iterations):
+    """Scripted on a simulated clock (cold start: 20 validation iterations): the neighbour correction loses the search
+    at 60 instances to the MLP and is too slow to ride its curve, but gains from data. Where the MLP stays at 22 (no
+    better than cold) the correction climbs a curve of its own after the MLP's and becomes the choice; where the MLP
+    beats the cold start (18), nothing more is trained."""
+
+    def scripted(kind: str, width: int, n: int) -> tuple[float, float]:  # (validation loss, median iterations)
+        if kind == "mlp":
+            return 0.5, mlp_iterations  # stalls at once: no lower loss, no fewer iterations
+        return 0.6 * 60 / n, 24.0 - (n - 60) / 30  # 24 at 60, 22 at 120, 18 at 240
+
+    settings = RecipeSettings(val_size=30, eval_size=10, search_size=60, sizes=(60, 120), max_size=240,
+                              alternatives=({"kind": "neighbor_correction", "hidden": (128, 128)},), ensemble=1)
+    res = scripted_recipe(monkeypatch, portfolio, scripted, settings, clock=FakeClock(), share=0.5,
+                          cost=lambda kind, n, width: 1.0)
+    order = [(t.candidate.kind, t.candidate.hidden[0], t.num_train) for t in res.trials]
+    mlp_curve = [("mlp", 256, 60), ("neighbor_correction", 128, 60), ("mlp", 256, 120), ("mlp", 512, 120)]
+    if mlp_iterations >= 20:
+        assert order == mlp_curve + [("neighbor_correction", 128, 120), ("neighbor_correction", 128, 240)]
+        assert res.candidate.kind == "neighbor_correction" and res.num_train == 240
+        assert res.val_median_iterations == 18.0
+        assert [(p.num_train, p.configuration.split()[0]) for p in res.curve][-2:] == [
+            (120, "neighbor_correction"), (240, "neighbor_correction")]
+    else:
+        assert order == mlp_curve
+        assert res.candidate.kind == "mlp"
+
+
 # ---------------------------------------------------------------------------------------------- tangent core
 
 

@@ -718,9 +718,7 @@ class AmortizedSolver:
         The adapted values are a noisy guide, so the walk checks them: on MPC large the geometric median of one
         validation sample was 0.08 (183 mean exact iterations at that fixed rho), where the walk ends at 0.8 (31).
         """
-        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
-        ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
-        data = self.pp.canonicalize_vector(theta)
+        ref, data = self._measured(params)
         adapted = _geometric_median_stat(PersistentSolver(self.backend, ref, self._setup_settings()).solve(data),
                                          "rho_estimate")
         if adapted is None:
@@ -747,9 +745,7 @@ class AmortizedSolver:
         tolerance. Sets nothing."""
         if self.algorithm != "osqp" or "alpha" in self.solver_settings:
             return None
-        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
-        reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
-        data = self.pp.canonicalize_vector(theta)
+        reference, data = self._measured(params)
 
         def counts(settings: dict, sample) -> list[int]:  # exact, on the object the cold path solves on
             exact = PersistentSolver(self.backend, reference, {**settings, "check_termination": 1})
@@ -786,6 +782,17 @@ class AmortizedSolver:
                 raise ValueError("no reference instance yet: pass reference_params or solve a batch first")
             self._reference = theta.detach().to("cpu", torch.float64).mean(dim=0, keepdim=True)
         return self._reference.to(torch.float64)
+
+    def _reference_instance(self, theta: torch.Tensor | None):
+        """The canonical data of the persistent objects' reference instance (:meth:`_reference_theta`)."""
+        return self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
+
+    def _measured(self, params: Mapping) -> tuple[Any, Any]:
+        """``params`` (validation instances) as calibration's choices measure them: the reference instance of the
+        persistent objects (set from ``params`` where there is none yet) and their canonical data, in float64 on the
+        CPU, where the C solvers run."""
+        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
+        return self._reference_instance(theta), self.pp.canonicalize_vector(theta)
 
     def object_settings(self, mode: str) -> dict:
         """The C settings of the persistent object for ``mode`` (see :data:`C_MODES`): ``"adaptive"``, the C
@@ -824,7 +831,7 @@ class AmortizedSolver:
         key = mode if stop is None else f"stop:{stop}"
         if key not in self._persistent:
             settings = self.object_settings(mode)
-            ref = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
+            ref = self._reference_instance(theta)
 
             def make() -> PersistentSolver | StopPointSolver:
                 return (PersistentSolver(self.backend, ref, settings) if stop is None
@@ -1397,9 +1404,7 @@ class AmortizedSolver:
         stateless object keeps its scale for every solve, so it should start at a good one. Sets nothing."""
         if self.algorithm != "scs":
             raise ValueError(f"the stateless scale is SCS's; this solver runs {self.algorithm!r}")
-        theta = self.pp.parameter_vector(params, dtype=torch.float64, device="cpu")
-        reference = self.pp.canonicalize_vector(self._reference_theta(theta)).instance(0)
-        return stateless_scale(reference, self.pp.canonicalize_vector(theta), self.c_settings())[0]
+        return stateless_scale(*self._measured(params), self.c_settings())[0]
 
     def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> dict[str, str]:
         """The faster mode (:data:`C_MODES`) for warm-started and for cold timed C solves, measured on ``params``

@@ -40,6 +40,9 @@ from the first ``val_size + search_size``, are the validation set, the other row
    largest training set, tries every doubling of the number of candidates it predicts from (nearest training
    instances, or the classifier's most probable active sets: ``Candidate.choices``, up to :data:`MAX_CHOICES`) and
    keeps the best; that becomes the choice where it beats it;
+   then, where the choice still does not beat the cold start on validation, the best trained kind of the search that
+   no curve trained climbs a learning curve of its own (more data, then a wider network, as in 3) with the budget
+   left, and becomes the choice where it is better (the search ranks kinds by what they do with few instances);
 5. where the budget allows and the choice trains a network, trains the choice again with ``ensemble - 1`` other
    seeds and keeps the best of the members and their average (:func:`~amortcvx.predictors.ensemble_predictor`)
    by validation iterations (not where the choice trains nothing: its members would be alike).
@@ -982,13 +985,15 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
                   or not trials[i].candidate.correction]
     untrained = [c for c in companions if not c.correction]  # they go on alone where the curve ends (below)
 
-    def grow(cand: Candidate, sizes: list[int], last: TrialResult) -> tuple[int | None, Candidate]:
-        """Train ``cand`` (and the companions) at ``sizes`` in order while the budget allows and each size paid;
-        returns the index of ``cand``'s trial where more data stopped paying (None where the budget, the sizes or
-        the source ended the curve) and the configuration the curve ended with (a companion that took over)."""
+    def grow(cand: Candidate, sizes: list[int], last: TrialResult,
+             kept: Callable[[], float] = reserve) -> tuple[int | None, Candidate]:
+        """Train ``cand`` (and the companions) at ``sizes`` in order while the budget allows (leaving ``kept()``
+        seconds) and each size paid; returns the index of ``cand``'s trial where more data stopped paying (None where
+        the budget, the sizes or the source ended the curve) and the configuration the curve ended with (a companion
+        that took over)."""
         nonlocal best_i
         for n in sizes:
-            if time.perf_counter() + estimate(cand, n) > deadline - reserve():
+            if time.perf_counter() + estimate(cand, n) > deadline - kept():
                 say(f"  (budget: no training on n={n})")
                 return None, cand
             _, part = data(n)
@@ -1003,7 +1008,7 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             paid = step_paid(result, last)
             last = result
             for comp in list(companions):
-                if time.perf_counter() + estimate(comp, n) > deadline - reserve():
+                if time.perf_counter() + estimate(comp, n) > deadline - kept():
                     continue
                 own = max(i for i, t in enumerate(trials) if t.candidate == comp)  # its last trial
                 if comp.kind == "neighbor_tangent" and own != best_i and tangents.seconds_for(n) > result.seconds:
@@ -1045,22 +1050,29 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         asked_at = min((n for n in {*recipe.curve_sizes(), recipe.search_size} if n >= num), default=num)
         return [n for n in recipe.curve_sizes() if n > asked_at]
 
-    stalled, chosen = grow(chosen, recipe.curve_sizes(), trials[best_i])
-    # capacity: where more data stopped paying with budget left, the network may be what saturates (the
-    # search at search_size favours small ones): the chosen configuration twice as wide, at the largest size
-    # trained; where that pays, it becomes the choice and its curve goes on to larger sizes
-    while stalled is not None and max(chosen.hidden) < MAX_WIDTH:  # (the curve's configuration is a trained one)
-        at = trials[stalled]
-        wide = dataclasses.replace(chosen, hidden=tuple(min(MAX_WIDTH, 2 * h) for h in chosen.hidden))
-        if time.perf_counter() + estimate(wide, at.num_train) > deadline - reserve():
-            say(f"  (budget: no wider network at n={at.num_train})")
-            break
-        result = trial(wide, parts[stalled])
-        if not step_paid(result, at):
-            say(f"  (a wider network did not pay at n={at.num_train})")
-            break
-        on_curve.append(len(trials) - 1)
-        stalled, chosen = grow(wide, sizes_after(at.num_train), result)
+    def climb(cand: Candidate, sizes: list[int], start: TrialResult,
+              kept: Callable[[], float] = reserve) -> Candidate:
+        """The learning curve of the trained configuration ``cand`` from its trial ``start``: :func:`grow` on
+        ``sizes``, and, where more data stopped paying with budget left (the network may be what saturates: the
+        search at search_size favours small ones), the configuration twice as wide at the largest size trained;
+        where that pays, it becomes the configuration and its curve goes on to larger sizes. Returns the
+        configuration the curve ended with."""
+        stalled, cand = grow(cand, sizes, start, kept)
+        while stalled is not None and max(cand.hidden) < MAX_WIDTH:  # (the curve's configuration is a trained one)
+            at = trials[stalled]
+            wide = dataclasses.replace(cand, hidden=tuple(min(MAX_WIDTH, 2 * h) for h in cand.hidden))
+            if time.perf_counter() + estimate(wide, at.num_train) > deadline - kept():
+                say(f"  (budget: no wider network at n={at.num_train})")
+                break
+            result = trial(wide, parts[stalled])
+            if not step_paid(result, at):
+                say(f"  (a wider network did not pay at n={at.num_train})")
+                break
+            on_curve.append(len(trials) - 1)
+            stalled, cand = grow(wide, sizes_after(at.num_train), result, kept)
+        return cand
+
+    chosen = climb(chosen, recipe.curve_sizes(), trials[best_i])
     # the candidates that train nothing go on up the sizes alone where the curve ended (its training no longer fitted
     # the budget, or more data stopped paying for it), while the budget allows and leaves the candidate step its
     # reserve: they need only more solved instances (and an expansion its derivatives at them, within the time share
@@ -1089,11 +1101,6 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             if better(trial(comp, part), trials[best_i]):
                 best_i = len(trials) - 1
             last = len(part)
-
-    # by size; at the size where a wider network took over, the narrower one first
-    curve = tuple(CurvePoint(trials[i].num_train, trials[i].val_regression, trials[i].val_median_iterations,
-                             trials[i].candidate.label())
-                  for i in sorted(on_curve, key=lambda i: (trials[i].num_train, i)))
 
     # 3. more candidates for each uncorrected kind (its trial on the largest set, chosen or riding along; the best kind
     # first): its count doubled up to MAX_CHOICES, every count tried (the medians can stay flat before they fall:
@@ -1126,6 +1133,22 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
         if better(trials[at], trials[best_i]):
             best_i = at
 
+    # 3b. where nothing beats the cold start on validation, the best trained kind of the search that no curve trained
+    # climbs a curve of its own with the budget left: the search at search_size ranks the kinds by what they do with
+    # few instances, not by what they do with many (robust_ls, stop 52: the MLP 256x256 at 500 instances 45 validation
+    # iterations against the tangent's 38, so its curve never ran, and the recipe ended with 200 s of its 600 unused
+    # and a choice at 37 against the cold start's 33; an MLP 512x512 trained on 30,400 instances outside the recipe
+    # gave 33 on the test instances, against 40 for the recipe's choice)
+    if trials[best_i].val_median_iterations >= cold_median:
+        climbed = {trials[i].candidate.kind for i in on_curve}
+        fallback = [i for i, t in enumerate(trials) if t.candidate.correction and t.candidate.kind not in climbed]
+        if fallback:
+            first = min(fallback, key=lambda i: trials[i].iterations())
+            say(f"  (no choice beats the cold start: {trials[first].candidate.label()} climbs its own curve)")
+            companions.clear()
+            on_curve.append(first)
+            climb(trials[first].candidate, sizes_after(trials[first].num_train), trials[first], kept=lambda: 0.0)
+
     # 4. an ensemble: the chosen configuration at the chosen size trained again with other seeds and averaged
     # with the chosen model; the best of the members and their average by validation iterations is kept
     if recipe.ensemble > 1 and not trials[best_i].candidate.correction:
@@ -1151,6 +1174,10 @@ def fit_predictor(pp: ParametricProblem, algorithm: str, get_solved: Callable[[i
             for i in tried:  # the members alone are candidates too
                 if better(trials[i], trials[best_i]):
                     best_i = i
+    # by size; at the size where a wider network took over, the narrower one first
+    curve = tuple(CurvePoint(trials[i].num_train, trials[i].val_regression, trials[i].val_median_iterations,
+                             trials[i].candidate.label())
+                  for i in sorted(on_curve, key=lambda i: (trials[i].num_train, i)))
     best = trials[best_i]
     ref = references.get(best_i)
     model = models[best_i] if best_i in models else uncorrected_model(best.candidate, pp, algorithm, settings,
