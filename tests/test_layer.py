@@ -375,7 +375,7 @@ def test_osqp_presolve_runs_on_one_stateless_object_at_a_walked_rho():
     data = layer.pp.canonicalize_vector(layer.pp.parameter_vector(dict(zip([p.name() for p in params], values))))
     exact = {"eps_abs": layer.loose_eps("c"), "eps_rel": layer.loose_eps("c"), "adaptive_rho": False,
              "check_termination": 1}
-    want_rho, tried = stateless_rho(data.instance(0), data, exact)
+    want_rho, tried, _ = stateless_rho(data.instance(0), data, exact)
     assert loose[0].settings["rho"] == want_rho and tried[want_rho] < tried[0.1]  # 0.1, OSQP's default, is worse
     layer(*sample(6, np.random.default_rng(18)))
     assert loose[0].builds == 1 and loose[0].settings["rho"] == want_rho  # kept: no new setup, no new walk

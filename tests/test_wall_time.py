@@ -251,7 +251,7 @@ def test_stateless_scale_walks_to_the_scale_of_fewest_iterations(name, direction
 
     fam, pp = _pp(name, "scs")
     data = pp.canonicalize(fam.sample(16, seed=3))
-    scale, tried = stateless_scale(data.instance(0), data, TOL)
+    scale, tried, _ = stateless_scale(data.instance(0), data, TOL)
     # SCS's default 0.1 is a poor fixed scale on both (measured in docs/backends.md: kalman best at 1, transport at
     # 0.03): the walk leaves it, in the direction that helps
     assert tried[scale] == min(tried.values()) and tried[scale] < tried[0.1]
@@ -270,13 +270,14 @@ def test_stateless_rho_walks_to_the_rho_of_fewest_iterations():
     fam, pp = _pp("lasso", "osqp")
     data = pp.canonicalize(fam.sample(16, seed=3))
     exact = {**TOL, "check_termination": 1}
-    rho, tried = stateless_rho(data.instance(0), data, exact, start=0.01)
+    rho, tried, seen = stateless_rho(data.instance(0), data, exact, start=0.01)
     assert tried[rho] == min(tried.values()) and tried[rho] < 0.2 * tried[0.01]  # 0.01 is a poor fixed rho here
     steps = [math.log(t / 0.01, SCALE_STEP) for t in tried]
     assert any(abs(k - round(k)) > 0.1 for k in steps)  # the midpoints between half-decade points were tried
     out = PersistentSolver("osqp", data.instance(0), {**exact, **STATELESS_SETTINGS, "rho": rho}).solve(data)
     assert all(r.status == Status.OPTIMAL for r in out)
     assert np.mean([r.iterations for r in out]) == tried[rho]  # the counts the walk saw
+    assert list(seen) == [r.iterations for r in out]  # and each instance's, as an uncapped object counts them
     with pytest.raises(ValueError, match="rho"):
         stateless_rho(data.instance(0), data, TOL, start=-1.0)
 
@@ -291,11 +292,12 @@ def test_a_slow_walk_keeps_fewer_instances(monkeypatch):
     data = pp.canonicalize(fam.sample(16, seed=3))
     exact = {**TOL, "check_termination": 1}
     monkeypatch.setattr(persistent, "WALK_SECONDS", 1e-9)
-    rho, tried = persistent.stateless_rho(data.instance(0), data, exact, start=0.01)
+    rho, tried, seen = persistent.stateless_rho(data.instance(0), data, exact, start=0.01)
     first = data.take(np.arange(persistent.WALK_INSTANCES))
     for value in (0.01, rho):
         out = PersistentSolver("osqp", data.instance(0), {**exact, **STATELESS_SETTINGS, "rho": value}).solve(first)
         assert np.mean([r.iterations for r in out]) == tried[value]
+    assert list(seen) == [r.iterations for r in out]  # the counts at rho are those of the instances kept
 
 
 def test_fitted_osqp_rho_needs_no_more_iterations_than_the_adapted_one():
@@ -548,6 +550,34 @@ def test_calibration_chooses_osqp_relaxation_by_the_work_of_its_cold_solves(tmp_
     assert "alpha" not in given.c_setup and given.c_settings()["alpha"] == 1.3
     fam2, pp2 = _pp("portfolio", "scs")
     assert AmortizedSolver(pp2, algorithm="scs", k=0, solver_settings=TOL).choose_osqp_alpha(fam2.sample(8)) is None
+
+
+def test_osqp_alpha_takes_each_walked_values_work_from_the_walks_own_counts(monkeypatch):
+    """Where a value's rho walk counted the sample at the rho it chose, those counts give its work: the sample is
+    not solved again (only the first instances are, once, to size the sample); the work is the same as re-solving
+    gives."""
+    import amortcvx.deploy.solver as deploy_solver
+    from amortcvx.backends.osqp import RELAXATION_CHOICES, checked_work
+
+    fam, pp = _pp("portfolio", "osqp")
+    val = fam.sample(24, seed=9)
+    solver = AmortizedSolver(pp, algorithm="osqp", k=0, solver_settings=TOL, finish="c")
+    built = []
+
+    def counting(backend, reference, settings):
+        built.append(dict(settings))
+        return PersistentSolver(backend, reference, settings)
+
+    monkeypatch.setattr(deploy_solver, "PersistentSolver", counting)
+    found = solver.choose_osqp_alpha(val)
+    monkeypatch.undo()
+    # no rho fitted yet: every value walks, so the one exact-count object is the sizing probe's
+    assert len([b for b in built if b.get("check_termination") == 1]) == 1
+    assert [a for a, _ in found.work] == list(RELAXATION_CHOICES)
+    ref = pp.canonicalize_vector(solver._reference_theta(pp.parameter_vector(val))).instance(0)
+    settings = {**solver.object_settings("stateless"), "alpha": found.alpha, "rho": found.rho, "check_termination": 1}
+    again = PersistentSolver("osqp", ref, settings).solve(pp.canonicalize(val))
+    assert checked_work([r.iterations for r in again]) == dict(found.work)[found.alpha]
 
 
 def test_osqp_alpha_on_slow_solves_measures_fewer_instances(monkeypatch):

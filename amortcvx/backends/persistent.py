@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -382,9 +382,26 @@ WALK_INSTANCES = 8
 """The fewest instances a walk keeps when it shortens itself (:data:`WALK_SECONDS`)."""
 
 
+class Walk(NamedTuple):
+    """What :func:`stateless_scale` and :func:`stateless_rho` found.
+
+    Attributes:
+        value: the setting's value of fewest mean iterations.
+        tried: every value tried and its mean iterations (a solve that did not end optimal counted at the try's
+            iteration cap).
+        counts: the iterations of each instance the means are over at ``value`` (the first of ``data``, in order),
+            where every one of those solves ended optimal under the try's cap, so that they are what an uncapped
+            object with the same settings counts; None otherwise.
+    """
+
+    value: float
+    tried: dict[float, float]
+    counts: tuple[int, ...] | None
+
+
 def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any] | None, key: str,
                        start: float | None, default: float, instances: int, max_tries: int,
-                       limit_key: str) -> tuple[float, dict]:
+                       limit_key: str) -> Walk:
     """The value of setting ``key`` of a stateless ``backend`` object (``settings`` with the backend's
     ``stateless_settings``) with the fewest mean iterations on the first ``instances`` of ``data``, by a walk on a
     half-decade grid from ``start`` (None: the settings' value, else ``default``).
@@ -397,8 +414,7 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
     grid, 40 mean iterations, then 0.76: 31). Tries after the first cap their iterations at ``3 x`` the best
     try's largest count (plus 25), so a bad value costs little (``limit_key``: the backend's iteration limit
     setting). Where the first try took more than :data:`WALK_SECONDS` over the tries left, every mean (the first
-    try's included) is over fewer of the instances (lasso large with OSQP, 64 instances: 20 s before). Returns
-    ``(value, {value: mean iterations})``."""
+    try's included) is over fewer of the instances (lasso large with OSQP, 64 instances: 20 s before)."""
     base = {**dict(settings or {}), **get_backend(backend).stateless_settings}
     start = float(base.get(key, default) if start is None else start)
     if not start > 0:
@@ -406,6 +422,7 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
     sub = data if data.batch_size <= instances else data.take(np.arange(instances))
     limit = int(base.get(limit_key, get_backend(backend).default_settings[limit_key]))
     counts: dict[float, list[int]] = {}
+    optimal: dict[float, bool] = {}  # whether every solve of the try ended optimal under its cap
     tried: dict[float, float] = {}
     cap = limit
 
@@ -418,6 +435,7 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
             iters = min(limit, cap)
             out = PersistentSolver(backend, reference, {**base, key: candidate, limit_key: iters}).solve(sub)
             counts[candidate] = [r.iterations if r.status == Status.OPTIMAL else iters for r in out]
+            optimal[candidate] = all(r.status == Status.OPTIMAL for r in out)
             tried[candidate] = float(np.mean(counts[candidate]))
             if tried[candidate] <= min(tried.values()):
                 cap = cap_after(counts[candidate])
@@ -430,8 +448,9 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
     keep = max(WALK_INSTANCES, int(WALK_SECONDS / max(per_instance * (max_tries + 1), 1e-12)))
     if keep < sub.batch_size:  # slow solves: the rest of the walk, and the first try's mean, on fewer instances
         sub = sub.take(np.arange(keep))
-        best = tried[value] = float(np.mean(counts[value][:keep]))
-        cap = cap_after(counts[value][:keep])
+        counts[value] = counts[value][:keep]
+        best = tried[value] = float(np.mean(counts[value]))
+        cap = cap_after(counts[value])
     for factor in (SCALE_STEP, 1 / SCALE_STEP):
         moved = False
         while len(tried) < max_tries:
@@ -447,11 +466,11 @@ def _fewest_iterations(backend: str, reference, data, settings: Mapping[str, Any
             mid = math.sqrt(value * side(near))
             if mid not in tried and cost(mid) < best:
                 value, best = mid, tried[mid]
-    return value, tried
+    return Walk(value, tried, tuple(counts[value]) if optimal[value] else None)
 
 
 def stateless_scale(reference: ConeInstance, data: ConeData, settings: Mapping[str, Any] | None = None, *,
-                    start: float | None = None, instances: int = 64, max_tries: int = 9) -> tuple[float, dict]:
+                    start: float | None = None, instances: int = 64, max_tries: int = 9) -> Walk:
     """The fixed SCS ``scale`` of a stateless object (no adaptive scale, no Anderson memory) that needs the fewest
     iterations on ``data`` (:func:`_fewest_iterations`, from ``start``: the settings' ``scale``, else SCS's
     default 0.1).
@@ -460,14 +479,14 @@ def stateless_scale(reference: ConeInstance, data: ConeData, settings: Mapping[s
     should start at a good one; SCS's adaptive scale rarely moves within a solve at moderate tolerances, so the
     scale it ends at is no guide (measured gains in docs/backends.md: kalman small 107 -> 26 mean iterations).
 
-    Returns ``(scale, {scale: mean iterations})`` of every try.
+    Returns the :class:`Walk` (``value``: the scale).
     """
     return _fewest_iterations("scs", reference, data, settings, "scale", start, 0.1, instances, max_tries,
                               "max_iters")
 
 
 def stateless_rho(reference: QPInstance, data: QPData, settings: Mapping[str, Any] | None = None, *,
-                  start: float | None = None, instances: int = 64, max_tries: int = 9) -> tuple[float, dict]:
+                  start: float | None = None, instances: int = 64, max_tries: int = 9) -> Walk:
     """The fixed OSQP ``rho`` of a stateless object (no rho adaptation) that needs the fewest iterations on ``data``
     (:func:`_fewest_iterations`, from ``start``: for example the rho OSQP's own adaptation points to, else the
     settings' ``rho``, else OSQP's default 0.1). The walk's solves count exactly (``check_termination=1``): the
@@ -478,11 +497,11 @@ def stateless_rho(reference: QPInstance, data: QPData, settings: Mapping[str, An
     fixed rho (64 instances, eps 1e-4), where 0.8 needs 31 on both; OSQP's solves there end before its first
     adaptation (at 50 iterations), so the starting rho decides.
 
-    Returns ``(rho, {rho: mean iterations})`` of every try.
+    Returns the :class:`Walk` (``value``: the rho; its ``counts`` are exact counts).
     """
     exact = {**dict(settings or {}), "check_termination": 1}
     return _fewest_iterations("osqp", reference, data, exact, "rho", start, 0.1, instances, max_tries, "max_iter")
 
 
-__all__ = ["RACE_CALLS", "PersistentSolver", "StopPointSolver", "ThreadedSolver", "default_threads",
+__all__ = ["RACE_CALLS", "PersistentSolver", "StopPointSolver", "ThreadedSolver", "Walk", "default_threads",
            "resolve_threads", "stateless_rho", "stateless_scale", "thread_parts"]

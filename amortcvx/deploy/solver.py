@@ -723,7 +723,7 @@ class AmortizedSolver:
                                          "rho_estimate")
         if adapted is None:
             return None
-        return stateless_rho(ref, data, self.c_settings(), start=adapted)[0]
+        return stateless_rho(ref, data, self.c_settings(), start=adapted).value
 
     def choose_osqp_alpha(self, params: Mapping) -> Relaxation | None:
         """OSQP's relaxation ``alpha`` for this problem, measured on ``params`` (validation instances): among
@@ -735,7 +735,8 @@ class AmortizedSolver:
         the current one unless ``solver_settings`` sets it; at the default, the current :attr:`osqp_rho` where one was
         fitted at the default, :meth:`choose_osqp_rho`), exact iterations of cold solves of the first
         :data:`COLD_COUNT_SAMPLE` instances on one such object (``check_termination=1``; the object the cold path
-        solves on, set up once; where solves are slow, fewer instances, so that each value's walk and counts take
+        solves on, set up once; where the value's walk counted them at the rho it chose, its counts, not solved again;
+        where solves are slow, fewer instances, so that each value's walk and counts take
         about :data:`~amortcvx.backends.persistent.WALK_SECONDS`: transport large 278 s for the three values on 64,
         53 s on 8 with the default's rho reused), as timed solves at the check interval chosen for them would take them
         (:func:`~amortcvx.backends.osqp.checked_work`: fewer exact iterations with a longer tail can cost more
@@ -765,11 +766,17 @@ class AmortizedSolver:
         work: dict[float, float] = {}
         for alpha in RELAXATION_CHOICES:
             settings = {**self.object_settings("stateless"), "alpha": alpha}
+            seen = None  # the walk's own exact counts on the sample at the rho it chose, where it has them
             if "rho" not in self.solver_settings:
-                settings["rho"] = (current if alpha == default and current is not None
-                                   else stateless_rho(reference, sample, settings, instances=keep)[0])
+                if alpha == default and current is not None:
+                    settings["rho"] = current
+                else:
+                    walk = stateless_rho(reference, sample, settings, instances=keep)
+                    settings["rho"] = walk.value
+                    if walk.counts is not None and len(walk.counts) == sample.batch_size:
+                        seen = [max(1, c) for c in walk.counts]
             fitted[alpha] = settings.get("rho")
-            work[alpha] = checked_work(counts(settings, sample))
+            work[alpha] = checked_work(counts(settings, sample) if seen is None else seen)
         best = min(RELAXATION_CHOICES, key=lambda a: work[a])
         if work[best] > (1.0 - RELAXATION_GAIN) * work[default]:
             best = default
@@ -1404,7 +1411,7 @@ class AmortizedSolver:
         stateless object keeps its scale for every solve, so it should start at a good one. Sets nothing."""
         if self.algorithm != "scs":
             raise ValueError(f"the stateless scale is SCS's; this solver runs {self.algorithm!r}")
-        return stateless_scale(*self._measured(params), self.c_settings())[0]
+        return stateless_scale(*self._measured(params), self.c_settings()).value
 
     def choose_c_modes(self, params: Mapping, *, repeats: int = 2) -> dict[str, str]:
         """The faster mode (:data:`C_MODES`) for warm-started and for cold timed C solves, measured on ``params``

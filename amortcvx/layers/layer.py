@@ -486,7 +486,7 @@ class CvxpyLayer(nn.Module):
             stateless = PRESOLVE_SETTINGS[self.solver].items() <= settings.items()
             key_name, walk = STATELESS_VALUES[self.solver]
             if stateless and key_name not in settings:  # a fixed value is kept for every call: pick it on this batch
-                settings[key_name], _ = walk(data.instance(0), data, settings)
+                settings[key_name] = walk(data.instance(0), data, settings).value
             ref = data.instance(0)
             solver = self._solvers[key] = ThreadedSolver(lambda: PersistentSolver(self.solver, ref, settings),
                                                          self.threads)
